@@ -1,0 +1,48 @@
+"""Who may call what, as annotated types: a route's signature says who its callers are."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from broker.errors import Forbidden
+from broker.identity.callers import ApiKeys, Caller, bearer, session_token_claims
+from broker.runtime import Broker
+
+
+def get_broker(request: Request) -> Broker:
+    return request.app.state.broker  # type: ignore[no-any-return]
+
+
+BrokerDep = Annotated[Broker, Depends(get_broker)]
+
+
+def get_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    broker: Broker = request.app.state.broker
+    token = bearer(authorization)
+    if token.count(".") == 2:  # a JWT: the only JWTs accepted here are our session tokens
+        claims = session_token_claims(
+            token, keyring=broker.keyring, issuer=broker.settings.issuer, audience=broker.settings.audience
+        )
+        return Caller(kind="agent", name=str(claims["sub"]), session_id=str(claims["sid"]), token_id=str(claims["jti"]))
+    keys: ApiKeys = request.app.state.api_keys
+    return keys.lookup(token)
+
+
+AnyCaller = Annotated[Caller, Depends(get_caller)]
+
+
+def _require(*kinds: str):  # type: ignore[no-untyped-def]
+    def check(caller: AnyCaller) -> Caller:
+        if caller.kind not in kinds:
+            raise Forbidden(f"this endpoint is for {', '.join(kinds)} callers, not {caller.kind}")
+        return caller
+
+    return check
+
+
+AgentCaller = Annotated[Caller, Depends(_require("agent"))]
+OrchestratorCaller = Annotated[Caller, Depends(_require("orchestrator", "admin"))]
+HumanCaller = Annotated[Caller, Depends(_require("human", "admin"))]
+AdminCaller = Annotated[Caller, Depends(_require("admin"))]

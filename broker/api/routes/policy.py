@@ -1,0 +1,45 @@
+"""Dry-run decisions: the same evaluator as a real request, every layer's verdict shown."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter
+
+from broker.api.deps import BrokerDep, HumanCaller
+from broker.api.schemas import ErrorResponse, ExplainRequest
+from broker.db import transaction, utcnow
+from broker.errors import InvalidRequest, NotFound
+from broker.leases.service import _bounds, session_facts
+from broker.models import SessionRow
+from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
+from broker.sessions.service import may_manage
+
+router = APIRouter(prefix="/v1/policy", tags=["policy"])
+
+
+@router.post("/explain", responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 422)})
+def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> dict[str, Any]:
+    now = utcnow()
+    if body.session_id:
+        with transaction(broker.engine) as db:
+            session = db.get(SessionRow, body.session_id)
+            if session is None or not may_manage(caller, session):
+                raise NotFound("no such session", code="session-not-found")
+            facts = session_facts(db, session)
+    else:
+        if not (body.human and body.agent and body.scope):
+            raise InvalidRequest("give session_id, or human, agent and scope for a hypothetical session",
+                                 code="explain-needs-session")
+        facts = SessionFacts(
+            session_id="(hypothetical)", human=body.human, agent=body.agent, task_id=body.task_id or "(hypothetical)",
+            scope=tuple(ScopeEntry(s.resource, tuple(s.access)) for s in body.scope), status="active",
+            expires_at=now + timedelta(seconds=body.session_ttl_seconds),
+        )
+    decision, shadow = evaluate_with_shadow(
+        broker.policies.current, broker.policies.shadow, facts,
+        RequestFacts(resource=body.resource, access=body.access, ttl_seconds=body.ttl_seconds, now=now),
+        _bounds(broker),
+    )
+    return {"decision": decision.to_dict(), "shadow": shadow.to_dict() if shadow else None}

@@ -1,0 +1,56 @@
+"""Public keys of everything the broker signs, and RFC 7662 introspection of native tokens."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from broker.api.deps import BrokerDep
+from broker.errors import InvalidRequest
+from broker.leases.queries import introspect
+
+router = APIRouter(tags=["tokens"])
+
+
+@router.get("/.well-known/jwks.json")
+def jwks(broker: BrokerDep) -> JSONResponse:
+    return JSONResponse(broker.keyring.jwks(), headers={"Cache-Control": "public, max-age=300"})
+
+
+@router.post(
+    "/v1/introspect",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+                },
+                "application/json": {
+                    "schema": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+                },
+            }
+        }
+    },
+)
+async def introspect_token(request: Request, broker: BrokerDep) -> JSONResponse:
+    """Form-encoded as RFC 7662 says (JSON accepted too). Inactive says nothing more, by design.
+
+    Unauthenticated on purpose: the answer reveals only whether a token the caller already
+    holds is live, and tokens carry 128 bits of signature, so scanning finds nothing."""
+    raw = await request.body()
+    ctype = request.headers.get("content-type", "")
+    token: Any = None
+    if ctype.startswith("application/json"):
+        try:
+            token = json.loads(raw or b"{}").get("token")
+        except (ValueError, AttributeError):
+            raise InvalidRequest("body is not valid JSON", code="invalid-json") from None
+    else:
+        token = (parse_qs(raw.decode(errors="replace")).get("token") or [None])[0]
+    if not isinstance(token, str) or not token or len(token) > 8192:
+        raise InvalidRequest("introspection needs a `token` parameter", code="invalid-request")
+    return JSONResponse(introspect(broker, token), headers={"Cache-Control": "no-store"})

@@ -1,0 +1,153 @@
+"""Request and response bodies of the HTTP API. Unknown fields are refused (422), sizes bounded."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+_RESOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[!-~]{1,480}$"
+
+Resource = Annotated[str, StringConstraints(pattern=_RESOURCE_PATTERN, max_length=512)]
+AccessName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$|^\*$")]
+AgentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+Principal = Annotated[str, StringConstraints(pattern=r"^[^\s]{1,320}$")]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+MAX_PARAMETERS_BYTES = 16 * 1024
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class ScopeItem(Strict):
+    resource: Resource = Field(description="resource URI or glob (`*` within a segment, `**` across)")
+    access: list[AccessName] = Field(min_length=1, max_length=32)
+
+    @field_validator("resource")
+    @classmethod
+    def _no_dotdot(cls, v: str) -> str:
+        if ".." in v:
+            raise ValueError("resource may not contain '..'")
+        return v
+
+
+class SessionCreate(Strict):
+    human: Principal
+    agent: AgentName
+    task_id: ShortText
+    repository: Annotated[str, StringConstraints(max_length=256)] | None = None
+    scope: list[ScopeItem] = Field(min_length=1, max_length=100)
+    ttl_seconds: int = Field(ge=60, le=7 * 86400)
+    labels: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=256)]] | None = Field(
+        default=None, max_length=32
+    )
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    session_token: str
+    expires_at: datetime
+
+
+class CapabilityView(BaseModel):
+    capability_id: str
+    session_id: str
+    status: str
+    resource: str
+    access: str
+    tier: str
+    provider: str
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None = None
+    status_reason: str | None = None
+    credential_fingerprint: str | None = None
+    revoke_attempts: int = 0
+
+
+class SessionView(BaseModel):
+    session_id: str
+    human: str
+    agent: str
+    task_id: str
+    repository: str | None
+    scope: list[dict[str, Any]]
+    labels: dict[str, str]
+    status: str
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+    capabilities: list[CapabilityView] = []
+
+
+class SessionEnd(Strict):
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "api_teardown"
+
+
+class SessionEnded(BaseModel):
+    session_id: str
+    status: str
+    revoked: int
+    revoke_pending: int
+
+
+class CapabilityRequest(Strict):
+    resource: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    access: AccessName
+    ttl_seconds: int | None = Field(default=None, ge=1, le=86400)
+    purpose: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+    tool: Annotated[str, StringConstraints(max_length=128)] | None = None
+    parameters: dict[str, Any] | None = None
+    approval_id: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and len(json.dumps(v)) > MAX_PARAMETERS_BYTES:
+            raise ValueError(f"parameters may not exceed {MAX_PARAMETERS_BYTES} bytes of JSON")
+        return v
+
+
+class CapabilityIssued(BaseModel):
+    capability_id: str
+    status: Literal["active"]
+    session_id: str
+    resource: str
+    access: str
+    tier: str
+    provider: str
+    expires_at: datetime
+    credential: dict[str, Any] = Field(description="shown once, never again")
+
+
+class PendingApproval(BaseModel):
+    status: Literal["pending_approval"]
+    approval_id: str
+    expires_at: datetime
+    reason: str
+    approvers: list[str]
+
+
+class ExplainRequest(Strict):
+    session_id: str | None = Field(default=None, max_length=64, description="explain against a live session")
+    human: Principal | None = None
+    agent: AgentName | None = None
+    task_id: ShortText | None = None
+    scope: list[ScopeItem] | None = Field(default=None, max_length=100)
+    resource: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    access: AccessName
+    ttl_seconds: int | None = Field(default=None, ge=1, le=86400)
+    session_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

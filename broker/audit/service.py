@@ -1,0 +1,137 @@
+"""Appending audit records inside the caller's transaction, and reading them back.
+
+Appending locks the single `audit_head` row, so the chain has one order even across replicas;
+the record commits (or rolls back) together with the state change it describes. If the
+append fails, the caller's transaction fails with it: fail closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, select
+
+from broker.audit.chain import GENESIS, StoredLink, VerifyResult, canonical_json, chain_hash, verify_links
+from broker.db import utcnow
+from broker.errors import AuditWriteFailed
+from broker.models import AuditHead, AuditRecord
+
+log = logging.getLogger("broker.audit")
+
+
+@dataclass
+class AuditEvent:
+    """The fields of DESIGN.md section 9 (event_id, seq, timestamp and hashes are added on append)."""
+
+    type: str
+    outcome: str
+    human_principal: str | None = None
+    agent: dict[str, Any] = field(default_factory=dict)  # {id, session_id, task_id}
+    request: dict[str, Any] = field(default_factory=dict)  # {tool, operation, resource, tier, parameters}
+    policy_decision: dict[str, Any] | None = None  # {result, reason, matched_rule, policy_version, shadow?}
+    jit_grant: dict[str, Any] | None = None  # {status, ttl_seconds, capability_id, provider, fingerprint}
+    detail: dict[str, Any] | None = None
+
+
+def _timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def append(db: Session, event: AuditEvent, *, now: datetime | None = None) -> AuditRecord:
+    now = now or utcnow()
+    try:
+        head = db.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
+        seq = head.seq + 1
+        body: dict[str, Any] = {
+            "event_id": str(uuid.uuid4()),
+            "seq": seq,
+            "timestamp": _timestamp(now),
+            "type": event.type,
+            "human_principal": event.human_principal,
+            "agent": {
+                "id": event.agent.get("id"),
+                "session_id": event.agent.get("session_id"),
+                "task_id": event.agent.get("task_id"),
+            },
+            "request": event.request,
+            "policy_decision": event.policy_decision,
+            "jit_grant": event.jit_grant,
+            "outcome": event.outcome,
+        }
+        if event.detail:
+            body["detail"] = event.detail
+        canonical = canonical_json(body)
+        digest = chain_hash(head.hash, canonical)
+        row = AuditRecord(
+            seq=seq,
+            event_id=body["event_id"],
+            timestamp=body["timestamp"],
+            type=event.type,
+            session_id=body["agent"]["session_id"],
+            human_principal=event.human_principal,
+            outcome=event.outcome,
+            record=canonical,
+            prev_hash=head.hash,
+            hash=digest,
+        )
+        db.add(row)
+        head.seq = seq
+        head.hash = digest
+        db.add(head)
+        db.flush()
+    except SQLAlchemyError as exc:
+        log.error("audit append failed: %s", exc.__class__.__name__)
+        raise AuditWriteFailed("the audit record could not be written; the request was not carried out") from exc
+    log.info("audit %s seq=%d outcome=%s session=%s", event.type, seq, event.outcome, body["agent"]["session_id"])
+    return row
+
+
+def ensure_head(db: Session) -> None:
+    if db.get(AuditHead, 1) is None:
+        db.add(AuditHead(id=1, seq=0, hash=GENESIS))
+        db.flush()
+
+
+def iter_links(db: Session, *, batch: int = 1000) -> Iterator[StoredLink]:
+    last = 0
+    while True:
+        rows = db.exec(select(AuditRecord).where(AuditRecord.seq > last).order_by(AuditRecord.seq).limit(batch)).all()
+        if not rows:
+            return
+        for r in rows:
+            yield StoredLink(
+                r.seq, r.event_id, r.timestamp, r.type, r.session_id, r.human_principal, r.outcome, r.record,
+                r.prev_hash, r.hash,
+            )
+        last = rows[-1].seq
+
+
+def verify(db: Session) -> VerifyResult:
+    result = verify_links(iter_links(db))
+    if result.ok:
+        head = db.get(AuditHead, 1)
+        tip = head.hash if head else GENESIS
+        if tip != result.head_hash:
+            # Records deleted from the end: the head still remembers the real tip.
+            return VerifyResult(False, result.checked, result.checked + 1, None, "chain is shorter than its head: records were removed")
+    return result
+
+
+def query(
+    db: Session, *, session_id: str | None = None, since_seq: int = 0, limit: int = 100, types: list[str] | None = None
+) -> list[AuditRecord]:
+    stmt = select(AuditRecord).where(AuditRecord.seq > since_seq)
+    if session_id:
+        stmt = stmt.where(AuditRecord.session_id == session_id)
+    if types:
+        stmt = stmt.where(AuditRecord.type.in_(types))  # type: ignore[attr-defined]
+    return list(db.exec(stmt.order_by(AuditRecord.seq).limit(limit)).all())
+
+
+__all__ = ["AuditEvent", "append", "ensure_head", "verify", "query", "iter_links"]

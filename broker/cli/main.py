@@ -1,0 +1,282 @@
+"""broker-cli: run the broker, and talk to it as a human, an operator or a script.
+
+Every command but serve, dev, migrate, init, keys and `policy check` speaks to the REST API
+(BROKER_URL, BROKER_TOKEN); none touches the database behind the broker's back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from broker.cli.client import call
+
+app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
+policy_app = typer.Typer(help="Check and explain policies.", no_args_is_help=True)
+sessions_app = typer.Typer(help="Sessions (task runs).", no_args_is_help=True)
+caps_app = typer.Typer(help="Capabilities (leases).", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+keys_app = typer.Typer(help="The broker's signing keys.", no_args_is_help=True)
+for sub, name in ((policy_app, "policy"), (sessions_app, "sessions"), (caps_app, "capabilities"),
+                  (audit_app, "audit"), (keys_app, "keys")):
+    app.add_typer(sub, name=name)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _out(data: Any, as_json: bool, human: str | None = None) -> None:
+    if as_json or human is None:
+        typer.echo(json.dumps(data, indent=None if as_json else 2, default=str))
+    else:
+        typer.echo(human)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- running the broker ---------------------------------------------------------------------
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="default BROKER_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="default BROKER_PORT")] = None,
+) -> None:
+    """Run the broker (configured by BROKER_* variables)."""
+    import uvicorn
+
+    from broker.app import create_app
+    from broker.config import Settings
+    from broker.errors import BrokerError
+
+    settings = Settings()
+    _logging(settings.log_level)
+    try:
+        from broker.runtime import Broker
+
+        broker = Broker.build(settings)
+    except BrokerError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    uvicorn.run(create_app(broker=broker), host=host or broker.settings.host, port=port or broker.settings.port,
+                log_level=settings.log_level, access_log=False)
+
+
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option()] = 8080,
+    state_dir: Annotated[Path, typer.Option(help="where generated keys, tokens and the SQLite file go")] = Path(".broker"),
+) -> None:
+    """All-in-one local broker: SQLite, generated keys, the example policy. Not for production."""
+    import os
+
+    os.environ.setdefault("BROKER_EMBEDDED", "1")
+    os.environ.setdefault("BROKER_STATE_DIR", str(state_dir))
+    os.environ.setdefault("BROKER_DATABASE_URL", f"sqlite:///{state_dir}/broker.db")
+    os.environ.setdefault("BROKER_PORT", str(port))
+    os.environ.setdefault("BROKER_ISSUER", f"http://127.0.0.1:{port}")
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from broker.config import Settings
+    from broker.migrate import upgrade
+    from broker.runtime import prepare_embedded
+
+    settings = prepare_embedded(Settings())
+    upgrade(settings.database_url)
+    typer.echo(
+        f"jit-broker dev: http://127.0.0.1:{port}  (NOT for production)\n"
+        f"  admin token:        {state_dir}/admin-token\n"
+        f"  orchestrator key:   {state_dir}/orchestrator-key\n"
+        f"  policy:             {settings.policy_file}"
+    )
+    serve(host=None, port=port)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database (BROKER_DATABASE_URL) to the newest schema."""
+    from broker.config import Settings
+    from broker.migrate import upgrade
+
+    upgrade(Settings().database_url)
+    typer.echo("database is at the newest schema")
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Option("--dir")] = Path("broker-config")) -> None:
+    """Write an example policy, a signing key and a config file with fresh secrets."""
+    from importlib import resources
+
+    from broker.crypto import new_key
+    from broker.identity.keys import rotate
+
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    policy = directory / "policy.yaml"
+    if not policy.exists():
+        policy.write_text((resources.files("broker.policy") / "example.yaml").read_text())
+    rotate(directory / "signing-keys")
+    orch, admin, hook = "jborc_" + secrets.token_urlsafe(32), "jbadm_" + secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    env = directory / "broker.env"
+    env.write_text(
+        f"BROKER_POLICY_FILE={policy}\nBROKER_SIGNING_KEY_DIR={directory / 'signing-keys'}\n"
+        f"BROKER_ENCRYPTION_KEY={new_key()}\n"
+        f"BROKER_ORCHESTRATOR_API_KEYS=orchestrator={hashlib.sha256(orch.encode()).hexdigest()}\n"
+        f"BROKER_ADMIN_TOKEN_SHA256={hashlib.sha256(admin.encode()).hexdigest()}\n"
+        f"BROKER_WEBHOOK_SECRETS={hook}\n"
+    )
+    env.chmod(0o600)
+    typer.echo(f"wrote {policy}, {env} and a signing key.\nShown once, store them now:\n"
+               f"  orchestrator API key: {orch}\n  admin token:          {admin}\n  webhook secret:       {hook}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(directory: Annotated[Path, typer.Option("--dir")]) -> None:
+    """Add a new signing key; the old one stays published until its tokens have expired."""
+    from broker.identity.keys import rotate
+
+    typer.echo(f"new signing key {rotate(directory)}; restart or reload the broker to sign with it")
+
+
+# --- policy ---------------------------------------------------------------------------------
+
+@policy_app.command("check")
+def policy_check(file: Path, as_json: JsonOpt = False) -> None:
+    """Validate a policy file; problems are shown with their line."""
+    from broker.errors import PolicyError
+    from broker.policy import load_policy
+
+    try:
+        compiled = load_policy(file)
+    except PolicyError as exc:
+        if as_json:
+            _out({"ok": False, "problems": exc.problems}, True)
+        else:
+            for p in exc.problems or [{"line": "?", "message": exc.message}]:
+                typer.echo(f"{file}:{p.get('line', '?')}: {p.get('path', '')} {p['message']}".replace("  ", " "), err=True)
+        raise typer.Exit(1) from exc
+    _out({"ok": True, "version": compiled.version}, as_json, f"{file}: ok ({compiled.version})")
+
+
+@policy_app.command("explain")
+def policy_explain(
+    resource: Annotated[str, typer.Option()],
+    access: Annotated[str, typer.Option()],
+    session: Annotated[str | None, typer.Option(help="explain against a live session")] = None,
+    human: Annotated[str | None, typer.Option()] = None,
+    agent: Annotated[str | None, typer.Option()] = None,
+    scope: Annotated[list[str] | None, typer.Option(help="RESOURCE=access1,access2 (repeatable)")] = None,
+    ttl: Annotated[int | None, typer.Option(help="requested ttl in seconds")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show each layer's verdict for a request (dry run, through the broker)."""
+    body: dict[str, Any] = {"resource": resource, "access": access, "ttl_seconds": ttl}
+    if session:
+        body["session_id"] = session
+    else:
+        body.update(human=human, agent=agent,
+                    scope=[{"resource": s.split("=", 1)[0], "access": s.split("=", 1)[1].split(",")} for s in scope or []])
+    result = call("POST", "/v1/policy/explain", json=body)
+    d = result["decision"]
+    lines = [f"{d['result'].upper()}: {d['reason']} ({d.get('matched_rule')}) policy {d['policy_version'][:19]}"]
+    for layer in d["layers"]:
+        lines.append(f"  {layer['layer']:<11} {layer['verdict']:<18} {layer.get('reason') or ''} {layer.get('matched_rule') or ''}")
+    if result.get("shadow"):
+        s = result["shadow"]
+        lines.append(f"shadow would: {s['result']} ({s['reason']})")
+    _out(result, as_json, "\n".join(lines))
+
+
+# --- sessions and capabilities ----------------------------------------------------------------
+
+@sessions_app.command("list")
+def sessions_list(status: str | None = None, as_json: JsonOpt = False) -> None:
+    rows = call("GET", "/v1/sessions", params={"status": status} if status else None)
+    _out(rows, as_json, "\n".join(f"{r['session_id']}  {r['status']:<6} {r['human']} / {r['agent']}  task={r['task_id']}"
+                                  for r in rows) or "no sessions")
+
+
+@sessions_app.command("show")
+def sessions_show(session_id: str, as_json: JsonOpt = False) -> None:
+    _out(call("GET", f"/v1/sessions/{session_id}"), as_json)
+
+
+@sessions_app.command("end")
+def sessions_end(session_id: str, reason: str = "api_teardown", as_json: JsonOpt = False) -> None:
+    r = call("POST", f"/v1/sessions/{session_id}/end", json={"reason": reason})
+    _out(r, as_json, f"{r['session_id']} {r['status']}: {r['revoked']} revoked, {r['revoke_pending']} pending")
+
+
+@caps_app.command("list")
+def capabilities_list(session: str | None = None, status: str | None = None, as_json: JsonOpt = False) -> None:
+    params = {k: v for k, v in {"session_id": session, "status": status}.items() if v}
+    rows = call("GET", "/v1/capabilities", params=params)
+    _out(rows, as_json, "\n".join(f"{r['capability_id']}  {r['status']:<14} {r['resource']} {r['access']} "
+                                  f"({r['tier']}, {r['provider']}) until {r['expires_at']}" for r in rows) or "none")
+
+
+@caps_app.command("revoke")
+def capabilities_revoke(capability_id: str, as_json: JsonOpt = False) -> None:
+    r = call("DELETE", f"/v1/capabilities/{capability_id}")
+    _out(r, as_json, f"{r['capability_id']}: {r['status']}")
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+@audit_app.command("verify")
+def audit_verify(as_json: JsonOpt = False) -> None:
+    """Walk the chain; name the first broken record. Exit 1 if the chain is broken."""
+    r = call("GET", "/v1/audit/verify")
+    if r["ok"]:
+        _out(r, as_json, f"audit chain intact: {r['checked']} records, head {r['head_hash']}")
+        return
+    _out(r, as_json, f"AUDIT CHAIN BROKEN at record seq={r['first_bad_seq']} event_id={r['first_bad_event_id']}: "
+                     f"{r['problem']} ({r['checked']} records before it are intact)")
+    raise typer.Exit(1)
+
+
+def _records(session: str | None, since: int, limit: int) -> list[dict[str, Any]]:
+    params: dict[str, Any] = {"since": since, "limit": limit}
+    if session:
+        params["session_id"] = session
+    return call("GET", "/v1/audit", params=params)["records"]  # type: ignore[no-any-return]
+
+
+@audit_app.command("tail")
+def audit_tail(session: str | None = None, limit: int = 20, as_json: JsonOpt = False) -> None:
+    records, since = [], 0
+    while True:  # page forward, keep the last `limit`
+        page = _records(session, since, 1000)
+        if not page:
+            break
+        records = (records + page)[-limit:]
+        since = page[-1]["seq"]
+    for r in records:
+        d = r.get("policy_decision") or {}
+        _out(r, as_json, f"{r['seq']:>6} {r['timestamp']} {r['type']:<26} {r['outcome']:<16} "
+                         f"{(r.get('request') or {}).get('resource') or ''} {d.get('reason') or ''}")
+
+
+@audit_app.command("export")
+def audit_export(session: str | None = None, since: int = 0) -> None:
+    """JSON lines on stdout, for a SIEM."""
+    while True:
+        page = _records(session, since, 1000)
+        if not page:
+            return
+        for r in page:
+            sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
+        since = page[-1]["seq"]
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Settings: every knob the broker reads, from BROKER_* environment variables.
+
+Each default says why it is what it is. Production needs a few things set explicitly (see
+`Settings.check_for_production`); the embedded default (`broker-cli dev`) generates what is
+missing into `state_dir` and says loudly, once, that it is not for production.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore", case_sensitive=False)
+
+    # --- where state lives -------------------------------------------------------------
+    # SQLite keeps the embedded default free of outside services; set a postgresql+psycopg://
+    # URL for production and for several replicas.
+    database_url: str = "sqlite:///.broker/broker.db"
+    # Embedded default only: generated signing keys, encryption key and admin token go here,
+    # in files readable by the owner alone.
+    state_dir: Path = Path(".broker")
+    # True only under `broker-cli dev`: generate missing secrets instead of refusing to start.
+    embedded: bool = False
+
+    # --- policy --------------------------------------------------------------------------
+    policy_file: Path | None = None
+    # Evaluated beside the enforced policy and only logged: roll a stricter policy out by watching.
+    shadow_policy_file: Path | None = None
+
+    # --- identity and keys -----------------------------------------------------------------
+    # `iss` of every token the broker signs; also the URL clients are told to reach.
+    issuer: str = "http://127.0.0.1:8080"
+    # `aud` of session tokens: a session token is good for the broker and nothing else.
+    audience: str = "jit-broker"
+    # Directory of Ed25519 PEM keys; the newest signs, older ones stay in JWKS until their
+    # tokens can no longer be valid. Required outside the embedded default.
+    signing_key_dir: Path | None = None
+    # 32 bytes, base64: seals secrets that revocation needs (GitHub tokens) and idempotent
+    # replays. Required outside the embedded default; no default, a guessable key is worse.
+    encryption_key: SecretStr | None = None
+    # "name=<sha256 hex of the key>" entries, comma separated: keys are stored hashed only.
+    orchestrator_api_keys: str = ""
+    # SHA-256 hex of the local admin token (embedded default writes `state_dir/admin-token`).
+    admin_token_sha256: str | None = None
+    # HMAC secrets for orchestrator webhooks, comma separated: several at once for rotation.
+    webhook_secrets: SecretStr | None = None
+    # Webhook timestamps older (or newer) than this are replays or clock trouble.
+    webhook_tolerance_seconds: int = 300
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    # A task that runs longer than a working day should ask again.
+    session_max_ttl_seconds: int = Field(default=86400, ge=60)
+    # How often the sweeper looks for expired leases: the upper bound of expiry lag.
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    # Bounded batches keep each sweep short and its cost proportional to what expires.
+    sweep_batch_size: int = Field(default=500, ge=1)
+    # A replica that claimed rows and died releases them after this long.
+    claim_seconds: int = Field(default=60, ge=5)
+    # How long an Idempotency-Key is remembered (its replay is sealed, never stored in clear).
+    idempotency_ttl_seconds: int = Field(default=86400, ge=60)
+
+    # --- providers ------------------------------------------------------------------------------
+    # No backend call may hang a request: every SDK gets this timeout.
+    provider_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    vault_addr: str | None = None
+    vault_namespace: str | None = None
+    vault_token: SecretStr | None = None  # the broker's own Vault token, or use AppRole below
+    vault_role_id: str | None = None
+    vault_secret_id: SecretStr | None = None
+    vault_approle_mount: str = "approle"
+    # Token role the broker creates capability tokens through: orphan tokens, so they do not
+    # die with the broker's own token, with the role's allowed policies as a second ceiling.
+    vault_token_role: str = "jit-broker"
+
+    aws_region: str = "us-east-1"
+    # Set for a local STS/IAM (moto) or a VPC endpoint; None means AWS's public endpoints.
+    aws_endpoint_url: str | None = None
+
+    github_api_url: str = "https://api.github.com"  # GitHub Enterprise: https://HOST/api/v3
+    github_app_id: str | None = None
+    github_private_key_file: Path | None = None
+
+    # --- serving ---------------------------------------------------------------------------------
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8080
+    log_level: str = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, v: str) -> str:
+        if not (v.startswith("sqlite") or v.startswith("postgresql")):
+            raise ValueError("BROKER_DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL")
+        return v
+
+    def orchestrator_key_hashes(self) -> dict[str, str]:
+        """sha256 hex -> orchestrator name."""
+        out: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in self.orchestrator_api_keys.split(","))):
+            name, sep, digest = entry.partition("=")
+            digest = digest.removeprefix("sha256:").lower()
+            if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError(
+                    "BROKER_ORCHESTRATOR_API_KEYS entries must look like name=<64 hex chars of sha256(key)>; "
+                    "`broker-cli init` prints one"
+                )
+            out[digest] = name
+        return out
+
+    def webhook_secret_list(self) -> list[bytes]:
+        raw = self.webhook_secrets.get_secret_value() if self.webhook_secrets else ""
+        return [s.strip().encode() for s in raw.split(",") if s.strip()]
+
+    def check_for_production(self) -> None:
+        """Refuse to start without what production needs; say exactly what to set."""
+        if self.embedded:
+            return
+        missing = []
+        if self.policy_file is None:
+            missing.append("BROKER_POLICY_FILE (path to the policy YAML; `broker-cli init` writes an example)")
+        if self.signing_key_dir is None:
+            missing.append("BROKER_SIGNING_KEY_DIR (directory of Ed25519 PEM keys; `broker-cli keys rotate` makes one)")
+        if self.encryption_key is None:
+            missing.append("BROKER_ENCRYPTION_KEY (32 random bytes, base64; `broker-cli init` prints one)")
+        if not self.orchestrator_api_keys and not self.admin_token_sha256:
+            missing.append("BROKER_ORCHESTRATOR_API_KEYS or BROKER_ADMIN_TOKEN_SHA256 (or nobody can call the broker)")
+        if missing:
+            raise ConfigError(
+                "refusing to start: set " + "; ".join(missing) + ". For a local trial run `broker-cli dev`."
+            )
+        self.orchestrator_key_hashes()  # validates the format

@@ -1,0 +1,50 @@
+"""Sealing secrets at rest (AES-256-GCM) and the one-way fingerprints the audit shows."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from broker.errors import ConfigError, InternalError
+
+_PREFIX = "v1:"
+
+
+def decode_key(raw: str) -> bytes:
+    try:
+        key = base64.b64decode(raw.strip(), validate=True)
+    except ValueError as exc:
+        raise ConfigError("BROKER_ENCRYPTION_KEY must be base64") from exc
+    if len(key) != 32:
+        raise ConfigError("BROKER_ENCRYPTION_KEY must decode to exactly 32 bytes (AES-256)")
+    return key
+
+
+def new_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+class Sealer:
+    """AES-256-GCM with a fresh 96-bit nonce per message; the associated data binds a
+    ciphertext to its row (the capability id), so it cannot be replayed onto another."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: str, associated: str) -> str:
+        nonce = os.urandom(12)
+        ct = self._aead.encrypt(nonce, plaintext.encode(), associated.encode())
+        return _PREFIX + base64.b64encode(nonce + ct).decode()
+
+    def unseal(self, sealed: str, associated: str) -> str:
+        if not sealed.startswith(_PREFIX):
+            raise InternalError("sealed value has an unknown format")
+        blob = base64.b64decode(sealed[len(_PREFIX) :])
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], associated.encode()).decode()
+        except InvalidTag as exc:
+            # Wrong key or a ciphertext moved between rows: never fall back to anything.
+            raise InternalError("sealed value failed authentication") from exc

@@ -1,0 +1,396 @@
+"""Capabilities from request to revocation: decide, reserve a lease, mint, activate, revoke.
+
+The order is what makes crashes safe. The lease row (`minting`) commits before the backend
+is called, so a crash in between leaves a row the reconciler finds. Activation, the audit
+record and the idempotent outcome commit in one transaction; if that fails, the credential
+just minted is revoked at once (fail closed), never handed out unrecorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from broker.audit.chain import canonical_json
+from broker.audit.service import AuditEvent, append
+from broker.db import transaction, utcnow
+from broker.errors import (
+    BrokerError,
+    BudgetExceeded,
+    Conflict,
+    Denied,
+    Forbidden,
+    NotFound,
+    ProviderError,
+    Unauthenticated,
+)
+from broker.identity.callers import Caller
+from broker.leases import idempotency
+from broker.leases.revocation import finish_revocation
+from broker.models import Approval, Lease, SessionRow
+from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
+from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
+from broker.runtime import Broker
+
+log = logging.getLogger("broker.leases")
+
+LIVE = ("minting", "active", "revoke_pending")
+APPROVAL_WAIT = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class CapabilityAsk:
+    resource: str
+    access: str
+    purpose: str
+    ttl_seconds: int | None = None
+    tool: str | None = None
+    parameters: dict[str, Any] | None = None
+    approval_id: str | None = None
+
+    def request_hash(self, session_id: str) -> str:
+        """What an approval and an idempotency key are bound to."""
+        body = {
+            "session_id": session_id,
+            "resource": self.resource,
+            "access": self.access,
+            "ttl_seconds": self.ttl_seconds,
+            "parameters": self.parameters,
+        }
+        return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+    def idempotency_hash(self, session_id: str) -> str:
+        body = {**self.__dict__, "session_id": session_id}
+        return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def new_capability_id() -> str:
+    return "cap_" + secrets.token_hex(16)
+
+
+def _iso(ts: datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def session_facts(db: Session, session: SessionRow) -> SessionFacts:
+    tiers = db.exec(
+        select(Lease.tier).where(Lease.session_id == session.id, col(Lease.status).in_(LIVE))
+    ).all()
+    return SessionFacts(
+        session_id=session.id,
+        human=session.human,
+        agent=session.agent,
+        task_id=session.task_id,
+        scope=tuple(ScopeEntry(s["resource"], tuple(s["access"])) for s in session.scope),
+        status=session.status,
+        expires_at=session.expires_at,
+        issued_count=session.issued_count,
+        active_count=len(tiers),
+        active_tiers=frozenset(tiers),
+    )
+
+
+def lock_session(db: Session, session_id: str) -> SessionRow | None:
+    """Serialises decisions per session, so budgets and escalation see every sibling."""
+    return db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()
+
+
+def _bounds(broker: Broker) -> Any:
+    def lookup(provider: str, resource: str, options: dict[str, Any]) -> TtlBounds:
+        return broker.provider(provider).ttl_bounds(resource, options)
+
+    return lookup
+
+
+def _decision_record(decision: Decision, shadow: Decision | None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "result": decision.result,
+        "reason": decision.reason,
+        "matched_rule": decision.matched_rule,
+        "policy_version": decision.policy_version,
+    }
+    if shadow is not None:
+        record["shadow"] = {
+            "result": shadow.result,
+            "reason": shadow.reason,
+            "matched_rule": shadow.matched_rule,
+            "policy_version": shadow.policy_version,
+        }
+    return record
+
+
+def _event(
+    session: SessionRow, ask: CapabilityAsk | None, type_: str, outcome: str, *, tier: str | None = None,
+    decision: dict[str, Any] | None = None, grant: dict[str, Any] | None = None, detail: dict[str, Any] | None = None,
+    resource: str | None = None, operation: str = "request",
+) -> AuditEvent:
+    return AuditEvent(
+        type=type_,
+        outcome=outcome,
+        human_principal=session.human,
+        agent={"id": session.agent, "session_id": session.id, "task_id": session.task_id},
+        request={
+            "tool": ask.tool if ask else None,
+            "operation": operation,
+            "resource": ask.resource if ask else resource,
+            "access": ask.access if ask else None,
+            "tier": tier,
+            "parameters": ask.parameters if ask else None,
+            "purpose": ask.purpose if ask else None,
+        },
+        policy_decision=decision,
+        jit_grant=grant,
+        detail=detail,
+    )
+
+
+def _denied(decision: Decision) -> BrokerError:
+    body = decision.to_dict()
+    if decision.reason == "budget-exceeded":
+        return BudgetExceeded(f"denied: {decision.reason}", code=decision.reason, decision=body)
+    return Denied(f"denied by the {_failing_layer(decision)} layer: {decision.reason}", code=decision.reason, decision=body)
+
+
+def _failing_layer(decision: Decision) -> str:
+    for layer in decision.layers:
+        if layer.verdict == "deny":
+            return layer.layer
+    return "policy"
+
+
+def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: datetime) -> bool:
+    if not ask.approval_id:
+        return False
+    approval = db.exec(select(Approval).where(Approval.id == ask.approval_id).with_for_update()).first()
+    if approval is None or approval.session_id != session.id:
+        raise NotFound("no such approval for this session", code="approval-not-found")
+    if approval.request_hash != ask.request_hash(session.id):
+        raise Conflict("the approval was given for a different request; ask again", code="approval-mismatch")
+    if approval.status != "approved" or approval.expires_at <= now:
+        raise Conflict(f"the approval is {approval.status}, not usable", code="approval-not-usable")
+    approval.status = "used"  # single use
+    db.add(approval)
+    return True
+
+
+def request_capability(
+    broker: Broker, caller: Caller, ask: CapabilityAsk, idempotency_key: str | None
+) -> tuple[int, dict[str, Any]]:
+    if caller.kind != "agent" or caller.session_id is None:
+        raise Forbidden("only an agent's session token may request capabilities")
+    parse_resource(ask.resource)  # malformed URIs are a 400, before any decision
+    session_id = caller.session_id
+    if idempotency_key is not None:
+        replay = idempotency.begin(broker, session_id, idempotency_key, ask.idempotency_hash(session_id))
+        if replay is not None:
+            return replay
+    try:
+        return _decide_and_mint(broker, session_id, ask, idempotency_key)
+    except BrokerError as exc:
+        if idempotency_key is not None and exc.status >= 500:
+            idempotency.abandon(broker, session_id, idempotency_key)
+        raise
+    except Exception:
+        if idempotency_key is not None:
+            idempotency.abandon(broker, session_id, idempotency_key)
+        raise
+
+
+def _decide_and_mint(
+    broker: Broker, session_id: str, ask: CapabilityAsk, idem_key: str | None
+) -> tuple[int, dict[str, Any]]:
+    now = utcnow()
+    policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    refusal: BrokerError | None = None
+    with transaction(broker.engine) as db:
+        session = lock_session(db, session_id)
+        if session is None:
+            raise Unauthenticated("the session behind this token does not exist")
+        approved = _use_approval(db, ask, session, now)
+        decision, shadow = evaluate_with_shadow(
+            policy,
+            shadow_policy,
+            session_facts(db, session),
+            RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now, approved=approved),
+            _bounds(broker),
+        )
+        if shadow is not None and shadow.result != decision.result:
+            log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
+        record = _decision_record(decision, shadow)
+        if decision.result == "deny":
+            append(db, _event(session, ask, "capability.denied", "denied", tier=decision.tier, decision=record))
+            refusal = _denied(decision)
+            if idem_key:
+                idempotency.finish(db, broker, session_id, idem_key, refusal.status, refusal.to_body())
+        elif decision.result == "approval_required":
+            approval = Approval(
+                id="apr_" + secrets.token_hex(16),
+                session_id=session.id,
+                request_hash=ask.request_hash(session.id),
+                resource=ask.resource,
+                access=ask.access,
+                tier=decision.tier or "",
+                ttl_seconds=decision.ttl_seconds or 0,
+                purpose=ask.purpose,
+                tool=ask.tool,
+                parameters=ask.parameters,
+                reason=decision.reason,
+                approvers=list(decision.approvers),
+                created_at=now,
+                expires_at=min(now + APPROVAL_WAIT, session.expires_at),
+            )
+            db.add(approval)
+            append(
+                db,
+                _event(session, ask, "capability.pending", "pending_approval", tier=decision.tier, decision=record,
+                       grant={"status": "pending_approval", "approval_id": approval.id, "ttl_seconds": decision.ttl_seconds}),
+            )
+            body = {
+                "status": "pending_approval",
+                "approval_id": approval.id,
+                "expires_at": _iso(approval.expires_at),
+                "reason": decision.reason,
+                "approvers": list(decision.approvers),
+            }
+            if idem_key:
+                idempotency.finish(db, broker, session_id, idem_key, 202, body)
+            return 202, body
+        else:
+            assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
+            lease = Lease(
+                id=new_capability_id(),
+                session_id=session.id,
+                resource=ask.resource,
+                access=ask.access,
+                tier=decision.tier,
+                provider=decision.provider,
+                status="minting",
+                ttl_seconds=decision.ttl_seconds,
+                purpose=ask.purpose,
+                tool=ask.tool,
+                parameters=ask.parameters,
+                created_at=now,
+                expires_at=now + timedelta(seconds=decision.ttl_seconds),
+            )
+            session.issued_count += 1
+            db.add(lease)
+            db.add(session)
+            grant = Grant(
+                capability_id=lease.id,
+                session_id=session.id,
+                task_id=session.task_id,
+                human=session.human,
+                agent=session.agent,
+                resource=ask.resource,
+                access=ask.access,
+                tier=decision.tier,
+                ttl_seconds=decision.ttl_seconds,
+                options=dict(decision.options),
+            )
+            provider_name = decision.provider
+    if refusal is not None:
+        raise refusal
+    return _mint(broker, session, ask, grant, provider_name, record, idem_key)
+
+
+def _mint(
+    broker: Broker, session: SessionRow, ask: CapabilityAsk, grant: Grant, provider_name: str,
+    record: dict[str, Any], idem_key: str | None,
+) -> tuple[int, dict[str, Any]]:
+    provider = broker.provider(provider_name)
+    minted: Minted | None = None
+    failure: BrokerError | None = None
+    try:
+        minted = provider.mint(grant)
+    except BrokerError as exc:
+        failure = exc
+    except Exception as exc:  # an SDK error the provider did not translate: still fail closed
+        log.exception("provider %s raised an untranslated error", provider.name)
+        failure = ProviderError(f"provider {provider_name} failed: {exc.__class__.__name__}")
+    if failure is not None or minted is None:
+        assert failure is not None
+        with transaction(broker.engine) as db:
+            lease = db.get(Lease, grant.capability_id, with_for_update=True)
+            assert lease is not None
+            lease.status, lease.status_reason, lease.ended_at = "failed", failure.code, utcnow()
+            db.add(lease)
+            append(
+                db,
+                _event(session, ask, "capability.mint_failed", "failed", tier=grant.tier, decision=record,
+                       grant={"status": "failed", "capability_id": grant.capability_id, "provider": provider.name,
+                              "ttl_seconds": grant.ttl_seconds},
+                       detail={"error": failure.code, "message": failure.message}),
+            )
+        raise failure
+    try:
+        with transaction(broker.engine) as db:
+            lease = db.get(Lease, grant.capability_id, with_for_update=True)
+            assert lease is not None
+            if lease.status != "minting":
+                # Torn down while we were minting: what we hold must die now.
+                raise Conflict("the session ended while the capability was being minted", code="session-ended")
+            lease.status = "active"
+            lease.minted_at = utcnow()
+            lease.backend_expires_at = minted.expires_at
+            lease.handle = minted.handle
+            lease.fingerprint = minted.fingerprint
+            if minted.revocation_secret is not None:
+                lease.sealed_secret = broker.sealer.seal(minted.revocation_secret, lease.id)
+            db.add(lease)
+            append(
+                db,
+                _event(session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
+                       grant={"status": "active", "capability_id": lease.id, "provider": provider.name,
+                              "ttl_seconds": grant.ttl_seconds, "expires_at": _iso(lease.expires_at),
+                              "credential_fingerprint": minted.fingerprint}),
+            )
+            body = {
+                "capability_id": lease.id,
+                "status": "active",
+                "session_id": session.id,
+                "resource": lease.resource,
+                "access": lease.access,
+                "tier": lease.tier,
+                "provider": lease.provider,
+                "expires_at": _iso(lease.expires_at),
+                "credential": minted.credential,
+            }
+            if idem_key:
+                idempotency.finish(db, broker, session.id, idem_key, 201, body)
+    except BaseException:
+        _revoke_unrecorded(broker, provider, grant, minted)
+        raise
+    return 201, body
+
+
+def _revoke_unrecorded(broker: Broker, provider: Any, grant: Grant, minted: Minted) -> None:
+    """The credential exists but its activation did not commit: kill it before anyone uses it."""
+    target = RevokeTarget(
+        capability_id=grant.capability_id, session_id=grant.session_id, resource=grant.resource,
+        access=grant.access, handle=minted.handle, expires_at=minted.expires_at,
+        revocation_secret=minted.revocation_secret,
+    )
+    try:
+        provider.revoke(target)
+    except Exception:
+        log.exception("revoking an unrecorded credential for %s failed; the reconciler will retry", grant.capability_id)
+        return
+    try:
+        with transaction(broker.engine) as db:
+            lease = db.get(Lease, grant.capability_id, with_for_update=True)
+            if lease is not None and lease.status == "minting":
+                lease.status, lease.status_reason, lease.ended_at = "failed", "activation-failed", utcnow()
+                db.add(lease)
+            elif lease is not None and lease.status == "revoke_pending" and lease.handle is None:
+                # Revoked (teardown) while minting: now it really is.
+                lease.handle, lease.fingerprint = minted.handle, minted.fingerprint
+                session = db.get(SessionRow, lease.session_id)
+                finish_revocation(db, lease, session, lease.revoke_reason or "revoked", "broker", utcnow())
+    except Exception:
+        log.exception("could not mark %s failed; the reconciler will", grant.capability_id)

@@ -1,0 +1,154 @@
+"""Every table, in one place so Alembic and the services see the same metadata.
+
+Domain services live in their own packages (sessions/, leases/, approvals/, audit/); the
+tables are here because they reference each other and migrations need them all at once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from broker.db import UTCDateTime
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_type=UTCDateTime, **kw)
+
+
+class SessionRow(SQLModel, table=True):
+    __tablename__ = "sessions"
+
+    id: str = Field(primary_key=True, max_length=64)
+    human: str = Field(max_length=320)
+    agent: str = Field(max_length=128)
+    task_id: str = Field(max_length=256, index=True)
+    repository: str | None = Field(default=None, max_length=256)
+    scope: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="active", max_length=16)  # active | ended
+    created_by: str = Field(max_length=128)
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    ended_at: datetime | None = _ts(default=None)
+    end_reason: str | None = Field(default=None, max_length=128)
+    issued_count: int = 0  # capabilities ever minted here: the issued budget counts these
+
+    __table_args__ = (Index("ix_sessions_status_expires", "status", "expires_at"),)
+
+
+class Lease(SQLModel, table=True):
+    """One capability. `id` is the capability id (and the native token's jti)."""
+
+    __tablename__ = "leases"
+
+    id: str = Field(primary_key=True, max_length=64)
+    session_id: str = Field(foreign_key="sessions.id", index=True, max_length=64)
+    resource: str = Field(max_length=512)
+    access: str = Field(max_length=64)
+    tier: str = Field(max_length=32)
+    provider: str = Field(max_length=32)
+    # minting -> active -> revoked | expired ; minting -> failed ; active -> revoke_pending -> revoked | expired
+    status: str = Field(default="minting", max_length=16)
+    status_reason: str | None = Field(default=None, max_length=256)
+    ttl_seconds: int
+    purpose: str = Field(sa_column=Column(Text, nullable=False))
+    tool: str | None = Field(default=None, max_length=128)
+    parameters: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()  # the lease's end: the sweeper revokes at this moment
+    minted_at: datetime | None = _ts(default=None)
+    backend_expires_at: datetime | None = _ts(default=None)
+    ended_at: datetime | None = _ts(default=None)
+    handle: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # non-secret
+    sealed_secret: str | None = Field(default=None, sa_column=Column(Text))  # AES-GCM, AD = id
+    fingerprint: str | None = Field(default=None, max_length=80)
+    revoke_reason: str | None = Field(default=None, max_length=128)  # why it is being revoked
+    revoke_attempts: int = 0
+    next_attempt_at: datetime | None = _ts(default=None)
+    claimed_by: str | None = Field(default=None, max_length=64)
+    claimed_until: datetime | None = _ts(default=None)
+
+    __table_args__ = (
+        # The sweeper's only query: what is due, oldest first. Cost follows what expires.
+        Index("ix_leases_status_expires", "status", "expires_at"),
+        Index("ix_leases_session_status", "session_id", "status"),
+    )
+
+
+class Approval(SQLModel, table=True):
+    __tablename__ = "approvals"
+
+    id: str = Field(primary_key=True, max_length=64)
+    session_id: str = Field(foreign_key="sessions.id", index=True, max_length=64)
+    request_hash: str = Field(max_length=80)  # binds the approval to the exact request
+    resource: str = Field(max_length=512)
+    access: str = Field(max_length=64)
+    tier: str = Field(max_length=32)
+    ttl_seconds: int
+    purpose: str = Field(sa_column=Column(Text, nullable=False))
+    tool: str | None = Field(default=None, max_length=128)
+    parameters: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    reason: str = Field(max_length=64)  # approval-required | escalation-requires-approval
+    approvers: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="pending", max_length=16)  # pending | approved | denied | expired | used
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    decided_by: str | None = Field(default=None, max_length=320)
+    decided_at: datetime | None = _ts(default=None)
+
+    __table_args__ = (Index("ix_approvals_status", "status", "expires_at"),)
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    __tablename__ = "idempotency_keys"
+
+    session_id: str = Field(primary_key=True, max_length=64)
+    key: str = Field(primary_key=True, max_length=255)
+    request_hash: str = Field(max_length=80)
+    state: str = Field(default="in_progress", max_length=16)  # in_progress | done
+    response_status: int | None = None
+    sealed_response: str | None = Field(default=None, sa_column=Column(Text))  # may hold a credential
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts(index=True)
+
+
+class AuditRecord(SQLModel, table=True):
+    """One link of the hash chain. `record` is the canonical JSON that was hashed."""
+
+    __tablename__ = "audit_records"
+
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    event_id: str = Field(max_length=64)
+    timestamp: str = Field(max_length=40)
+    type: str = Field(max_length=64, index=True)
+    session_id: str | None = Field(default=None, max_length=64, index=True)
+    human_principal: str | None = Field(default=None, max_length=320)
+    outcome: str = Field(max_length=64)
+    record: str = Field(sa_column=Column(Text, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+    __table_args__ = (UniqueConstraint("event_id", name="uq_audit_event_id"),)
+
+
+class AuditHead(SQLModel, table=True):
+    """A single row: the chain's tip. Appending locks it, which orders the chain."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int = 0
+    hash: str = Field(default="0" * 64, max_length=64)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """Event ids already processed: a replayed delivery is refused, a duplicate is a no-op."""
+
+    __tablename__ = "webhook_deliveries"
+
+    event_id: str = Field(primary_key=True, max_length=128)
+    received_at: datetime = _ts(index=True)

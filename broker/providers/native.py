@@ -1,0 +1,73 @@
+"""The broker's own capability tokens: Ed25519-signed JWTs for resource servers that trust it.
+
+A resource server checks them offline against `/.well-known/jwks.json`, or asks
+`POST /v1/introspect`, which answers `active: false` as soon as the lease is revoked.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+from broker.errors import ProviderMisconfigured
+from broker.identity.keys import KeyRing
+from broker.providers.base import Grant, Minted, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+
+
+class NativeProvider:
+    name: ClassVar[str] = "native"
+
+    def __init__(self, keyring: KeyRing, issuer: str, broker_audience: str) -> None:
+        self._keyring = keyring
+        self._issuer = issuer
+        self._broker_audience = broker_audience
+
+    @classmethod
+    def from_context(cls, ctx: ProviderContext) -> NativeProvider:
+        if ctx.keyring is None:
+            raise ProviderMisconfigured("the native provider needs the broker's signing keys")
+        return cls(ctx.keyring, ctx.settings.issuer, ctx.settings.audience)
+
+    def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
+        return TtlBounds(1, 86400)
+
+    def audience_for(self, grant: Grant) -> str:
+        audience = str(grant.options.get("audience") or grant.resource_path)
+        if audience == self._broker_audience:
+            # A capability token with the broker's own audience could pose as a session token.
+            raise ProviderMisconfigured("a native resource may not use the broker's own audience")
+        return audience
+
+    def mint(self, grant: Grant) -> Minted:
+        now = datetime.now(UTC).replace(microsecond=0)
+        expires = now + timedelta(seconds=grant.ttl_seconds)
+        audience = self.audience_for(grant)
+        scope = str(grant.options.get("scope") or grant.access)
+        claims = {
+            "iss": self._issuer,
+            "sub": grant.human,
+            "act": {"sub": grant.agent},  # RFC 8693: the agent acts for the human
+            "sid": grant.session_id,
+            "scope": scope,
+            "aud": audience,
+            "jti": grant.capability_id,
+            "iat": int(now.timestamp()),
+            "nbf": int(now.timestamp()),
+            "exp": int(expires.timestamp()),
+            "token_use": "capability",
+        }
+        token = self._keyring.sign(claims, typ="at+jwt")
+        return Minted(
+            credential={"type": "jwt", "token": token, "token_type": "Bearer", "audience": audience},
+            handle={"jti": grant.capability_id, "kid": self._keyring.active.kid},
+            expires_at=expires,
+            fingerprint=fingerprint(token),
+        )
+
+    def revoke(self, target: RevokeTarget) -> None:
+        # Nothing outside the broker to tell: the lease status is the revocation, and
+        # introspection reads it. Offline verifiers are bounded by the short `exp`.
+        return None
+
+    def health(self) -> ProviderHealth:
+        return ProviderHealth(True, f"signing with {self._keyring.active.kid}")

@@ -1,0 +1,121 @@
+"""The running broker: settings, database, policy, keys and providers, built once at start.
+
+`Broker.build` is where missing or bad configuration is refused with a message that says
+what to set. The embedded default generates what it lacks into `state_dir` and warns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from broker import crypto
+from broker.config import Settings
+from broker.db import make_engine
+from broker.identity.keys import KeyRing
+from broker.policy import PolicyStore
+from broker.providers.base import Provider, ProviderContext
+from broker.providers.registry import build as build_providers
+
+log = logging.getLogger("broker")
+
+EMBEDDED_WARNING = (
+    "jit-broker is running the EMBEDDED DEFAULT: SQLite, keys and tokens generated into %s. "
+    "This is for trying the broker on one machine, NOT for production."
+)
+
+
+def _write_secret_file(path: Path, content: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(content + "\n")
+
+
+def prepare_embedded(settings: Settings) -> Settings:
+    """Fill in what the embedded default may generate; never overwrite what exists."""
+    state = settings.state_dir
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    updates: dict[str, object] = {}
+    if settings.signing_key_dir is None:
+        updates["signing_key_dir"] = state / "signing-keys"
+    if settings.encryption_key is None:
+        key_file = state / "encryption-key"
+        if not key_file.exists():
+            _write_secret_file(key_file, crypto.new_key())
+        updates["encryption_key"] = key_file.read_text().strip()
+    if settings.admin_token_sha256 is None:
+        token_file = state / "admin-token"
+        if not token_file.exists():
+            _write_secret_file(token_file, "jbadm_" + secrets.token_urlsafe(32))
+        updates["admin_token_sha256"] = hashlib.sha256(token_file.read_text().strip().encode()).hexdigest()
+    if not settings.orchestrator_api_keys:
+        key_file = state / "orchestrator-key"
+        if not key_file.exists():
+            _write_secret_file(key_file, "jborc_" + secrets.token_urlsafe(32))
+        digest = hashlib.sha256(key_file.read_text().strip().encode()).hexdigest()
+        updates["orchestrator_api_keys"] = f"local-orchestrator={digest}"
+    if settings.policy_file is None:
+        policy = state / "policy.yaml"
+        if not policy.exists():
+            with resources.as_file(resources.files("broker.policy") / "example.yaml") as example:
+                shutil.copyfile(example, policy)
+        updates["policy_file"] = policy
+    return settings.model_copy(update=updates)
+
+
+@dataclass
+class Broker:
+    settings: Settings
+    engine: Engine
+    policies: PolicyStore
+    keyring: KeyRing
+    providers: dict[str, Provider]
+    sealer: crypto.Sealer
+    replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
+
+    @classmethod
+    def build(cls, settings: Settings, *, engine: Engine | None = None) -> Broker:
+        if settings.embedded:
+            settings = prepare_embedded(settings)
+            log.warning(EMBEDDED_WARNING, settings.state_dir.resolve())
+        settings.check_for_production()
+        assert settings.policy_file is not None and settings.signing_key_dir is not None
+        assert settings.encryption_key is not None
+        policies = PolicyStore(settings.policy_file, settings.shadow_policy_file)
+        keyring = KeyRing.load(
+            settings.signing_key_dir,
+            retire_after=settings.session_max_ttl_seconds,
+            create=settings.embedded,
+        )
+        sealer = crypto.Sealer(crypto.decode_key(settings.encryption_key.get_secret_value()))
+        names = {r.provider for r in policies.current.resources}
+        if policies.shadow is not None:
+            names |= {r.provider for r in policies.shadow.resources}
+        names.add("native")
+        providers = build_providers(
+            names, ProviderContext(settings=settings, keyring=keyring), tolerate_missing=settings.embedded
+        )
+        return cls(
+            settings=settings,
+            engine=engine or make_engine(settings.database_url),
+            policies=policies,
+            keyring=keyring,
+            providers=providers,
+            sealer=sealer,
+        )
+
+    def provider(self, name: str) -> Provider:
+        from broker.errors import ProviderMisconfigured
+
+        try:
+            return self.providers[name]
+        except KeyError:
+            raise ProviderMisconfigured(f"provider {name!r} was not built; reload the broker after adding it") from None

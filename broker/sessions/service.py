@@ -1,0 +1,158 @@
+"""Sessions: provision one per task run, read it, end it (revoking everything it holds)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlmodel import col, select
+
+from broker.audit.service import AuditEvent, append
+from broker.db import transaction, utcnow
+from broker.errors import Forbidden, InvalidRequest, NotFound
+from broker.identity.callers import Caller
+from broker.leases.revocation import LIVE, RevokeSummary, revoke_leases
+from broker.models import Lease, SessionRow
+from broker.policy import validate_pattern
+from broker.runtime import Broker
+
+log = logging.getLogger("broker.sessions")
+
+
+@dataclass(frozen=True)
+class SessionAsk:
+    human: str
+    agent: str
+    task_id: str
+    scope: list[dict[str, Any]]  # [{resource, access: [...]}]
+    ttl_seconds: int
+    repository: str | None = None
+    labels: dict[str, str] | None = None
+
+
+def _event(session: SessionRow, type_: str, outcome: str, actor: str, detail: dict[str, Any] | None = None) -> AuditEvent:
+    return AuditEvent(
+        type=type_,
+        outcome=outcome,
+        human_principal=session.human,
+        agent={"id": session.agent, "session_id": session.id, "task_id": session.task_id},
+        request={"tool": None, "operation": type_.split(".", 1)[1], "resource": session.repository, "tier": None,
+                 "parameters": None, "actor": actor},
+        detail=detail,
+    )
+
+
+def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow, str]:
+    if caller.kind not in ("orchestrator", "admin"):
+        raise Forbidden("only an orchestrator provisions sessions")
+    if ask.ttl_seconds > broker.settings.session_max_ttl_seconds:
+        raise InvalidRequest(
+            f"ttl_seconds exceeds the broker's maximum session length ({broker.settings.session_max_ttl_seconds})",
+            code="ttl-out-of-bounds",
+        )
+    for entry in ask.scope:
+        validate_pattern(entry["resource"])  # a malformed scope is a 400, not a silent no-match
+    now = utcnow().replace(microsecond=0)
+    session = SessionRow(
+        id="ses_" + secrets.token_hex(16),
+        human=ask.human,
+        agent=ask.agent,
+        task_id=ask.task_id,
+        repository=ask.repository,
+        scope=ask.scope,
+        labels=ask.labels or {},
+        status="active",
+        created_by=caller.name,
+        created_at=now,
+        expires_at=now + timedelta(seconds=ask.ttl_seconds),
+    )
+    token = broker.keyring.sign(
+        {
+            "iss": broker.settings.issuer,
+            "aud": broker.settings.audience,
+            "sub": ask.agent,
+            "sid": session.id,
+            "jti": "stk_" + secrets.token_hex(12),
+            "iat": int(now.timestamp()),
+            "nbf": int(now.timestamp()),
+            "exp": int(session.expires_at.timestamp()),  # never outlives its session
+            "token_use": "session",
+        }
+    )
+    with transaction(broker.engine) as db:
+        db.add(session)
+        db.flush()
+        append(db, _event(session, "session.created", "created", caller.principal,
+                          {"scope": ask.scope, "expires_at": session.expires_at.isoformat(), "labels": session.labels}))
+    return session, token
+
+
+def may_manage(caller: Caller, session: SessionRow) -> bool:
+    if caller.kind == "admin":
+        return True
+    if caller.kind == "orchestrator":
+        return session.created_by == caller.name
+    if caller.kind == "human":
+        return session.human == caller.name
+    if caller.kind == "agent":
+        return caller.session_id == session.id
+    return False
+
+
+def get(broker: Broker, caller: Caller, session_id: str) -> tuple[SessionRow, list[Lease]]:
+    with transaction(broker.engine) as db:
+        session = db.get(SessionRow, session_id)
+        if session is None or not may_manage(caller, session):
+            # Same answer for "absent" and "not yours": ids are not an oracle.
+            raise NotFound("no such session", code="session-not-found")
+        leases = db.exec(
+            select(Lease).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE)).order_by(Lease.created_at)
+        ).all()
+        return session, list(leases)
+
+
+def list_sessions(broker: Broker, caller: Caller, status: str | None, limit: int) -> list[SessionRow]:
+    with transaction(broker.engine) as db:
+        stmt = select(SessionRow)
+        if status:
+            stmt = stmt.where(SessionRow.status == status)
+        if caller.kind == "orchestrator":
+            stmt = stmt.where(SessionRow.created_by == caller.name)
+        elif caller.kind == "human":
+            stmt = stmt.where(SessionRow.human == caller.name)
+        elif caller.kind != "admin":
+            raise Forbidden("agents cannot list sessions")
+        return list(db.exec(stmt.order_by(col(SessionRow.created_at).desc()).limit(limit)).all())
+
+
+def end(broker: Broker, session_id: str, *, reason: str, actor: str, caller: Caller | None = None) -> tuple[SessionRow, RevokeSummary]:
+    """Idempotent: ending an ended session revokes whatever is still live and changes nothing else."""
+    now = utcnow()
+    with transaction(broker.engine) as db:
+        session = db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()
+        if session is None or (caller is not None and not may_manage(caller, session)):
+            raise NotFound("no such session", code="session-not-found")
+        if session.status == "active":
+            session.status, session.ended_at, session.end_reason = "ended", now, reason[:128]
+            db.add(session)
+            append(db, _event(session, "session.ended", "ended", actor, {"reason": reason}))
+        live = list(db.exec(select(Lease.id).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE))).all())
+    summary = revoke_leases(broker, live, reason=f"session-ended:{reason}", actor=actor)
+    return session, summary
+
+
+def find_by_task(broker: Broker, task_id: str) -> list[str]:
+    with transaction(broker.engine) as db:
+        return list(db.exec(select(SessionRow.id).where(SessionRow.task_id == task_id, SessionRow.status == "active")).all())
+
+
+def past_deadline(broker: Broker, now: datetime, limit: int) -> list[str]:
+    with transaction(broker.engine) as db:
+        return list(
+            db.exec(
+                select(SessionRow.id).where(SessionRow.status == "active", SessionRow.expires_at <= now).limit(limit)
+            ).all()
+        )

@@ -1,0 +1,9 @@
+"""Test-wide fixtures: each real peer lives in its own module under tests/support/."""
+
+pytest_plugins = [
+    "tests.support.databases",
+    "tests.support.brokers",
+    "tests.support.openbao",
+    "tests.support.aws_moto",
+    "tests.support.github_standin",
+]
