@@ -1,0 +1,46 @@
+"""The policy engine: typed policy file, compile once, pure evaluation, hot reload."""
+
+from pathlib import Path
+
+from broker.policy.compiled import CompiledPolicy
+from broker.policy.evaluate import (
+    BoundsLookup,
+    Decision,
+    LayerVerdict,
+    RequestFacts,
+    ScopeEntry,
+    SessionFacts,
+    default_bounds,
+    evaluate,
+    evaluate_with_shadow,
+)
+from broker.policy.loader import load_policy, load_policy_bytes, load_policy_text
+from broker.policy.models import TIER_ORDER, PolicyDocument
+from broker.policy.resources import glob_matches, parse_resource, validate_pattern
+from broker.policy.store import PolicyStore
+
+# Written by `broker-cli init` and used by `broker-cli dev`.
+EXAMPLE_POLICY_PATH = Path(__file__).with_name("example.yaml")
+
+__all__ = [
+    "EXAMPLE_POLICY_PATH",
+    "TIER_ORDER",
+    "BoundsLookup",
+    "CompiledPolicy",
+    "Decision",
+    "LayerVerdict",
+    "PolicyDocument",
+    "PolicyStore",
+    "RequestFacts",
+    "ScopeEntry",
+    "SessionFacts",
+    "default_bounds",
+    "evaluate",
+    "evaluate_with_shadow",
+    "glob_matches",
+    "load_policy",
+    "load_policy_bytes",
+    "load_policy_text",
+    "parse_resource",
+    "validate_pattern",
+]

@@ -1,0 +1,172 @@
+"""A validated policy compiled once into the lookup structures the evaluator reads."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Grant, PolicyDocument, Tier
+from broker.policy.resources import compile_glob, is_glob
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """One access declared on a resource rule."""
+
+    name: str
+    tier: str
+    options: Mapping[str, Any]  # the provider fields that were set, `options` merged in
+    rule: str  # "resources[i].access.<name>"
+
+
+@dataclass(frozen=True)
+class ResourceRule:
+    index: int
+    match: str
+    provider: str
+    access: Mapping[str, AccessRule]
+
+    @property
+    def rule(self) -> str:
+        return f"resources[{self.index}]"
+
+
+@dataclass(frozen=True)
+class GrantRule:
+    """A grant a human or group holds: (resource glob, access names or "*")."""
+
+    rule: str  # "humans.<email>.grants[i]" or "groups.<name>.grants[i]"
+    resource: str
+    access: frozenset[str]
+    pattern: re.Pattern[str]
+
+    def covers(self, resource: str, access: str) -> bool:
+        return ("*" in self.access or access in self.access) and self.pattern.fullmatch(resource) is not None
+
+
+@dataclass(frozen=True)
+class AgentRule:
+    name: str  # the key as written, "*" for the fallback
+    max_tier: str
+    providers: frozenset[str] | None  # None: any provider
+
+    @property
+    def rule(self) -> str:
+        return f"agents.{self.name}"
+
+
+def tier_rank(tier: str) -> int:
+    return TIER_ORDER.index(tier)
+
+
+def _grants(prefix: str, grants: list[Grant]) -> tuple[GrantRule, ...]:
+    return tuple(
+        GrantRule(f"{prefix}.grants[{i}]", g.resource, frozenset(g.access), compile_glob(g.resource))
+        for i, g in enumerate(grants)
+    )
+
+
+class CompiledPolicy:
+    """Everything the evaluator needs, indexed; built once per policy file and never mutated."""
+
+    def __init__(self, document: PolicyDocument, *, raw: bytes, lines: Mapping[str, int], source: str = "<policy>") -> None:
+        self.document = document
+        self.source = source
+        # The content hash names the policy in every decision and audit record.
+        self.version = "sha256:" + hashlib.sha256(raw).hexdigest()
+        self._lines = dict(lines)
+
+        self.tiers: Mapping[str, Tier] = MappingProxyType(
+            {name: document.tiers[name] for name in TIER_ORDER if name in document.tiers}
+        )
+
+        rules = []
+        for i, r in enumerate(document.resources):
+            access = {
+                name: AccessRule(name, a.tier, MappingProxyType(a.provider_options()), f"resources[{i}].access.{name}")
+                for name, a in r.access.items()
+            }
+            rules.append(ResourceRule(i, r.match, r.provider, MappingProxyType(access)))
+        self.resources: tuple[ResourceRule, ...] = tuple(rules)
+        # Exact matches are a dict hit; globs are tried in file order, and only those written
+        # before an exact hit can beat it (first match in file order wins).
+        self._exact: dict[str, ResourceRule] = {}
+        for rule in self.resources:
+            if not is_glob(rule.match):
+                self._exact.setdefault(rule.match, rule)
+        self._globbed: tuple[tuple[re.Pattern[str], ResourceRule], ...] = tuple(
+            (compile_glob(rule.match), rule) for rule in self.resources if is_glob(rule.match)
+        )
+
+        # Emails are compared case-insensitively: IdPs disagree on case, people do not.
+        self._human_keys: dict[str, str] = {email.lower(): email for email in document.humans}
+        self.human_grants: Mapping[str, tuple[GrantRule, ...]] = MappingProxyType(
+            {email.lower(): _grants(f"humans.{email}", h.grants) for email, h in document.humans.items()}
+        )
+        self.group_grants: Mapping[str, tuple[GrantRule, ...]] = MappingProxyType(
+            {name: _grants(f"groups.{name}", g.grants) for name, g in document.groups.items()}
+        )
+        members: dict[str, set[str]] = {name: {m.lower() for m in g.members} for name, g in document.groups.items()}
+        for email, human in document.humans.items():
+            for group in human.groups:
+                members.setdefault(group, set()).add(email.lower())
+        self.group_members: Mapping[str, frozenset[str]] = MappingProxyType(
+            {name: frozenset(m) for name, m in members.items()}
+        )
+
+        self.agents: Mapping[str, AgentRule] = MappingProxyType(
+            {
+                name: AgentRule(name, a.max_tier, frozenset(a.providers) if a.providers is not None else None)
+                for name, a in document.agents.items()
+            }
+        )
+        budgets = document.budgets
+        self.max_issued_per_session: int | None = budgets.max_issued_per_session if budgets else None
+        self.max_active_per_session: int | None = budgets.max_active_per_session if budgets else None
+        self.escalation_tiers: frozenset[str] = frozenset(
+            document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS
+        )
+
+    def __repr__(self) -> str:
+        return f"CompiledPolicy(source={self.source!r}, version={self.version!r})"
+
+    def match_resource(self, resource: str) -> ResourceRule | None:
+        """The first resource rule, in file order, whose match covers `resource`."""
+        exact = self._exact.get(resource)
+        for pattern, rule in self._globbed:
+            if exact is not None and rule.index > exact.index:
+                break
+            if pattern.fullmatch(resource):
+                return rule
+        return exact
+
+    def human_key(self, human: str) -> str | None:
+        """The `humans` key as written for this human, or None when the policy does not name them."""
+        return self._human_keys.get(human.lower())
+
+    def groups_of(self, human: str, extra: frozenset[str] = frozenset()) -> tuple[str, ...]:
+        """Every group the human belongs to: policy membership plus `extra` (IdP claims).
+
+        Ordered as the `groups` section is written, then the rest by name, so the first matching
+        grant is the same on every evaluation.
+        """
+        email = human.lower()
+        belongs = {name for name, members in self.group_members.items() if email in members} | set(extra)
+        ordered = [name for name in self.document.groups if name in belongs]
+        return tuple(ordered + sorted(belongs - set(ordered)))
+
+    def members_of(self, group: str) -> frozenset[str]:
+        """Policy-declared members (lowercased emails); IdP membership is the caller's to add."""
+        return self.group_members.get(group, frozenset())
+
+    def agent(self, name: str) -> AgentRule | None:
+        """The agent's own entry, else the "*" fallback, else None."""
+        return self.agents.get(name) or self.agents.get("*")
+
+    def line_of(self, rule_path: str) -> int | None:
+        """The line a rule path ("resources[0].access.read") starts on; None if not in the file."""
+        return self._lines.get(rule_path)

@@ -1,0 +1,344 @@
+"""The decision: a pure function of (policy, session, request) that every layer must allow.
+
+No I/O, no database, no clock: the caller supplies `now`, session counters and provider
+bounds. The same function answers real requests, `policy explain` and the shadow policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from broker.policy.compiled import AccessRule, CompiledPolicy, ResourceRule, tier_rank
+from broker.policy.resources import glob_matches, resource_problem
+
+if TYPE_CHECKING:
+    # Typing only: the evaluator reads .min_seconds/.max_seconds and never imports providers.
+    from broker.providers.base import TtlBounds
+
+ALLOW, DENY, APPROVAL, SKIPPED = "allow", "deny", "approval_required", "skipped"
+
+BoundsLookup = Callable[[str, str, dict], "TtlBounds"]  # (provider, resource, options) -> bounds
+
+
+@dataclass(frozen=True)
+class _DefaultBounds:
+    """Same values as TtlBounds(): one second to one day."""
+
+    min_seconds: int = 1
+    max_seconds: int = 86400
+
+
+def default_bounds(provider: str, resource: str, options: dict) -> TtlBounds:
+    return _DefaultBounds()  # type: ignore[return-value]  # structurally a TtlBounds
+
+
+@dataclass(frozen=True)
+class ScopeEntry:
+    resource: str  # may be a glob
+    access: tuple[str, ...]  # may contain "*"
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    session_id: str
+    human: str
+    agent: str
+    task_id: str
+    scope: tuple[ScopeEntry, ...]
+    status: str  # "active"; anything else has ended
+    expires_at: datetime  # timezone-aware, UTC
+    human_groups: frozenset[str] = frozenset()  # from an IdP; unioned with policy membership
+    issued_count: int = 0  # capabilities minted in this session so far, any status
+    active_count: int = 0
+    active_tiers: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    resource: str
+    access: str
+    ttl_seconds: int | None
+    now: datetime
+    approved: bool = False  # an approval for this exact request exists
+
+
+@dataclass(frozen=True)
+class LayerVerdict:
+    layer: str
+    verdict: str  # allow | deny | approval_required | skipped
+    reason: str | None
+    matched_rule: str | None
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "matched_rule": self.matched_rule,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    result: str  # allow | deny | approval_required
+    reason: str  # kebab-case; "allowed" when allowed
+    matched_rule: str | None
+    matched_line: int | None
+    policy_version: str
+    tier: str | None
+    provider: str | None
+    options: dict[str, Any]
+    ttl_seconds: int | None  # the granted, clamped ttl; None when denied
+    approvers: tuple[str, ...]
+    layers: tuple[LayerVerdict, ...] = field(default=())
+
+    @property
+    def allowed(self) -> bool:
+        return self.result == ALLOW
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "result": self.result,
+            "reason": self.reason,
+            "matched_rule": self.matched_rule,
+            "matched_line": self.matched_line,
+            "policy_version": self.policy_version,
+            "tier": self.tier,
+            "provider": self.provider,
+            "options": dict(self.options),
+            "ttl_seconds": self.ttl_seconds,
+            "approvers": list(self.approvers),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+
+def _allow(layer: str, rule: str | None, detail: str) -> LayerVerdict:
+    return LayerVerdict(layer, ALLOW, None, rule, detail)
+
+
+def _deny(layer: str, reason: str, rule: str | None, detail: str) -> LayerVerdict:
+    return LayerVerdict(layer, DENY, reason, rule, detail)
+
+
+def _skipped(layer: str, detail: str = "resource or access unknown") -> LayerVerdict:
+    return LayerVerdict(layer, SKIPPED, None, None, detail)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What the resource layer found: the rule and access the later layers judge."""
+
+    rule: ResourceRule
+    access: AccessRule
+    options: dict[str, Any]
+
+
+def _session_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict:
+    if session.status != "active":
+        return _deny("session", "session-ended", "session.status", f"session is {session.status}")
+    if request.now >= session.expires_at:
+        return _deny("session", "session-ended", "session.expires_at", f"session expired at {session.expires_at.isoformat()}")
+    return _allow("session", None, f"active until {session.expires_at.isoformat()}")
+
+
+def _resource_layer(policy: CompiledPolicy, request: RequestFacts) -> tuple[LayerVerdict, _Target | None]:
+    problem = resource_problem(request.resource)
+    if problem is not None:
+        # Callers validate first; refusing here too keeps a literal "*" from matching a glob.
+        return _deny("resource", "invalid-resource", None, f"resource {problem}"), None
+    rule = policy.match_resource(request.resource)
+    if rule is None:
+        return _deny("resource", "unknown-resource", "resources", f"no rule matches {request.resource}"), None
+    access = rule.access.get(request.access)
+    if access is None:
+        declared = ", ".join(rule.access)
+        detail = f"{rule.match} declares {declared}, not {request.access!r}"
+        return _deny("resource", "unknown-access", rule.rule, detail), None
+    options = dict(access.options)
+    if rule.provider == "native" and "audience" not in options:
+        # A native token is for the service the jwt:// URI names unless the policy says otherwise.
+        options["audience"] = request.resource.split("://", 1)[1]
+    detail = f"{rule.match} via provider {rule.provider}, tier {access.tier}"
+    return _allow("resource", access.rule, detail), _Target(rule, access, options)
+
+
+def _human_layer(policy: CompiledPolicy, session: SessionFacts, request: RequestFacts) -> LayerVerdict:
+    key = policy.human_key(session.human)
+    candidates = list(policy.human_grants.get(session.human.lower(), ()))
+    groups = policy.groups_of(session.human, session.human_groups)
+    for group in groups:
+        candidates.extend(policy.group_grants.get(group, ()))
+    for grant in candidates:
+        if grant.covers(request.resource, request.access):
+            return _allow("human", grant.rule, f"{session.human} holds {request.access} on {grant.resource}")
+    via = f" (groups: {', '.join(groups)})" if groups else ""
+    detail = f"{session.human}{via} holds no grant for {request.access} on {request.resource}"
+    return _deny("human", "human-lacks-permission", f"humans.{key}" if key else "humans", detail)
+
+
+def _task_scope_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict:
+    for i, entry in enumerate(session.scope):
+        if ("*" in entry.access or request.access in entry.access) and glob_matches(entry.resource, request.resource):
+            return _allow("task_scope", f"session.scope[{i}]", f"declared scope {entry.resource} covers it")
+    return _deny("task_scope", "outside-task-scope", "session.scope", "the task's declared scope does not cover it")
+
+
+def _agent_layer(policy: CompiledPolicy, session: SessionFacts, target: _Target | None) -> LayerVerdict:
+    agent = policy.agent(session.agent)
+    if agent is None:
+        return _deny("agent", "unknown-agent", "agents", f"no agent entry for {session.agent!r} and no '*'")
+    if target is None:
+        return _skipped("agent")
+    tier, provider = target.access.tier, target.rule.provider
+    if tier_rank(tier) > tier_rank(agent.max_tier):
+        detail = f"tier {tier} is above {agent.name}'s ceiling {agent.max_tier}"
+        return _deny("agent", "agent-ceiling", f"{agent.rule}.max_tier", detail)
+    if agent.providers is not None and provider not in agent.providers:
+        detail = f"provider {provider} is not among {agent.name}'s providers"
+        return _deny("agent", "agent-ceiling", f"{agent.rule}.providers", detail)
+    return _allow("agent", agent.rule, f"{session.agent} may use tier {tier} via {provider}")
+
+
+def _tier_layer(policy: CompiledPolicy, request: RequestFacts, target: _Target | None) -> LayerVerdict:
+    if target is None:
+        return _skipped("tier")
+    name = target.access.tier
+    tier = policy.tiers[name]
+    rule = f"tiers.{name}"
+    if tier.control == "deny":
+        return _deny("tier", "tier-denied", rule, f"tier {name} is denied")
+    if tier.control == "approval" and not request.approved:
+        return LayerVerdict("tier", APPROVAL, "approval-required", rule, f"tier {name} needs approval")
+    return _allow("tier", rule, "approved" if tier.control == "approval" else f"tier {name} is auto")
+
+
+def _budget_layer(policy: CompiledPolicy, session: SessionFacts) -> LayerVerdict:
+    issued, active = policy.max_issued_per_session, policy.max_active_per_session
+    if issued is not None and session.issued_count >= issued:
+        detail = f"{session.issued_count} issued, limit {issued}"
+        return _deny("budget", "budget-exceeded", "budgets.max_issued_per_session", detail)
+    if active is not None and session.active_count >= active:
+        detail = f"{session.active_count} active, limit {active}"
+        return _deny("budget", "budget-exceeded", "budgets.max_active_per_session", detail)
+    return _allow("budget", None, "within budget" if issued is not None or active is not None else "no budgets")
+
+
+def _escalation_layer(policy: CompiledPolicy, session: SessionFacts, request: RequestFacts, target: _Target | None) -> LayerVerdict:
+    if target is None:
+        return _skipped("escalation")
+    tier = target.access.tier
+    held = session.active_tiers & policy.escalation_tiers
+    if tier in policy.escalation_tiers and held and not request.approved:
+        # A chain (merge, then deploy, then a secret) is what a reviewer must see, even when
+        # each link alone is auto.
+        detail = f"session already holds {', '.join(sorted(held))}; another {tier} needs approval"
+        return LayerVerdict("escalation", APPROVAL, "escalation-requires-approval", "escalation", detail)
+    if tier in policy.escalation_tiers and held:
+        return _allow("escalation", None, "escalation approved")
+    return _allow("escalation", None, "no escalation chain")
+
+
+def _time_layer(
+    policy: CompiledPolicy, session: SessionFacts, request: RequestFacts, target: _Target | None, bounds: BoundsLookup
+) -> tuple[LayerVerdict, int | None]:
+    if target is None:
+        return _skipped("time"), None
+    name = target.access.tier
+    max_ttl = policy.tiers[name].max_ttl
+    if max_ttl is None:
+        return _skipped("time", f"tier {name} has no max_ttl"), None
+    limits = bounds(target.rule.provider, request.resource, dict(target.options))
+    remaining = math.floor((session.expires_at - request.now).total_seconds())
+    if remaining < limits.min_seconds:
+        detail = f"{max(remaining, 0)}s left in the session, provider minimum {limits.min_seconds}s"
+        return _deny("time", "ttl-exceeds-session", "session.expires_at", detail), None
+    if max_ttl < limits.min_seconds:
+        detail = f"tier {name} allows {max_ttl}s, provider minimum {limits.min_seconds}s"
+        return _deny("time", "ttl-exceeds-tier", f"tiers.{name}.max_ttl", detail), None
+    if request.ttl_seconds is not None and request.ttl_seconds < limits.min_seconds:
+        # Never stretched silently: the caller asked for less than the backend can issue.
+        detail = f"requested {request.ttl_seconds}s, provider minimum {limits.min_seconds}s"
+        rule = f"providers.{target.rule.provider}.min_ttl"
+        return _deny("time", "ttl-below-provider-minimum", rule, detail), None
+    want = request.ttl_seconds if request.ttl_seconds is not None else max_ttl
+    granted = min(want, max_ttl, remaining, limits.max_seconds)
+    detail = f"granted {granted}s = min(wanted {want}, tier {max_ttl}, session {remaining}, provider {limits.max_seconds})"
+    return _allow("time", f"tiers.{name}.max_ttl", detail), granted
+
+
+def _approvers(policy: CompiledPolicy, tier: str | None) -> tuple[str, ...]:
+    if tier is None:
+        return ()
+    own = tuple(policy.tiers[tier].approvers)
+    if own:
+        return own
+    # An auto tier caught by escalation has no approvers of its own: the escalation tiers' do.
+    pooled: list[str] = []
+    for name, t in policy.tiers.items():
+        if name in policy.escalation_tiers:
+            pooled.extend(a for a in t.approvers if a not in pooled)
+    return tuple(pooled)
+
+
+def evaluate(
+    policy: CompiledPolicy, session: SessionFacts, request: RequestFacts, bounds: BoundsLookup | None = None
+) -> Decision:
+    """Judge one request on every layer; the first deny in layer order names the reason."""
+    resource_verdict, target = _resource_layer(policy, request)
+    time_verdict, granted = _time_layer(policy, session, request, target, bounds or default_bounds)
+    layers = (
+        _session_layer(session, request),
+        resource_verdict,
+        _human_layer(policy, session, request),
+        _task_scope_layer(session, request),
+        _agent_layer(policy, session, target),
+        _tier_layer(policy, request, target),
+        _budget_layer(policy, session),
+        _escalation_layer(policy, session, request, target),
+        time_verdict,
+    )
+    deciding = next((v for v in layers if v.verdict == DENY), None) or next(
+        (v for v in layers if v.verdict == APPROVAL), None
+    )
+    tier = target.access.tier if target else None
+    if deciding is None:
+        result, reason, rule = ALLOW, "allowed", resource_verdict.matched_rule
+    else:
+        result, reason, rule = deciding.verdict, deciding.reason or deciding.verdict, deciding.matched_rule
+    return Decision(
+        result=result,
+        reason=reason,
+        matched_rule=rule,
+        matched_line=policy.line_of(rule) if rule else None,
+        policy_version=policy.version,
+        tier=tier,
+        provider=target.rule.provider if target else None,
+        options=target.options if target else {},
+        ttl_seconds=granted if result != DENY else None,
+        approvers=_approvers(policy, tier) if result == APPROVAL else (),
+        layers=layers,
+    )
+
+
+def evaluate_with_shadow(
+    policy: CompiledPolicy,
+    shadow: CompiledPolicy | None,
+    session: SessionFacts,
+    request: RequestFacts,
+    bounds: BoundsLookup | None = None,
+) -> tuple[Decision, Decision | None]:
+    """The enforced decision, and what the shadow policy would have said (only ever logged)."""
+    enforced = evaluate(policy, session, request, bounds)
+    if shadow is None:
+        return enforced, None
+    try:
+        observed = evaluate(shadow, session, request, bounds)
+    except Exception:  # noqa: BLE001 - a shadow policy must never change what is enforced
+        observed = None
+    return enforced, observed

@@ -1,0 +1,209 @@
+"""The policy file as typed models: what a valid policy says, before it is compiled."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, field_validator
+
+from broker.policy.resources import pattern_problem
+
+TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
+# Risk order, lowest first: an agent's max_tier admits every tier at or before it.
+TIER_ORDER: tuple[str, ...] = ("read", "write", "review", "merge_deploy", "secret", "destructive")
+DEFAULT_ESCALATION_TIERS: tuple[str, ...] = ("merge_deploy", "secret")
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+DURATION_PATTERN = _DURATION.pattern
+_UNIT_SECONDS = (86400, 3600, 60, 1)
+
+
+def parse_duration(value: Any) -> Any:
+    """90, "90s", "30m", "1h", "1h30m", "1d" -> seconds. Anything else is left for the int check."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like 90s, 30m, 1h30m")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            seconds = int(text)
+        else:
+            found = _DURATION.match(text)
+            if not text or found is None:
+                raise ValueError(f"invalid duration {value!r}: use seconds or a string like 90s, 30m, 1h30m")
+            seconds = sum(int(n) * unit for n, unit in zip(found.groups(), _UNIT_SECONDS) if n)
+        value = seconds
+    if isinstance(value, int) and value <= 0:
+        raise ValueError("a duration must be at least 1 second")
+    return value
+
+
+Duration = Annotated[
+    int,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": DURATION_PATTERN, "minLength": 2},
+            ],
+            "description": "Seconds, or a duration string such as 90s, 30m, 1h, 1h30m.",
+        }
+    ),
+]
+
+Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320)]
+GroupName = Annotated[str, StringConstraints(pattern=r"^\S+$", max_length=256)]
+AgentName = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")]
+ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+AccessName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+GrantedAccess = Annotated[str, StringConstraints(pattern=r"^(\*|[a-z][a-z0-9_-]{0,63})$")]
+# "group:<name>", "user:<email>" or a bare email.
+Approver = Annotated[str, StringConstraints(pattern=r"^(group:\S+|user:[^@\s]+@[^@\s]+|[^@\s:]+@[^@\s]+)$")]
+
+
+class Strict(BaseModel):
+    # forbid: a misspelt key is an error, never a silently ignored rule.
+    # strict: "1" is not 1 and "yes" is not true; a policy says exactly what it means.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Tier(Strict):
+    control: Literal["auto", "approval", "deny"]
+    max_ttl: Duration | None = None
+    approvers: list[Approver] = Field(default_factory=list)
+    allow_self_approval: bool = False
+
+
+def _check_pattern(value: str) -> str:
+    problem = pattern_problem(value)
+    if problem is not None:
+        raise ValueError(f"resource pattern {problem}")
+    return value
+
+
+ResourcePattern = Annotated[
+    str,
+    BeforeValidator(_check_pattern),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[\x21-\x7e]+$",
+            "maxLength": 512,
+            "description": '"<scheme>://<glob>": * matches within one path segment, ** across segments.',
+        }
+    ),
+]
+
+
+class Access(Strict):
+    """What one access on a resource means: its tier, and the provider fields for minting."""
+
+    tier: TierName
+    permissions: dict[str, str] | None = None  # github
+    repositories: list[str] | None = None  # github
+    session_policy: dict[str, JsonValue] | None = None  # aws
+    max_duration: Duration | None = None  # aws
+    policies: list[str] | None = None  # vault token policies
+    scope: str | None = None  # native
+    audience: str | None = None  # native; default: the path of the jwt:// resource
+    options: dict[str, JsonValue] | None = None  # free-form, for third-party providers
+
+    @field_validator("options")
+    @classmethod
+    def _options_do_not_shadow_fields(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # options are merged beside the explicit fields; a clash would make one of them silent.
+        clash = sorted(set(value or {}) & (set(cls.model_fields) - {"tier", "options"}))
+        if clash:
+            raise ValueError(f"options must not repeat the explicit field(s) {', '.join(clash)}")
+        return value
+
+    def provider_options(self) -> dict[str, Any]:
+        """The provider fields that were set, with `options` merged in."""
+        fields = self.model_dump(exclude={"tier", "options"}, exclude_none=True)
+        return {**fields, **(self.options or {})}
+
+
+class ResourceRule(Strict):
+    match: ResourcePattern
+    provider: ProviderName
+    access: dict[AccessName, Access] = Field(min_length=1)
+
+
+class Grant(Strict):
+    resource: ResourcePattern
+    access: list[GrantedAccess] = Field(min_length=1)
+
+
+class Human(Strict):
+    groups: list[GroupName] = Field(default_factory=list)
+    grants: list[Grant] = Field(default_factory=list)
+
+
+class Group(Strict):
+    members: list[Email] = Field(default_factory=list)
+    grants: list[Grant] = Field(default_factory=list)
+
+
+class Agent(Strict):
+    max_tier: TierName
+    providers: list[ProviderName] | None = None  # absent: any provider
+
+
+class Budgets(Strict):
+    max_issued_per_session: int | None = Field(default=None, ge=0)  # absent: unlimited
+    max_active_per_session: int | None = Field(default=None, ge=0)
+
+
+class Escalation(Strict):
+    tiers: list[TierName] = Field(default_factory=lambda: list(DEFAULT_ESCALATION_TIERS))
+
+
+class PolicyDocument(Strict):
+    """A jit-broker policy file (version 1)."""
+
+    model_config = ConfigDict(title="jit-broker policy")
+
+    version: Literal[1]
+    tiers: dict[TierName, Tier]
+    resources: list[ResourceRule]
+    humans: dict[Email, Human] = Field(default_factory=dict)
+    groups: dict[GroupName, Group] = Field(default_factory=dict)
+    agents: dict[AgentName, Agent] = Field(default_factory=dict)
+    budgets: Budgets | None = None
+    escalation: Escalation | None = None
+
+
+Path = tuple[str | int, ...]
+
+
+def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
+    """Problems no single field can see: references between sections, rules that can never apply."""
+    problems: list[tuple[Path, str]] = []
+    for name, tier in doc.tiers.items():
+        if tier.control != "deny" and tier.max_ttl is None:
+            problems.append((("tiers", name, "max_ttl"), f"tier {name!r} needs max_ttl unless its control is deny"))
+        if tier.control == "approval" and not tier.approvers:
+            # Nobody could ever approve: every request of this tier would hang until it expires.
+            problems.append((("tiers", name, "approvers"), f"tier {name!r} requires approval but names no approvers"))
+    seen_match: dict[str, int] = {}
+    for i, rule in enumerate(doc.resources):
+        if rule.match in seen_match:
+            problems.append(
+                (("resources", i, "match"), f"duplicate match {rule.match!r}: resources[{seen_match[rule.match]}] always wins")
+            )
+        seen_match.setdefault(rule.match, i)
+        for access_name, access in rule.access.items():
+            if access.tier not in doc.tiers:
+                problems.append(
+                    (("resources", i, "access", access_name, "tier"), f"tier {access.tier!r} is not defined in tiers")
+                )
+    seen_human: dict[str, str] = {}
+    for email, human in doc.humans.items():
+        # Humans are matched case-insensitively, so two spellings would be one person.
+        if email.lower() in seen_human:
+            problems.append((("humans", email), f"{email!r} repeats {seen_human[email.lower()]!r} (emails ignore case)"))
+        seen_human.setdefault(email.lower(), email)
+    # humans.X.groups may name a group with no `groups` entry: membership alone matters for
+    # approvers such as "group:security", so that is not an error.
+    return problems
