@@ -53,6 +53,7 @@ humans:
       - {resource: "jwt://svc/*", access: [read]}
 agents:
   claude-code: {max_tier: merge_deploy}
+  ops-bot: {max_tier: destructive}
 budgets: {max_issued_per_session: 50, max_active_per_session: 30}
 """
 
