@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 
 from broker import crypto
@@ -43,6 +44,8 @@ def prepare_embedded(settings: Settings) -> Settings:
     """Fill in what the embedded default may generate; never overwrite what exists."""
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # A laptop trial has no instance role: never let the AWS SDK probe the metadata address.
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     updates: dict[str, object] = {}
     if settings.signing_key_dir is None:
         updates["signing_key_dir"] = state / "signing-keys"
@@ -50,7 +53,7 @@ def prepare_embedded(settings: Settings) -> Settings:
         key_file = state / "encryption-key"
         if not key_file.exists():
             _write_secret_file(key_file, crypto.new_key())
-        updates["encryption_key"] = key_file.read_text().strip()
+        updates["encryption_key"] = SecretStr(key_file.read_text().strip())
     if settings.admin_token_sha256 is None:
         token_file = state / "admin-token"
         if not token_file.exists():

@@ -1,0 +1,200 @@
+"""The broker as a user meets it: `broker-cli` processes, real HTTP, real databases.
+
+Runs once on SQLite and once on PostgreSQL: provision, mint a native capability, verify it
+against the JWKS with PyJWT, revoke, introspect; then edit one audit row behind the broker's
+back and watch `broker-cli audit verify` fail and name that record.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import psycopg
+import pytest
+
+from tests.support.brokers import TEST_POLICY, BrokerSecrets, free_port
+
+CLI = str(Path(sys.executable).with_name("broker-cli"))
+
+
+class ServeProcess:
+    def __init__(self, env: dict[str, str], args: list[str], cwd: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "BROKER_PORT": str(self.port), "BROKER_ISSUER": self.url}
+        self.log = cwd / f"serve-{self.port}.log"
+        self.proc = subprocess.Popen([CLI, *args], env=self.env, cwd=cwd, stdout=self.log.open("wb"),
+                                     stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("broker did not come up:\n" + self.log.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def served(database_url: str, tmp_path: Path) -> Iterator[tuple[ServeProcess, BrokerSecrets, str]]:
+    secrets_ = BrokerSecrets()
+    env = secrets_.env(tmp_path, database_url)
+    migrated = cli("migrate", env=env, cwd=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    proc = ServeProcess(env, ["serve"], tmp_path)
+    try:
+        proc.wait_ready()
+        yield proc, secrets_, database_url
+    finally:
+        proc.stop()
+
+
+def _tamper(database_url: str, seq: int) -> None:
+    sql = "UPDATE audit_records SET record = replace(record, '\"outcome\":\"minted\"', '\"outcome\":\"denied\"') WHERE seq = "
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as conn:
+            conn.execute(sql + str(seq))
+    else:
+        with psycopg.connect(database_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+            conn.execute(sql + str(seq))
+
+
+def test_serve_flow_then_tampered_audit_is_caught(served: tuple[ServeProcess, BrokerSecrets, str], tmp_path: Path) -> None:
+    proc, secrets_, database_url = served
+    with httpx.Client(base_url=proc.url, timeout=30) as http:
+        r = http.post("/v1/sessions", headers={"Authorization": f"Bearer {secrets_.orchestrator_key}"}, json={
+            "human": "alice@example.com", "agent": "claude-code", "task_id": "issue-42", "ttl_seconds": 900,
+            "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})
+        assert r.status_code == 201, r.text
+        session = r.json()
+        agent = {"Authorization": f"Bearer {session['session_token']}"}
+        r = http.post("/v1/capabilities", headers=agent,
+                      json={"resource": "jwt://payments-api", "access": "read", "purpose": "read the ledger"})
+        assert r.status_code == 201, r.text
+        cap = r.json()
+        token = cap["credential"]["token"]
+        jwks = jwt.PyJWKClient(proc.url + "/.well-known/jwks.json")
+        claims = jwt.decode(token, jwks.get_signing_key_from_jwt(token).key, algorithms=["EdDSA"],
+                            audience="payments-api", issuer=proc.url)
+        assert claims["jti"] == cap["capability_id"] and claims["act"] == {"sub": "claude-code"}
+        assert http.post("/v1/introspect", data={"token": token}).json()["active"] is True
+        assert http.delete(f"/v1/capabilities/{cap['capability_id']}", headers=agent).json()["status"] == "revoked"
+        assert http.post("/v1/introspect", data={"token": token}).json() == {"active": False}
+        records = http.get("/v1/audit", params={"session_id": session["session_id"]},
+                           headers={"Authorization": f"Bearer {secrets_.admin_token}"}).json()["records"]
+    minted = next(rec for rec in records if rec["type"] == "capability.minted")
+
+    cli_env = {"BROKER_URL": proc.url, "BROKER_TOKEN": secrets_.admin_token}
+    ok = cli("audit", "verify", env=cli_env, cwd=tmp_path)
+    assert ok.returncode == 0 and "audit chain intact" in ok.stdout, ok.stdout + ok.stderr
+
+    _tamper(database_url, minted["seq"])
+    broken = cli("audit", "verify", env=cli_env, cwd=tmp_path)
+    assert broken.returncode == 1
+    assert f"seq={minted['seq']}" in broken.stdout and minted["event_id"] in broken.stdout
+    assert "hash does not match" in broken.stdout
+    as_json = cli("audit", "verify", "--json", env=cli_env, cwd=tmp_path)
+    assert '"first_bad_seq": ' + str(minted["seq"]) in as_json.stdout
+
+    listed = cli("capabilities", "list", "--session", session["session_id"], env=cli_env, cwd=tmp_path)
+    assert cap["capability_id"] in listed.stdout and "revoked" in listed.stdout
+    exported = cli("audit", "export", "--session", session["session_id"], env=cli_env, cwd=tmp_path)
+    assert len(exported.stdout.strip().splitlines()) == len(records)
+    assert token not in exported.stdout
+
+
+def test_sighup_reload_keeps_last_good_policy(served: tuple[ServeProcess, BrokerSecrets, str], tmp_path: Path) -> None:
+    proc, _, _ = served
+    policy = tmp_path / "policy.yaml"
+    first = httpx.get(proc.url + "/readyz").json()["checks"]["policy"]["version"]
+    policy.write_text("version: 1\ntiers: {read: {control: sometimes}}\n")
+    proc.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert httpx.get(proc.url + "/readyz").json()["checks"]["policy"]["version"] == first
+    assert "policy reload refused" in proc.log.read_text()
+    policy.write_text(TEST_POLICY.replace("max_ttl: 1h", "max_ttl: 45m"))
+    proc.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while httpx.get(proc.url + "/readyz").json()["checks"]["policy"]["version"] == first:
+        assert time.monotonic() < deadline, "policy was not reloaded"
+        time.sleep(0.1)
+
+
+def test_policy_check_and_missing_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ntiers:\n  read: {control: auto, max_ttl: 1h}\n  write: {control: maybe}\nresources: []\n")
+    r = cli("policy", "check", str(bad), env={}, cwd=tmp_path)
+    assert r.returncode == 1 and f"{bad}:4:" in r.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(TEST_POLICY)
+    r = cli("policy", "check", str(good), env={}, cwd=tmp_path)
+    assert r.returncode == 0 and "ok (sha256:" in r.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    r = subprocess.run([CLI, "serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "BROKER_POLICY_FILE" in r.stderr and "BROKER_ENCRYPTION_KEY" in r.stderr
+
+
+def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
+    """The README's run command: `broker-cli dev`, then curl-like calls with the files it wrote."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    port = free_port()
+    log = tmp_path / "dev.log"
+    proc = subprocess.Popen([CLI, "dev", "--port", str(port)], env=env, cwd=tmp_path, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        state = tmp_path / ".broker"
+        assert oct((state / "admin-token").stat().st_mode)[-3:] == "600"
+        assert all(oct(p.stat().st_mode)[-3:] == "600" for p in (state / "signing-keys").glob("*.pem"))
+        orch = (state / "orchestrator-key").read_text().strip()
+        r = httpx.post(url + "/v1/sessions", headers={"Authorization": f"Bearer {orch}"}, json={
+            "human": "dev@example.com", "agent": "claude-code", "task_id": "try-it", "ttl_seconds": 600,
+            "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})
+        assert r.status_code == 201, r.text
+        r = httpx.post(url + "/v1/capabilities", headers={"Authorization": f"Bearer {r.json()['session_token']}"},
+                       json={"resource": "jwt://payments-api", "access": "read", "purpose": "try"})
+        assert r.status_code == 201, r.text
+        assert "NOT for production" in log.read_text()
+        verify = subprocess.run([CLI, "audit", "verify"], env={**env, "BROKER_URL": url}, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr  # the CLI found the local admin token
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
