@@ -40,24 +40,24 @@ def begin(broker: Broker, session_id: str, key: str, request_hash: str) -> tuple
     now = utcnow()
     try:
         with transaction(broker.engine) as db:
-            stale = db.get(IdempotencyRecord, (session_id, key))
-            if stale is not None and stale.expires_at <= now:
-                db.delete(stale)
+            existing = db.get(IdempotencyRecord, (session_id, key))
+            if existing is not None and existing.expires_at <= now:
+                db.delete(existing)  # an expired key is free again
                 db.flush()
-            elif stale is not None:
-                raise IntegrityError("exists", None, Exception("exists"))
-            db.add(
-                IdempotencyRecord(
-                    session_id=session_id,
-                    key=key,
-                    request_hash=request_hash,
-                    created_at=now,
-                    expires_at=now + timedelta(seconds=broker.settings.idempotency_ttl_seconds),
+                existing = None
+            if existing is None:
+                db.add(
+                    IdempotencyRecord(
+                        session_id=session_id,
+                        key=key,
+                        request_hash=request_hash,
+                        created_at=now,
+                        expires_at=now + timedelta(seconds=broker.settings.idempotency_ttl_seconds),
+                    )
                 )
-            )
-        return None
+                return None
     except IntegrityError:
-        pass
+        pass  # a concurrent twin inserted first: wait for its outcome below
     deadline = time.monotonic() + WAIT_SECONDS
     delay = 0.01
     while True:

@@ -33,6 +33,7 @@ from broker.errors import (
 from broker.identity.callers import Caller
 from broker.leases import idempotency
 from broker.leases.revocation import finish_revocation
+from broker.metrics import DECISIONS, MINTS
 from broker.models import Approval, Lease, SessionRow
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
@@ -220,6 +221,7 @@ def _decide_and_mint(
             RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now, approved=approved),
             _bounds(broker),
         )
+        DECISIONS.labels(decision.result, decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
         record = _decision_record(decision, shadow)
@@ -307,7 +309,8 @@ def _mint(
     minted: Minted | None = None
     failure: BrokerError | None = None
     try:
-        minted = provider.mint(grant)
+        with MINTS.labels(provider_name).time():
+            minted = provider.mint(grant)
     except BrokerError as exc:
         failure = exc
     except Exception as exc:  # an SDK error the provider did not translate: still fail closed
