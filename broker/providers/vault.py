@@ -1,0 +1,473 @@
+"""The vault provider: OpenBao/Vault tokens minted through a token role, and dynamic secrets.
+
+Two kinds of access, picked by the access entry's options:
+
+- `policies: [...]` present -> a *token*. Created with `auth/token/create/<vault_token_role>`
+  so it is an orphan (it does not die with the broker's own token) and the role's
+  `allowed_policies` are a second ceiling beside the policy file. The token carries exactly the
+  listed policies (no `default`), `ttl` = `explicit_max_ttl` = the grant's TTL, is not
+  renewable, and its `meta` names session, capability, agent, human and task, so OpenBao's audit
+  log ties every use to a person. Revoked with `auth/token/revoke-accessor`; the handle is the
+  accessor, never the token.
+- otherwise -> a *dynamic secret*: `read <path>` (e.g. `database/creds/ledger-test`). If the
+  lease is longer than the grant, it is shortened with `sys/leases/renew` (the increment counts
+  from now, so a smaller increment shortens it; OpenBao then also moves PostgreSQL's
+  `VALID UNTIL`). Revoked with `sys/leases/revoke`; the handle is the lease id.
+
+The broker's own identity is `BROKER_VAULT_TOKEN` or an AppRole login. Its token is renewed
+lazily, before a call, once less than a third of its TTL remains; when renewal fails or hits the
+token's max TTL, the provider logs in again with AppRole (a static token cannot be replaced).
+
+Operator setup (the broker's own policy is `broker_policy_hcl()`):
+
+    bao policy write jit-broker-self jit-broker-self.hcl
+    bao write auth/token/roles/jit-broker \\
+        allowed_policies="kv-allowed,ledger-read" disallowed_policies="root" \\
+        orphan=true renewable=false token_type=service token_no_default_policy=true \\
+        token_explicit_max_ttl=24h
+    bao auth enable approle
+    bao write auth/approle/role/jit-broker token_policies=jit-broker-self \\
+        token_ttl=1h token_max_ttl=24h
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
+
+import hvac
+import hvac.exceptions as hx
+import requests
+
+from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.providers.base import Grant, Minted, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+
+if TYPE_CHECKING:
+    from broker.providers.base import ProviderContext
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TOKEN_MOUNT = "token"
+DEFAULT_MAX_TTL_SECONDS = 86400  # the role's token_explicit_max_ttl when it cannot be read
+
+# The backend said no: the request itself is wrong or not allowed. Nothing was created.
+_REJECTED = (hx.InvalidRequest, hx.Unauthorized, hx.Forbidden, hx.InvalidPath, hx.UnsupportedOperation,
+             hx.PreconditionFailed, hx.ParamValidationError)
+# The backend could not answer: down, sealed, overloaded, or unreachable. Worth retrying.
+_UNAVAILABLE = (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.VaultNotInitialized,
+                hx.RateLimitExceeded, hx.UnexpectedError, requests.RequestException)
+# Service (s.), batch (b.), recovery (r.) and legacy hvs./hvb. tokens, wherever they hide.
+_MULTI_ERROR = re.compile(r"\d+ errors? occurred:")
+_TOKEN_SHAPE = re.compile(r"\b(?:hv)?[sbr]\.[A-Za-z0-9_-]{16,}")
+
+
+def bootstrap_token_role(client: hvac.Client, role: str, allowed_policies: Iterable[str], *,
+                         explicit_max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
+                         mount_point: str = TOKEN_MOUNT) -> None:
+    """Create or update the token role capability tokens are minted through.
+
+    Same as `bao write auth/token/roles/<role> allowed_policies=... disallowed_policies=root
+    orphan=true renewable=false token_type=service token_no_default_policy=true
+    token_explicit_max_ttl=<n>s`. Run by an operator (or a test) with a token that may write
+    `auth/token/roles/*`; the broker itself never needs that right.
+    """
+    client.write(
+        f"auth/{mount_point}/roles/{role}",
+        allowed_policies=list(allowed_policies),
+        disallowed_policies=["root"],  # a second lock: the role can never hand out root
+        orphan=True,  # survives the broker's own token; revoked only by accessor or TTL
+        renewable=False,  # the grant's TTL is final
+        token_type="service",  # batch tokens have no accessor and cannot be revoked
+        token_no_default_policy=True,  # exactly the access's policies, nothing implicit
+        token_explicit_max_ttl=int(explicit_max_ttl_seconds),  # ceiling whatever the broker asks
+    )
+
+
+def broker_policy_hcl(token_role: str = "jit-broker", dynamic_paths: Iterable[str] = ("database/creds/*",),
+                      mount_point: str = TOKEN_MOUNT) -> str:
+    """The broker's own least-privilege policy (install as `jit-broker-self`)."""
+    rules = [
+        (f"auth/{mount_point}/create/{token_role}", '"create", "update"'),
+        (f"auth/{mount_point}/roles/{token_role}", '"read"'),  # ttl_bounds reads the role's ceiling
+        (f"auth/{mount_point}/revoke-accessor", '"update"'),
+        (f"auth/{mount_point}/lookup-accessor", '"update"'),
+        (f"auth/{mount_point}/accessors", '"list", "sudo"'),  # find_by_capability only
+        (f"auth/{mount_point}/lookup-self", '"read"'),
+        (f"auth/{mount_point}/renew-self", '"update"'),
+        ("sys/leases/renew", '"update"'),  # shortens a dynamic lease to the grant's TTL
+        ("sys/leases/revoke", '"update"'),
+        *((p, '"read"') for p in dynamic_paths),
+    ]
+    return "\n".join(f'path "{path}" {{\n  capabilities = [{caps}]\n}}' for path, caps in rules) + "\n"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class VaultProvider:
+    name: ClassVar[str] = "vault"
+
+    def __init__(self, *, addr: str, token: str | None = None, role_id: str | None = None,
+                 secret_id: str | None = None, approle_mount: str = "approle", namespace: str | None = None,
+                 token_role: str = "jit-broker", timeout: float = 10.0) -> None:
+        if not addr:
+            raise ProviderMisconfigured("vault: set BROKER_VAULT_ADDR")
+        if not token and not (role_id and secret_id):
+            raise ProviderMisconfigured(
+                "vault: set BROKER_VAULT_TOKEN, or BROKER_VAULT_ROLE_ID and BROKER_VAULT_SECRET_ID for AppRole")
+        if not token_role:
+            raise ProviderMisconfigured("vault: set BROKER_VAULT_TOKEN_ROLE")
+        self.addr = addr.rstrip("/")
+        self.namespace = namespace
+        self.token_role = token_role
+        self._static_token = token
+        self._role_id, self._secret_id, self._approle_mount = role_id, secret_id, approle_mount
+        # Explicit: every call bounded by the timeout, TLS verified (requests' default, stated).
+        self._client = hvac.Client(url=self.addr, namespace=namespace, timeout=timeout, verify=True)
+        self._auth_lock = threading.Lock()
+        self._authenticated = False
+        self._renew_at: float | None = None  # monotonic; None = never (root or unrenewable)
+        self._full_ttl = 0
+        self._role_max_ttl: int | None = None
+        self._role_read_failed_at = -1e9  # monotonic; an unreachable Vault is asked again a minute later
+        host = urlsplit(self.addr).hostname or ""
+        if self.addr.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("vault: %s is plain HTTP to a non-loopback host; tokens cross the wire in clear", self.addr)
+
+    @classmethod
+    def from_context(cls, ctx: ProviderContext) -> VaultProvider:
+        s = ctx.settings
+        return cls(
+            addr=s.vault_addr or "",
+            token=s.vault_token.get_secret_value() if s.vault_token else None,
+            role_id=s.vault_role_id,
+            secret_id=s.vault_secret_id.get_secret_value() if s.vault_secret_id else None,
+            approle_mount=s.vault_approle_mount,
+            namespace=s.vault_namespace,
+            token_role=s.vault_token_role,
+            timeout=s.provider_timeout_seconds,
+        )
+
+    def close(self) -> None:
+        self._client.adapter.close()
+
+    # --- the Provider protocol ------------------------------------------------------------
+
+    def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
+        """Tokens: the role's token_explicit_max_ttl (read once). Dynamic: options.max_ttl_seconds."""
+        ceiling = int(options.get("max_ttl_seconds") or DEFAULT_MAX_TTL_SECONDS)
+        if "policies" in options:
+            if self._role_max_ttl is None and time.monotonic() - self._role_read_failed_at > 60:
+                try:
+                    role = self._call("read token role", lambda c: c.auth.token.read_role(self.token_role,
+                                                                                          mount_point=TOKEN_MOUNT))
+                    data = role["data"]
+                    self._role_max_ttl = int(data.get("token_explicit_max_ttl") or data.get("explicit_max_ttl") or 0)
+                except Exception as exc:  # a bound is advice; the role still caps at mint time
+                    self._role_read_failed_at = time.monotonic()
+                    log.warning("vault: cannot read token role %s: %s", self.token_role, exc)
+            if self._role_max_ttl:
+                ceiling = min(ceiling, self._role_max_ttl)
+        return TtlBounds(min_seconds=1, max_seconds=ceiling)
+
+    def mint(self, grant: Grant) -> Minted:
+        scheme, _, path = grant.resource.partition("://")
+        if scheme != "vault" or not path.strip("/"):
+            raise ProviderMisconfigured(f"vault: resource must look like vault://<path>, got {grant.resource!r}")
+        if grant.ttl_seconds < 1:
+            raise ProviderMisconfigured("vault: ttl_seconds must be at least 1")
+        if "policies" in grant.options:
+            return self._mint_token(grant)
+        return self._mint_dynamic(grant, path.strip("/"))
+
+    def revoke(self, target: RevokeTarget) -> None:
+        kind = target.handle.get("kind")
+        if kind == "token":
+            accessor = target.handle.get("accessor") or ""
+            if not accessor:
+                raise ProviderMisconfigured("vault: token handle without an accessor cannot be revoked")
+            try:
+                self._call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
+            except ProviderRejected as exc:
+                if not _gone(exc, "invalid accessor"):
+                    raise
+            # A known but already revoked accessor answers 200 "No token found": also success.
+        elif kind == "lease":
+            lease_id = target.handle.get("lease_id") or ""
+            if not lease_id:
+                raise ProviderMisconfigured("vault: lease handle without a lease_id cannot be revoked")
+            try:
+                self._call("revoke lease", lambda c: c.sys.revoke_lease(lease_id))
+            except ProviderRejected as exc:
+                if not _gone(exc, "invalid lease"):
+                    raise
+        else:
+            raise ProviderMisconfigured(f"vault: unknown handle kind {kind!r}")
+
+    def health(self) -> ProviderHealth:
+        try:
+            status = self._client.sys.read_health_status(method="GET", standby_ok=True)
+            if isinstance(status, requests.Response):  # hvac hands back non-200 answers (sealed: 503) raw
+                try:
+                    status = status.json()
+                except ValueError:
+                    return ProviderHealth(False, f"sys/health answered HTTP {status.status_code}")
+            if not status.get("initialized", False):
+                return ProviderHealth(False, "vault is not initialized")
+            if status.get("sealed", True):
+                return ProviderHealth(False, "vault is sealed")
+            me = self._call("lookup-self", lambda c: c.auth.token.lookup_self())["data"]
+            ttl = int(me.get("ttl") or 0)
+            return ProviderHealth(True, f"vault {status.get('version', '?')}; broker token ttl "
+                                        f"{'none' if ttl == 0 else f'{ttl}s'}")
+        except Exception as exc:  # health never raises: it reports
+            return ProviderHealth(False, _scrub(str(getattr(exc, "message", None) or type(exc).__name__),
+                                                self._known_secrets()))
+
+    # --- crash recovery ---------------------------------------------------------------------
+
+    def find_by_capability(self, capability_id: str) -> dict[str, Any] | None:
+        """The token minted for a capability, found by its `meta.capability`; None if none.
+
+        Cost: one LIST of every token accessor in the namespace plus one lookup per accessor,
+        i.e. O(all tokens), needing `sudo` on auth/token/accessors. Meant for the reconciler at
+        start-up, not for a request path; use `find_by_capabilities` for several at once.
+        Only tokens created through the broker's token role count. Dynamic-secret leases carry
+        no metadata and cannot be found this way: they end at their (shortened) lease TTL.
+        """
+        return self.find_by_capabilities([capability_id]).get(capability_id)
+
+    def find_by_capabilities(self, capability_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        wanted = set(capability_ids)
+        found: dict[str, dict[str, Any]] = {}
+        if not wanted:
+            return found
+        listing = self._call("list accessors", lambda c: c.auth.token.list_accessors(mount_point=TOKEN_MOUNT))
+        for accessor in (listing or {}).get("data", {}).get("keys", []):
+            try:
+                info = self._call("lookup accessor",
+                                  lambda c, a=accessor: c.auth.token.lookup_accessor(a, mount_point=TOKEN_MOUNT))
+            except ProviderRejected:
+                continue  # revoked or expired while we walked the list
+            data = info.get("data") or {}
+            cap = (data.get("meta") or {}).get("capability")
+            # Only tokens of our role: anyone who may create tokens can also write such meta.
+            if cap in wanted and data.get("role") == self.token_role:
+                found[cap] = {"kind": "token", "accessor": accessor, "expires_at": data.get("expire_time"),
+                              "meta": data.get("meta")}
+                if len(found) == len(wanted):
+                    break
+        return found
+
+    # --- minting ---------------------------------------------------------------------------
+
+    def _mint_token(self, grant: Grant) -> Minted:
+        policies = grant.options.get("policies")
+        if not isinstance(policies, list) or not policies or not all(isinstance(p, str) and p for p in policies):
+            raise ProviderMisconfigured("vault: access option `policies` must be a non-empty list of policy names")
+        meta = {"session": grant.session_id, "capability": grant.capability_id, "agent": grant.agent,
+                "human": grant.human, "task": grant.task_id}
+        ttl = f"{grant.ttl_seconds}s"
+        started = _now()
+        out = self._call("create token", lambda c: c.auth.token.create(
+            role_name=self.token_role, policies=list(policies), no_default_policy=True, meta=meta,
+            ttl=ttl, explicit_max_ttl=ttl, renewable=False, display_name=grant.capability_id,
+            mount_point=TOKEN_MOUNT))
+        auth = out.get("auth") or {}
+        token, accessor = auth.get("client_token") or "", auth.get("accessor") or ""
+        if not token or not accessor:
+            # Batch tokens have no accessor: they cannot be revoked early, which the broker promises.
+            raise ProviderMisconfigured(f"vault: token role {self.token_role} issued a token without an accessor "
+                                        "(batch?); set token_type=service on the role. It expires at its TTL.")
+        granted = sorted(auth.get("token_policies") or auth.get("policies") or [])
+        lease = int(auth.get("lease_duration") or 0)
+        if granted != sorted(set(policies)) or not 0 < lease <= grant.ttl_seconds:
+            self._revoke_quietly(accessor)
+            raise ProviderMisconfigured(
+                f"vault: token role {self.token_role} issued policies {granted} for {lease}s, asked "
+                f"{sorted(set(policies))} for {grant.ttl_seconds}s; revoked it. Check the role's settings.")
+        expires_at = started + timedelta(seconds=lease)
+        credential: dict[str, Any] = {"type": "vault_token", "token": token, "vault_addr": self.addr,
+                                      "policies": granted, "accessor": accessor, "expires_at": _iso(expires_at)}
+        if self.namespace:
+            credential["vault_namespace"] = self.namespace
+        return Minted(credential=credential, handle={"kind": "token", "accessor": accessor},
+                      expires_at=expires_at, fingerprint=fingerprint(token))
+
+    def _mint_dynamic(self, grant: Grant, path: str) -> Minted:
+        started = _now()
+        out = self._call("read secret", lambda c: c.read(path))
+        if not out:
+            raise ProviderRejected(f"vault: nothing at {path}")
+        lease_id, lease = out.get("lease_id") or "", int(out.get("lease_duration") or 0)
+        if not lease_id:
+            raise ProviderMisconfigured(
+                f"vault: {path} returned no lease, so it cannot be revoked; broker dynamic secrets only, "
+                "or give this access `policies` to mint a token instead")
+        try:
+            if lease > grant.ttl_seconds and out.get("renewable"):
+                lease = self._shorten(lease_id, grant.ttl_seconds, lease)
+            data = out.get("data") or {}
+            secret = data.get("password") if isinstance(data.get("password"), str) else json.dumps(data, sort_keys=True)
+            expires_at = started + timedelta(seconds=lease)
+            return Minted(
+                credential={"type": "vault_secret", "lease_id": lease_id, "lease_duration": lease, "data": data,
+                            "expires_at": _iso(expires_at)},
+                handle={"kind": "lease", "lease_id": lease_id},
+                expires_at=expires_at, fingerprint=fingerprint(secret))
+        except BaseException:
+            self._revoke_lease_quietly(lease_id)
+            raise
+
+    def _shorten(self, lease_id: str, ttl: int, lease: int) -> int:
+        """Bring a dynamic lease down to the grant's TTL; on failure keep it (the sweeper revokes)."""
+        try:
+            out = self._call("shorten lease", lambda c: c.sys.renew_lease(lease_id, increment=ttl))
+            return int(out.get("lease_duration") or lease)
+        except (ProviderRejected, ProviderUnavailable) as exc:
+            log.warning("vault: could not shorten lease on %s to %ss (%s); the broker revokes it at the "
+                        "grant's expiry, the backend at %ss", lease_id.rsplit("/", 1)[0], ttl, exc.code, lease)
+            return lease
+
+    def _revoke_quietly(self, accessor: str) -> None:
+        try:
+            self._call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
+        except Exception as exc:
+            log.error("vault: could not revoke a token just minted (accessor %s): %s", accessor, exc)
+
+    def _revoke_lease_quietly(self, lease_id: str) -> None:
+        try:
+            self._call("revoke lease", lambda c: c.sys.revoke_lease(lease_id))
+        except Exception as exc:
+            log.error("vault: could not revoke a lease just read (%s): %s", lease_id, exc)
+
+    # --- the broker's own token and the error boundary ---------------------------------------
+
+    def _call(self, op: str, fn: Callable[[hvac.Client], T]) -> T:
+        """Run one Vault call with a fresh-enough broker token; translate every error."""
+        try:
+            self._ensure_auth()
+            used = self._client.token
+            try:
+                return fn(self._client)
+            except (hx.Forbidden, hx.Unauthorized):
+                if not self._relogin_if_token_dead(used):
+                    raise
+                return fn(self._client)  # a 403 created nothing, so one retry is safe
+        except (ProviderRejected, ProviderUnavailable, ProviderMisconfigured):
+            raise
+        except Exception as exc:
+            raise self._translate(op, exc) from None  # the cause may carry response bodies
+
+    def _ensure_auth(self) -> None:
+        with self._auth_lock:
+            try:
+                if not self._authenticated:
+                    self._login()
+                elif self._renew_at is not None and time.monotonic() >= self._renew_at:
+                    self._renew()
+            except (hx.Forbidden, hx.Unauthorized, hx.InvalidRequest) as exc:
+                detail = _scrub(_vault_errors(exc), self._known_secrets())[:200]
+                raise ProviderRejected(f"vault login: the broker's own credentials were refused ({detail})") from None
+
+    def _login(self) -> None:
+        if self._role_id and self._secret_id:
+            auth = self._client.auth.approle.login(self._role_id, self._secret_id, use_token=True,
+                                                   mount_point=self._approle_mount)["auth"]
+            self._schedule(int(auth.get("lease_duration") or 0), int(auth.get("lease_duration") or 0),
+                           bool(auth.get("renewable")))
+        else:
+            self._client.token = self._static_token
+            me = self._client.auth.token.lookup_self()["data"]
+            self._schedule(int(me.get("ttl") or 0), int(me.get("creation_ttl") or me.get("ttl") or 0),
+                           bool(me.get("renewable")))
+        self._authenticated = True
+
+    def _schedule(self, ttl: int, full_ttl: int, renewable: bool) -> None:
+        """Renew (or log in again) once less than a third of the token's TTL remains."""
+        if ttl <= 0:
+            self._renew_at = None  # root or periodic-less token without expiry
+        elif not renewable and not self._role_id:
+            self._renew_at = None  # nothing we can do; it expires, then calls fail as rejected
+            log.warning("vault: the broker's token is not renewable and expires in %ss", ttl)
+        else:
+            self._renew_at = time.monotonic() + max(0.0, ttl - full_ttl / 3)
+        self._full_ttl = full_ttl
+
+    def _renew(self) -> None:
+        try:
+            auth = self._client.auth.token.renew_self()["auth"]
+            ttl = int(auth.get("lease_duration") or 0)
+            if ttl > self._full_ttl / 3:
+                self._schedule(ttl, self._full_ttl, bool(auth.get("renewable")))
+                return
+            reason = f"renewal capped at {ttl}s (max TTL)"
+        except hx.VaultError as exc:  # refused: not renewable, or already dead
+            reason = f"renewal refused ({type(exc).__name__})"
+        # Unreachable (requests errors) propagates: this call fails as unavailable, the next retries.
+        if self._role_id and self._secret_id:
+            log.info("vault: broker token %s; logging in again with AppRole", reason)
+            self._login()
+        else:
+            log.warning("vault: broker token %s and no AppRole to fall back to", reason)
+            self._renew_at = None
+
+    def _relogin_if_token_dead(self, used: str | None) -> bool:
+        """After a 403: if our own token is dead and AppRole can replace it, do so."""
+        if not (self._role_id and self._secret_id):
+            return False
+        with self._auth_lock:
+            if self._client.token != used:
+                return True  # another thread logged in again meanwhile
+            try:
+                self._client.auth.token.lookup_self()
+                return False  # our token is fine: the 403 is a real refusal
+            except (hx.Forbidden, hx.Unauthorized):
+                self._login()
+                return True
+
+    def _known_secrets(self) -> list[str]:
+        return [s for s in (self._static_token, self._secret_id, self._client.token) if s]
+
+    def _translate(self, op: str, exc: Exception) -> Exception:
+        if isinstance(exc, requests.RequestException):
+            return ProviderUnavailable(f"vault {op}: cannot reach {self.addr} ({type(exc).__name__})")
+        if isinstance(exc, hx.VaultError):
+            detail = _scrub(_vault_errors(exc), self._known_secrets())[:300] or type(exc).__name__
+            cls = ProviderRejected if isinstance(exc, _REJECTED) else ProviderUnavailable
+            return cls(f"vault {op}: {detail}")
+        if isinstance(exc, _UNAVAILABLE):
+            return ProviderUnavailable(f"vault {op}: {type(exc).__name__}")
+        return ProviderUnavailable(f"vault {op}: unexpected {type(exc).__name__}")
+
+
+def _vault_errors(exc: hx.VaultError) -> str:
+    """OpenBao's error list as one line: "1 error occurred:\\n\\t* permission denied" -> "permission denied"."""
+    errors = exc.errors or ([exc.args[0]] if exc.args and exc.args[0] else [])
+    parts = (p.strip(" \t*") for e in errors for p in _MULTI_ERROR.sub("", str(e)).split("\n"))
+    return "; ".join(p for p in parts if p)
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    for s in secrets:
+        text = text.replace(s, "[redacted]")
+    return _TOKEN_SHAPE.sub("[redacted]", text)
+
+
+def _gone(exc: ProviderRejected, marker: str) -> bool:
+    """Revoking what is already gone is success; OpenBao says so with a 400 and these words."""
+    text = exc.message.lower()
+    return marker in text or "not found" in text
