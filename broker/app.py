@@ -15,12 +15,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import __version__
-from broker.api.routes import audit, capabilities, health, policy, sessions, tokens
+from broker.api.routes import audit, capabilities, health, policy, revocations, sessions, tokens, webhooks
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
 from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
+from broker.leases.reconciler import reconcile_at_start
 from broker.leases.sweeper import Sweeper
 from broker.metrics import REGISTRY, LeaseCollector
 from broker.runtime import Broker
@@ -85,6 +86,11 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             log.info("SIGHUP reload unavailable here (not the main thread)")
         background = Sweeper(broker) if sweeper else None
         if background:
+            # What a crash left behind is finished before the sweeper starts and before requests.
+            try:
+                await asyncio.to_thread(reconcile_at_start, broker)
+            except Exception:  # the sweeper runs the same queries: recovery is delayed, not lost
+                log.exception("reconciliation at start failed; the sweeper will carry on")
             background.start()
         try:
             yield
@@ -129,7 +135,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         log.exception("unhandled error")
         return JSONResponse({"error": {"code": "internal-error", "message": "internal error"}}, status_code=500)
 
-    for router in (sessions.router, capabilities.router, policy.router, audit.router, tokens.router, health.router):
+    for router in (sessions.router, capabilities.router, revocations.router, webhooks.router, policy.router,
+                   audit.router, tokens.router, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimit)
     return app

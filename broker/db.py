@@ -7,6 +7,7 @@ production store; row claims there use `FOR UPDATE SKIP LOCKED` (see `claim_clau
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -65,6 +66,23 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+@contextmanager
+def advisory_lock(engine: Engine, key: str) -> Iterator[None]:
+    """Serialise work on `key` across every replica sharing this PostgreSQL (a session-level
+    advisory lock on its own connection). SQLite brokers are single-node: a no-op there."""
+    if not is_postgres(engine):
+        yield
+        return
+    number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT pg_advisory_lock(%s)", (number,))
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (number,))
+            conn.commit()
 
 
 @contextmanager

@@ -18,6 +18,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 DECISIONS = Counter("broker_decisions_total", "Policy decisions", ["result", "reason"], registry=REGISTRY)
 MINTS = Histogram("broker_mint_seconds", "Time for a provider to mint", ["provider"], registry=REGISTRY)
 REVOKES = Counter("broker_revocations_total", "Revocation attempts", ["provider", "outcome"], registry=REGISTRY)
+WEBHOOKS = Counter("broker_webhooks_total", "Orchestrator webhook deliveries", ["event_type", "outcome"],
+                   registry=REGISTRY)
+RECONCILED = Counter("broker_reconciled_total", "Leases the reconciler finished after a crash or a lost teardown",
+                     ["kind", "outcome"], registry=REGISTRY)
 
 
 class LeaseCollector:

@@ -226,6 +226,33 @@ def capabilities_revoke(capability_id: str, as_json: JsonOpt = False) -> None:
     _out(r, as_json, f"{r['capability_id']}: {r['status']}")
 
 
+@app.command("revoke")
+def revoke(
+    session: Annotated[str | None, typer.Option("--session", help="a session id")] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="every session of this agent")] = None,
+    human: Annotated[str | None, typer.Option("--human", help="every session this human delegated")] = None,
+    resource: Annotated[str | None, typer.Option("--resource", help="a resource URI or glob")] = None,
+    reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "kill-switch",
+    end_sessions: Annotated[bool | None, typer.Option(
+        "--end-sessions/--keep-sessions", help="end matched sessions too (default: yes unless --resource)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Kill switch: revoke every live capability matching all the given filters."""
+    body: dict[str, Any] = {k: v for k, v in {"session_id": session, "agent": agent, "human": human,
+                                              "resource": resource, "end_sessions": end_sessions}.items()
+                            if v is not None}
+    if not body.keys() - {"end_sessions"}:
+        typer.echo("error: give at least one of --session, --agent, --human, --resource", err=True)
+        raise typer.Exit(2)
+    body["reason"] = reason
+    r = call("POST", "/v1/revocations", json=body)
+    text = (f"{r['matched_capabilities']} capabilities matched: {r['revoked']} revoked, "
+            f"{r['revoke_pending']} pending; {r['sessions_ended']} of {r['matched_sessions']} sessions ended")
+    if r["revoke_pending_ids"]:
+        text += "\npending (the broker keeps retrying): " + " ".join(r["revoke_pending_ids"])
+    _out(r, as_json, text)
+
+
 # --- audit ----------------------------------------------------------------------------------------
 
 @audit_app.command("verify")

@@ -11,6 +11,7 @@ import logging
 import threading
 
 from broker.db import utcnow
+from broker.leases.reconciler import reconcile_periodic
 from broker.leases.revocation import RevokeSummary, due_for_expiry, due_for_retry, revoke_leases
 from broker.runtime import Broker
 from broker.sessions import service as sessions
@@ -36,6 +37,7 @@ def sweep_once(broker: Broker) -> RevokeSummary:
     retry = due_for_retry(broker, now, batch)
     if retry:
         total.merge(revoke_leases(broker, retry, reason="retry", actor="broker:sweeper", use_lease_reason=True))
+    total.merge(reconcile_periodic(broker, now, batch))  # teardowns a dead replica cut short
     return total
 
 

@@ -33,7 +33,7 @@ class SessionAsk:
     labels: dict[str, str] | None = None
 
 
-def _event(session: SessionRow, type_: str, outcome: str, actor: str, detail: dict[str, Any] | None = None) -> AuditEvent:
+def session_event(session: SessionRow, type_: str, outcome: str, actor: str, detail: dict[str, Any] | None = None) -> AuditEvent:
     return AuditEvent(
         type=type_,
         outcome=outcome,
@@ -85,7 +85,7 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
     with transaction(broker.engine) as db:
         db.add(session)
         db.flush()
-        append(db, _event(session, "session.created", "created", caller.principal,
+        append(db, session_event(session, "session.created", "created", caller.principal,
                           {"scope": ask.scope, "expires_at": session.expires_at.isoformat(), "labels": session.labels}))
     return session, token
 
@@ -138,7 +138,7 @@ def end(broker: Broker, session_id: str, *, reason: str, actor: str, caller: Cal
         if session.status == "active":
             session.status, session.ended_at, session.end_reason = "ended", now, reason[:128]
             db.add(session)
-            append(db, _event(session, "session.ended", "ended", actor, {"reason": reason}))
+            append(db, session_event(session, "session.ended", "ended", actor, {"reason": reason}))
         live = list(db.exec(select(Lease.id).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE))).all())
     summary = revoke_leases(broker, live, reason=f"session-ended:{reason}", actor=actor)
     return session, summary

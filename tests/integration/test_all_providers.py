@@ -151,3 +151,33 @@ def test_every_provider_mints_and_revokes_and_no_secret_is_at_rest(
         assert value not in dump, f"{what} found at rest after teardown"
     shown = api.client.get("/v1/capabilities", params={"session_id": session["session_id"]}, headers=api.as_admin()).json()
     assert sorted(c["status"] for c in shown) == ["revoked"] * 5
+
+
+def test_role_revocations_are_serialised_across_replicas(postgres_url: str) -> None:
+    """Two replicas revoking on one AWS role take the role's advisory lock in turn."""
+    import threading
+    import time as _time
+
+    from broker.db import advisory_lock, make_engine
+
+    engine = make_engine(postgres_url, pool_size=2)
+    order: list[str] = []
+    inside = threading.Event()
+
+    def first() -> None:
+        with advisory_lock(engine, "aws-role:arn:aws:iam::123456789012:role/r"):
+            order.append("first-in")
+            inside.set()
+            _time.sleep(0.5)
+            order.append("first-out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    with advisory_lock(engine, "aws-role:arn:aws:iam::123456789012:role/r"):
+        order.append("second-in")
+    with advisory_lock(engine, "aws-role:arn:aws:iam::123456789012:role/other"):
+        order.append("other-role")  # another role is not held up
+    t.join()
+    engine.dispose()
+    assert order == ["first-in", "first-out", "second-in", "other-role"]

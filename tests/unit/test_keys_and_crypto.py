@@ -57,7 +57,7 @@ def test_verify_refuses_wrong_use_audience_and_algorithm(tmp_path: Path) -> None
         ring.verify(ring.sign(_claims(aud="other")), audience="jit-broker", issuer="https://broker", token_use="session")
     import jwt
 
-    hs = jwt.encode(_claims(), "secret", algorithm="HS256", headers={"kid": ring.active.kid})
+    hs = jwt.encode(_claims(), "s" * 32, algorithm="HS256", headers={"kid": ring.active.kid})
     with pytest.raises(Unauthenticated, match="algorithm"):
         ring.verify(hs, audience="jit-broker", issuer="https://broker", token_use="session")
     expired = ring.sign(_claims(exp=int(time.time()) - 1))

@@ -1,0 +1,41 @@
+"""`POST /v1/revocations`: the kill switch (admin; orchestrators and humans for their own sessions)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field, StringConstraints
+
+from broker.api.deps import AnyCaller, BrokerDep
+from broker.api.schemas import AgentName, ErrorResponse, Principal, Strict
+from broker.leases.killswitch import RevocationFilter, revoke_matching
+
+router = APIRouter(prefix="/v1/revocations", tags=["revocations"])
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 422)}
+
+
+class RevocationRequest(Strict):
+    session_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    agent: AgentName | None = None
+    human: Principal | None = None
+    resource: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
+        default=None, description="exact resource URI, or a glob (`*` within a segment, `**` across)")
+    reason: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")] = "kill-switch"
+    end_sessions: bool | None = Field(
+        default=None, description="also end the matched sessions; default: yes unless `resource` is given")
+
+
+class RevocationResponse(BaseModel):
+    matched_sessions: int
+    sessions_ended: int
+    matched_capabilities: int
+    revoked: int
+    revoke_pending: int
+    revoke_pending_ids: list[str]
+
+
+@router.post("", response_model=RevocationResponse, responses=ERRORS)
+def revoke(body: RevocationRequest, broker: BrokerDep, caller: AnyCaller) -> RevocationResponse:
+    result = revoke_matching(broker, caller, RevocationFilter(**body.model_dump()))
+    return RevocationResponse(**result.body())

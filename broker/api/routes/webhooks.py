@@ -1,0 +1,69 @@
+"""`POST /v1/webhooks/orchestrator`: signed lifecycle events from the orchestrator.
+
+No bearer token here: the HMAC signature over the raw body is the caller's identity, so the
+body is read as bytes and verified before it is parsed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from broker.api.schemas import ErrorResponse
+from broker.errors import BrokerError
+from broker.identity import webhooks as signatures
+from broker.metrics import WEBHOOKS
+from broker.runtime import Broker
+from broker.sessions import events
+
+log = logging.getLogger("broker.webhooks")
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+MAX_WEBHOOK_BYTES = 64 * 1024  # a lifecycle event is a few hundred bytes
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 409, 413)}
+
+
+@router.post(
+    "/orchestrator",
+    responses={202: {"description": "event type not handled: acknowledged, audited, ignored"}, **ERRORS},
+    openapi_extra={
+        "parameters": [{"name": signatures.HEADER, "in": "header", "required": True,
+                        "schema": {"type": "string", "example": "t=1735689600,v1=5257a869e7..."}}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["id"],
+            "properties": {
+                "id": {"type": "string", "maxLength": 128,
+                       "description": "unique per event; reuse is a replay (409). Aliases: event_id, delivery_id"},
+                "type": {"type": "string", "default": events.DEFAULT_TYPE, "description": (
+                    "session.ended, task.completed, task.failed, task.cancelled end the session; "
+                    "any other type is acknowledged (202), audited and ignored. Alias: event")},
+                "session_id": {"type": "string", "description": "the broker's session id"},
+                "task_id": {"type": "string", "description": "default: <repository>#<issue_number>"},
+                "repository": {"type": "string"}, "issue_number": {"type": "integer"},
+                "reason": {"type": "string"}, "occurred_at": {"type": "string", "format": "date-time"},
+            },
+        }}}},
+    },
+)
+async def orchestrator_webhook(request: Request) -> JSONResponse:
+    broker: Broker = request.app.state.broker
+    body = await request.body()
+    if len(body) > MAX_WEBHOOK_BYTES:
+        return JSONResponse({"error": {"code": "payload-too-large",
+                                       "message": f"webhook bodies are limited to {MAX_WEBHOOK_BYTES} bytes"}}, 413)
+    try:
+        signed_at = signatures.verify(
+            body, request.headers.get(signatures.HEADER), broker.settings.webhook_secret_list(),
+            tolerance_seconds=broker.settings.webhook_tolerance_seconds,
+        )
+        event = events.parse_event(body)
+    except BrokerError as exc:
+        # Not audited (anyone can send these), but counted and logged for whoever watches.
+        WEBHOOKS.labels(event_type="unverified", outcome=exc.code).inc()
+        log.warning("webhook refused from %s: %s", request.client.host if request.client else "?", exc.code)
+        raise
+    outcome = await run_in_threadpool(events.receive, broker, event, signed_at=signed_at)
+    return JSONResponse(outcome.body(), status_code=outcome.http_status)

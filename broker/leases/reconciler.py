@@ -1,0 +1,217 @@
+"""Crash recovery: finish what a dead broker, or a teardown cut short, left half done.
+
+Run once at start (from the app's lifespan, before the sweeper starts and before requests
+are served), and in a light form from every sweeper pass. What it looks for:
+
+- `minting` leases older than a claim: the broker died between reserving the lease and
+  activating it. The backend is searched by capability id (`find_by_capability`: Vault by the
+  token's `meta.capability`, AWS by the session name, which is the capability id); what is
+  found is revoked, what is not is marked `expired` with "not found at backend; expires
+  naturally at <ts>". Providers that cannot be searched (GitHub) are marked the same way with
+  their own upper bound. Such a credential was never handed out (activation and the response
+  are one commit), so nobody holds it. Native leases need no search.
+- `active` leases of sessions that have ended: the broker died after ending the session and
+  before revoking. Revoked with the session's end reason.
+- `active` leases past `expires_at`, and `revoke_pending` leases whose backoff has run out:
+  what the sweeper would do, done before the broker serves again.
+- sessions past their deadline: ended as if torn down.
+
+Every lease goes through `revoke_leases`, so the same claims apply: several replicas may
+reconcile at once and each lease is finished, and audited, exactly once. The start pass is
+bounded in time; whatever is left is the sweeper's (same queries), so a large backlog never
+keeps a replica from becoming ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlmodel import col, select
+
+from broker.db import transaction, utcnow
+from broker.leases.revocation import RevokeSummary, _claimable, revoke_leases
+from broker.metrics import RECONCILED
+from broker.models import Lease, SessionRow
+from broker.runtime import Broker
+from broker.sessions import service as sessions
+
+log = logging.getLogger("broker.reconciler")
+
+ACTOR = "broker:reconciler"
+START_BUDGET_SECONDS = 30.0  # then readiness; the sweeper carries on with the same queries
+
+
+@dataclass
+class ReconcileReport:
+    abandoned_mints: int = 0
+    orphaned: int = 0
+    expired: int = 0
+    retried: int = 0
+    sessions_ended: int = 0
+    summary: RevokeSummary = field(default_factory=RevokeSummary)
+    complete: bool = True
+
+    @property
+    def found(self) -> int:
+        return self.abandoned_mints + self.orphaned + self.expired + self.retried + self.sessions_ended
+
+
+def _abandoned_mints(broker: Broker, now: datetime, limit: int) -> list[str]:
+    cutoff = now - timedelta(seconds=broker.settings.claim_seconds)
+    with transaction(broker.engine) as db:
+        return list(db.exec(
+            select(Lease.id).where(Lease.status == "minting", col(Lease.created_at) <= cutoff, _claimable(now))
+            .order_by(Lease.created_at).limit(limit)
+        ).all())
+
+
+def _orphans(broker: Broker, now: datetime, limit: int) -> list[tuple[str, str | None]]:
+    """Active leases of sessions ended more than a claim ago (so a teardown still under way
+    is not raced). Returns (lease id, the session's end reason)."""
+    cutoff = now - timedelta(seconds=broker.settings.claim_seconds)
+    with transaction(broker.engine) as db:
+        rows = db.exec(
+            select(Lease.id, SessionRow.end_reason)
+            .join(SessionRow, col(SessionRow.id) == col(Lease.session_id))
+            .where(Lease.status == "active", SessionRow.status == "ended", col(SessionRow.ended_at) <= cutoff,
+                   _claimable(now))
+            .order_by(Lease.id).limit(limit)
+        ).all()
+    return [(lease_id, reason) for lease_id, reason in rows]
+
+
+def _expired(broker: Broker, now: datetime, limit: int) -> list[str]:
+    with transaction(broker.engine) as db:
+        return list(db.exec(
+            select(Lease.id).where(Lease.status == "active", Lease.expires_at <= now, _claimable(now))
+            .order_by(Lease.expires_at).limit(limit)
+        ).all())
+
+
+def _pending(broker: Broker, now: datetime, limit: int) -> list[str]:
+    with transaction(broker.engine) as db:
+        return list(db.exec(
+            select(Lease.id).where(Lease.status == "revoke_pending", col(Lease.next_attempt_at) <= now, _claimable(now))
+            .order_by(Lease.next_attempt_at).limit(limit)
+        ).all())
+
+
+def _count(summary: RevokeSummary, kind: str) -> None:
+    if summary.revoked:
+        RECONCILED.labels(kind=kind, outcome="finished").inc(len(summary.revoked))
+    if summary.pending:
+        RECONCILED.labels(kind=kind, outcome="revoke_pending").inc(len(summary.pending))
+
+
+def revoke_orphans(broker: Broker, now: datetime, limit: int, exclude: set[str] | None = None) -> tuple[int, RevokeSummary]:
+    total = RevokeSummary()
+    found = [(i, r) for i, r in _orphans(broker, now, limit) if not exclude or i not in exclude]
+    by_reason: dict[str, list[str]] = {}
+    for lease_id, end_reason in found:
+        by_reason.setdefault(f"session-ended:{end_reason or 'ended'}", []).append(lease_id)
+        if exclude is not None:
+            exclude.add(lease_id)
+    for reason, ids in by_reason.items():
+        total.merge(revoke_leases(broker, ids, reason=reason, actor=ACTOR))
+    if found:
+        log.warning("revoked %d live capabilities of already ended sessions (a teardown was cut short)", len(found))
+        _count(total, "orphaned")
+    return len(found), total
+
+
+def reconcile_at_start(broker: Broker, *, budget_seconds: float = START_BUDGET_SECONDS) -> ReconcileReport:
+    """One catch-up pass over everything a crash can leave behind, in bounded batches."""
+    report = ReconcileReport()
+    started = utcnow()
+    deadline = time.monotonic() + budget_seconds
+    batch = broker.settings.sweep_batch_size
+    attempted: set[str] = set()  # each lease once per start, whatever happens to it
+
+    def fresh(ids: list[str]) -> list[str]:
+        new = [i for i in ids if i not in attempted]
+        attempted.update(new)
+        return new
+
+    while True:
+        progressed = False
+        # A lease whose mint was interrupted is "abandoned" only once it is older than a
+        # claim; the periodic pass (due_for_retry) takes the younger ones later.
+        ids = fresh(_abandoned_mints(broker, utcnow(), batch))
+        if ids:
+            report.abandoned_mints += len(ids)
+            s = revoke_leases(broker, ids, reason="mint-abandoned", actor=ACTOR)
+            report.summary.merge(s)
+            _count(s, "abandoned-mint")
+            progressed = True
+        n, s = revoke_orphans(broker, utcnow(), batch, exclude=attempted)
+        if n:
+            report.orphaned += n
+            report.summary.merge(s)
+            progressed = True
+        ids = fresh(_expired(broker, started, batch))
+        if ids:
+            report.expired += len(ids)
+            s = revoke_leases(broker, ids, reason="expired", actor=ACTOR)
+            report.summary.merge(s)
+            _count(s, "expired")
+            progressed = True
+        ids = fresh(_pending(broker, started, batch))
+        if ids:
+            report.retried += len(ids)
+            s = revoke_leases(broker, ids, reason="retry", actor=ACTOR, use_lease_reason=True)
+            report.summary.merge(s)
+            _count(s, "retried")
+            progressed = True
+        for session_id in [i for i in sessions.past_deadline(broker, started, batch) if i not in attempted]:
+            attempted.add(session_id)
+            _, s = sessions.end(broker, session_id, reason="deadline", actor=ACTOR)
+            report.sessions_ended += 1
+            report.summary.merge(s)
+            progressed = True
+        if not progressed:
+            break
+        if time.monotonic() > deadline:
+            report.complete = False
+            log.warning("reconciliation at start ran out of its %.0fs budget; the sweeper continues", budget_seconds)
+            break
+    if report.found:
+        log.warning(
+            "reconciled at start: %d abandoned mints, %d leases of ended sessions, %d expired, %d pending retried, "
+            "%d sessions past deadline -> %d finished, %d still revoke_pending",
+            report.abandoned_mints, report.orphaned, report.expired, report.retried, report.sessions_ended,
+            len(report.summary.revoked), len(report.summary.pending),
+        )
+    else:
+        log.info("reconciled at start: nothing left behind")
+    return report
+
+
+class _Every:
+    """Rate limit per broker: the orphan query reads every active lease, so it runs once a claim."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key: str, interval: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e18) < interval:
+                return False
+            self._last[key] = now
+            return True
+
+
+_ORPHAN_CHECKS = _Every()
+
+
+def reconcile_periodic(broker: Broker, now: datetime, limit: int) -> RevokeSummary:
+    """The sweeper's share: leases of ended sessions, once per claim period. (Abandoned mints
+    are in `due_for_retry`, which the sweeper runs every pass.)"""
+    if not _ORPHAN_CHECKS.due(broker.replica_id, broker.settings.claim_seconds):
+        return RevokeSummary()
+    return revoke_orphans(broker, now, limit)[1]

@@ -1,0 +1,245 @@
+"""Orchestrator lifecycle events (the signed webhook): parse, refuse replays, end sessions.
+
+One delivery is one transaction: its id goes into `webhook_deliveries`, the
+`webhook.received` audit record and every `session.ended` record it causes commit together,
+so an id is either fully processed or not at all. A second delivery with an id already seen
+is refused as a replay (409 `webhook-replayed`) and changes nothing. The leases of the ended
+sessions are revoked after that commit (backend calls never run inside a transaction); if
+the broker dies in between, the reconciler finds the live leases of ended sessions.
+
+Sessions are found by the broker's session id, or else by task id: `task_id` as given, or
+`"<repository>#<issue_number>"` from an orchestrator's own field names. A task id ends every
+active session of that task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from broker.audit.service import AuditEvent, append
+from broker.db import transaction, utcnow
+from broker.errors import Conflict, InvalidRequest
+from broker.metrics import WEBHOOKS
+from broker.models import SessionRow, WebhookDelivery
+from broker.runtime import Broker
+from broker.sessions import service as sessions
+from broker.sessions.service import session_event  # the same record a teardown through the API writes
+
+log = logging.getLogger("broker.webhooks")
+
+ACTOR = "webhook:orchestrator"
+# Event type -> the end reason recorded when the body gives none.
+TEARDOWN_TYPES = {
+    "session.ended": "ended",
+    "task.completed": "completed",
+    "task.failed": "failed",
+    "task.cancelled": "cancelled",
+    "task.canceled": "cancelled",
+}
+DEFAULT_TYPE = "session.ended"  # an orchestrator's own teardown payload carries no type
+
+Text128 = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Text256 = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class InvalidWebhook(InvalidRequest):
+    code = "invalid-webhook"
+
+
+class WebhookReplayed(Conflict):
+    code = "webhook-replayed"
+
+
+class LifecycleEvent(BaseModel):
+    """The webhook body. Extra fields are ignored: an orchestrator's payload grows over time."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    id: Text128 = Field(validation_alias=AliasChoices("id", "event_id", "delivery_id"))
+    type: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None, validation_alias=AliasChoices("type", "event")
+    )
+    session_id: Text128 | None = None
+    task_id: Text256 | None = None
+    repository: Text256 | None = None
+    issue_number: int | None = Field(default=None, ge=0)
+    reason: Text128 | None = None
+    occurred_at: datetime | None = None
+
+    @field_validator("issue_number", mode="before")
+    @classmethod
+    def _digits(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.isdigit():
+            raise ValueError("issue_number must be a whole number")
+        return v
+
+    @property
+    def event_type(self) -> str:
+        return self.type or DEFAULT_TYPE
+
+    @property
+    def is_teardown(self) -> bool:
+        return self.event_type in TEARDOWN_TYPES
+
+    @property
+    def derived_task_id(self) -> str | None:
+        """`task_id` as given, else `<repository>#<issue_number>`."""
+        if self.task_id:
+            return self.task_id
+        if self.repository and self.issue_number is not None:
+            return f"{self.repository}#{self.issue_number}"
+        return None
+
+    @property
+    def end_reason(self) -> str:
+        return self.reason or TEARDOWN_TYPES.get(self.event_type, "ended")
+
+
+def parse_event(body: bytes) -> LifecycleEvent:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidWebhook("the webhook body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidWebhook("the webhook body must be a JSON object")
+    try:
+        event = LifecycleEvent.model_validate(data)
+    except ValidationError as exc:
+        # Values are not echoed: a misdirected payload may hold someone's secret.
+        problems = [{"loc": list(e.get("loc", ())), "message": e.get("msg", "")} for e in exc.errors()]
+        raise InvalidWebhook("the webhook body does not match the event schema", problems=problems) from None
+    if event.is_teardown and not (event.session_id or event.derived_task_id):
+        raise InvalidWebhook(
+            "a teardown event needs session_id, task_id, or repository and issue_number",
+            problems=[{"loc": ["session_id"], "message": "missing"}],
+        )
+    return event
+
+
+@dataclass
+class EndedSession:
+    session_id: str
+    already_ended: bool
+    revoked: int = 0
+    revoke_pending: int = 0
+
+
+@dataclass
+class Outcome:
+    status: str  # processed | unmatched | ignored
+    event: LifecycleEvent
+    sessions: list[EndedSession] = field(default_factory=list)
+
+    @property
+    def http_status(self) -> int:
+        return 202 if self.status == "ignored" else 200
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "id": self.event.id, "type": self.event.event_type}
+        if self.status != "ignored":
+            out["reason"] = self.event.end_reason
+            out["task_id"] = self.event.derived_task_id
+            out["sessions"] = [
+                {"session_id": s.session_id, "status": "ended", "already_ended": s.already_ended,
+                 "revoked": s.revoked, "revoke_pending": s.revoke_pending}
+                for s in self.sessions
+            ]
+        return out
+
+
+def _targets(db: Session, event: LifecycleEvent) -> list[SessionRow]:
+    """Locked, in id order (the one lock order everywhere)."""
+    ids: list[str] = []
+    if event.session_id and db.get(SessionRow, event.session_id) is not None:
+        ids = [event.session_id]
+    elif event.derived_task_id:
+        # The session id, if any, was the orchestrator's own: fall back to the task.
+        ids = list(db.exec(select(SessionRow.id).where(SessionRow.task_id == event.derived_task_id,
+                                                       SessionRow.status == "active")).all())
+    if not ids:
+        return []
+    stmt = select(SessionRow).where(col(SessionRow.id).in_(ids)).order_by(SessionRow.id).with_for_update()
+    return list(db.exec(stmt).all())
+
+
+def _received_event(event: LifecycleEvent, outcome: str, signed_at: int, targets: list[SessionRow]) -> AuditEvent:
+    one = targets[0] if len(targets) == 1 else None
+    return AuditEvent(
+        type="webhook.received",
+        outcome=outcome,
+        human_principal=one.human if one else None,
+        agent={"id": one.agent if one else None, "session_id": one.id if one else None,
+               "task_id": one.task_id if one else event.derived_task_id},
+        request={"tool": None, "operation": "webhook", "resource": None, "tier": None, "parameters": None,
+                 "actor": ACTOR},
+        detail={
+            "event_id": event.id,
+            "event_type": event.event_type,
+            "reason": event.reason,
+            "occurred_at": event.occurred_at.isoformat() if event.occurred_at else None,
+            "signed_at": signed_at,
+            "session_id": event.session_id,
+            "task_id": event.derived_task_id,
+            "sessions": [s.id for s in targets],
+        },
+    )
+
+
+def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int) -> Outcome:
+    """Apply one verified delivery. Raises WebhookReplayed for an id already seen."""
+    now = utcnow()
+    keep = timedelta(seconds=2 * broker.settings.webhook_tolerance_seconds)
+    to_end: list[tuple[str, bool]] = []
+    try:
+        with transaction(broker.engine) as db:
+            # Ids older than twice the window can be forgotten: their signatures can no longer
+            # be fresh (the sender's clock may be off by up to the window in either direction).
+            db.exec(delete(WebhookDelivery).where(col(WebhookDelivery.received_at) < now - keep))  # type: ignore[call-overload]
+            seen = db.get(WebhookDelivery, event.id)
+            if seen is not None:
+                raise _replayed(event, seen.received_at)
+            db.add(WebhookDelivery(event_id=event.id, received_at=now))
+            db.flush()  # a concurrent delivery of the same id blocks here, then fails: 409
+            if not event.is_teardown:
+                append(db, _received_event(event, "ignored", signed_at, []))
+                WEBHOOKS.labels(event_type="unknown", outcome="ignored").inc()
+                return Outcome("ignored", event)
+            targets = _targets(db, event)
+            outcome = "processed" if targets else "unmatched"
+            append(db, _received_event(event, outcome, signed_at, targets))
+            for session in targets:
+                to_end.append((session.id, session.status != "active"))
+                if session.status == "active":
+                    session.status, session.ended_at, session.end_reason = "ended", now, event.end_reason[:128]
+                    db.add(session)
+                    append(db, session_event(session, "session.ended", "ended", ACTOR,
+                                                      {"reason": event.end_reason, "webhook_event_id": event.id}))
+    except IntegrityError:
+        raise _replayed(event, None) from None
+    WEBHOOKS.labels(event_type=event.event_type, outcome=outcome).inc()
+    result = Outcome(outcome, event)
+    for session_id, already in to_end:
+        # The session is ended already (above); this revokes what it still holds, idempotently.
+        _, summary = sessions.end(broker, session_id, reason=event.end_reason, actor=ACTOR)
+        result.sessions.append(EndedSession(session_id, already, len(summary.revoked), len(summary.pending)))
+    log.info("webhook %s (%s): %s, %d session(s)", event.id, event.event_type, outcome, len(result.sessions))
+    return result
+
+
+def _replayed(event: LifecycleEvent, first: datetime | None) -> WebhookReplayed:
+    WEBHOOKS.labels(event_type=event.event_type if event.is_teardown else "unknown", outcome="replayed").inc()
+    details: dict[str, Any] = {"id": event.id}
+    if first is not None:
+        details["first_received_at"] = first.isoformat()
+    return WebhookReplayed(
+        "this event id was delivered before and has been processed; a replay changes nothing", **details
+    )

@@ -1,0 +1,123 @@
+"""`broker-cli serve` as a real subprocess, for the fault tests: start, SIGKILL, start again.
+
+The environment comes from `BrokerSecrets.env(...)`; `migrate()` runs `broker-cli migrate`
+first, as an operator would. Each process logs to its own file, shown when a start fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.brokers import free_port
+
+BROKER_CLI = str(Path(sys.executable).parent / "broker-cli")
+
+
+def _die_with_parent() -> None:
+    """Linux: the broker gets SIGKILL if pytest dies, so no process outlives a run.
+
+    The signal follows the *thread* that forked the child, so launch from a thread that
+    outlives the process (the test's own), never from a short-lived pool thread.
+    """
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _environ(env: dict[str, str]) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    return {**base, "BROKER_LOG_LEVEL": "warning", **env}
+
+
+def migrate(env: dict[str, str]) -> None:
+    out = subprocess.run([BROKER_CLI, "migrate"], env=_environ(env), capture_output=True, timeout=120, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"broker-cli migrate failed:\n{out.stdout.decode()}\n{out.stderr.decode()}")
+
+
+class BrokerProcess:
+    """One `broker-cli serve` on a fixed loopback port (kept across restarts)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "broker") -> None:
+        self.port = free_port()
+        self.env = {**env, "BROKER_HOST": "127.0.0.1", "BROKER_PORT": str(self.port)}
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.name = name
+
+    def start(self, timeout: float = 60.0) -> BrokerProcess:
+        """Launch and wait until it serves (after its lifespan: reconciliation, then the sweeper)."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        assert not self.running, "already running"
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"--- start {time.strftime('%H:%M:%S')} ---\n".encode())
+            logf.flush()
+            self.proc = subprocess.Popen([BROKER_CLI, "serve"], env=_environ(self.env), stdout=logf,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent)
+
+    def wait_ready(self, timeout: float = 60.0) -> BrokerProcess:
+        assert self.proc is not None, "not launched"
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"{self.name} did not answer /healthz within {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no lifespan shutdown, no flushing, claims and `minting` rows left as they are."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=kw.pop("timeout", 30), **kw)
+
+    def log_tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
