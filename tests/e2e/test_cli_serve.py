@@ -11,7 +11,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,39 +21,9 @@ import psycopg
 import pytest
 
 from tests.support.brokers import TEST_POLICY, BrokerSecrets, free_port
+from tests.support.processes import BROKER_CLI, BrokerProcess
 
-CLI = str(Path(sys.executable).with_name("broker-cli"))
-
-
-class ServeProcess:
-    def __init__(self, env: dict[str, str], args: list[str], cwd: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "BROKER_PORT": str(self.port), "BROKER_ISSUER": self.url}
-        self.log = cwd / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen([CLI, *args], env=self.env, cwd=cwd, stdout=self.log.open("wb"),
-                                     stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"broker exited {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("broker did not come up:\n" + self.log.read_text())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+CLI = BROKER_CLI
 
 
 def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -62,17 +31,15 @@ def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
 
 
 @pytest.fixture
-def served(database_url: str, tmp_path: Path) -> Iterator[tuple[ServeProcess, BrokerSecrets, str]]:
+def served(database_url: str, tmp_path: Path) -> Iterator[tuple[BrokerProcess, BrokerSecrets, str]]:
     secrets_ = BrokerSecrets()
     env = secrets_.env(tmp_path, database_url)
     migrated = cli("migrate", env=env, cwd=tmp_path)
     assert migrated.returncode == 0, migrated.stderr
-    proc = ServeProcess(env, ["serve"], tmp_path)
-    try:
-        proc.wait_ready()
+    proc = BrokerProcess(env, tmp_path)
+    proc.env["BROKER_ISSUER"] = proc.base_url
+    with proc:
         yield proc, secrets_, database_url
-    finally:
-        proc.stop()
 
 
 def _tamper(database_url: str, seq: int) -> None:
@@ -85,9 +52,9 @@ def _tamper(database_url: str, seq: int) -> None:
             conn.execute(sql + str(seq))
 
 
-def test_serve_flow_then_tampered_audit_is_caught(served: tuple[ServeProcess, BrokerSecrets, str], tmp_path: Path) -> None:
+def test_serve_flow_then_tampered_audit_is_caught(served: tuple[BrokerProcess, BrokerSecrets, str], tmp_path: Path) -> None:
     proc, secrets_, database_url = served
-    with httpx.Client(base_url=proc.url, timeout=30) as http:
+    with httpx.Client(base_url=proc.base_url, timeout=30) as http:
         r = http.post("/v1/sessions", headers={"Authorization": f"Bearer {secrets_.orchestrator_key}"}, json={
             "human": "alice@example.com", "agent": "claude-code", "task_id": "issue-42", "ttl_seconds": 900,
             "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})
@@ -99,9 +66,9 @@ def test_serve_flow_then_tampered_audit_is_caught(served: tuple[ServeProcess, Br
         assert r.status_code == 201, r.text
         cap = r.json()
         token = cap["credential"]["token"]
-        jwks = jwt.PyJWKClient(proc.url + "/.well-known/jwks.json")
+        jwks = jwt.PyJWKClient(proc.base_url + "/.well-known/jwks.json")
         claims = jwt.decode(token, jwks.get_signing_key_from_jwt(token).key, algorithms=["EdDSA"],
-                            audience="payments-api", issuer=proc.url)
+                            audience="payments-api", issuer=proc.base_url)
         assert claims["jti"] == cap["capability_id"] and claims["act"] == {"sub": "claude-code"}
         assert http.post("/v1/introspect", data={"token": token}).json()["active"] is True
         assert http.delete(f"/v1/capabilities/{cap['capability_id']}", headers=agent).json()["status"] == "revoked"
@@ -110,7 +77,7 @@ def test_serve_flow_then_tampered_audit_is_caught(served: tuple[ServeProcess, Br
                            headers={"Authorization": f"Bearer {secrets_.admin_token}"}).json()["records"]
     minted = next(rec for rec in records if rec["type"] == "capability.minted")
 
-    cli_env = {"BROKER_URL": proc.url, "BROKER_TOKEN": secrets_.admin_token}
+    cli_env = {"BROKER_URL": proc.base_url, "BROKER_TOKEN": secrets_.admin_token}
     ok = cli("audit", "verify", env=cli_env, cwd=tmp_path)
     assert ok.returncode == 0 and "audit chain intact" in ok.stdout, ok.stdout + ok.stderr
 
@@ -129,19 +96,19 @@ def test_serve_flow_then_tampered_audit_is_caught(served: tuple[ServeProcess, Br
     assert token not in exported.stdout
 
 
-def test_sighup_reload_keeps_last_good_policy(served: tuple[ServeProcess, BrokerSecrets, str], tmp_path: Path) -> None:
+def test_sighup_reload_keeps_last_good_policy(served: tuple[BrokerProcess, BrokerSecrets, str], tmp_path: Path) -> None:
     proc, _, _ = served
     policy = tmp_path / "policy.yaml"
-    first = httpx.get(proc.url + "/readyz").json()["checks"]["policy"]["version"]
+    first = httpx.get(proc.base_url + "/readyz").json()["checks"]["policy"]["version"]
     policy.write_text("version: 1\ntiers: {read: {control: sometimes}}\n")
-    proc.proc.send_signal(signal.SIGHUP)
+    proc.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     time.sleep(1.0)
-    assert httpx.get(proc.url + "/readyz").json()["checks"]["policy"]["version"] == first
-    assert "policy reload refused" in proc.log.read_text()
+    assert httpx.get(proc.base_url + "/readyz").json()["checks"]["policy"]["version"] == first
+    assert "policy reload refused" in proc.log_tail(200)
     policy.write_text(TEST_POLICY.replace("max_ttl: 1h", "max_ttl: 45m"))
-    proc.proc.send_signal(signal.SIGHUP)
+    proc.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     deadline = time.monotonic() + 10
-    while httpx.get(proc.url + "/readyz").json()["checks"]["policy"]["version"] == first:
+    while httpx.get(proc.base_url + "/readyz").json()["checks"]["policy"]["version"] == first:
         assert time.monotonic() < deadline, "policy was not reloaded"
         time.sleep(0.1)
 

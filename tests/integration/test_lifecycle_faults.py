@@ -39,21 +39,13 @@ from broker.models import Lease, SessionRow
 from broker.providers.base import Grant
 from broker.providers.vault import VaultProvider
 from broker.runtime import Broker
-from tests.support.brokers import BrokerSecrets, LiveServer
+from tests.support.brokers import STANDARD_TIERS, BrokerSecrets, LiveServer
 from tests.support.openbao import OpenBaoServer, VaultSetup, configure_vault
 from tests.support.processes import BrokerProcess, migrate
 
 pytestmark = pytest.mark.slow
 
-POLICY = """\
-version: 1
-tiers:
-  read:         {control: auto, max_ttl: 1h}
-  write:        {control: auto, max_ttl: 30m}
-  review:       {control: auto, max_ttl: 30m}
-  merge_deploy: {control: approval, max_ttl: 10m, approvers: [group:maintainers]}
-  secret:       {control: approval, max_ttl: 10m, approvers: [group:security]}
-  destructive:  {control: deny}
+POLICY = STANDARD_TIERS + """\
 resources:
   - match: "jwt://svc/*"
     provider: native

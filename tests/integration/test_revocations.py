@@ -23,17 +23,9 @@ from broker.db import transaction
 from broker.migrate import upgrade
 from broker.models import Lease, SessionRow
 from broker.runtime import Broker
-from tests.support.brokers import BrokerSecrets, LiveServer
+from tests.support.brokers import STANDARD_TIERS, BrokerSecrets, LiveServer
 
-POLICY = """\
-version: 1
-tiers:
-  read:         {control: auto, max_ttl: 1h}
-  write:        {control: auto, max_ttl: 30m}
-  review:       {control: auto, max_ttl: 30m}
-  merge_deploy: {control: approval, max_ttl: 10m, approvers: [group:maintainers]}
-  secret:       {control: approval, max_ttl: 10m, approvers: [group:security]}
-  destructive:  {control: deny}
+POLICY = STANDARD_TIERS + """\
 resources:
   - match: "jwt://svc/*"
     provider: native

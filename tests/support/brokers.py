@@ -25,7 +25,8 @@ from broker.identity.keys import rotate
 from broker.migrate import upgrade
 from broker.runtime import Broker
 
-TEST_POLICY = """\
+# The tiers of DESIGN.md section 3, shared by every test policy.
+STANDARD_TIERS = """\
 version: 1
 tiers:
   read:         {control: auto,     max_ttl: 1h}
@@ -34,6 +35,9 @@ tiers:
   merge_deploy: {control: approval, max_ttl: 10m, approvers: [group:maintainers]}
   secret:       {control: approval, max_ttl: 10m, approvers: [group:security]}
   destructive:  {control: deny}
+"""
+
+TEST_POLICY = STANDARD_TIERS + """\
 resources:
   - match: "jwt://payments-api"
     provider: native
