@@ -143,7 +143,7 @@ class BrokerProcess:
 
     def __init__(self, cleanup: Cleanup, workdir: Path, database_url: str, *, policy: str | None = None,
                  extra_env: dict[str, str] | None = None, command: Sequence[str] | None = None,
-                 name: str = "broker") -> None:
+                 name: str = "broker", workers: int = 1) -> None:
         self.secrets = BrokerSecrets()
         self.workdir = workdir
         self.port = free_port()
@@ -152,7 +152,8 @@ class BrokerProcess:
                      **(extra_env or {})}
         self.env = {**os.environ, **self.secrets.env(workdir, database_url, policy or bench_policy(), **env_extra)}
         self.log_path = workdir / f"{name}.log"
-        self.command = list(command) if command else [BROKER_CLI, "serve", "--host", HOST, "--port", str(self.port)]
+        self.command = list(command) if command else [BROKER_CLI, "serve", "--host", HOST, "--port", str(self.port),
+                                                      "--workers", str(workers)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.name = name
         cleanup.push(f"{name} process", self.stop)
@@ -192,7 +193,7 @@ class BrokerProcess:
         """user+system CPU of the server process so far (from /proc)."""
         if self.proc is None:
             return 0.0
-        return proc_cpu_seconds(self.proc.pid)
+        return sum(proc_cpu_seconds(pid) for pid in process_tree(self.proc.pid))  # --workers: all of them
 
     def log_tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
@@ -214,6 +215,18 @@ class BrokerProcess:
                     raise RuntimeError(f"session create: {r.status_code} {r.text[:300]}")
                 out.append(r.json())
         return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every descendant (uvicorn's worker processes), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -575,6 +575,10 @@ def measure(cleanup: Cleanup, work: Path, args: argparse.Namespace, report: Repo
         (work / "sqlite").mkdir()
         servers["sqlite"] = BrokerProcess(cleanup, work / "sqlite", f"sqlite:///{work}/sqlite/broker.db",
                                           name="broker-sqlite")
+    if args.workers > 1:
+        (work / "pgw").mkdir()
+        servers["postgres_workers"] = BrokerProcess(cleanup, work / "pgw", create_pg_database(cleanup),
+                                                    name="broker-pg-workers", workers=args.workers)
     for name, server in servers.items():
         server.migrate()
         server.start()
@@ -586,6 +590,8 @@ def measure(cleanup: Cleanup, work: Path, args: argparse.Namespace, report: Repo
         series.append(("postgres_no_idempotency_key", "postgres", False))
     if "sqlite" in servers:
         series.append(("sqlite", "sqlite", True))
+    if "postgres_workers" in servers:
+        series.append((f"postgres_{args.workers}_workers", "postgres_workers", True))
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in series}
     for i in range(args.runs):
         for label, server_name, idem in series:  # interleaved: same noise for each series
@@ -641,6 +647,8 @@ def main() -> int:
                     help="further open-loop rates, below capacity, for reference latencies")
     ap.add_argument("--low-rate-duration", type=float, default=20.0)
     ap.add_argument("--no-sqlite", action="store_true")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="also measure `broker-cli serve --workers N` on PostgreSQL (1 to skip)")
     ap.add_argument("--no-idempotency-variant", action="store_true",
                     help="skip the PostgreSQL series without Idempotency-Key")
     ap.add_argument("--profile", action="store_true", help="also profile one PostgreSQL run (CPU and wall)")

@@ -142,6 +142,12 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """Factory for `broker-cli serve --workers N`: each worker process builds its own broker."""
+    logging.basicConfig(level=Settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(Settings())
+
+
 class _CurrentBrokerCollector(LeaseCollector):
     def __init__(self) -> None:
         super().__init__(None)

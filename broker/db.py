@@ -61,7 +61,11 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True)
+    # No pre-ping: it cost a round trip per checkout on the hot path. A connection the server
+    # dropped fails its one request, and SQLAlchemy then invalidates the whole pool; recycling
+    # keeps connections younger than any idle timeout in between.
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=False,
+                         pool_recycle=1800)
 
 
 def is_postgres(engine: Engine) -> bool:

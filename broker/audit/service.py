@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
@@ -43,53 +44,67 @@ def _timestamp(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def append(db: Session, event: AuditEvent, *, now: datetime | None = None) -> AuditRecord:
+def append(db: Session, event: AuditEvent, *, now: datetime | None = None) -> None:
+    append_many(db, [event], now=now)
+
+
+def append_many(db: Session, events: list[AuditEvent], *, now: datetime | None = None) -> None:
+    """Core SQL, and the caller's pending ORM changes flushed first: the head row is locked
+    by the first statement here and held only until the caller commits. N records cost three
+    statements, so a teardown of a thousand leases takes the head once."""
+    if not events:
+        return
     now = now or utcnow()
     try:
-        head = db.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
-        seq = head.seq + 1
-        body: dict[str, Any] = {
-            "event_id": str(uuid.uuid4()),
-            "seq": seq,
-            "timestamp": _timestamp(now),
-            "type": event.type,
-            "human_principal": event.human_principal,
-            "agent": {
-                "id": event.agent.get("id"),
-                "session_id": event.agent.get("session_id"),
-                "task_id": event.agent.get("task_id"),
-            },
-            "request": event.request,
-            "policy_decision": event.policy_decision,
-            "jit_grant": event.jit_grant,
-            "outcome": event.outcome,
-        }
-        if event.detail:
-            body["detail"] = event.detail
-        canonical = canonical_json(body)
-        digest = chain_hash(head.hash, canonical)
-        row = AuditRecord(
-            seq=seq,
-            event_id=body["event_id"],
-            timestamp=body["timestamp"],
-            type=event.type,
-            session_id=body["agent"]["session_id"],
-            human_principal=event.human_principal,
-            outcome=event.outcome,
-            record=canonical,
-            prev_hash=head.hash,
-            hash=digest,
-        )
-        db.add(row)
-        head.seq = seq
-        head.hash = digest
-        db.add(head)
         db.flush()
+        conn = db.connection()
+        # UPDATE ... RETURNING takes the row lock and reads the tip in one round trip; the hash
+        # is unchanged by it, so RETURNING yields the previous record's hash.
+        last_seq, prev_hash = conn.execute(_ADVANCE, {"n": len(events)}).one()
+        rows = []
+        for offset, event in enumerate(events):
+            body = _body(event, last_seq - len(events) + 1 + offset, now)
+            canonical = canonical_json(body)
+            digest = chain_hash(prev_hash, canonical)
+            rows.append({
+                "seq": body["seq"], "event_id": body["event_id"], "timestamp": body["timestamp"], "type": event.type,
+                "session_id": body["agent"]["session_id"], "human_principal": event.human_principal,
+                "outcome": event.outcome, "record": canonical, "prev_hash": prev_hash, "hash": digest,
+            })
+            prev_hash = digest
+        conn.execute(_RECORDS.insert(), rows)
+        conn.execute(_SET_TIP, {"hash": prev_hash})
     except SQLAlchemyError as exc:
         log.error("audit append failed: %s", exc.__class__.__name__)
         raise AuditWriteFailed("the audit record could not be written; the request was not carried out") from exc
-    log.info("audit %s seq=%d outcome=%s session=%s", event.type, seq, event.outcome, body["agent"]["session_id"])
-    return row
+    log.debug("audit %d record(s) up to seq=%d", len(events), last_seq)
+
+
+def _body(event: AuditEvent, seq: int, now: datetime) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "seq": seq,
+        "timestamp": _timestamp(now),
+        "type": event.type,
+        "human_principal": event.human_principal,
+        "agent": {
+            "id": event.agent.get("id"),
+            "session_id": event.agent.get("session_id"),
+            "task_id": event.agent.get("task_id"),
+        },
+        "request": event.request,
+        "policy_decision": event.policy_decision,
+        "jit_grant": event.jit_grant,
+        "outcome": event.outcome,
+    }
+    if event.detail:
+        body["detail"] = event.detail
+    return body
+
+
+_ADVANCE = text("UPDATE audit_head SET seq = seq + :n WHERE id = 1 RETURNING seq, hash")
+_SET_TIP = text("UPDATE audit_head SET hash = :hash WHERE id = 1")
+_RECORDS = AuditRecord.__table__  # type: ignore[attr-defined]
 
 
 def ensure_head(db: Session) -> None:

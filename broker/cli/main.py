@@ -48,6 +48,7 @@ def _logging(level: str) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="default BROKER_HOST")] = None,
     port: Annotated[int | None, typer.Option(help="default BROKER_PORT")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="processes; each is a full replica (sweeper included)")] = 1,
 ) -> None:
     """Run the broker (configured by BROKER_* variables)."""
     import uvicorn
@@ -65,8 +66,15 @@ def serve(
     except BrokerError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
-    uvicorn.run(create_app(broker=broker), host=host or broker.settings.host, port=port or broker.settings.port,
-                log_level=settings.log_level, access_log=False)
+    bind = {"host": host or broker.settings.host, "port": port or broker.settings.port,
+            "log_level": settings.log_level, "access_log": False}
+    if workers > 1:
+        # Each worker builds its own broker from the same environment: replicas that share the
+        # database, which claims rows so none is revoked twice. (Config was checked just above.)
+        broker.engine.dispose()
+        uvicorn.run("broker.app:app_from_environment", factory=True, workers=workers, **bind)
+    else:
+        uvicorn.run(create_app(broker=broker), **bind)
 
 
 @app.command()
@@ -95,7 +103,7 @@ def dev(
         f"  orchestrator key:   {state_dir}/orchestrator-key\n"
         f"  policy:             {settings.policy_file}"
     )
-    serve(host=None, port=port)
+    serve(host=None, port=port, workers=1)
 
 
 @app.command()

@@ -9,6 +9,7 @@ appeared, where `retire_after` is the longest token lifetime the broker issues.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import secrets
 import stat
@@ -68,6 +69,7 @@ class KeyRing:
         self._keys = sorted(keys, key=lambda k: (k.created, k.kid))
         self._by_kid = {k.kid: k for k in self._keys}
         self.retire_after = retire_after
+        self._verified = functools.lru_cache(maxsize=16_384)(self._verify_for_cache)
 
     @classmethod
     def load(cls, directory: Path, *, retire_after: int, create: bool = False) -> KeyRing:
@@ -111,6 +113,17 @@ class KeyRing:
     def sign(self, claims: dict[str, Any], *, typ: str = "JWT") -> str:
         key = self.active
         return jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": typ})
+
+    def verify_cached(self, token: str, *, audience: str, issuer: str, token_use: str) -> dict[str, Any]:
+        """`verify`, remembering tokens that passed (agents present one token for many calls).
+        Expiry is checked on every hit; a failure is never cached."""
+        claims = self._verified(token, audience, issuer, token_use)
+        if claims["exp"] <= time.time():
+            raise Unauthenticated("token expired", code="token-expired")
+        return dict(claims)
+
+    def _verify_for_cache(self, token: str, audience: str, issuer: str, token_use: str) -> dict[str, Any]:
+        return self.verify(token, audience=audience, issuer=issuer, token_use=token_use)
 
     def verify(self, token: str, *, audience: str | None, issuer: str, token_use: str) -> dict[str, Any]:
         """Decode a token this broker signed; every check spelled out, nothing left to defaults."""

@@ -20,6 +20,7 @@ a credential was never handed out: the handle and the response are written in on
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 import logging
 import random
@@ -32,7 +33,7 @@ from sqlalchemy import or_
 from sqlmodel import Session, col, select
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
-from broker.audit.service import AuditEvent, append
+from broker.audit.service import AuditEvent, append, append_many
 from broker.db import advisory_lock, is_postgres, transaction, utcnow
 from broker.errors import BrokerError, ProviderUnavailable
 from broker.metrics import REVOKES
@@ -46,6 +47,9 @@ T = TypeVar("T")
 LIVE = ("minting", "active", "revoke_pending")
 NO_BACKEND_CALL = {"native"}
 MAX_BACKOFF_SECONDS = 300
+# Backend revocations in flight at once (network-bound), and leases recorded per transaction.
+REVOKE_CONCURRENCY = 8
+RECORD_CHUNK = 200
 # The in-process retry around one backend call: a blip, not an outage (that is next_attempt_at's).
 BLIP_ATTEMPTS = 3
 BLIP_WAIT_INITIAL_SECONDS = 0.1
@@ -129,18 +133,19 @@ def _sessions(db: Session, leases: Sequence[Lease]) -> dict[str, SessionRow]:
 
 
 def finish_revocation(db: Session, lease: Lease, session: SessionRow | None, reason: str, actor: str, now: datetime,
-                      *, detail: dict[str, object] | None = None) -> None:
+                      *, detail: dict[str, object] | None = None, batch: list[AuditEvent] | None = None) -> None:
     lease.status = final_status(reason)
     lease.status_reason = reason
     lease.ended_at = now
     lease.sealed_secret = None  # nothing left to revoke with: the secret goes
     lease.claimed_by = lease.claimed_until = lease.next_attempt_at = None
     db.add(lease)
-    append(db, _revoke_event(session, lease, f"capability.{lease.status}", lease.status, actor, reason, detail))
+    event = _revoke_event(session, lease, f"capability.{lease.status}", lease.status, actor, reason, detail)
+    batch.append(event) if batch is not None else append(db, event)
 
 
 def finish_not_found(db: Session, lease: Lease, session: SessionRow | None, reason: str, actor: str, now: datetime,
-                     *, natural_expiry: datetime, searchable: bool) -> None:
+                     *, natural_expiry: datetime, searchable: bool, batch: list[AuditEvent] | None = None) -> None:
     """Nothing to revoke at the backend: record that, and when anything there would die anyway."""
     note = f"not found at backend; expires naturally at {natural_expiry.strftime('%Y-%m-%dT%H:%M:%SZ')}"
     lease.status = "expired"
@@ -149,9 +154,10 @@ def finish_not_found(db: Session, lease: Lease, session: SessionRow | None, reas
     lease.sealed_secret = None
     lease.claimed_by = lease.claimed_until = lease.next_attempt_at = None
     db.add(lease)
-    append(db, _revoke_event(session, lease, "capability.expired", "expired", actor, reason,
-                             {"found_at_backend": False, "backend_searchable": searchable,
-                              "natural_expiry": natural_expiry.isoformat(), "note": note}))
+    event = _revoke_event(session, lease, "capability.expired", "expired", actor, reason,
+                          {"found_at_backend": False, "backend_searchable": searchable,
+                           "natural_expiry": natural_expiry.isoformat(), "note": note})
+    batch.append(event) if batch is not None else append(db, event)
 
 
 def revoke_leases(
@@ -164,6 +170,7 @@ def revoke_leases(
         return summary
     now = utcnow()
     claimed: list[tuple[Lease, SessionRow | None, str]] = []
+    events: list[AuditEvent] = []
     with transaction(broker.engine) as db:
         stmt = (
             select(Lease)
@@ -182,7 +189,8 @@ def revoke_leases(
                 # The request that reserved it is gone: look for what it may have minted.
                 why = (lease.revoke_reason or (reason if reason != "retry" else "mint-abandoned"))[:128]
                 if lease.provider in NO_BACKEND_CALL:
-                    finish_revocation(db, lease, session, why, actor, now, detail={"note": "minting request died"})
+                    finish_revocation(db, lease, session, why, actor, now, detail={"note": "minting request died"},
+                                      batch=events)
                     summary.revoked.append(lease.id)
                     continue
                 # revoke_pending + next_attempt_at now: if this replica dies too, the claim
@@ -199,11 +207,11 @@ def revoke_leases(
                 lease.status, lease.revoke_reason = "revoke_pending", why
                 lease.next_attempt_at = now + timedelta(seconds=broker.settings.claim_seconds)
                 db.add(lease)
-                append(db, _revoke_event(session, lease, "capability.revoke_pending", "revoke_pending", actor, why,
-                                         {"note": "revoked while minting"}))
+                events.append(_revoke_event(session, lease, "capability.revoke_pending", "revoke_pending", actor, why,
+                                            {"note": "revoked while minting"}))
                 summary.pending.append(lease.id)
             elif lease.provider in NO_BACKEND_CALL:
-                finish_revocation(db, lease, session, why, actor, now)
+                finish_revocation(db, lease, session, why, actor, now, batch=events)
                 REVOKES.labels(provider=lease.provider, outcome="revoked").inc()
                 summary.revoked.append(lease.id)
             else:
@@ -212,8 +220,21 @@ def revoke_leases(
                 lease.revoke_reason = why
                 db.add(lease)
                 claimed.append((lease, session, why))
-    for lease, session, why in claimed:
-        summary.merge(_revoke_at_backend(broker, lease, session, why, actor))
+        append_many(db, events, now=now)  # the audit head is taken once, last
+    if claimed:
+        summary.merge(_revoke_claimed(broker, claimed, actor))
+    return summary
+
+
+def _revoke_claimed(broker: Broker, claimed: list[tuple[Lease, SessionRow | None, str]], actor: str) -> RevokeSummary:
+    """Backend calls a few at a time (they are network-bound), outcomes recorded in chunks."""
+    summary = RevokeSummary()
+    width = min(REVOKE_CONCURRENCY, len(claimed))
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="revoke") as pool:
+        outcomes = list(pool.map(lambda item: _call_backend(broker, item[0]), claimed))
+    for start in range(0, len(claimed), RECORD_CHUNK):
+        chunk = list(zip(claimed[start:start + RECORD_CHUNK], outcomes[start:start + RECORD_CHUNK]))
+        summary.merge(_record_outcomes(broker, chunk, actor))
     return summary
 
 
@@ -251,21 +272,24 @@ def _serialised(broker: Broker, provider: Provider, resource: str) -> Any:
     return advisory_lock(broker.engine, key_of(resource)) if key_of else nullcontext()
 
 
-def _revoke_at_backend(broker: Broker, lease: Lease, session: SessionRow | None, reason: str, actor: str) -> RevokeSummary:
-    summary = RevokeSummary()
-    error: BrokerError | Exception | None = None
-    provider: Provider | None = None
+@dataclass
+class _Outcome:
+    error: Exception | None = None
     found: dict[str, Any] | None = None  # a handle found at the backend for a handle-less lease
-    missing: tuple[datetime, bool] | None = None  # (natural expiry, searchable) when there is nothing to revoke
+    missing: tuple[datetime, bool] | None = None  # (natural expiry, searchable): nothing to revoke
+
+
+def _call_backend(broker: Broker, lease: Lease) -> _Outcome:
+    outcome = _Outcome()
     try:
         provider = broker.provider(lease.provider)
         handle = lease.handle or None
         if handle is None and not lease.sealed_secret:
             locate = _finder(provider)
-            found = backend_call(lambda: locate(lease), f"find {lease.id}") if locate else None
-            if found is None:
-                missing = (_natural_expiry(broker, provider, lease, locate is not None), locate is not None)
-            handle = found
+            outcome.found = backend_call(lambda: locate(lease), f"find {lease.id}") if locate else None
+            if outcome.found is None:
+                outcome.missing = (_natural_expiry(broker, provider, lease, locate is not None), locate is not None)
+            handle = outcome.found
         if handle is not None or lease.sealed_secret:
             secret = broker.sealer.unseal(lease.sealed_secret, lease.id) if lease.sealed_secret else None
             target = RevokeTarget(
@@ -274,38 +298,52 @@ def _revoke_at_backend(broker: Broker, lease: Lease, session: SessionRow | None,
                 revocation_secret=secret,
             )
             with _serialised(broker, provider, lease.resource):
-                backend_call(lambda: provider.revoke(target), f"revoke {lease.id}")  # type: ignore[union-attr]
+                backend_call(lambda: provider.revoke(target), f"revoke {lease.id}")
     except Exception as exc:  # every failure, translated or not, keeps the lease visible
-        error = exc
+        outcome.error = exc
+    return outcome
+
+
+def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow | None, str], _Outcome]],
+                     actor: str) -> RevokeSummary:
+    """What the backends said, in one transaction: never marked revoked unless confirmed."""
+    summary = RevokeSummary()
+    events: list[AuditEvent] = []
     now = utcnow()
     with transaction(broker.engine) as db:
-        row = db.exec(select(Lease).where(Lease.id == lease.id).with_for_update()).one()
-        if row.claimed_by != broker.replica_id or row.status not in LIVE:
-            summary.skipped.append(row.id)  # our claim lapsed and another replica took it
-            return summary
-        if error is None and missing is not None:
-            finish_not_found(db, row, session, reason, actor, now, natural_expiry=missing[0], searchable=missing[1])
-            REVOKES.labels(provider=row.provider, outcome="not_found").inc()
-            summary.revoked.append(row.id)
-        elif error is None:
-            if found is not None:
-                row.handle = {**found, "found_by_capability": True}
-            finish_revocation(db, row, session, reason, actor, now,
-                              detail={"found_by_capability": True} if found is not None else None)
-            REVOKES.labels(provider=row.provider, outcome="revoked").inc()
-            summary.revoked.append(row.id)
-        else:
-            row.status = "revoke_pending"
-            row.revoke_attempts += 1
-            row.next_attempt_at = now + timedelta(seconds=backoff_seconds(row.revoke_attempts))
-            row.claimed_by = row.claimed_until = None
-            row.status_reason = getattr(error, "code", error.__class__.__name__)
-            db.add(row)
-            append(db, _revoke_event(session, row, "capability.revoke_failed", "revoke_pending", actor, reason,
-                                     {"error": row.status_reason, "next_attempt_at": row.next_attempt_at.isoformat()}))
-            REVOKES.labels(provider=row.provider, outcome="failed").inc()
-            log.warning("revoke of %s failed (%s); retry #%d scheduled", row.id, row.status_reason, row.revoke_attempts)
-            summary.pending.append(row.id)
+        ids = sorted(lease.id for (lease, _, _), _ in chunk)
+        rows = {row.id: row for row in db.exec(select(Lease).where(col(Lease.id).in_(ids)).order_by(Lease.id)
+                                                .with_for_update()).all()}
+        for (lease, session, reason), outcome in chunk:
+            row = rows[lease.id]
+            if row.claimed_by != broker.replica_id or row.status not in LIVE:
+                summary.skipped.append(row.id)  # our claim lapsed and another replica took it
+            elif outcome.error is None and outcome.missing is not None:
+                finish_not_found(db, row, session, reason, actor, now, natural_expiry=outcome.missing[0],
+                                 searchable=outcome.missing[1], batch=events)
+                REVOKES.labels(provider=row.provider, outcome="not_found").inc()
+                summary.revoked.append(row.id)
+            elif outcome.error is None:
+                if outcome.found is not None:
+                    row.handle = {**outcome.found, "found_by_capability": True}
+                finish_revocation(db, row, session, reason, actor, now, batch=events,
+                                  detail={"found_by_capability": True} if outcome.found is not None else None)
+                REVOKES.labels(provider=row.provider, outcome="revoked").inc()
+                summary.revoked.append(row.id)
+            else:
+                row.status = "revoke_pending"
+                row.revoke_attempts += 1
+                row.next_attempt_at = now + timedelta(seconds=backoff_seconds(row.revoke_attempts))
+                row.claimed_by = row.claimed_until = None
+                row.status_reason = getattr(outcome.error, "code", outcome.error.__class__.__name__)
+                db.add(row)
+                events.append(_revoke_event(session, row, "capability.revoke_failed", "revoke_pending", actor, reason,
+                                            {"error": row.status_reason, "next_attempt_at": row.next_attempt_at.isoformat()}))
+                REVOKES.labels(provider=row.provider, outcome="failed").inc()
+                log.warning("revoke of %s failed (%s); retry #%d scheduled", row.id, row.status_reason,
+                            row.revoke_attempts)
+                summary.pending.append(row.id)
+        append_many(db, events, now=now)
     return summary
 
 

@@ -34,7 +34,7 @@ from broker.identity.callers import Caller
 from broker.leases import idempotency
 from broker.leases.revocation import finish_revocation
 from broker.metrics import DECISIONS, MINTS
-from broker.models import Approval, Lease, SessionRow
+from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
 from broker.runtime import Broker
@@ -188,19 +188,24 @@ def request_capability(
     parse_resource(ask.resource)  # malformed URIs are a 400, before any decision
     session_id = caller.session_id
     if idempotency_key is not None:
-        replay = idempotency.begin(broker, session_id, idempotency_key, ask.idempotency_hash(session_id))
-        if replay is not None:
-            return replay
-    try:
-        return _decide_and_mint(broker, session_id, ask, idempotency_key)
-    except BrokerError as exc:
-        if idempotency_key is not None and exc.status >= 500:
-            idempotency.abandon(broker, session_id, idempotency_key)
-        raise
-    except Exception:
-        if idempotency_key is not None:
-            idempotency.abandon(broker, session_id, idempotency_key)
-        raise
+        idempotency.check_key(idempotency_key)
+    while True:
+        try:
+            return _decide_and_mint(broker, session_id, ask, idempotency_key)
+        except idempotency.InProgress:
+            assert idempotency_key is not None
+            replay = idempotency.wait_for(broker, session_id, idempotency_key)
+            if replay is not None:
+                return replay
+            # The first request gave up (5xx): this one takes the key over.
+        except BrokerError as exc:
+            if idempotency_key is not None and exc.status >= 500:
+                idempotency.abandon(broker, session_id, idempotency_key)
+            raise
+        except Exception:
+            if idempotency_key is not None:
+                idempotency.abandon(broker, session_id, idempotency_key)
+            raise
 
 
 def _decide_and_mint(
@@ -213,6 +218,12 @@ def _decide_and_mint(
         session = lock_session(db, session_id)
         if session is None:
             raise Unauthenticated("the session behind this token does not exist")
+        ticket = None
+        if idem_key is not None:
+            claimed = idempotency.claim(db, broker, session_id, idem_key, ask.idempotency_hash(session_id), now)
+            if isinstance(claimed, tuple):
+                return claimed  # the stored outcome of this key's first request
+            ticket = claimed
         approved = _use_approval(db, ask, session, now)
         decision, shadow = evaluate_with_shadow(
             policy,
@@ -226,45 +237,14 @@ def _decide_and_mint(
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
         record = _decision_record(decision, shadow)
         if decision.result == "deny":
-            append(db, _event(session, ask, "capability.denied", "denied", tier=decision.tier, decision=record))
             refusal = _denied(decision)
-            if idem_key:
-                idempotency.finish(db, broker, session_id, idem_key, refusal.status, refusal.to_body())
+            idempotency.finish(db, broker, ticket, refusal.status, refusal.to_body())
+            append(db, _event(session, ask, "capability.denied", "denied", tier=decision.tier, decision=record))
         elif decision.result == "approval_required":
-            approval = Approval(
-                id="apr_" + secrets.token_hex(16),
-                session_id=session.id,
-                request_hash=ask.request_hash(session.id),
-                resource=ask.resource,
-                access=ask.access,
-                tier=decision.tier or "",
-                ttl_seconds=decision.ttl_seconds or 0,
-                purpose=ask.purpose,
-                tool=ask.tool,
-                parameters=ask.parameters,
-                reason=decision.reason,
-                approvers=list(decision.approvers),
-                created_at=now,
-                expires_at=min(now + APPROVAL_WAIT, session.expires_at),
-            )
-            db.add(approval)
-            append(
-                db,
-                _event(session, ask, "capability.pending", "pending_approval", tier=decision.tier, decision=record,
-                       grant={"status": "pending_approval", "approval_id": approval.id, "ttl_seconds": decision.ttl_seconds}),
-            )
-            body = {
-                "status": "pending_approval",
-                "approval_id": approval.id,
-                "expires_at": _iso(approval.expires_at),
-                "reason": decision.reason,
-                "approvers": list(decision.approvers),
-            }
-            if idem_key:
-                idempotency.finish(db, broker, session_id, idem_key, 202, body)
-            return 202, body
+            return _pending(db, broker, session, ask, decision, record, ticket, now)
         else:
             assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
+            provider = broker.provider(decision.provider)
             lease = Lease(
                 id=new_capability_id(),
                 session_id=session.id,
@@ -281,7 +261,6 @@ def _decide_and_mint(
                 expires_at=now + timedelta(seconds=decision.ttl_seconds),
             )
             session.issued_count += 1
-            db.add(lease)
             db.add(session)
             grant = Grant(
                 capability_id=lease.id,
@@ -295,16 +274,113 @@ def _decide_and_mint(
                 ttl_seconds=decision.ttl_seconds,
                 options=dict(decision.options),
             )
-            provider_name = decision.provider
+            if getattr(provider, "mints_locally", False):
+                # Nothing outside this database learns of the credential before COMMIT, so
+                # reserving, minting and activating are one transaction: a crash leaves nothing.
+                try:
+                    with MINTS.labels(decision.provider).time():
+                        minted = provider.mint(grant)
+                except BrokerError as exc:
+                    refusal = exc
+                    lease.status, lease.status_reason, lease.ended_at = "failed", exc.code, now
+                    db.add(lease)
+                    if exc.status < 500:
+                        idempotency.finish(db, broker, ticket, exc.status, exc.to_body())
+                    append(db, _failed_event(session, ask, grant, provider.name, record, exc))
+                else:
+                    return _activate(db, broker, session, ask, lease, grant, provider.name, minted, record, ticket)
+            else:
+                db.add(lease)
+                if ticket is not None:
+                    idempotency.hold(db, ticket)
     if refusal is not None:
         raise refusal
-    return _mint(broker, session, ask, grant, provider_name, record, idem_key)
+    return _mint(broker, session, ask, grant, decision.provider, record, idem_key)
+
+
+def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
+             record: dict[str, Any], ticket: IdempotencyRecord | None, now: datetime) -> tuple[int, dict[str, Any]]:
+    approval = Approval(
+        id="apr_" + secrets.token_hex(16),
+        session_id=session.id,
+        request_hash=ask.request_hash(session.id),
+        resource=ask.resource,
+        access=ask.access,
+        tier=decision.tier or "",
+        ttl_seconds=decision.ttl_seconds or 0,
+        purpose=ask.purpose,
+        tool=ask.tool,
+        parameters=ask.parameters,
+        reason=decision.reason,
+        approvers=list(decision.approvers),
+        created_at=now,
+        expires_at=min(now + APPROVAL_WAIT, session.expires_at),
+    )
+    db.add(approval)
+    body = {
+        "status": "pending_approval",
+        "approval_id": approval.id,
+        "expires_at": _iso(approval.expires_at),
+        "reason": decision.reason,
+        "approvers": list(decision.approvers),
+    }
+    idempotency.finish(db, broker, ticket, 202, body)
+    append(
+        db,
+        _event(session, ask, "capability.pending", "pending_approval", tier=decision.tier, decision=record,
+               grant={"status": "pending_approval", "approval_id": approval.id, "ttl_seconds": decision.ttl_seconds}),
+    )
+    return 202, body
+
+
+def _failed_event(session: SessionRow, ask: CapabilityAsk, grant: Grant, provider: str, record: dict[str, Any],
+                  failure: BrokerError) -> AuditEvent:
+    return _event(session, ask, "capability.mint_failed", "failed", tier=grant.tier, decision=record,
+                  grant={"status": "failed", "capability_id": grant.capability_id, "provider": provider,
+                         "ttl_seconds": grant.ttl_seconds},
+                  detail={"error": failure.code, "message": failure.message})
+
+
+def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease, grant: Grant,
+              provider: str, minted: Minted, record: dict[str, Any],
+              ticket: IdempotencyRecord | None) -> tuple[int, dict[str, Any]]:
+    """Lease active, audit record, idempotent outcome: all in the caller's transaction."""
+    lease.status = "active"
+    lease.minted_at = utcnow()
+    lease.backend_expires_at = minted.expires_at
+    lease.handle = minted.handle
+    lease.fingerprint = minted.fingerprint
+    if minted.revocation_secret is not None:
+        lease.sealed_secret = broker.sealer.seal(minted.revocation_secret, lease.id)
+    db.add(lease)
+    body = {
+        "capability_id": lease.id,
+        "status": "active",
+        "session_id": session.id,
+        "resource": lease.resource,
+        "access": lease.access,
+        "tier": lease.tier,
+        "provider": lease.provider,
+        "expires_at": _iso(lease.expires_at),
+        "credential": minted.credential,
+    }
+    idempotency.finish(db, broker, ticket, 201, body)
+    # Last, so the audit head (one row every request serialises on) is held for the least time.
+    append(
+        db,
+        _event(session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
+               grant={"status": "active", "capability_id": lease.id, "provider": provider,
+                      "ttl_seconds": grant.ttl_seconds, "expires_at": _iso(lease.expires_at),
+                      "credential_fingerprint": minted.fingerprint}),
+    )
+    return 201, body
 
 
 def _mint(
     broker: Broker, session: SessionRow, ask: CapabilityAsk, grant: Grant, provider_name: str,
     record: dict[str, Any], idem_key: str | None,
 ) -> tuple[int, dict[str, Any]]:
+    """A remote backend: the `minting` row is committed; call out, then activate in a new transaction."""
     provider = broker.provider(provider_name)
     minted: Minted | None = None
     failure: BrokerError | None = None
@@ -314,7 +390,7 @@ def _mint(
     except BrokerError as exc:
         failure = exc
     except Exception as exc:  # an SDK error the provider did not translate: still fail closed
-        log.exception("provider %s raised an untranslated error", provider.name)
+        log.exception("provider %s raised an untranslated error", provider_name)
         failure = ProviderError(f"provider {provider_name} failed: {exc.__class__.__name__}")
     if failure is not None or minted is None:
         assert failure is not None
@@ -323,13 +399,10 @@ def _mint(
             assert lease is not None
             lease.status, lease.status_reason, lease.ended_at = "failed", failure.code, utcnow()
             db.add(lease)
-            append(
-                db,
-                _event(session, ask, "capability.mint_failed", "failed", tier=grant.tier, decision=record,
-                       grant={"status": "failed", "capability_id": grant.capability_id, "provider": provider.name,
-                              "ttl_seconds": grant.ttl_seconds},
-                       detail={"error": failure.code, "message": failure.message}),
-            )
+            if failure.status < 500:
+                idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure.status,
+                                   failure.to_body())
+            append(db, _failed_event(session, ask, grant, provider_name, record, failure))
         raise failure
     try:
         with transaction(broker.engine) as db:
@@ -338,38 +411,11 @@ def _mint(
             if lease.status != "minting":
                 # Torn down while we were minting: what we hold must die now.
                 raise Conflict("the session ended while the capability was being minted", code="session-ended")
-            lease.status = "active"
-            lease.minted_at = utcnow()
-            lease.backend_expires_at = minted.expires_at
-            lease.handle = minted.handle
-            lease.fingerprint = minted.fingerprint
-            if minted.revocation_secret is not None:
-                lease.sealed_secret = broker.sealer.seal(minted.revocation_secret, lease.id)
-            db.add(lease)
-            append(
-                db,
-                _event(session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
-                       grant={"status": "active", "capability_id": lease.id, "provider": provider.name,
-                              "ttl_seconds": grant.ttl_seconds, "expires_at": _iso(lease.expires_at),
-                              "credential_fingerprint": minted.fingerprint}),
-            )
-            body = {
-                "capability_id": lease.id,
-                "status": "active",
-                "session_id": session.id,
-                "resource": lease.resource,
-                "access": lease.access,
-                "tier": lease.tier,
-                "provider": lease.provider,
-                "expires_at": _iso(lease.expires_at),
-                "credential": minted.credential,
-            }
-            if idem_key:
-                idempotency.finish(db, broker, session.id, idem_key, 201, body)
+            return _activate(db, broker, session, ask, lease, grant, provider_name, minted, record,
+                             idempotency.reload(db, session.id, idem_key))
     except BaseException:
         _revoke_unrecorded(broker, provider, grant, minted)
         raise
-    return 201, body
 
 
 def _revoke_unrecorded(broker: Broker, provider: Any, grant: Grant, minted: Minted) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from broker.db import utcnow
 from broker.leases.reconciler import reconcile_periodic
@@ -57,8 +58,10 @@ class Sweeper:
     def _run(self) -> None:
         interval = self._broker.settings.sweep_interval_seconds
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 sweep_once(self._broker)
             except Exception:  # one bad pass must not end sweeping
                 log.exception("sweep failed; next pass in %.1fs", interval)
-            self._stop.wait(interval)
+            # A pass starts every `interval`: a long pass does not push the next one further out.
+            self._stop.wait(max(0.0, interval - (time.monotonic() - started)))

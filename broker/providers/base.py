@@ -83,6 +83,9 @@ class TtlBounds:
 
 @runtime_checkable
 class Provider(Protocol):
+    """Optional class attribute `mints_locally = True`: minting calls nothing outside the
+    broker (native), so the lease service may mint inside the decision's transaction."""
+
     name: ClassVar[str]
 
     def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds: ...

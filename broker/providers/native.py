@@ -16,6 +16,8 @@ from broker.providers.base import Grant, Minted, ProviderContext, ProviderHealth
 
 class NativeProvider:
     name: ClassVar[str] = "native"
+    # Signing is local: the lease service reserves, mints and activates in one transaction.
+    mints_locally: ClassVar[bool] = True
 
     def __init__(self, keyring: KeyRing, issuer: str, broker_audience: str) -> None:
         self._keyring = keyring

@@ -181,3 +181,28 @@ def test_role_revocations_are_serialised_across_replicas(postgres_url: str) -> N
     t.join()
     engine.dispose()
     assert order == ["first-in", "first-out", "second-in", "other-role"]
+
+
+def test_remote_mint_whose_audit_fails_is_revoked_at_the_backend(
+    database_url: str, tmp_path: Path, vault_setup: VaultSetup
+) -> None:
+    """Fail closed: a Vault token minted for a request that cannot be audited dies at OpenBao."""
+    from sqlmodel import Session, select
+
+    from broker.models import Lease
+    from tests.integration.test_errors import _block_audit
+
+    policy = POLICY.split("  - match: \"vault://database")[0] + "humans:\n  alice@example.com:\n    grants: [{resource: \"vault://**\", access: [\"*\"]}]\nagents:\n  claude-code: {max_tier: secret}\n"
+    secrets_ = BrokerSecrets()
+    broker = build_broker(tmp_path, database_url, secrets_, policy, vault_addr=vault_setup.server.addr,
+                          vault_token=vault_setup.broker_token, vault_token_role=vault_setup.token_role)
+    with LiveServer(broker) as server, httpx.Client(base_url=server.base_url, timeout=60) as client:
+        api = Api(server.base_url, secrets_, broker, client)
+        session = api.new_session(scope=[{"resource": "vault://**", "access": ["*"]}])
+        _block_audit(api)
+        r = api.request(session, {"resource": "vault://kv/allowed", "access": "read", "ttl_seconds": 300})
+        assert (r.status_code, r.json()["error"]["code"]) == (500, "audit-write-failed")
+        with Session(broker.engine) as db:
+            (lease,) = db.exec(select(Lease)).all()
+        assert lease.status == "failed" and lease.status_reason == "activation-failed"
+        assert vault_setup.provider().find_by_capability(lease.id) is None  # no live token carries its id
