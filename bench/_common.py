@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,6 +397,21 @@ class Report:
 
     def emit(self) -> None:
         print(json.dumps(self.__dict__, indent=2, default=str), flush=True)
+
+
+@contextlib.contextmanager
+def reported(report: Report) -> Iterator[None]:
+    """A failure is written into the summary (and logged), so the script still exits 0 with
+    its JSON; cleanup runs in the caller's `finally`. Ctrl-C still stops it."""
+    try:
+        yield
+    except BaseException as exc:
+        import traceback
+
+        report.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
+        log(traceback.format_exc())
+        if isinstance(exc, KeyboardInterrupt):
+            raise
 
 
 def machine_info() -> dict[str, Any]:

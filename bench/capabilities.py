@@ -41,7 +41,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
+    reported,  # noqa: E402
     BrokerProcess,
     Cleanup,
     Conn,
@@ -677,7 +678,7 @@ def main() -> int:
                                   ("requests", "clients", "runs", "per_session", "rate", "duration",
                                                             "extra_rates", "low_rate_duration")}
     with Cleanup() as cleanup:
-        try:
+        with reported(report):
             work = temp_dir(cleanup, "jitb-bench-caps-")
             if args.profile_only or args.contention_only:
                 args.profile = args.profile or args.profile_only
@@ -697,13 +698,6 @@ def main() -> int:
                     log(f"profiling one run ({timer_name} timer)")
                     report.results["profile"][timer_name] = profile_run(
                         cleanup, work, timer_name, args.profile_requests, args.clients, args.per_session)
-        except BaseException as exc:  # report, clean up, and still exit 0 with a summary
-            import traceback
-
-            report.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
-            log(traceback.format_exc())
-            if isinstance(exc, KeyboardInterrupt):
-                raise
     report.emit()
     return 0
 

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg  # noqa: E402
 
-from _common import (  # noqa: E402
+from _common import (
+    reported,  # noqa: E402
     BrokerProcess,
     Cleanup,
     Report,
@@ -190,7 +191,7 @@ def main() -> int:
     report.results["settings"] = {k: getattr(args, k) for k in
                                   ("active", "expiring", "window", "lead", "intervals", "runs", "poll")}
     with Cleanup() as cleanup:
-        try:
+        with reported(report):
             work = temp_dir(cleanup, "jitb-bench-expiry-")
             db_url = create_pg_database(cleanup)
             dsn = psycopg_dsn(db_url)
@@ -228,13 +229,6 @@ def main() -> int:
             with psycopg.connect(dsn) as conn:
                 report.results["active_leases_at_end"] = conn.execute(
                     "SELECT count(*) FROM leases WHERE status = 'active'").fetchone()[0]  # type: ignore[index]
-        except BaseException as exc:
-            import traceback
-
-            report.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
-            log(traceback.format_exc())
-            if isinstance(exc, KeyboardInterrupt):
-                raise
     report.emit()
     return 0
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
-from _common import (  # noqa: E402
+from _common import (
+    reported,  # noqa: E402
     REPO,
     BrokerProcess,
     Cleanup,
@@ -182,7 +183,7 @@ def main() -> int:
     report = Report("teardown", args.quick)
     report.results["settings"] = {"capabilities": args.capabilities, "runs": args.runs}
     with Cleanup() as cleanup:
-        try:
+        with reported(report):
             work = temp_dir(cleanup, "jitb-bench-teardown-")
             providers = ["native"]
             extra_env: dict[str, str] = {}
@@ -236,13 +237,6 @@ def main() -> int:
             if vault_client is not None and not args.no_backend_floor:
                 log("OpenBao alone: revoking tokens by accessor, sequential and 8 in flight")
                 report.results["vault_backend_floor"] = backend_floor(vault_client, "jit-broker", args.capabilities)
-        except BaseException as exc:
-            import traceback
-
-            report.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
-            log(traceback.format_exc())
-            if isinstance(exc, KeyboardInterrupt):
-                raise
     report.emit()
     return 0
 

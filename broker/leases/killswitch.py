@@ -70,22 +70,12 @@ class RevocationResult:
         }
 
 
-def _scope(caller: Caller) -> Any:
-    if caller.kind == "admin":
-        return None
-    if caller.kind == "orchestrator":
-        return SessionRow.created_by == caller.name
-    if caller.kind == "human":
-        return SessionRow.human == caller.name
-    raise Forbidden("agents cannot use the kill switch; their session can be ended by its orchestrator or human")
-
-
 def revoke_matching(broker: Broker, caller: Caller, flt: RevocationFilter) -> RevocationResult:
     if not flt.as_dict():
         raise InvalidRequest("give at least one of session_id, agent, human, resource", code="empty-revocation-filter")
     if flt.resource is not None:
         validate_pattern(flt.resource)
-    scope = _scope(caller)
+    scope = sessions.managed_by(caller, "agents cannot use the kill switch; their session can be ended by its orchestrator or human")
     result = RevocationResult()
     with transaction(broker.engine) as db:
         stmt = select(Lease.id, Lease.resource, Lease.session_id).join(

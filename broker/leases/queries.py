@@ -12,7 +12,7 @@ from broker.identity.callers import Caller
 from broker.leases.revocation import RevokeSummary, revoke_leases
 from broker.models import Lease, SessionRow
 from broker.runtime import Broker
-from broker.sessions.service import may_manage
+from broker.sessions.service import managed_by, may_manage
 
 STATUSES = ("minting", "active", "revoke_pending", "revoked", "expired", "failed")
 
@@ -70,12 +70,8 @@ def list_for(broker: Broker, caller: Caller, session_id: str | None, status: str
             if session is None or not may_manage(caller, session):
                 raise NotFound("no such session", code="session-not-found")
             stmt = stmt.where(Lease.session_id == session_id)
-        elif caller.kind != "admin":
-            stmt = stmt.join(SessionRow, col(SessionRow.id) == col(Lease.session_id))
-            if caller.kind == "orchestrator":
-                stmt = stmt.where(SessionRow.created_by == caller.name)
-            else:
-                stmt = stmt.where(SessionRow.human == caller.name)
+        elif (scope := managed_by(caller, "an agent sees its own session only")) is not None:
+            stmt = stmt.join(SessionRow, col(SessionRow.id) == col(Lease.session_id)).where(scope)
         if status:
             stmt = stmt.where(Lease.status == status)
         return list(db.exec(stmt.order_by(col(Lease.created_at).desc()).limit(limit)).all())

@@ -102,6 +102,18 @@ def may_manage(caller: Caller, session: SessionRow) -> bool:
     return False
 
 
+def managed_by(caller: Caller, refusal: str) -> Any:
+    """The sessions `caller` manages, as a WHERE clause (None: all of them, for admins).
+    The query-side twin of `may_manage`; agents manage no set of sessions."""
+    if caller.kind == "admin":
+        return None
+    if caller.kind == "orchestrator":
+        return SessionRow.created_by == caller.name
+    if caller.kind == "human":
+        return SessionRow.human == caller.name
+    raise Forbidden(refusal)
+
+
 def get(broker: Broker, caller: Caller, session_id: str) -> tuple[SessionRow, list[Lease]]:
     with transaction(broker.engine) as db:
         session = db.get(SessionRow, session_id)
@@ -119,12 +131,9 @@ def list_sessions(broker: Broker, caller: Caller, status: str | None, limit: int
         stmt = select(SessionRow)
         if status:
             stmt = stmt.where(SessionRow.status == status)
-        if caller.kind == "orchestrator":
-            stmt = stmt.where(SessionRow.created_by == caller.name)
-        elif caller.kind == "human":
-            stmt = stmt.where(SessionRow.human == caller.name)
-        elif caller.kind != "admin":
-            raise Forbidden("agents cannot list sessions")
+        scope = managed_by(caller, "agents cannot list sessions")
+        if scope is not None:
+            stmt = stmt.where(scope)
         return list(db.exec(stmt.order_by(col(SessionRow.created_at).desc()).limit(limit)).all())
 
 

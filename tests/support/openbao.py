@@ -43,6 +43,7 @@ import pytest
 
 from broker.config import Settings
 from broker.providers.vault import VaultProvider, bootstrap_token_role, broker_policy_hcl
+from tests.support.processes import terminate
 
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 SECRET_VALUES = {"allowed": "allowed-value-6f1c2b", "forbidden": "forbidden-value-9ad03e"}
@@ -130,14 +131,7 @@ class OpenBaoServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc)
 
     def seal(self) -> None:
         """Persistent mode: seal the running server (OpenBao then answers 503 to everything)."""

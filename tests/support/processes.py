@@ -34,6 +34,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def terminate(proc: subprocess.Popen[Any] | None, *, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; a process already gone is fine."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def _environ(env: dict[str, str]) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     return {**base, "BROKER_LOG_LEVEL": "warning", **env}
@@ -95,14 +107,7 @@ class BrokerProcess:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc, grace=15)
 
     @property
     def running(self) -> bool:
