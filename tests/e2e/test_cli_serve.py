@@ -155,9 +155,18 @@ def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
             "human": "dev@example.com", "agent": "claude-code", "task_id": "try-it", "ttl_seconds": 600,
             "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})
         assert r.status_code == 201, r.text
-        r = httpx.post(url + "/v1/capabilities", headers={"Authorization": f"Bearer {r.json()['session_token']}"},
+        agent = {"Authorization": f"Bearer {r.json()['session_token']}"}
+        r = httpx.post(url + "/v1/capabilities", headers=agent,
                        json={"resource": "jwt://payments-api", "access": "read", "purpose": "try"})
         assert r.status_code == 201, r.text
+        cap = r.json()
+        token = cap["credential"]["token"]
+        key = jwt.PyJWKClient(url + "/.well-known/jwks.json").get_signing_key_from_jwt(token).key
+        claims = jwt.decode(token, key, algorithms=["EdDSA"], audience="payments-api", issuer=url)
+        assert claims["sub"] == "dev@example.com" and claims["jti"] == cap["capability_id"]
+        assert httpx.post(url + "/v1/introspect", data={"token": token}).json()["active"] is True
+        assert httpx.delete(url + f"/v1/capabilities/{cap['capability_id']}", headers=agent).json()["status"] == "revoked"
+        assert httpx.post(url + "/v1/introspect", data={"token": token}).json() == {"active": False}
         assert "NOT for production" in log.read_text()
         verify = subprocess.run([CLI, "audit", "verify"], env={**env, "BROKER_URL": url}, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60)
