@@ -1,70 +1,20 @@
-"""The aws provider: STS AssumeRole credentials keyed to one capability, revoked by an inline deny.
-
-Mint: `AssumeRole` on the resource's role with `RoleSessionName` = capability id,
-`SourceIdentity` = the delegating human, session tags `session`/`agent`/`task`,
-`DurationSeconds` = the granted ttl and the access's `session_policy` (the session can do
-what the role's policies AND the session policy both allow, never more).
-
-Revoke: STS credentials cannot be deleted. The broker keeps one inline policy,
-`jit-broker-revoked-sessions`, on each role it has revoked a session of:
-
-    {"Version": "2012-10-17", "Statement": [
-      {"Sid": "ExpiresAt1767225600IssuedBy1767222000", "Effect": "Deny", "Action": "*",
-       "Resource": "*", "Condition": {"StringEquals": {"aws:userid": ["AROA...:cap_1", ...]}}},
-      {"Sid": "IssuedBefore1767222001ExpiresAt1767225600", ...     (overflow fallback only)
-       "Condition": {"DateLessThan": {"aws:TokenIssueTime": "2026-01-01T00:00:01Z"}}}]}
-
-`aws:userid` of a role session is `<RoleId>:<RoleSessionName>`, and the session name is the
-capability id, so a statement denies exactly the revoked sessions and no other session of the
-role. Entries are grouped in statements by expiry bucket (the Sid carries the bucket's end and
-the newest issue time in it), so `prune_revocations` drops them once every credential they
-name has expired anyway, and deletes the policy when nothing is left.
-
-Limits, said plainly (README material):
-- IAM is eventually consistent: a deny takes effect seconds (rarely minutes) after
-  PutRolePolicy returns, and only for calls made after that. A request already in flight,
-  or a long-running operation it started (e.g. a multipart upload already authorised), is
-  not undone.
-- A role's inline policies share 10,240 non-whitespace characters (about 150 revoked
-  sessions here). When the deny would not fit, the per-session statements collapse into one
-  statement denying every session of the role issued no later than the newest revoked one
-  (`aws:TokenIssueTime`). That is blunter: live, unrevoked sessions of the same role issued
-  before it stop working too, and their holders must ask again. Sessions issued afterwards are
-  untouched.
-- The policy is rewritten read-modify-write, and IAM reads can lag its writes by seconds.
-  Within one process a per-role lock serialises the writes and every read is united with the
-  process's own last write, so nothing is lost. Across replicas the lease service must
-  serialise revocations per role (its DB claim keyed on `revocation_lock_key(resource)`); even
-  then a replica may read a document a few seconds stale, so re-running `revoke` on recently
-  revoked leases after the propagation delay (idempotent: one read, no write when the entry
-  is there) repairs an entry lost that way.
-- The broker's own identity needs iam:GetRole, iam:GetRolePolicy, iam:PutRolePolicy and
-  iam:DeleteRolePolicy on every role it mints for, and those roles must live in the broker's
-  own account (IAM calls act on the caller's account). Cross-account roles are refused
-  rather than minted without a way to revoke them. Service-linked roles cannot be used.
-- Resource-based policies that grant to the role ARN are still cut off: an explicit deny in
-  the session's identity policy wins over any allow.
-"""
+"""The AwsProvider: AssumeRole to mint, the revocation policy to revoke, SDK errors translated at the boundary."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
-import re
 import threading
 import time
-import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import boto3
-import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -75,30 +25,30 @@ from botocore.exceptions import (
 )
 
 from broker.config import Settings
-from broker.errors import Denied, InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.errors import Denied, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.providers.aws.names import (
+    CHAINED_MAX_DURATION,
+    CLOCK_GRACE_SECONDS,
+    INLINE_POLICY_MAX_CHARS,
+    REVOCATION_POLICY_NAME,
+    ROLE_CACHE_SECONDS,
+    STS_MIN_DURATION,
+    RoleRef,
+    _iso,
+    _max_duration_option,
+    _parse_time,
+    _partition,
+    parse_role_resource,
+    session_name_for,
+    session_policy_text,
+    source_identity_for,
+    tag_value_for,
+)
+from broker.providers.aws.revocations import RevocationPolicy
 from broker.providers.base import Grant, Minted, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("broker.providers.aws")
 
-REVOCATION_POLICY_NAME = "jit-broker-revoked-sessions"
-STS_MIN_DURATION = 900  # AssumeRole's floor
-CHAINED_MAX_DURATION = 3600  # a role session assuming another role (role chaining) gets at most 1 h
-SESSION_POLICY_MAX_CHARS = 2048  # plaintext limit of an inline session policy
-INLINE_POLICY_MAX_CHARS = 10240  # all inline policies of a role together, whitespace not counted
-TAG_VALUE_MAX = 256
-SOURCE_IDENTITY_MAX = 64
-BUCKET_SECONDS = 900  # revoked sessions expiring within the same 15 min share one statement
-# Broker and AWS clocks differ; a deny outlives its credential by this much, and a recovered
-# session whose issue time is unknown is assumed issued up to this far in the future.
-CLOCK_GRACE_SECONDS = 300
-ROLE_CACHE_SECONDS = 300  # MaxSessionDuration can be edited; re-read it every 5 min
-
-_NAME = re.compile(r"[\w+=,.@-]+", re.ASCII)  # IAM role names, path segments, STS session names
-_ACCOUNT = re.compile(r"\d{12}")
-_SOURCE_IDENTITY_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+=,.@-")
-_TAG_EXTRA = frozenset("_.:/=+-@")  # besides letters, digits and spaces ([\p{L}\p{Z}\p{N}_.:/=+\-@])
-_BUCKET_SID = re.compile(r"ExpiresAt(\d+)IssuedBy(\d+)")
-_FALLBACK_SID = re.compile(r"IssuedBefore(\d+)ExpiresAt(\d+)")
 
 # ClientError codes, sorted by whose fault they are. Anything else the backend refused is
 # ProviderRejected; any HTTP 5xx is ProviderUnavailable.
@@ -112,253 +62,6 @@ _MISCONFIGURED = frozenset({
     "IncompleteSignature", "MissingAuthenticationToken", "InvalidAccessKeyId", "ExpiredToken",
     "ExpiredTokenException", "AuthFailure",
 })
-
-
-# --- names and values AWS accepts -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoleRef:
-    """A role named by a resource `aws://<account>/role/<path/>name`."""
-
-    account: str
-    path: str  # "/" or "/team/agents/"
-    name: str
-    partition: str = "aws"
-
-    @property
-    def arn(self) -> str:
-        return f"arn:{self.partition}:iam::{self.account}:role{self.path}{self.name}"
-
-
-def parse_role_resource(resource: str, partition: str = "aws") -> RoleRef:
-    scheme, sep, rest = resource.partition("://")
-    account, _, tail = rest.partition("/")
-    kind, _, role_path = tail.partition("/")
-    segments = role_path.split("/")
-    path = "/" + "".join(s + "/" for s in segments[:-1])
-    if (
-        scheme != "aws"
-        or not sep
-        or not _ACCOUNT.fullmatch(account)
-        or kind != "role"
-        or not all(_NAME.fullmatch(s) for s in segments)
-        or len(segments[-1]) > 64
-        or len(path) > 512
-    ):
-        raise InvalidRequest(
-            f"{resource!r} is not an AWS role resource; expected aws://<12-digit account>/role/<name> "
-            "or aws://<account>/role/<path>/<name> with names of [A-Za-z0-9_+=,.@-]",
-            code="invalid-resource",
-        )
-    return RoleRef(account=account, path=path, name=segments[-1], partition=partition)
-
-
-def session_name_for(capability_id: str) -> str:
-    """RoleSessionName is the capability id as is: 2..64 of [A-Za-z0-9_+=,.@-]."""
-    if not (2 <= len(capability_id) <= 64 and _NAME.fullmatch(capability_id)):
-        # Capability ids are the broker's own; one STS cannot carry is a broker bug, not input.
-        raise ProviderMisconfigured(
-            f"capability id {capability_id!r} is not a valid STS RoleSessionName (2..64 of [A-Za-z0-9_+=,.@-])"
-        )
-    return capability_id
-
-
-def _short_hash(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()[:8]
-
-
-def source_identity_for(human: str) -> str:
-    """The human as STS SourceIdentity: 2..64 of [A-Za-z0-9_+=,.@-], never starting "aws:".
-
-    Accents are dropped ("José" -> "Jose"); any other character outside the set becomes "_"
-    ("Jane Doe" -> "Jane_Doe", and "aws:x" -> "aws_x", so the reserved prefix cannot survive);
-    shorter than 2 is padded with "_"; longer than 64 keeps 55 characters, "-", and 8 hex digits
-    of the original's SHA-256, so two long names sharing a prefix stay distinct. The broker's
-    audit records keep the exact human; this is what CloudTrail shows.
-    """
-    folded = "".join(c for c in unicodedata.normalize("NFKD", human) if not unicodedata.combining(c))
-    out = "".join(c if c in _SOURCE_IDENTITY_OK else "_" for c in folded)
-    if out.lower().startswith("aws:"):  # unreachable (":" is replaced) but the rule is STS's, so say it
-        out = "aws_" + out[4:]
-    if len(out) > SOURCE_IDENTITY_MAX:
-        out = out[: SOURCE_IDENTITY_MAX - 9] + "-" + _short_hash(human)
-    return out.ljust(2, "_")
-
-
-def tag_value_for(value: str) -> str:
-    """A session tag value: letters, digits, spaces and _.:/=+-@ only, at most 256 characters."""
-    out = "".join(c if unicodedata.category(c)[0] in "LNZ" or c in _TAG_EXTRA else "_" for c in value)
-    if len(out) > TAG_VALUE_MAX:
-        out = out[: TAG_VALUE_MAX - 9] + "-" + _short_hash(value)
-    return out
-
-
-def session_policy_text(options: dict[str, Any]) -> str | None:
-    """The access's `session_policy` as compact JSON, refused before any call if STS would refuse it."""
-    policy = options.get("session_policy")
-    if policy is None:
-        return None
-    if isinstance(policy, str):
-        try:
-            policy = json.loads(policy)
-        except ValueError as exc:
-            raise ProviderMisconfigured(f"session_policy is not JSON: {exc}") from None
-    if not isinstance(policy, dict):
-        raise ProviderMisconfigured("session_policy must be an IAM policy document (a mapping)")
-    # ensure_ascii: STS takes only \u0020-\u00FF (plus tab/LF/CR) in a policy's plaintext.
-    text = json.dumps(policy, separators=(",", ":"), ensure_ascii=True)
-    if len(text) > SESSION_POLICY_MAX_CHARS:
-        raise InvalidRequest(
-            f"the session policy is {len(text)} characters as compact JSON; STS accepts at most "
-            f"{SESSION_POLICY_MAX_CHARS}. Shorten it (wildcards, fewer statements) or put the "
-            "permissions in the role itself",
-            code="session-policy-too-large",
-            size=len(text),
-            limit=SESSION_POLICY_MAX_CHARS,
-        )
-    return text
-
-
-def _max_duration_option(options: dict[str, Any]) -> int | None:
-    value = options.get("max_duration")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < STS_MIN_DURATION:
-        raise ProviderMisconfigured(
-            f"max_duration must be a whole number of seconds >= {STS_MIN_DURATION} (STS's floor); got {value!r}"
-        )
-    return value
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, str) and value:
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if isinstance(value, datetime):
-        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-    return None
-
-
-def _partition(region: str) -> str:
-    try:
-        return botocore.session.get_session().get_partition_for_region(region)
-    except Exception:  # an unknown (new or private) region: the commercial partition is the best guess
-        return "aws"
-
-
-# --- the revocation policy document ---------------------------------------------------------
-
-
-@dataclass
-class RevocationPolicy:
-    """The parsed `jit-broker-revoked-sessions` document. Statements it did not write are kept."""
-
-    buckets: dict[int, set[str]] = field(default_factory=dict)  # bucket end (unix) -> aws:userid values
-    issued_by: dict[int, int] = field(default_factory=dict)  # bucket end -> newest issue time in it
-    fallback: tuple[int, int] | None = None  # (deny sessions issued before, until)
-    foreign: list[dict[str, Any]] = field(default_factory=list)
-
-    @classmethod
-    def parse(cls, document: dict[str, Any] | None) -> RevocationPolicy:
-        out = cls()
-        statements = (document or {}).get("Statement", [])
-        for st in [statements] if isinstance(statements, dict) else statements:
-            sid = st.get("Sid", "") if isinstance(st, dict) else ""
-            cond = st.get("Condition", {}) if isinstance(st, dict) else {}
-            if (m := _BUCKET_SID.fullmatch(sid)) and "aws:userid" in cond.get("StringEquals", {}):
-                ids = cond["StringEquals"]["aws:userid"]
-                if ids:
-                    end = int(m.group(1))
-                    out.buckets.setdefault(end, set()).update([ids] if isinstance(ids, str) else ids)
-                    out.issued_by[end] = max(out.issued_by.get(end, 0), int(m.group(2)))
-            elif (m := _FALLBACK_SID.fullmatch(sid)) and "aws:TokenIssueTime" in cond.get("DateLessThan", {}):
-                out.fallback = (int(m.group(1)), int(m.group(2)))
-            else:
-                out.foreign.append(st)
-        return out
-
-    def merge(self, other: RevocationPolicy) -> None:
-        """Union with what this process wrote last: IAM reads can lag a write by seconds."""
-        for end, ids in other.buckets.items():
-            self.buckets.setdefault(end, set()).update(ids)
-            self.issued_by[end] = max(self.issued_by.get(end, 0), other.issued_by.get(end, 0))
-        if other.fallback:
-            mine = self.fallback or other.fallback
-            self.fallback = (max(mine[0], other.fallback[0]), max(mine[1], other.fallback[1]))
-
-    def covers(self, userid: str, expires: int, issued: int) -> bool:
-        if self.fallback and issued < self.fallback[0] and expires <= self.fallback[1]:
-            return True
-        return any(userid in ids and end >= expires for end, ids in self.buckets.items())
-
-    def add(self, userid: str, expires: int, issued: int) -> None:
-        for ids in self.buckets.values():
-            ids.discard(userid)  # it may sit in an earlier bucket from a recovered, shorter guess
-        end = math.ceil(expires / BUCKET_SECONDS) * BUCKET_SECONDS
-        self.buckets.setdefault(end, set()).add(userid)
-        self.issued_by[end] = max(self.issued_by.get(end, 0), issued)
-        self.buckets = {e: ids for e, ids in self.buckets.items() if ids}
-
-    def prune(self, now: int) -> int:
-        """Drop what has expired (with the clock grace); return how many entries went."""
-        removed = 0
-        for end in [e for e in self.buckets if e + CLOCK_GRACE_SECONDS <= now]:
-            removed += len(self.buckets.pop(end))
-            self.issued_by.pop(end, None)
-        if self.fallback and self.fallback[1] + CLOCK_GRACE_SECONDS <= now:
-            self.fallback = None
-            removed += 1
-        return removed
-
-    def collapse(self) -> None:
-        """The overflow fallback: one TokenIssueTime deny replaces every per-session statement.
-
-        Every revoked session was issued no later than the newest issue time recorded, so
-        "issued before that + 1 s" covers all of them (and, bluntly, the role's other sessions
-        issued before it); it must last until the last of them expires.
-        """
-        before = max([*self.issued_by.values(), *([self.fallback[0] - 1] if self.fallback else [])]) + 1
-        until = max([*self.buckets, *([self.fallback[1]] if self.fallback else [])])
-        self.fallback = (before, until)
-        self.buckets.clear()
-        self.issued_by.clear()
-
-    def is_empty(self) -> bool:
-        return not self.buckets and not self.fallback and not self.foreign
-
-    def document(self) -> dict[str, Any]:
-        statements: list[dict[str, Any]] = [
-            {
-                "Sid": f"ExpiresAt{end}IssuedBy{self.issued_by.get(end, 0)}",
-                "Effect": "Deny",
-                "Action": "*",
-                "Resource": "*",
-                "Condition": {"StringEquals": {"aws:userid": sorted(ids)}},
-            }
-            for end, ids in sorted(self.buckets.items())
-        ]
-        if self.fallback:
-            before, until = self.fallback
-            statements.append({
-                "Sid": f"IssuedBefore{before}ExpiresAt{until}",
-                "Effect": "Deny",
-                "Action": "*",
-                "Resource": "*",
-                "Condition": {"DateLessThan": {"aws:TokenIssueTime": _iso(datetime.fromtimestamp(before, UTC))}},
-            })
-        return {"Version": "2012-10-17", "Statement": statements + self.foreign}
-
-    def text(self) -> str:
-        return json.dumps(self.document(), separators=(",", ":"))
-
-    def size(self) -> int:
-        """What IAM counts against the 10,240 limit: characters that are not whitespace."""
-        return len(re.sub(r"\s", "", self.text()))
-
 
 # --- errors at the boundary -------------------------------------------------------------------
 
