@@ -22,7 +22,7 @@ from sqlmodel import col, select
 
 from broker.audit.service import AuditEvent, append
 from broker.db import transaction
-from broker.errors import Forbidden, InvalidRequest
+from broker.errors import InvalidRequest
 from broker.identity.callers import Caller
 from broker.leases.revocation import LIVE, RevokeSummary, revoke_leases
 from broker.models import Lease, SessionRow

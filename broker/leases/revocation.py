@@ -35,7 +35,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from broker.audit.service import AuditEvent, append, append_many
 from broker.db import advisory_lock, is_postgres, transaction, utcnow
-from broker.errors import BrokerError, ProviderUnavailable
+from broker.errors import ProviderUnavailable
 from broker.metrics import REVOKES
 from broker.models import Lease, SessionRow
 from broker.providers.base import Provider, RevokeTarget

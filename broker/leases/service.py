@@ -18,20 +18,18 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from broker.audit.chain import canonical_json
-from broker.audit.service import AuditEvent, append
+from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import (
     BrokerError,
-    BudgetExceeded,
     Conflict,
-    Denied,
     Forbidden,
     NotFound,
     ProviderError,
     Unauthenticated,
 )
 from broker.identity.callers import Caller
-from broker.leases import idempotency
+from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
 from broker.metrics import DECISIONS, MINTS
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
@@ -102,67 +100,11 @@ def lock_session(db: Session, session_id: str) -> SessionRow | None:
     return db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()
 
 
-def _bounds(broker: Broker) -> Any:
+def bounds_lookup(broker: Broker) -> Any:
     def lookup(provider: str, resource: str, options: dict[str, Any]) -> TtlBounds:
         return broker.provider(provider).ttl_bounds(resource, options)
 
     return lookup
-
-
-def _decision_record(decision: Decision, shadow: Decision | None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "result": decision.result,
-        "reason": decision.reason,
-        "matched_rule": decision.matched_rule,
-        "policy_version": decision.policy_version,
-    }
-    if shadow is not None:
-        record["shadow"] = {
-            "result": shadow.result,
-            "reason": shadow.reason,
-            "matched_rule": shadow.matched_rule,
-            "policy_version": shadow.policy_version,
-        }
-    return record
-
-
-def _event(
-    session: SessionRow, ask: CapabilityAsk | None, type_: str, outcome: str, *, tier: str | None = None,
-    decision: dict[str, Any] | None = None, grant: dict[str, Any] | None = None, detail: dict[str, Any] | None = None,
-    resource: str | None = None, operation: str = "request",
-) -> AuditEvent:
-    return AuditEvent(
-        type=type_,
-        outcome=outcome,
-        human_principal=session.human,
-        agent={"id": session.agent, "session_id": session.id, "task_id": session.task_id},
-        request={
-            "tool": ask.tool if ask else None,
-            "operation": operation,
-            "resource": ask.resource if ask else resource,
-            "access": ask.access if ask else None,
-            "tier": tier,
-            "parameters": ask.parameters if ask else None,
-            "purpose": ask.purpose if ask else None,
-        },
-        policy_decision=decision,
-        jit_grant=grant,
-        detail=detail,
-    )
-
-
-def _denied(decision: Decision) -> BrokerError:
-    body = decision.to_dict()
-    if decision.reason == "budget-exceeded":
-        return BudgetExceeded(f"denied: {decision.reason}", code=decision.reason, decision=body)
-    return Denied(f"denied by the {_failing_layer(decision)} layer: {decision.reason}", code=decision.reason, decision=body)
-
-
-def _failing_layer(decision: Decision) -> str:
-    for layer in decision.layers:
-        if layer.verdict == "deny":
-            return layer.layer
-    return "policy"
 
 
 def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: datetime) -> bool:
@@ -229,17 +171,19 @@ def _decide_and_mint(
             policy,
             shadow_policy,
             session_facts(db, session),
-            RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now, approved=approved),
-            _bounds(broker),
+            RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now,
+                         approved=approved),
+            bounds_lookup(broker),
         )
         DECISIONS.labels(decision.result, decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
-        record = _decision_record(decision, shadow)
+        record = records.decision_record(decision, shadow)
         if decision.result == "deny":
-            refusal = _denied(decision)
+            refusal = records.refusal(decision)
             idempotency.finish(db, broker, ticket, refusal.status, refusal.to_body())
-            append(db, _event(session, ask, "capability.denied", "denied", tier=decision.tier, decision=record))
+            append(db, records.capability_event(session, ask, "capability.denied", "denied", tier=decision.tier,
+                                                decision=record))
         elif decision.result == "approval_required":
             return _pending(db, broker, session, ask, decision, record, ticket, now)
         else:
@@ -286,7 +230,7 @@ def _decide_and_mint(
                     db.add(lease)
                     if exc.status < 500:
                         idempotency.finish(db, broker, ticket, exc.status, exc.to_body())
-                    append(db, _failed_event(session, ask, grant, provider.name, record, exc))
+                    append(db, records.mint_failed_event(session, ask, grant, provider.name, record, exc))
                 else:
                     return _activate(db, broker, session, ask, lease, grant, provider.name, minted, record, ticket)
             else:
@@ -327,18 +271,12 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
     idempotency.finish(db, broker, ticket, 202, body)
     append(
         db,
-        _event(session, ask, "capability.pending", "pending_approval", tier=decision.tier, decision=record,
-               grant={"status": "pending_approval", "approval_id": approval.id, "ttl_seconds": decision.ttl_seconds}),
+        records.capability_event(
+            session, ask, "capability.pending", "pending_approval", tier=decision.tier, decision=record,
+            grant={"status": "pending_approval", "approval_id": approval.id, "ttl_seconds": decision.ttl_seconds},
+        ),
     )
     return 202, body
-
-
-def _failed_event(session: SessionRow, ask: CapabilityAsk, grant: Grant, provider: str, record: dict[str, Any],
-                  failure: BrokerError) -> AuditEvent:
-    return _event(session, ask, "capability.mint_failed", "failed", tier=grant.tier, decision=record,
-                  grant={"status": "failed", "capability_id": grant.capability_id, "provider": provider,
-                         "ttl_seconds": grant.ttl_seconds},
-                  detail={"error": failure.code, "message": failure.message})
 
 
 def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease, grant: Grant,
@@ -368,10 +306,12 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
     # Last, so the audit head (one row every request serialises on) is held for the least time.
     append(
         db,
-        _event(session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
-               grant={"status": "active", "capability_id": lease.id, "provider": provider,
-                      "ttl_seconds": grant.ttl_seconds, "expires_at": _iso(lease.expires_at),
-                      "credential_fingerprint": minted.fingerprint}),
+        records.capability_event(
+            session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
+            grant={"status": "active", "capability_id": lease.id, "provider": provider,
+                   "ttl_seconds": grant.ttl_seconds, "expires_at": _iso(lease.expires_at),
+                   "credential_fingerprint": minted.fingerprint},
+        ),
     )
     return 201, body
 
@@ -402,7 +342,7 @@ def _mint(
             if failure.status < 500:
                 idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure.status,
                                    failure.to_body())
-            append(db, _failed_event(session, ask, grant, provider_name, record, failure))
+            append(db, records.mint_failed_event(session, ask, grant, provider_name, record, failure))
         raise failure
     try:
         with transaction(broker.engine) as db:

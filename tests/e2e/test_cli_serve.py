@@ -174,3 +174,36 @@ def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+def test_serve_with_two_workers_shares_one_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    """`broker-cli serve --workers 2`: two replica processes behind one port, one database."""
+    secrets_ = BrokerSecrets()
+    env = secrets_.env(tmp_path, postgres_url)
+    assert cli("migrate", env=env, cwd=tmp_path).returncode == 0
+    proc = BrokerProcess(env, tmp_path, serve_args=("--workers", "2"))
+    with proc:
+        assert proc.proc is not None
+        children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
+        assert len(children) >= 2, children  # uvicorn's supervisor and its two workers
+        with httpx.Client(base_url=proc.base_url, timeout=30) as http:
+            r = http.post("/v1/sessions", headers={"Authorization": f"Bearer {secrets_.orchestrator_key}"}, json={
+                "human": "alice@example.com", "agent": "claude-code", "task_id": "w", "ttl_seconds": 900,
+                "scope": [{"resource": "jwt://svc/*", "access": ["read"]}]})
+            assert r.status_code == 201, r.text
+            session = r.json()
+            agent = {"Authorization": f"Bearer {session['session_token']}"}
+            for i in range(20):  # new connections, so both workers answer some
+                with httpx.Client(base_url=proc.base_url, timeout=30) as fresh:
+                    r = fresh.post("/v1/capabilities", headers=agent,
+                                   json={"resource": f"jwt://svc/s{i}", "access": "read", "purpose": "w"})
+                    assert r.status_code == 201, r.text
+            ended = http.post(f"/v1/sessions/{session['session_id']}/end", headers={
+                "Authorization": f"Bearer {secrets_.orchestrator_key}"}).json()
+            assert ended["revoked"] == 20
+            admin = {"Authorization": f"Bearer {secrets_.admin_token}"}
+            verify = http.get("/v1/audit/verify", headers=admin).json()
+            assert verify["ok"] is True
+            records = http.get("/v1/audit", params={"session_id": session["session_id"], "limit": 1000},
+                               headers=admin).json()["records"]
+            assert [r["type"] for r in records].count("capability.minted") == 20

@@ -60,7 +60,8 @@ def migrate(env: dict[str, str]) -> None:
 class BrokerProcess:
     """One `broker-cli serve` on a fixed loopback port (kept across restarts)."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "broker") -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "broker", serve_args: tuple[str, ...] = ()) -> None:
+        self.serve_args = serve_args
         self.port = free_port()
         self.env = {**env, "BROKER_HOST": "127.0.0.1", "BROKER_PORT": str(self.port)}
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -78,7 +79,7 @@ class BrokerProcess:
         with open(self.log_path, "ab") as logf:
             logf.write(f"--- start {time.strftime('%H:%M:%S')} ---\n".encode())
             logf.flush()
-            self.proc = subprocess.Popen([BROKER_CLI, "serve"], env=_environ(self.env), stdout=logf,
+            self.proc = subprocess.Popen([BROKER_CLI, "serve", *self.serve_args], env=_environ(self.env), stdout=logf,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
 

@@ -11,7 +11,7 @@ from broker.api.deps import BrokerDep, HumanCaller
 from broker.api.schemas import ErrorResponse, ExplainRequest
 from broker.db import transaction, utcnow
 from broker.errors import InvalidRequest, NotFound
-from broker.leases.service import _bounds, session_facts
+from broker.leases.service import bounds_lookup, session_facts
 from broker.models import SessionRow
 from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
 from broker.sessions.service import may_manage
@@ -40,6 +40,6 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> dic
     decision, shadow = evaluate_with_shadow(
         broker.policies.current, broker.policies.shadow, facts,
         RequestFacts(resource=body.resource, access=body.access, ttl_seconds=body.ttl_seconds, now=now),
-        _bounds(broker),
+        bounds_lookup(broker),
     )
     return {"decision": decision.to_dict(), "shadow": shadow.to_dict() if shadow else None}
