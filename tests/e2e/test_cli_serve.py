@@ -89,6 +89,13 @@ def test_serve_flow_then_tampered_audit_is_caught(served: tuple[BrokerProcess, B
     as_json = cli("audit", "verify", "--json", env=cli_env, cwd=tmp_path)
     assert '"first_bad_seq": ' + str(minted["seq"]) in as_json.stdout
 
+    explained = cli("policy", "explain", "--session", session["session_id"], "--resource", "jwt://payments-api",
+                    "--access", "write", env=cli_env, cwd=tmp_path)
+    assert explained.returncode == 0, explained.stderr
+    assert explained.stdout.startswith("DENY: outside-task-scope (session.scope)")
+    for layer in ("session", "resource", "human", "task_scope", "agent", "tier", "budget", "escalation", "time"):
+        assert f"  {layer}" in explained.stdout
+
     listed = cli("capabilities", "list", "--session", session["session_id"], env=cli_env, cwd=tmp_path)
     assert cap["capability_id"] in listed.stdout and "revoked" in listed.stdout
     exported = cli("audit", "export", "--session", session["session_id"], env=cli_env, cwd=tmp_path)

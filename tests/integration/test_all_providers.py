@@ -126,6 +126,10 @@ def test_every_provider_mints_and_revokes_and_no_secret_is_at_rest(
                          aws_session_token=cred["aws"]["session_token"]).get_caller_identity()
     assert ident["Arn"].endswith(f"/{aws_role.name}/{caps['aws']['capability_id']}")
 
+    ready = api.client.get("/readyz").json()
+    assert {name: p["ok"] for name, p in ready["checks"]["providers"].items()} == {
+        "aws": True, "github": True, "native": True, "vault": True}
+
     dump = _dump(api)
     for what, value in secrets_at_risk.items():
         assert value not in dump, f"{what} found at rest"

@@ -244,3 +244,27 @@ def test_introspection_accepts_form_and_json(api: Api, as_json: bool) -> None:
     assert body["active"] is True and body["aud"] == "svc/x" and body["sid"] == session["session_id"]
     # A session token is not a capability: introspection says inactive.
     assert api.client.post("/v1/introspect", data={"token": session["session_token"]}).json() == {"active": False}
+
+
+def test_policy_explain_shows_every_layer_for_live_and_hypothetical_sessions(api: Api) -> None:
+    session = api.new_session(scope=[{"resource": "jwt://payments-api", "access": ["read"]}])
+    live = api.client.post("/v1/policy/explain", headers=api.as_admin(), json={
+        "session_id": session["session_id"], "resource": "jwt://payments-api", "access": "write"}).json()
+    decision = live["decision"]
+    assert (decision["result"], decision["reason"], decision["matched_rule"]) == ("deny", "outside-task-scope", "session.scope")
+    verdicts = {layer["layer"]: layer["verdict"] for layer in decision["layers"]}
+    assert verdicts == {"session": "allow", "resource": "allow", "human": "allow", "task_scope": "deny",
+                        "agent": "allow", "tier": "allow", "budget": "allow", "escalation": "allow", "time": "allow"}
+    assert live["shadow"] is None
+    hypothetical = api.client.post("/v1/policy/explain", headers=api.as_admin(), json={
+        "human": "alice@example.com", "agent": "claude-code", "resource": "jwt://payments-api", "access": "deploy",
+        "scope": [{"resource": "jwt://payments-api", "access": ["*"]}]}).json()["decision"]
+    assert (hypothetical["result"], hypothetical["reason"]) == ("approval_required", "approval-required")
+    assert hypothetical["approvers"] == ["group:maintainers"]
+    # A dry run changes nothing: no lease, no audit record for it.
+    assert api.client.get("/v1/capabilities", params={"session_id": session["session_id"]},
+                          headers=api.as_admin()).json() == []
+    assert _audit_types(api, session["session_id"]) == ["session.created"]
+    agent = {"Authorization": f"Bearer {session['session_token']}"}
+    assert api.client.post("/v1/policy/explain", headers=agent, json={
+        "session_id": session["session_id"], "resource": "jwt://payments-api", "access": "read"}).status_code == 403
