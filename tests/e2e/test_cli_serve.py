@@ -30,6 +30,17 @@ def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
     return subprocess.run([CLI, *args], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
+def provision(http: httpx.Client, orchestrator_key: str, *, human: str, task_id: str, resource: str,
+              access: str = "read") -> tuple[dict, dict[str, str]]:
+    """The orchestrator's step: a session over HTTP; returns it and the agent's auth header."""
+    r = http.post("/v1/sessions", headers={"Authorization": f"Bearer {orchestrator_key}"}, json={
+        "human": human, "agent": "claude-code", "task_id": task_id, "ttl_seconds": 900,
+        "scope": [{"resource": resource, "access": [access]}]})
+    assert r.status_code == 201, r.text
+    session = r.json()
+    return session, {"Authorization": f"Bearer {session['session_token']}"}
+
+
 @pytest.fixture
 def served(database_url: str, tmp_path: Path) -> Iterator[tuple[BrokerProcess, BrokerSecrets, str]]:
     secrets_ = BrokerSecrets()
@@ -55,12 +66,8 @@ def _tamper(database_url: str, seq: int) -> None:
 def test_serve_flow_then_tampered_audit_is_caught(served: tuple[BrokerProcess, BrokerSecrets, str], tmp_path: Path) -> None:
     proc, secrets_, database_url = served
     with httpx.Client(base_url=proc.base_url, timeout=30) as http:
-        r = http.post("/v1/sessions", headers={"Authorization": f"Bearer {secrets_.orchestrator_key}"}, json={
-            "human": "alice@example.com", "agent": "claude-code", "task_id": "issue-42", "ttl_seconds": 900,
-            "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})
-        assert r.status_code == 201, r.text
-        session = r.json()
-        agent = {"Authorization": f"Bearer {session['session_token']}"}
+        session, agent = provision(http, secrets_.orchestrator_key, human="alice@example.com", task_id="issue-42",
+                                   resource="jwt://payments-api")
         r = http.post("/v1/capabilities", headers=agent,
                       json={"resource": "jwt://payments-api", "access": "read", "purpose": "read the ledger"})
         assert r.status_code == 201, r.text
@@ -158,11 +165,8 @@ def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
         assert oct((state / "admin-token").stat().st_mode)[-3:] == "600"
         assert all(oct(p.stat().st_mode)[-3:] == "600" for p in (state / "signing-keys").glob("*.pem"))
         orch = (state / "orchestrator-key").read_text().strip()
-        r = httpx.post(url + "/v1/sessions", headers={"Authorization": f"Bearer {orch}"}, json={
-            "human": "dev@example.com", "agent": "claude-code", "task_id": "try-it", "ttl_seconds": 600,
-            "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})
-        assert r.status_code == 201, r.text
-        agent = {"Authorization": f"Bearer {r.json()['session_token']}"}
+        with httpx.Client(base_url=url, timeout=30) as http:
+            _, agent = provision(http, orch, human="dev@example.com", task_id="try-it", resource="jwt://payments-api")
         r = httpx.post(url + "/v1/capabilities", headers=agent,
                        json={"resource": "jwt://payments-api", "access": "read", "purpose": "try"})
         assert r.status_code == 201, r.text
@@ -194,12 +198,8 @@ def test_serve_with_two_workers_shares_one_postgresql(postgres_url: str, tmp_pat
         children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
         assert len(children) >= 2, children  # uvicorn's supervisor and its two workers
         with httpx.Client(base_url=proc.base_url, timeout=30) as http:
-            r = http.post("/v1/sessions", headers={"Authorization": f"Bearer {secrets_.orchestrator_key}"}, json={
-                "human": "alice@example.com", "agent": "claude-code", "task_id": "w", "ttl_seconds": 900,
-                "scope": [{"resource": "jwt://svc/*", "access": ["read"]}]})
-            assert r.status_code == 201, r.text
-            session = r.json()
-            agent = {"Authorization": f"Bearer {session['session_token']}"}
+            session, agent = provision(http, secrets_.orchestrator_key, human="alice@example.com", task_id="w",
+                                       resource="jwt://svc/*")
             for i in range(20):  # new connections, so both workers answer some
                 with httpx.Client(base_url=proc.base_url, timeout=30) as fresh:
                     r = fresh.post("/v1/capabilities", headers=agent,
