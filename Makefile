@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test openapi clean
+.PHONY: run test lint install install-test openapi clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ run: install
 test: install-test
 	scripts/ensure-postgres
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+## ruff (style, imports, bugbear) and mypy over the package: part of CI.
+lint: install-test
+	$(BIN)/ruff check broker tests bench
+	$(BIN)/mypy
 
 openapi: install
 	$(BIN)/python -m broker.api.openapi > openapi.yaml

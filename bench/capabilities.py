@@ -31,8 +31,8 @@ import argparse
 import asyncio
 import json
 import math
-import re
 import os
+import re
 import signal
 import sys
 import time
@@ -42,7 +42,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    reported,  # noqa: E402
     BrokerProcess,
     Cleanup,
     Conn,
@@ -54,6 +53,7 @@ from _common import (
     machine_cpu,
     median,
     percentile,
+    reported,  # noqa: E402
     temp_dir,
 )
 
@@ -449,6 +449,7 @@ def service_layer(cleanup: Cleanup, work: Path, n: int) -> dict[str, Any]:
     import logging
     import uuid
 
+    from _common import bench_policy
     from sqlalchemy import create_engine
 
     from broker.identity.callers import Caller
@@ -457,7 +458,6 @@ def service_layer(cleanup: Cleanup, work: Path, n: int) -> dict[str, Any]:
     from broker.sessions import service as sessions
     from broker.sessions.service import SessionAsk
     from tests.support.brokers import BrokerSecrets, build_broker
-    from _common import bench_policy
 
     devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
     handler = logging.StreamHandler(devnull)

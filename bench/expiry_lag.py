@@ -35,9 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg  # noqa: E402
-
 from _common import (
-    reported,  # noqa: E402
     BrokerProcess,
     Cleanup,
     Report,
@@ -46,6 +44,7 @@ from _common import (
     log,
     median,
     psycopg_dsn,
+    reported,  # noqa: E402
     temp_dir,
 )
 

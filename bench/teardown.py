@@ -32,9 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
-
 from _common import (
-    reported,  # noqa: E402
     REPO,
     BrokerProcess,
     Cleanup,
@@ -46,6 +44,7 @@ from _common import (
     log,
     median,
     psycopg_dsn,
+    reported,  # noqa: E402
     temp_dir,
 )
 
@@ -139,8 +138,9 @@ def backend_floor(vault_client: Any, role: str, n: int, threads: int = 8) -> dic
     """What OpenBao alone needs to revoke n tokens by accessor: sequential (as the broker does
     it today, one call after the other) and with `threads` calls in flight. Tokens are created
     through the broker's token role with the root client (not timed)."""
-    import hvac
     from concurrent.futures import ThreadPoolExecutor
+
+    import hvac
 
     def make(count: int) -> list[str]:
         return [vault_client.auth.token.create(role_name=role, policies=["kv-allowed"], ttl="900s",

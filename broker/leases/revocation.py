@@ -20,11 +20,11 @@ a credential was never handed out: the handle and the response are written in on
 from __future__ import annotations
 
 import inspect
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 import logging
 import random
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from broker.errors import PolicyError
-from broker.policy.compiled import CompiledPolicy
 from broker.policy import models
+from broker.policy.compiled import CompiledPolicy
 from broker.policy.models import PolicyDocument, cross_check
 
 DataPath = tuple[Any, ...]

@@ -40,7 +40,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
@@ -194,7 +194,7 @@ class GitHubProvider:
     def revoke(self, target: RevokeTarget) -> None:
         token = target.revocation_secret
         if not token:
-            if target.expires_at <= datetime.now(timezone.utc):
+            if target.expires_at <= datetime.now(UTC):
                 return  # GitHub's hour is over: the token is dead with or without us
             raise ProviderMisconfigured(
                 "github: this lease holds no sealed token, and GitHub can revoke an installation token "
@@ -388,8 +388,8 @@ def _parse_time(value: Any) -> datetime:
     except ValueError:
         raise _Unacceptable(f"unreadable expires_at {value!r}") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
 
 
 def _json_object(resp: httpx.Response, action: str) -> dict[str, Any]:

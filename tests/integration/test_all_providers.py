@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import hvac
 import httpx
+import hvac
 import psycopg
 import pytest
 from sqlalchemy import text

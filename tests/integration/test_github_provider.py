@@ -7,7 +7,7 @@ import socket
 import time
 import traceback
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import jwt
@@ -60,7 +60,7 @@ def grant(resource: str = "github://acme/widgets", permissions: dict[str, str] |
 def target_for(minted_token: str | None, expires_at: datetime | None = None) -> RevokeTarget:
     return RevokeTarget(
         capability_id="cap_1", session_id="ses_1", resource="github://acme/widgets", access="read",
-        handle={}, expires_at=expires_at or datetime.now(timezone.utc) + timedelta(hours=1),
+        handle={}, expires_at=expires_at or datetime.now(UTC) + timedelta(hours=1),
         revocation_secret=minted_token,
     )
 
@@ -95,7 +95,7 @@ def test_mint_reads_only_its_repository_and_cannot_write(provider: GitHubProvide
     assert minted.handle["installation_id"] == 1001
     assert minted.handle["repositories"] == ["acme/widgets"]
     # GitHub's own hour, not the grant's ttl: the sweeper revokes at the lease's end
-    assert timedelta(minutes=59) < minted.expires_at - datetime.now(timezone.utc) <= timedelta(hours=1)
+    assert timedelta(minutes=59) < minted.expires_at - datetime.now(UTC) <= timedelta(hours=1)
     assert provider.ttl_bounds("github://acme/widgets", {}).max_seconds == 3600
 
     # what the provider asked GitHub for: one repository name, the permissions of the entry
@@ -246,7 +246,7 @@ def test_revoke_kills_the_token_and_is_idempotent(provider: GitHubProvider, gh: 
 
 
 def test_revoke_without_sealed_token(provider: GitHubProvider, gh: GitHubStandIn) -> None:
-    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    past = datetime.now(UTC) - timedelta(seconds=1)
     provider.revoke(target_for(None, past))  # GitHub's hour is over: nothing left to revoke
     with pytest.raises(ProviderMisconfigured, match="no sealed token"):
         provider.revoke(target_for(None))  # still alive and unrevocable: stays revoke_pending

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class IssuedToken:
     revoked: bool = False
 
     def live(self) -> bool:
-        return not self.revoked and self.expires_at > datetime.now(timezone.utc)
+        return not self.revoked and self.expires_at > datetime.now(UTC)
 
 
 @dataclass
@@ -342,7 +342,7 @@ class GitHubStandIn:
             installation_id=inst.id,
             repositories=names,
             permissions=permissions,
-            expires_at=datetime.now(timezone.utc).replace(microsecond=0) + timedelta(hours=1),
+            expires_at=datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1),
         )
         self.tokens[issued.token] = issued
         answer: dict[str, Any] = {
