@@ -8,6 +8,7 @@ production store; row claims there use `FOR UPDATE SKIP LOCKED` (see `claim_clau
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -72,12 +73,20 @@ def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
+_LOCAL_LOCKS: dict[str, threading.Lock] = {}
+_LOCAL_LOCKS_GUARD = threading.Lock()
+
+
 @contextmanager
 def advisory_lock(engine: Engine, key: str) -> Iterator[None]:
     """Serialise work on `key` across every replica sharing this PostgreSQL (a session-level
-    advisory lock on its own connection). SQLite brokers are single-node: a no-op there."""
+    advisory lock on its own connection). SQLite brokers are single-node: a lock in this
+    process does it there (the keys are few: one per backend object, e.g. an AWS role)."""
     if not is_postgres(engine):
-        yield
+        with _LOCAL_LOCKS_GUARD:
+            lock = _LOCAL_LOCKS.setdefault(key, threading.Lock())
+        with lock:
+            yield
         return
     number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
     with engine.connect() as conn:

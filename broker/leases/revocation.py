@@ -4,7 +4,8 @@ A lease is claimed (`claimed_by`, `claimed_until`) in a short transaction that s
 another replica holds, so nothing is revoked twice; a replica that dies mid-way leaves a claim
 that lapses and is taken over. A backend that refuses or cannot be reached leaves the lease
 `revoke_pending`, retried with backoff, audited each time: it is never marked revoked on hope.
-Native leases need no backend call and are finished inside the claim transaction.
+Leases of providers that mint locally (native) need no backend call and are finished inside
+the claim transaction.
 
 Two retry loops, for two kinds of trouble. A blip (one `ProviderUnavailable`) is retried in
 process a few times within a second (tenacity). An outage outlasts that: the lease is left
@@ -12,19 +13,18 @@ process a few times within a second (tenacity). An outage outlasts that: the lea
 from whichever replica gets there first, across restarts.
 
 A lease without a handle (revoked while minting, or its minting request died) is looked up at
-the backend by capability id (`find_by_capability`, where the provider has one) and revoked
+the backend by capability id (`find_by_capability`, where the provider is `searchable`) and revoked
 there; if the backend does not have it, the lease ends `expired` with a reason saying so. Such
 a credential was never handed out: the handle and the response are written in one commit.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -35,7 +35,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from broker.audit.service import AuditEvent, append, append_many
 from broker.db import advisory_lock, is_postgres, transaction, utcnow
-from broker.errors import ProviderUnavailable
+from broker.errors import BrokerError, ProviderMisconfigured, ProviderUnavailable
 from broker.metrics import REVOKES
 from broker.models import Lease, SessionRow
 from broker.providers.base import Provider, RevokeTarget
@@ -45,7 +45,6 @@ log = logging.getLogger("broker.revocation")
 T = TypeVar("T")
 
 LIVE = ("minting", "active", "revoke_pending")
-NO_BACKEND_CALL = {"native"}
 MAX_BACKOFF_SECONDS = 300
 # Backend revocations in flight at once (network-bound), and leases recorded per transaction.
 REVOKE_CONCURRENCY = 8
@@ -188,7 +187,7 @@ def revoke_leases(
             if lease.status == "minting" and mint_abandoned(lease, broker, now):
                 # The request that reserved it is gone: look for what it may have minted.
                 why = (lease.revoke_reason or (reason if reason != "retry" else "mint-abandoned"))[:128]
-                if lease.provider in NO_BACKEND_CALL:
+                if _mints_locally(broker, lease.provider):
                     finish_revocation(db, lease, session, why, actor, now, detail={"note": "minting request died"},
                                       batch=events)
                     summary.revoked.append(lease.id)
@@ -210,7 +209,7 @@ def revoke_leases(
                 events.append(_revoke_event(session, lease, "capability.revoke_pending", "revoke_pending", actor, why,
                                             {"note": "revoked while minting"}))
                 summary.pending.append(lease.id)
-            elif lease.provider in NO_BACKEND_CALL:
+            elif _mints_locally(broker, lease.provider):
                 finish_revocation(db, lease, session, why, actor, now, batch=events)
                 REVOKES.labels(provider=lease.provider, outcome="revoked").inc()
                 summary.revoked.append(lease.id)
@@ -238,18 +237,12 @@ def _revoke_claimed(broker: Broker, claimed: list[tuple[Lease, SessionRow | None
     return summary
 
 
-def _finder(provider: Provider) -> Callable[[Lease], dict[str, Any] | None] | None:
-    """`find_by_capability(capability_id[, resource=...])` where the provider has one."""
-    find = getattr(provider, "find_by_capability", None)
-    if find is None:
-        return None
-    wants_resource = "resource" in inspect.signature(find).parameters  # AWS derives the session from it
-
-    def locate(lease: Lease) -> dict[str, Any] | None:
-        found = find(lease.id, resource=lease.resource) if wants_resource else find(lease.id)
-        return dict(found) if found else None
-
-    return locate
+def _mints_locally(broker: Broker, provider_name: str) -> bool:
+    """Nothing outside the broker to tell (native): the lease status is the revocation."""
+    try:
+        return broker.provider(provider_name).mints_locally
+    except ProviderMisconfigured:
+        return False  # not built: the backend path fails, and the lease stays visible
 
 
 def _natural_expiry(broker: Broker, provider: Provider | None, lease: Lease, searchable: bool) -> datetime:
@@ -265,11 +258,11 @@ def _natural_expiry(broker: Broker, provider: Provider | None, lease: Lease, sea
     return max(known, lease.expires_at, lease.created_at + timedelta(seconds=bound) + slack)
 
 
-def _serialised(broker: Broker, provider: Provider, resource: str) -> Any:
+def _serialised(broker: Broker, provider: Provider, resource: str) -> AbstractContextManager[None]:
     """Backends whose revocation is read-modify-write of shared state (AWS: one deny policy per
     role) name a lock key; replicas take it in turn so no revocation overwrites another."""
-    key_of = getattr(provider, "revocation_lock_key", None)
-    return advisory_lock(broker.engine, key_of(resource)) if key_of else nullcontext()
+    key = provider.revocation_lock_key(resource)
+    return advisory_lock(broker.engine, key) if key is not None else nullcontext()
 
 
 @dataclass
@@ -285,10 +278,11 @@ def _call_backend(broker: Broker, lease: Lease) -> _Outcome:
         provider = broker.provider(lease.provider)
         handle = lease.handle or None
         if handle is None and not lease.sealed_secret:
-            locate = _finder(provider)
-            outcome.found = backend_call(lambda: locate(lease), f"find {lease.id}") if locate else None
+            if provider.searchable:
+                found = backend_call(lambda: provider.find_by_capability(lease.id, lease.resource), f"find {lease.id}")
+                outcome.found = dict(found) if found else None
             if outcome.found is None:
-                outcome.missing = (_natural_expiry(broker, provider, lease, locate is not None), locate is not None)
+                outcome.missing = (_natural_expiry(broker, provider, lease, provider.searchable), provider.searchable)
             handle = outcome.found
         if handle is not None or lease.sealed_secret:
             secret = broker.sealer.unseal(lease.sealed_secret, lease.id) if lease.sealed_secret else None
@@ -335,7 +329,8 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
                 row.revoke_attempts += 1
                 row.next_attempt_at = now + timedelta(seconds=backoff_seconds(row.revoke_attempts))
                 row.claimed_by = row.claimed_until = None
-                row.status_reason = getattr(outcome.error, "code", outcome.error.__class__.__name__)
+                error = outcome.error
+                row.status_reason = error.code if isinstance(error, BrokerError) else error.__class__.__name__
                 db.add(row)
                 events.append(_revoke_event(session, row, "capability.revoke_failed", "revoke_pending", actor, reason,
                                             {"error": row.status_reason, "next_attempt_at": row.next_attempt_at.isoformat()}))

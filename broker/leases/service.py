@@ -34,7 +34,7 @@ from broker.leases.revocation import finish_revocation
 from broker.metrics import DECISIONS, MINTS
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
-from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
+from broker.providers.base import Grant, Minted, Provider, RevokeTarget, TtlBounds
 from broker.runtime import Broker
 
 log = logging.getLogger("broker.leases")
@@ -218,7 +218,7 @@ def _decide_and_mint(
                 ttl_seconds=decision.ttl_seconds,
                 options=dict(decision.options),
             )
-            if getattr(provider, "mints_locally", False):
+            if provider.mints_locally:
                 # Nothing outside this database learns of the credential before COMMIT, so
                 # reserving, minting and activating are one transaction: a crash leaves nothing.
                 try:
@@ -358,7 +358,7 @@ def _mint(
         raise
 
 
-def _revoke_unrecorded(broker: Broker, provider: Any, grant: Grant, minted: Minted) -> None:
+def _revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted: Minted) -> None:
     """The credential exists but its activation did not commit: kill it before anyone uses it."""
     target = RevokeTarget(
         capability_id=grant.capability_id, session_id=grant.session_id, resource=grant.resource,

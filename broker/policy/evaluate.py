@@ -10,30 +10,28 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.policy.compiled import AccessRule, CompiledPolicy, ResourceRule, tier_rank
 from broker.policy.resources import glob_matches, resource_problem
 
-if TYPE_CHECKING:
-    # Typing only: the evaluator reads .min_seconds/.max_seconds and never imports providers.
-    from broker.providers.base import TtlBounds
-
 ALLOW, DENY, APPROVAL, SKIPPED = "allow", "deny", "approval_required", "skipped"
-
-BoundsLookup = Callable[[str, str, dict], "TtlBounds"]  # (provider, resource, options) -> bounds
 
 
 @dataclass(frozen=True)
-class _DefaultBounds:
-    """Same values as TtlBounds(): one second to one day."""
+class TtlBounds:
+    """What a backend can issue, for the time layer. The defaults (one second to one day) are
+    the only ones: a provider without its own limits answers `TtlBounds()`."""
 
     min_seconds: int = 1
     max_seconds: int = 86400
 
 
-def default_bounds(provider: str, resource: str, options: dict) -> TtlBounds:
-    return _DefaultBounds()  # type: ignore[return-value]  # structurally a TtlBounds
+BoundsLookup = Callable[[str, str, dict[str, Any]], TtlBounds]  # (provider, resource, options) -> bounds
+
+
+def default_bounds(provider: str, resource: str, options: dict[str, Any]) -> TtlBounds:
+    return TtlBounds()
 
 
 @dataclass(frozen=True)

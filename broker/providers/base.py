@@ -1,18 +1,25 @@
-"""The Provider protocol: what every backend that mints and revokes credentials implements.
+"""The provider contract: everything a backend that mints and revokes credentials implements.
 
 A provider receives a `Grant` the policy has already allowed and clamped, and returns a
 `Minted`: the credential for the caller (shown once), a non-secret `handle` stored on the
 lease, and, only where revocation needs it, the secret itself (the lease service seals it
 with AES-256-GCM before it touches the database). Providers translate their SDK's errors into
 `broker.errors.ProviderError` subclasses at this boundary; nothing else leaks out.
+
+A deployment adds a backend by subclassing `Provider` and declaring an entry point in the
+`jit_broker.providers` group (see `registry.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from broker.policy.evaluate import TtlBounds
 
 if TYPE_CHECKING:
     from broker.config import Settings
@@ -73,42 +80,74 @@ class ProviderHealth:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class TtlBounds:
-    """What the backend can issue, for the policy's time layer."""
-
-    min_seconds: int = 1
-    max_seconds: int = 86400
-
-
-@runtime_checkable
-class Provider(Protocol):
-    """Optional class attribute `mints_locally = True`: minting calls nothing outside the
-    broker (native), so the lease service may mint inside the decision's transaction."""
-
-    name: ClassVar[str]
-
-    def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds: ...
-
-    def mint(self, grant: Grant) -> Minted: ...
-
-    def revoke(self, target: RevokeTarget) -> None:
-        """Revoke for real, or raise. Revoking something already gone is success."""
-        ...
-
-    def health(self) -> ProviderHealth: ...
-
-
 @dataclass
 class ProviderContext:
-    """What the factory hands every provider when it is built."""
+    """What the registry hands every provider when it is built."""
 
     settings: Settings
     keyring: KeyRing | None = None
 
 
-class ProviderFactory(Protocol):
-    """Entry point target: a class with `from_context(ctx) -> Provider`."""
+class Provider(ABC):
+    """Everything a provider is and may do. A new backend subclasses this and reads nothing else.
+
+    Required: `name`, `from_context`, `mint`, `revoke`. Everything below those has a default
+    that is right for a backend without the feature; override only what the backend has.
+    The rest of the broker calls these methods and attributes directly, never probing.
+    """
+
+    name: ClassVar[str]  # the policy's `provider:` value and the entry point's name
+
+    #: Minting calls nothing outside the broker (native signing): the lease service may then
+    #: reserve, mint and activate in one transaction, and revocation needs no backend call.
+    mints_locally: ClassVar[bool] = False
+
+    #: `find_by_capability` can search the backend. Leave False where it cannot (GitHub): a
+    #: lease whose handle was lost then ends at the backend's own upper bound (`ttl_bounds`).
+    searchable: ClassVar[bool] = False
 
     @classmethod
-    def from_context(cls, ctx: ProviderContext) -> Provider: ...
+    @abstractmethod
+    def from_context(cls, ctx: ProviderContext) -> Provider:
+        """The entry point's target: build from settings, or raise ProviderMisconfigured."""
+
+    @abstractmethod
+    def mint(self, grant: Grant) -> Minted:
+        """Create the credential at the backend, or raise a ProviderError."""
+
+    @abstractmethod
+    def revoke(self, target: RevokeTarget) -> None:
+        """Revoke for real, or raise. Revoking something already gone is success."""
+
+    def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
+        """What the backend can issue for this resource (the policy's time layer clamps to it)."""
+        return TtlBounds()
+
+    def health(self) -> ProviderHealth:
+        """For readiness: cheap, never raises, reports."""
+        return ProviderHealth(True, "no health check")
+
+    def find_by_capability(self, capability_id: str, resource: str) -> dict[str, Any] | None:
+        """The handle of what was minted for `capability_id` (on `resource`), or None if the
+        backend has nothing. Called only when `searchable` (crash recovery: a lease whose
+        mint was interrupted has no handle)."""
+        return None
+
+    def revocation_lock_key(self, resource: str) -> str | None:
+        """A key under which revocations on `resource` must run one at a time across replicas
+        (read-modify-write of shared backend state, e.g. one deny policy per AWS role); None
+        when revocations are independent."""
+        return None
+
+    def prune_revocations(self, now: datetime, resources: Iterable[str] = ()) -> int:
+        """Drop revocation state that outlived its credentials; the sweeper calls this
+        periodically. `resources` are those of leases that ended recently, so state written
+        before a restart is found too. Returns how many entries went."""
+        return 0
+
+    def close(self) -> None:
+        """Release connections at shutdown."""
+        return None
+
+
+__all__ = ["Grant", "Minted", "Provider", "ProviderContext", "ProviderHealth", "RevokeTarget", "TtlBounds", "fingerprint"]

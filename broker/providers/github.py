@@ -54,6 +54,7 @@ from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejecte
 from broker.providers.base import (
     Grant,
     Minted,
+    Provider,
     ProviderContext,
     ProviderHealth,
     RevokeTarget,
@@ -85,7 +86,7 @@ _REPO = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _PERMISSION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
-class GitHubProvider:
+class GitHubProvider(Provider):
     """Mints GitHub App installation tokens for one repository and the policy's permissions."""
 
     name: ClassVar[str] = "github"

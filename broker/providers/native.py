@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 
 from broker.errors import ProviderMisconfigured
 from broker.identity.keys import KeyRing
-from broker.providers.base import Grant, Minted, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+from broker.providers.base import Grant, Minted, Provider, ProviderContext, ProviderHealth, RevokeTarget, fingerprint
 
 
-class NativeProvider:
+class NativeProvider(Provider):
     name: ClassVar[str] = "native"
     # Signing is local: the lease service reserves, mints and activates in one transaction.
     mints_locally: ClassVar[bool] = True
@@ -29,9 +29,6 @@ class NativeProvider:
         if ctx.keyring is None:
             raise ProviderMisconfigured("the native provider needs the broker's signing keys")
         return cls(ctx.keyring, ctx.settings.issuer, ctx.settings.audience)
-
-    def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
-        return TtlBounds(1, 86400)
 
     def audience_for(self, grant: Grant) -> str:
         audience = str(grant.options.get("audience") or grant.resource_path)

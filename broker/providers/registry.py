@@ -11,13 +11,13 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from broker.errors import BrokerError, ConfigError, ProviderMisconfigured
-from broker.providers.base import Grant, Minted, Provider, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds
+from broker.providers.base import Grant, Minted, Provider, ProviderContext, ProviderHealth, RevokeTarget
 
 log = logging.getLogger("broker.providers")
 GROUP = "jit_broker.providers"
 
 
-class UnconfiguredProvider:
+class UnconfiguredProvider(Provider):
     """Stands in (embedded default only) for a provider whose config is missing: every call
     fails closed with the reason, and readiness shows it."""
 
@@ -27,8 +27,9 @@ class UnconfiguredProvider:
         self.provider_name = name
         self.reason = reason
 
-    def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
-        return TtlBounds(1, 86400)
+    @classmethod
+    def from_context(cls, ctx: ProviderContext) -> Provider:
+        raise ProviderMisconfigured("the placeholder provider is built by the registry, not from an entry point")
 
     def mint(self, grant: Grant) -> Minted:
         raise ProviderMisconfigured(f"provider {self.provider_name} is not configured: {self.reason}")
@@ -52,6 +53,8 @@ def build(names: set[str], ctx: ProviderContext, *, tolerate_missing: bool) -> d
             raise ConfigError(f"the policy names provider {name!r}, but no entry point {GROUP}:{name} is installed")
         try:
             factory = found[name].load()
+            if not (isinstance(factory, type) and issubclass(factory, Provider)):
+                raise ConfigError(f"entry point {GROUP}:{name} is not a broker.providers.base.Provider subclass")
             out[name] = factory.from_context(ctx)
         except (BrokerError, ImportError) as exc:
             if not tolerate_missing:

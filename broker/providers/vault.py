@@ -47,7 +47,7 @@ import hvac.exceptions as hx
 import requests
 
 from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
-from broker.providers.base import Grant, Minted, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+from broker.providers.base import Grant, Minted, Provider, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
 
 if TYPE_CHECKING:
     from broker.providers.base import ProviderContext
@@ -117,8 +117,9 @@ def _iso(dt: datetime) -> str:
     return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class VaultProvider:
+class VaultProvider(Provider):
     name: ClassVar[str] = "vault"
+    searchable: ClassVar[bool] = True  # by the token's `meta.capability`
 
     def __init__(self, *, addr: str, token: str | None = None, role_id: str | None = None,
                  secret_id: str | None = None, approle_mount: str = "approle", namespace: str | None = None,
@@ -239,7 +240,7 @@ class VaultProvider:
 
     # --- crash recovery ---------------------------------------------------------------------
 
-    def find_by_capability(self, capability_id: str) -> dict[str, Any] | None:
+    def find_by_capability(self, capability_id: str, resource: str) -> dict[str, Any] | None:
         """The token minted for a capability, found by its `meta.capability`; None if none.
 
         Cost: one LIST of every token accessor in the namespace plus one lookup per accessor,

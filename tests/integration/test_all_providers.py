@@ -209,4 +209,4 @@ def test_remote_mint_whose_audit_fails_is_revoked_at_the_backend(
         with Session(broker.engine) as db:
             (lease,) = db.exec(select(Lease)).all()
         assert lease.status == "failed" and lease.status_reason == "activation-failed"
-        assert vault_setup.provider().find_by_capability(lease.id) is None  # no live token carries its id
+        assert vault_setup.provider().find_by_capability(lease.id, lease.resource) is None  # no live token carries its id

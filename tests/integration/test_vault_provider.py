@@ -344,15 +344,15 @@ def test_backend_down_then_back(openbao_restartable: OpenBaoServer) -> None:
 def test_find_by_capability(provider: VaultProvider) -> None:
     g1, g2 = grant(), grant()
     m1, m2 = provider.mint(g1), provider.mint(g2)
-    found = provider.find_by_capability(g2.capability_id)
+    found = provider.find_by_capability(g2.capability_id, g2.resource)
     assert found is not None
     assert found["kind"] == "token" and found["accessor"] == m2.credential["accessor"]
     assert found["meta"]["session"] == "ses_123"
     assert provider.find_by_capabilities([g1.capability_id, g2.capability_id]).keys() == {
         g1.capability_id, g2.capability_id}
-    assert provider.find_by_capability("cap_never_minted") is None
+    assert provider.find_by_capability("cap_never_minted", g2.resource) is None
     provider.revoke(RevokeTarget(capability_id=g2.capability_id, session_id="ses_123", resource=g2.resource,
                                  access="read", handle={k: found[k] for k in ("kind", "accessor")},
                                  expires_at=m2.expires_at))
-    assert provider.find_by_capability(g2.capability_id) is None
+    assert provider.find_by_capability(g2.capability_id, g2.resource) is None
     provider.revoke(target(g1, m1))

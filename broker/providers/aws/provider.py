@@ -45,7 +45,7 @@ from broker.providers.aws.names import (
     tag_value_for,
 )
 from broker.providers.aws.revocations import RevocationPolicy
-from broker.providers.base import Grant, Minted, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+from broker.providers.base import Grant, Minted, Provider, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
 
 log = logging.getLogger("broker.providers.aws")
 
@@ -129,8 +129,9 @@ class _Caller:
         return ":assumed-role/" in self.arn
 
 
-class AwsProvider:
+class AwsProvider(Provider):
     name: ClassVar[str] = "aws"
+    searchable: ClassVar[bool] = True  # the session name is the capability id
 
     def __init__(self, settings: Settings, *, session: boto3.session.Session | None = None) -> None:
         self._settings = settings
@@ -370,7 +371,7 @@ class AwsProvider:
 
     # --- crash recovery ------------------------------------------------------------------------
 
-    def find_by_capability(self, capability_id: str, resource: str | None = None) -> dict[str, Any]:
+    def find_by_capability(self, capability_id: str, resource: str) -> dict[str, Any] | None:
         """The handle of a session that may have been minted before a crash.
 
         STS has no list of live sessions, but none is needed: the session name is the
@@ -378,8 +379,6 @@ class AwsProvider:
         AssumeRole got through; revoking a session that never existed costs one deny entry
         that is pruned with the rest.
         """
-        if resource is None:
-            raise ProviderMisconfigured("the aws provider needs the lease's resource to find a capability's session")
         ref = self._ref(resource)
         session_name = session_name_for(capability_id)
         return {

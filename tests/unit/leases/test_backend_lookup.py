@@ -1,23 +1,23 @@
-"""How a lease without a handle is looked up at its backend, and what "expires naturally" means.
+"""What "expires naturally" means for a lease without a handle, and the blip retry around backend calls.
 
-The providers here are stand-ins for the documented signatures only (Vault's
-`find_by_capability(id)`, AWS's `find_by_capability(id, resource=None)`, GitHub without one);
-the real backends are exercised in tests/integration/test_lifecycle_faults.py.
+Looking leases up by capability id is exercised against real backends in
+tests/integration/test_lifecycle_faults.py and, through the contract alone, in
+tests/integration/test_provider_contract.py.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from broker.errors import ProviderRejected, ProviderUnavailable
 from broker.leases import revocation
-from broker.leases.revocation import _finder, _natural_expiry, backend_call
+from broker.leases.revocation import _natural_expiry, backend_call
 from broker.models import Lease
-from broker.providers.base import TtlBounds
+from broker.providers.base import Grant, Minted, Provider, ProviderContext, RevokeTarget, TtlBounds
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -29,37 +29,21 @@ def lease(**kw: Any) -> Lease:
     return Lease(**{**base, **kw})
 
 
-class ById:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
+class Unsearchable(Provider):
+    name: ClassVar[str] = "unsearchable"
 
-    def find_by_capability(self, capability_id: str) -> dict[str, Any] | None:
-        self.calls.append((capability_id,))
-        return {"kind": "token", "accessor": "acc"} if capability_id == "cap_1" else None
+    @classmethod
+    def from_context(cls, ctx: ProviderContext) -> Unsearchable:
+        return cls()
 
+    def mint(self, grant: Grant) -> Minted:
+        raise NotImplementedError
 
-class ByIdAndResource:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
+    def revoke(self, target: RevokeTarget) -> None:
+        raise NotImplementedError
 
-    def find_by_capability(self, capability_id: str, resource: str | None = None) -> dict[str, Any]:
-        self.calls.append((capability_id, resource))
-        return {"session_name": capability_id}
-
-
-class Unsearchable:
     def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
         return TtlBounds(1, 3600)
-
-
-def test_finder_passes_the_resource_only_to_providers_that_take_it() -> None:
-    by_id, by_both = ById(), ByIdAndResource()
-    assert _finder(by_id)(lease()) == {"kind": "token", "accessor": "acc"}  # type: ignore[arg-type,misc]
-    assert _finder(by_id)(lease(id="cap_2")) is None  # type: ignore[arg-type,misc]
-    assert by_id.calls == [("cap_1",), ("cap_2",)]
-    assert _finder(by_both)(lease()) == {"session_name": "cap_1"}  # type: ignore[arg-type,misc]
-    assert by_both.calls == [("cap_1", "aws://123456789012/role/r")]
-    assert _finder(Unsearchable()) is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -75,7 +59,7 @@ def test_finder_passes_the_resource_only_to_providers_that_take_it() -> None:
 )
 def test_natural_expiry(row: Lease, searchable: bool, expected: datetime) -> None:
     broker = SimpleNamespace(settings=SimpleNamespace(provider_timeout_seconds=10.0))
-    assert _natural_expiry(broker, Unsearchable(), row, searchable) == expected  # type: ignore[arg-type]
+    assert _natural_expiry(broker, Unsearchable(), row, searchable) == expected  # type: ignore[arg-type]  # settings only
 
 
 def test_backend_call_retries_blips_but_not_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
