@@ -453,7 +453,8 @@ def service_layer(cleanup: Cleanup, work: Path, n: int) -> dict[str, Any]:
     from sqlalchemy import create_engine
 
     from broker.identity.callers import Caller
-    from broker.leases.service import CapabilityAsk, request_capability
+    from broker.leases.service import request_capability
+    from broker.leases.vocabulary import CapabilityAsk
     from broker.runtime import Broker
     from broker.sessions import service as sessions
     from broker.sessions.service import SessionAsk

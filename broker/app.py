@@ -21,8 +21,8 @@ from broker.config import Settings
 from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
-from broker.leases.reconciler import reconcile_at_start
-from broker.leases.sweeper import Sweeper
+from broker.lifecycle.reconciler import reconcile_at_start
+from broker.lifecycle.sweeper import Sweeper
 from broker.metrics import REGISTRY, LeaseCollector
 from broker.runtime import Broker
 

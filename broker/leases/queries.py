@@ -7,14 +7,13 @@ from typing import Any
 from sqlmodel import col, select
 
 from broker.db import transaction, utcnow
-from broker.errors import Forbidden, NotFound, Unauthenticated
+from broker.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
+from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
 from broker.leases.revocation import RevokeSummary, revoke_leases
+from broker.leases.vocabulary import LeaseStatus
 from broker.models import Lease, SessionRow
 from broker.runtime import Broker
-from broker.sessions.service import managed_by, may_manage
-
-STATUSES = ("minting", "active", "revoke_pending", "revoked", "expired", "failed")
 
 
 def view(lease: Lease) -> dict[str, Any]:
@@ -55,10 +54,8 @@ def revoke(broker: Broker, caller: Caller, capability_id: str) -> tuple[Lease, R
 
 
 def list_for(broker: Broker, caller: Caller, session_id: str | None, status: str | None, limit: int) -> list[Lease]:
-    if status is not None and status not in STATUSES:
-        from broker.errors import InvalidRequest
-
-        raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}", code="invalid-status")
+    if status is not None and status not in set(LeaseStatus):
+        raise InvalidRequest(f"status must be one of {', '.join(LeaseStatus)}", code="invalid-status")
     if caller.kind == "agent":
         if session_id not in (None, caller.session_id):
             raise Forbidden("an agent sees its own session only")
@@ -85,7 +82,7 @@ def introspect(broker: Broker, token: str) -> dict[str, Any]:
         return {"active": False}
     with transaction(broker.engine) as db:
         lease = db.get(Lease, str(claims.get("jti")))
-        if lease is None or lease.status != "active" or lease.expires_at <= utcnow():
+        if lease is None or lease.status != LeaseStatus.ACTIVE or lease.expires_at <= utcnow():
             return {"active": False}
     return {
         "active": True,

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.audit.service import AuditEvent
 from broker.errors import BrokerError, BudgetExceeded, Denied
+from broker.leases.vocabulary import CapabilityAsk
 from broker.models import SessionRow
 from broker.policy import Decision
 from broker.providers.base import Grant
-
-if TYPE_CHECKING:
-    from broker.leases.service import CapabilityAsk
 
 
 def decision_record(decision: Decision, shadow: Decision | None) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from broker.audit.service import AuditEvent, append, append_many
 from broker.db import advisory_lock, is_postgres, transaction, utcnow
 from broker.errors import BrokerError, ProviderMisconfigured, ProviderUnavailable
+from broker.leases.vocabulary import LIVE, LeaseStatus
 from broker.metrics import REVOKES
 from broker.models import Lease, SessionRow
 from broker.providers.base import Provider, RevokeTarget
@@ -44,7 +45,6 @@ from broker.runtime import Broker
 log = logging.getLogger("broker.revocation")
 T = TypeVar("T")
 
-LIVE = ("minting", "active", "revoke_pending")
 MAX_BACKOFF_SECONDS = 300
 # Backend revocations in flight at once (network-bound), and leases recorded per transaction.
 REVOKE_CONCURRENCY = 8
@@ -74,8 +74,8 @@ def backoff_seconds(attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-def final_status(reason: str) -> str:
-    return "expired" if reason == "expired" else "revoked"
+def final_status(reason: str) -> LeaseStatus:
+    return LeaseStatus.EXPIRED if reason == "expired" else LeaseStatus.REVOKED
 
 
 def _claimable(now: datetime) -> object:
@@ -88,7 +88,7 @@ def mint_abandoned(lease: Lease, broker: Broker, now: datetime) -> bool:
     If it is merely slow, nothing is lost: activation re-reads the lease under its row lock,
     finds it no longer `minting`, and revokes what it minted instead of handing it out.
     """
-    return lease.status == "minting" and lease.created_at <= now - timedelta(seconds=broker.settings.claim_seconds)
+    return lease.status == LeaseStatus.MINTING and lease.created_at <= now - timedelta(seconds=broker.settings.claim_seconds)
 
 
 def backend_call(fn: Callable[[], T], what: str) -> T:
@@ -147,7 +147,7 @@ def finish_not_found(db: Session, lease: Lease, session: SessionRow | None, reas
                      *, natural_expiry: datetime, searchable: bool, batch: list[AuditEvent] | None = None) -> None:
     """Nothing to revoke at the backend: record that, and when anything there would die anyway."""
     note = f"not found at backend; expires naturally at {natural_expiry.strftime('%Y-%m-%dT%H:%M:%SZ')}"
-    lease.status = "expired"
+    lease.status = LeaseStatus.EXPIRED
     lease.status_reason = note[:256]
     lease.ended_at = now
     lease.sealed_secret = None
@@ -184,7 +184,7 @@ def revoke_leases(
         for lease in leases:
             why = ((lease.revoke_reason or reason) if use_lease_reason else reason)[:128]  # the column's width
             session = sessions.get(lease.session_id)
-            if lease.status == "minting" and mint_abandoned(lease, broker, now):
+            if lease.status == LeaseStatus.MINTING and mint_abandoned(lease, broker, now):
                 # The request that reserved it is gone: look for what it may have minted.
                 why = (lease.revoke_reason or (reason if reason != "retry" else "mint-abandoned"))[:128]
                 if _mints_locally(broker, lease.provider):
@@ -194,16 +194,16 @@ def revoke_leases(
                     continue
                 # revoke_pending + next_attempt_at now: if this replica dies too, the claim
                 # lapses and the retry pass takes it over.
-                lease.status, lease.next_attempt_at = "revoke_pending", now
+                lease.status, lease.next_attempt_at = LeaseStatus.REVOKE_PENDING, now
                 lease.claimed_by = broker.replica_id
                 lease.claimed_until = now + timedelta(seconds=broker.settings.claim_seconds)
                 lease.revoke_reason = why
                 db.add(lease)
                 claimed.append((lease, session, why))
-            elif lease.status == "minting":
+            elif lease.status == LeaseStatus.MINTING:
                 # Its mint is still under way: the minting request sees this and revokes
                 # what it gets; if that request died, the retry pass finds it by capability id.
-                lease.status, lease.revoke_reason = "revoke_pending", why
+                lease.status, lease.revoke_reason = LeaseStatus.REVOKE_PENDING, why
                 lease.next_attempt_at = now + timedelta(seconds=broker.settings.claim_seconds)
                 db.add(lease)
                 events.append(_revoke_event(session, lease, "capability.revoke_pending", "revoke_pending", actor, why,
@@ -325,7 +325,7 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
                 REVOKES.labels(provider=row.provider, outcome="revoked").inc()
                 summary.revoked.append(row.id)
             else:
-                row.status = "revoke_pending"
+                row.status = LeaseStatus.REVOKE_PENDING
                 row.revoke_attempts += 1
                 row.next_attempt_at = now + timedelta(seconds=backoff_seconds(row.revoke_attempts))
                 row.claimed_by = row.claimed_until = None
@@ -347,7 +347,7 @@ def due_for_expiry(broker: Broker, now: datetime, limit: int) -> list[str]:
         return list(
             db.exec(
                 select(Lease.id)
-                .where(Lease.status == "active", Lease.expires_at <= now, _claimable(now))
+                .where(Lease.status == LeaseStatus.ACTIVE, Lease.expires_at <= now, _claimable(now))
                 .order_by(Lease.expires_at)
                 .limit(limit)
             ).all()
@@ -360,18 +360,18 @@ def due_for_retry(broker: Broker, now: datetime, limit: int) -> list[str]:
     with transaction(broker.engine) as db:
         pending = db.exec(
             select(Lease.id)
-            .where(Lease.status == "revoke_pending", col(Lease.next_attempt_at) <= now, _claimable(now))
+            .where(Lease.status == LeaseStatus.REVOKE_PENDING, col(Lease.next_attempt_at) <= now, _claimable(now))
             .order_by(Lease.next_attempt_at)
             .limit(limit)
         ).all()
         lapsed = db.exec(
             select(Lease.id)
-            .where(Lease.status == "active", col(Lease.claimed_until) <= now)
+            .where(Lease.status == LeaseStatus.ACTIVE, col(Lease.claimed_until) <= now)
             .limit(limit)
         ).all()
         abandoned = db.exec(
             select(Lease.id)
-            .where(Lease.status == "minting",
+            .where(Lease.status == LeaseStatus.MINTING,
                    col(Lease.created_at) <= now - timedelta(seconds=broker.settings.claim_seconds), _claimable(now))
             .order_by(Lease.created_at)
             .limit(limit)

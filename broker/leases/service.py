@@ -8,16 +8,12 @@ just minted is revoked at once (fail closed), never handed out unrecorded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
 
-from broker.audit.chain import canonical_json
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import (
@@ -31,50 +27,17 @@ from broker.errors import (
 from broker.identity.callers import Caller
 from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
+from broker.leases.vocabulary import LIVE, CapabilityAsk, LeaseStatus, new_approval_id, new_capability_id
 from broker.metrics import DECISIONS, MINTS
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget, TtlBounds
 from broker.runtime import Broker
+from broker.times import rfc3339
 
 log = logging.getLogger("broker.leases")
 
-LIVE = ("minting", "active", "revoke_pending")
 APPROVAL_WAIT = timedelta(minutes=15)
-
-
-@dataclass(frozen=True)
-class CapabilityAsk:
-    resource: str
-    access: str
-    purpose: str
-    ttl_seconds: int | None = None
-    tool: str | None = None
-    parameters: dict[str, Any] | None = None
-    approval_id: str | None = None
-
-    def request_hash(self, session_id: str) -> str:
-        """What an approval and an idempotency key are bound to."""
-        body = {
-            "session_id": session_id,
-            "resource": self.resource,
-            "access": self.access,
-            "ttl_seconds": self.ttl_seconds,
-            "parameters": self.parameters,
-        }
-        return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
-
-    def idempotency_hash(self, session_id: str) -> str:
-        body = {**self.__dict__, "session_id": session_id}
-        return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
-
-
-def new_capability_id() -> str:
-    return "cap_" + secrets.token_hex(16)
-
-
-def _iso(ts: datetime) -> str:
-    return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def session_facts(db: Session, session: SessionRow) -> SessionFacts:
@@ -196,7 +159,7 @@ def _decide_and_mint(
                 access=ask.access,
                 tier=decision.tier,
                 provider=decision.provider,
-                status="minting",
+                status=LeaseStatus.MINTING,
                 ttl_seconds=decision.ttl_seconds,
                 purpose=ask.purpose,
                 tool=ask.tool,
@@ -226,7 +189,7 @@ def _decide_and_mint(
                         minted = provider.mint(grant)
                 except BrokerError as exc:
                     refusal = exc
-                    lease.status, lease.status_reason, lease.ended_at = "failed", exc.code, now
+                    lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, exc.code, now
                     db.add(lease)
                     if exc.status < 500:
                         idempotency.finish(db, broker, ticket, exc.status, exc.to_body())
@@ -245,7 +208,7 @@ def _decide_and_mint(
 def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
              record: dict[str, Any], ticket: IdempotencyRecord | None, now: datetime) -> tuple[int, dict[str, Any]]:
     approval = Approval(
-        id="apr_" + secrets.token_hex(16),
+        id=new_approval_id(),
         session_id=session.id,
         request_hash=ask.request_hash(session.id),
         resource=ask.resource,
@@ -264,7 +227,7 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
     body = {
         "status": "pending_approval",
         "approval_id": approval.id,
-        "expires_at": _iso(approval.expires_at),
+        "expires_at": rfc3339(approval.expires_at),
         "reason": decision.reason,
         "approvers": list(decision.approvers),
     }
@@ -283,7 +246,7 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
               provider: str, minted: Minted, record: dict[str, Any],
               ticket: IdempotencyRecord | None) -> tuple[int, dict[str, Any]]:
     """Lease active, audit record, idempotent outcome: all in the caller's transaction."""
-    lease.status = "active"
+    lease.status = LeaseStatus.ACTIVE
     lease.minted_at = utcnow()
     lease.backend_expires_at = minted.expires_at
     lease.handle = minted.handle
@@ -299,7 +262,7 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
         "access": lease.access,
         "tier": lease.tier,
         "provider": lease.provider,
-        "expires_at": _iso(lease.expires_at),
+        "expires_at": rfc3339(lease.expires_at),
         "credential": minted.credential,
     }
     idempotency.finish(db, broker, ticket, 201, body)
@@ -309,7 +272,7 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
         records.capability_event(
             session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
             grant={"status": "active", "capability_id": lease.id, "provider": provider,
-                   "ttl_seconds": grant.ttl_seconds, "expires_at": _iso(lease.expires_at),
+                   "ttl_seconds": grant.ttl_seconds, "expires_at": rfc3339(lease.expires_at),
                    "credential_fingerprint": minted.fingerprint},
         ),
     )
@@ -337,7 +300,7 @@ def _mint(
         with transaction(broker.engine) as db:
             lease = db.get(Lease, grant.capability_id, with_for_update=True)
             assert lease is not None
-            lease.status, lease.status_reason, lease.ended_at = "failed", failure.code, utcnow()
+            lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, failure.code, utcnow()
             db.add(lease)
             if failure.status < 500:
                 idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure.status,
@@ -348,7 +311,7 @@ def _mint(
         with transaction(broker.engine) as db:
             lease = db.get(Lease, grant.capability_id, with_for_update=True)
             assert lease is not None
-            if lease.status != "minting":
+            if lease.status != LeaseStatus.MINTING:
                 # Torn down while we were minting: what we hold must die now.
                 raise Conflict("the session ended while the capability was being minted", code="session-ended")
             return _activate(db, broker, session, ask, lease, grant, provider_name, minted, record,
@@ -373,10 +336,10 @@ def _revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted:
     try:
         with transaction(broker.engine) as db:
             lease = db.get(Lease, grant.capability_id, with_for_update=True)
-            if lease is not None and lease.status == "minting":
-                lease.status, lease.status_reason, lease.ended_at = "failed", "activation-failed", utcnow()
+            if lease is not None and lease.status == LeaseStatus.MINTING:
+                lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, "activation-failed", utcnow()
                 db.add(lease)
-            elif lease is not None and lease.status == "revoke_pending" and lease.handle is None:
+            elif lease is not None and lease.status == LeaseStatus.REVOKE_PENDING and lease.handle is None:
                 # Revoked (teardown) while minting: now it really is.
                 lease.handle, lease.fingerprint = minted.handle, minted.fingerprint
                 session = db.get(SessionRow, lease.session_id)

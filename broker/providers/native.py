@@ -7,7 +7,7 @@ A resource server checks them offline against `/.well-known/jwks.json`, or asks
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from broker.errors import ProviderMisconfigured
 from broker.identity.keys import KeyRing

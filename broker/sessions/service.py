@@ -13,8 +13,10 @@ from sqlmodel import col, select
 from broker.audit.service import AuditEvent, append
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
+from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
-from broker.leases.revocation import LIVE, RevokeSummary, revoke_leases
+from broker.leases.revocation import RevokeSummary, revoke_leases
+from broker.leases.vocabulary import LIVE
 from broker.models import Lease, SessionRow
 from broker.policy import validate_pattern
 from broker.runtime import Broker
@@ -90,30 +92,6 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
     return session, token
 
 
-def may_manage(caller: Caller, session: SessionRow) -> bool:
-    if caller.kind == "admin":
-        return True
-    if caller.kind == "orchestrator":
-        return session.created_by == caller.name
-    if caller.kind == "human":
-        return session.human == caller.name
-    if caller.kind == "agent":
-        return caller.session_id == session.id
-    return False
-
-
-def managed_by(caller: Caller, refusal: str) -> Any:
-    """The sessions `caller` manages, as a WHERE clause (None: all of them, for admins).
-    The query-side twin of `may_manage`; agents manage no set of sessions."""
-    if caller.kind == "admin":
-        return None
-    if caller.kind == "orchestrator":
-        return SessionRow.created_by == caller.name
-    if caller.kind == "human":
-        return SessionRow.human == caller.name
-    raise Forbidden(refusal)
-
-
 def get(broker: Broker, caller: Caller, session_id: str) -> tuple[SessionRow, list[Lease]]:
     with transaction(broker.engine) as db:
         session = db.get(SessionRow, session_id)
@@ -151,11 +129,6 @@ def end(broker: Broker, session_id: str, *, reason: str, actor: str, caller: Cal
         live = list(db.exec(select(Lease.id).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE))).all())
     summary = revoke_leases(broker, live, reason=f"session-ended:{reason}", actor=actor)
     return session, summary
-
-
-def find_by_task(broker: Broker, task_id: str) -> list[str]:
-    with transaction(broker.engine) as db:
-        return list(db.exec(select(SessionRow.id).where(SessionRow.task_id == task_id, SessionRow.status == "active")).all())
 
 
 def past_deadline(broker: Broker, now: datetime, limit: int) -> list[str]:

@@ -11,7 +11,7 @@ import jwt
 import pytest
 from sqlmodel import Session, select
 
-from broker.leases.sweeper import sweep_once
+from broker.lifecycle.sweeper import sweep_once
 from broker.models import AuditRecord, Lease, SessionRow
 from tests.support.brokers import Api
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from broker.db import transaction, utcnow
-from broker.leases.reconciler import reconcile_at_start
+from broker.lifecycle.reconciler import reconcile_at_start
 from broker.models import Lease
 from broker.policy import PolicyStore
 from broker.providers.base import Grant, Minted, Provider, ProviderContext, RevokeTarget, fingerprint

@@ -12,8 +12,8 @@ from broker.api.schemas import ErrorResponse
 from broker.audit import service as audit
 from broker.db import transaction
 from broker.errors import Forbidden, NotFound
+from broker.identity.access import may_manage
 from broker.models import SessionRow
-from broker.sessions.service import may_manage
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (401, 403, 404, 422)}

@@ -11,10 +11,10 @@ from broker.api.deps import BrokerDep, HumanCaller
 from broker.api.schemas import ErrorResponse, ExplainRequest
 from broker.db import transaction, utcnow
 from broker.errors import InvalidRequest, NotFound
+from broker.identity.access import may_manage
 from broker.leases.service import bounds_lookup, session_facts
 from broker.models import SessionRow
 from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
-from broker.sessions.service import may_manage
 
 router = APIRouter(prefix="/v1/policy", tags=["policy"])
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from broker.api.deps import AnyCaller, BrokerDep
 from broker.api.schemas import AgentName, ErrorResponse, Principal, Strict
-from broker.leases.killswitch import RevocationFilter, revoke_matching
+from broker.lifecycle.killswitch import RevocationFilter, revoke_matching
 
 router = APIRouter(prefix="/v1/revocations", tags=["revocations"])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 422)}

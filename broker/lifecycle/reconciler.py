@@ -34,6 +34,7 @@ from sqlmodel import col, select
 
 from broker.db import transaction, utcnow
 from broker.leases.revocation import RevokeSummary, _claimable, revoke_leases
+from broker.leases.vocabulary import LeaseStatus
 from broker.metrics import RECONCILED
 from broker.models import Lease, SessionRow
 from broker.runtime import Broker
@@ -64,7 +65,7 @@ def _abandoned_mints(broker: Broker, now: datetime, limit: int) -> list[str]:
     cutoff = now - timedelta(seconds=broker.settings.claim_seconds)
     with transaction(broker.engine) as db:
         return list(db.exec(
-            select(Lease.id).where(Lease.status == "minting", col(Lease.created_at) <= cutoff, _claimable(now))
+            select(Lease.id).where(Lease.status == LeaseStatus.MINTING, col(Lease.created_at) <= cutoff, _claimable(now))
             .order_by(Lease.created_at).limit(limit)
         ).all())
 
@@ -77,7 +78,7 @@ def _orphans(broker: Broker, now: datetime, limit: int) -> list[tuple[str, str |
         rows = db.exec(
             select(Lease.id, SessionRow.end_reason)
             .join(SessionRow, col(SessionRow.id) == col(Lease.session_id))
-            .where(Lease.status == "active", SessionRow.status == "ended", col(SessionRow.ended_at) <= cutoff,
+            .where(Lease.status == LeaseStatus.ACTIVE, SessionRow.status == "ended", col(SessionRow.ended_at) <= cutoff,
                    _claimable(now))
             .order_by(Lease.id).limit(limit)
         ).all()
@@ -87,7 +88,7 @@ def _orphans(broker: Broker, now: datetime, limit: int) -> list[tuple[str, str |
 def _expired(broker: Broker, now: datetime, limit: int) -> list[str]:
     with transaction(broker.engine) as db:
         return list(db.exec(
-            select(Lease.id).where(Lease.status == "active", Lease.expires_at <= now, _claimable(now))
+            select(Lease.id).where(Lease.status == LeaseStatus.ACTIVE, Lease.expires_at <= now, _claimable(now))
             .order_by(Lease.expires_at).limit(limit)
         ).all())
 
@@ -95,7 +96,7 @@ def _expired(broker: Broker, now: datetime, limit: int) -> list[str]:
 def _pending(broker: Broker, now: datetime, limit: int) -> list[str]:
     with transaction(broker.engine) as db:
         return list(db.exec(
-            select(Lease.id).where(Lease.status == "revoke_pending", col(Lease.next_attempt_at) <= now, _claimable(now))
+            select(Lease.id).where(Lease.status == LeaseStatus.REVOKE_PENDING, col(Lease.next_attempt_at) <= now, _claimable(now))
             .order_by(Lease.next_attempt_at).limit(limit)
         ).all())
 

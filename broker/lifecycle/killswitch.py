@@ -23,8 +23,10 @@ from sqlmodel import col, select
 from broker.audit.service import AuditEvent, append
 from broker.db import transaction
 from broker.errors import InvalidRequest
+from broker.identity.access import managed_by
 from broker.identity.callers import Caller
-from broker.leases.revocation import LIVE, RevokeSummary, revoke_leases
+from broker.leases.revocation import RevokeSummary, revoke_leases
+from broker.leases.vocabulary import LIVE
 from broker.models import Lease, SessionRow
 from broker.policy.resources import glob_matches, is_glob, validate_pattern
 from broker.runtime import Broker
@@ -75,7 +77,7 @@ def revoke_matching(broker: Broker, caller: Caller, flt: RevocationFilter) -> Re
         raise InvalidRequest("give at least one of session_id, agent, human, resource", code="empty-revocation-filter")
     if flt.resource is not None:
         validate_pattern(flt.resource)
-    scope = sessions.managed_by(caller, "agents cannot use the kill switch; their session can be ended by its orchestrator or human")
+    scope = managed_by(caller, "agents cannot use the kill switch; their session can be ended by its orchestrator or human")
     result = RevocationResult()
     with transaction(broker.engine) as db:
         stmt = select(Lease.id, Lease.resource, Lease.session_id).join(

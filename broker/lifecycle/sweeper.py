@@ -12,8 +12,8 @@ import threading
 import time
 
 from broker.db import utcnow
-from broker.leases.reconciler import reconcile_periodic
 from broker.leases.revocation import RevokeSummary, due_for_expiry, due_for_retry, revoke_leases
+from broker.lifecycle.reconciler import reconcile_periodic
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 

@@ -1,0 +1,66 @@
+"""The words every module of `leases/` shares: the capability ask, lease statuses, ids."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+from broker.audit.chain import canonical_json
+
+
+class LeaseStatus(StrEnum):
+    """minting -> active -> revoked | expired; minting -> failed; active -> revoke_pending -> revoked | expired."""
+
+    MINTING = "minting"
+    ACTIVE = "active"
+    REVOKE_PENDING = "revoke_pending"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+# Statuses in which a lease may still hold a live credential: counted against budgets and
+# escalation, revoked at teardown.
+LIVE: tuple[LeaseStatus, ...] = (LeaseStatus.MINTING, LeaseStatus.ACTIVE, LeaseStatus.REVOKE_PENDING)
+
+
+def new_capability_id() -> str:
+    return "cap_" + secrets.token_hex(16)
+
+
+def new_approval_id() -> str:
+    return "apr_" + secrets.token_hex(16)
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CapabilityAsk:
+    """What an agent asks for (`POST /v1/capabilities`), before any decision."""
+
+    resource: str
+    access: str
+    purpose: str
+    ttl_seconds: int | None = None
+    tool: str | None = None
+    parameters: dict[str, Any] | None = None
+    approval_id: str | None = None
+
+    def request_hash(self, session_id: str) -> str:
+        """What an approval is bound to: a changed request needs a new approval."""
+        return _digest({
+            "session_id": session_id,
+            "resource": self.resource,
+            "access": self.access,
+            "ttl_seconds": self.ttl_seconds,
+            "parameters": self.parameters,
+        })
+
+    def idempotency_hash(self, session_id: str) -> str:
+        """What an Idempotency-Key is bound to: the whole ask."""
+        return _digest({**asdict(self), "session_id": session_id})
