@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import __version__
 from broker.api.routes import audit, capabilities, health, policy, revocations, sessions, tokens, webhooks
-from broker.audit.service import AuditEvent, append, ensure_head
+from broker.audit.events import AuditEvent, RequestRef
+from broker.audit.service import append, ensure_head, last_policy_loaded, lock_head
 from broker.config import Settings
 from broker.db import transaction
 from broker.errors import BrokerError
@@ -52,14 +53,24 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
-def _record_policy_loaded(broker: Broker, trigger: str) -> None:
+def record_policy_loaded(broker: Broker, trigger: str) -> bool:
+    """Audit `policy.loaded` when the policy in force (enforced and shadow versions) differs
+    from what the newest `policy.loaded` record says; a restart or a reload of the same file
+    records nothing. Returns whether a record was written."""
+    current = broker.policies.current.version
+    shadow = broker.policies.shadow.version if broker.policies.shadow is not None else None
     with transaction(broker.engine) as db:
         ensure_head(db)
-        detail: dict[str, Any] = {"version": broker.policies.current.version, "trigger": trigger}
-        if broker.policies.shadow is not None:
-            detail["shadow_version"] = broker.policies.shadow.version
-        append(db, AuditEvent(type="policy.loaded", outcome="loaded", request={"operation": "policy.load"},
-                              policy_decision={"policy_version": broker.policies.current.version}, detail=detail))
+        lock_head(db)  # replicas starting together: one of them records the change
+        last = last_policy_loaded(db)
+        if last is not None and last.get("version") == current and last.get("shadow_version") == shadow:
+            return False
+        append(db, AuditEvent(
+            type="policy.loaded", outcome="loaded", actor="broker", request=RequestRef(operation="policy.load"),
+            detail={"version": current, "shadow_version": shadow, "previous_version": (last or {}).get("version"),
+                    "trigger": trigger},
+        ))
+    return True
 
 
 def create_app(settings: Settings | None = None, *, broker: Broker | None = None, sweeper: bool = True) -> FastAPI:
@@ -71,11 +82,11 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.broker = broker
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256)
         _COLLECTOR.broker = broker
-        _record_policy_loaded(broker, "start")
+        record_policy_loaded(broker, "start")
 
         def reload() -> None:
             if broker.policies.reload():
-                _record_policy_loaded(broker, "reload")
+                record_policy_loaded(broker, "reload")
                 log.info("policy reloaded: %s", broker.policies.current.version)
             else:
                 log.error("policy reload refused; keeping %s", broker.policies.current.version)

@@ -7,41 +7,25 @@ append fails, the caller's transaction fails with it: fail closed.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from broker.audit.chain import GENESIS, StoredLink, VerifyResult, canonical_json, chain_hash, verify_links
+from broker.audit.events import AuditEvent
 from broker.db import utcnow
 from broker.errors import AuditWriteFailed
 from broker.models import AuditHead, AuditRecord
+from broker.times import rfc3339_precise
 
 log = logging.getLogger("broker.audit")
-
-
-@dataclass
-class AuditEvent:
-    """The fields of DESIGN.md section 9 (event_id, seq, timestamp and hashes are added on append)."""
-
-    type: str
-    outcome: str
-    human_principal: str | None = None
-    agent: dict[str, Any] = field(default_factory=dict)  # {id, session_id, task_id}
-    request: dict[str, Any] = field(default_factory=dict)  # {tool, operation, resource, tier, parameters}
-    policy_decision: dict[str, Any] | None = None  # {result, reason, matched_rule, policy_version, shadow?}
-    jit_grant: dict[str, Any] | None = None  # {status, ttl_seconds, capability_id, provider, fingerprint}
-    detail: dict[str, Any] | None = None
-
-
-def _timestamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def append(db: Session, event: AuditEvent, *, now: datetime | None = None) -> None:
@@ -68,7 +52,7 @@ def append_many(db: Session, events: list[AuditEvent], *, now: datetime | None =
             digest = chain_hash(prev_hash, canonical)
             rows.append({
                 "seq": body["seq"], "event_id": body["event_id"], "timestamp": body["timestamp"], "type": event.type,
-                "session_id": body["agent"]["session_id"], "human_principal": event.human_principal,
+                "session_id": event.agent.session_id, "human_principal": event.human_principal,
                 "outcome": event.outcome, "record": canonical, "prev_hash": prev_hash, "hash": digest,
             })
             prev_hash = digest
@@ -81,25 +65,7 @@ def append_many(db: Session, events: list[AuditEvent], *, now: datetime | None =
 
 
 def _body(event: AuditEvent, seq: int, now: datetime) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "event_id": str(uuid.uuid4()),
-        "seq": seq,
-        "timestamp": _timestamp(now),
-        "type": event.type,
-        "human_principal": event.human_principal,
-        "agent": {
-            "id": event.agent.get("id"),
-            "session_id": event.agent.get("session_id"),
-            "task_id": event.agent.get("task_id"),
-        },
-        "request": event.request,
-        "policy_decision": event.policy_decision,
-        "jit_grant": event.jit_grant,
-        "outcome": event.outcome,
-    }
-    if event.detail:
-        body["detail"] = event.detail
-    return body
+    return {"event_id": str(uuid.uuid4()), "seq": seq, "timestamp": rfc3339_precise(now), **event.fields()}
 
 
 _ADVANCE = text("UPDATE audit_head SET seq = seq + :n WHERE id = 1 RETURNING seq, hash")
@@ -111,6 +77,21 @@ def ensure_head(db: Session) -> None:
     if db.get(AuditHead, 1) is None:
         db.add(AuditHead(id=1, seq=0, hash=GENESIS))
         db.flush()
+
+
+def lock_head(db: Session) -> None:
+    """Take the chain's head row lock now (appending would take it anyway), to check-then-append."""
+    db.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+
+
+def last_policy_loaded(db: Session) -> dict[str, Any] | None:
+    """The `detail` of the newest `policy.loaded` record, or None if there is none."""
+    row = db.exec(select(AuditRecord).where(AuditRecord.type == "policy.loaded")
+                  .order_by(col(AuditRecord.seq).desc()).limit(1)).first()
+    if row is None:
+        return None
+    detail = json.loads(row.record).get("detail") or {}
+    return detail if isinstance(detail, dict) else None
 
 
 def iter_links(db: Session, *, batch: int = 1000) -> Iterator[StoredLink]:

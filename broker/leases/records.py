@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.audit.service import AuditEvent
+from broker.audit.events import AgentRef, AuditEvent, DecisionRef, GrantRef, RequestRef
 from broker.errors import BrokerError, BudgetExceeded, Denied
 from broker.leases.vocabulary import CapabilityAsk
 from broker.models import SessionRow
@@ -12,45 +12,26 @@ from broker.policy import Decision
 from broker.providers.base import Grant
 
 
-def decision_record(decision: Decision, shadow: Decision | None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "result": decision.result,
-        "reason": decision.reason,
-        "matched_rule": decision.matched_rule,
-        "policy_version": decision.policy_version,
-    }
-    if shadow is not None:
-        record["shadow"] = {
-            "result": shadow.result,
-            "reason": shadow.reason,
-            "matched_rule": shadow.matched_rule,
-            "policy_version": shadow.policy_version,
-        }
-    return record
+def agent_principal(session: SessionRow) -> str:
+    """The actor of what an agent asks: the same `kind:name` as Caller.principal."""
+    return f"agent:{session.agent}"
 
 
 def capability_event(
-    session: SessionRow, ask: CapabilityAsk | None, type_: str, outcome: str, *, tier: str | None = None,
-    decision: dict[str, Any] | None = None, grant: dict[str, Any] | None = None, detail: dict[str, Any] | None = None,
-    resource: str | None = None, operation: str = "request",
+    session: SessionRow, ask: CapabilityAsk, type_: str, outcome: str, *, tier: str | None,
+    decision: DecisionRef | None, grant: GrantRef | None = None, detail: dict[str, Any] | None = None,
 ) -> AuditEvent:
     return AuditEvent(
         type=type_,
         outcome=outcome,
+        actor=agent_principal(session),
         human_principal=session.human,
-        agent={"id": session.agent, "session_id": session.id, "task_id": session.task_id},
-        request={
-            "tool": ask.tool if ask else None,
-            "operation": operation,
-            "resource": ask.resource if ask else resource,
-            "access": ask.access if ask else None,
-            "tier": tier,
-            "parameters": ask.parameters if ask else None,
-            "purpose": ask.purpose if ask else None,
-        },
+        agent=AgentRef.of(session),
+        request=RequestRef(operation="request", tool=ask.tool, resource=ask.resource, access=ask.access, tier=tier,
+                           parameters=ask.parameters, purpose=ask.purpose),
         policy_decision=decision,
         jit_grant=grant,
-        detail=detail,
+        detail=detail or {},
     )
 
 
@@ -69,11 +50,11 @@ def _failing_layer(decision: Decision) -> str:
     return "policy"
 
 
-def mint_failed_event(session: SessionRow, ask: CapabilityAsk, grant: Grant, provider: str, record: dict[str, Any],
+def mint_failed_event(session: SessionRow, ask: CapabilityAsk, grant: Grant, provider: str, decision: DecisionRef,
                       failure: BrokerError) -> AuditEvent:
     return capability_event(
-        session, ask, "capability.mint_failed", "failed", tier=grant.tier, decision=record,
-        grant={"status": "failed", "capability_id": grant.capability_id, "provider": provider,
-               "ttl_seconds": grant.ttl_seconds},
+        session, ask, "capability.mint_failed", "failed", tier=grant.tier, decision=decision,
+        grant=GrantRef(status="failed", capability_id=grant.capability_id, provider=provider,
+                       ttl_seconds=grant.ttl_seconds),
         detail={"error": failure.code, "message": failure.message},
     )

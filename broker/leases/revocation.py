@@ -33,7 +33,8 @@ from sqlalchemy import or_
 from sqlmodel import Session, col, select
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
-from broker.audit.service import AuditEvent, append, append_many
+from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
+from broker.audit.service import append, append_many
 from broker.db import advisory_lock, is_postgres, transaction, utcnow
 from broker.errors import BrokerError, ProviderMisconfigured, ProviderUnavailable
 from broker.leases.vocabulary import LIVE, LeaseStatus
@@ -41,6 +42,7 @@ from broker.metrics import REVOKES
 from broker.models import Lease, SessionRow
 from broker.providers.base import Provider, RevokeTarget
 from broker.runtime import Broker
+from broker.times import rfc3339
 
 log = logging.getLogger("broker.revocation")
 T = TypeVar("T")
@@ -111,16 +113,13 @@ def _revoke_event(session: SessionRow | None, lease: Lease, type_: str, outcome:
     return AuditEvent(
         type=type_,
         outcome=outcome,
+        actor=actor,
         human_principal=session.human if session else None,
-        agent={"id": session.agent if session else None, "session_id": lease.session_id,
-               "task_id": session.task_id if session else None},
-        request={"tool": None, "operation": "revoke", "resource": lease.resource, "access": lease.access,
-                 "tier": lease.tier, "parameters": None, "actor": actor, "reason": reason},
-        policy_decision=None,
-        jit_grant={"status": lease.status, "capability_id": lease.id, "provider": lease.provider,
-                   "ttl_seconds": lease.ttl_seconds, "credential_fingerprint": lease.fingerprint,
-                   "attempts": lease.revoke_attempts},
-        detail=detail,
+        agent=AgentRef.of(session, session_id=lease.session_id),
+        request=RequestRef(operation="revoke", resource=lease.resource, access=lease.access, tier=lease.tier,
+                           reason=reason),
+        jit_grant=GrantRef.of(lease),
+        detail=dict(detail or {}),
     )
 
 
@@ -146,7 +145,7 @@ def finish_revocation(db: Session, lease: Lease, session: SessionRow | None, rea
 def finish_not_found(db: Session, lease: Lease, session: SessionRow | None, reason: str, actor: str, now: datetime,
                      *, natural_expiry: datetime, searchable: bool, batch: list[AuditEvent] | None = None) -> None:
     """Nothing to revoke at the backend: record that, and when anything there would die anyway."""
-    note = f"not found at backend; expires naturally at {natural_expiry.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    note = f"not found at backend; expires naturally at {rfc3339(natural_expiry)}"
     lease.status = LeaseStatus.EXPIRED
     lease.status_reason = note[:256]
     lease.ended_at = now
@@ -155,7 +154,7 @@ def finish_not_found(db: Session, lease: Lease, session: SessionRow | None, reas
     db.add(lease)
     event = _revoke_event(session, lease, "capability.expired", "expired", actor, reason,
                           {"found_at_backend": False, "backend_searchable": searchable,
-                           "natural_expiry": natural_expiry.isoformat(), "note": note})
+                           "natural_expiry": rfc3339(natural_expiry), "note": note})
     batch.append(event) if batch is not None else append(db, event)
 
 
@@ -333,7 +332,7 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
                 row.status_reason = error.code if isinstance(error, BrokerError) else error.__class__.__name__
                 db.add(row)
                 events.append(_revoke_event(session, row, "capability.revoke_failed", "revoke_pending", actor, reason,
-                                            {"error": row.status_reason, "next_attempt_at": row.next_attempt_at.isoformat()}))
+                                            {"error": row.status_reason, "next_attempt_at": rfc3339(row.next_attempt_at)}))
                 REVOKES.labels(provider=row.provider, outcome="failed").inc()
                 log.warning("revoke of %s failed (%s); retry #%d scheduled", row.id, row.status_reason,
                             row.revoke_attempts)

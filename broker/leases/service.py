@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from broker.audit.events import DecisionRef, GrantRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import (
@@ -141,7 +142,7 @@ def _decide_and_mint(
         DECISIONS.labels(decision.result, decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
-        record = records.decision_record(decision, shadow)
+        record = DecisionRef.of(decision, shadow)
         if decision.result == "deny":
             refusal = records.refusal(decision)
             idempotency.finish(db, broker, ticket, refusal.status, refusal.to_body())
@@ -206,7 +207,7 @@ def _decide_and_mint(
 
 
 def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
-             record: dict[str, Any], ticket: IdempotencyRecord | None, now: datetime) -> tuple[int, dict[str, Any]]:
+             record: DecisionRef, ticket: IdempotencyRecord | None, now: datetime) -> tuple[int, dict[str, Any]]:
     approval = Approval(
         id=new_approval_id(),
         session_id=session.id,
@@ -236,14 +237,14 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
         db,
         records.capability_event(
             session, ask, "capability.pending", "pending_approval", tier=decision.tier, decision=record,
-            grant={"status": "pending_approval", "approval_id": approval.id, "ttl_seconds": decision.ttl_seconds},
+            grant=GrantRef(status="pending_approval", approval_id=approval.id, ttl_seconds=decision.ttl_seconds),
         ),
     )
     return 202, body
 
 
 def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease, grant: Grant,
-              provider: str, minted: Minted, record: dict[str, Any],
+              provider: str, minted: Minted, record: DecisionRef,
               ticket: IdempotencyRecord | None) -> tuple[int, dict[str, Any]]:
     """Lease active, audit record, idempotent outcome: all in the caller's transaction."""
     lease.status = LeaseStatus.ACTIVE
@@ -271,9 +272,7 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
         db,
         records.capability_event(
             session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
-            grant={"status": "active", "capability_id": lease.id, "provider": provider,
-                   "ttl_seconds": grant.ttl_seconds, "expires_at": rfc3339(lease.expires_at),
-                   "credential_fingerprint": minted.fingerprint},
+            grant=GrantRef.of(lease, expires_at=rfc3339(lease.expires_at)),
         ),
     )
     return 201, body
@@ -281,7 +280,7 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
 
 def _mint(
     broker: Broker, session: SessionRow, ask: CapabilityAsk, grant: Grant, provider_name: str,
-    record: dict[str, Any], idem_key: str | None,
+    record: DecisionRef, idem_key: str | None,
 ) -> tuple[int, dict[str, Any]]:
     """A remote backend: the `minting` row is committed; call out, then activate in a new transaction."""
     provider = broker.provider(provider_name)

@@ -20,7 +20,8 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from broker.audit.service import AuditEvent, append
+from broker.audit.events import AgentRef, AuditEvent, RequestRef
+from broker.audit.service import append
 from broker.db import transaction
 from broker.errors import InvalidRequest
 from broker.identity.access import managed_by
@@ -109,10 +110,10 @@ def revoke_matching(broker: Broker, caller: Caller, flt: RevocationFilter) -> Re
         append(db, AuditEvent(
             type="revocation.requested",
             outcome="requested",
+            actor=caller.principal,
             human_principal=flt.human,
-            agent={"id": flt.agent, "session_id": flt.session_id, "task_id": None},
-            request={"tool": None, "operation": "kill-switch", "resource": flt.resource, "tier": None,
-                     "parameters": None, "actor": caller.principal, "reason": flt.reason},
+            agent=AgentRef(id=flt.agent, session_id=flt.session_id),
+            request=RequestRef(operation="kill-switch", resource=flt.resource, reason=flt.reason),
             detail={"filter": flt.as_dict(), "end_sessions": flt.ends_sessions,
                     "matched_capabilities": len(leases), "sessions_to_end": len(to_end)},
         ))

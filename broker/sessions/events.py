@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
@@ -25,7 +25,8 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from broker.audit.service import AuditEvent, append
+from broker.audit.events import AgentRef, AuditEvent, RequestRef
+from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import Conflict, InvalidRequest
 from broker.metrics import WEBHOOKS
@@ -33,6 +34,7 @@ from broker.models import SessionRow, WebhookDelivery
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 from broker.sessions.service import session_event  # the same record a teardown through the API writes
+from broker.times import rfc3339
 
 log = logging.getLogger("broker.webhooks")
 
@@ -74,6 +76,11 @@ class LifecycleEvent(BaseModel):
     issue_number: int | None = Field(default=None, ge=0)
     reason: Text128 | None = None
     occurred_at: datetime | None = None
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v  # no zone given: UTC
 
     @field_validator("issue_number", mode="before")
     @classmethod
@@ -176,16 +183,14 @@ def _received_event(event: LifecycleEvent, outcome: str, signed_at: int, targets
     return AuditEvent(
         type="webhook.received",
         outcome=outcome,
+        actor=ACTOR,
         human_principal=one.human if one else None,
-        agent={"id": one.agent if one else None, "session_id": one.id if one else None,
-               "task_id": one.task_id if one else event.derived_task_id},
-        request={"tool": None, "operation": "webhook", "resource": None, "tier": None, "parameters": None,
-                 "actor": ACTOR},
+        agent=AgentRef.of(one, task_id=event.derived_task_id),
+        request=RequestRef(operation="webhook", reason=event.reason),
         detail={
             "event_id": event.id,
             "event_type": event.event_type,
-            "reason": event.reason,
-            "occurred_at": event.occurred_at.isoformat() if event.occurred_at else None,
+            "occurred_at": rfc3339(event.occurred_at) if event.occurred_at else None,
             "signed_at": signed_at,
             "session_id": event.session_id,
             "task_id": event.derived_task_id,
@@ -221,8 +226,8 @@ def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int) -> Outcome
                 if session.status == "active":
                     session.status, session.ended_at, session.end_reason = "ended", now, event.end_reason[:128]
                     db.add(session)
-                    append(db, session_event(session, "session.ended", "ended", ACTOR,
-                                                      {"reason": event.end_reason, "webhook_event_id": event.id}))
+                    append(db, session_event(session, "session.ended", "ended", ACTOR, reason=event.end_reason,
+                                             detail={"webhook_event_id": event.id}))
     except IntegrityError:
         raise _replayed(event, None) from None
     WEBHOOKS.labels(event_type=event.event_type, outcome=outcome).inc()
@@ -239,7 +244,7 @@ def _replayed(event: LifecycleEvent, first: datetime | None) -> WebhookReplayed:
     WEBHOOKS.labels(event_type=event.event_type if event.is_teardown else "unknown", outcome="replayed").inc()
     details: dict[str, Any] = {"id": event.id}
     if first is not None:
-        details["first_received_at"] = first.isoformat()
+        details["first_received_at"] = rfc3339(first)
     return WebhookReplayed(
         "this event id was delivered before and has been processed; a replay changes nothing", **details
     )

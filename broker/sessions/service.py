@@ -10,7 +10,8 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from broker.audit.service import AuditEvent, append
+from broker.audit.events import AgentRef, AuditEvent, RequestRef
+from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.access import managed_by, may_manage
@@ -20,6 +21,7 @@ from broker.leases.vocabulary import LIVE
 from broker.models import Lease, SessionRow
 from broker.policy import validate_pattern
 from broker.runtime import Broker
+from broker.times import rfc3339
 
 log = logging.getLogger("broker.sessions")
 
@@ -35,15 +37,16 @@ class SessionAsk:
     labels: dict[str, str] | None = None
 
 
-def session_event(session: SessionRow, type_: str, outcome: str, actor: str, detail: dict[str, Any] | None = None) -> AuditEvent:
+def session_event(session: SessionRow, type_: str, outcome: str, actor: str, *, reason: str | None = None,
+                  detail: dict[str, Any] | None = None) -> AuditEvent:
     return AuditEvent(
         type=type_,
         outcome=outcome,
+        actor=actor,
         human_principal=session.human,
-        agent={"id": session.agent, "session_id": session.id, "task_id": session.task_id},
-        request={"tool": None, "operation": type_.split(".", 1)[1], "resource": session.repository, "tier": None,
-                 "parameters": None, "actor": actor},
-        detail=detail,
+        agent=AgentRef.of(session),
+        request=RequestRef(operation=type_, resource=session.repository, reason=reason),
+        detail=dict(detail or {}),
     )
 
 
@@ -88,7 +91,8 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
         db.add(session)
         db.flush()
         append(db, session_event(session, "session.created", "created", caller.principal,
-                          {"scope": ask.scope, "expires_at": session.expires_at.isoformat(), "labels": session.labels}))
+                                 detail={"scope": ask.scope, "expires_at": rfc3339(session.expires_at),
+                                         "labels": session.labels}))
     return session, token
 
 
@@ -125,7 +129,7 @@ def end(broker: Broker, session_id: str, *, reason: str, actor: str, caller: Cal
         if session.status == "active":
             session.status, session.ended_at, session.end_reason = "ended", now, reason[:128]
             db.add(session)
-            append(db, session_event(session, "session.ended", "ended", actor, {"reason": reason}))
+            append(db, session_event(session, "session.ended", "ended", actor, reason=reason))
         live = list(db.exec(select(Lease.id).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE))).all())
     summary = revoke_leases(broker, live, reason=f"session-ended:{reason}", actor=actor)
     return session, summary

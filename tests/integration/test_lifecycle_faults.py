@@ -216,7 +216,7 @@ def test_kill_9_then_restart_after_expiry_finishes_every_lease(
         finished = terminal_records(engine)
         for lease_id in leases:
             assert len(finished.get(lease_id, [])) == 1, (lease_id, finished.get(lease_id))
-            assert finished[lease_id][0]["request"]["actor"] == "broker:reconciler"
+            assert finished[lease_id][0]["actor"] == "broker:reconciler"
         assert finished[never_minted][0]["detail"]["found_at_backend"] is False
         with transaction(engine) as db:
             assert verify(db).ok

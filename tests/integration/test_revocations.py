@@ -128,7 +128,7 @@ def test_by_agent(ks: KillSwitch) -> None:
     assert_revoked_exactly(ks, set(c1["caps"]) | set(c2["caps"]))
     assert ks.session_status(x["session_id"]) == "active"
     [req] = ks.audit("revocation.requested")
-    assert req["request"]["actor"] == "admin:admin" and req["request"]["reason"] == "incident-42"
+    assert req["actor"] == "admin:admin" and req["request"]["reason"] == "incident-42"
     assert req["detail"]["filter"] == {"agent": "codex"} and req["detail"]["matched_capabilities"] == 4
     revoked = ks.audit("capability.revoked")
     assert len(revoked) == 4 and all(rec["request"]["reason"] == "session-ended:kill-switch:incident-42"

@@ -84,7 +84,7 @@ def test_signed_teardown_ends_the_session_and_revokes_everything(api: Api) -> No
     assert received["outcome"] == "processed"
     assert received["detail"]["event_id"] == evt["id"] and received["detail"]["event_type"] == "task.completed"
     [ended] = records(api, "session.ended", sid)
-    assert ended["request"]["actor"] == "webhook:orchestrator" and ended["detail"]["webhook_event_id"] == evt["id"]
+    assert ended["actor"] == "webhook:orchestrator" and ended["detail"]["webhook_event_id"] == evt["id"]
     assert ended["seq"] == received["seq"] + 1  # one transaction: delivery, receipt, session end
     assert len(records(api, "capability.revoked", sid)) == 3
     with transaction(api.broker.engine) as db:
