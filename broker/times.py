@@ -7,6 +7,9 @@ audit record's own `timestamp` keeps microseconds, `rfc3339_precise`: it orders 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import PlainSerializer, WithJsonSchema
 
 
 def rfc3339(ts: datetime) -> str:
@@ -21,3 +24,11 @@ def rfc3339_precise(ts: datetime) -> str:
     if ts.tzinfo is None:
         raise ValueError("naive datetime: the broker keeps every time timezone-aware (UTC)")
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# A datetime field of an API answer: always written by `rfc3339`, documented as date-time.
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(rfc3339, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time", "examples": ["2026-01-02T03:04:05Z"]}),
+]

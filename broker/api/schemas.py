@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from broker.leases.outcomes import CapabilityView
+from broker.models import Lease, SessionRow
+from broker.times import Timestamp
 
 _RESOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[!-~]{1,480}$"
 
@@ -49,23 +52,7 @@ class SessionCreate(Strict):
 class SessionCreated(BaseModel):
     session_id: str
     session_token: str
-    expires_at: datetime
-
-
-class CapabilityView(BaseModel):
-    capability_id: str
-    session_id: str
-    status: str
-    resource: str
-    access: str
-    tier: str
-    provider: str
-    created_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None = None
-    status_reason: str | None = None
-    credential_fingerprint: str | None = None
-    revoke_attempts: int = 0
+    expires_at: Timestamp
 
 
 class SessionView(BaseModel):
@@ -77,11 +64,20 @@ class SessionView(BaseModel):
     scope: list[dict[str, Any]]
     labels: dict[str, str]
     status: str
-    created_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None
+    created_at: Timestamp
+    expires_at: Timestamp
+    ended_at: Timestamp | None
     end_reason: str | None
-    capabilities: list[CapabilityView] = []
+    capabilities: list[CapabilityView] = Field(default_factory=list, description="live ones (GET one session only)")
+
+    @classmethod
+    def of(cls, session: SessionRow, leases: list[Lease]) -> SessionView:
+        return cls(
+            session_id=session.id, human=session.human, agent=session.agent, task_id=session.task_id,
+            repository=session.repository, scope=session.scope, labels=session.labels, status=session.status,
+            created_at=session.created_at, expires_at=session.expires_at, ended_at=session.ended_at,
+            end_reason=session.end_reason, capabilities=[CapabilityView.of(lease) for lease in leases],
+        )
 
 
 class SessionEnd(Strict):
@@ -112,26 +108,6 @@ class CapabilityRequest(Strict):
         return v
 
 
-class CapabilityIssued(BaseModel):
-    capability_id: str
-    status: Literal["active"]
-    session_id: str
-    resource: str
-    access: str
-    tier: str
-    provider: str
-    expires_at: datetime
-    credential: dict[str, Any] = Field(description="shown once, never again")
-
-
-class PendingApproval(BaseModel):
-    status: Literal["pending_approval"]
-    approval_id: str
-    expires_at: datetime
-    reason: str
-    approvers: list[str]
-
-
 class ExplainRequest(Strict):
     session_id: str | None = Field(default=None, max_length=64, description="explain against a live session")
     human: Principal | None = None
@@ -142,6 +118,62 @@ class ExplainRequest(Strict):
     access: AccessName
     ttl_seconds: int | None = Field(default=None, ge=1, le=86400)
     session_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
+
+
+class LayerView(BaseModel):
+    layer: str
+    verdict: str
+    reason: str | None
+    matched_rule: str | None
+    detail: str
+
+
+class DecisionView(BaseModel):
+    """A decision with every layer's verdict (`policy explain`; the `decision` of a 403)."""
+
+    result: str
+    reason: str
+    matched_rule: str | None
+    matched_line: int | None
+    policy_version: str
+    tier: str | None
+    provider: str | None
+    options: dict[str, Any]
+    ttl_seconds: int | None
+    approvers: list[str]
+    layers: list[LayerView]
+
+
+class Explanation(BaseModel):
+    decision: DecisionView
+    shadow: DecisionView | None
+
+
+class AuditPage(BaseModel):
+    records: list[dict[str, Any]] = Field(description="audit records as chained (DESIGN.md section 9)")
+    next_since: int
+
+
+class AuditVerification(BaseModel):
+    ok: bool
+    checked: int
+    first_bad_seq: int | None
+    first_bad_event_id: str | None
+    problem: str | None
+    head_hash: str | None
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, Any] = Field(description="database, policy, and each provider: {ok, detail, required}")
+
+
+class Jwks(BaseModel):
+    keys: list[dict[str, str]]
 
 
 class ErrorBody(BaseModel):

@@ -18,7 +18,8 @@ from typing import Any
 from sqlmodel import Session
 
 from broker.db import transaction
-from broker.errors import Conflict, InvalidRequest
+from broker.errors import BrokerError, Conflict, InvalidRequest
+from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
 from broker.models import IdempotencyRecord
 from broker.runtime import Broker
 
@@ -39,18 +40,31 @@ def check_key(key: str) -> None:
         raise InvalidRequest("Idempotency-Key must be 1-255 printable characters", code="invalid-idempotency-key")
 
 
-def _replay(broker: Broker, row: IdempotencyRecord) -> tuple[int, dict[str, Any]] | None:
-    if row.state == "done" and row.sealed_response and row.response_status:
-        return row.response_status, json.loads(broker.sealer.unseal(row.sealed_response, _aad(row.session_id, row.key)))
-    return None
+# How an outcome is stored: its HTTP status names its kind (the column predates the models).
+_STORED_AS: dict[type[CapabilityIssued | PendingApproval], int] = {CapabilityIssued: 201, PendingApproval: 202}
+
+
+def _replay(broker: Broker, row: IdempotencyRecord) -> CapabilityOutcome | None:
+    """The stored outcome, or None while the first request is still under way. A stored
+    refusal is raised again, as it was the first time."""
+    if not (row.state == "done" and row.sealed_response and row.response_status):
+        return None
+    body: dict[str, Any] = json.loads(broker.sealer.unseal(row.sealed_response, _aad(row.session_id, row.key)))
+    if row.response_status == _STORED_AS[CapabilityIssued]:
+        return CapabilityIssued.model_validate(body)
+    if row.response_status == _STORED_AS[PendingApproval]:
+        return PendingApproval.model_validate(body)
+    error = dict(body.get("error") or {})
+    message, code = str(error.pop("message", "")), str(error.pop("code", "error"))
+    raise BrokerError(message, code=code, status=row.response_status, **error)
 
 
 def claim(db: Session, broker: Broker, session_id: str, key: str, request_hash: str,
-          now: datetime) -> IdempotencyRecord | tuple[int, dict[str, Any]]:
+          now: datetime) -> IdempotencyRecord | CapabilityOutcome:
     """Inside the caller's transaction, with the session row locked. Returns the stored outcome,
     or a new record the caller owns: not yet added, so an outcome known in this transaction is
     written once, complete (`finish`), and a remote mint adds it `in_progress` (`hold`).
-    Raises InProgress or Conflict."""
+    Raises InProgress, Conflict, or the stored refusal."""
     row = db.get(IdempotencyRecord, (session_id, key))
     if row is not None and row.expires_at <= now:
         db.delete(row)  # an expired key is free again
@@ -74,7 +88,7 @@ def hold(db: Session, record: IdempotencyRecord) -> None:
     db.add(record)
 
 
-def wait_for(broker: Broker, session_id: str, key: str) -> tuple[int, dict[str, Any]] | None:
+def wait_for(broker: Broker, session_id: str, key: str) -> CapabilityOutcome | None:
     """Poll until the owner finishes (its outcome) or gives up (None: claim the key again)."""
     deadline = time.monotonic() + WAIT_SECONDS
     delay = 0.01
@@ -92,10 +106,15 @@ def wait_for(broker: Broker, session_id: str, key: str) -> tuple[int, dict[str, 
         delay = min(delay * 2, 0.2)
 
 
-def finish(db: Session, broker: Broker, record: IdempotencyRecord | None, status: int, body: dict[str, Any]) -> None:
+def finish(db: Session, broker: Broker, record: IdempotencyRecord | None,
+           outcome: CapabilityOutcome | BrokerError) -> None:
     """Inside the caller's transaction, so the outcome and its record commit together."""
     if record is None:
         return
+    if isinstance(outcome, BrokerError):
+        status, body = outcome.status, outcome.to_body()
+    else:
+        status, body = _STORED_AS[type(outcome)], outcome.model_dump(mode="json")
     record.state = "done"
     record.response_status = status
     record.sealed_response = broker.sealer.seal(json.dumps(body), _aad(record.session_id, record.key))

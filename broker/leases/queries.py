@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlmodel import col, select
 
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
 from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
+from broker.leases.outcomes import Introspection
 from broker.leases.revocation import RevokeSummary, revoke_leases
 from broker.leases.vocabulary import LeaseStatus
 from broker.models import Lease, SessionRow
 from broker.runtime import Broker
-
-
-def view(lease: Lease) -> dict[str, Any]:
-    return {
-        "capability_id": lease.id,
-        "session_id": lease.session_id,
-        "status": lease.status,
-        "resource": lease.resource,
-        "access": lease.access,
-        "tier": lease.tier,
-        "provider": lease.provider,
-        "created_at": lease.created_at,
-        "expires_at": lease.expires_at,
-        "ended_at": lease.ended_at,
-        "status_reason": lease.status_reason,
-        "credential_fingerprint": lease.fingerprint,
-        "revoke_attempts": lease.revoke_attempts,
-    }
 
 
 def _visible(broker: Broker, caller: Caller, capability_id: str) -> Lease:
@@ -74,26 +55,17 @@ def list_for(broker: Broker, caller: Caller, session_id: str | None, status: str
         return list(db.exec(stmt.order_by(col(Lease.created_at).desc()).limit(limit)).all())
 
 
-def introspect(broker: Broker, token: str) -> dict[str, Any]:
+def introspect(broker: Broker, token: str) -> Introspection:
     """RFC 7662: anything but a live, unrevoked, unexpired native token is just inactive."""
     try:
         claims = broker.keyring.verify(token, audience=None, issuer=broker.settings.issuer, token_use="capability")
     except Unauthenticated:
-        return {"active": False}
+        return Introspection(active=False)
     with transaction(broker.engine) as db:
         lease = db.get(Lease, str(claims.get("jti")))
         if lease is None or lease.status != LeaseStatus.ACTIVE or lease.expires_at <= utcnow():
-            return {"active": False}
-    return {
-        "active": True,
-        "token_type": "Bearer",
-        "scope": claims.get("scope"),
-        "sub": claims.get("sub"),
-        "act": claims.get("act"),
-        "aud": claims.get("aud"),
-        "iss": claims.get("iss"),
-        "exp": claims.get("exp"),
-        "iat": claims.get("iat"),
-        "jti": claims.get("jti"),
-        "sid": claims.get("sid"),
-    }
+            return Introspection(active=False)
+    return Introspection(active=True, token_type="Bearer", **{k: claims.get(k) for k in _CLAIMS})
+
+
+_CLAIMS = ("scope", "sub", "act", "aud", "iss", "exp", "iat", "jti", "sid")

@@ -27,6 +27,7 @@ from broker.errors import (
 )
 from broker.identity.callers import Caller
 from broker.leases import idempotency, records
+from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
 from broker.leases.revocation import finish_revocation
 from broker.leases.vocabulary import LIVE, CapabilityAsk, LeaseStatus, new_approval_id, new_capability_id
 from broker.metrics import DECISIONS, MINTS
@@ -88,7 +89,8 @@ def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: dat
 
 def request_capability(
     broker: Broker, caller: Caller, ask: CapabilityAsk, idempotency_key: str | None
-) -> tuple[int, dict[str, Any]]:
+) -> CapabilityOutcome:
+    """Issued, or pending a human's approval; a refusal is raised (Denied, BudgetExceeded...)."""
     if caller.kind != "agent" or caller.session_id is None:
         raise Forbidden("only an agent's session token may request capabilities")
     parse_resource(ask.resource)  # malformed URIs are a 400, before any decision
@@ -116,7 +118,7 @@ def request_capability(
 
 def _decide_and_mint(
     broker: Broker, session_id: str, ask: CapabilityAsk, idem_key: str | None
-) -> tuple[int, dict[str, Any]]:
+) -> CapabilityOutcome:
     now = utcnow()
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
     refusal: BrokerError | None = None
@@ -127,7 +129,7 @@ def _decide_and_mint(
         ticket = None
         if idem_key is not None:
             claimed = idempotency.claim(db, broker, session_id, idem_key, ask.idempotency_hash(session_id), now)
-            if isinstance(claimed, tuple):
+            if not isinstance(claimed, IdempotencyRecord):
                 return claimed  # the stored outcome of this key's first request
             ticket = claimed
         approved = _use_approval(db, ask, session, now)
@@ -145,7 +147,7 @@ def _decide_and_mint(
         record = DecisionRef.of(decision, shadow)
         if decision.result == "deny":
             refusal = records.refusal(decision)
-            idempotency.finish(db, broker, ticket, refusal.status, refusal.to_body())
+            idempotency.finish(db, broker, ticket, refusal)
             append(db, records.capability_event(session, ask, "capability.denied", "denied", tier=decision.tier,
                                                 decision=record))
         elif decision.result == "approval_required":
@@ -193,7 +195,7 @@ def _decide_and_mint(
                     lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, exc.code, now
                     db.add(lease)
                     if exc.status < 500:
-                        idempotency.finish(db, broker, ticket, exc.status, exc.to_body())
+                        idempotency.finish(db, broker, ticket, exc)
                     append(db, records.mint_failed_event(session, ask, grant, provider.name, record, exc))
                 else:
                     return _activate(db, broker, session, ask, lease, grant, provider.name, minted, record, ticket)
@@ -207,7 +209,7 @@ def _decide_and_mint(
 
 
 def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
-             record: DecisionRef, ticket: IdempotencyRecord | None, now: datetime) -> tuple[int, dict[str, Any]]:
+             record: DecisionRef, ticket: IdempotencyRecord | None, now: datetime) -> PendingApproval:
     approval = Approval(
         id=new_approval_id(),
         session_id=session.id,
@@ -225,14 +227,9 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
         expires_at=min(now + APPROVAL_WAIT, session.expires_at),
     )
     db.add(approval)
-    body = {
-        "status": "pending_approval",
-        "approval_id": approval.id,
-        "expires_at": rfc3339(approval.expires_at),
-        "reason": decision.reason,
-        "approvers": list(decision.approvers),
-    }
-    idempotency.finish(db, broker, ticket, 202, body)
+    pending = PendingApproval(approval_id=approval.id, expires_at=approval.expires_at, reason=decision.reason,
+                              approvers=list(decision.approvers))
+    idempotency.finish(db, broker, ticket, pending)
     append(
         db,
         records.capability_event(
@@ -240,12 +237,12 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
             grant=GrantRef(status="pending_approval", approval_id=approval.id, ttl_seconds=decision.ttl_seconds),
         ),
     )
-    return 202, body
+    return pending
 
 
 def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease, grant: Grant,
               provider: str, minted: Minted, record: DecisionRef,
-              ticket: IdempotencyRecord | None) -> tuple[int, dict[str, Any]]:
+              ticket: IdempotencyRecord | None) -> CapabilityIssued:
     """Lease active, audit record, idempotent outcome: all in the caller's transaction."""
     lease.status = LeaseStatus.ACTIVE
     lease.minted_at = utcnow()
@@ -255,18 +252,10 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
     if minted.revocation_secret is not None:
         lease.sealed_secret = broker.sealer.seal(minted.revocation_secret, lease.id)
     db.add(lease)
-    body = {
-        "capability_id": lease.id,
-        "status": "active",
-        "session_id": session.id,
-        "resource": lease.resource,
-        "access": lease.access,
-        "tier": lease.tier,
-        "provider": lease.provider,
-        "expires_at": rfc3339(lease.expires_at),
-        "credential": minted.credential,
-    }
-    idempotency.finish(db, broker, ticket, 201, body)
+    issued = CapabilityIssued(capability_id=lease.id, session_id=session.id, resource=lease.resource,
+                              access=lease.access, tier=lease.tier, provider=lease.provider,
+                              expires_at=lease.expires_at, credential=minted.credential)
+    idempotency.finish(db, broker, ticket, issued)
     # Last, so the audit head (one row every request serialises on) is held for the least time.
     append(
         db,
@@ -275,13 +264,13 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
             grant=GrantRef.of(lease, expires_at=rfc3339(lease.expires_at)),
         ),
     )
-    return 201, body
+    return issued
 
 
 def _mint(
     broker: Broker, session: SessionRow, ask: CapabilityAsk, grant: Grant, provider_name: str,
     record: DecisionRef, idem_key: str | None,
-) -> tuple[int, dict[str, Any]]:
+) -> CapabilityIssued:
     """A remote backend: the `minting` row is committed; call out, then activate in a new transaction."""
     provider = broker.provider(provider_name)
     minted: Minted | None = None
@@ -302,8 +291,7 @@ def _mint(
             lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, failure.code, utcnow()
             db.add(lease)
             if failure.status < 500:
-                idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure.status,
-                                   failure.to_body())
+                idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure)
             append(db, records.mint_failed_event(session, ask, grant, provider_name, record, failure))
         raise failure
     try:

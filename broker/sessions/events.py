@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 from sqlalchemy import delete
@@ -140,27 +140,40 @@ class EndedSession:
     revoke_pending: int = 0
 
 
+class EndedSessionView(BaseModel):
+    session_id: str
+    status: Literal["ended"] = "ended"
+    already_ended: bool
+    revoked: int
+    revoke_pending: int
+
+
+class WebhookOutcome(BaseModel):
+    """The answer to one delivery. `ignored`: a type that ends nothing (reason, task_id null)."""
+
+    status: Literal["processed", "unmatched", "ignored"]
+    id: str
+    type: str
+    reason: str | None = None
+    task_id: str | None = None
+    sessions: list[EndedSessionView] = Field(default_factory=list)
+
+
 @dataclass
 class Outcome:
-    status: str  # processed | unmatched | ignored
+    status: Literal["processed", "unmatched", "ignored"]
     event: LifecycleEvent
     sessions: list[EndedSession] = field(default_factory=list)
 
-    @property
-    def http_status(self) -> int:
-        return 202 if self.status == "ignored" else 200
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.status, "id": self.event.id, "type": self.event.event_type}
-        if self.status != "ignored":
-            out["reason"] = self.event.end_reason
-            out["task_id"] = self.event.derived_task_id
-            out["sessions"] = [
-                {"session_id": s.session_id, "status": "ended", "already_ended": s.already_ended,
-                 "revoked": s.revoked, "revoke_pending": s.revoke_pending}
-                for s in self.sessions
-            ]
-        return out
+    def answer(self) -> WebhookOutcome:
+        if self.status == "ignored":
+            return WebhookOutcome(status=self.status, id=self.event.id, type=self.event.event_type)
+        return WebhookOutcome(
+            status=self.status, id=self.event.id, type=self.event.event_type, reason=self.event.end_reason,
+            task_id=self.event.derived_task_id,
+            sessions=[EndedSessionView(session_id=s.session_id, already_ended=s.already_ended, revoked=s.revoked,
+                                       revoke_pending=s.revoke_pending) for s in self.sessions],
+        )
 
 
 def _targets(db: Session, event: LifecycleEvent) -> list[SessionRow]:

@@ -204,7 +204,8 @@ def test_unknown_event_types_are_acknowledged_audited_and_ignored(api: Api) -> N
     session = with_capabilities(api, 1)
     evt = {"id": event_id(), "type": "task.started", "session_id": session["session_id"]}
     r = deliver(api, evt)
-    assert r.status_code == 202 and r.json() == {"status": "ignored", "id": evt["id"], "type": "task.started"}
+    assert r.status_code == 202 and r.json() == {"status": "ignored", "id": evt["id"], "type": "task.started",
+                                          "reason": None, "task_id": None, "sessions": []}
     assert session_row(api, session["session_id"]).status == "active"
     [received] = records(api, "webhook.received")
     assert received["outcome"] == "ignored" and received["detail"]["event_type"] == "task.started"

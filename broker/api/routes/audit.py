@@ -8,25 +8,25 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import ErrorResponse
+from broker.api.schemas import AuditPage, AuditVerification, ErrorResponse
 from broker.audit import service as audit
 from broker.db import transaction
 from broker.errors import Forbidden, NotFound
-from broker.identity.access import may_manage
+from broker.identity.access import may_manage, require_admin
 from broker.models import SessionRow
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (401, 403, 404, 422)}
 
 
-@router.get("", responses=ERRORS)
+@router.get("", response_model=AuditPage, responses=ERRORS)
 def read_audit(
     broker: BrokerDep, caller: AnyCaller,
     session_id: Annotated[str | None, Query(max_length=64)] = None,
     since: Annotated[int, Query(ge=0, description="return records with seq greater than this")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 100,
     type: Annotated[list[str] | None, Query()] = None,
-) -> dict[str, Any]:
+) -> AuditPage:
     with transaction(broker.engine) as db:
         if caller.kind != "admin":
             # Humans (and orchestrators) read their own sessions' records only.
@@ -37,12 +37,11 @@ def read_audit(
                 raise NotFound("no such session", code="session-not-found")
         rows = audit.query(db, session_id=session_id, since_seq=since, limit=limit, types=type)
         records = [{**json.loads(r.record), "prev_hash": r.prev_hash, "hash": r.hash} for r in rows]
-    return {"records": records, "next_since": records[-1]["seq"] if records else since}
+    return AuditPage(records=records, next_since=records[-1]["seq"] if records else since)
 
 
-@router.get("/verify", responses=ERRORS)
-def verify_audit(broker: BrokerDep, caller: AnyCaller) -> dict[str, Any]:
-    if caller.kind != "admin":
-        raise Forbidden("verifying the whole chain is for admins")
+@router.get("/verify", response_model=AuditVerification, responses=ERRORS)
+def verify_audit(broker: BrokerDep, caller: AnyCaller) -> AuditVerification:
+    require_admin(caller, "verifying the whole chain is for admins")
     with transaction(broker.engine) as db:
-        return audit.verify(db).to_dict()
+        return AuditVerification.model_validate(audit.verify(db).to_dict())

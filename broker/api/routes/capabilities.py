@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
-from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Query, Response
 
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
-from broker.api.schemas import CapabilityIssued, CapabilityRequest, CapabilityView, ErrorResponse, PendingApproval
+from broker.api.schemas import CapabilityRequest, ErrorResponse
 from broker.leases import queries
-from broker.leases.service import CapabilityAsk, request_capability
+from broker.leases.outcomes import CapabilityIssued, CapabilityView, PendingApproval
+from broker.leases.service import request_capability
+from broker.leases.vocabulary import CapabilityAsk
 
 router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 422, 429, 502, 503)}
@@ -20,21 +20,25 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in 
 @router.post(
     "",
     status_code=201,
-    response_model=CapabilityIssued,
-    responses={202: {"model": PendingApproval}, **ERRORS},
+    response_model=CapabilityIssued | PendingApproval,
+    responses={201: {"model": CapabilityIssued}, 202: {"model": PendingApproval}, **ERRORS},
 )
 def create_capability(
     body: CapabilityRequest,
     broker: BrokerDep,
     caller: AgentCaller,
+    response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
-) -> JSONResponse:
+) -> CapabilityIssued | PendingApproval:
     ask = CapabilityAsk(
         resource=body.resource, access=body.access, purpose=body.purpose, ttl_seconds=body.ttl_seconds,
         tool=body.tool, parameters=body.parameters, approval_id=body.approval_id,
     )
-    status, payload = request_capability(broker, caller, ask, idempotency_key)
-    return JSONResponse(payload, status_code=status, headers={"Cache-Control": "no-store"})
+    outcome = request_capability(broker, caller, ask, idempotency_key)
+    response.headers["Cache-Control"] = "no-store"  # a credential, or the way to one
+    if isinstance(outcome, PendingApproval):
+        response.status_code = 202
+    return outcome
 
 
 @router.get("", response_model=list[CapabilityView], responses=ERRORS)
@@ -43,17 +47,16 @@ def list_capabilities(
     session_id: Annotated[str | None, Query(max_length=64)] = None,
     status: Annotated[str | None, Query(max_length=16)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> JSONResponse:
-    leases = queries.list_for(broker, caller, session_id, status, limit)
-    return JSONResponse(jsonable_encoder([queries.view(lease) for lease in leases]))
+) -> list[CapabilityView]:
+    return [CapabilityView.of(lease) for lease in queries.list_for(broker, caller, session_id, status, limit)]
 
 
 @router.get("/{capability_id}", response_model=CapabilityView, responses=ERRORS)
-def get_capability(capability_id: str, broker: BrokerDep, caller: AnyCaller) -> JSONResponse:
-    return JSONResponse(jsonable_encoder(queries.view(queries.get(broker, caller, capability_id))))
+def get_capability(capability_id: str, broker: BrokerDep, caller: AnyCaller) -> CapabilityView:
+    return CapabilityView.of(queries.get(broker, caller, capability_id))
 
 
 @router.delete("/{capability_id}", response_model=CapabilityView, responses=ERRORS)
-def revoke_capability(capability_id: str, broker: BrokerDep, caller: AnyCaller) -> JSONResponse:
+def revoke_capability(capability_id: str, broker: BrokerDep, caller: AnyCaller) -> CapabilityView:
     lease, _ = queries.revoke(broker, caller, capability_id)
-    return JSONResponse(jsonable_encoder(queries.view(lease)))
+    return CapabilityView.of(lease)

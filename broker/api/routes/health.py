@@ -6,11 +6,12 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from broker.api.deps import BrokerDep
+from broker.api.schemas import Liveness, Readiness
 from broker.metrics import REGISTRY
 from broker.providers.base import ProviderHealth
 from broker.providers.registry import UnconfiguredProvider
@@ -20,13 +21,13 @@ PROBE_SECONDS = 3.0
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", response_model=Liveness)
+def healthz() -> Liveness:
+    return Liveness()
 
 
-@router.get("/readyz")
-def readyz(broker: BrokerDep) -> JSONResponse:
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+def readyz(broker: BrokerDep, response: Response) -> Readiness:
     checks: dict[str, Any] = {}
     try:
         with broker.engine.connect() as conn:
@@ -50,7 +51,8 @@ def readyz(broker: BrokerDep) -> JSONResponse:
         providers[name] = {"ok": health.ok, "detail": health.detail, "required": required}
     checks["providers"] = providers
     ready = checks["database"]["ok"] and all(p["ok"] for p in providers.values() if p["required"])
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    response.status_code = 200 if ready else 503
+    return Readiness(ready=ready, checks=checks)
 
 
 @router.get("/metrics")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from fastapi import APIRouter
 
 from broker.api.deps import BrokerDep, HumanCaller
-from broker.api.schemas import ErrorResponse, ExplainRequest
+from broker.api.schemas import ErrorResponse, ExplainRequest, Explanation
 from broker.db import transaction, utcnow
 from broker.errors import InvalidRequest, NotFound
 from broker.identity.access import may_manage
@@ -19,8 +18,8 @@ from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_
 router = APIRouter(prefix="/v1/policy", tags=["policy"])
 
 
-@router.post("/explain", responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 422)})
-def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> dict[str, Any]:
+@router.post("/explain", response_model=Explanation, responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 422)})
+def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> Explanation:
     now = utcnow()
     if body.session_id:
         with transaction(broker.engine) as db:
@@ -42,4 +41,4 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> dic
         RequestFacts(resource=body.resource, access=body.access, ttl_seconds=body.ttl_seconds, now=now),
         bounds_lookup(broker),
     )
-    return {"decision": decision.to_dict(), "shadow": shadow.to_dict() if shadow else None}
+    return Explanation.model_validate({"decision": decision.to_dict(), "shadow": shadow.to_dict() if shadow else None})

@@ -5,25 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse
 
 from broker.api.deps import AnyCaller, BrokerDep, OrchestratorCaller
 from broker.api.schemas import ErrorResponse, SessionCreate, SessionCreated, SessionEnd, SessionEnded, SessionView
-from broker.leases.queries import view
 from broker.sessions import service
 from broker.sessions.service import SessionAsk
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 422)}
-
-
-def _view(session, leases) -> SessionView:  # type: ignore[no-untyped-def]
-    return SessionView(
-        session_id=session.id, human=session.human, agent=session.agent, task_id=session.task_id,
-        repository=session.repository, scope=session.scope, labels=session.labels, status=session.status,
-        created_at=session.created_at, expires_at=session.expires_at, ended_at=session.ended_at,
-        end_reason=session.end_reason, capabilities=[view(lease) for lease in leases],
-    )
 
 
 @router.post("", status_code=201, response_model=SessionCreated, responses=ERRORS)
@@ -46,19 +35,18 @@ def list_sessions(
     status: Annotated[str | None, Query(pattern="^(active|ended)$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[SessionView]:
-    return [_view(s, []) for s in service.list_sessions(broker, caller, status, limit)]
+    return [SessionView.of(s, []) for s in service.list_sessions(broker, caller, status, limit)]
 
 
 @router.get("/{session_id}", response_model=SessionView, responses=ERRORS)
 def get_session(session_id: str, broker: BrokerDep, caller: AnyCaller) -> SessionView:
     session, leases = service.get(broker, caller, session_id)
-    return _view(session, leases)
+    return SessionView.of(session, leases)
 
 
 @router.post("/{session_id}/end", response_model=SessionEnded, responses=ERRORS)
-def end_session(session_id: str, broker: BrokerDep, caller: AnyCaller, body: SessionEnd | None = None) -> JSONResponse:
+def end_session(session_id: str, broker: BrokerDep, caller: AnyCaller, body: SessionEnd | None = None) -> SessionEnded:
     reason = body.reason if body else "api_teardown"
     session, summary = service.end(broker, session_id, reason=reason, actor=caller.principal, caller=caller)
-    ended = SessionEnded(session_id=session.id, status=session.status, revoked=len(summary.revoked),
-                         revoke_pending=len(summary.pending))
-    return JSONResponse(ended.model_dump())
+    return SessionEnded(session_id=session.id, status=session.status, revoked=len(summary.revoked),
+                        revoke_pending=len(summary.pending))

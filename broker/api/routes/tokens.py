@@ -6,23 +6,28 @@ import json
 from typing import Any
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import BrokerDep
+from broker.api.schemas import Jwks
 from broker.errors import InvalidRequest
+from broker.leases.outcomes import Introspection
 from broker.leases.queries import introspect
 
 router = APIRouter(tags=["tokens"])
 
 
-@router.get("/.well-known/jwks.json")
-def jwks(broker: BrokerDep) -> JSONResponse:
-    return JSONResponse(broker.keyring.jwks(), headers={"Cache-Control": "public, max-age=300"})
+@router.get("/.well-known/jwks.json", response_model=Jwks)
+def jwks(broker: BrokerDep, response: Response) -> Jwks:
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return Jwks.model_validate(broker.keyring.jwks())
 
 
 @router.post(
     "/v1/introspect",
+    response_model=Introspection,
+    response_model_exclude_none=True,  # inactive is {"active": false}, nothing more (RFC 7662)
     openapi_extra={
         "requestBody": {
             "content": {
@@ -36,7 +41,7 @@ def jwks(broker: BrokerDep) -> JSONResponse:
         }
     },
 )
-async def introspect_token(request: Request, broker: BrokerDep) -> JSONResponse:
+async def introspect_token(request: Request, broker: BrokerDep, response: Response) -> Introspection:
     """Form-encoded as RFC 7662 says (JSON accepted too). Inactive says nothing more, by design.
 
     Unauthenticated on purpose: the answer reveals only whether a token the caller already
@@ -53,4 +58,5 @@ async def introspect_token(request: Request, broker: BrokerDep) -> JSONResponse:
         token = (parse_qs(raw.decode(errors="replace")).get("token") or [None])[0]
     if not isinstance(token, str) or not token or len(token) > 8192:
         raise InvalidRequest("introspection needs a `token` parameter", code="invalid-request")
-    return JSONResponse(introspect(broker, token), headers={"Cache-Control": "no-store"})
+    response.headers["Cache-Control"] = "no-store"
+    return await run_in_threadpool(introspect, broker, token)

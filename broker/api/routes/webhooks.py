@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.schemas import ErrorResponse
@@ -28,7 +27,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in 
 
 @router.post(
     "/orchestrator",
-    responses={202: {"description": "event type not handled: acknowledged, audited, ignored"}, **ERRORS},
+    response_model=events.WebhookOutcome,
+    responses={202: {"model": events.WebhookOutcome,
+                     "description": "event type not handled: acknowledged, audited, ignored"}, **ERRORS},
     openapi_extra={
         "parameters": [{"name": signatures.HEADER, "in": "header", "required": True,
                         "schema": {"type": "string", "example": "t=1735689600,v1=5257a869e7..."}}],
@@ -48,12 +49,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in 
         }}}},
     },
 )
-async def orchestrator_webhook(request: Request) -> JSONResponse:
+async def orchestrator_webhook(request: Request, response: Response) -> events.WebhookOutcome:
     broker: Broker = request.app.state.broker
     body = await request.body()
     if len(body) > MAX_WEBHOOK_BYTES:
-        return JSONResponse({"error": {"code": "payload-too-large",
-                                       "message": f"webhook bodies are limited to {MAX_WEBHOOK_BYTES} bytes"}}, 413)
+        raise BrokerError(f"webhook bodies are limited to {MAX_WEBHOOK_BYTES} bytes", code="payload-too-large",
+                          status=413)
     try:
         signed_at = signatures.verify(
             body, request.headers.get(signatures.HEADER), broker.settings.webhook_secret_list(),
@@ -66,4 +67,5 @@ async def orchestrator_webhook(request: Request) -> JSONResponse:
         log.warning("webhook refused from %s: %s", request.client.host if request.client else "?", exc.code)
         raise
     outcome = await run_in_threadpool(events.receive, broker, event, signed_at=signed_at)
-    return JSONResponse(outcome.body(), status_code=outcome.http_status)
+    response.status_code = 202 if outcome.status == "ignored" else 200
+    return outcome.answer()

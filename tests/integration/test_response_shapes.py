@@ -1,0 +1,154 @@
+"""Every endpoint's answer has exactly the shape of its model, and every time is RFC 3339 with `Z`.
+
+Table-driven: one row per (endpoint, kind of answer). Each answer is parsed by the route's
+model and written back: the result must be the very same JSON (no key more or less, the same
+datetime text). A last test checks that the table covers every JSON route of the app.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import TypeAdapter
+
+from broker.api.routes.revocations import RevocationResponse
+from broker.api.schemas import (
+    AuditPage,
+    AuditVerification,
+    Explanation,
+    Jwks,
+    Liveness,
+    Readiness,
+    SessionCreated,
+    SessionEnded,
+    SessionView,
+)
+from broker.app import create_app
+from broker.identity.webhooks import HEADER, sign
+from broker.leases.outcomes import CapabilityIssued, CapabilityView, Introspection, PendingApproval
+from broker.sessions.events import WebhookOutcome
+from tests.support.brokers import Api
+
+RFC3339_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+LOOKS_LIKE_TIME = re.compile(r"^\d{4}-\d\d-\d\dT")
+
+
+@dataclass
+class World:
+    api: Api
+    session: dict[str, Any]
+    issued: dict[str, Any]
+    pending: dict[str, Any]
+
+    def agent(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.session['session_token']}"}
+
+
+@pytest.fixture
+def world(api: Api) -> World:
+    session = api.new_session()
+    issued = api.request(session, {"resource": "jwt://payments-api", "access": "read"})
+    assert issued.status_code == 201, issued.text
+    pending = api.request(session, {"resource": "jwt://payments-api", "access": "deploy"})
+    assert pending.status_code == 202, pending.text
+    return World(api, session, issued.json(), pending.json())
+
+
+def webhook(w: World, body: dict[str, Any]) -> httpx.Response:
+    raw = json.dumps(body).encode()
+    return w.api.client.post("/v1/webhooks/orchestrator", content=raw,
+                             headers={"Content-Type": "application/json", HEADER: sign(raw, w.api.secrets.webhook_secret)})
+
+
+@dataclass(frozen=True)
+class Row:
+    route: str  # "METHOD /path" as the app declares it
+    call: Callable[[World], httpx.Response]
+    status: int
+    model: Any
+    exclude_none: bool = False
+
+
+ROWS = [
+    Row("POST /v1/sessions", lambda w: w.api.client.post("/v1/sessions", headers=w.api.as_orchestrator(), json={
+        "human": "alice@example.com", "agent": "claude-code", "task_id": "t", "ttl_seconds": 600,
+        "scope": [{"resource": "jwt://**", "access": ["*"]}]}), 201, SessionCreated),
+    Row("GET /v1/sessions", lambda w: w.api.client.get("/v1/sessions", headers=w.api.as_admin()), 200, list[SessionView]),
+    Row("GET /v1/sessions/{session_id}", lambda w: w.api.client.get(
+        f"/v1/sessions/{w.session['session_id']}", headers=w.api.as_orchestrator()), 200, SessionView),
+    Row("POST /v1/sessions/{session_id}/end", lambda w: w.api.client.post(
+        f"/v1/sessions/{w.session['session_id']}/end", headers=w.api.as_orchestrator()), 200, SessionEnded),
+    Row("POST /v1/capabilities", lambda w: w.api.request(
+        w.session, {"resource": "jwt://svc/a", "access": "read"}), 201, CapabilityIssued),
+    Row("POST /v1/capabilities", lambda w: w.api.request(
+        w.session, {"resource": "jwt://payments-api", "access": "deploy", "ttl_seconds": 60}), 202, PendingApproval),
+    Row("GET /v1/capabilities", lambda w: w.api.client.get("/v1/capabilities", headers=w.agent()), 200,
+        list[CapabilityView]),
+    Row("GET /v1/capabilities/{capability_id}", lambda w: w.api.client.get(
+        f"/v1/capabilities/{w.issued['capability_id']}", headers=w.agent()), 200, CapabilityView),
+    Row("DELETE /v1/capabilities/{capability_id}", lambda w: w.api.client.delete(
+        f"/v1/capabilities/{w.issued['capability_id']}", headers=w.agent()), 200, CapabilityView),
+    Row("POST /v1/revocations", lambda w: w.api.client.post(
+        "/v1/revocations", json={"session_id": w.session["session_id"]}, headers=w.api.as_admin()), 200,
+        RevocationResponse),
+    Row("POST /v1/webhooks/orchestrator", lambda w: webhook(
+        w, {"id": str(uuid.uuid4()), "type": "task.completed", "session_id": w.session["session_id"]}), 200,
+        WebhookOutcome),
+    Row("POST /v1/webhooks/orchestrator", lambda w: webhook(w, {"id": str(uuid.uuid4()), "type": "task.started"}),
+        202, WebhookOutcome),
+    Row("POST /v1/policy/explain", lambda w: w.api.client.post("/v1/policy/explain", headers=w.api.as_admin(), json={
+        "session_id": w.session["session_id"], "resource": "jwt://payments-api", "access": "write"}), 200,
+        Explanation),
+    Row("GET /v1/audit", lambda w: w.api.client.get("/v1/audit", headers=w.api.as_admin()), 200, AuditPage),
+    Row("GET /v1/audit/verify", lambda w: w.api.client.get("/v1/audit/verify", headers=w.api.as_admin()), 200,
+        AuditVerification),
+    Row("GET /.well-known/jwks.json", lambda w: w.api.client.get("/.well-known/jwks.json"), 200, Jwks),
+    Row("POST /v1/introspect", lambda w: w.api.client.post(
+        "/v1/introspect", data={"token": w.issued["credential"]["token"]}), 200, Introspection, True),
+    Row("POST /v1/introspect", lambda w: w.api.client.post("/v1/introspect", data={"token": "not-a-token"}), 200,
+        Introspection, True),
+    Row("GET /healthz", lambda w: w.api.client.get("/healthz"), 200, Liveness),
+    Row("GET /readyz", lambda w: w.api.client.get("/readyz"), 200, Readiness),
+]
+
+
+def times_in(value: Any) -> list[str]:
+    """Every time-like string, but the audit records' own `timestamp` (microseconds, by design)."""
+    if isinstance(value, dict):
+        return [t for k, v in value.items() if k != "timestamp" for t in times_in(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in times_in(v)]
+    return [value] if isinstance(value, str) and LOOKS_LIKE_TIME.match(value) else []
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.route} {r.status}" for r in ROWS])
+def test_answer_is_exactly_its_model(world: World, row: Row) -> None:
+    r = row.call(world)
+    assert r.status_code == row.status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    adapter = TypeAdapter(row.model)
+    assert adapter.dump_python(adapter.validate_python(body), mode="json", exclude_none=row.exclude_none) == body
+    times = times_in(body)
+    assert all(RFC3339_Z.match(t) for t in times), times
+
+
+def test_expires_at_is_the_same_text_from_post_and_get(world: World) -> None:
+    got = world.api.client.get(f"/v1/capabilities/{world.issued['capability_id']}", headers=world.agent()).json()
+    assert got["expires_at"] == world.issued["expires_at"]
+    assert RFC3339_Z.match(got["expires_at"]) and RFC3339_Z.match(got["created_at"])
+
+
+def test_the_table_covers_every_json_route() -> None:
+    declared = {f"{method.upper()} {path}" for path, item in create_app().openapi()["paths"].items()
+                for method in item}
+    tested = {r.route for r in ROWS}
+    assert tested <= declared
+    assert declared - tested <= {"GET /metrics"}  # Prometheus text, not JSON
