@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
+from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -21,6 +23,30 @@ def decode_key(raw: str) -> bytes:
     if len(key) != 32:
         raise ConfigError("BROKER_ENCRYPTION_KEY must decode to exactly 32 bytes (AES-256)")
     return key
+
+
+def write_secret(path: Path, content: str | bytes, *, overwrite: bool = False) -> None:
+    """Write a file only its owner can read, 0600 from its creation: there is never a moment
+    in which the secret sits in a file with the umask's permissions.
+
+    `overwrite=False` refuses an existing file (FileExistsError); `overwrite=True` writes a new
+    file beside it and renames it over the old one, so readers see the old or the new, whole."""
+    data = content.encode() if isinstance(content, str) else content
+    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if overwrite else path
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the mode given to os.open is narrowed by the umask, never widened; be exact
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        target.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    if overwrite:
+        os.replace(target, path)
 
 
 def new_key() -> str:

@@ -13,7 +13,6 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
@@ -34,12 +33,6 @@ EMBEDDED_WARNING = (
 )
 
 
-def _write_secret_file(path: Path, content: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(content + "\n")
-
-
 def prepare_embedded(settings: Settings) -> Settings:
     """Fill in what the embedded default may generate; never overwrite what exists."""
     state = settings.state_dir
@@ -52,17 +45,17 @@ def prepare_embedded(settings: Settings) -> Settings:
     if settings.encryption_key is None:
         key_file = state / "encryption-key"
         if not key_file.exists():
-            _write_secret_file(key_file, crypto.new_key())
+            crypto.write_secret(key_file, crypto.new_key() + "\n")
         updates["encryption_key"] = SecretStr(key_file.read_text().strip())
     if settings.admin_token_sha256 is None:
         token_file = state / "admin-token"
         if not token_file.exists():
-            _write_secret_file(token_file, "jbadm_" + secrets.token_urlsafe(32))
+            crypto.write_secret(token_file, "jbadm_" + secrets.token_urlsafe(32) + "\n")
         updates["admin_token_sha256"] = hashlib.sha256(token_file.read_text().strip().encode()).hexdigest()
     if not settings.orchestrator_api_keys:
         key_file = state / "orchestrator-key"
         if not key_file.exists():
-            _write_secret_file(key_file, "jborc_" + secrets.token_urlsafe(32))
+            crypto.write_secret(key_file, "jborc_" + secrets.token_urlsafe(32) + "\n")
         digest = hashlib.sha256(key_file.read_text().strip().encode()).hexdigest()
         updates["orchestrator_api_keys"] = f"local-orchestrator={digest}"
     if settings.policy_file is None:

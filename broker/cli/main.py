@@ -121,7 +121,7 @@ def init(directory: Annotated[Path, typer.Option("--dir")] = Path("broker-config
     """Write an example policy, a signing key and a config file with fresh secrets."""
     from importlib import resources
 
-    from broker.crypto import new_key
+    from broker.crypto import new_key, write_secret
     from broker.identity.keys import rotate
 
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -131,14 +131,15 @@ def init(directory: Annotated[Path, typer.Option("--dir")] = Path("broker-config
     rotate(directory / "signing-keys")
     orch, admin, hook = "jborc_" + secrets.token_urlsafe(32), "jbadm_" + secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     env = directory / "broker.env"
-    env.write_text(
+    write_secret(
+        env,
         f"BROKER_POLICY_FILE={policy}\nBROKER_SIGNING_KEY_DIR={directory / 'signing-keys'}\n"
         f"BROKER_ENCRYPTION_KEY={new_key()}\n"
         f"BROKER_ORCHESTRATOR_API_KEYS=orchestrator={hashlib.sha256(orch.encode()).hexdigest()}\n"
         f"BROKER_ADMIN_TOKEN_SHA256={hashlib.sha256(admin.encode()).hexdigest()}\n"
-        f"BROKER_WEBHOOK_SECRETS={hook}\n"
+        f"BROKER_WEBHOOK_SECRETS={hook}\n",
+        overwrite=True,  # a second init replaces the file whole; it was never readable by others
     )
-    env.chmod(0o600)
     typer.echo(f"wrote {policy}, {env} and a signing key.\nShown once, store them now:\n"
                f"  orchestrator API key: {orch}\n  admin token:          {admin}\n  webhook secret:       {hook}")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import os
 import secrets
 import stat
 import time
@@ -22,6 +21,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from broker.crypto import write_secret
 from broker.errors import ConfigError, Unauthenticated
 
 ALGORITHM = "EdDSA"
@@ -47,10 +47,7 @@ def _write_private(path: Path, key: Ed25519PrivateKey) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # Created 0600 from the first byte: never a window where the key is world-readable.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    write_secret(path, pem)
 
 
 def rotate(directory: Path) -> str:

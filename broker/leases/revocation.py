@@ -341,6 +341,16 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
     return summary
 
 
+def recently_revoked_resources(broker: Broker, provider: str, since: datetime, until: datetime) -> list[str]:
+    """Resources of `provider`'s revoked leases whose credentials expired in [since, until]:
+    where revocation state (AWS deny entries) may be left to prune, even after a restart."""
+    with transaction(broker.engine) as db:
+        return sorted(set(db.exec(
+            select(Lease.resource).where(Lease.status == LeaseStatus.REVOKED, Lease.provider == provider,
+                                         Lease.expires_at >= since, Lease.expires_at <= until)
+        ).all()))
+
+
 def due_for_expiry(broker: Broker, now: datetime, limit: int) -> list[str]:
     with transaction(broker.engine) as db:
         return list(

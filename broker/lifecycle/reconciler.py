@@ -191,8 +191,9 @@ def reconcile_at_start(broker: Broker, *, budget_seconds: float = START_BUDGET_S
     return report
 
 
-class _Every:
-    """Rate limit per broker: the orphan query reads every active lease, so it runs once a claim."""
+class Every:
+    """At most once per `interval` per key (a broker's replica id): for periodic work that
+    need not run on every sweeper pass."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
@@ -207,7 +208,7 @@ class _Every:
             return True
 
 
-_ORPHAN_CHECKS = _Every()
+_ORPHAN_CHECKS = Every()  # the orphan query reads every active lease: once a claim period
 
 
 def reconcile_periodic(broker: Broker, now: datetime, limit: int) -> RevokeSummary:

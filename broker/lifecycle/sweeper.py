@@ -2,7 +2,8 @@
 
 Each pass reads only what is due (index on status + expiry, bounded batches), so its cost
 follows what expires, not what is active. Several replicas may sweep at once: claims make
-each lease revoked once.
+each lease revoked once. Once a minute it also lets providers prune revocation state their
+credentials have outlived (AWS deny entries).
 """
 
 from __future__ import annotations
@@ -10,18 +11,48 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime, timedelta
 
 from broker.db import utcnow
-from broker.leases.revocation import RevokeSummary, due_for_expiry, due_for_retry, revoke_leases
-from broker.lifecycle.reconciler import reconcile_periodic
+from broker.leases.revocation import (
+    RevokeSummary,
+    due_for_expiry,
+    due_for_retry,
+    recently_revoked_resources,
+    revoke_leases,
+)
+from broker.lifecycle.reconciler import Every, reconcile_periodic
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 
 log = logging.getLogger("broker.sweeper")
 
 
-def sweep_once(broker: Broker) -> RevokeSummary:
-    now = utcnow()
+PRUNE_INTERVAL_SECONDS = 60.0  # deny entries outlive their credential by minutes anyway (bucket + grace)
+# How far back to look for revoked leases whose revocation state may remain: longer than any
+# credential a backend issues (STS: 12 h), so a restart does not forget a role.
+PRUNE_LOOKBACK = timedelta(days=1)
+_PRUNES = Every()
+
+
+def prune_revocations(broker: Broker, now: datetime) -> int:
+    """Let every provider drop revocation state its credentials outlived (AWS: deny entries,
+    about five minutes after each credential's natural expiry). Once a minute per replica."""
+    if not _PRUNES.due(broker.replica_id, PRUNE_INTERVAL_SECONDS):
+        return 0
+    removed = 0
+    for name, provider in sorted(broker.providers.items()):
+        try:
+            removed += provider.prune_revocations(now, recently_revoked_resources(broker, name, now - PRUNE_LOOKBACK, now))
+        except Exception:  # one backend's trouble must not stop the sweep; the next pass retries
+            log.exception("pruning revocations of provider %s failed", name)
+    if removed:
+        log.info("pruned %d revocation entries whose credentials have expired", removed)
+    return removed
+
+
+def sweep_once(broker: Broker, *, now: datetime | None = None) -> RevokeSummary:
+    now = now or utcnow()
     batch = broker.settings.sweep_batch_size
     total = RevokeSummary()
     for session_id in sessions.past_deadline(broker, now, batch):
@@ -39,6 +70,7 @@ def sweep_once(broker: Broker) -> RevokeSummary:
     if retry:
         total.merge(revoke_leases(broker, retry, reason="retry", actor="broker:sweeper", use_lease_reason=True))
     total.merge(reconcile_periodic(broker, now, batch))  # teardowns a dead replica cut short
+    prune_revocations(broker, now)
     return total
 
 

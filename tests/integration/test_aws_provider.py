@@ -15,13 +15,16 @@ import math
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
+import httpx
 import pytest
 from botocore.exceptions import ClientError
 
 from broker.config import Settings
+from broker.lifecycle import sweeper
 from broker.errors import Denied, InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.aws import (
     INLINE_POLICY_MAX_CHARS,
@@ -41,6 +44,7 @@ from tests.support.aws_moto import (
     _free_port,
     trust_policy,
 )
+from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
 
 SESSION_POLICY = {
     "Version": "2012-10-17",
@@ -622,3 +626,45 @@ def test_from_context_and_name(aws_endpoint: str) -> None:
 
     built = AwsProvider.from_context(ProviderContext(settings=settings_for(aws_endpoint)))
     assert built.name == "aws" and isinstance(built, Provider)
+
+
+# --- (h) the sweeper prunes, also after a restart ---------------------------------------------------
+
+SWEEP_POLICY = STANDARD_TIERS + """\
+resources:
+  - match: "aws://123456789012/role/*"
+    provider: aws
+    access: {read: {tier: read}}
+humans:
+  alice@example.com: {grants: [{resource: "aws://**", access: ["*"]}]}
+agents:
+  claude-code: {max_tier: read}
+"""
+
+
+def test_the_sweeper_prunes_deny_entries_after_expiry_even_after_a_restart(
+    database_url: str, tmp_path: Path, aws_endpoint: str, aws_role: AwsRole, iam_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sweeper, "PRUNE_INTERVAL_SECONDS", 0.0)  # every pass, for the test
+    secrets_ = BrokerSecrets()
+    aws = {"aws_endpoint_url": aws_endpoint, "aws_region": MOTO_REGION}
+    broker = build_broker(tmp_path, database_url, secrets_, SWEEP_POLICY, **aws)
+    with LiveServer(broker) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+        api = Api(server.base_url, secrets_, broker, client)
+        session = api.new_session(scope=[{"resource": "aws://**", "access": ["*"]}])
+        r = api.request(session, {"resource": aws_role.resource, "access": "read", "ttl_seconds": 900})
+        assert r.status_code == 201, r.text
+        issued = r.json()
+        r = client.delete(f"/v1/capabilities/{issued['capability_id']}", headers=api.as_admin())
+        assert r.status_code == 200 and r.json()["status"] == "revoked", r.text
+    denied = f"{aws_role.role_id}:{issued['capability_id']}"
+    assert denied in denied_userids(revocation_doc(iam_client, aws_role))
+
+    # A restarted broker: its provider has no memory of the role; the revoked lease names it.
+    restarted = build_broker(tmp_path, database_url, secrets_, SWEEP_POLICY, **aws)
+    expired_at = datetime.fromisoformat(issued["expires_at"])
+    sweeper.sweep_once(restarted, now=expired_at - timedelta(seconds=60))
+    assert denied in denied_userids(revocation_doc(iam_client, aws_role))  # still live: kept
+    sweeper.sweep_once(restarted, now=expired_at + timedelta(minutes=30))  # bucket (15 min) + grace (5 min)
+    assert revocation_doc(iam_client, aws_role) is None  # nothing left to deny: the policy is gone

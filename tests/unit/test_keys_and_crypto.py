@@ -82,3 +82,57 @@ def test_sealing_binds_ciphertext_to_its_row() -> None:
 def test_bad_encryption_keys_are_refused(raw: str) -> None:
     with pytest.raises(ConfigError):
         crypto.decode_key(raw)
+
+
+@pytest.fixture
+def mode_at_each_write(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The file's permission bits at the moment each chunk of a secret is written."""
+    seen: list[int] = []
+    real_write = os.write
+
+    def watching(fd: int, data: bytes | memoryview) -> int:
+        seen.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(crypto.os, "write", watching)
+    return seen
+
+
+def test_write_secret_is_0600_from_creation_whatever_the_umask(tmp_path: Path, mode_at_each_write: list[int]) -> None:
+    old = os.umask(0)  # the most permissive umask: a later chmod would leave a window
+    try:
+        crypto.write_secret(tmp_path / "s", "secret")
+        with pytest.raises(FileExistsError):
+            crypto.write_secret(tmp_path / "s", "other")
+        crypto.write_secret(tmp_path / "s", "replaced", overwrite=True)
+    finally:
+        os.umask(old)
+    assert mode_at_each_write and set(mode_at_each_write) == {0o600}
+    assert (tmp_path / "s").read_text() == "replaced"
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary file left behind
+
+
+def test_cli_init_and_the_embedded_default_write_secrets_through_it(
+    tmp_path: Path, mode_at_each_write: list[int]
+) -> None:
+    from typer.testing import CliRunner
+
+    from broker.cli.main import app
+    from broker.config import Settings
+    from broker.runtime import prepare_embedded
+
+    old = os.umask(0)
+    try:
+        result = CliRunner().invoke(app, ["init", "--dir", str(tmp_path / "cfg")])
+        assert result.exit_code == 0, result.output
+        init_writes = len(mode_at_each_write)
+        prepare_embedded(Settings(embedded=True, state_dir=tmp_path / "state"))
+    finally:
+        os.umask(old)
+    assert init_writes >= 2  # the signing key and broker.env
+    assert len(mode_at_each_write) >= init_writes + 3  # encryption key, admin token, orchestrator key
+    assert set(mode_at_each_write) == {0o600}
+    for path in [tmp_path / "cfg" / "broker.env", *(tmp_path / "state").glob("*-*")]:
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
