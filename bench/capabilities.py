@@ -485,7 +485,7 @@ def service_layer(cleanup: Cleanup, work: Path, n: int) -> dict[str, Any]:
                 s, _ = sessions.create(broker, orch, SessionAsk(
                     human="alice@example.com", agent="claude-code", task_id="svc",
                     scope=[{"resource": "jwt://**", "access": ["*"]}], ttl_seconds=3600))
-                caller = Caller(kind="agent", name="claude-code", session_id=s.id, token_id="bench")
+                caller = Caller(kind="agent", name="claude-code", session_id=s.id)
                 c0 += time.thread_time() - c1
                 t0 += time.perf_counter() - t1
             assert caller is not None

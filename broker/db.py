@@ -2,7 +2,8 @@
 
 SQLite (the embedded default) runs in WAL mode and takes its write lock at BEGIN
 (`BEGIN IMMEDIATE`), so two writers never deadlock upgrading a read lock. PostgreSQL is the
-production store; row claims there use `FOR UPDATE SKIP LOCKED` (see `claim_clause`).
+production store; row claims there use `FOR UPDATE SKIP LOCKED` (see `leases/revocation.py`),
+and `advisory_lock` serialises work on shared backend state across replicas.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
     BrokerError                      500 internal-error
     ├── InternalError                500 internal-error
     ├── InvalidRequest               400 invalid-request
-    │   └── ValidationFailed         422 validation-failed
     ├── Unauthenticated              401 invalid-token
     ├── Forbidden                    403 forbidden          (who you are may not do this)
     ├── Denied                       403 <decision reason>  (the policy said no)
@@ -18,7 +17,8 @@
         ├── ProviderUnavailable      503 provider-unavailable (unreachable, timed out, 5xx)
         └── ProviderMisconfigured    500 provider-misconfigured
 
-Codes are kebab-case and stable: clients branch on `code`, never on `message`.
+Codes are kebab-case and stable: clients branch on `code`, never on `message`. A body that
+does not match the schema is answered by the app's validation handler (422 validation-failed).
 """
 
 from __future__ import annotations
@@ -50,11 +50,6 @@ class InternalError(BrokerError):
 class InvalidRequest(BrokerError):
     status = 400
     code = "invalid-request"
-
-
-class ValidationFailed(InvalidRequest):
-    status = 422
-    code = "validation-failed"
 
 
 class Unauthenticated(BrokerError):

@@ -27,7 +27,7 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
         claims = session_token_claims(
             token, keyring=broker.keyring, issuer=broker.settings.issuer, audience=broker.settings.audience
         )
-        return Caller(kind="agent", name=str(claims["sub"]), session_id=str(claims["sid"]), token_id=str(claims["jti"]))
+        return Caller(kind="agent", name=str(claims["sub"]), session_id=str(claims["sid"]))
     keys: ApiKeys = request.app.state.api_keys
     return keys.lookup(token)
 

@@ -39,7 +39,3 @@ def managed_by(caller: Caller, refusal: str) -> Any:
         return SessionRow.human == caller.name
     raise Forbidden(refusal)
 
-
-def require_admin(caller: Caller, refusal: str) -> None:
-    if caller.kind != "admin":
-        raise Forbidden(refusal)

@@ -1,5 +1,5 @@
-"""Who is calling: an agent (session token), an orchestrator (API key), a resource server
-(introspection key) or the local admin. Humans through OIDC join here later.
+"""Who is calling: an agent (its session token), an orchestrator (API key) or the admin (the
+admin token). What each may touch is `identity/access.py`'s to say.
 
 API keys are compared by SHA-256 digest only; the broker never holds them in clear.
 """
@@ -22,7 +22,6 @@ class Caller:
     kind: CallerKind
     name: str  # agent name, orchestrator name, "admin", or the human's principal
     session_id: str | None = None  # agents only
-    token_id: str | None = None  # jti of the session token
 
     @property
     def principal(self) -> str:

@@ -159,10 +159,6 @@ class CompiledPolicy:
         ordered = [name for name in self.document.groups if name in belongs]
         return tuple(ordered + sorted(belongs - set(ordered)))
 
-    def members_of(self, group: str) -> frozenset[str]:
-        """Policy-declared members (lowercased emails); IdP membership is the caller's to add."""
-        return self.group_members.get(group, frozenset())
-
     def agent(self, name: str) -> AgentRule | None:
         """The agent's own entry, else the "*" fallback, else None."""
         return self.agents.get(name) or self.agents.get("*")

@@ -6,6 +6,7 @@ bounds. The same function answers real requests, `policy explain` and the shadow
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from typing import Any
 
 from broker.policy.compiled import AccessRule, CompiledPolicy, ResourceRule, tier_rank
 from broker.policy.resources import glob_matches, resource_problem
+from broker.times import rfc3339
+
+log = logging.getLogger("broker.policy")
 
 ALLOW, DENY, APPROVAL, SKIPPED = "allow", "deny", "approval_required", "skipped"
 
@@ -96,10 +100,6 @@ class Decision:
     approvers: tuple[str, ...]
     layers: tuple[LayerVerdict, ...] = field(default=())
 
-    @property
-    def allowed(self) -> bool:
-        return self.result == ALLOW
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "result": self.result,
@@ -141,8 +141,8 @@ def _session_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict
     if session.status != "active":
         return _deny("session", "session-ended", "session.status", f"session is {session.status}")
     if request.now >= session.expires_at:
-        return _deny("session", "session-ended", "session.expires_at", f"session expired at {session.expires_at.isoformat()}")
-    return _allow("session", None, f"active until {session.expires_at.isoformat()}")
+        return _deny("session", "session-ended", "session.expires_at", f"session expired at {rfc3339(session.expires_at)}")
+    return _allow("session", None, f"active until {rfc3339(session.expires_at)}")
 
 
 def _resource_layer(policy: CompiledPolicy, request: RequestFacts) -> tuple[LayerVerdict, _Target | None]:
@@ -337,6 +337,8 @@ def evaluate_with_shadow(
         return enforced, None
     try:
         observed = evaluate(shadow, session, request, bounds)
-    except Exception:  # noqa: BLE001 - a shadow policy must never change what is enforced
+    except Exception:  # a shadow policy must never change what is enforced, but it is seen to fail
+        log.exception("the shadow policy %s could not evaluate %s %s; the enforced decision stands",
+                      shadow.version, request.access, request.resource)
         observed = None
     return enforced, observed

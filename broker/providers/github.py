@@ -61,6 +61,7 @@ from broker.providers.base import (
     TtlBounds,
     fingerprint,
 )
+from broker.times import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class GitHubProvider(Provider):
                 return  # GitHub's hour is over: the token is dead with or without us
             raise ProviderMisconfigured(
                 "github: this lease holds no sealed token, and GitHub can revoke an installation token "
-                "only when presented with it; it expires by itself at " + target.expires_at.isoformat()
+                "only when presented with it; it expires by itself at " + rfc3339(target.expires_at)
             )
         resp = self._send("DELETE", "/installation/token", "revoke the installation token", bearer=token)
         if resp.status_code in (204, 401):

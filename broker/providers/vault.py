@@ -48,6 +48,7 @@ import requests
 
 from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.base import Grant, Minted, Provider, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+from broker.times import rfc3339
 
 if TYPE_CHECKING:
     from broker.providers.base import ProviderContext
@@ -111,10 +112,6 @@ def broker_policy_hcl(token_role: str = "jit-broker", dynamic_paths: Iterable[st
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _iso(dt: datetime) -> str:
-    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class VaultProvider(Provider):
@@ -302,7 +299,7 @@ class VaultProvider(Provider):
                 f"{sorted(set(policies))} for {grant.ttl_seconds}s; revoked it. Check the role's settings.")
         expires_at = started + timedelta(seconds=lease)
         credential: dict[str, Any] = {"type": "vault_token", "token": token, "vault_addr": self.addr,
-                                      "policies": granted, "accessor": accessor, "expires_at": _iso(expires_at)}
+                                      "policies": granted, "accessor": accessor, "expires_at": rfc3339(expires_at)}
         if self.namespace:
             credential["vault_namespace"] = self.namespace
         return Minted(credential=credential, handle={"kind": "token", "accessor": accessor},
@@ -326,7 +323,7 @@ class VaultProvider(Provider):
             expires_at = started + timedelta(seconds=lease)
             return Minted(
                 credential={"type": "vault_secret", "lease_id": lease_id, "lease_duration": lease, "data": data,
-                            "expires_at": _iso(expires_at)},
+                            "expires_at": rfc3339(expires_at)},
                 handle={"kind": "lease", "lease_id": lease_id},
                 expires_at=expires_at, fingerprint=fingerprint(secret))
         except BaseException:

@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from broker.api.deps import AnyCaller, BrokerDep
+from broker.api.deps import AdminCaller, AnyCaller, BrokerDep
 from broker.api.schemas import AuditPage, AuditVerification, ErrorResponse
 from broker.audit import service as audit
 from broker.db import transaction
 from broker.errors import Forbidden, NotFound
-from broker.identity.access import may_manage, require_admin
+from broker.identity.access import may_manage
 from broker.models import SessionRow
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -41,7 +41,6 @@ def read_audit(
 
 
 @router.get("/verify", response_model=AuditVerification, responses=ERRORS)
-def verify_audit(broker: BrokerDep, caller: AnyCaller) -> AuditVerification:
-    require_admin(caller, "verifying the whole chain is for admins")
+def verify_audit(broker: BrokerDep, caller: AdminCaller) -> AuditVerification:
     with transaction(broker.engine) as db:
         return AuditVerification.model_validate(audit.verify(db).to_dict())

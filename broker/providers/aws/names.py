@@ -149,10 +149,6 @@ def _max_duration_option(options: dict[str, Any]) -> int | None:
     return value
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _parse_time(value: Any) -> datetime | None:
     if isinstance(value, str) and value:
         value = datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -34,7 +34,6 @@ from broker.providers.aws.names import (
     ROLE_CACHE_SECONDS,
     STS_MIN_DURATION,
     RoleRef,
-    _iso,
     _max_duration_option,
     _parse_time,
     _partition,
@@ -46,6 +45,7 @@ from broker.providers.aws.names import (
 )
 from broker.providers.aws.revocations import RevocationPolicy
 from broker.providers.base import Grant, Minted, Provider, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+from broker.times import rfc3339
 
 log = logging.getLogger("broker.providers.aws")
 
@@ -225,7 +225,7 @@ class AwsProvider(Provider):
             "access_key_id": creds["AccessKeyId"],
             "secret_access_key": creds["SecretAccessKey"],
             "session_token": creds["SessionToken"],
-            "expiration": _iso(expires),
+            "expiration": rfc3339(expires),
             "region": self._settings.aws_region,
         }
         handle = {
@@ -234,8 +234,8 @@ class AwsProvider(Provider):
             "session_name": session_name,
             "access_key_id": creds["AccessKeyId"],
             "assumed_role_id": out["AssumedRoleUser"]["AssumedRoleId"],
-            "expires_at": _iso(expires),
-            "issued_at": _iso(issued),
+            "expires_at": rfc3339(expires),
+            "issued_at": rfc3339(issued),
         }
         return Minted(
             credential=credential, handle=handle, expires_at=expires, fingerprint=fingerprint(creds["SecretAccessKey"])
@@ -294,9 +294,9 @@ class AwsProvider(Provider):
                     "revocation deny on %s overflowed the inline policy limit: now denying every session "
                     "of the role issued before %s (unrevoked ones too)",
                     ref.arn,
-                    _iso(datetime.fromtimestamp(policy.fallback[0], UTC)) if policy.fallback else "?",
+                    rfc3339(datetime.fromtimestamp(policy.fallback[0], UTC)) if policy.fallback else "?",
                 )
-            log.info("denied session %s on %s until %s", userid, ref.arn, _iso(expires))
+            log.info("denied session %s on %s until %s", userid, ref.arn, rfc3339(expires))
 
     def prune_revocations(self, now: datetime, resources: Iterable[str] = ()) -> int:
         """Drop deny entries whose credential has expired anyway; delete the policy when empty.

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.providers.aws.names import CLOCK_GRACE_SECONDS, _iso
+from broker.providers.aws.names import CLOCK_GRACE_SECONDS
+from broker.times import rfc3339
 
 # --- the revocation policy document ---------------------------------------------------------
 
@@ -113,7 +114,7 @@ class RevocationPolicy:
                 "Effect": "Deny",
                 "Action": "*",
                 "Resource": "*",
-                "Condition": {"DateLessThan": {"aws:TokenIssueTime": _iso(datetime.fromtimestamp(before, UTC))}},
+                "Condition": {"DateLessThan": {"aws:TokenIssueTime": rfc3339(datetime.fromtimestamp(before, UTC))}},
             })
         return {"Version": "2012-10-17", "Statement": statements + self.foreign}
 

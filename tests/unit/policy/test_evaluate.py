@@ -354,7 +354,7 @@ def test_shadow_absent(policies):
     assert enforced.result == "allow" and shadow is None
 
 
-def test_a_failing_shadow_never_breaks_enforcement(policies):
+def test_a_failing_shadow_never_breaks_enforcement(policies, caplog):
     calls = []
 
     def bounds(provider: str, resource: str, options: dict) -> TtlBounds:
@@ -368,6 +368,9 @@ def test_a_failing_shadow_never_breaks_enforcement(policies):
     enforced, shadow = evaluate_with_shadow(policies["main"], shadow_policy, SESSION, request, bounds)
     assert (enforced.result, enforced.ttl_seconds) == ("allow", 3600)
     assert shadow is None
+    [logged] = [r for r in caplog.records if r.name == "broker.policy"]
+    assert logged.levelname == "ERROR" and shadow_policy.version in logged.getMessage()
+    assert logged.exc_info is not None and "bounds lookup failed" in str(logged.exc_info[1])
 
 
 def test_the_policy_package_imports_no_api_providers_or_database():
