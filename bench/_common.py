@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import platform
-import secrets
 import shutil
 import signal
 import statistics
@@ -35,9 +33,10 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
-from tests.support.brokers import TEST_POLICY, BrokerSecrets, free_port  # noqa: E402
+from tests.support.brokers import TEST_POLICY, BrokerSecrets  # noqa: E402  # after the sys.path line above
+from tests.support.databases import PG_ADMIN_DSN, create_database, drop_database, libpq_url, pg_url  # noqa: E402
+from tests.support.processes import BrokerProcess as ServedBroker  # noqa: E402
 
-PG_ADMIN_DSN = os.environ.get("BROKER_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 BROKER_CLI = str(Path(sys.executable).parent / "broker-cli")
 HOST = "127.0.0.1"
 
@@ -105,12 +104,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _die_with_parent() -> None:
-    """Linux: a child gets SIGTERM if the benchmark itself is killed hard."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def temp_dir(cleanup: Cleanup, prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     cleanup.push(f"temp dir {path}", lambda: shutil.rmtree(path, ignore_errors=True))
@@ -119,75 +112,27 @@ def temp_dir(cleanup: Cleanup, prefix: str) -> Path:
 
 def create_pg_database(cleanup: Cleanup, prefix: str = "jitb_bench") -> str:
     """A fresh, randomly named database, dropped (WITH FORCE) at cleanup. Returns the SQLAlchemy URL."""
-    name = f"{prefix}_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    cleanup.push(f"database {name}", drop)
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    name = create_database(prefix)
+    cleanup.push(f"database {name}", lambda: drop_database(name))
+    return pg_url(name)
 
 
-def psycopg_dsn(sqlalchemy_url: str) -> str:
-    return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://")
 
 
 # --- a broker as a subprocess -------------------------------------------------------------------
 
 
-class BrokerProcess:
-    """`broker-cli migrate` then `broker-cli serve` (one uvicorn process, as shipped), on loopback."""
+class BrokerProcess(ServedBroker):
+    """`broker-cli migrate` then `broker-cli serve` (one uvicorn process, as shipped), on loopback,
+    stopped at cleanup; with the secrets to call it and the CPU it used."""
 
     def __init__(self, cleanup: Cleanup, workdir: Path, database_url: str, *, policy: str | None = None,
-                 extra_env: dict[str, str] | None = None, command: Sequence[str] | None = None,
-                 name: str = "broker", workers: int = 1) -> None:
+                 extra_env: dict[str, str] | None = None, name: str = "broker", workers: int = 1) -> None:
         self.secrets = BrokerSecrets()
-        self.workdir = workdir
-        self.port = free_port()
-        self.base_url = f"http://{HOST}:{self.port}"
-        env_extra = {"BROKER_HOST": HOST, "BROKER_PORT": str(self.port), "BROKER_ISSUER": self.base_url,
-                     **(extra_env or {})}
-        self.env = {**os.environ, **self.secrets.env(workdir, database_url, policy or bench_policy(), **env_extra)}
-        self.log_path = workdir / f"{name}.log"
-        self.command = list(command) if command else [BROKER_CLI, "serve", "--host", HOST, "--port", str(self.port),
-                                                      "--workers", str(workers)]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.name = name
+        env = self.secrets.env(workdir, database_url, policy or bench_policy(), **(extra_env or {}))
+        super().__init__(env, workdir, name, ("--workers", str(workers)), cwd=workdir, death_signal=signal.SIGTERM)
+        self.env["BROKER_ISSUER"] = self.base_url
         cleanup.push(f"{name} process", self.stop)
-
-    def migrate(self) -> None:
-        out = subprocess.run([BROKER_CLI, "migrate"], env=self.env, capture_output=True, timeout=120, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"broker-cli migrate failed: {out.stderr.decode(errors='replace')[-2000:]}")
-
-    def start(self, timeout: float = 60.0) -> BrokerProcess:
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(self.command, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.workdir, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base_url + "/healthz", timeout=2).status_code == 200:
-                    return self
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # by pid: only the process this benchmark started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
     def cpu_seconds(self) -> float:
         """user+system CPU of the server process so far (from /proc)."""
@@ -257,7 +202,7 @@ class PgActivitySampler:
     def __init__(self, sqlalchemy_url: str, interval: float = 0.05) -> None:
         import threading
 
-        self.dsn = psycopg_dsn(sqlalchemy_url)
+        self.dsn = libpq_url(sqlalchemy_url)
         self.database = sqlalchemy_url.rsplit("/", 1)[1]
         self.interval = interval
         self.samples = 0

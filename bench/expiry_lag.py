@@ -41,9 +41,9 @@ from _common import (
     Report,
     create_pg_database,
     latency_summary,
+    libpq_url,
     log,
     median,
-    psycopg_dsn,
     reported,  # noqa: E402
     temp_dir,
 )
@@ -193,7 +193,7 @@ def main() -> int:
         with reported(report):
             work = temp_dir(cleanup, "jitb-bench-expiry-")
             db_url = create_pg_database(cleanup)
-            dsn = psycopg_dsn(db_url)
+            dsn = libpq_url(db_url)
             broker = BrokerProcess(cleanup, work, db_url)
             broker.migrate()
             t = time.perf_counter()

@@ -41,9 +41,9 @@ from _common import (
     bench_policy,
     capability_request,
     create_pg_database,
+    libpq_url,
     log,
     median,
-    psycopg_dsn,
     reported,  # noqa: E402
     temp_dir,
 )
@@ -96,7 +96,7 @@ def one_run(broker: BrokerProcess, db_url: str, provider: str, n: int, vault_cli
         raise RuntimeError(f"{provider}: minting {n} capabilities answered {statuses}")
     accessors: list[str] = []
     if vault_client is not None:
-        with psycopg.connect(psycopg_dsn(db_url)) as conn:
+        with psycopg.connect(libpq_url(db_url)) as conn:
             rows = conn.execute("SELECT handle FROM leases WHERE session_id = %s", (session["session_id"],)).fetchall()
         accessors = [json.loads(h)["accessor"] if isinstance(h, str) else h["accessor"] for (h,) in rows]
     cpu0 = broker.cpu_seconds()
@@ -108,7 +108,7 @@ def one_run(broker: BrokerProcess, db_url: str, provider: str, n: int, vault_cli
     if r.status_code != 200:
         raise RuntimeError(f"end answered {r.status_code}: {r.text[:300]}")
     body = r.json()
-    with psycopg.connect(psycopg_dsn(db_url)) as conn:
+    with psycopg.connect(libpq_url(db_url)) as conn:
         by_status = dict(conn.execute("SELECT status, count(*) FROM leases WHERE session_id = %s GROUP BY status",
                                       (session["session_id"],)).fetchall())
     result: dict[str, Any] = {"capabilities": n, "seconds": round(seconds, 3), "per_second": round(n / seconds, 1),

@@ -20,7 +20,9 @@ import jwt
 import psycopg
 import pytest
 
-from tests.support.brokers import TEST_POLICY, BrokerSecrets, free_port
+from tests.support.brokers import TEST_POLICY, BrokerSecrets
+from tests.support.databases import libpq_url
+from tests.support.ports import free_port
 from tests.support.processes import BROKER_CLI, BrokerProcess
 
 CLI = BROKER_CLI
@@ -59,7 +61,7 @@ def _tamper(database_url: str, seq: int) -> None:
         with sqlite3.connect(database_url.removeprefix("sqlite:///")) as conn:
             conn.execute(sql + str(seq))
     else:
-        with psycopg.connect(database_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
             conn.execute(sql + str(seq))
 
 

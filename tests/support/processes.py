@@ -1,4 +1,4 @@
-"""`broker-cli serve` as a real subprocess, for the fault tests: start, SIGKILL, start again.
+"""`broker-cli serve` as a real subprocess, for the fault tests (and bench/): start, SIGKILL, start again.
 
 The environment comes from `BrokerSecrets.env(...)`; `migrate()` runs `broker-cli migrate`
 first, as an operator would. Each process logs to its own file, shown when a start fails.
@@ -17,33 +17,10 @@ from typing import Any
 
 import httpx
 
-from tests.support.brokers import free_port
+from tests.support.children import die_with_parent, terminate
+from tests.support.ports import free_port
 
 BROKER_CLI = str(Path(sys.executable).parent / "broker-cli")
-
-
-def _die_with_parent() -> None:
-    """Linux: the broker gets SIGKILL if pytest dies, so no process outlives a run.
-
-    The signal follows the *thread* that forked the child, so launch from a thread that
-    outlives the process (the test's own), never from a short-lived pool thread.
-    """
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def terminate(proc: subprocess.Popen[Any] | None, *, grace: float = 10) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; a process already gone is fine."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def _environ(env: dict[str, str]) -> dict[str, str]:
@@ -58,16 +35,25 @@ def migrate(env: dict[str, str]) -> None:
 
 
 class BrokerProcess:
-    """One `broker-cli serve` on a fixed loopback port (kept across restarts)."""
+    """One `broker-cli serve` on a fixed loopback port (kept across restarts).
 
-    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "broker", serve_args: tuple[str, ...] = ()) -> None:
-        self.serve_args = serve_args
+    `command` replaces `broker-cli serve` (a profiler wrapper, say); `death_signal` is what the
+    process gets if this one dies (SIGKILL for fault tests: nothing to clean up for)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "broker", serve_args: tuple[str, ...] = (),
+                 *, cwd: Path | None = None, death_signal: signal.Signals = signal.SIGKILL) -> None:
         self.port = free_port()
         self.env = {**env, "BROKER_HOST": "127.0.0.1", "BROKER_PORT": str(self.port)}
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{name}.log"
+        self.command = [BROKER_CLI, "serve", *serve_args]
+        self.cwd = cwd
+        self.death_signal = death_signal
         self.proc: subprocess.Popen[bytes] | None = None
         self.name = name
+
+    def migrate(self) -> None:
+        migrate(self.env)
 
     def start(self, timeout: float = 60.0) -> BrokerProcess:
         """Launch and wait until it serves (after its lifespan: reconciliation, then the sweeper)."""
@@ -79,9 +65,9 @@ class BrokerProcess:
         with open(self.log_path, "ab") as logf:
             logf.write(f"--- start {time.strftime('%H:%M:%S')} ---\n".encode())
             logf.flush()
-            self.proc = subprocess.Popen([BROKER_CLI, "serve", *self.serve_args], env=_environ(self.env), stdout=logf,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(self.command, env=_environ(self.env), stdout=logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=self.cwd,
+                                         preexec_fn=die_with_parent(self.death_signal))
 
     def wait_ready(self, timeout: float = 60.0) -> BrokerProcess:
         assert self.proc is not None, "not launched"
