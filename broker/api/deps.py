@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
@@ -12,7 +13,8 @@ from broker.runtime import Broker
 
 
 async def get_broker(request: Request) -> Broker:
-    return request.app.state.broker  # type: ignore[no-any-return]
+    broker: Broker = request.app.state.broker
+    return broker
 
 
 BrokerDep = Annotated[Broker, Depends(get_broker)]
@@ -35,7 +37,7 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
 AnyCaller = Annotated[Caller, Depends(get_caller)]
 
 
-def _require(*kinds: str):  # type: ignore[no-untyped-def]
+def _require(*kinds: str) -> Callable[[Caller], Coroutine[Any, Any, Caller]]:
     async def check(caller: AnyCaller) -> Caller:
         if caller.kind not in kinds:
             raise Forbidden(f"this endpoint is for {', '.join(kinds)} callers, not {caller.kind}")

@@ -18,6 +18,8 @@ AccessName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63
 AgentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Principal = Annotated[str, StringConstraints(pattern=r"^[^\s]{1,320}$")]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+LabelKey = Annotated[str, StringConstraints(max_length=64)]
+LabelValue = Annotated[str, StringConstraints(max_length=256)]
 MAX_PARAMETERS_BYTES = 16 * 1024
 
 
@@ -44,9 +46,7 @@ class SessionCreate(Strict):
     repository: Annotated[str, StringConstraints(max_length=256)] | None = None
     scope: list[ScopeItem] = Field(min_length=1, max_length=100)
     ttl_seconds: int = Field(ge=60, le=7 * 86400)
-    labels: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=256)]] | None = Field(
-        default=None, max_length=32
-    )
+    labels: dict[LabelKey, LabelValue] | None = Field(default=None, max_length=32)
 
 
 class SessionCreated(BaseModel):
@@ -183,3 +183,8 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` entry for the errors a route may answer with."""
+    return {status: {"model": ErrorResponse} for status in statuses}

@@ -9,6 +9,7 @@ canonical JSON is sorted keys, no insignificant white space, UTF-8. The first re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -71,15 +72,17 @@ def _column_mismatch(link: StoredLink, body: dict[str, Any]) -> str | None:
     return None
 
 
+def _broken(checked: int, link: StoredLink, problem: str) -> VerifyResult:
+    return VerifyResult(False, checked, link.seq, link.event_id, problem)
+
+
 def verify_links(links: Iterable[StoredLink]) -> VerifyResult:
     """Walk in seq order; stop at the first record whose chain, hash or columns disagree."""
     prev = GENESIS
     expected_seq = 1
     checked = 0
     for link in links:
-        def bad(problem: str) -> VerifyResult:
-            return VerifyResult(False, checked, link.seq, link.event_id, problem)
-
+        bad = functools.partial(_broken, checked, link)
         if link.seq != expected_seq:
             return bad(f"sequence gap: expected {expected_seq}, found {link.seq}")
         if link.prev_hash != prev:

@@ -70,7 +70,7 @@ def _body(event: AuditEvent, seq: int, now: datetime) -> dict[str, Any]:
 
 _ADVANCE = text("UPDATE audit_head SET seq = seq + :n WHERE id = 1 RETURNING seq, hash")
 _SET_TIP = text("UPDATE audit_head SET hash = :hash WHERE id = 1")
-_RECORDS = AuditRecord.__table__  # type: ignore[attr-defined]
+_RECORDS = AuditRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
 
 
 def ensure_head(db: Session) -> None:
@@ -97,7 +97,7 @@ def last_policy_loaded(db: Session) -> dict[str, Any] | None:
 def iter_links(db: Session, *, batch: int = 1000) -> Iterator[StoredLink]:
     last = 0
     while True:
-        rows = db.exec(select(AuditRecord).where(AuditRecord.seq > last).order_by(AuditRecord.seq).limit(batch)).all()
+        rows = db.exec(select(AuditRecord).where(AuditRecord.seq > last).order_by(col(AuditRecord.seq)).limit(batch)).all()
         if not rows:
             return
         for r in rows:
@@ -115,7 +115,8 @@ def verify(db: Session) -> VerifyResult:
         tip = head.hash if head else GENESIS
         if tip != result.head_hash:
             # Records deleted from the end: the head still remembers the real tip.
-            return VerifyResult(False, result.checked, result.checked + 1, None, "chain is shorter than its head: records were removed")
+            return VerifyResult(False, result.checked, result.checked + 1, None,
+                                "chain is shorter than its head: records were removed")
     return result
 
 
@@ -126,8 +127,8 @@ def query(
     if session_id:
         stmt = stmt.where(AuditRecord.session_id == session_id)
     if types:
-        stmt = stmt.where(AuditRecord.type.in_(types))  # type: ignore[attr-defined]
-    return list(db.exec(stmt.order_by(AuditRecord.seq).limit(limit)).all())
+        stmt = stmt.where(col(AuditRecord.type).in_(types))
+    return list(db.exec(stmt.order_by(col(AuditRecord.seq)).limit(limit)).all())
 
 
 __all__ = ["AuditEvent", "append", "ensure_head", "verify", "query", "iter_links"]

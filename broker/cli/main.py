@@ -66,15 +66,16 @@ def serve(
     except BrokerError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
-    bind = {"host": host or broker.settings.host, "port": port or broker.settings.port,
-            "log_level": settings.log_level, "access_log": False}
+    bind_host, bind_port = host or broker.settings.host, port or broker.settings.port
     if workers > 1:
         # Each worker builds its own broker from the same environment: replicas that share the
         # database, which claims rows so none is revoked twice. (Config was checked just above.)
         broker.engine.dispose()
-        uvicorn.run("broker.app:app_from_environment", factory=True, workers=workers, **bind)
+        uvicorn.run("broker.app:app_from_environment", factory=True, workers=workers, host=bind_host, port=bind_port,
+                    log_level=settings.log_level, access_log=False)
     else:
-        uvicorn.run(create_app(broker=broker), **bind)
+        uvicorn.run(create_app(broker=broker), host=bind_host, port=bind_port, log_level=settings.log_level,
+                    access_log=False)
 
 
 @app.command()
@@ -194,7 +195,8 @@ def policy_explain(
     d = result["decision"]
     lines = [f"{d['result'].upper()}: {d['reason']} ({d.get('matched_rule')}) policy {d['policy_version'][:19]}"]
     for layer in d["layers"]:
-        lines.append(f"  {layer['layer']:<11} {layer['verdict']:<18} {layer.get('reason') or ''} {layer.get('matched_rule') or ''}")
+        reason, rule = layer.get("reason") or "", layer.get("matched_rule") or ""
+        lines.append(f"  {layer['layer']:<11} {layer['verdict']:<18} {reason} {rule}")
     if result.get("shadow"):
         s = result["shadow"]
         lines.append(f"shadow would: {s['result']} ({s['reason']})")
@@ -280,12 +282,14 @@ def _records(session: str | None, since: int, limit: int) -> list[dict[str, Any]
     params: dict[str, Any] = {"since": since, "limit": limit}
     if session:
         params["session_id"] = session
-    return call("GET", "/v1/audit", params=params)["records"]  # type: ignore[no-any-return]
+    records: list[dict[str, Any]] = call("GET", "/v1/audit", params=params)["records"]
+    return records
 
 
 @audit_app.command("tail")
 def audit_tail(session: str | None = None, limit: int = 20, as_json: JsonOpt = False) -> None:
-    records, since = [], 0
+    records: list[dict[str, Any]] = []
+    since = 0
     while True:  # page forward, keep the last `limit`
         page = _records(session, since, 1000)
         if not page:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import secrets
 import stat
 import time
@@ -98,7 +99,7 @@ class KeyRing:
         """The active key and every older key that may still have live tokens."""
         now = time.time() if now is None else now
         out = []
-        for older, successor in zip(self._keys, self._keys[1:]):
+        for older, successor in itertools.pairwise(self._keys):
             if successor.created + self.retire_after > now:
                 out.append(older)
         out.append(self.active)

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import or_
+from sqlalchemy import ColumnElement, or_
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
 from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
@@ -80,7 +81,8 @@ def final_status(reason: str) -> LeaseStatus:
     return LeaseStatus.EXPIRED if reason == "expired" else LeaseStatus.REVOKED
 
 
-def _claimable(now: datetime) -> object:
+def claimable(now: datetime) -> ColumnElement[bool]:
+    """No replica holds the lease, or its claim has lapsed."""
     return or_(col(Lease.claimed_until).is_(None), col(Lease.claimed_until) <= now)
 
 
@@ -172,8 +174,8 @@ def revoke_leases(
     with transaction(broker.engine) as db:
         stmt = (
             select(Lease)
-            .where(col(Lease.id).in_(list(lease_ids)), col(Lease.status).in_(LIVE), _claimable(now))
-            .order_by(Lease.id)  # one lock order everywhere: no deadlocks between replicas
+            .where(col(Lease.id).in_(list(lease_ids)), col(Lease.status).in_(LIVE), claimable(now))
+            .order_by(col(Lease.id))  # one lock order everywhere: no deadlocks between replicas
         )
         stmt = stmt.with_for_update(skip_locked=True) if is_postgres(broker.engine) else stmt
         leases = list(db.exec(stmt).all())
@@ -231,7 +233,7 @@ def _revoke_claimed(broker: Broker, claimed: list[tuple[Lease, SessionRow | None
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="revoke") as pool:
         outcomes = list(pool.map(lambda item: _call_backend(broker, item[0]), claimed))
     for start in range(0, len(claimed), RECORD_CHUNK):
-        chunk = list(zip(claimed[start:start + RECORD_CHUNK], outcomes[start:start + RECORD_CHUNK]))
+        chunk = list(zip(claimed[start:start + RECORD_CHUNK], outcomes[start:start + RECORD_CHUNK], strict=True))
         summary.merge(_record_outcomes(broker, chunk, actor))
     return summary
 
@@ -351,38 +353,38 @@ def recently_revoked_resources(broker: Broker, provider: str, since: datetime, u
         ).all()))
 
 
-def due_for_expiry(broker: Broker, now: datetime, limit: int) -> list[str]:
+def _ids(broker: Broker, stmt: SelectOfScalar[str]) -> list[str]:
     with transaction(broker.engine) as db:
-        return list(
-            db.exec(
-                select(Lease.id)
-                .where(Lease.status == LeaseStatus.ACTIVE, Lease.expires_at <= now, _claimable(now))
-                .order_by(Lease.expires_at)
-                .limit(limit)
-            ).all()
-        )
+        return list(db.exec(stmt).all())
+
+
+def due_for_expiry(broker: Broker, now: datetime, limit: int) -> list[str]:
+    return _ids(broker, select(Lease.id)
+                .where(Lease.status == LeaseStatus.ACTIVE, col(Lease.expires_at) <= now, claimable(now))
+                .order_by(col(Lease.expires_at)).limit(limit))
+
+
+def pending_retries(broker: Broker, now: datetime, limit: int) -> list[str]:
+    """revoke_pending leases whose backoff has passed."""
+    return _ids(broker, select(Lease.id)
+                .where(Lease.status == LeaseStatus.REVOKE_PENDING, col(Lease.next_attempt_at) <= now, claimable(now))
+                .order_by(col(Lease.next_attempt_at)).limit(limit))
+
+
+def lapsed_claims(broker: Broker, now: datetime, limit: int) -> list[str]:
+    """Active leases a dead replica had claimed for revocation."""
+    return _ids(broker, select(Lease.id)
+                .where(Lease.status == LeaseStatus.ACTIVE, col(Lease.claimed_until) <= now).limit(limit))
+
+
+def abandoned_mints(broker: Broker, now: datetime, limit: int) -> list[str]:
+    """`minting` leases older than a claim: the request that reserved them is presumed dead."""
+    cutoff = now - timedelta(seconds=broker.settings.claim_seconds)
+    return _ids(broker, select(Lease.id)
+                .where(Lease.status == LeaseStatus.MINTING, col(Lease.created_at) <= cutoff, claimable(now))
+                .order_by(col(Lease.created_at)).limit(limit))
 
 
 def due_for_retry(broker: Broker, now: datetime, limit: int) -> list[str]:
-    """revoke_pending whose backoff has passed, claims a dead replica left behind, and
-    `minting` leases whose request died (older than a claim)."""
-    with transaction(broker.engine) as db:
-        pending = db.exec(
-            select(Lease.id)
-            .where(Lease.status == LeaseStatus.REVOKE_PENDING, col(Lease.next_attempt_at) <= now, _claimable(now))
-            .order_by(Lease.next_attempt_at)
-            .limit(limit)
-        ).all()
-        lapsed = db.exec(
-            select(Lease.id)
-            .where(Lease.status == LeaseStatus.ACTIVE, col(Lease.claimed_until) <= now)
-            .limit(limit)
-        ).all()
-        abandoned = db.exec(
-            select(Lease.id)
-            .where(Lease.status == LeaseStatus.MINTING,
-                   col(Lease.created_at) <= now - timedelta(seconds=broker.settings.claim_seconds), _claimable(now))
-            .order_by(Lease.created_at)
-            .limit(limit)
-        ).all()
-    return list(pending) + list(lapsed) + list(abandoned)
+    """What the sweeper retries every pass: pending revocations, lapsed claims, abandoned mints."""
+    return pending_retries(broker, now, limit) + lapsed_claims(broker, now, limit) + abandoned_mints(broker, now, limit)

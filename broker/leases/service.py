@@ -205,7 +205,7 @@ def _decide_and_mint(
                     idempotency.hold(db, ticket)
     if refusal is not None:
         raise refusal
-    return _mint(broker, session, ask, grant, decision.provider, record, idem_key)
+    return _mint(broker, session, ask, grant, provider.name, record, idem_key)
 
 
 def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,

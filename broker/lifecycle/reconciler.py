@@ -33,7 +33,14 @@ from datetime import datetime, timedelta
 from sqlmodel import col, select
 
 from broker.db import transaction, utcnow
-from broker.leases.revocation import RevokeSummary, _claimable, revoke_leases
+from broker.leases.revocation import (
+    RevokeSummary,
+    abandoned_mints,
+    claimable,
+    due_for_expiry,
+    pending_retries,
+    revoke_leases,
+)
 from broker.leases.vocabulary import LeaseStatus
 from broker.metrics import RECONCILED
 from broker.models import Lease, SessionRow
@@ -61,15 +68,6 @@ class ReconcileReport:
         return self.abandoned_mints + self.orphaned + self.expired + self.retried + self.sessions_ended
 
 
-def _abandoned_mints(broker: Broker, now: datetime, limit: int) -> list[str]:
-    cutoff = now - timedelta(seconds=broker.settings.claim_seconds)
-    with transaction(broker.engine) as db:
-        return list(db.exec(
-            select(Lease.id).where(Lease.status == LeaseStatus.MINTING, col(Lease.created_at) <= cutoff, _claimable(now))
-            .order_by(Lease.created_at).limit(limit)
-        ).all())
-
-
 def _orphans(broker: Broker, now: datetime, limit: int) -> list[tuple[str, str | None]]:
     """Active leases of sessions ended more than a claim ago (so a teardown still under way
     is not raced). Returns (lease id, the session's end reason)."""
@@ -79,26 +77,10 @@ def _orphans(broker: Broker, now: datetime, limit: int) -> list[tuple[str, str |
             select(Lease.id, SessionRow.end_reason)
             .join(SessionRow, col(SessionRow.id) == col(Lease.session_id))
             .where(Lease.status == LeaseStatus.ACTIVE, SessionRow.status == "ended", col(SessionRow.ended_at) <= cutoff,
-                   _claimable(now))
-            .order_by(Lease.id).limit(limit)
+                   claimable(now))
+            .order_by(col(Lease.id)).limit(limit)
         ).all()
     return [(lease_id, reason) for lease_id, reason in rows]
-
-
-def _expired(broker: Broker, now: datetime, limit: int) -> list[str]:
-    with transaction(broker.engine) as db:
-        return list(db.exec(
-            select(Lease.id).where(Lease.status == LeaseStatus.ACTIVE, Lease.expires_at <= now, _claimable(now))
-            .order_by(Lease.expires_at).limit(limit)
-        ).all())
-
-
-def _pending(broker: Broker, now: datetime, limit: int) -> list[str]:
-    with transaction(broker.engine) as db:
-        return list(db.exec(
-            select(Lease.id).where(Lease.status == LeaseStatus.REVOKE_PENDING, col(Lease.next_attempt_at) <= now, _claimable(now))
-            .order_by(Lease.next_attempt_at).limit(limit)
-        ).all())
 
 
 def _count(summary: RevokeSummary, kind: str) -> None:
@@ -137,36 +119,28 @@ def reconcile_at_start(broker: Broker, *, budget_seconds: float = START_BUDGET_S
         attempted.update(new)
         return new
 
+    def finish(ids: list[str], counter: str, kind: str, reason: str, *, retry: bool = False) -> bool:
+        """Revoke what a query found (each lease once per start); count it on the report."""
+        ids = fresh(ids)
+        if not ids:
+            return False
+        setattr(report, counter, getattr(report, counter) + len(ids))
+        summary = revoke_leases(broker, ids, reason=reason, actor=ACTOR, use_lease_reason=retry)
+        report.summary.merge(summary)
+        _count(summary, kind)
+        return True
+
     while True:
-        progressed = False
         # A lease whose mint was interrupted is "abandoned" only once it is older than a
         # claim; the periodic pass (due_for_retry) takes the younger ones later.
-        ids = fresh(_abandoned_mints(broker, utcnow(), batch))
-        if ids:
-            report.abandoned_mints += len(ids)
-            s = revoke_leases(broker, ids, reason="mint-abandoned", actor=ACTOR)
-            report.summary.merge(s)
-            _count(s, "abandoned-mint")
-            progressed = True
+        progressed = finish(abandoned_mints(broker, utcnow(), batch), "abandoned_mints", "abandoned-mint", "mint-abandoned")
         n, s = revoke_orphans(broker, utcnow(), batch, exclude=attempted)
         if n:
             report.orphaned += n
             report.summary.merge(s)
             progressed = True
-        ids = fresh(_expired(broker, started, batch))
-        if ids:
-            report.expired += len(ids)
-            s = revoke_leases(broker, ids, reason="expired", actor=ACTOR)
-            report.summary.merge(s)
-            _count(s, "expired")
-            progressed = True
-        ids = fresh(_pending(broker, started, batch))
-        if ids:
-            report.retried += len(ids)
-            s = revoke_leases(broker, ids, reason="retry", actor=ACTOR, use_lease_reason=True)
-            report.summary.merge(s)
-            _count(s, "retried")
-            progressed = True
+        progressed |= finish(due_for_expiry(broker, started, batch), "expired", "expired", "expired")
+        progressed |= finish(pending_retries(broker, started, batch), "retried", "retried", "retry", retry=True)
         for session_id in [i for i in sessions.past_deadline(broker, started, batch) if i not in attempted]:
             attempted.add(session_id)
             _, s = sessions.end(broker, session_id, reason="deadline", actor=ACTOR)

@@ -227,7 +227,9 @@ def _budget_layer(policy: CompiledPolicy, session: SessionFacts) -> LayerVerdict
     return _allow("budget", None, "within budget" if issued is not None or active is not None else "no budgets")
 
 
-def _escalation_layer(policy: CompiledPolicy, session: SessionFacts, request: RequestFacts, target: _Target | None) -> LayerVerdict:
+def _escalation_layer(
+    policy: CompiledPolicy, session: SessionFacts, request: RequestFacts, target: _Target | None
+) -> LayerVerdict:
     if target is None:
         return _skipped("escalation")
     tier = target.access.tier

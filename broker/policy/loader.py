@@ -23,7 +23,8 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_NODES = 200_000
 # Every key any policy model knows, for "did you mean" on a misspelt one.
 _FIELD_NAMES = sorted(
-    {name for obj in vars(models).values() if isinstance(obj, type) and issubclass(obj, models.Strict) for name in obj.model_fields}
+    {name for obj in vars(models).values() if isinstance(obj, type) and issubclass(obj, models.Strict)
+     for name in obj.model_fields}
 )
 
 

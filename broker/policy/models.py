@@ -12,7 +12,7 @@ from broker.policy.resources import pattern_problem
 TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
 # Risk order, lowest first: an agent's max_tier admits every tier at or before it.
 TIER_ORDER: tuple[str, ...] = ("read", "write", "review", "merge_deploy", "secret", "destructive")
-DEFAULT_ESCALATION_TIERS: tuple[str, ...] = ("merge_deploy", "secret")
+DEFAULT_ESCALATION_TIERS: tuple[TierName, ...] = ("merge_deploy", "secret")
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 DURATION_PATTERN = _DURATION.pattern
@@ -31,7 +31,7 @@ def parse_duration(value: Any) -> Any:
             found = _DURATION.match(text)
             if not text or found is None:
                 raise ValueError(f"invalid duration {value!r}: use seconds or a string like 90s, 30m, 1h30m")
-            seconds = sum(int(n) * unit for n, unit in zip(found.groups(), _UNIT_SECONDS) if n)
+            seconds = sum(int(n) * unit for n, unit in zip(found.groups(), _UNIT_SECONDS, strict=True) if n)
         value = seconds
     if isinstance(value, int) and value <= 0:
         raise ValueError("a duration must be at least 1 second")
@@ -199,7 +199,7 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
                     (("resources", i, "access", access_name, "tier"), f"tier {access.tier!r} is not defined in tiers")
                 )
     seen_human: dict[str, str] = {}
-    for email, human in doc.humans.items():
+    for email in doc.humans:
         # Humans are matched case-insensitively, so two spellings would be one person.
         if email.lower() in seen_human:
             problems.append((("humans", email), f"{email!r} repeats {seen_human[email.lower()]!r} (emails ignore case)"))

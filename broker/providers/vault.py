@@ -32,6 +32,7 @@ Operator setup (the broker's own policy is `broker_policy_hcl()`):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -256,8 +257,7 @@ class VaultProvider(Provider):
         listing = self._call("list accessors", lambda c: c.auth.token.list_accessors(mount_point=TOKEN_MOUNT))
         for accessor in (listing or {}).get("data", {}).get("keys", []):
             try:
-                info = self._call("lookup accessor",
-                                  lambda c, a=accessor: c.auth.token.lookup_accessor(a, mount_point=TOKEN_MOUNT))
+                info = self._call("lookup accessor", functools.partial(_lookup_accessor, accessor=accessor))
             except ProviderRejected:
                 continue  # revoked or expired while we walked the list
             data = info.get("data") or {}
@@ -319,7 +319,8 @@ class VaultProvider(Provider):
             if lease > grant.ttl_seconds and out.get("renewable"):
                 lease = self._shorten(lease_id, grant.ttl_seconds, lease)
             data = out.get("data") or {}
-            secret = data.get("password") if isinstance(data.get("password"), str) else json.dumps(data, sort_keys=True)
+            password = data.get("password")
+            secret = password if isinstance(password, str) else json.dumps(data, sort_keys=True)
             expires_at = started + timedelta(seconds=lease)
             return Minted(
                 credential={"type": "vault_secret", "lease_id": lease_id, "lease_duration": lease, "data": data,
@@ -450,6 +451,10 @@ class VaultProvider(Provider):
         if isinstance(exc, _UNAVAILABLE):
             return ProviderUnavailable(f"vault {op}: {type(exc).__name__}")
         return ProviderUnavailable(f"vault {op}: unexpected {type(exc).__name__}")
+
+
+def _lookup_accessor(client: hvac.Client, *, accessor: str) -> Any:
+    return client.auth.token.lookup_accessor(accessor, mount_point=TOKEN_MOUNT)
 
 
 def _vault_errors(exc: hx.VaultError) -> str:

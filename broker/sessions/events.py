@@ -221,7 +221,7 @@ def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int) -> Outcome
         with transaction(broker.engine) as db:
             # Ids older than twice the window can be forgotten: their signatures can no longer
             # be fresh (the sender's clock may be off by up to the window in either direction).
-            db.exec(delete(WebhookDelivery).where(col(WebhookDelivery.received_at) < now - keep))  # type: ignore[call-overload]
+            db.execute(delete(WebhookDelivery).where(col(WebhookDelivery.received_at) < now - keep))
             seen = db.get(WebhookDelivery, event.id)
             if seen is not None:
                 raise _replayed(event, seen.received_at)
@@ -232,7 +232,7 @@ def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int) -> Outcome
                 WEBHOOKS.labels(event_type="unknown", outcome="ignored").inc()
                 return Outcome("ignored", event)
             targets = _targets(db, event)
-            outcome = "processed" if targets else "unmatched"
+            outcome: Literal["processed", "unmatched"] = "processed" if targets else "unmatched"
             append(db, _received_event(event, outcome, signed_at, targets))
             for session in targets:
                 to_end.append((session.id, session.status != "active"))

@@ -103,7 +103,7 @@ def get(broker: Broker, caller: Caller, session_id: str) -> tuple[SessionRow, li
             # Same answer for "absent" and "not yours": ids are not an oracle.
             raise NotFound("no such session", code="session-not-found")
         leases = db.exec(
-            select(Lease).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE)).order_by(Lease.created_at)
+            select(Lease).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE)).order_by(col(Lease.created_at))
         ).all()
         return session, list(leases)
 
@@ -119,7 +119,9 @@ def list_sessions(broker: Broker, caller: Caller, status: str | None, limit: int
         return list(db.exec(stmt.order_by(col(SessionRow.created_at).desc()).limit(limit)).all())
 
 
-def end(broker: Broker, session_id: str, *, reason: str, actor: str, caller: Caller | None = None) -> tuple[SessionRow, RevokeSummary]:
+def end(
+    broker: Broker, session_id: str, *, reason: str, actor: str, caller: Caller | None = None
+) -> tuple[SessionRow, RevokeSummary]:
     """Idempotent: ending an ended session revokes whatever is still live and changes nothing else."""
     now = utcnow()
     with transaction(broker.engine) as db:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from broker.api.deps import AdminCaller, AnyCaller, BrokerDep
-from broker.api.schemas import AuditPage, AuditVerification, ErrorResponse
+from broker.api.schemas import AuditPage, AuditVerification, error_responses
 from broker.audit import service as audit
 from broker.db import transaction
 from broker.errors import Forbidden, NotFound
@@ -16,7 +16,7 @@ from broker.identity.access import may_manage
 from broker.models import SessionRow
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (401, 403, 404, 422)}
+ERRORS = error_responses(401, 403, 404, 422)
 
 
 @router.get("", response_model=AuditPage, responses=ERRORS)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
-from broker.api.schemas import CapabilityRequest, ErrorResponse
+from broker.api.schemas import CapabilityRequest, error_responses
 from broker.leases import queries
 from broker.leases.outcomes import CapabilityIssued, CapabilityView, PendingApproval
 from broker.leases.service import request_capability
 from broker.leases.vocabulary import CapabilityAsk
 
 router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 422, 429, 502, 503)}
+ERRORS = error_responses(400, 401, 403, 404, 409, 422, 429, 502, 503)
 
 
 @router.post(

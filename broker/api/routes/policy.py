@@ -7,7 +7,7 @@ from datetime import timedelta
 from fastapi import APIRouter
 
 from broker.api.deps import BrokerDep, HumanCaller
-from broker.api.schemas import ErrorResponse, ExplainRequest, Explanation
+from broker.api.schemas import ExplainRequest, Explanation, error_responses
 from broker.db import transaction, utcnow
 from broker.errors import InvalidRequest, NotFound
 from broker.identity.access import may_manage
@@ -18,7 +18,7 @@ from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_
 router = APIRouter(prefix="/v1/policy", tags=["policy"])
 
 
-@router.post("/explain", response_model=Explanation, responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 422)})
+@router.post("/explain", response_model=Explanation, responses=error_responses(400, 401, 403, 404, 422))
 def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> Explanation:
     now = utcnow()
     if body.session_id:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, StringConstraints
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import AgentName, ErrorResponse, Principal, Strict
+from broker.api.schemas import AgentName, Principal, Strict, error_responses
 from broker.lifecycle.killswitch import RevocationFilter, revoke_matching
 
 router = APIRouter(prefix="/v1/revocations", tags=["revocations"])
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 422)}
+ERRORS = error_responses(400, 401, 403, 422)
 
 
 class RevocationRequest(Strict):

@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from broker.api.deps import AnyCaller, BrokerDep, OrchestratorCaller
-from broker.api.schemas import ErrorResponse, SessionCreate, SessionCreated, SessionEnd, SessionEnded, SessionView
+from broker.api.schemas import SessionCreate, SessionCreated, SessionEnd, SessionEnded, SessionView, error_responses
 from broker.sessions import service
 from broker.sessions.service import SessionAsk
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 422)}
+ERRORS = error_responses(400, 401, 403, 404, 422)
 
 
 @router.post("", status_code=201, response_model=SessionCreated, responses=ERRORS)

@@ -55,7 +55,7 @@ async def introspect_token(request: Request, broker: BrokerDep, response: Respon
         except (ValueError, AttributeError):
             raise InvalidRequest("body is not valid JSON", code="invalid-json") from None
     else:
-        token = (parse_qs(raw.decode(errors="replace")).get("token") or [None])[0]
+        token = next(iter(parse_qs(raw.decode(errors="replace")).get("token") or []), None)
     if not isinstance(token, str) or not token or len(token) > 8192:
         raise InvalidRequest("introspection needs a `token` parameter", code="invalid-request")
     response.headers["Cache-Control"] = "no-store"

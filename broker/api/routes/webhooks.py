@@ -7,12 +7,11 @@ body is read as bytes and verified before it is parsed.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from broker.api.schemas import ErrorResponse
+from broker.api.schemas import error_responses
 from broker.errors import BrokerError
 from broker.identity import webhooks as signatures
 from broker.metrics import WEBHOOKS
@@ -22,7 +21,7 @@ from broker.sessions import events
 log = logging.getLogger("broker.webhooks")
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 MAX_WEBHOOK_BYTES = 64 * 1024  # a lifecycle event is a few hundred bytes
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 409, 413)}
+ERRORS = error_responses(400, 401, 409, 413)
 
 
 @router.post(
