@@ -27,8 +27,18 @@ from typing import Any
 
 
 class BrokerError(Exception):
+    """Every error a caller can see. A subclass names its status and code in its header:
+    `class NotFound(BrokerError, status=404, code="not-found")`."""
+
     status: int = 500
     code: str = "internal-error"
+
+    def __init_subclass__(cls, *, status: int | None = None, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+        if code is not None:
+            cls.code = code
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None, **details: Any) -> None:
         super().__init__(message)
@@ -47,78 +57,61 @@ class InternalError(BrokerError):
     """Something inside the broker is wrong; the caller learns nothing more."""
 
 
-class InvalidRequest(BrokerError):
-    status = 400
-    code = "invalid-request"
+class InvalidRequest(BrokerError, status=400, code="invalid-request"):
+    """The request is malformed beyond what the schema checks (a bad resource URI, say)."""
 
 
-class Unauthenticated(BrokerError):
-    status = 401
-    code = "invalid-token"
+class Unauthenticated(BrokerError, status=401, code="invalid-token"):
+    """No credentials, or credentials the broker does not accept."""
 
 
-class Forbidden(BrokerError):
-    status = 403
-    code = "forbidden"
+class Forbidden(BrokerError, status=403, code="forbidden"):
+    """Who the caller is may not do this."""
 
 
-class Denied(BrokerError):
+class Denied(BrokerError, status=403, code="denied"):
     """The policy denied the request; `code` is the decision's reason."""
 
-    status = 403
-    code = "denied"
+
+class NotFound(BrokerError, status=404, code="not-found"):
+    """Absent, or not the caller's to see: the same answer, so ids are no oracle."""
 
 
-class NotFound(BrokerError):
-    status = 404
-    code = "not-found"
+class Conflict(BrokerError, status=409, code="conflict"):
+    """The state does not allow it now (a replayed webhook, a used approval, ...)."""
 
 
-class Conflict(BrokerError):
-    status = 409
-    code = "conflict"
+class BudgetExceeded(BrokerError, status=429, code="budget-exceeded"):
+    """A per-session budget is spent."""
 
 
-class BudgetExceeded(BrokerError):
-    status = 429
-    code = "budget-exceeded"
+class AuditWriteFailed(BrokerError, status=500, code="audit-write-failed"):
+    """The audit record could not be written, so the request was not carried out."""
 
 
-class AuditWriteFailed(BrokerError):
-    status = 500
-    code = "audit-write-failed"
+class ConfigError(BrokerError, code="config-invalid"):
+    """Refused at start: the broker does not serve with a bad configuration."""
 
 
-class ConfigError(BrokerError):
-    code = "config-invalid"
-
-
-class PolicyError(BrokerError):
+class PolicyError(BrokerError, status=400, code="policy-invalid"):
     """A policy file that cannot be loaded. `problems` holds one line-precise entry each."""
-
-    status = 400
-    code = "policy-invalid"
 
     def __init__(self, message: str, problems: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message, problems=problems or [])
         self.problems = problems or []
 
 
-class ProviderError(BrokerError):
-    status = 502
-    code = "provider-error"
+class ProviderError(BrokerError, status=502, code="provider-error"):
+    """A backend failed; providers raise one of the three below."""
 
 
-class ProviderRejected(ProviderError):
-    status = 502
-    code = "provider-rejected"
+class ProviderRejected(ProviderError, status=502, code="provider-rejected"):
+    """The backend said no."""
 
 
-class ProviderUnavailable(ProviderError):
-    status = 503
-    code = "provider-unavailable"
+class ProviderUnavailable(ProviderError, status=503, code="provider-unavailable"):
+    """The backend could not be reached, timed out or answered 5xx: worth retrying."""
 
 
-class ProviderMisconfigured(ProviderError):
-    status = 500
-    code = "provider-misconfigured"
+class ProviderMisconfigured(ProviderError, status=500, code="provider-misconfigured"):
+    """The broker's own configuration for the backend is wrong or missing."""

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from broker.leases.outcomes import CapabilityView
 from broker.models import Lease, SessionRow
+from broker.policy import Decision
 from broker.times import Timestamp
 
 _RESOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[!-~]{1,480}$"
@@ -120,33 +121,11 @@ class ExplainRequest(Strict):
     session_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
 
 
-class LayerView(BaseModel):
-    layer: str
-    verdict: str
-    reason: str | None
-    matched_rule: str | None
-    detail: str
-
-
-class DecisionView(BaseModel):
-    """A decision with every layer's verdict (`policy explain`; the `decision` of a 403)."""
-
-    result: str
-    reason: str
-    matched_rule: str | None
-    matched_line: int | None
-    policy_version: str
-    tier: str | None
-    provider: str | None
-    options: dict[str, Any]
-    ttl_seconds: int | None
-    approvers: list[str]
-    layers: list[LayerView]
-
-
 class Explanation(BaseModel):
-    decision: DecisionView
-    shadow: DecisionView | None
+    """`policy explain`: the enforced decision with every layer's verdict, and the shadow's."""
+
+    decision: Decision
+    shadow: Decision | None
 
 
 class AuditPage(BaseModel):

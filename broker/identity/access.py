@@ -14,17 +14,18 @@ from broker.errors import Forbidden
 from broker.identity.callers import Caller
 from broker.models import SessionRow
 
+# The session column that names its manager, per kind of caller (admins manage all sessions,
+# an agent only its own, by id).
+_MANAGER_COLUMN = {"orchestrator": "created_by", "human": "human"}
+
 
 def may_manage(caller: Caller, session: SessionRow) -> bool:
     if caller.kind == "admin":
         return True
-    if caller.kind == "orchestrator":
-        return session.created_by == caller.name
-    if caller.kind == "human":
-        return session.human == caller.name
     if caller.kind == "agent":
         return caller.session_id == session.id
-    return False
+    column = _MANAGER_COLUMN.get(caller.kind)
+    return column is not None and getattr(session, column) == caller.name
 
 
 def managed_by(caller: Caller, refusal: str) -> Any:
@@ -33,9 +34,7 @@ def managed_by(caller: Caller, refusal: str) -> Any:
     get Forbidden(`refusal`)."""
     if caller.kind == "admin":
         return None
-    if caller.kind == "orchestrator":
-        return SessionRow.created_by == caller.name
-    if caller.kind == "human":
-        return SessionRow.human == caller.name
-    raise Forbidden(refusal)
-
+    column = _MANAGER_COLUMN.get(caller.kind)
+    if column is None:
+        raise Forbidden(refusal)
+    return getattr(SessionRow, column) == caller.name

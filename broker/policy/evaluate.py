@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -77,13 +77,7 @@ class LayerVerdict:
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "verdict": self.verdict,
-            "reason": self.reason,
-            "matched_rule": self.matched_rule,
-            "detail": self.detail,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -101,19 +95,10 @@ class Decision:
     layers: tuple[LayerVerdict, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "result": self.result,
-            "reason": self.reason,
-            "matched_rule": self.matched_rule,
-            "matched_line": self.matched_line,
-            "policy_version": self.policy_version,
-            "tier": self.tier,
-            "provider": self.provider,
-            "options": dict(self.options),
-            "ttl_seconds": self.ttl_seconds,
-            "approvers": list(self.approvers),
-            "layers": [layer.to_dict() for layer in self.layers],
-        }
+        """JSON-ready: the shape of `policy explain` and of a 403's `decision`."""
+        out = asdict(self)
+        out["approvers"], out["layers"] = list(self.approvers), list(out["layers"])
+        return out
 
 
 def _allow(layer: str, rule: str | None, detail: str) -> LayerVerdict:

@@ -41,4 +41,4 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> Exp
         RequestFacts(resource=body.resource, access=body.access, ttl_seconds=body.ttl_seconds, now=now),
         bounds_lookup(broker),
     )
-    return Explanation.model_validate({"decision": decision.to_dict(), "shadow": shadow.to_dict() if shadow else None})
+    return Explanation(decision=decision, shadow=shadow)
