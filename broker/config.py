@@ -8,6 +8,7 @@ missing into `state_dir` and says loudly, once, that it is not for production.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,6 +92,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8080
     log_level: str = "info"
+    # text for people reading a terminal; json (one object a line, with the request id) for a
+    # log pipeline. See broker/logs.py.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("database_url")
     @classmethod
