@@ -31,7 +31,7 @@ from broker.errors import (
 from broker.identity.callers import Caller
 from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
-from broker.metrics import DECISIONS, MINTS
+from broker.metrics import APPROVALS_OPENED, DECISIONS, MINTS, observe_approval_outcome
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
@@ -119,6 +119,7 @@ def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: dat
         raise Conflict(f"the approval is {approval.status}, not usable", code="approval-not-usable")
     approval.status = "used"  # single use
     db.add(approval)
+    observe_approval_outcome(approval, "used", now)
     return True
 
 
@@ -175,7 +176,7 @@ def _decide_and_mint(
                          approved=approved),
             bounds_lookup(broker),
         )
-        DECISIONS.labels(decision.result, decision.reason).inc()
+        DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
         record = records.decision_record(decision, shadow)
@@ -261,6 +262,7 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
         expires_at=min(now + APPROVAL_WAIT, session.expires_at),
     )
     db.add(approval)
+    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
     body = {
         "status": "pending_approval",
         "approval_id": approval.id,

@@ -230,7 +230,7 @@ def test_operations_endpoints(api: Api) -> None:
     api.request(session, {"resource": "jwt://svc/x", "access": "read"})
     metrics = api.client.get("/metrics").text
     assert 'broker_leases{provider="native",status="active"} 1.0' in metrics
-    assert 'broker_decisions_total{reason="allowed",result="allow"}' in metrics
+    assert 'broker_decisions_total{reason="allowed",result="allow",tier="read"}' in metrics
     assert 'broker_mint_seconds_count{provider="native"}' in metrics
 
 
