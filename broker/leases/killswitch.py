@@ -15,7 +15,7 @@ own `capability.revoked` (or `revoke_failed`) record through the usual path.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlmodel import col, select
@@ -74,7 +74,7 @@ def revoke_matching(broker: Broker, caller: Caller, flt: RevocationFilter) -> Re
     if not flt.as_dict():
         raise InvalidRequest("give at least one of session_id, agent, human, resource", code="empty-revocation-filter")
     if flt.resource is not None:
-        validate_pattern(flt.resource)
+        flt = replace(flt, resource=validate_pattern(flt.resource))
     scope = sessions.managed_by(caller, "agents cannot use the kill switch; their session can be ended by its orchestrator or human")
     result = RevocationResult()
     with transaction(broker.engine) as db:

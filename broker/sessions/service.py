@@ -54,7 +54,8 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
             code="ttl-out-of-bounds",
         )
     for entry in ask.scope:
-        validate_pattern(entry["resource"])  # a malformed scope is a 400, not a silent no-match
+        # A malformed scope is a 400, not a silent no-match; stored in canonical form.
+        entry["resource"] = validate_pattern(entry["resource"])
     now = utcnow().replace(microsecond=0)
     session = SessionRow(
         id="ses_" + secrets.token_hex(16),
