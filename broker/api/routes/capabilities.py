@@ -9,7 +9,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
-from broker.api.schemas import CapabilityIssued, CapabilityRequest, CapabilityView, ErrorResponse, PendingApproval
+from broker.api.schemas import (
+    SESSION_ID_PATTERN,
+    CapabilityIssued,
+    CapabilityRequest,
+    CapabilityView,
+    ErrorResponse,
+    PendingApproval,
+)
 from broker.leases import queries
 from broker.leases.service import CapabilityAsk, request_capability
 
@@ -40,7 +47,7 @@ def create_capability(
 @router.get("", response_model=list[CapabilityView], responses=ERRORS)
 def list_capabilities(
     broker: BrokerDep, caller: AnyCaller,
-    session_id: Annotated[str | None, Query(max_length=64)] = None,
+    session_id: Annotated[str | None, Query(pattern=SESSION_ID_PATTERN)] = None,
     status: Annotated[str | None, Query(max_length=16)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:

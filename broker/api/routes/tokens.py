@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import BrokerDep
+from broker.api.schemas import ErrorResponse
 from broker.errors import InvalidRequest
 from broker.leases.queries import introspect
 
@@ -23,6 +24,7 @@ def jwks(broker: BrokerDep) -> JSONResponse:
 
 @router.post(
     "/v1/introspect",
+    responses={s: {"model": ErrorResponse} for s in (400, 413)},
     openapi_extra={
         "requestBody": {
             "content": {
@@ -47,7 +49,7 @@ async def introspect_token(request: Request, broker: BrokerDep) -> JSONResponse:
     if ctype.startswith("application/json"):
         try:
             token = json.loads(raw or b"{}").get("token")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise InvalidRequest("body is not valid JSON", code="invalid-json") from None
     else:
         token = (parse_qs(raw.decode(errors="replace")).get("token") or [None])[0]
