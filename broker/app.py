@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from broker import __version__
 from broker.api.guard import RequestGuard
@@ -22,6 +23,7 @@ from broker.config import Settings
 from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
+from broker.identity.ratelimit import RateLimiter
 from broker.leases.reconciler import reconcile_at_start
 from broker.leases.sweeper import Sweeper
 from broker.metrics import REGISTRY, LeaseCollector
@@ -33,16 +35,14 @@ _STATUS_CODES = {400: "invalid-request", 401: "invalid-token", 403: "forbidden",
                  405: "method-not-allowed", 409: "conflict", 413: "payload-too-large", 415: "unsupported-media-type"}
 
 
-def _allowed_methods(app: FastAPI, path: str) -> str:
-    """Every method some route serves at `path` (Starlette's own 405 names only the first route's)."""
-    methods: set[str] = set()
-    for route in app.router.routes:
-        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
-        if regex is not None and route_methods and regex.match(path):
-            methods |= set(route_methods)
-    if "GET" in methods:
-        methods.add("HEAD")
-    return ", ".join(sorted(methods))
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's own 405 names only the first route's)."""
+    allowed = []
+    for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 def _record_policy_loaded(broker: Broker, trigger: str) -> None:
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             broker = Broker.build(settings or Settings())
         app.state.broker = broker
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256)
+        app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
         _COLLECTOR.broker = broker
         _record_policy_loaded(broker, "start")
 
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     if broker is not None:  # tests that build the broker themselves can use the app at once
         app.state.broker = broker
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256)
+        app.state.rate_limiter = RateLimiter()
 
     @app.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> JSONResponse:
@@ -124,7 +126,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         code = _STATUS_CODES.get(exc.status_code, "http-error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # RFC 9110: a 405 names what the resource does allow
-            headers["Allow"] = _allowed_methods(app, request.url.path)
+            headers["Allow"] = _allowed_methods(request)
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
                             headers=headers or None)
 

@@ -140,9 +140,14 @@ class RequestGuard:
 
         async def no_store(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {name.lower() for name, _ in message.get("headers", [])}
-                if b"cache-control" not in present:
-                    message = {**message, "headers": [*message.get("headers", []), *NO_STORE]}
+                headers = list(message.get("headers", []))
+                present = {name.lower(): value for name, value in headers}
+                cache = present.get(b"cache-control")
+                if cache is None:
+                    headers += NO_STORE
+                elif b"no-store" in cache.lower() and b"pragma" not in present:
+                    headers.append((b"pragma", b"no-cache"))  # HTTP/1.0 caches know only this
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, replay, no_store)

@@ -18,7 +18,7 @@ from broker.sessions.service import may_manage
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (401, 403, 404, 422)}
-MAX_SEQ = 2**63 - 1  # a BIGINT: larger would overflow the database's integer, not find nothing
+MAX_SEQ = 2**31 - 1  # the seq column is a 32-bit INTEGER: larger would overflow it, not find nothing
 
 
 class AuditPage(BaseModel):
