@@ -33,7 +33,9 @@ class Strict(BaseModel):
 
 
 class ScopeItem(Strict):
-    resource: Resource = Field(description="resource URI or glob (`*` within a segment, `**` across)")
+    resource: Resource = Field(description="resource URI or glob (`*` within a segment, `**` across)",
+                               # the document states the '..' rule too (JSON Schema allows look-ahead)
+                               json_schema_extra={"pattern": r"^(?!.*\.\.)" + _RESOURCE_PATTERN[1:]})
     access: list[AccessName] = Field(min_length=1, max_length=32)
 
     @field_validator("resource")

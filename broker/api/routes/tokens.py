@@ -15,6 +15,7 @@ from broker.errors import InvalidRequest
 from broker.leases.queries import introspect
 
 router = APIRouter(tags=["tokens"])
+_TOKEN = {"type": "string", "minLength": 1, "maxLength": 8192}
 
 
 @router.get("/.well-known/jwks.json")
@@ -29,10 +30,10 @@ def jwks(broker: BrokerDep) -> JSONResponse:
         "requestBody": {
             "content": {
                 "application/x-www-form-urlencoded": {
-                    "schema": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+                    "schema": {"type": "object", "required": ["token"], "properties": {"token": _TOKEN}}
                 },
                 "application/json": {
-                    "schema": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+                    "schema": {"type": "object", "required": ["token"], "properties": {"token": _TOKEN}}
                 },
             }
         }
