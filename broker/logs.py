@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from broker import redaction
+
 LogFormat = Literal["text", "json"]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("broker_request_id", default=None)
@@ -67,8 +69,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", None),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and key not in out:
-                out[key] = value
+            if key not in _STANDARD and key not in out and not key.startswith("_"):
+                # structured fields bypass the message's redaction: redact strings here too
+                out[key] = redaction.redact(value) if isinstance(value, str) else value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -84,9 +87,9 @@ class _TextFormatter(logging.Formatter):
 
 
 def secret_filters() -> list[logging.Filter]:
-    """The hook for the secret-redacting filter (`broker/redaction.py`, written beside this
-    module): return its filter here and every handler attaches it before any line is written."""
-    return []
+    """The secret-redacting filter (`broker/redaction.py`): on the handler, so it sees every
+    record, including those propagated from SDK loggers, before any line is written."""
+    return [redaction.RedactingFilter()]
 
 
 def configure_logging(level: str = "info", format: LogFormat | str = "text", *,
@@ -103,6 +106,7 @@ def configure_logging(level: str = "info", format: LogFormat | str = "text", *,
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    redaction.silence_wire_loggers()  # SDK loggers that log bodies stay at WARNING whatever the level
     # uvicorn's loggers carry their own handlers only when uvicorn configured them: with
     # log_config=None they propagate here, and so get the request id and the format.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

@@ -60,3 +60,17 @@ def test_configuring_twice_keeps_one_handler_and_refuses_unknown_formats(restore
     assert len(logging.getLogger().handlers) == 1
     with pytest.raises(ValueError, match="text or json"):
         configure_logging("info", "xml")
+
+
+def test_secrets_are_redacted_in_message_and_fields(restore_root: None) -> None:
+    out = io.StringIO()
+    configure_logging("debug", "json", stream=out)
+    vault_token = "hvs." + "A1b2C3d4E5f6G7h8I9j0K1l2"
+    github_token = "ghs_" + "x" * 36
+    logging.getLogger("broker.test").info("minted %s", vault_token, extra={"detail": f"token {github_token}"})
+    logging.getLogger("botocore.parsers").debug("Response body: SecretAccessKey=abc")  # wire logger: dropped
+    (line,) = out.getvalue().splitlines()
+    assert vault_token not in line and github_token not in line
+    record = json.loads(line)
+    assert "[redacted]" in record["message"] and "[redacted]" in record["detail"]
+    assert not any(key.startswith("_") for key in record)
