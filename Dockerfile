@@ -19,11 +19,12 @@ RUN python -m venv /opt/venv \
 # The Alembic scripts live beside the package in a checkout (broker/migrate.py looks for
 # <site-packages>/migrations); put them there and prove `broker-cli migrate` will find them.
 COPY migrations ./migrations
-RUN purelib="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+# (-I: isolated, so the check imports the installed broker, not ./broker of this directory.)
+RUN purelib="$(/opt/venv/bin/python -I -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && cp -r migrations "$purelib/migrations" \
- && /opt/venv/bin/python -c "from broker.migrate import MIGRATIONS; assert (MIGRATIONS / 'env.py').is_file(), MIGRATIONS" \
- && /opt/venv/bin/python -m compileall -q "$purelib/migrations" \
- && /opt/venv/bin/pip uninstall --yes pip
+ && /opt/venv/bin/python -I -c "from broker.migrate import MIGRATIONS; assert (MIGRATIONS / 'env.py').is_file(), MIGRATIONS" \
+ && /opt/venv/bin/python -I -m compileall -q "$purelib/migrations" \
+ && /opt/venv/bin/python -I -m pip uninstall --yes pip
 
 # --- runtime: the venv, a user, nothing else ----------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -35,7 +35,8 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 # The attributes every LogRecord has; anything else on a record came from `extra=` and is kept.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+# (uvicorn's `color_message` is its message with terminal colour codes: not for a log pipeline.)
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "color_message"}
 
 log = logging.getLogger("broker.http")
 
