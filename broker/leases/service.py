@@ -32,6 +32,7 @@ from broker.identity.callers import Caller
 from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
 from broker.metrics import DECISIONS, MINTS
+from broker.permissions import service as live_permissions
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
@@ -155,6 +156,8 @@ def _decide_and_mint(
 ) -> tuple[int, dict[str, Any]]:
     now = utcnow()
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
+    live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
     with transaction(broker.engine) as db:
         session = lock_session(db, session_id)
@@ -172,7 +175,7 @@ def _decide_and_mint(
             shadow_policy,
             session_facts(db, session),
             RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now,
-                         approved=approved),
+                         approved=approved, live=live),
             bounds_lookup(broker),
         )
         DECISIONS.labels(decision.result, decision.reason).inc()
