@@ -32,8 +32,8 @@ from broker.identity.callers import Caller
 from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
 from broker.metrics import DECISIONS, MINTS
-from broker.permissions import service as live_permissions
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
+from broker.permissions import service as live_permissions
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
 from broker.runtime import Broker
