@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from broker.errors import BrokerError, ConfigError
+from broker.metrics import PERMISSION_ANSWERS
 from broker.permissions.base import UNKNOWN, PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth
 from broker.permissions.cache import AnswerCache
 from broker.policy import CompiledPolicy, LivePermission
@@ -86,6 +87,7 @@ class LivePermissions:
         )
         answer, cached = self.cache.get_or_fetch(_key(live.source, query), lambda: _ask(source, live.source, query),
                                                  fresh=fresh)
+        PERMISSION_ANSWERS.labels(live.source, answer.verdict, "true" if cached else "false").inc()
         return LivePermission(live.source, answer.verdict, dict(answer.evidence), cached)
 
     def close(self) -> None:
