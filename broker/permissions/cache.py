@@ -23,6 +23,7 @@ MAX_ENTRIES = 50_000  # bounded memory: expired entries go first, then the oldes
 class _Flight:
     done: threading.Event = field(default_factory=threading.Event)
     answer: SourceAnswer | None = None
+    waiters: int = 0  # callers sharing this call (observability, and what tests wait on)
 
 
 class AnswerCache:
@@ -48,6 +49,8 @@ class AnswerCache:
             leader = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
+            else:
+                flight.waiters += 1
         if not leader:
             if flight.done.wait(MAX_WAIT_SECONDS) and flight.answer is not None:
                 return flight.answer, True  # shared: this caller made no backend call
@@ -63,6 +66,12 @@ class AnswerCache:
                 flight.answer = answer
                 del self._flights[key]
             flight.done.set()
+
+    def waiting(self, key: Hashable) -> int:
+        """How many callers wait on the call in flight for `key` (0 when none is)."""
+        with self._lock:
+            flight = self._flights.get(key)
+            return flight.waiters if flight is not None else 0
 
     def clear(self) -> None:
         with self._lock:
