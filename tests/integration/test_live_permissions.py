@@ -275,3 +275,67 @@ def test_policy_explain_shows_the_live_layer_and_its_evidence(live_broker, gh):
         again = api.client.post("/v1/policy/explain", json=body, headers=api.as_admin()).json()["decision"]
         assert again["human_permission"]["cached"] is True
         assert gh.calls(PERMISSION_ENDPOINT) == 1
+
+
+# --- the re-check: only what was lost, once per interval, once across replicas --------------------
+
+
+def _age_leases(broker: Any, seconds: int) -> None:
+    """Move every lease's mint and last check into the past (instead of sleeping through an interval)."""
+    from datetime import timedelta
+
+    from sqlmodel import select
+
+    from broker.db import transaction
+    from broker.models import Lease
+
+    with transaction(broker.engine) as db:
+        for lease in db.exec(select(Lease)).all():
+            for name in ("created_at", "minted_at", "live_checked_at"):
+                if getattr(lease, name) is not None:
+                    setattr(lease, name, getattr(lease, name) - timedelta(seconds=seconds))
+            db.add(lease)
+
+
+@pytest.mark.postgres
+def test_two_replicas_recheck_each_lease_once_and_revoke_only_what_was_lost(postgres_url: str, tmp_path: Path,
+                                                                            gh: GitHubStandIn):
+    from broker.permissions.recheck import recheck_once
+
+    gh.set_collaborator("acme", "widgets", "alice-gh", "write")
+    gh.set_collaborator("acme", "gadgets", "alice-gh", "write")
+    secrets_ = BrokerSecrets()
+    settings = dict(github_api_url=gh.url, github_app_id=gh.app_id, github_private_key_file=gh.private_key_path,
+                    provider_timeout_seconds=5.0, permission_cache_seconds=60, permission_recheck_seconds=30)
+    first = build_broker(tmp_path, postgres_url, secrets_, POLICY, **settings)
+    second = build_broker(tmp_path, postgres_url, secrets_, POLICY, **settings)
+    with LiveServer(first) as server, httpx.Client(base_url=server.base_url, timeout=60) as client:
+        api = Api(server.base_url, secrets_, first, client)
+        sessions = [api.new_session(human="alice@example.com", scope=SCOPE, task_id=f"r-{i}") for i in range(3)]
+        widgets = [_ask(api, s, "write").json()["capability_id"] for s in sessions for _ in range(4)]
+        gadgets = [_ask(api, s, "write", repo="gadgets").json()["capability_id"] for s in sessions]
+        _age_leases(first, 60)  # minted a minute ago: due for the 30 s re-check
+
+        asked_before = gh.calls(PERMISSION_ENDPOINT)
+        kept = recheck_once(first)
+        assert kept.checked == 15 and kept.receipts == []
+        assert gh.calls(PERMISSION_ENDPOINT) - asked_before == 2  # one per (human, repository, access), cache bypassed
+        assert recheck_once(first).checked == 0  # checked: not due again within the interval
+
+        gh.remove_collaborator("acme", "widgets", "alice-gh")
+        _age_leases(first, 60)  # and checked a minute ago: due again
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            reports = list(pool.map(recheck_once, [first, second]))
+        assert sum(r.checked for r in reports) == 15  # each lease by exactly one replica
+        receipts = [receipt for r in reports for receipt in r.receipts]
+        assert sorted(r["capability_id"] for r in receipts) == sorted(widgets)
+        assert {r["status"] for r in receipts} == {"revoked"}
+        assert {r["source"] for r in receipts} == {"github"}
+        statuses = {c["capability_id"]: c["status"] for s in sessions for c in api.client.get(
+            "/v1/capabilities", params={"session_id": s["session_id"]}, headers=api.as_admin()).json()}
+        assert all(statuses[c] == "revoked" for c in widgets)
+        assert all(statuses[c] == "active" for c in gadgets)
+        lost = [r for s in sessions for r in _audit(api, s["session_id"]) if r["type"] == "capability.permission_lost"]
+        assert sorted(r["jit_grant"]["capability_id"] for r in lost) == sorted(widgets)  # one record each, no twice
+    second.engine.dispose()
+    second.permissions.close()
