@@ -277,6 +277,26 @@ def test_policy_explain_shows_the_live_layer_and_its_evidence(live_broker, gh):
         assert gh.calls(PERMISSION_ENDPOINT) == 1
 
 
+def test_broker_cli_policy_explain_prints_the_live_verdict_and_evidence(live_broker, gh, monkeypatch):
+    from typer.testing import CliRunner
+
+    from broker.cli.main import app as cli
+
+    gh.set_collaborator("acme", "widgets", "alice-gh", "triage")
+    with live_broker() as api:
+        monkeypatch.setenv("BROKER_URL", api.base_url)
+        monkeypatch.setenv("BROKER_TOKEN", api.secrets.admin_token)
+        args = ["policy", "explain", "--resource", "github://acme/widgets", "--access", "write",
+                "--human", "alice@example.com", "--agent", "claude-code", "--scope", "github://acme/**=*"]
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 0, out.output
+        assert out.output.startswith("DENY: human-lacks-permission (resources[0].human_permission)")
+        assert "  human_live  deny" in out.output
+        assert "live source github: deny: GitHub: alice-gh has role triage (permission read) on acme/widgets" in out.output
+        as_json = CliRunner().invoke(cli, [*args, "--json"])
+        assert '"role_name": "triage"' in as_json.output
+
+
 # --- the re-check: only what was lost, once per interval, once across replicas --------------------
 
 
