@@ -7,8 +7,6 @@ Every command but serve, dev, migrate, init, keys and `policy check` speaks to t
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import secrets
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from broker.cli.client import call
+from broker.jsonbounds import dumps_stored
 
 app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
 policy_app = typer.Typer(help="Check and explain policies.", no_args_is_help=True)
@@ -33,13 +32,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 def _out(data: Any, as_json: bool, human: str | None = None) -> None:
     if as_json or human is None:
-        typer.echo(json.dumps(data, indent=None if as_json else 2, default=str))
+        typer.echo(dumps_stored(data, indent=None if as_json else 2, default=str))
     else:
         typer.echo(human)
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from broker import redaction
+
+    # Every handler redacts secret shapes; SDK wire loggers stay at WARNING whatever the level.
+    redaction.configure(level)
 
 
 # --- running the broker ---------------------------------------------------------------------
@@ -67,7 +69,9 @@ def serve(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
     bind = {"host": host or broker.settings.host, "port": port or broker.settings.port,
-            "log_level": settings.log_level, "access_log": False}
+            "log_level": settings.log_level, "access_log": False,
+            # uvicorn's own loggers propagate to the root handlers configured above, which redact.
+            "log_config": None}
     if workers > 1:
         # Each worker builds its own broker from the same environment: replicas that share the
         # database, which claims rows so none is revoked twice. (Config was checked just above.)
@@ -309,7 +313,7 @@ def audit_export(session: str | None = None, since: int = 0) -> None:
         if not page:
             return
         for r in page:
-            sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
+            sys.stdout.write(dumps_stored(r, sort_keys=True) + "\n")
         since = page[-1]["seq"]
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Grant, PolicyDocument, Tier
-from broker.policy.resources import compile_glob, is_glob
+from broker.policy.resources import Glob, compile_glob, is_glob
 
 
 @dataclass(frozen=True)
@@ -54,10 +53,10 @@ class GrantRule:
     rule: str  # "humans.<email>.grants[i]" or "groups.<name>.grants[i]"
     resource: str
     access: frozenset[str]
-    pattern: re.Pattern[str]
+    pattern: Glob
 
     def covers(self, resource: str, access: str) -> bool:
-        return ("*" in self.access or access in self.access) and self.pattern.fullmatch(resource) is not None
+        return ("*" in self.access or access in self.access) and self.pattern.matches(resource)
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class CompiledPolicy:
         for rule in self.resources:
             if not is_glob(rule.match):
                 self._exact.setdefault(rule.match, rule)
-        self._globbed: tuple[tuple[re.Pattern[str], ResourceRule], ...] = tuple(
+        self._globbed: tuple[tuple[Glob, ResourceRule], ...] = tuple(
             (compile_glob(rule.match), rule) for rule in self.resources if is_glob(rule.match)
         )
 
@@ -149,6 +148,7 @@ class CompiledPolicy:
         budgets = document.budgets
         self.max_issued_per_session: int | None = budgets.max_issued_per_session if budgets else None
         self.max_active_per_session: int | None = budgets.max_active_per_session if budgets else None
+        self.rate_limits = document.rate_limits
         self.escalation_tiers: frozenset[str] = frozenset(
             document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS
         )
@@ -162,7 +162,7 @@ class CompiledPolicy:
         for pattern, rule in self._globbed:
             if exact is not None and rule.index > exact.index:
                 break
-            if pattern.fullmatch(resource):
+            if pattern.matches(resource):
                 return rule
         return exact
 

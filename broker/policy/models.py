@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, field_validator
 
-from broker.policy.resources import pattern_problem
+from broker.policy.resources import canonical_pattern, pattern_problem
 
 TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
 # Risk order, lowest first: an agent's max_tier admits every tier at or before it.
@@ -76,10 +76,11 @@ class Tier(Strict):
 
 
 def _check_pattern(value: str) -> str:
+    """Refuse a malformed pattern; keep the canonical form (see broker.policy.resources)."""
     problem = pattern_problem(value)
     if problem is not None:
         raise ValueError(f"resource pattern {problem}")
-    return value
+    return canonical_pattern(value)
 
 
 ResourcePattern = Annotated[
@@ -88,7 +89,7 @@ ResourcePattern = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[\x21-\x7e]+$",
+            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[A-Za-z0-9._~@+=,:*-]+(/[A-Za-z0-9._~@+=,:*-]+)*$",
             "maxLength": 512,
             "description": '"<scheme>://<glob>": * matches within one path segment, ** across segments.',
         }
@@ -195,6 +196,20 @@ class Budgets(Strict):
     max_active_per_session: int | None = Field(default=None, ge=0)
 
 
+class RateLimit(Strict):
+    """A token bucket: a burst of `requests`, refilled at `requests` per `per_seconds`."""
+
+    requests: int = Field(ge=1, le=1_000_000)
+    per_seconds: float = Field(gt=0, le=86400)
+
+
+class RateLimits(Strict):
+    """Requests made with a session token; absent: unlimited. Enforced per broker replica."""
+
+    per_session: RateLimit | None = None  # each session on its own
+    per_agent: RateLimit | None = None  # every session of one agent name together
+
+
 class Escalation(Strict):
     tiers: list[TierName] = Field(default_factory=lambda: list(DEFAULT_ESCALATION_TIERS))
 
@@ -211,6 +226,7 @@ class PolicyDocument(Strict):
     groups: dict[GroupName, Group] = Field(default_factory=dict)
     agents: dict[AgentName, Agent] = Field(default_factory=dict)
     budgets: Budgets | None = None
+    rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
 
 

@@ -1,7 +1,7 @@
 """leases.live_checked_at: when the live permission re-check last looked at a lease
 
-Revision ID: 0002_live_checks
-Revises: 0001
+Revision ID: 0003_live_checks
+Revises: 0002
 Create Date: 2026-11-22 08:50:00
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 import broker.db
 
 
-revision = '0002_live_checks'
-down_revision = '0001'
+revision = '0003_live_checks'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 
