@@ -275,6 +275,8 @@ def test_policy_explain_shows_the_live_layer_and_its_evidence(live_broker, gh):
         again = api.client.post("/v1/policy/explain", json=body, headers=api.as_admin()).json()["decision"]
         assert again["human_permission"]["cached"] is True
         assert gh.calls(PERMISSION_ENDPOINT) == 1
+        ready = api.client.get("/readyz").json()
+        assert ready["checks"]["permission_sources"]["github"]["ok"] is True
 
 
 def test_broker_cli_policy_explain_prints_the_live_verdict_and_evidence(live_broker, gh, monkeypatch):
