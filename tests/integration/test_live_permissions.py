@@ -114,6 +114,7 @@ def test_losing_the_github_permission_denies_the_next_request_and_revokes_the_li
         assert denied.status_code == 403, denied.text
         error = denied.json()["error"]
         assert error["code"] == "human-lacks-permission"
+        assert error["message"].startswith("denied by the live permission source github: human-lacks-permission")
         decision = error["decision"]
         assert decision["matched_rule"] == "resources[0].human_permission"
         assert decision["human_permission"]["source"] == "github"
