@@ -6,10 +6,12 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
+from broker import jsonbounds
+from broker.ids import APPROVAL_ID_PATTERN, CAPABILITY_ID_PATTERN, SESSION_ID_PATTERN
 from broker.leases.outcomes import CapabilityView
 from broker.models import Lease, SessionRow
-from broker.policy import Decision
 from broker.times import Timestamp
 
 _RESOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[!-~]{1,480}$"
@@ -21,7 +23,11 @@ Principal = Annotated[str, StringConstraints(pattern=r"^[^\s]{1,320}$")]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 LabelKey = Annotated[str, StringConstraints(max_length=64)]
 LabelValue = Annotated[str, StringConstraints(max_length=256)]
+SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
+ApprovalId = Annotated[str, StringConstraints(pattern=APPROVAL_ID_PATTERN)]
 MAX_PARAMETERS_BYTES = 16 * 1024
+
+__all__ = ["APPROVAL_ID_PATTERN", "CAPABILITY_ID_PATTERN", "SESSION_ID_PATTERN"]
 
 
 class Strict(BaseModel):
@@ -29,7 +35,9 @@ class Strict(BaseModel):
 
 
 class ScopeItem(Strict):
-    resource: Resource = Field(description="resource URI or glob (`*` within a segment, `**` across)")
+    resource: Resource = Field(description="resource URI or glob (`*` within a segment, `**` across)",
+                               # the document states the '..' rule too (JSON Schema allows look-ahead)
+                               json_schema_extra={"pattern": r"^(?!.*\.\.)" + _RESOURCE_PATTERN[1:]})
     access: list[AccessName] = Field(min_length=1, max_length=32)
 
     @field_validator("resource")
@@ -99,18 +107,25 @@ class CapabilityRequest(Strict):
     purpose: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
     tool: Annotated[str, StringConstraints(max_length=128)] | None = None
     parameters: dict[str, Any] | None = None
-    approval_id: Annotated[str, StringConstraints(max_length=64)] | None = None
+    approval_id: ApprovalId | None = None
 
     @field_validator("parameters")
     @classmethod
     def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and len(json.dumps(v)) > MAX_PARAMETERS_BYTES:
-            raise ValueError(f"parameters may not exceed {MAX_PARAMETERS_BYTES} bytes of JSON")
+        if v is None:
+            return v
+        # Depth first: it is what would break a reader (and json.dumps) later.
+        try:
+            jsonbounds.check(v, jsonbounds.PARAMETERS_LIMITS)
+        except jsonbounds.JsonBoundsError as exc:
+            raise PydanticCustomError(exc.code, "parameters: {problem}", {"problem": str(exc)}) from None
+        if len(json.dumps(v)) > MAX_PARAMETERS_BYTES:
+            raise PydanticCustomError("json-too-large", f"parameters may not exceed {MAX_PARAMETERS_BYTES} bytes of JSON")
         return v
 
 
 class ExplainRequest(Strict):
-    session_id: str | None = Field(default=None, max_length=64, description="explain against a live session")
+    session_id: SessionId | None = Field(default=None, description="explain against a live session")
     human: Principal | None = None
     agent: AgentName | None = None
     task_id: ShortText | None = None
@@ -124,13 +139,16 @@ class ExplainRequest(Strict):
 class Explanation(BaseModel):
     """`policy explain`: the enforced decision with every layer's verdict, and the shadow's."""
 
-    decision: Decision
-    shadow: Decision | None
+    decision: dict[str, Any] = Field(description="the evaluator's Decision.to_dict(): result, reason, matched_rule, "
+                                                 "matched_line, policy_version, tier, provider, options, ttl_seconds, "
+                                                 "approvers, layers (each layer's verdict), human_permission")
+    shadow: dict[str, Any] | None
 
 
 class AuditPage(BaseModel):
-    records: list[dict[str, Any]] = Field(description="audit records as chained (DESIGN.md section 9)")
-    next_since: int
+    records: list[dict[str, Any]] = Field(description="records in seq order (DESIGN.md section 9), each with "
+                                                      "prev_hash and hash")
+    next_since: int = Field(description="give as `since` for the next page")
 
 
 class AuditVerification(BaseModel):

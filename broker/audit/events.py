@@ -4,7 +4,7 @@ Every record carries the same fields, whatever its type: `type`, `outcome`, `act
 caused it: `agent:<name>`, `orchestrator:<name>`, `admin:admin`, `broker:sweeper`, ...),
 `human_principal`, `agent {id, session_id, task_id}`, `request {tool, operation, resource,
 access, tier, parameters, purpose, reason}`, `policy_decision {result, reason, matched_rule,
-policy_version, shadow}` or null, `jit_grant {status, ttl_seconds, capability_id, provider,
+policy_version, human_permission, shadow}` or null, `jit_grant {status, ttl_seconds, capability_id, provider,
 expires_at, credential_fingerprint, approval_id, attempts}` or null, and `detail` (an object,
 possibly empty) for what only that type has. A field that does not apply is null, never
 missing: in an append-only chain a missing key cannot be added later.
@@ -14,7 +14,7 @@ No secret value enters a record: credentials appear only as SHA-256 fingerprints
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,12 +54,14 @@ class DecisionRef:
     reason: str | None
     matched_rule: str | None
     policy_version: str | None
+    human_permission: dict[str, Any] | None = None  # the live layer: its source, answer, cached or not
     shadow: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, decision: Decision, shadow: Decision | None = None) -> DecisionRef:
         return cls(
             decision.result, decision.reason, decision.matched_rule, decision.policy_version,
+            decision.live.to_dict() if decision.live is not None else None,
             None if shadow is None else {"result": shadow.result, "reason": shadow.reason,
                                          "matched_rule": shadow.matched_rule,
                                          "policy_version": shadow.policy_version},
@@ -104,10 +106,15 @@ class AuditEvent:
             "type": self.type,
             "actor": self.actor,
             "human_principal": self.human_principal,
-            "agent": asdict(self.agent),
-            "request": asdict(self.request),
-            "policy_decision": asdict(self.policy_decision) if self.policy_decision is not None else None,
-            "jit_grant": asdict(self.jit_grant) if self.jit_grant is not None else None,
+            "agent": _fields(self.agent),
+            "request": _fields(self.request),
+            "policy_decision": _fields(self.policy_decision) if self.policy_decision is not None else None,
+            "jit_grant": _fields(self.jit_grant) if self.jit_grant is not None else None,
             "outcome": self.outcome,
             "detail": dict(self.detail),
         }
+
+
+def _fields(part: AgentRef | RequestRef | DecisionRef | GrantRef) -> dict[str, Any]:
+    """Shallow, unlike dataclasses.asdict: values (parameters of any depth) are not copied."""
+    return {f.name: getattr(part, f.name) for f in fields(part)}

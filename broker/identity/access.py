@@ -8,33 +8,46 @@ for listings. An absent session and one the caller may not see get the same answ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from sqlmodel import func
 
 from broker.errors import Forbidden
 from broker.identity.callers import Caller
+from broker.identity.principals import canonical_human
 from broker.models import SessionRow
 
-# The session column that names its manager, per kind of caller (admins manage all sessions,
-# an agent only its own, by id).
-_MANAGER_COLUMN = {"orchestrator": "created_by", "human": "human"}
+
+def human_is(principal: str) -> Any:
+    """WHERE the session's human is `principal`, ignoring case (rows from before sessions stored
+    the canonical form included)."""
+    return func.lower(SessionRow.human) == canonical_human(principal)
+
+
+# Per kind of caller, side by side: does this session belong to the caller, and the same as a
+# WHERE clause (None: every session). Agents are not here: an agent manages its own session
+# only, by id, and no set of sessions.
+_MANAGES: dict[str, tuple[Callable[[Caller, SessionRow], bool], Callable[[Caller], Any]]] = {
+    "admin": (lambda caller, session: True, lambda caller: None),
+    "orchestrator": (lambda caller, session: session.created_by == caller.name,
+                     lambda caller: SessionRow.created_by == caller.name),
+    "human": (lambda caller, session: canonical_human(session.human) == canonical_human(caller.name),
+              lambda caller: human_is(caller.name)),
+}
 
 
 def may_manage(caller: Caller, session: SessionRow) -> bool:
-    if caller.kind == "admin":
-        return True
     if caller.kind == "agent":
         return caller.session_id == session.id
-    column = _MANAGER_COLUMN.get(caller.kind)
-    return column is not None and getattr(session, column) == caller.name
+    rule = _MANAGES.get(caller.kind)
+    return rule is not None and rule[0](caller, session)
 
 
 def managed_by(caller: Caller, refusal: str) -> Any:
     """The sessions `caller` manages, as a WHERE clause on SessionRow (None: all of them, for
-    admins). The query-side twin of `may_manage`; agents manage no set of sessions, so they
-    get Forbidden(`refusal`)."""
-    if caller.kind == "admin":
-        return None
-    column = _MANAGER_COLUMN.get(caller.kind)
-    if column is None:
+    admins). The query-side twin of `may_manage`; agents get Forbidden(`refusal`)."""
+    rule = _MANAGES.get(caller.kind)
+    if rule is None:
         raise Forbidden(refusal)
-    return getattr(SessionRow, column) == caller.name
+    return rule[1](caller)

@@ -9,6 +9,7 @@ just minted is revoked at once (fail closed), never handed out unrecorded.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,9 +31,11 @@ from broker.leases import idempotency, records
 from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
 from broker.leases.revocation import finish_revocation
 from broker.leases.vocabulary import LIVE, CapabilityAsk, LeaseStatus, new_approval_id, new_capability_id
-from broker.metrics import DECISIONS, MINTS
+from broker.metrics import APPROVALS_OPENED, DECISIONS, MINTS, observe_approval_outcome
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
-from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
+from broker.permissions import service as live_permissions
+from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
+from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget, TtlBounds
 from broker.runtime import Broker
 from broker.times import rfc3339
@@ -84,6 +87,7 @@ def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: dat
         raise Conflict(f"the approval is {approval.status}, not usable", code="approval-not-usable")
     approval.status = "used"  # single use
     db.add(approval)
+    observe_approval_outcome(approval, "used", now)
     return True
 
 
@@ -93,7 +97,8 @@ def request_capability(
     """Issued, or pending a human's approval; a refusal is raised (Denied, BudgetExceeded...)."""
     if caller.kind != "agent" or caller.session_id is None:
         raise Forbidden("only an agent's session token may request capabilities")
-    parse_resource(ask.resource)  # malformed URIs are a 400, before any decision
+    # Decided once, before any layer: every layer, the lease and the provider see this form.
+    ask = replace(ask, resource=canonical_resource(ask.resource))
     session_id = caller.session_id
     if idempotency_key is not None:
         idempotency.check_key(idempotency_key)
@@ -121,6 +126,8 @@ def _decide_and_mint(
 ) -> CapabilityOutcome:
     now = utcnow()
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
+    live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
     with transaction(broker.engine) as db:
         session = lock_session(db, session_id)
@@ -138,10 +145,10 @@ def _decide_and_mint(
             shadow_policy,
             session_facts(db, session),
             RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now,
-                         approved=approved),
+                         approved=approved, live=live),
             bounds_lookup(broker),
         )
-        DECISIONS.labels(decision.result, decision.reason).inc()
+        DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
         record = DecisionRef.of(decision, shadow)
@@ -227,6 +234,7 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
         expires_at=min(now + APPROVAL_WAIT, session.expires_at),
     )
     db.add(approval)
+    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
     pending = PendingApproval(approval_id=approval.id, expires_at=approval.expires_at, reason=decision.reason,
                               approvers=list(decision.approvers))
     idempotency.finish(db, broker, ticket, pending)

@@ -9,6 +9,7 @@ credentials have outlived (AWS deny entries).
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from datetime import datetime, timedelta
@@ -22,6 +23,8 @@ from broker.leases.revocation import (
     revoke_leases,
 )
 from broker.lifecycle.reconciler import Every, reconcile_periodic
+from broker.logs import REQUEST_ID
+from broker.metrics import SWEEP_LAST, SWEEP_SECONDS
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 
@@ -91,9 +94,14 @@ class Sweeper:
         interval = self._broker.settings.sweep_interval_seconds
         while not self._stop.is_set():
             started = time.monotonic()
+            token = REQUEST_ID.set("sweep_" + secrets.token_hex(6))  # ties a pass's log lines together
             try:
-                sweep_once(self._broker)
+                with SWEEP_SECONDS.time():
+                    sweep_once(self._broker)
+                SWEEP_LAST.set_to_current_time()
             except Exception:  # one bad pass must not end sweeping
                 log.exception("sweep failed; next pass in %.1fs", interval)
+            finally:
+                REQUEST_ID.reset(token)
             # A pass starts every `interval`: a long pass does not push the next one further out.
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))

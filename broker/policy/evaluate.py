@@ -1,15 +1,17 @@
 """The decision: a pure function of (policy, session, request) that every layer must allow.
 
-No I/O, no database, no clock: the caller supplies `now`, session counters and provider
-bounds. The same function answers real requests, `policy explain` and the shadow policy.
+No I/O, no database, no clock: the caller supplies `now`, session counters, provider bounds
+and, where a resource rule names a live permission source, what that source answered
+(`RequestFacts.live`, fetched before by the caller). The same function answers real requests,
+`policy explain` and the shadow policy.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from broker.times import rfc3339
 log = logging.getLogger("broker.policy")
 
 ALLOW, DENY, APPROVAL, SKIPPED = "allow", "deny", "approval_required", "skipped"
+UNKNOWN = "unknown"  # a live source that could not answer
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,26 @@ class SessionFacts:
 
 
 @dataclass(frozen=True)
+class LivePermission:
+    """What a live permission source answered for (human, resource, access), fetched by the caller."""
+
+    source: str
+    verdict: str  # allow | deny | unknown (unreachable, or an answer it could not read)
+    evidence: Mapping[str, Any]  # what the backend said, for the decision and the audit
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "verdict": self.verdict, "cached": self.cached, "evidence": dict(self.evidence)}
+
+
+@dataclass(frozen=True)
 class RequestFacts:
     resource: str
     access: str
     ttl_seconds: int | None
     now: datetime
     approved: bool = False  # an approval for this exact request exists
+    live: LivePermission | None = None  # the rule's live source's answer; None: not consulted
 
 
 @dataclass(frozen=True)
@@ -75,9 +92,12 @@ class LayerVerdict:
     reason: str | None
     matched_rule: str | None
     detail: str
+    evidence: Mapping[str, Any] | None = None  # the live layer: the source, its answer, cached or not
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["evidence"] = dict(self.evidence) if self.evidence is not None else None
+        return out
 
 
 @dataclass(frozen=True)
@@ -93,11 +113,14 @@ class Decision:
     ttl_seconds: int | None  # the granted, clamped ttl; None when denied
     approvers: tuple[str, ...]
     layers: tuple[LayerVerdict, ...] = field(default=())
+    live: LivePermission | None = None  # the live source's answer this decision used, if any
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the shape of `policy explain` and of a 403's `decision`."""
-        out = asdict(self)
-        out["approvers"], out["layers"] = list(self.approvers), list(out["layers"])
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layers", "live")}
+        out["options"], out["approvers"] = dict(self.options), list(self.approvers)
+        out["layers"] = [layer.to_dict() for layer in self.layers]
+        out["human_permission"] = self.live.to_dict() if self.live is not None else None
         return out
 
 
@@ -163,6 +186,33 @@ def _human_layer(policy: CompiledPolicy, session: SessionFacts, request: Request
     via = f" (groups: {', '.join(groups)})" if groups else ""
     detail = f"{session.human}{via} holds no grant for {request.access} on {request.resource}"
     return _deny("human", "human-lacks-permission", f"humans.{key}" if key else "humans", detail)
+
+
+def _human_live_layer(request: RequestFacts, target: _Target | None) -> tuple[LayerVerdict, LivePermission | None]:
+    """The file's grants are one half of the human layer; a live source, where the rule names one,
+    is the other. It can only take away: its allow never stands in for a missing grant."""
+    if target is None:
+        return _skipped("human_live"), None
+    rule = target.rule.human_permission
+    if rule is None:
+        return _skipped("human_live", "no live permission source for this resource"), None
+    live = request.live
+    if live is None or live.source != rule.source:
+        # Not consulted (or another source's answer): nothing says the human holds it. Fail closed.
+        live = LivePermission(rule.source, UNKNOWN, {"error": "the live source was not consulted"})
+    evidence = live.to_dict()
+    allowed_by = ", ".join(sorted(rule.require.get(request.access, ())))
+    said = live.evidence.get("summary") or live.verdict
+    if live.verdict == ALLOW:
+        return LayerVerdict("human_live", ALLOW, None, rule.rule, f"{rule.source}: {said}", evidence), live
+    if live.verdict == DENY:
+        detail = f"{rule.source}: {said}; {request.access} needs one of {allowed_by}"
+        return LayerVerdict("human_live", DENY, "human-lacks-permission", rule.rule, detail, evidence), live
+    if rule.on_unavailable == "allow":
+        detail = f"{rule.source} could not answer ({said}); on_unavailable: allow, the grants alone decide"
+        return LayerVerdict("human_live", ALLOW, None, f"{rule.rule}.on_unavailable", detail, evidence), live
+    detail = f"{rule.source} could not answer ({said}); denied until it can (fail closed)"
+    return LayerVerdict("human_live", DENY, "human-permission-unavailable", rule.rule, detail, evidence), live
 
 
 def _task_scope_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict:
@@ -277,10 +327,12 @@ def evaluate(
     """Judge one request on every layer; the first deny in layer order names the reason."""
     resource_verdict, target = _resource_layer(policy, request)
     time_verdict, granted = _time_layer(policy, session, request, target, bounds or default_bounds)
+    live_verdict, live = _human_live_layer(request, target)
     layers = (
         _session_layer(session, request),
         resource_verdict,
         _human_layer(policy, session, request),
+        live_verdict,
         _task_scope_layer(session, request),
         _agent_layer(policy, session, target),
         _tier_layer(policy, request, target),
@@ -308,6 +360,7 @@ def evaluate(
         ttl_seconds=granted if result != DENY else None,
         approvers=_approvers(policy, tier) if result == APPROVAL else (),
         layers=layers,
+        live=live,
     )
 
 

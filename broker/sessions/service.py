@@ -16,6 +16,8 @@ from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
+from broker.identity.principals import canonical_human
+from broker.ids import is_session_id
 from broker.leases.revocation import RevokeSummary, revoke_leases
 from broker.leases.vocabulary import LIVE
 from broker.models import Lease, SessionRow
@@ -59,11 +61,12 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
             code="ttl-out-of-bounds",
         )
     for entry in ask.scope:
-        validate_pattern(entry["resource"])  # a malformed scope is a 400, not a silent no-match
+        # A malformed scope is a 400, not a silent no-match; stored in canonical form.
+        entry["resource"] = validate_pattern(entry["resource"])
     now = utcnow().replace(microsecond=0)
     session = SessionRow(
         id="ses_" + secrets.token_hex(16),
-        human=ask.human,
+        human=canonical_human(ask.human),  # compared case-insensitively everywhere
         agent=ask.agent,
         task_id=ask.task_id,
         repository=ask.repository,
@@ -97,6 +100,8 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
 
 
 def get(broker: Broker, caller: Caller, session_id: str) -> tuple[SessionRow, list[Lease]]:
+    if not is_session_id(session_id):
+        raise NotFound("no such session", code="session-not-found")
     with transaction(broker.engine) as db:
         session = db.get(SessionRow, session_id)
         if session is None or not may_manage(caller, session):
@@ -123,6 +128,8 @@ def end(
     broker: Broker, session_id: str, *, reason: str, actor: str, caller: Caller | None = None
 ) -> tuple[SessionRow, RevokeSummary]:
     """Idempotent: ending an ended session revokes whatever is still live and changes nothing else."""
+    if not is_session_id(session_id):
+        raise NotFound("no such session", code="session-not-found")
     now = utcnow()
     with transaction(broker.engine) as db:
         session = db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()

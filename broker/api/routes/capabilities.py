@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
-from broker.api.schemas import CapabilityRequest, error_responses
+from broker.api.schemas import SESSION_ID_PATTERN, CapabilityRequest, error_responses
 from broker.leases import queries
 from broker.leases.outcomes import CapabilityIssued, CapabilityView, PendingApproval
 from broker.leases.service import request_capability
-from broker.leases.vocabulary import CapabilityAsk
+from broker.leases.vocabulary import CapabilityAsk, LeaseStatus
 
 router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
 ERRORS = error_responses(400, 401, 403, 404, 409, 422, 429, 502, 503)
@@ -44,8 +44,8 @@ def create_capability(
 @router.get("", response_model=list[CapabilityView], responses=ERRORS)
 def list_capabilities(
     broker: BrokerDep, caller: AnyCaller,
-    session_id: Annotated[str | None, Query(max_length=64)] = None,
-    status: Annotated[str | None, Query(max_length=16)] = None,
+    session_id: Annotated[str | None, Query(pattern=SESSION_ID_PATTERN)] = None,
+    status: Annotated[LeaseStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[CapabilityView]:
     return [CapabilityView.of(lease) for lease in queries.list_for(broker, caller, session_id, status, limit)]

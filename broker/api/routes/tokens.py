@@ -10,12 +10,13 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import BrokerDep
-from broker.api.schemas import Jwks
+from broker.api.schemas import Jwks, error_responses
 from broker.errors import InvalidRequest
 from broker.leases.outcomes import Introspection
 from broker.leases.queries import introspect
 
 router = APIRouter(tags=["tokens"])
+_TOKEN = {"type": "string", "minLength": 1, "maxLength": 8192}
 
 
 @router.get("/.well-known/jwks.json", response_model=Jwks)
@@ -28,14 +29,15 @@ def jwks(broker: BrokerDep, response: Response) -> Jwks:
     "/v1/introspect",
     response_model=Introspection,
     response_model_exclude_none=True,  # inactive is {"active": false}, nothing more (RFC 7662)
+    responses=error_responses(400, 413),
     openapi_extra={
         "requestBody": {
             "content": {
                 "application/x-www-form-urlencoded": {
-                    "schema": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+                    "schema": {"type": "object", "required": ["token"], "properties": {"token": _TOKEN}}
                 },
                 "application/json": {
-                    "schema": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+                    "schema": {"type": "object", "required": ["token"], "properties": {"token": _TOKEN}}
                 },
             }
         }
@@ -52,7 +54,7 @@ async def introspect_token(request: Request, broker: BrokerDep, response: Respon
     if ctype.startswith("application/json"):
         try:
             token = json.loads(raw or b"{}").get("token")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise InvalidRequest("body is not valid JSON", code="invalid-json") from None
     else:
         token = next(iter(parse_qs(raw.decode(errors="replace")).get("token") or []), None)
