@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from broker import __version__
-from broker.api.guard import RequestGuard
+from broker.api.guard import RequestGuard, declare_guard_responses
 from broker.api.routes import audit, capabilities, health, policy, revocations, sessions, tokens, webhooks
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
@@ -139,6 +139,13 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                    audit.router, tokens.router, health.router):
         app.include_router(router)
     app.add_middleware(RequestGuard)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = declare_guard_responses(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
