@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,9 +31,11 @@ from broker.errors import (
 from broker.identity.callers import Caller
 from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
-from broker.metrics import DECISIONS, MINTS
+from broker.metrics import APPROVALS_OPENED, DECISIONS, MINTS, observe_approval_outcome
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
-from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
+from broker.permissions import service as live_permissions
+from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
+from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
 from broker.runtime import Broker
 
@@ -119,6 +121,7 @@ def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: dat
         raise Conflict(f"the approval is {approval.status}, not usable", code="approval-not-usable")
     approval.status = "used"  # single use
     db.add(approval)
+    observe_approval_outcome(approval, "used", now)
     return True
 
 
@@ -127,7 +130,8 @@ def request_capability(
 ) -> tuple[int, dict[str, Any]]:
     if caller.kind != "agent" or caller.session_id is None:
         raise Forbidden("only an agent's session token may request capabilities")
-    parse_resource(ask.resource)  # malformed URIs are a 400, before any decision
+    # Decided once, before any layer: every layer, the lease and the provider see this form.
+    ask = replace(ask, resource=canonical_resource(ask.resource))
     session_id = caller.session_id
     if idempotency_key is not None:
         idempotency.check_key(idempotency_key)
@@ -155,6 +159,8 @@ def _decide_and_mint(
 ) -> tuple[int, dict[str, Any]]:
     now = utcnow()
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
+    live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
     with transaction(broker.engine) as db:
         session = lock_session(db, session_id)
@@ -172,10 +178,10 @@ def _decide_and_mint(
             shadow_policy,
             session_facts(db, session),
             RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now,
-                         approved=approved),
+                         approved=approved, live=live),
             bounds_lookup(broker),
         )
-        DECISIONS.labels(decision.result, decision.reason).inc()
+        DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
         record = records.decision_record(decision, shadow)
@@ -261,6 +267,7 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
         expires_at=min(now + APPROVAL_WAIT, session.expires_at),
     )
     db.add(approval)
+    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
     body = {
         "status": "pending_approval",
         "approval_id": approval.id,

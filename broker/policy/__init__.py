@@ -7,6 +7,7 @@ from broker.policy.evaluate import (
     BoundsLookup,
     Decision,
     LayerVerdict,
+    LivePermission,
     RequestFacts,
     ScopeEntry,
     SessionFacts,
@@ -16,7 +17,7 @@ from broker.policy.evaluate import (
 )
 from broker.policy.loader import load_policy, load_policy_bytes, load_policy_text
 from broker.policy.models import TIER_ORDER, PolicyDocument
-from broker.policy.resources import glob_matches, parse_resource, validate_pattern
+from broker.policy.resources import canonical_pattern, canonical_resource, glob_matches, parse_resource, validate_pattern
 from broker.policy.store import PolicyStore
 
 # Written by `broker-cli init` and used by `broker-cli dev`.
@@ -29,12 +30,15 @@ __all__ = [
     "CompiledPolicy",
     "Decision",
     "LayerVerdict",
+    "LivePermission",
     "PolicyDocument",
     "PolicyStore",
     "RequestFacts",
     "ScopeEntry",
     "SessionFacts",
     "default_bounds",
+    "canonical_pattern",
+    "canonical_resource",
     "evaluate",
     "evaluate_with_shadow",
     "glob_matches",
