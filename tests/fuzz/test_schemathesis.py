@@ -24,6 +24,9 @@ import schemathesis
 from schemathesis.config import SchemathesisConfig
 
 from broker.app import create_app
+from broker.identity.callers import Caller
+from broker.sessions import service as sessions
+from broker.sessions.service import SessionAsk
 from tests.support.brokers import BrokerSecrets, build_broker
 
 ROOT = Path(__file__).parents[2]
@@ -77,14 +80,11 @@ class Served:
             "orchestrator": {"Authorization": f"Bearer {self.secrets.orchestrator_key}"},
             "admin": {"Authorization": f"Bearer {self.secrets.admin_token}"},
         }
-        from starlette.testclient import TestClient
-
-        with TestClient(self.app) as client:
-            r = client.post("/v1/sessions", headers=self.headers["orchestrator"], json={
-                "human": "alice@example.com", "agent": "claude-code", "task_id": "fuzz", "ttl_seconds": 86400,
-                "scope": [{"resource": "jwt://**", "access": ["*"]}]})
-            assert r.status_code == 201, r.text
-        self.headers["agent"] = {"Authorization": f"Bearer {r.json()['session_token']}"}
+        # The orchestrator's step, through the service the route calls, without an HTTP client.
+        _, token = sessions.create(self.broker, Caller(kind="orchestrator", name="orch"), SessionAsk(
+            human="alice@example.com", agent="claude-code", task_id="fuzz", ttl_seconds=86400,
+            scope=[{"resource": "jwt://**", "access": ["*"]}]))
+        self.headers["agent"] = {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="module")
