@@ -172,7 +172,8 @@ def declare_guard_responses(document: dict[str, Any]) -> dict[str, Any]:
             wanted = ["400"]
             if "requestBody" in operation:
                 wanted.append("413")
-            if "401" in responses and operation.get("operationId", "").find("webhook") < 0:
+            # Who declares 401 authenticates a caller; the webhook's caller is a signature, not an agent.
+            if "401" in responses and "webhook" not in operation.get("operationId", ""):
                 wanted.append("429")
             for status in wanted:
                 if status not in responses:
