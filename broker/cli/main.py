@@ -7,7 +7,6 @@ Every command but serve, dev, migrate, init, keys and `policy check` speaks to t
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from broker.cli.client import call
+from broker.jsonbounds import dumps_stored
 
 app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
 policy_app = typer.Typer(help="Check and explain policies.", no_args_is_help=True)
@@ -32,7 +32,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 def _out(data: Any, as_json: bool, human: str | None = None) -> None:
     if as_json or human is None:
-        typer.echo(json.dumps(data, indent=None if as_json else 2, default=str))
+        typer.echo(dumps_stored(data, indent=None if as_json else 2, default=str))
     else:
         typer.echo(human)
 
@@ -309,7 +309,7 @@ def audit_export(session: str | None = None, since: int = 0) -> None:
         if not page:
             return
         for r in page:
-            sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
+            sys.stdout.write(dumps_stored(r, sort_keys=True) + "\n")
         since = page[-1]["seq"]
 
 

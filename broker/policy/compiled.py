@@ -126,6 +126,7 @@ class CompiledPolicy:
         budgets = document.budgets
         self.max_issued_per_session: int | None = budgets.max_issued_per_session if budgets else None
         self.max_active_per_session: int | None = budgets.max_active_per_session if budgets else None
+        self.rate_limits = document.rate_limits
         self.escalation_tiers: frozenset[str] = frozenset(
             document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS
         )

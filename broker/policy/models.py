@@ -156,6 +156,20 @@ class Budgets(Strict):
     max_active_per_session: int | None = Field(default=None, ge=0)
 
 
+class RateLimit(Strict):
+    """A token bucket: a burst of `requests`, refilled at `requests` per `per_seconds`."""
+
+    requests: int = Field(ge=1, le=1_000_000)
+    per_seconds: float = Field(gt=0, le=86400)
+
+
+class RateLimits(Strict):
+    """Requests made with a session token; absent: unlimited. Enforced per broker replica."""
+
+    per_session: RateLimit | None = None  # each session on its own
+    per_agent: RateLimit | None = None  # every session of one agent name together
+
+
 class Escalation(Strict):
     tiers: list[TierName] = Field(default_factory=lambda: list(DEFAULT_ESCALATION_TIERS))
 
@@ -172,6 +186,7 @@ class PolicyDocument(Strict):
     groups: dict[GroupName, Group] = Field(default_factory=dict)
     agents: dict[AgentName, Agent] = Field(default_factory=dict)
     budgets: Budgets | None = None
+    rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
 
 
