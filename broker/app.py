@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from broker import __version__, redaction
+from broker import __version__
 from broker.api.guard import RequestGuard
 from broker.api.routes import audit, capabilities, health, policy, revocations, sessions, tokens, webhooks
 from broker.audit.service import AuditEvent, append, ensure_head
@@ -26,7 +27,9 @@ from broker.identity.callers import ApiKeys
 from broker.identity.ratelimit import RateLimiter
 from broker.leases.reconciler import reconcile_at_start
 from broker.leases.sweeper import Sweeper
-from broker.metrics import REGISTRY, LeaseCollector
+from broker.logs import RequestIdMiddleware, configure_logging
+from broker.metrics import REGISTRY, DatabaseCollector
+from broker.permissions.recheck import PermissionRechecker
 from broker.runtime import Broker
 
 log = logging.getLogger("broker")
@@ -86,11 +89,18 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             except Exception:  # the sweeper runs the same queries: recovery is delayed, not lost
                 log.exception("reconciliation at start failed; the sweeper will carry on")
             background.start()
+        # Beside the sweeper: live capabilities whose human lost the permission at the source.
+        recheck = PermissionRechecker(broker) if sweeper else None
+        if recheck:
+            recheck.start()
         try:
             yield
         finally:
+            if recheck:
+                recheck.stop()
             if background:
                 background.stop()
+            broker.permissions.close()
 
     app = FastAPI(
         title="jit-broker",
@@ -139,16 +149,18 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                    audit.router, tokens.router, health.router):
         app.include_router(router)
     app.add_middleware(RequestGuard)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id and a log line
     return app
 
 
 def app_from_environment() -> FastAPI:
     """Factory for `broker-cli serve --workers N`: each worker process builds its own broker."""
-    redaction.configure(Settings().log_level)  # every handler redacts; SDK wire loggers stay quiet
-    return create_app(Settings())
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
 
 
-class _CurrentBrokerCollector(LeaseCollector):
+class _CurrentBrokerCollector(DatabaseCollector):
     def __init__(self) -> None:
         super().__init__(None)
 
@@ -160,7 +172,7 @@ class _CurrentBrokerCollector(LeaseCollector):
     def broker(self, value: Any) -> None:
         self._broker = value
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         if self._broker is None:
             return iter(())
         return super().collect()

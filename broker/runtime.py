@@ -22,6 +22,9 @@ from broker import crypto
 from broker.config import Settings
 from broker.db import make_engine
 from broker.identity.keys import KeyRing
+from broker.permissions.base import SourceContext
+from broker.permissions.registry import LivePermissions
+from broker.permissions.registry import build as build_sources
 from broker.policy import PolicyStore
 from broker.providers.base import Provider, ProviderContext
 from broker.providers.registry import build as build_providers
@@ -83,6 +86,8 @@ class Broker:
     providers: dict[str, Provider]
     sealer: crypto.Sealer
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
+    # Live permission sources the policy names (github, openbao, ...), with their answer cache.
+    permissions: LivePermissions = field(default_factory=lambda: LivePermissions({}, 0))
 
     @classmethod
     def build(cls, settings: Settings, *, engine: Engine | None = None) -> Broker:
@@ -109,6 +114,10 @@ class Broker:
         account = _own_aws_account(settings, providers)
         if account is not None:
             policies.adopt_aws_account(account)  # PolicyError: refused at start like any bad file
+        source_names = set(policies.current.live_sources())
+        if policies.shadow is not None:
+            source_names |= policies.shadow.live_sources()
+        sources = build_sources(source_names, SourceContext(settings=settings), tolerate_missing=settings.embedded)
         return cls(
             settings=settings,
             engine=engine or make_engine(settings.database_url),
@@ -116,6 +125,7 @@ class Broker:
             keyring=keyring,
             providers=providers,
             sealer=sealer,
+            permissions=LivePermissions(sources, settings.permission_cache_seconds),
         )
 
     def provider(self, name: str) -> Provider:

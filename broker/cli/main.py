@@ -37,11 +37,10 @@ def _out(data: Any, as_json: bool, human: str | None = None) -> None:
         typer.echo(human)
 
 
-def _logging(level: str) -> None:
-    from broker import redaction
+def _logging(level: str, log_format: str) -> None:
+    from broker.logs import configure_logging
 
-    # Every handler redacts secret shapes; SDK wire loggers stay at WARNING whatever the level.
-    redaction.configure(level)
+    configure_logging(level, log_format)
 
 
 # --- running the broker ---------------------------------------------------------------------
@@ -60,7 +59,7 @@ def serve(
     from broker.errors import BrokerError
 
     settings = Settings()
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     try:
         from broker.runtime import Broker
 
@@ -68,10 +67,10 @@ def serve(
     except BrokerError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
+    # log_config=None: uvicorn leaves logging to configure_logging (one format, the request id);
+    # its access log stays off because RequestIdMiddleware writes one line per request instead.
     bind = {"host": host or broker.settings.host, "port": port or broker.settings.port,
-            "log_level": settings.log_level, "access_log": False,
-            # uvicorn's own loggers propagate to the root handlers configured above, which redact.
-            "log_config": None}
+            "log_level": settings.log_level, "access_log": False, "log_config": None}
     if workers > 1:
         # Each worker builds its own broker from the same environment: replicas that share the
         # database, which claims rows so none is revoked twice. (Config was checked just above.)
@@ -116,7 +115,9 @@ def migrate() -> None:
     from broker.config import Settings
     from broker.migrate import upgrade
 
-    upgrade(Settings().database_url)
+    settings = Settings()
+    _logging(settings.log_level, settings.log_format)
+    upgrade(settings.database_url)
     typer.echo("database is at the newest schema")
 
 
@@ -198,6 +199,10 @@ def policy_explain(
     lines = [f"{d['result'].upper()}: {d['reason']} ({d.get('matched_rule')}) policy {d['policy_version'][:19]}"]
     for layer in d["layers"]:
         lines.append(f"  {layer['layer']:<11} {layer['verdict']:<18} {layer.get('reason') or ''} {layer.get('matched_rule') or ''}")
+    live = d.get("human_permission")
+    if live:
+        cached = ", cached" if live.get("cached") else ""
+        lines.append(f"live source {live['source']}: {live['verdict']}{cached}: {live['evidence'].get('summary', '')}")
     if result.get("shadow"):
         s = result["shadow"]
         lines.append(f"shadow would: {s['result']} ({s['reason']})")
