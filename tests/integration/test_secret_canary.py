@@ -29,6 +29,7 @@ from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
 from tests.support.github_standin import GitHubStandIn
 from tests.support.openbao import VaultDatabase, VaultSetup
 
+
 class _WireCounter(logging.Handler):
     """Counts DEBUG records of SDK wire loggers (unfiltered) without keeping their text: proof
     that the SDKs really talked at DEBUG, so the clean log is the filter's doing."""
