@@ -29,6 +29,7 @@ from broker.leases.reconciler import reconcile_at_start
 from broker.leases.sweeper import Sweeper
 from broker.logs import RequestIdMiddleware, configure_logging
 from broker.metrics import REGISTRY, DatabaseCollector
+from broker.permissions.recheck import PermissionRechecker
 from broker.runtime import Broker
 
 log = logging.getLogger("broker")
@@ -88,11 +89,18 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             except Exception:  # the sweeper runs the same queries: recovery is delayed, not lost
                 log.exception("reconciliation at start failed; the sweeper will carry on")
             background.start()
+        # Beside the sweeper: live capabilities whose human lost the permission at the source.
+        recheck = PermissionRechecker(broker) if sweeper else None
+        if recheck:
+            recheck.start()
         try:
             yield
         finally:
+            if recheck:
+                recheck.stop()
             if background:
                 background.stop()
+            broker.permissions.close()
 
     app = FastAPI(
         title="jit-broker",

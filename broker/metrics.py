@@ -41,6 +41,9 @@ REVOKES = Counter("broker_revocations_total", "Revocation attempts by outcome (r
                   ["provider", "outcome"], registry=REGISTRY)
 WEBHOOKS = Counter("broker_webhooks_total", "Orchestrator webhook deliveries", ["event_type", "outcome"],
                    registry=REGISTRY)
+PERMISSION_ANSWERS = Counter("broker_permission_answers_total",
+                             "Live permission source answers (cached: no backend call was made)",
+                             ["source", "verdict", "cached"], registry=REGISTRY)
 RECONCILED = Counter("broker_reconciled_total", "Leases the reconciler finished after a crash or a lost teardown",
                      ["kind", "outcome"], registry=REGISTRY)
 APPROVALS_OPENED = Counter("broker_approvals_opened_total", "Requests that had to wait for a human's approval",

@@ -199,6 +199,10 @@ def policy_explain(
     lines = [f"{d['result'].upper()}: {d['reason']} ({d.get('matched_rule')}) policy {d['policy_version'][:19]}"]
     for layer in d["layers"]:
         lines.append(f"  {layer['layer']:<11} {layer['verdict']:<18} {layer.get('reason') or ''} {layer.get('matched_rule') or ''}")
+    live = d.get("human_permission")
+    if live:
+        cached = ", cached" if live.get("cached") else ""
+        lines.append(f"live source {live['source']}: {live['verdict']}{cached}: {live['evidence'].get('summary', '')}")
     if result.get("shadow"):
         s = result["shadow"]
         lines.append(f"shadow would: {s['result']} ({s['reason']})")

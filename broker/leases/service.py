@@ -33,6 +33,7 @@ from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
 from broker.metrics import APPROVALS_OPENED, DECISIONS, MINTS, observe_approval_outcome
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
+from broker.permissions import service as live_permissions
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
 from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
@@ -158,6 +159,8 @@ def _decide_and_mint(
 ) -> tuple[int, dict[str, Any]]:
     now = utcnow()
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
+    live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
     with transaction(broker.engine) as db:
         session = lock_session(db, session_id)
@@ -175,7 +178,7 @@ def _decide_and_mint(
             shadow_policy,
             session_facts(db, session),
             RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now,
-                         approved=approved),
+                         approved=approved, live=live),
             bounds_lookup(broker),
         )
         DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()

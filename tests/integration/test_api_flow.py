@@ -253,7 +253,7 @@ def test_policy_explain_shows_every_layer_for_live_and_hypothetical_sessions(api
     decision = live["decision"]
     assert (decision["result"], decision["reason"], decision["matched_rule"]) == ("deny", "outside-task-scope", "session.scope")
     verdicts = {layer["layer"]: layer["verdict"] for layer in decision["layers"]}
-    assert verdicts == {"session": "allow", "resource": "allow", "human": "allow", "task_scope": "deny",
+    assert verdicts == {"session": "allow", "resource": "allow", "human": "allow", "human_live": "skipped", "task_scope": "deny",
                         "agent": "allow", "tier": "allow", "budget": "allow", "escalation": "allow", "time": "allow"}
     assert live["shadow"] is None
     hypothetical = api.client.post("/v1/policy/explain", headers=api.as_admin(), json={
