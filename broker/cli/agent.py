@@ -87,7 +87,7 @@ class AgentClient:
             response = self.call("POST", "/v1/capabilities", json=body, headers={"Idempotency-Key": key + "-approved"})
         if response.status_code != 201:
             raise _error(response, f"{resource} ({access})")
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     def _approved(self, approval_id: str, wait_seconds: float) -> bool:
         deadline = time.monotonic() + wait_seconds
@@ -107,13 +107,13 @@ class AgentClient:
         response = self.call("DELETE", f"/v1/capabilities/{capability_id}")
         if response.status_code != 200:
             raise _error(response, capability_id)
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     def capabilities(self, status: str | None = "active") -> list[dict[str, Any]]:
         response = self.call("GET", "/v1/capabilities", params={"status": status, "limit": 1000} if status else None)
         if response.status_code != 200:
             raise _error(response, "listing capabilities")
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
 
 def _error(response: httpx.Response, what: str) -> HelperError:
