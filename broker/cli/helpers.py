@@ -3,6 +3,7 @@
 - `git-credential get|store|erase`: git's credential helper protocol -> a GitHub capability.
 - `aws-credential-process`: the AWS SDKs' `credential_process` JSON -> an AWS capability.
 - `exec -- CMD`: a command run with short-lived credentials in its environment, revoked after.
+- `hook pre-tool-use` (broker/cli/hook.py): the tool-call gate as a Claude Code command hook.
 
 All of them speak to the broker as the agent (`BROKER_SESSION_TOKEN`); none prints a secret
 anywhere but where its consumer reads it (git's and the SDK's stdin, the child's environment).
@@ -26,6 +27,7 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from broker.cli.agent import AgentClient, HelperError, fingerprint
+from broker.cli.hook import hook_app
 
 GIT_HOSTS_ENV = "BROKER_GIT_HOSTS"  # comma-separated host[:port] the helper answers for
 GIT_ACCESS_ENV = "BROKER_GIT_ACCESS"  # access asked for when --access is not given
@@ -357,3 +359,4 @@ def register(app: typer.Typer) -> None:
     app.command("git-credential")(git_credential)
     app.command("aws-credential-process")(aws_credential_process)
     app.command("exec", context_settings={"allow_interspersed_args": False})(exec_command)
+    app.add_typer(hook_app, name="hook")
