@@ -90,7 +90,8 @@ def test_bad_tool_rules_are_refused_with_their_line() -> None:
     lines = {p["line"] for p in caught.value.problems}
     first = TEST_POLICY.count("\n") + 3
     assert {first, first + 1} <= lines, caught.value.problems
-    undefined = TEST_POLICY.replace("  destructive:  {control: deny}\n", "") + "tools:\n  rules: [{tool: Bash, tier: destructive}]\n"
+    undefined = (TEST_POLICY.replace("  destructive:  {control: deny}\n", "")
+                 + "tools:\n  rules: [{tool: Bash, tier: destructive}]\n")
     with pytest.raises(PolicyError, match="not defined in tiers"):
         load_policy_text(undefined)
     both = TEST_POLICY + "tools:\n  rules: [{tool: Bash, tier: read, decision: allow}]\n"
