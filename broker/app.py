@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker import __version__
+from broker import __version__, redaction
 from broker.api.routes import audit, capabilities, health, hooks, policy, revocations, sessions, tokens, webhooks
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
 def app_from_environment() -> FastAPI:
     """Factory for `broker-cli serve --workers N`: each worker process builds its own broker."""
-    logging.basicConfig(level=Settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redaction.configure(Settings().log_level)  # every handler redacts; SDK wire loggers stay quiet
     return create_app(Settings())
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import secrets
 import sys
 from pathlib import Path
@@ -40,7 +39,10 @@ def _out(data: Any, as_json: bool, human: str | None = None) -> None:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from broker import redaction
+
+    # Every handler redacts secret shapes; SDK wire loggers stay at WARNING whatever the level.
+    redaction.configure(level)
 
 
 # --- running the broker ---------------------------------------------------------------------
@@ -68,7 +70,9 @@ def serve(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
     bind = {"host": host or broker.settings.host, "port": port or broker.settings.port,
-            "log_level": settings.log_level, "access_log": False}
+            "log_level": settings.log_level, "access_log": False,
+            # uvicorn's own loggers propagate to the root handlers configured above, which redact.
+            "log_config": None}
     if workers > 1:
         # Each worker builds its own broker from the same environment: replicas that share the
         # database, which claims rows so none is revoked twice. (Config was checked just above.)

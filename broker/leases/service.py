@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,7 +33,8 @@ from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
 from broker.metrics import DECISIONS, MINTS
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
-from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow, parse_resource
+from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
+from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
 from broker.runtime import Broker
 
@@ -127,7 +128,8 @@ def request_capability(
 ) -> tuple[int, dict[str, Any]]:
     if caller.kind != "agent" or caller.session_id is None:
         raise Forbidden("only an agent's session token may request capabilities")
-    parse_resource(ask.resource)  # malformed URIs are a 400, before any decision
+    # Decided once, before any layer: every layer, the lease and the provider see this form.
+    ask = replace(ask, resource=canonical_resource(ask.resource))
     session_id = caller.session_id
     if idempotency_key is not None:
         idempotency.check_key(idempotency_key)

@@ -16,7 +16,7 @@ from broker.policy.evaluate import (
 )
 from broker.policy.loader import load_policy, load_policy_bytes, load_policy_text
 from broker.policy.models import TIER_ORDER, PolicyDocument
-from broker.policy.resources import glob_matches, parse_resource, validate_pattern
+from broker.policy.resources import canonical_pattern, canonical_resource, glob_matches, parse_resource, validate_pattern
 from broker.policy.store import PolicyStore
 
 # Written by `broker-cli init` and used by `broker-cli dev`.
@@ -35,6 +35,8 @@ __all__ = [
     "ScopeEntry",
     "SessionFacts",
     "default_bounds",
+    "canonical_pattern",
+    "canonical_resource",
     "evaluate",
     "evaluate_with_shadow",
     "glob_matches",

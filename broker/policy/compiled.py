@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Grant, PolicyDocument, Tier
-from broker.policy.resources import compile_glob, is_glob
+from broker.policy.resources import Glob, compile_glob, is_glob
 from broker.policy.tools import CompiledTools
 
 
@@ -43,10 +42,10 @@ class GrantRule:
     rule: str  # "humans.<email>.grants[i]" or "groups.<name>.grants[i]"
     resource: str
     access: frozenset[str]
-    pattern: re.Pattern[str]
+    pattern: Glob
 
     def covers(self, resource: str, access: str) -> bool:
-        return ("*" in self.access or access in self.access) and self.pattern.fullmatch(resource) is not None
+        return ("*" in self.access or access in self.access) and self.pattern.matches(resource)
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class CompiledPolicy:
         for rule in self.resources:
             if not is_glob(rule.match):
                 self._exact.setdefault(rule.match, rule)
-        self._globbed: tuple[tuple[re.Pattern[str], ResourceRule], ...] = tuple(
+        self._globbed: tuple[tuple[Glob, ResourceRule], ...] = tuple(
             (compile_glob(rule.match), rule) for rule in self.resources if is_glob(rule.match)
         )
 
@@ -143,7 +142,7 @@ class CompiledPolicy:
         for pattern, rule in self._globbed:
             if exact is not None and rule.index > exact.index:
                 break
-            if pattern.fullmatch(resource):
+            if pattern.matches(resource):
                 return rule
         return exact
 

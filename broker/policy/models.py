@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from broker.policy.resources import pattern_problem
+from broker.policy.resources import canonical_pattern, pattern_problem
 
 TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
 # Risk order, lowest first: an agent's max_tier admits every tier at or before it.
@@ -87,10 +87,11 @@ class Tier(Strict):
 
 
 def _check_pattern(value: str) -> str:
+    """Refuse a malformed pattern; keep the canonical form (see broker.policy.resources)."""
     problem = pattern_problem(value)
     if problem is not None:
         raise ValueError(f"resource pattern {problem}")
-    return value
+    return canonical_pattern(value)
 
 
 ResourcePattern = Annotated[
@@ -99,7 +100,7 @@ ResourcePattern = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[\x21-\x7e]+$",
+            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[A-Za-z0-9._~@+=,:*-]+(/[A-Za-z0-9._~@+=,:*-]+)*$",
             "maxLength": 512,
             "description": '"<scheme>://<glob>": * matches within one path segment, ** across segments.',
         }

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.policy.resources import resource_problem as grammar_problem
 from broker.providers.base import (
     Grant,
     Minted,
@@ -325,8 +326,11 @@ def parse_resource(resource: str) -> tuple[str, str]:
     """`github://<owner>/<repo>` -> (owner, repo); anything else is not a repository."""
     scheme, sep, path = resource.partition("://")
     owner, _, repo = path.partition("/")
-    if scheme != "github" or not sep or not _OWNER.match(owner) or not _REPO.match(repo) or repo in (".", ".."):
-        raise InvalidRequest(f"not a GitHub repository resource: {resource!r} (expected github://<owner>/<repo>)")
+    if (scheme != "github" or not sep or not _OWNER.fullmatch(owner) or not _REPO.fullmatch(repo)
+            or repo in (".", "..") or grammar_problem(resource) is not None):
+        # The grammar's canonical form is what the policy allowed; anything else never reaches GitHub.
+        raise InvalidRequest(f"not a GitHub repository resource: {resource!r} (expected github://<owner>/<repo>)",
+                             code="invalid-resource")
     return owner, repo
 
 
