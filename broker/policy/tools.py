@@ -27,11 +27,23 @@ if TYPE_CHECKING:
 
 _PUNCTUATION = frozenset(";&|()")
 # Words that run the command after them: `sudo git push` is a git push.
-_WRAPPERS = frozenset({"sudo", "env", "command", "exec", "nohup", "time", "nice", "doas"})
+_WRAPPERS: dict[str, frozenset[str]] = {  # wrapper -> its options that take a value
+    "sudo": frozenset({"-u", "-g", "-C", "-D", "-h", "-p", "-r", "-t", "-U", "-T"}),
+    "doas": frozenset({"-u", "-C"}),
+    "env": frozenset({"-u", "-C", "-S"}),
+    "nice": frozenset({"-n"}),
+    "command": frozenset(), "exec": frozenset({"-a"}), "nohup": frozenset(), "time": frozenset({"-f", "-o"}),
+}
 _SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh"})
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _URL_HOST = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^/\s'\"@]*@)?(\[[0-9A-Fa-f:.]+\]|[^/\s:'\"?#]+)(?::(\d+))?")
 PATH_FIELDS = ("file_path", "path", "notebook_path")
+# Programs whose second word is a subcommand worth keeping in the audit (`git push`); for any
+# other program the second word may be data (`echo hunter2`), so only the program is kept.
+_SUBCOMMAND_CLIS = frozenset({
+    "git", "gh", "kubectl", "terraform", "tofu", "helm", "docker", "podman", "npm", "pnpm", "yarn", "pip", "uv",
+    "cargo", "go", "make", "aws", "gcloud", "az", "bao", "vault", "broker-cli", "systemctl", "psql", "glab",
+})
 
 
 @dataclass(frozen=True)
@@ -101,14 +113,32 @@ def simple_commands(command: str, _depth: int = 0) -> list[str]:
         if not (token and set(token) <= _PUNCTUATION):
             current.append(token)
             continue
-        while current and (_ASSIGNMENT.match(current[0]) or current[0] in _WRAPPERS):
-            current.pop(0)
+        current = _strip_wrappers(current)
         if current:
             out.append(" ".join(current))
             if _depth < 3:
                 out += simple_commands(inner, _depth + 1) if (inner := _inner_script(current)) else []
         current = []
     return out
+
+
+def _strip_wrappers(words: list[str]) -> list[str]:
+    """Drop leading `VAR=value`s and wrappers with their options: `sudo -u root env X=1 git push` -> `git push`."""
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if _ASSIGNMENT.match(word):
+            i += 1
+        elif word in _WRAPPERS:
+            takes_value = _WRAPPERS[word]
+            i += 1
+            while i < len(words) and words[i].startswith("-") and words[i] != "--":
+                i += 2 if words[i] in takes_value else 1
+            if i < len(words) and words[i] == "--":
+                i += 1
+        else:
+            break
+    return words[i:]
 
 
 def _inner_script(words: list[str]) -> str | None:
@@ -148,7 +178,7 @@ def describe(call: ToolCall) -> str:
         for simple in simple_commands(call.command)[:8]:
             parts = simple.split(" ")
             head = parts[0].rsplit("/", 1)[-1]
-            if len(parts) > 1 and re.fullmatch(r"[a-z][a-z0-9-]{0,30}", parts[1]):
+            if head in _SUBCOMMAND_CLIS and len(parts) > 1 and re.fullmatch(r"[a-z][a-z0-9-]{0,30}", parts[1]):
                 head += " " + parts[1]
             words.append(head[:64])
         return f"{call.tool_name}: {'; '.join(words)}"
