@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import typer
 
+from broker.jsonbounds import loads_stored
+
 
 def broker_url() -> str:
     return os.environ.get("BROKER_URL", "http://127.0.0.1:8080").rstrip("/")
@@ -42,4 +44,5 @@ def call(method: str, path: str, *, json: Any = None, params: dict[str, Any] | N
         except ValueError:
             typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
         raise typer.Exit(1)
-    return response.json() if response.content else None
+    # loads_stored: an audit record of any depth the broker once accepted must not break a reader.
+    return loads_stored(response.content) if response.content else None

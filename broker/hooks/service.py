@@ -23,6 +23,7 @@ from broker.db import transaction, utcnow
 from broker.errors import Forbidden, Unauthenticated
 from broker.identity.callers import Caller
 from broker.leases.service import APPROVAL_WAIT, CapabilityAsk, lock_session
+from broker.metrics import APPROVALS_OPENED, observe_approval_outcome
 from broker.models import Approval, SessionRow
 from broker.policy.tools import ToolCall, ToolVerdict, decide_tool_call, describe
 from broker.runtime import Broker
@@ -84,6 +85,7 @@ def pre_tool_use(broker: Broker, caller: Caller, hook: HookInput) -> dict[str, A
             if approval is not None and approval.status == "approved":
                 approval.status = "used"  # single use: the next identical call asks again
                 db.add(approval)
+                observe_approval_outcome(approval, "used", now)
                 decision, outcome = "allow", "allow"
                 message = f"{verdict.message}; approved by {approval.decided_by} ({approval.id})"
             else:
@@ -105,6 +107,7 @@ def _open_approval(db: Session, session: SessionRow, ask: CapabilityAsk, verdict
         created_at=now, expires_at=min(now + APPROVAL_WAIT, session.expires_at),
     )
     db.add(approval)
+    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
     return approval
 
 

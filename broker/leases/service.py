@@ -31,8 +31,9 @@ from broker.errors import (
 from broker.identity.callers import Caller
 from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
-from broker.metrics import DECISIONS, MINTS
+from broker.metrics import APPROVALS_OPENED, DECISIONS, MINTS, observe_approval_outcome
 from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
+from broker.permissions import service as live_permissions
 from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
 from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
@@ -120,6 +121,7 @@ def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: dat
         raise Conflict(f"the approval is {approval.status}, not usable", code="approval-not-usable")
     approval.status = "used"  # single use
     db.add(approval)
+    observe_approval_outcome(approval, "used", now)
     return True
 
 
@@ -157,6 +159,8 @@ def _decide_and_mint(
 ) -> tuple[int, dict[str, Any]]:
     now = utcnow()
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
+    live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
     with transaction(broker.engine) as db:
         session = lock_session(db, session_id)
@@ -174,10 +178,10 @@ def _decide_and_mint(
             shadow_policy,
             session_facts(db, session),
             RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now,
-                         approved=approved),
+                         approved=approved, live=live),
             bounds_lookup(broker),
         )
-        DECISIONS.labels(decision.result, decision.reason).inc()
+        DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
         record = records.decision_record(decision, shadow)
@@ -263,6 +267,7 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
         expires_at=min(now + APPROVAL_WAIT, session.expires_at),
     )
     db.add(approval)
+    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
     body = {
         "status": "pending_approval",
         "approval_id": approval.id,

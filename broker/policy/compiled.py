@@ -24,11 +24,23 @@ class AccessRule:
 
 
 @dataclass(frozen=True)
+class LivePermissionRule:
+    """A resource rule's `human_permission`: the live source and what of its answers allows each access."""
+
+    source: str
+    require: Mapping[str, frozenset[str]]  # access name -> backend answers that allow it
+    on_unavailable: str  # "deny" | "allow"
+    options: Mapping[str, Any]
+    rule: str  # "resources[i].human_permission"
+
+
+@dataclass(frozen=True)
 class ResourceRule:
     index: int
     match: str
     provider: str
     access: Mapping[str, AccessRule]
+    human_permission: LivePermissionRule | None = None
 
     @property
     def rule(self) -> str:
@@ -90,7 +102,14 @@ class CompiledPolicy:
                 name: AccessRule(name, a.tier, MappingProxyType(a.provider_options()), f"resources[{i}].access.{name}")
                 for name, a in r.access.items()
             }
-            rules.append(ResourceRule(i, r.match, r.provider, MappingProxyType(access)))
+            live = None
+            if r.human_permission is not None:
+                hp = r.human_permission
+                live = LivePermissionRule(
+                    hp.source, MappingProxyType({a: frozenset(v) for a, v in hp.require.items()}), hp.on_unavailable,
+                    MappingProxyType(dict(hp.options or {})), f"resources[{i}].human_permission",
+                )
+            rules.append(ResourceRule(i, r.match, r.provider, MappingProxyType(access), live))
         self.resources: tuple[ResourceRule, ...] = tuple(rules)
         # Exact matches are a dict hit; globs are tried in file order, and only those written
         # before an exact hit can beat it (first match in file order wins).
@@ -104,6 +123,9 @@ class CompiledPolicy:
 
         # Emails are compared case-insensitively: IdPs disagree on case, people do not.
         self._human_keys: dict[str, str] = {email.lower(): email for email in document.humans}
+        self.human_identities: Mapping[str, Mapping[str, str]] = MappingProxyType(
+            {email.lower(): MappingProxyType(h.identity()) for email, h in document.humans.items()}
+        )
         self.human_grants: Mapping[str, tuple[GrantRule, ...]] = MappingProxyType(
             {email.lower(): _grants(f"humans.{email}", h.grants) for email, h in document.humans.items()}
         )
@@ -127,6 +149,7 @@ class CompiledPolicy:
         budgets = document.budgets
         self.max_issued_per_session: int | None = budgets.max_issued_per_session if budgets else None
         self.max_active_per_session: int | None = budgets.max_active_per_session if budgets else None
+        self.rate_limits = document.rate_limits
         self.escalation_tiers: frozenset[str] = frozenset(
             document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS
         )
@@ -149,6 +172,14 @@ class CompiledPolicy:
     def human_key(self, human: str) -> str | None:
         """The `humans` key as written for this human, or None when the policy does not name them."""
         return self._human_keys.get(human.lower())
+
+    def identity_of(self, human: str) -> Mapping[str, str]:
+        """Who the human is at live sources (github_login, openbao_entity, ...), as the policy maps them."""
+        return self.human_identities.get(human.lower(), MappingProxyType({}))
+
+    def live_sources(self) -> frozenset[str]:
+        """Every live permission source some rule names: the broker builds exactly these."""
+        return frozenset(r.human_permission.source for r in self.resources if r.human_permission is not None)
 
     def groups_of(self, human: str, extra: frozenset[str] = frozenset()) -> tuple[str, ...]:
         """Every group the human belongs to: policy membership plus `extra` (IdP claims).

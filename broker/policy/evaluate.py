@@ -1,13 +1,15 @@
 """The decision: a pure function of (policy, session, request) that every layer must allow.
 
-No I/O, no database, no clock: the caller supplies `now`, session counters and provider
-bounds. The same function answers real requests, `policy explain` and the shadow policy.
+No I/O, no database, no clock: the caller supplies `now`, session counters, provider bounds
+and, where a resource rule names a live permission source, what that source answered
+(`RequestFacts.live`, fetched before by the caller). The same function answers real requests,
+`policy explain` and the shadow policy.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from broker.providers.base import TtlBounds
 
 ALLOW, DENY, APPROVAL, SKIPPED = "allow", "deny", "approval_required", "skipped"
+UNKNOWN = "unknown"  # a live source that could not answer
 
 BoundsLookup = Callable[[str, str, dict], "TtlBounds"]  # (provider, resource, options) -> bounds
 
@@ -58,12 +61,26 @@ class SessionFacts:
 
 
 @dataclass(frozen=True)
+class LivePermission:
+    """What a live permission source answered for (human, resource, access), fetched by the caller."""
+
+    source: str
+    verdict: str  # allow | deny | unknown (unreachable, or an answer it could not read)
+    evidence: Mapping[str, Any]  # what the backend said, for the decision and the audit
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "verdict": self.verdict, "cached": self.cached, "evidence": dict(self.evidence)}
+
+
+@dataclass(frozen=True)
 class RequestFacts:
     resource: str
     access: str
     ttl_seconds: int | None
     now: datetime
     approved: bool = False  # an approval for this exact request exists
+    live: LivePermission | None = None  # the rule's live source's answer; None: not consulted
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ class LayerVerdict:
     reason: str | None
     matched_rule: str | None
     detail: str
+    evidence: Mapping[str, Any] | None = None  # the live layer: the source, its answer, cached or not
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +99,7 @@ class LayerVerdict:
             "reason": self.reason,
             "matched_rule": self.matched_rule,
             "detail": self.detail,
+            "evidence": dict(self.evidence) if self.evidence is not None else None,
         }
 
 
@@ -97,6 +116,7 @@ class Decision:
     ttl_seconds: int | None  # the granted, clamped ttl; None when denied
     approvers: tuple[str, ...]
     layers: tuple[LayerVerdict, ...] = field(default=())
+    live: LivePermission | None = None  # the live source's answer this decision used, if any
 
     @property
     def allowed(self) -> bool:
@@ -115,6 +135,7 @@ class Decision:
             "ttl_seconds": self.ttl_seconds,
             "approvers": list(self.approvers),
             "layers": [layer.to_dict() for layer in self.layers],
+            "human_permission": self.live.to_dict() if self.live is not None else None,
         }
 
 
@@ -180,6 +201,33 @@ def _human_layer(policy: CompiledPolicy, session: SessionFacts, request: Request
     via = f" (groups: {', '.join(groups)})" if groups else ""
     detail = f"{session.human}{via} holds no grant for {request.access} on {request.resource}"
     return _deny("human", "human-lacks-permission", f"humans.{key}" if key else "humans", detail)
+
+
+def _human_live_layer(request: RequestFacts, target: _Target | None) -> tuple[LayerVerdict, LivePermission | None]:
+    """The file's grants are one half of the human layer; a live source, where the rule names one,
+    is the other. It can only take away: its allow never stands in for a missing grant."""
+    if target is None:
+        return _skipped("human_live"), None
+    rule = target.rule.human_permission
+    if rule is None:
+        return _skipped("human_live", "no live permission source for this resource"), None
+    live = request.live
+    if live is None or live.source != rule.source:
+        # Not consulted (or another source's answer): nothing says the human holds it. Fail closed.
+        live = LivePermission(rule.source, UNKNOWN, {"error": "the live source was not consulted"})
+    evidence = live.to_dict()
+    allowed_by = ", ".join(sorted(rule.require.get(request.access, ())))
+    said = live.evidence.get("summary") or live.verdict
+    if live.verdict == ALLOW:
+        return LayerVerdict("human_live", ALLOW, None, rule.rule, f"{rule.source}: {said}", evidence), live
+    if live.verdict == DENY:
+        detail = f"{rule.source}: {said}; {request.access} needs one of {allowed_by}"
+        return LayerVerdict("human_live", DENY, "human-lacks-permission", rule.rule, detail, evidence), live
+    if rule.on_unavailable == "allow":
+        detail = f"{rule.source} could not answer ({said}); on_unavailable: allow, the grants alone decide"
+        return LayerVerdict("human_live", ALLOW, None, f"{rule.rule}.on_unavailable", detail, evidence), live
+    detail = f"{rule.source} could not answer ({said}); denied until it can (fail closed)"
+    return LayerVerdict("human_live", DENY, "human-permission-unavailable", rule.rule, detail, evidence), live
 
 
 def _task_scope_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict:
@@ -292,10 +340,12 @@ def evaluate(
     """Judge one request on every layer; the first deny in layer order names the reason."""
     resource_verdict, target = _resource_layer(policy, request)
     time_verdict, granted = _time_layer(policy, session, request, target, bounds or default_bounds)
+    live_verdict, live = _human_live_layer(request, target)
     layers = (
         _session_layer(session, request),
         resource_verdict,
         _human_layer(policy, session, request),
+        live_verdict,
         _task_scope_layer(session, request),
         _agent_layer(policy, session, target),
         _tier_layer(policy, request, target),
@@ -323,6 +373,7 @@ def evaluate(
         ttl_seconds=granted if result != DENY else None,
         approvers=_approvers(policy, tier) if result == APPROVAL else (),
         layers=layers,
+        live=live,
     )
 
 

@@ -240,6 +240,13 @@ class VaultProvider:
             return ProviderHealth(False, _scrub(str(getattr(exc, "message", None) or type(exc).__name__),
                                                 self._known_secrets()))
 
+    # --- the broker's own reads -------------------------------------------------------------
+
+    def read(self, path: str) -> dict[str, Any] | None:
+        """GET <path> with the broker's own token (None where nothing is there). For the broker's
+        own questions, e.g. the openbao permission source reading the identity store."""
+        return self._call(f"read {path}", lambda c: c.read(path))
+
     # --- crash recovery ---------------------------------------------------------------------
 
     def find_by_capability(self, capability_id: str) -> dict[str, Any] | None:

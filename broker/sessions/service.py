@@ -15,6 +15,7 @@ from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.callers import Caller
 from broker.identity.principals import canonical_human
+from broker.ids import is_session_id
 from broker.leases.revocation import LIVE, RevokeSummary, revoke_leases
 from broker.models import Lease, SessionRow
 from broker.policy import validate_pattern
@@ -123,6 +124,8 @@ def managed_by(caller: Caller, refusal: str) -> Any:
 
 
 def get(broker: Broker, caller: Caller, session_id: str) -> tuple[SessionRow, list[Lease]]:
+    if not is_session_id(session_id):
+        raise NotFound("no such session", code="session-not-found")
     with transaction(broker.engine) as db:
         session = db.get(SessionRow, session_id)
         if session is None or not may_manage(caller, session):
@@ -147,6 +150,8 @@ def list_sessions(broker: Broker, caller: Caller, status: str | None, limit: int
 
 def end(broker: Broker, session_id: str, *, reason: str, actor: str, caller: Caller | None = None) -> tuple[SessionRow, RevokeSummary]:
     """Idempotent: ending an ended session revokes whatever is still live and changes nothing else."""
+    if not is_session_id(session_id):
+        raise NotFound("no such session", code="session-not-found")
     now = utcnow()
     with transaction(broker.engine) as db:
         session = db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()

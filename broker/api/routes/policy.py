@@ -40,10 +40,13 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> dic
             status="active",
             expires_at=now + timedelta(seconds=body.session_ttl_seconds),
         )
+    policy = broker.policies.current
+    resource = _canonical(canonical_resource, body.resource)
+    # The live layer is asked for real (through the cache), so explain shows what a request would meet.
+    live = broker.permissions.consult(policy, facts.human, resource, body.access)
     decision, shadow = evaluate_with_shadow(
-        broker.policies.current, broker.policies.shadow, facts,
-        RequestFacts(resource=_canonical(canonical_resource, body.resource), access=body.access,
-                     ttl_seconds=body.ttl_seconds, now=now),
+        policy, broker.policies.shadow, facts,
+        RequestFacts(resource=resource, access=body.access, ttl_seconds=body.ttl_seconds, now=now, live=live),
         bounds_lookup(broker),
     )
     return {"decision": decision.to_dict(), "shadow": shadow.to_dict() if shadow else None}

@@ -262,7 +262,7 @@ def test_decision(policies, resource, access, session, request_, policy, result,
     assert (decision.result, decision.reason, decision.matched_rule) == (result, reason, rule)
     assert decision.ttl_seconds == ttl
     assert [v.layer for v in decision.layers] == [
-        "session", "resource", "human", "task_scope", "agent", "tier", "budget", "escalation", "time",
+        "session", "resource", "human", "human_live", "task_scope", "agent", "tier", "budget", "escalation", "time",
     ]
     if layer is not None:
         verdict = next(v for v in decision.layers if v.layer == layer[0])
@@ -315,7 +315,8 @@ def test_session_rules_have_no_line_and_skipped_layers_are_marked(policies):
     assert decision.matched_line is None
     verdicts = {v.layer: v.verdict for v in decision.layers}
     assert verdicts == {
-        "session": "deny", "resource": "deny", "human": "deny", "task_scope": "deny", "agent": "skipped",
+        "session": "deny", "resource": "deny", "human": "deny", "human_live": "skipped", "task_scope": "deny",
+        "agent": "skipped",
         "tier": "skipped", "budget": "allow", "escalation": "skipped", "time": "skipped",
     }
     assert decision.tier is None and decision.provider is None and decision.ttl_seconds is None
@@ -328,10 +329,11 @@ def test_to_dict_is_json_ready(policies):
     body = json.loads(json.dumps(decision.to_dict()))
     assert body["result"] == "approval_required"
     assert body["approvers"] == ["group:security"]
-    assert body["layers"][5] == {
+    assert body["layers"][6] == {
         "layer": "tier", "verdict": "approval_required", "reason": "approval-required",
-        "matched_rule": "tiers.secret", "detail": "tier secret needs approval",
+        "matched_rule": "tiers.secret", "detail": "tier secret needs approval", "evidence": None,
     }
+    assert body["human_permission"] is None
 
 
 def test_no_budgets_means_unlimited():
