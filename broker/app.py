@@ -18,7 +18,7 @@ from starlette.routing import Match
 
 from broker import __version__
 from broker.api.guard import RequestGuard, declare_guard_responses
-from broker.api.routes import audit, capabilities, health, policy, revocations, sessions, tokens, webhooks
+from broker.api.routes import audit, capabilities, health, hooks, policy, revocations, sessions, tokens, webhooks
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
 from broker.db import transaction
@@ -146,7 +146,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         return JSONResponse({"error": {"code": "internal-error", "message": "internal error"}}, status_code=500)
 
     for router in (sessions.router, capabilities.router, revocations.router, webhooks.router, policy.router,
-                   audit.router, tokens.router, health.router):
+                   audit.router, tokens.router, health.router, hooks.router):
         app.include_router(router)
     app.add_middleware(RequestGuard)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id and a log line
