@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import __version__
-from broker.api.routes import audit, capabilities, health, policy, revocations, sessions, tokens, webhooks
+from broker.api.routes import audit, capabilities, health, identity, policy, revocations, sessions, tokens, webhooks
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
 from broker.db import transaction
@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         return JSONResponse({"error": {"code": "internal-error", "message": "internal error"}}, status_code=500)
 
     for router in (sessions.router, capabilities.router, revocations.router, webhooks.router, policy.router,
-                   audit.router, tokens.router, health.router):
+                   audit.router, tokens.router, health.router, identity.router):
         app.include_router(router)
     app.add_middleware(BodyLimit)
     return app

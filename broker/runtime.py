@@ -22,6 +22,7 @@ from broker import crypto
 from broker.config import Settings
 from broker.db import make_engine
 from broker.identity.keys import KeyRing
+from broker.identity.oidc import OidcVerifier
 from broker.policy import PolicyStore
 from broker.providers.base import Provider, ProviderContext
 from broker.providers.registry import build as build_providers
@@ -82,6 +83,8 @@ class Broker:
     keyring: KeyRing
     providers: dict[str, Provider]
     sealer: crypto.Sealer
+    # Humans (and client-credentials orchestrators) through the configured IdP; None without one.
+    oidc: OidcVerifier | None = None
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
 
     @classmethod
@@ -99,6 +102,7 @@ class Broker:
             create=settings.embedded,
         )
         sealer = crypto.Sealer(crypto.decode_key(settings.encryption_key.get_secret_value()))
+        oidc_config = settings.oidc_config()
         names = {r.provider for r in policies.current.resources}
         if policies.shadow is not None:
             names |= {r.provider for r in policies.shadow.resources}
@@ -113,6 +117,7 @@ class Broker:
             keyring=keyring,
             providers=providers,
             sealer=sealer,
+            oidc=OidcVerifier(oidc_config) if oidc_config else None,
         )
 
     def provider(self, name: str) -> Provider:

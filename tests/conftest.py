@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.openbao",
     "tests.support.aws_moto",
     "tests.support.github_standin",
+    "tests.support.oidc",
 ]

@@ -1,5 +1,5 @@
-"""Who is calling: an agent (session token), an orchestrator (API key), a resource server
-(introspection key) or the local admin. Humans through OIDC join here later.
+"""Who is calling: an agent (session token), an orchestrator (API key or OIDC client
+credentials), a human (OIDC token, see `broker.identity.oidc`), or the local admin.
 
 API keys are compared by SHA-256 digest only; the broker never holds them in clear.
 """
@@ -23,6 +23,9 @@ class Caller:
     name: str  # agent name, orchestrator name, "admin", or the human's principal
     session_id: str | None = None  # agents only
     token_id: str | None = None  # jti of the session token
+    # Humans: the IdP's groups claim. They join the policy's own membership
+    # (`CompiledPolicy.groups_of(name, groups)`); they never replace it.
+    groups: frozenset[str] = frozenset()
 
     @property
     def principal(self) -> str:
