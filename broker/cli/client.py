@@ -1,4 +1,8 @@
-"""The CLI's HTTP client: BROKER_URL and a bearer token, errors shown as the broker said them."""
+"""The CLI's HTTP client: BROKER_URL and a bearer token, errors shown as the broker said them.
+
+The token: BROKER_TOKEN if set, else the person's sign-in from `broker-cli login` for this
+broker (refreshed when near expiry), else the embedded default's local admin token.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,15 @@ def broker_url() -> str:
 def token() -> str | None:
     if os.environ.get("BROKER_TOKEN"):
         return os.environ["BROKER_TOKEN"]
+    from broker.cli.login import EXIT_LOGIN_REQUIRED, LoginRequired, current_token
+
+    try:
+        signed_in = current_token(broker_url())
+    except LoginRequired as exc:
+        typer.echo(f"error: {exc}; run `broker-cli login`", err=True)
+        raise typer.Exit(EXIT_LOGIN_REQUIRED) from exc
+    if signed_in:
+        return signed_in
     # The embedded default's admin token, for the person running `broker-cli dev` here.
     local = Path(os.environ.get("BROKER_STATE_DIR", ".broker")) / "admin-token"
     if local.exists():

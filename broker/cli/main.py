@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from broker.cli import login
 from broker.cli.client import call
 
 app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
@@ -307,6 +308,9 @@ def audit_export(session: str | None = None, since: int = 0) -> None:
         for r in page:
             sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
         since = page[-1]["seq"]
+
+
+login.register(app)  # login, logout, whoami: broker/cli/login.py
 
 
 def main() -> None:
