@@ -54,5 +54,7 @@ def call(method: str, path: str, *, json: Any = None, params: dict[str, Any] | N
             typer.echo(f"error: {err.get('code', response.status_code)}: {err.get('message', response.text)}", err=True)
         except ValueError:
             typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
+        if response.status_code == 401:
+            typer.echo("hint: sign in with `broker-cli login` (or set BROKER_TOKEN)", err=True)
         raise typer.Exit(1)
     return response.json() if response.content else None

@@ -36,6 +36,8 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> dic
             session_id="(hypothetical)", human=body.human, agent=body.agent, task_id=body.task_id or "(hypothetical)",
             scope=tuple(ScopeEntry(s.resource, tuple(s.access)) for s in body.scope), status="active",
             expires_at=now + timedelta(seconds=body.session_ttl_seconds),
+            # A person explaining their own access: their IdP groups count, as in their sessions.
+            human_groups=caller.groups if caller.kind == "human" and body.human.lower() == caller.name else frozenset(),
         )
     decision, shadow = evaluate_with_shadow(
         broker.policies.current, broker.policies.shadow, facts,
