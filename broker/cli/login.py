@@ -121,19 +121,31 @@ def _discover(issuer: str) -> dict[str, Any]:
         typer.echo(f"error: {issuer} does not offer the device authorization grant (RFC 8628); "
                    "enable it for the CLI's client at the identity provider", err=True)
         raise typer.Exit(2)
-    return doc  # type: ignore[no-any-return]
+    return doc
 
 
-def _oauth_client(client_id: str, token: dict[str, Any] | None = None) -> OAuth2Session:
-    # A public client (RFC 8628 section 3.1): no secret on a person's laptop.
-    return OAuth2Session(client_id=client_id, token_endpoint_auth_method="none", token=token,
+def _oauth_client(client_id: str, client_secret: str | None = None) -> OAuth2Session:
+    # A public client (RFC 8628 section 3.1): no secret on a person's laptop. Google's
+    # limited-input clients are the exception: they have a "secret" that is not one.
+    return OAuth2Session(client_id=client_id, client_secret=client_secret,
+                         token_endpoint_auth_method="client_secret_post" if client_secret else "none",
                          default_timeout=HTTP_TIMEOUT)
 
 
 def _token_entry(token: dict[str, Any]) -> dict[str, Any]:
     expires_at = token.get("expires_at") or (int(time.time()) + int(token.get("expires_in") or 300))
-    kept = {k: token[k] for k in ("access_token", "refresh_token", "token_type", "scope") if token.get(k)}
+    kept = {k: token[k] for k in ("access_token", "id_token", "refresh_token", "token_type", "scope") if token.get(k)}
     return {**kept, "expires_at": int(expires_at)}
+
+
+def bearer_of(token: dict[str, Any]) -> str:
+    """The token the broker can verify: the access token when it is a JWT; else (Google, whose
+    access tokens are opaque) the ID token, which the broker accepts when its audience is the
+    CLI's client id."""
+    access = str(token.get("access_token") or "")
+    if access.count(".") == 2 or not token.get("id_token"):
+        return access
+    return str(token["id_token"])
 
 
 def current_token(broker: str) -> str | None:
@@ -143,11 +155,11 @@ def current_token(broker: str) -> str | None:
         return None
     token = entry.get("token") or {}
     if token.get("access_token") and token.get("expires_at", 0) - REFRESH_MARGIN_SECONDS > time.time():
-        return str(token["access_token"])
+        return bearer_of(token)
     if not token.get("refresh_token"):
         raise LoginRequired("your sign-in has expired")
     try:
-        with _oauth_client(entry["client_id"]) as client:
+        with _oauth_client(entry["client_id"], entry.get("client_secret")) as client:
             kwargs = {"resource": entry["resource"]} if entry.get("resource") else {}
             fresh = client.refresh_token(entry["token_endpoint"], refresh_token=token["refresh_token"], **kwargs)
     except (OAuthError, requests.RequestException, KeyError, ValueError) as exc:
@@ -156,7 +168,7 @@ def current_token(broker: str) -> str | None:
         fresh["refresh_token"] = token["refresh_token"]
     entry["token"] = _token_entry(dict(fresh))
     _save_entry(broker, entry)
-    return str(entry["token"]["access_token"])
+    return bearer_of(entry["token"])
 
 
 def _broker_login_config(broker: str) -> dict[str, Any]:
@@ -167,7 +179,7 @@ def _broker_login_config(broker: str) -> dict[str, Any]:
         raise typer.Exit(2) from exc
     if response.status_code != 200:
         return {}
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def _whoami(broker: str, access_token: str) -> httpx.Response:
@@ -191,6 +203,8 @@ def login(
     client_id: Annotated[str | None, typer.Option(help="the CLI's public client id at the provider")] = None,
     scope: Annotated[str | None, typer.Option(help="scopes to ask for")] = None,
     resource: Annotated[str | None, typer.Option(help="RFC 8707 resource indicator, for IdPs that need one")] = None,
+    client_secret: Annotated[str | None, typer.Option(
+        help="only for IdPs whose device-flow clients have one (Google); default BROKER_OIDC_CLI_CLIENT_SECRET")] = None,
 ) -> None:
     """Sign in as a person, by the device authorization grant: open the URL shown, enter the code."""
     from broker.cli.client import broker_url
@@ -201,6 +215,7 @@ def login(
     client_id = client_id or os.environ.get("BROKER_OIDC_CLI_CLIENT_ID") or published.get("client_id")
     scope = scope or os.environ.get("BROKER_OIDC_CLI_SCOPE") or published.get("scope") or "openid email offline_access"
     resource = resource or os.environ.get("BROKER_OIDC_CLI_RESOURCE") or published.get("resource")
+    client_secret = client_secret or os.environ.get("BROKER_OIDC_CLI_CLIENT_SECRET") or None
     if not issuer or not client_id:
         typer.echo(f"error: the broker at {broker} names no identity provider for login "
                    "(its BROKER_OIDC_ISSUER / BROKER_OIDC_CLI_CLIENT_ID); pass --issuer and --client-id", err=True)
@@ -209,7 +224,7 @@ def login(
     request: dict[str, str] = {"client_id": client_id, "scope": scope}
     if resource:
         request["resource"] = resource
-    with _oauth_client(client_id) as client:
+    with _oauth_client(client_id, client_secret) as client:
         try:
             answer = client.post(meta["device_authorization_endpoint"], data=request, withhold_token=True)
         except requests.RequestException as exc:
@@ -225,14 +240,17 @@ def login(
             typer.echo(f"  (or open {grant['verification_uri_complete']})")
         typer.echo("Waiting for you to approve...")
         token = _poll(client, meta["token_endpoint"], grant)
-    me = _whoami(broker, token["access_token"])
+    me = _whoami(broker, bearer_of(token))
     if me.status_code != 200:
         err = me.json().get("error", {}) if me.content else {}
         typer.echo(f"error: signed in at {issuer}, but the broker refuses the token: "
                    f"{err.get('code', me.status_code)}: {err.get('message', '')}", err=True)
         raise typer.Exit(1)
-    _save_entry(broker, {"issuer": issuer, "client_id": client_id, "token_endpoint": meta["token_endpoint"],
-                         "resource": resource, "token": _token_entry(token)}, replace_unreadable=True)
+    entry = {"issuer": issuer, "client_id": client_id, "token_endpoint": meta["token_endpoint"],
+             "resource": resource, "token": _token_entry(token)}
+    if client_secret:
+        entry["client_secret"] = client_secret
+    _save_entry(broker, entry, replace_unreadable=True)
     typer.echo(f"Signed in to {broker} as {_describe(me.json())}")
     typer.echo(f"Tokens stored in {token_file()} (readable by you alone).")
 
