@@ -107,7 +107,7 @@ class BrokerSecrets:
 def build_broker(directory: Path, database_url: str, secrets_: BrokerSecrets, policy: str = TEST_POLICY,
                  **overrides: Any) -> Broker:
     env = secrets_.env(directory, database_url, policy)
-    settings = Settings(**{k.removeprefix("BROKER_").lower(): v for k, v in env.items()}, **overrides)
+    settings = Settings(**{**{k.removeprefix("BROKER_").lower(): v for k, v in env.items()}, **overrides})
     upgrade(settings.database_url)
     return Broker.build(settings)
 
