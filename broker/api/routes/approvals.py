@@ -20,7 +20,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in 
 
 
 def _signals(request: Request) -> ApprovalSignals:
-    return request.app.state.approval_signals  # type: ignore[no-any-return]
+    signals: ApprovalSignals = request.app.state.approval_signals
+    return signals
 
 
 def _woke(request: Request) -> None:
