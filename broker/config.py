@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     orchestrator_api_keys: str = ""
     # SHA-256 hex of the local admin token (embedded default writes `state_dir/admin-token`).
     admin_token_sha256: str | None = None
+    # "email=<sha256 hex of the token>" entries, comma separated: local human identities for a
+    # broker without an IdP (the embedded default writes `state_dir/human-token`). Hashed only.
+    human_tokens: str = ""
     # HMAC secrets for orchestrator webhooks, comma separated: several at once for rotation.
     webhook_secrets: SecretStr | None = None
     # Webhook timestamps older (or newer) than this are replays or clock trouble.
@@ -101,6 +104,24 @@ class Settings(BaseSettings):
     claim_seconds: int = Field(default=60, ge=5)
     # How long an Idempotency-Key is remembered (its replay is sealed, never stored in clear).
     idempotency_ttl_seconds: int = Field(default=86400, ge=60)
+
+    # --- approvals and their notifications -------------------------------------------------------
+    # How long a pending approval waits for its approvers, and how long an approved one stays
+    # usable: long enough for a person to look, short enough that a stale request dies.
+    approval_ttl_seconds: int = Field(default=900, ge=30, le=86400)
+    # Longest `GET /v1/approvals/{id}?wait=` the broker honours: below common proxy timeouts.
+    approval_max_wait_seconds: int = Field(default=60, ge=1, le=300)
+    # A long poll re-reads the database this often, to see decisions made on other replicas
+    # (decisions in this process wake it at once).
+    approval_poll_recheck_seconds: float = Field(default=2.0, gt=0)
+    # Where `approval.requested` / `approval.decided` are pushed (comma separated URLs), and the
+    # HMAC secret they are signed with (X-Broker-Signature, the orchestrator webhook's scheme).
+    approval_webhook_urls: str = ""
+    approval_webhook_secret: SecretStr | None = None
+    # Outbox delivery: how often the loop looks for due messages, and when it gives one up.
+    outbox_interval_seconds: float = Field(default=1.0, gt=0)
+    outbox_max_attempts: int = Field(default=20, ge=1)
+    outbox_timeout_seconds: float = Field(default=5.0, gt=0)
 
     # --- providers ------------------------------------------------------------------------------
     # No backend call may hang a request: every SDK gets this timeout.
@@ -168,6 +189,27 @@ class Settings(BaseSettings):
             timeout_seconds=self.oidc_timeout_seconds,
         )
 
+    def human_token_hashes(self) -> dict[str, str]:
+        """sha256 hex -> lowercased email of a local human."""
+        out: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in self.human_tokens.split(","))):
+            email, sep, digest = entry.rpartition("=")
+            digest = digest.removeprefix("sha256:").lower()
+            if not sep or "@" not in email or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError("BROKER_HUMAN_TOKENS entries must look like email=<64 hex chars of sha256(token)>")
+            out[digest] = email.strip().lower()
+        return out
+
+    def approval_webhook_url_list(self) -> list[str]:
+        urls = [u.strip() for u in self.approval_webhook_urls.split(",") if u.strip()]
+        for url in urls:
+            if not (url.startswith("https://") or url.startswith("http://")):
+                raise ConfigError(f"BROKER_APPROVAL_WEBHOOK_URLS: {url!r} is not an http(s) URL")
+        if urls and self.approval_webhook_secret is None:
+            raise ConfigError("BROKER_APPROVAL_WEBHOOK_URLS is set but BROKER_APPROVAL_WEBHOOK_SECRET is not: "
+                              "receivers could not tell the broker's pushes from anyone else's")
+        return urls
+
     def webhook_secret_list(self) -> list[bytes]:
         raw = self.webhook_secrets.get_secret_value() if self.webhook_secrets else ""
         return [s.strip().encode() for s in raw.split(",") if s.strip()]
@@ -193,3 +235,5 @@ class Settings(BaseSettings):
             )
         self.orchestrator_key_hashes()  # validates the format
         self.oidc_config()
+        self.human_token_hashes()
+        self.approval_webhook_url_list()

@@ -35,6 +35,10 @@ EMBEDDED_WARNING = (
 )
 
 
+# The example policy's trial user; `broker-cli dev` gives it a local human token.
+EMBEDDED_HUMAN = "dev@example.com"
+
+
 def _write_secret_file(path: Path, content: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -66,6 +70,13 @@ def prepare_embedded(settings: Settings) -> Settings:
             _write_secret_file(key_file, "jborc_" + secrets.token_urlsafe(32))
         digest = hashlib.sha256(key_file.read_text().strip().encode()).hexdigest()
         updates["orchestrator_api_keys"] = f"local-orchestrator={digest}"
+    if not settings.human_tokens:
+        # The trial user of the example policy, so one person can try the human side too.
+        token_file = state / "human-token"
+        if not token_file.exists():
+            _write_secret_file(token_file, "jbhum_" + secrets.token_urlsafe(32))
+        digest = hashlib.sha256(token_file.read_text().strip().encode()).hexdigest()
+        updates["human_tokens"] = f"{EMBEDDED_HUMAN}={digest}"
     if settings.policy_file is None:
         policy = state / "policy.yaml"
         if not policy.exists():

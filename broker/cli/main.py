@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from broker.cli import login
+from broker.cli import humans, login
 from broker.cli.client import call
 
 app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
@@ -28,6 +28,7 @@ keys_app = typer.Typer(help="The broker's signing keys.", no_args_is_help=True)
 for sub, name in ((policy_app, "policy"), (sessions_app, "sessions"), (caps_app, "capabilities"),
                   (audit_app, "audit"), (keys_app, "keys")):
     app.add_typer(sub, name=name)
+humans.register(app)  # approvals list|show, approve, deny, grant, and --as
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
@@ -102,6 +103,7 @@ def dev(
         f"jit-broker dev: http://127.0.0.1:{port}  (NOT for production)\n"
         f"  admin token:        {state_dir}/admin-token\n"
         f"  orchestrator key:   {state_dir}/orchestrator-key\n"
+        f"  human token:        {state_dir}/human-token (dev@example.com; `broker-cli approvals list`)\n"
         f"  policy:             {settings.policy_file}"
     )
     serve(host=None, port=port, workers=1)

@@ -4,15 +4,19 @@ from pathlib import Path
 
 from broker.policy.compiled import CompiledPolicy
 from broker.policy.evaluate import (
+    ApprovalRule,
     BoundsLookup,
     Decision,
     LayerVerdict,
     RequestFacts,
     ScopeEntry,
     SessionFacts,
+    approval_rule,
     default_bounds,
     evaluate,
     evaluate_with_shadow,
+    human_permission,
+    named_approver,
 )
 from broker.policy.loader import load_policy, load_policy_bytes, load_policy_text
 from broker.policy.models import TIER_ORDER, PolicyDocument
@@ -24,6 +28,10 @@ EXAMPLE_POLICY_PATH = Path(__file__).with_name("example.yaml")
 
 __all__ = [
     "EXAMPLE_POLICY_PATH",
+    "ApprovalRule",
+    "approval_rule",
+    "human_permission",
+    "named_approver",
     "TIER_ORDER",
     "BoundsLookup",
     "CompiledPolicy",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func
 from sqlmodel import col, select
 
 from broker.audit.service import AuditEvent, append
@@ -96,7 +97,7 @@ def may_manage(caller: Caller, session: SessionRow) -> bool:
     if caller.kind == "orchestrator":
         return session.created_by == caller.name
     if caller.kind == "human":
-        return session.human == caller.name
+        return session.human.lower() == caller.name.lower()  # emails ignore case, as in the policy
     if caller.kind == "agent":
         return caller.session_id == session.id
     return False
@@ -110,7 +111,7 @@ def managed_by(caller: Caller, refusal: str) -> Any:
     if caller.kind == "orchestrator":
         return SessionRow.created_by == caller.name
     if caller.kind == "human":
-        return SessionRow.human == caller.name
+        return func.lower(SessionRow.human) == caller.name.lower()
     raise Forbidden(refusal)
 
 
