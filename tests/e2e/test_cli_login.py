@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.support.brokers import TEST_POLICY, BrokerSecrets, LiveServer, build_broker
-from tests.support.oidc import OidcProvider
+from tests.support.oidc import OidcProvider, cli_login
 from tests.support.processes import BROKER_CLI, _die_with_parent, terminate
 
 
@@ -48,34 +48,13 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([BROKER_CLI, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
-def login_as(provider: OidcProvider, env: dict[str, str], login: str) -> subprocess.CompletedProcess[str]:
-    """Run `broker-cli login`; when it shows the URL and code, approve it at the provider as `login`."""
-    proc = subprocess.Popen([BROKER_CLI, "login"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_die_with_parent)
-    try:
-        assert proc.stdout is not None
-        shown = []
-        for line in proc.stdout:
-            shown.append(line)
-            found = re.search(r"open (\S+) and enter the code (\S+)", line)
-            if found:
-                provider.approve_device(found.group(1), found.group(2), login)
-                break
-        else:
-            raise AssertionError("broker-cli login showed no code:\n" + "".join(shown) + proc.stderr.read())  # type: ignore[union-attr]
-        out, err = proc.communicate(timeout=120)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(shown) + out, err)
-    finally:
-        terminate(proc)
-
-
 def stored(env: dict[str, str]) -> dict[str, Any]:
     path = Path(env["XDG_CONFIG_HOME"]) / "jit-broker" / "tokens.json"
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
 def test_login_whoami_refresh_logout(oidc_provider: OidcProvider, person: dict[str, str], broker_url: str) -> None:
-    done = login_as(oidc_provider, person, "alice")
+    done = cli_login(oidc_provider, person, "alice")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Signed in to" in done.stdout and "alice@example.com (human)" in done.stdout
 
@@ -117,7 +96,7 @@ def test_login_whoami_refresh_logout(oidc_provider: OidcProvider, person: dict[s
 
 
 def test_token_file_readable_by_others_is_refused(oidc_provider: OidcProvider, person: dict[str, str]) -> None:
-    assert login_as(oidc_provider, person, "bob").returncode == 0
+    assert cli_login(oidc_provider, person, "bob").returncode == 0
     path = Path(person["XDG_CONFIG_HOME"]) / "jit-broker" / "tokens.json"
     path.chmod(0o644)
     me = cli(person, "whoami")
@@ -126,7 +105,7 @@ def test_token_file_readable_by_others_is_refused(oidc_provider: OidcProvider, p
 
 def test_login_token_is_sent_to_its_own_broker_only(oidc_provider: OidcProvider, person: dict[str, str],
                                                      tmp_path: Path) -> None:
-    assert login_as(oidc_provider, person, "bob").returncode == 0
+    assert cli_login(oidc_provider, person, "bob").returncode == 0
     seen: list[str | None] = []
 
     # Another broker URL (a listener that records what it is sent): the CLI has no sign-in for it.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -230,6 +231,30 @@ class OidcProvider:
             "BROKER_OIDC_CLI_CLIENT_ID": CLI_CLIENT_ID,
             **extra,
         }
+
+
+def cli_login(provider: OidcProvider, env: dict[str, str], login: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `broker-cli login` as a subprocess; when it shows the URL and code, approve them at the
+    provider as `login` (the person at the browser). Returns the finished process."""
+    from tests.support.processes import BROKER_CLI
+
+    proc = subprocess.Popen([BROKER_CLI, "login", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=_die_with_parent)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        shown = []
+        for line in proc.stdout:
+            shown.append(line)
+            found = re.search(r"open (\S+) and enter the code (\S+)", line)
+            if found:
+                provider.approve_device(found.group(1), found.group(2), login)
+                break
+        else:
+            raise AssertionError("broker-cli login showed no code:\n" + "".join(shown) + proc.stderr.read())
+        out, err = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(shown) + out, err)
+    finally:
+        terminate(proc)
 
 
 def _die_with_parent() -> None:
