@@ -13,10 +13,12 @@ else ~/.config/jit-broker/tokens.json.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -148,14 +150,42 @@ def bearer_of(token: dict[str, Any]) -> str:
     return str(token["id_token"])
 
 
+def _fresh(token: dict[str, Any]) -> bool:
+    return bool(token.get("access_token")) and token.get("expires_at", 0) - REFRESH_MARGIN_SECONDS > time.time()
+
+
+@contextlib.contextmanager
+def _refresh_lock() -> Iterator[None]:
+    """One refresh at a time across this person's CLI processes: IdPs rotate refresh tokens for
+    public clients, and a second process refreshing with the spent one would end the sign-in."""
+    path = token_file()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def current_token(broker: str) -> str | None:
     """The access token to send to `broker`, refreshed when near expiry; None if never signed in."""
     entry = _read_store()["brokers"].get(broker)
     if not entry:
         return None
+    if _fresh(entry.get("token") or {}):
+        return bearer_of(entry["token"])
+    with _refresh_lock():
+        entry = _read_store()["brokers"].get(broker)  # another process may have refreshed meanwhile
+        if not entry:
+            return None
+        if _fresh(entry.get("token") or {}):
+            return bearer_of(entry["token"])
+        return _refresh(broker, entry)
+
+
+def _refresh(broker: str, entry: dict[str, Any]) -> str:
     token = entry.get("token") or {}
-    if token.get("access_token") and token.get("expires_at", 0) - REFRESH_MARGIN_SECONDS > time.time():
-        return bearer_of(token)
     if not token.get("refresh_token"):
         raise LoginRequired("your sign-in has expired")
     try:
@@ -247,7 +277,7 @@ def login(
                    f"{err.get('code', me.status_code)}: {err.get('message', '')}", err=True)
         raise typer.Exit(1)
     entry = {"issuer": issuer, "client_id": client_id, "token_endpoint": meta["token_endpoint"],
-             "resource": resource, "token": _token_entry(token)}
+             "revocation_endpoint": meta.get("revocation_endpoint"), "resource": resource, "token": _token_entry(token)}
     if client_secret:
         entry["client_secret"] = client_secret
     _save_entry(broker, entry, replace_unreadable=True)
@@ -282,14 +312,39 @@ def _poll(client: OAuth2Session, token_endpoint: str, grant: dict[str, Any]) -> 
 
 
 def logout() -> None:
-    """Forget the stored sign-in (every broker's) by removing the token file."""
+    """Forget the stored sign-in (every broker's): revoke the refresh tokens at the identity
+    provider where it offers revocation (RFC 7009), then remove the token file."""
     path = token_file()
+    try:
+        entries = list(_read_store()["brokers"].values())
+    except LoginRequired:
+        entries = []  # unreadable or untrusted: nothing in it is sent anywhere, just remove it
+    for entry in entries:
+        _revoke(entry)
     try:
         path.unlink()
     except FileNotFoundError:
         typer.echo("not signed in")
         return
     typer.echo(f"signed out: removed {path}")
+
+
+def _revoke(entry: dict[str, Any]) -> None:
+    """Best effort: a revoked refresh token is worthless to whoever copied the file; a failure
+    here must not keep the file (and the tokens) on disk."""
+    token = (entry.get("token") or {}).get("refresh_token")
+    endpoint = entry.get("revocation_endpoint")
+    if not token or not endpoint:
+        return
+    try:
+        with _oauth_client(entry["client_id"], entry.get("client_secret")) as client:
+            response = client.revoke_token(endpoint, token=token, token_type_hint="refresh_token")
+        if response.status_code != 200:
+            typer.echo(f"warning: the identity provider did not revoke the refresh token (HTTP {response.status_code})",
+                       err=True)
+    except (OAuthError, requests.RequestException, KeyError) as exc:
+        typer.echo(f"warning: could not revoke the refresh token at the identity provider ({exc.__class__.__name__})",
+                   err=True)
 
 
 def whoami(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:

@@ -148,3 +148,14 @@ def test_login_refused_when_the_person_declines(oidc_provider: OidcProvider, per
         terminate(proc)
     assert proc.returncode == 1 and "declined" in err
     assert not (Path(person["XDG_CONFIG_HOME"]) / "jit-broker" / "tokens.json").exists()
+
+
+def test_logout_revokes_the_refresh_token(oidc_provider: OidcProvider, person: dict[str, str], broker_url: str) -> None:
+    assert cli_login(oidc_provider, person, "bob").returncode == 0
+    refresh_token = stored(person)["brokers"][broker_url]["token"]["refresh_token"]
+    out = cli(person, "logout")
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+    # A copy of the file taken before logout is worth nothing now.
+    r = httpx.post(oidc_provider.issuer + "/token", data={"grant_type": "refresh_token", "client_id": "jit-broker-cli",
+                                                          "refresh_token": refresh_token}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"

@@ -52,3 +52,36 @@ def test_expired_without_refresh_token_asks_for_login(monkeypatch: pytest.Monkey
 ])
 def test_bearer_choice(token: dict[str, str], expected: str) -> None:
     assert login.bearer_of(token) == expected
+
+
+def test_refresh_happens_once_when_many_find_the_token_stale(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Threads stand in for CLI processes (flock locks per open file, so they exclude each other too)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("BROKER_TOKEN_FILE", str(tmp_path / "t.json"))
+    login._save_entry("http://a", {"client_id": "c", "token_endpoint": "http://idp/token",
+                                   "token": {"access_token": "old.old.old", "refresh_token": "r1", "expires_at": 1}})
+    calls: list[str] = []
+    inside = threading.Semaphore(1)
+
+    def slow_refresh(broker: str, entry: dict) -> str:
+        assert inside.acquire(blocking=False), "two refreshes at once"
+        try:
+            calls.append(entry["token"]["refresh_token"])
+            time.sleep(0.2)  # long enough for every other thread to find the token stale
+            entry["token"] = {"access_token": "new.new.new", "refresh_token": "r2", "expires_at": 2**40}
+            login._save_entry(broker, entry)
+            return "new.new.new"
+        finally:
+            inside.release()
+
+    monkeypatch.setattr(login, "_refresh", slow_refresh)
+    got: list[str | None] = []
+    threads = [threading.Thread(target=lambda: got.append(login.current_token("http://a"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == ["new.new.new"] * 4
+    assert calls == ["r1"], "one refresh, with the refresh token that was current"
