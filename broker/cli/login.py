@@ -321,6 +321,8 @@ def logout() -> None:
         entries = []  # unreadable or untrusted: nothing in it is sent anywhere, just remove it
     for entry in entries:
         _revoke(entry)
+    with contextlib.suppress(FileNotFoundError):
+        path.with_name(path.name + ".lock").unlink()
     try:
         path.unlink()
     except FileNotFoundError:
