@@ -116,6 +116,9 @@ class JwksCache:
     in the set (the IdP rotated), but an unknown kid triggers at most one re-read per
     `cooldown`: a flood of tokens with made-up kids costs the IdP one request per cooldown,
     not one per token. A failed read is not retried within the cooldown either.
+
+    PyJWT parses the keys (`PyJWKSet`); its `PyJWKClient` cache is not used because it
+    re-fetches on every unknown kid, with no cooldown.
     """
 
     def __init__(self, jwks_uri: Callable[[], str], fetch: Fetch, *, cooldown: float, max_age: float,
