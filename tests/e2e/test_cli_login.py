@@ -159,3 +159,13 @@ def test_logout_revokes_the_refresh_token(oidc_provider: OidcProvider, person: d
     r = httpx.post(oidc_provider.issuer + "/token", data={"grant_type": "refresh_token", "client_id": "jit-broker-cli",
                                                           "refresh_token": refresh_token}, timeout=10)
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+
+
+def test_login_without_an_identity_provider_says_what_to_set(tmp_path: Path) -> None:
+    broker = build_broker(tmp_path, f"sqlite:///{tmp_path}/plain.db", BrokerSecrets(), TEST_POLICY)
+    with LiveServer(broker) as server:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+               "BROKER_URL": server.base_url, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+        out = cli(env, "login")
+    assert out.returncode == 2 and "names no identity provider" in out.stderr and "--issuer" in out.stderr
+    assert not (tmp_path / "cfg" / "jit-broker" / "tokens.json").exists()
