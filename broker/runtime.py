@@ -22,6 +22,9 @@ from broker import crypto
 from broker.config import Settings
 from broker.db import make_engine
 from broker.identity.keys import KeyRing
+from broker.permissions.base import SourceContext
+from broker.permissions.registry import LivePermissions
+from broker.permissions.registry import build as build_sources
 from broker.policy import PolicyStore
 from broker.providers.base import Provider, ProviderContext
 from broker.providers.registry import build as build_providers
@@ -94,6 +97,8 @@ class Broker:
     providers: dict[str, Provider]
     sealer: crypto.Sealer
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
+    # Live permission sources the policy names (github, openbao, ...), with their answer cache.
+    permissions: LivePermissions = field(default_factory=lambda: LivePermissions({}, 0))
 
     @classmethod
     def build(cls, settings: Settings, *, engine: Engine | None = None) -> Broker:
@@ -117,6 +122,10 @@ class Broker:
         providers = build_providers(
             names, ProviderContext(settings=settings, keyring=keyring), tolerate_missing=settings.embedded
         )
+        source_names = set(policies.current.live_sources())
+        if policies.shadow is not None:
+            source_names |= policies.shadow.live_sources()
+        sources = build_sources(source_names, SourceContext(settings=settings), tolerate_missing=settings.embedded)
         return cls(
             settings=settings,
             engine=engine or make_engine(settings.database_url),
@@ -124,6 +133,7 @@ class Broker:
             keyring=keyring,
             providers=providers,
             sealer=sealer,
+            permissions=LivePermissions(sources, settings.permission_cache_seconds),
         )
 
     def provider(self, name: str) -> Provider:

@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import typer
 
+from broker.jsonbounds import loads_stored
+
 IDENTITIES = ("human", "admin")
 
 
@@ -63,4 +65,5 @@ def call(method: str, path: str, *, json: Any = None, params: dict[str, Any] | N
         except ValueError:
             typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
         raise typer.Exit(1)
-    return response.json() if response.content else None
+    # loads_stored: an audit record of any depth the broker once accepted must not break a reader.
+    return loads_stored(response.content) if response.content else None
