@@ -7,8 +7,6 @@ Every command but serve, dev, migrate, init, keys and `policy check` speaks to t
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import secrets
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ import typer
 
 from broker.cli import humans, login
 from broker.cli.client import call
+from broker.jsonbounds import dumps_stored
 
 app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
 policy_app = typer.Typer(help="Check and explain policies.", no_args_is_help=True)
@@ -35,13 +34,15 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 def _out(data: Any, as_json: bool, human: str | None = None) -> None:
     if as_json or human is None:
-        typer.echo(json.dumps(data, indent=None if as_json else 2, default=str))
+        typer.echo(dumps_stored(data, indent=None if as_json else 2, default=str))
     else:
         typer.echo(human)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: str, log_format: str) -> None:
+    from broker.logs import configure_logging
+
+    configure_logging(level, log_format)
 
 
 # --- running the broker ---------------------------------------------------------------------
@@ -60,7 +61,7 @@ def serve(
     from broker.errors import BrokerError
 
     settings = Settings()
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     try:
         from broker.runtime import Broker
 
@@ -68,8 +69,10 @@ def serve(
     except BrokerError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
+    # log_config=None: uvicorn leaves logging to configure_logging (one format, the request id);
+    # its access log stays off because RequestIdMiddleware writes one line per request instead.
     bind = {"host": host or broker.settings.host, "port": port or broker.settings.port,
-            "log_level": settings.log_level, "access_log": False}
+            "log_level": settings.log_level, "access_log": False, "log_config": None}
     if workers > 1:
         # Each worker builds its own broker from the same environment: replicas that share the
         # database, which claims rows so none is revoked twice. (Config was checked just above.)
@@ -115,7 +118,9 @@ def migrate() -> None:
     from broker.config import Settings
     from broker.migrate import upgrade
 
-    upgrade(Settings().database_url)
+    settings = Settings()
+    _logging(settings.log_level, settings.log_format)
+    upgrade(settings.database_url)
     typer.echo("database is at the newest schema")
 
 
@@ -197,6 +202,10 @@ def policy_explain(
     lines = [f"{d['result'].upper()}: {d['reason']} ({d.get('matched_rule')}) policy {d['policy_version'][:19]}"]
     for layer in d["layers"]:
         lines.append(f"  {layer['layer']:<11} {layer['verdict']:<18} {layer.get('reason') or ''} {layer.get('matched_rule') or ''}")
+    live = d.get("human_permission")
+    if live:
+        cached = ", cached" if live.get("cached") else ""
+        lines.append(f"live source {live['source']}: {live['verdict']}{cached}: {live['evidence'].get('summary', '')}")
     if result.get("shadow"):
         s = result["shadow"]
         lines.append(f"shadow would: {s['result']} ({s['reason']})")
@@ -308,7 +317,7 @@ def audit_export(session: str | None = None, since: int = 0) -> None:
         if not page:
             return
         for r in page:
-            sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
+            sys.stdout.write(dumps_stored(r, sort_keys=True) + "\n")
         since = page[-1]["seq"]
 
 

@@ -21,6 +21,9 @@ def decision_record(decision: Decision, shadow: Decision | None) -> dict[str, An
         "matched_rule": decision.matched_rule,
         "policy_version": decision.policy_version,
     }
+    if decision.live is not None:
+        # The live layer: which source, what it answered, and whether from the cache.
+        record["human_permission"] = decision.live.to_dict()
     if shadow is not None:
         record["shadow"] = {
             "result": shadow.result,

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, field_validator
 
-from broker.policy.resources import pattern_problem
+from broker.policy.resources import canonical_pattern, pattern_problem
 
 TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
 # Risk order, lowest first: an agent's max_tier admits every tier at or before it.
@@ -79,10 +79,11 @@ class Tier(Strict):
 
 
 def _check_pattern(value: str) -> str:
+    """Refuse a malformed pattern; keep the canonical form (see broker.policy.resources)."""
     problem = pattern_problem(value)
     if problem is not None:
         raise ValueError(f"resource pattern {problem}")
-    return value
+    return canonical_pattern(value)
 
 
 ResourcePattern = Annotated[
@@ -91,7 +92,7 @@ ResourcePattern = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[\x21-\x7e]+$",
+            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[A-Za-z0-9._~@+=,:*-]+(/[A-Za-z0-9._~@+=,:*-]+)*$",
             "maxLength": 512,
             "description": '"<scheme>://<glob>": * matches within one path segment, ** across segments.',
         }
@@ -127,10 +128,33 @@ class Access(Strict):
         return {**fields, **(self.options or {})}
 
 
+# A value a live source reports (a GitHub role name, an OpenBao policy name): printable, no spaces.
+BackendValue = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,128}$")]
+IdentityKey = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+IdentityValue = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,256}$")]
+
+
+class HumanPermission(Strict):
+    """Which live source must also say the human holds the access, and how its answer maps.
+
+    `require` maps each access of the rule to the backend answers that allow it (GitHub role
+    names, OpenBao policy names): the human layer allows only where the file's grants AND the
+    source allow. A source never widens what the grants say.
+    """
+
+    source: ProviderName
+    require: dict[AccessName, list[BackendValue]] = Field(min_length=1)
+    # What an unreachable source means: deny (fail closed, the default) or allow (the file's
+    # grants alone decide while the source cannot answer).
+    on_unavailable: Literal["deny", "allow"] = "deny"
+    options: dict[str, JsonValue] | None = None  # source-specific, e.g. github's login_claim
+
+
 class ResourceRule(Strict):
     match: ResourcePattern
     provider: ProviderName
     access: dict[AccessName, Access] = Field(min_length=1)
+    human_permission: HumanPermission | None = None
 
 
 class Grant(Strict):
@@ -141,6 +165,23 @@ class Grant(Strict):
 class Human(Strict):
     groups: list[GroupName] = Field(default_factory=list)
     grants: list[Grant] = Field(default_factory=list)
+    # Who this human is at the live permission sources (see HumanPermission).
+    github_login: IdentityValue | None = None
+    openbao_entity: IdentityValue | None = None  # the OpenBao identity entity's name
+    identities: dict[IdentityKey, IdentityValue] | None = None  # for third-party sources
+
+    @field_validator("identities")
+    @classmethod
+    def _identities_do_not_shadow_fields(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        clash = sorted(set(value or {}) & {"github_login", "openbao_entity"})
+        if clash:
+            raise ValueError(f"identities must not repeat the explicit field(s) {', '.join(clash)}")
+        return value
+
+    def identity(self) -> dict[str, str]:
+        """Every identity written for this human, explicit fields and `identities` merged."""
+        named = {"github_login": self.github_login, "openbao_entity": self.openbao_entity}
+        return {**{k: v for k, v in named.items() if v is not None}, **(self.identities or {})}
 
 
 class Group(Strict):
@@ -156,6 +197,20 @@ class Agent(Strict):
 class Budgets(Strict):
     max_issued_per_session: int | None = Field(default=None, ge=0)  # absent: unlimited
     max_active_per_session: int | None = Field(default=None, ge=0)
+
+
+class RateLimit(Strict):
+    """A token bucket: a burst of `requests`, refilled at `requests` per `per_seconds`."""
+
+    requests: int = Field(ge=1, le=1_000_000)
+    per_seconds: float = Field(gt=0, le=86400)
+
+
+class RateLimits(Strict):
+    """Requests made with a session token; absent: unlimited. Enforced per broker replica."""
+
+    per_session: RateLimit | None = None  # each session on its own
+    per_agent: RateLimit | None = None  # every session of one agent name together
 
 
 class Escalation(Strict):
@@ -174,6 +229,7 @@ class PolicyDocument(Strict):
     groups: dict[GroupName, Group] = Field(default_factory=dict)
     agents: dict[AgentName, Agent] = Field(default_factory=dict)
     budgets: Budgets | None = None
+    rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
 
 
@@ -209,6 +265,21 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
                 problems.append(
                     (("resources", i, "access", access_name, "tier"), f"tier {access.tier!r} is not defined in tiers")
                 )
+        live = rule.human_permission
+        if live is not None:
+            for access_name in live.require:
+                if access_name not in rule.access:
+                    problems.append((("resources", i, "human_permission", "require", access_name),
+                                     f"{access_name!r} is not an access of this rule"))
+            for access_name in rule.access:
+                if access_name not in live.require:
+                    # An unmapped access could never be checked: say so at load, not at request.
+                    problems.append((("resources", i, "human_permission", "require"),
+                                     f"access {access_name!r} has no entry: say which answers of {live.source} allow it"))
+            for access_name, answers in live.require.items():
+                if not answers:
+                    problems.append((("resources", i, "human_permission", "require", access_name),
+                                     "an empty list would deny this access always; remove the access instead"))
     seen_human: dict[str, str] = {}
     for email, human in doc.humans.items():
         # Humans are matched case-insensitively, so two spellings would be one person.

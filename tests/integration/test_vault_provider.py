@@ -356,3 +356,16 @@ def test_find_by_capability(provider: VaultProvider) -> None:
                                  expires_at=m2.expires_at))
     assert provider.find_by_capability(g2.capability_id) is None
     provider.revoke(target(g1, m1))
+
+
+@pytest.mark.parametrize("resource", [
+    "vault://dbtest/creds/%2e%2e/%2e%2e/database/creds/ledger-test", "vault://dbtest/creds/../../database/creds/x",
+    "vault://dbtest//x", "vault://dbtest/x?y", "vault://dbtest/x\n",
+])
+def test_the_provider_refuses_a_path_openbao_would_read_differently(vault_setup: VaultSetup, resource: str) -> None:
+    """Defence in depth at the provider boundary: nothing but the canonical path is ever sent."""
+    from broker.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as caught:
+        vault_setup.provider().mint(grant(resource, options={}))
+    assert caught.value.code == "invalid-resource"
