@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from broker.cli import helpers
+from broker.cli import helpers, humans, login
 from broker.cli.client import call
 from broker.jsonbounds import dumps_stored
 
@@ -27,6 +27,7 @@ keys_app = typer.Typer(help="The broker's signing keys.", no_args_is_help=True)
 for sub, name in ((policy_app, "policy"), (sessions_app, "sessions"), (caps_app, "capabilities"),
                   (audit_app, "audit"), (keys_app, "keys")):
     app.add_typer(sub, name=name)
+humans.register(app)  # approvals list|show, approve, deny, grant, and --as
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
@@ -116,6 +117,7 @@ def dev(
             f"jit-broker dev: http://127.0.0.1:{port}  (NOT for production)\n"
             f"  admin token:        {state_dir}/admin-token\n"
             f"  orchestrator key:   {state_dir}/orchestrator-key\n"
+            f"  human token:        {state_dir}/human-token (dev@example.com; `broker-cli approvals list`)\n"
             f"  policy:             {settings.policy_file}\n"
             + (f"  OpenBao (dev):      {vault.addr}  root token {state_dir}/openbao-root-token\n" if vault else "")
             + devstack.helper_examples(f"http://127.0.0.1:{port}", vault)
@@ -336,6 +338,7 @@ def audit_export(session: str | None = None, since: int = 0) -> None:
 
 
 helpers.register(app)
+login.register(app)  # login, logout, whoami: broker/cli/login.py
 
 
 def main() -> None:

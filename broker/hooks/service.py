@@ -11,19 +11,18 @@ allowed, and uses the approval up.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, col, select
 
+from broker.approvals import service as approvals
 from broker.audit.service import AuditEvent, append
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, Unauthenticated
 from broker.identity.callers import Caller
-from broker.leases.service import APPROVAL_WAIT, CapabilityAsk, lock_session
-from broker.metrics import APPROVALS_OPENED, observe_approval_outcome
+from broker.leases.service import lock_session
 from broker.models import Approval, SessionRow
 from broker.policy.tools import ToolCall, ToolVerdict, decide_tool_call, describe
 from broker.runtime import Broker
@@ -49,10 +48,11 @@ def hook_output(decision: str, reason: str) -> dict[str, Any]:
                                    "permissionDecisionReason": reason}}
 
 
-def _ask(call: ToolCall, tier: str | None) -> CapabilityAsk:
+def _binding(session_id: str, call: ToolCall, tier: str | None) -> approvals.Binding:
     # Bound to the tool and its exact input: a changed command needs a new approval.
-    return CapabilityAsk(resource=f"tool://{call.tool_name}", access=tier or "tool", purpose=describe(call),
-                         tool=call.tool_name, parameters={"tool_name": call.tool_name, "tool_input": dict(call.tool_input)})
+    return approvals.Binding(session_id=session_id, resource=f"tool://{call.tool_name}", access=tier or "tool",
+                             ttl_seconds=None, tool=call.tool_name,
+                             parameters={"tool_name": call.tool_name, "tool_input": dict(call.tool_input)})
 
 
 def _approval_for(db: Session, session: SessionRow, request_hash: str, now: datetime) -> Approval | None:
@@ -79,36 +79,24 @@ def pre_tool_use(broker: Broker, caller: Caller, hook: HookInput) -> dict[str, A
         verdict = decide_tool_call(policy, agent=session.agent, session_active=active, call=call)
         decision, message, approval_id, outcome = verdict.decision, verdict.message, None, verdict.decision
         if verdict.needs_approval:
-            ask = _ask(call, verdict.tier)
-            request_hash = ask.request_hash(session.id)
-            approval = _approval_for(db, session, request_hash, now)
+            binding = _binding(session.id, call, verdict.tier)
+            approval = _approval_for(db, session, binding.request_hash(), now)
             if approval is not None and approval.status == "approved":
-                approval.status = "used"  # single use: the next identical call asks again
-                db.add(approval)
-                observe_approval_outcome(approval, "used", now)
+                # Single use: the next identical call asks again. No capability is minted for a
+                # tool call, so the approval names none.
+                approvals.mark_used(db, approval, None, now)
                 decision, outcome = "allow", "allow"
                 message = f"{verdict.message}; approved by {approval.decided_by} ({approval.id})"
             else:
                 if approval is None:
-                    approval = _open_approval(db, session, ask, verdict, request_hash, now)
+                    approval, _ = approvals.open_request(
+                        db, broker, session, binding, tier=verdict.tier or "", reason=verdict.reason,
+                        approvers=list(verdict.approvers), granted_ttl=None, purpose=describe(call), now=now)
                 approval_id, outcome = approval.id, "pending_approval"
                 message = (f"{verdict.message}: approval {approval.id} is pending "
                            f"(`broker-cli approve {approval.id}`); make the same call again once it is approved")
         append(db, _audit(session, hook, call, verdict, decision, outcome, approval_id, policy.version))
     return hook_output(decision, message)
-
-
-def _open_approval(db: Session, session: SessionRow, ask: CapabilityAsk, verdict: ToolVerdict, request_hash: str,
-                   now: datetime) -> Approval:
-    approval = Approval(
-        id="apr_" + secrets.token_hex(16), session_id=session.id, request_hash=request_hash,
-        resource=ask.resource, access=ask.access, tier=verdict.tier or "", ttl_seconds=0, purpose=ask.purpose,
-        tool=ask.tool, parameters=ask.parameters, reason=verdict.reason, approvers=list(verdict.approvers),
-        created_at=now, expires_at=min(now + APPROVAL_WAIT, session.expires_at),
-    )
-    db.add(approval)
-    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
-    return approval
 
 
 def _audit(session: SessionRow, hook: HookInput, call: ToolCall, verdict: ToolVerdict, decision: str, outcome: str,

@@ -83,7 +83,10 @@ class Tier(Strict):
     control: Literal["auto", "approval", "deny"]
     max_ttl: Duration | None = None
     approvers: list[Approver] = Field(default_factory=list)
+    # The delegating human may approve their own agent's request only where the tier says so.
     allow_self_approval: bool = False
+    # Distinct approvers whose approval a request of this tier needs (four eyes: 2).
+    min_approvals: int = Field(default=1, ge=1, le=10)
 
 
 def _check_pattern(value: str) -> str:
@@ -334,6 +337,14 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
         if tier.control == "approval" and not tier.approvers:
             # Nobody could ever approve: every request of this tier would hang until it expires.
             problems.append((("tiers", name, "approvers"), f"tier {name!r} requires approval but names no approvers"))
+        if tier.min_approvals > 1 and tier.control != "approval":
+            problems.append((("tiers", name, "min_approvals"),
+                             f"tier {name!r} sets min_approvals but its control is {tier.control}, not approval"))
+        users = [a for a in tier.approvers if not a.startswith("group:")]
+        if tier.control == "approval" and users and not any(a.startswith("group:") for a in tier.approvers) \
+                and len(users) < tier.min_approvals:
+            problems.append((("tiers", name, "min_approvals"),
+                             f"tier {name!r} needs {tier.min_approvals} approvals but names only {len(users)} approver(s)"))
     seen_match: dict[str, int] = {}
     for i, rule in enumerate(doc.resources):
         if rule.match in seen_match:

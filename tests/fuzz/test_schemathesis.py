@@ -2,7 +2,7 @@
 
 The broker runs in process (ASGI) on a real, migrated SQLite database with the test policy.
 Each operation is called anonymously and with a valid credential of each kind: an agent's
-session token, an orchestrator API key and the admin token. Every response must be declared
+session token, an orchestrator API key, the admin token and a local human token. Every response must be declared
 (status, content type, body schema, headers) and none may be a 5xx. The number of examples is
 bounded so the whole run stays within about two minutes on CI's two cores.
 
@@ -66,7 +66,7 @@ APP = _App()
 schema = schemathesis.openapi.from_path(ROOT / "openapi.yaml", config=CONFIG)
 schema.app = APP  # before parametrize: its operations keep the app they were built with
 
-CALLERS = ("anonymous", "agent", "orchestrator", "admin")
+CALLERS = ("anonymous", "agent", "orchestrator", "admin", "human")
 
 
 class Served:
@@ -79,6 +79,7 @@ class Served:
             "anonymous": {},
             "orchestrator": {"Authorization": f"Bearer {self.secrets.orchestrator_key}"},
             "admin": {"Authorization": f"Bearer {self.secrets.admin_token}"},
+            "human": {"Authorization": f"Bearer {self.secrets.human_tokens['alice@example.com']}"},  # local human token
         }
         # The orchestrator's step, through the service the route calls, without an HTTP client.
         _, token = sessions.create(self.broker, Caller(kind="orchestrator", name="orch"), SessionAsk(
