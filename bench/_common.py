@@ -34,7 +34,13 @@ import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
 from tests.support.brokers import TEST_POLICY, BrokerSecrets  # noqa: E402  # after the sys.path line above
-from tests.support.databases import PG_ADMIN_DSN, create_database, drop_database, libpq_url, pg_url  # noqa: E402
+from tests.support.databases import (  # noqa: E402
+    create_database,
+    drop_database,
+    libpq_url,
+    postgres_available,
+    postgres_server,
+)
 from tests.support.processes import BrokerProcess as ServedBroker  # noqa: E402
 
 BROKER_CLI = str(Path(sys.executable).parent / "broker-cli")
@@ -112,9 +118,12 @@ def temp_dir(cleanup: Cleanup, prefix: str) -> Path:
 
 def create_pg_database(cleanup: Cleanup, prefix: str = "jitb_bench") -> str:
     """A fresh, randomly named database, dropped (WITH FORCE) at cleanup. Returns the SQLAlchemy URL."""
-    name = create_database(prefix)
-    cleanup.push(f"database {name}", lambda: drop_database(name))
-    return pg_url(name)
+    server = postgres_server()  # the suite's own: BROKER_TEST_PG_DSN, else a throwaway
+    if server is None:
+        raise RuntimeError(f"no PostgreSQL for the benchmark: {postgres_available()}")
+    name = create_database(server, prefix)
+    cleanup.push(f"database {name}", lambda: drop_database(server, name))
+    return server.url(name)
 
 
 
@@ -369,7 +378,9 @@ def machine_info() -> dict[str, Any]:
         info["git_head"] = head
         info["uncommitted_broker_files"] = len(dirty)
     with contextlib.suppress(Exception):
-        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3) as conn:
+        server = postgres_server()
+        assert server is not None
+        with psycopg.connect(server.admin_dsn, connect_timeout=3) as conn:
             info["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             info["postgres_synchronous_commit"] = conn.execute("SHOW synchronous_commit").fetchone()[0]  # type: ignore[index]
     return info

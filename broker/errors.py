@@ -4,6 +4,7 @@
     ├── InternalError                500 internal-error
     ├── InvalidRequest               400 invalid-request
     ├── Unauthenticated              401 invalid-token
+    ├── IdentityProviderUnavailable  503 identity-provider-unavailable (OIDC discovery/JWKS unreadable)
     ├── Forbidden                    403 forbidden          (who you are may not do this)
     ├── Denied                       403 <decision reason>  (the policy said no)
     ├── NotFound                     404 not-found
@@ -67,6 +68,10 @@ class Unauthenticated(BrokerError, status=401, code="invalid-token"):
 
 class Forbidden(BrokerError, status=403, code="forbidden"):
     """Who the caller is may not do this."""
+
+
+class IdentityProviderUnavailable(BrokerError, status=503, code="identity-provider-unavailable"):
+    """The OIDC issuer's discovery document or keys cannot be read: no token can be checked."""
 
 
 class Denied(BrokerError, status=403, code="denied"):

@@ -21,6 +21,7 @@ from broker import crypto
 from broker.config import Settings
 from broker.db import make_engine
 from broker.identity.keys import KeyRing
+from broker.identity.oidc import OidcVerifier
 from broker.permissions.base import SourceContext
 from broker.permissions.registry import LivePermissions
 from broker.permissions.registry import build as build_sources
@@ -34,6 +35,10 @@ EMBEDDED_WARNING = (
     "jit-broker is running the EMBEDDED DEFAULT: SQLite, keys and tokens generated into %s. "
     "This is for trying the broker on one machine, NOT for production."
 )
+
+
+# The example policy's trial user; `broker-cli dev` gives it a local human token.
+EMBEDDED_HUMAN = "dev@example.com"
 
 
 def prepare_embedded(settings: Settings) -> Settings:
@@ -61,6 +66,13 @@ def prepare_embedded(settings: Settings) -> Settings:
             crypto.write_secret(key_file, "jborc_" + secrets.token_urlsafe(32) + "\n")
         digest = hashlib.sha256(key_file.read_text().strip().encode()).hexdigest()
         updates["orchestrator_api_keys"] = f"local-orchestrator={digest}"
+    if not settings.human_tokens:
+        # The trial user of the example policy, so one person can try the human side too.
+        token_file = state / "human-token"
+        if not token_file.exists():
+            crypto.write_secret(token_file, "jbhum_" + secrets.token_urlsafe(32) + "\n")
+        digest = hashlib.sha256(token_file.read_text().strip().encode()).hexdigest()
+        updates["human_tokens"] = f"{EMBEDDED_HUMAN}={digest}"
     if settings.policy_file is None:
         policy = state / "policy.yaml"
         if not policy.exists():
@@ -78,6 +90,8 @@ class Broker:
     keyring: KeyRing
     providers: dict[str, Provider]
     sealer: crypto.Sealer
+    # Humans (and client-credentials orchestrators) through the configured IdP; None without one.
+    oidc: OidcVerifier | None = None
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
     # Live permission sources the policy names (github, openbao, ...), with their answer cache.
     permissions: LivePermissions = field(default_factory=lambda: LivePermissions({}, 0))
@@ -97,6 +111,7 @@ class Broker:
             create=settings.embedded,
         )
         sealer = crypto.Sealer(crypto.decode_key(settings.encryption_key.get_secret_value()))
+        oidc_config = settings.oidc_config()
         names = {r.provider for r in policies.current.resources}
         if policies.shadow is not None:
             names |= {r.provider for r in policies.shadow.resources}
@@ -104,6 +119,9 @@ class Broker:
         providers = build_providers(
             names, ProviderContext(settings=settings, keyring=keyring), tolerate_missing=settings.embedded
         )
+        account = _own_aws_account(settings, providers)
+        if account is not None:
+            policies.adopt_aws_account(account)  # PolicyError: refused at start like any bad file
         source_names = set(policies.current.live_sources())
         if policies.shadow is not None:
             source_names |= policies.shadow.live_sources()
@@ -115,6 +133,7 @@ class Broker:
             keyring=keyring,
             providers=providers,
             sealer=sealer,
+            oidc=OidcVerifier(oidc_config) if oidc_config else None,
             permissions=LivePermissions(sources, settings.permission_cache_seconds),
         )
 
@@ -125,3 +144,26 @@ class Broker:
             return self.providers[name]
         except KeyError:
             raise ProviderMisconfigured(f"provider {name!r} was not built; reload the broker after adding it") from None
+
+
+def _own_aws_account(settings: Settings, providers: dict[str, Provider]) -> str | None:
+    """The broker's own AWS account: BROKER_AWS_ACCOUNT_ID, else STS when the aws provider runs.
+
+    Unknown (STS unreachable at start) leaves the request-time check alone in force, with a warning.
+    """
+    if settings.aws_account_id:
+        return settings.aws_account_id
+    provider = providers.get("aws")
+    if provider is None:
+        return None
+    from broker.errors import ProviderError
+    from broker.providers.aws import AwsProvider
+
+    if not isinstance(provider, AwsProvider):
+        return None
+    try:
+        return provider.account_id()
+    except ProviderError as exc:
+        log.warning("aws: cannot learn the broker's own account at start (%s); set BROKER_AWS_ACCOUNT_ID so "
+                    "policies with rules for other accounts are refused when they load", exc.code)
+        return None

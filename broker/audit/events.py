@@ -4,8 +4,9 @@ Every record carries the same fields, whatever its type: `type`, `outcome`, `act
 caused it: `agent:<name>`, `orchestrator:<name>`, `admin:admin`, `broker:sweeper`, ...),
 `human_principal`, `agent {id, session_id, task_id}`, `request {tool, operation, resource,
 access, tier, parameters, purpose, reason}`, `policy_decision {result, reason, matched_rule,
-policy_version, human_permission, shadow}` or null, `jit_grant {status, ttl_seconds, capability_id, provider,
-expires_at, credential_fingerprint, approval_id, attempts}` or null, and `detail` (an object,
+policy_version, human_permission, shadow, approval, grant, rule_name}` or null, `jit_grant {status,
+ttl_seconds, capability_id, provider, expires_at, credential_fingerprint, approval_id, attempts,
+grant_id, uses}` or null, and `detail` (an object,
 possibly empty) for what only that type has. A field that does not apply is null, never
 missing: in an append-only chain a missing key cannot be added later.
 
@@ -56,15 +57,20 @@ class DecisionRef:
     policy_version: str | None
     human_permission: dict[str, Any] | None = None  # the live layer: its source, answer, cached or not
     shadow: dict[str, Any] | None = None
+    approval: dict[str, Any] | None = None  # the approval redeemed: approval_id, approved_by, request_hash
+    grant: dict[str, Any] | None = None  # the pre-approval (broker-cli grant) used: grant_id, granted_by
+    rule_name: str | None = None  # the tool-call gate's rule, by name
 
     @classmethod
-    def of(cls, decision: Decision, shadow: Decision | None = None) -> DecisionRef:
+    def of(cls, decision: Decision, shadow: Decision | None = None, *, approval: dict[str, Any] | None = None,
+           grant: dict[str, Any] | None = None) -> DecisionRef:
         return cls(
             decision.result, decision.reason, decision.matched_rule, decision.policy_version,
             decision.live.to_dict() if decision.live is not None else None,
             None if shadow is None else {"result": shadow.result, "reason": shadow.reason,
                                          "matched_rule": shadow.matched_rule,
                                          "policy_version": shadow.policy_version},
+            approval, grant,
         )
 
 
@@ -78,6 +84,8 @@ class GrantRef:
     credential_fingerprint: str | None = None
     approval_id: str | None = None
     attempts: int | None = None  # revocation attempts so far
+    grant_id: str | None = None  # a pre-approval (broker-cli grant)
+    uses: int | None = None  # the pre-approval's uses
 
     @classmethod
     def of(cls, lease: Lease, *, expires_at: str | None = None) -> GrantRef:

@@ -33,6 +33,10 @@ class PendingApproval(BaseModel):
     expires_at: Timestamp
     reason: str
     approvers: list[str]
+    min_approvals: int = 1
+    binding_message: str | None = Field(default=None, description="what the approvers are shown")
+    request_hash: str | None = Field(default=None,
+                                     description="the binding: session, resource, access, ttl, tool, parameters")
 
 
 class CapabilityView(BaseModel):

@@ -9,12 +9,15 @@ just minted is revoked at once (fail closed), never handed out unrecorded.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
+from broker.approvals import grants
+from broker.approvals import service as approvals
+from broker.approvals.service import Binding
 from broker.audit.events import DecisionRef, GrantRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
@@ -22,45 +25,36 @@ from broker.errors import (
     BrokerError,
     Conflict,
     Forbidden,
-    NotFound,
     ProviderError,
     Unauthenticated,
 )
 from broker.identity.callers import Caller
 from broker.leases import idempotency, records
+from broker.leases.facts import bounds_lookup, session_facts
 from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
 from broker.leases.revocation import finish_revocation
-from broker.leases.vocabulary import LIVE, CapabilityAsk, LeaseStatus, new_approval_id, new_capability_id
-from broker.metrics import APPROVALS_OPENED, DECISIONS, MINTS, observe_approval_outcome
-from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
+from broker.leases.vocabulary import CapabilityAsk, LeaseStatus, new_capability_id
+from broker.metrics import DECISIONS, MINTS
+from broker.models import Approval, IdempotencyRecord, JitGrant, Lease, SessionRow
 from broker.permissions import service as live_permissions
-from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
+from broker.policy import (
+    Decision,
+    LivePermission,
+    RequestFacts,
+    approval_rule,
+    evaluate_with_shadow,
+)
 from broker.policy.resources import canonical_resource
-from broker.providers.base import Grant, Minted, Provider, RevokeTarget, TtlBounds
+from broker.providers.base import Grant, Minted, Provider, RevokeTarget
 from broker.runtime import Broker
 from broker.times import rfc3339
 
 log = logging.getLogger("broker.leases")
 
-APPROVAL_WAIT = timedelta(minutes=15)
-
-
-def session_facts(db: Session, session: SessionRow) -> SessionFacts:
-    tiers = db.exec(
-        select(Lease.tier).where(Lease.session_id == session.id, col(Lease.status).in_(LIVE))
-    ).all()
-    return SessionFacts(
-        session_id=session.id,
-        human=session.human,
-        agent=session.agent,
-        task_id=session.task_id,
-        scope=tuple(ScopeEntry(s["resource"], tuple(s["access"])) for s in session.scope),
-        status=session.status,
-        expires_at=session.expires_at,
-        issued_count=session.issued_count,
-        active_count=len(tiers),
-        active_tiers=frozenset(tiers),
-    )
+def binding(ask: CapabilityAsk, session_id: str) -> Binding:
+    """What an approval is bound to: any change is another request."""
+    return Binding(session_id=session_id, resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds,
+                   tool=ask.tool, parameters=ask.parameters)
 
 
 def lock_session(db: Session, session_id: str) -> SessionRow | None:
@@ -68,27 +62,29 @@ def lock_session(db: Session, session_id: str) -> SessionRow | None:
     return db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()
 
 
-def bounds_lookup(broker: Broker) -> Any:
-    def lookup(provider: str, resource: str, options: dict[str, Any]) -> TtlBounds:
-        return broker.provider(provider).ttl_bounds(resource, options)
+def _evaluate(broker: Broker, db: Session, session: SessionRow, ask: CapabilityAsk, now: datetime,
+              approval: Approval | None, live: LivePermission | None) -> tuple[Decision, Decision | None, JitGrant | None]:
+    """The decision; where it waits for approval, a matching grant stands in for one."""
+    policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    facts = session_facts(db, session)
 
-    return lookup
+    def run(ttl: int | None, approved: bool) -> tuple[Decision, Decision | None]:
+        request = RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ttl, now=now, approved=approved,
+                               live=live)
+        return evaluate_with_shadow(policy, shadow_policy, facts, request, bounds_lookup(broker))
 
-
-def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: datetime) -> bool:
-    if not ask.approval_id:
-        return False
-    approval = db.exec(select(Approval).where(Approval.id == ask.approval_id).with_for_update()).first()
-    if approval is None or approval.session_id != session.id:
-        raise NotFound("no such approval for this session", code="approval-not-found")
-    if approval.request_hash != ask.request_hash(session.id):
-        raise Conflict("the approval was given for a different request; ask again", code="approval-mismatch")
-    if approval.status != "approved" or approval.expires_at <= now:
-        raise Conflict(f"the approval is {approval.status}, not usable", code="approval-not-usable")
-    approval.status = "used"  # single use
-    db.add(approval)
-    observe_approval_outcome(approval, "used", now)
-    return True
+    decision, shadow = run(ask.ttl_seconds, approval is not None)
+    if decision.result != "approval_required" or approval is not None or decision.tier is None:
+        return decision, shadow, None
+    grant = grants.find_usable(db, session.id, ask.resource, ask.access, now)
+    if grant is None or approval_rule(policy, decision.tier).min_approvals > 1:
+        return decision, shadow, None
+    # Nothing minted under a grant outlives it.
+    left = math.floor((grant.expires_at - now).total_seconds())
+    granted, granted_shadow = run(min(ask.ttl_seconds or left, left), True)
+    if granted.result != "allow":
+        return decision, shadow, None
+    return granted, granted_shadow, grant
 
 
 def request_capability(
@@ -125,7 +121,7 @@ def _decide_and_mint(
     broker: Broker, session_id: str, ask: CapabilityAsk, idem_key: str | None
 ) -> CapabilityOutcome:
     now = utcnow()
-    policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    policy = broker.policies.current
     # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
     live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
@@ -139,19 +135,19 @@ def _decide_and_mint(
             if not isinstance(claimed, IdempotencyRecord):
                 return claimed  # the stored outcome of this key's first request
             ticket = claimed
-        approved = _use_approval(db, ask, session, now)
-        decision, shadow = evaluate_with_shadow(
-            policy,
-            shadow_policy,
-            session_facts(db, session),
-            RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now,
-                         approved=approved, live=live),
-            bounds_lookup(broker),
-        )
+        approval = approvals.redeem(db, ask.approval_id, session, binding(ask, session.id), now) \
+            if ask.approval_id else None
+        decision, shadow, grant_used = _evaluate(broker, db, session, ask, now, approval, live)
         DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
-        record = DecisionRef.of(decision, shadow)
+        record = DecisionRef.of(
+            decision, shadow,
+            # Links the mint to the approval (and so to the request it was given for) in the audit.
+            approval=None if approval is None else {"approval_id": approval.id, "approved_by": approval.decided_by,
+                                                    "request_hash": approval.request_hash},
+            grant=None if grant_used is None else {"grant_id": grant_used.id, "granted_by": grant_used.granted_by},
+        )
         if decision.result == "deny":
             refusal = records.refusal(decision)
             idempotency.finish(db, broker, ticket, refusal)
@@ -179,6 +175,10 @@ def _decide_and_mint(
             )
             session.issued_count += 1
             db.add(session)
+            if approval is not None:
+                approvals.mark_used(db, approval, lease.id, now)  # single use, in the lease's transaction
+            if grant_used is not None:
+                grants.consume(db, grant_used)
             grant = Grant(
                 capability_id=lease.id,
                 session_id=session.id,
@@ -217,26 +217,15 @@ def _decide_and_mint(
 
 def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
              record: DecisionRef, ticket: IdempotencyRecord | None, now: datetime) -> PendingApproval:
-    approval = Approval(
-        id=new_approval_id(),
-        session_id=session.id,
-        request_hash=ask.request_hash(session.id),
-        resource=ask.resource,
-        access=ask.access,
-        tier=decision.tier or "",
-        ttl_seconds=decision.ttl_seconds or 0,
-        purpose=ask.purpose,
-        tool=ask.tool,
-        parameters=ask.parameters,
-        reason=decision.reason,
-        approvers=list(decision.approvers),
-        created_at=now,
-        expires_at=min(now + APPROVAL_WAIT, session.expires_at),
+    approval, _ = approvals.open_request(
+        db, broker, session, binding(ask, session.id), tier=decision.tier or "", reason=decision.reason,
+        approvers=list(decision.approvers), granted_ttl=decision.ttl_seconds, purpose=ask.purpose, now=now,
     )
-    db.add(approval)
-    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
-    pending = PendingApproval(approval_id=approval.id, expires_at=approval.expires_at, reason=decision.reason,
-                              approvers=list(decision.approvers))
+    pending = PendingApproval(
+        approval_id=approval.id, expires_at=approval.expires_at, reason=decision.reason,
+        approvers=list(approval.approvers), min_approvals=approval.min_approvals,
+        binding_message=approval.binding_message, request_hash=approval.request_hash,
+    )
     idempotency.finish(db, broker, ticket, pending)
     append(
         db,

@@ -31,17 +31,14 @@ def new_capability_id() -> str:
     return "cap_" + secrets.token_hex(16)
 
 
-def new_approval_id() -> str:
-    return "apr_" + secrets.token_hex(16)
-
-
 def _digest(body: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class CapabilityAsk:
-    """What an agent asks for (`POST /v1/capabilities`), before any decision."""
+    """What an agent asks for (`POST /v1/capabilities`), before any decision. What an approval
+    is bound to is the approvals' to say (`leases.service.binding`)."""
 
     resource: str
     access: str
@@ -50,16 +47,6 @@ class CapabilityAsk:
     tool: str | None = None
     parameters: dict[str, Any] | None = None
     approval_id: str | None = None
-
-    def request_hash(self, session_id: str) -> str:
-        """What an approval is bound to: a changed request needs a new approval."""
-        return _digest({
-            "session_id": session_id,
-            "resource": self.resource,
-            "access": self.access,
-            "ttl_seconds": self.ttl_seconds,
-            "parameters": self.parameters,
-        })
 
     def idempotency_hash(self, session_id: str) -> str:
         """What an Idempotency-Key is bound to: the whole ask."""

@@ -18,9 +18,10 @@ TOP = {"event_id", "seq", "timestamp", "type", "actor", "human_principal", "agen
        "jit_grant", "outcome", "detail", "prev_hash", "hash"}
 AGENT = {"id", "session_id", "task_id"}
 REQUEST = {"operation", "tool", "resource", "access", "tier", "parameters", "purpose", "reason"}
-DECISION = {"result", "reason", "matched_rule", "policy_version", "human_permission", "shadow"}
+DECISION = {"result", "reason", "matched_rule", "policy_version", "human_permission", "shadow", "approval", "grant",
+            "rule_name"}
 GRANT = {"status", "ttl_seconds", "capability_id", "provider", "expires_at", "credential_fingerprint", "approval_id",
-         "attempts"}
+         "attempts", "grant_id", "uses"}
 
 
 def audit(api: Api, **params: Any) -> list[dict[str, Any]]:

@@ -18,13 +18,17 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
+from broker.api.routes.identity import LoginConfig, WhoAmI
 from broker.api.routes.revocations import RevocationResponse
 from broker.api.schemas import (
+    ApprovalView,
     AuditPage,
     AuditVerification,
     Explanation,
+    GrantView,
     Jwks,
     Liveness,
+    PreToolUseOutput,
     Readiness,
     SessionCreated,
     SessionEnded,
@@ -52,7 +56,10 @@ class World:
 
 
 @pytest.fixture
-def world(api: Api) -> World:
+def world(humans_api: Api) -> World:
+    """A session with a live capability and a request waiting for approval, on the policy of the
+    human side (approvers, grants)."""
+    api = humans_api
     session = api.new_session()
     issued = api.request(session, {"resource": "jwt://payments-api", "access": "read"})
     assert issued.status_code == 201, issued.text
@@ -65,6 +72,11 @@ def webhook(w: World, body: dict[str, Any]) -> httpx.Response:
     raw = json.dumps(body).encode()
     return w.api.client.post("/v1/webhooks/orchestrator", content=raw,
                              headers={"Content-Type": "application/json", HEADER: sign(raw, w.api.secrets.webhook_secret)})
+
+
+def bob(w: World) -> dict[str, str]:
+    """A maintainer who holds deploy: may approve, deny and grant."""
+    return w.api.as_human("bob@example.com")
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ ROWS = [
     Row("POST /v1/sessions/{session_id}/end", lambda w: w.api.client.post(
         f"/v1/sessions/{w.session['session_id']}/end", headers=w.api.as_orchestrator()), 200, SessionEnded),
     Row("POST /v1/capabilities", lambda w: w.api.request(
-        w.session, {"resource": "jwt://svc/a", "access": "read"}), 201, CapabilityIssued),
+        w.session, {"resource": "jwt://payments-api", "access": "write"}), 201, CapabilityIssued),
     Row("POST /v1/capabilities", lambda w: w.api.request(
         w.session, {"resource": "jwt://payments-api", "access": "deploy", "ttl_seconds": 60}), 202, PendingApproval),
     Row("GET /v1/capabilities", lambda w: w.api.client.get("/v1/capabilities", headers=w.agent()), 200,
@@ -114,6 +126,22 @@ ROWS = [
         "/v1/introspect", data={"token": w.issued["credential"]["token"]}), 200, Introspection, True),
     Row("POST /v1/introspect", lambda w: w.api.client.post("/v1/introspect", data={"token": "not-a-token"}), 200,
         Introspection, True),
+    Row("GET /v1/approvals", lambda w: w.api.client.get("/v1/approvals", headers=w.api.as_admin()), 200,
+        list[ApprovalView]),
+    Row("GET /v1/approvals/{approval_id}", lambda w: w.api.client.get(
+        f"/v1/approvals/{w.pending['approval_id']}", headers=w.agent()), 200, ApprovalView),
+    Row("POST /v1/approvals/{approval_id}/approve", lambda w: w.api.client.post(
+        f"/v1/approvals/{w.pending['approval_id']}/approve", headers=bob(w)), 200, ApprovalView),
+    Row("POST /v1/approvals/{approval_id}/deny", lambda w: w.api.client.post(
+        f"/v1/approvals/{w.pending['approval_id']}/deny", headers=bob(w)), 200, ApprovalView),
+    Row("POST /v1/grants", lambda w: w.api.client.post("/v1/grants", headers=bob(w), json={
+        "session_id": w.session["session_id"], "resource": "jwt://payments-api", "access": "deploy",
+        "ttl_seconds": 300}), 201, GrantView),
+    Row("POST /v1/hooks/pre-tool-use", lambda w: w.api.client.post("/v1/hooks/pre-tool-use", headers=w.agent(), json={
+        "hook_event_name": "PreToolUse", "tool_name": "Bash", "tool_input": {"command": "ls"}}), 200,
+        PreToolUseOutput),
+    Row("GET /v1/whoami", lambda w: w.api.client.get("/v1/whoami", headers=w.api.as_admin()), 200, WhoAmI),
+    Row("GET /v1/login", lambda w: w.api.client.get("/v1/login"), 200, LoginConfig),
     Row("GET /healthz", lambda w: w.api.client.get("/healthz"), 200, Liveness),
     Row("GET /readyz", lambda w: w.api.client.get("/readyz"), 200, Readiness),
 ]

@@ -12,7 +12,7 @@ from broker.api.schemas import ExplainRequest, Explanation, error_responses
 from broker.db import transaction, utcnow
 from broker.errors import InvalidRequest, NotFound
 from broker.identity.access import may_manage
-from broker.leases.service import bounds_lookup, session_facts
+from broker.leases.facts import bounds_lookup, session_facts
 from broker.models import SessionRow
 from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
 from broker.policy.resources import canonical_pattern, canonical_resource
@@ -38,6 +38,8 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> Exp
             scope=tuple(ScopeEntry(_canonical(canonical_pattern, s.resource), tuple(s.access)) for s in body.scope),
             status="active",
             expires_at=now + timedelta(seconds=body.session_ttl_seconds),
+            # A person explaining their own access: their IdP groups count, as in their sessions.
+            human_groups=caller.groups if caller.kind == "human" and body.human.lower() == caller.name else frozenset(),
         )
     policy = broker.policies.current
     resource = _canonical(canonical_resource, body.resource)
