@@ -32,7 +32,7 @@ from broker.api.routes import (
     tokens,
     webhooks,
 )
-from broker.approvals.outbox import OutboxDelivery
+from broker.approvals.outbox import outbox_delivery
 from broker.approvals.signals import ApprovalSignals
 from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.service import append, ensure_head, last_policy_loaded, lock_head
@@ -42,10 +42,10 @@ from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
 from broker.identity.ratelimit import RateLimiter
 from broker.lifecycle.reconciler import reconcile_at_start
-from broker.lifecycle.sweeper import Sweeper
+from broker.lifecycle.sweeper import sweeper as sweeper_loop
 from broker.logs import RequestIdMiddleware, configure_logging
 from broker.metrics import REGISTRY, DatabaseCollector
-from broker.permissions.recheck import PermissionRechecker
+from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
 
 log = logging.getLogger("broker")
@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
         except (NotImplementedError, RuntimeError, ValueError):
             log.info("SIGHUP reload unavailable here (not the main thread)")
-        background = Sweeper(broker) if sweeper else None
+        background = sweeper_loop(broker) if sweeper else None
         if background:
             # What a crash left behind is finished before the sweeper starts and before requests.
             try:
@@ -119,13 +119,13 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                 log.exception("reconciliation at start failed; the sweeper will carry on")
             background.start()
         # Beside the sweeper: live capabilities whose human lost the permission at the source.
-        recheck = PermissionRechecker(broker) if sweeper else None
+        recheck = permission_rechecker(broker) if sweeper else None
         if recheck:
             recheck.start()
         # Beside the sweeper too: approval notifications from the outbox.
         delivery = None
         if (sweeper if outbox is None else outbox) and broker.settings.approval_webhook_url_list():
-            delivery = OutboxDelivery(broker)
+            delivery = outbox_delivery(broker)
             delivery.start()
         app.state.outbox = delivery
         try:

@@ -23,8 +23,6 @@ import json
 import logging
 import random
 import secrets
-import threading
-import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +33,7 @@ from sqlmodel import Session, col, or_, select
 from broker.db import is_postgres, transaction, utcnow
 from broker.identity.webhooks import HEADER, sign
 from broker.models import OutboxMessage
+from broker.periodic import Periodic
 from broker.runtime import Broker
 
 log = logging.getLogger("broker.outbox")
@@ -133,34 +132,7 @@ def deliver_due(broker: Broker, *, limit: int = 100) -> int:
     return sent
 
 
-class OutboxDelivery:
-    """The background loop, started in the app's lifespan beside the sweeper."""
-
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="broker-outbox", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Something was just enqueued in this process: push now instead of at the next tick."""
-        self._wake.set()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        interval = self._broker.settings.outbox_interval_seconds
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                deliver_due(self._broker)
-            except Exception:  # one bad pass must not end delivery
-                log.exception("outbox pass failed; next pass in %.1fs", interval)
-            self._wake.wait(max(0.0, interval - (time.monotonic() - started)))
-            self._wake.clear()
+def outbox_delivery(broker: Broker) -> Periodic:
+    """The delivery loop, started in the app's lifespan beside the sweeper; `wake()` after an
+    enqueue pushes at once."""
+    return Periodic("broker-outbox", broker.settings.outbox_interval_seconds, lambda: deliver_due(broker), log)

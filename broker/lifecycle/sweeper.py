@@ -9,9 +9,6 @@ credentials have outlived (AWS deny entries).
 from __future__ import annotations
 
 import logging
-import secrets
-import threading
-import time
 from datetime import datetime, timedelta
 
 from broker.db import utcnow
@@ -23,8 +20,8 @@ from broker.leases.revocation import (
     revoke_leases,
 )
 from broker.lifecycle.reconciler import Every, reconcile_periodic
-from broker.logs import REQUEST_ID
 from broker.metrics import SWEEP_LAST, SWEEP_SECONDS
+from broker.periodic import Periodic
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 
@@ -77,31 +74,12 @@ def sweep_once(broker: Broker, *, now: datetime | None = None) -> RevokeSummary:
     return total
 
 
-class Sweeper:
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="broker-sweeper", daemon=True)
+def sweeper(broker: Broker) -> Periodic:
+    """The background sweep, every `sweep_interval_seconds`."""
 
-    def start(self) -> None:
-        self._thread.start()
+    def timed_pass() -> None:
+        with SWEEP_SECONDS.time():
+            sweep_once(broker)
+        SWEEP_LAST.set_to_current_time()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        interval = self._broker.settings.sweep_interval_seconds
-        while not self._stop.is_set():
-            started = time.monotonic()
-            token = REQUEST_ID.set("sweep_" + secrets.token_hex(6))  # ties a pass's log lines together
-            try:
-                with SWEEP_SECONDS.time():
-                    sweep_once(self._broker)
-                SWEEP_LAST.set_to_current_time()
-            except Exception:  # one bad pass must not end sweeping
-                log.exception("sweep failed; next pass in %.1fs", interval)
-            finally:
-                REQUEST_ID.reset(token)
-            # A pass starts every `interval`: a long pass does not push the next one further out.
-            self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+    return Periodic("broker-sweeper", broker.settings.sweep_interval_seconds, timed_pass, log)

@@ -20,8 +20,6 @@ leases' check by one interval, and revocation itself is claim-safe (`revoke_leas
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,6 +32,7 @@ from broker.audit.service import append_many
 from broker.db import is_postgres, transaction, utcnow
 from broker.leases.revocation import revoke_leases
 from broker.models import Lease, SessionRow
+from broker.periodic import Periodic
 from broker.policy import CompiledPolicy, LivePermission
 from broker.runtime import Broker
 
@@ -158,28 +157,8 @@ def _rule_of(policy: CompiledPolicy, lease: _Claimed) -> str | None:
     return rule.human_permission.rule if rule is not None and rule.human_permission is not None else None
 
 
-class PermissionRechecker:
-    """Runs `recheck_once` every `permission_recheck_seconds`, beside the sweeper."""
-
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="broker-permission-recheck", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        interval = self._broker.settings.permission_recheck_seconds
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                recheck_once(self._broker)
-            except Exception:  # one bad pass must not end re-checking
-                log.exception("permission re-check failed; next pass in %.1fs", interval)
-            # A pass every interval; each lease is due once per interval, so a finer tick gains nothing.
-            self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+def permission_rechecker(broker: Broker) -> Periodic:
+    """`recheck_once` every `permission_recheck_seconds`, beside the sweeper. Each lease is due
+    once per interval, so a finer tick gains nothing."""
+    return Periodic("broker-permission-recheck", broker.settings.permission_recheck_seconds,
+                    lambda: recheck_once(broker), log)

@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import threading
@@ -22,8 +23,9 @@ import httpx
 import pytest
 
 from tests.support.brokers import TEST_POLICY, BrokerSecrets, LiveServer, build_broker
+from tests.support.children import die_with_parent, terminate
 from tests.support.oidc import OidcProvider, cli_login
-from tests.support.processes import BROKER_CLI, _die_with_parent, terminate
+from tests.support.processes import BROKER_CLI
 
 
 @pytest.fixture
@@ -132,7 +134,7 @@ def test_login_token_is_sent_to_its_own_broker_only(oidc_provider: OidcProvider,
 
 def test_login_refused_when_the_person_declines(oidc_provider: OidcProvider, person: dict[str, str]) -> None:
     proc = subprocess.Popen([BROKER_CLI, "login"], env=person, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_die_with_parent)
+                            text=True, preexec_fn=die_with_parent(signal.SIGTERM))
     try:
         assert proc.stdout is not None
         for line in proc.stdout:

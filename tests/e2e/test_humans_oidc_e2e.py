@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,8 +25,9 @@ import httpx
 import pytest
 
 from tests.support.brokers import STANDARD_TIERS, BrokerSecrets
+from tests.support.children import die_with_parent, terminate
 from tests.support.oidc import ORCHESTRATOR_CLIENT_ID, OidcProvider, cli_login
-from tests.support.processes import BROKER_CLI, BrokerProcess, _die_with_parent, migrate, terminate
+from tests.support.processes import BROKER_CLI, BrokerProcess, migrate
 from tests.support.receiver import Receiver
 
 POLICY = STANDARD_TIERS + """\
@@ -110,7 +112,7 @@ def test_merge_waits_for_a_person_who_signs_in_and_approves(
     # The agent asks to deploy: merge_deploy needs a maintainer's approval, so it waits.
     agent = subprocess.Popen([sys.executable, "-c", AGENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "BROKER_URL": url, "AGENT_TOKEN": session["session_token"]},
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=die_with_parent(signal.SIGTERM))
     try:
         assert agent.stdout is not None
         requested = json.loads(agent.stdout.readline())

@@ -10,24 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.brokers import PAYMENTS_API, STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
 
-APPROVALS_POLICY = """\
-version: 1
-tiers:
-  read:         {control: auto,     max_ttl: 1h}
-  write:        {control: auto,     max_ttl: 30m}
-  review:       {control: auto,     max_ttl: 30m}
-  merge_deploy: {control: approval, max_ttl: 10m, approvers: [group:maintainers]}
-  secret:       {control: approval, max_ttl: 10m, approvers: [group:security, erin@example.com], min_approvals: 2}
-  destructive:  {control: deny}
-resources:
-  - match: "jwt://payments-api"
-    provider: native
-    access:
-      read:   {tier: read,  scope: "ledger:read"}
-      write:  {tier: write, scope: "ledger:write"}
-      deploy: {tier: merge_deploy, scope: "ledger:deploy"}
+# The standard tiers, but secrets take two distinct approvers (four eyes), erin named by email.
+APPROVALS_POLICY = STANDARD_TIERS.replace(
+    "secret:       {control: approval, max_ttl: 10m, approvers: [group:security]}",
+    "secret:       {control: approval, max_ttl: 10m, approvers: [group:security, erin@example.com], min_approvals: 2}",
+) + "resources:\n" + PAYMENTS_API + """\
       rotate: {tier: secret, scope: "ledger:rotate"}
       drop:   {tier: destructive}
 humans:
@@ -70,3 +59,5 @@ def humans_api(database_url: str, tmp_path: Path) -> Iterator[Api]:
 
 def agent(session: dict[str, Any]) -> dict[str, str]:
     return {"Authorization": f"Bearer {session['session_token']}"}
+
+assert "min_approvals: 2" in APPROVALS_POLICY, "STANDARD_TIERS' secret line changed; update APPROVALS_POLICY"

@@ -37,14 +37,17 @@ tiers:
   destructive:  {control: deny}
 """
 
-TEST_POLICY = STANDARD_TIERS + """\
-resources:
+# The native resource most tests ask for; a policy adds accesses below it (drop, rotate ...).
+PAYMENTS_API = """\
   - match: "jwt://payments-api"
     provider: native
     access:
       read:   {tier: read,  scope: "ledger:read"}
       write:  {tier: write, scope: "ledger:write"}
       deploy: {tier: merge_deploy, scope: "ledger:deploy"}
+"""
+
+TEST_POLICY = STANDARD_TIERS + "resources:\n" + PAYMENTS_API + """\
       drop:   {tier: destructive}
   - match: "jwt://svc/*"
     provider: native

@@ -39,7 +39,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.processes import terminate
+from tests.support.children import die_with_parent, terminate
 
 PROVIDER_DIR = Path(__file__).parent / "oidc_provider"
 AUDIENCE = "api://jit-broker"
@@ -145,7 +145,7 @@ class OidcProvider:
         logf = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after start()
         self.proc = subprocess.Popen([node, str(PROVIDER_DIR / "provider.js"), str(config_path)], cwd=PROVIDER_DIR,
                                      stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent(signal.SIGTERM))
         logf.close()
         line: list[bytes] = []
         reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
@@ -239,7 +239,7 @@ def cli_login(provider: OidcProvider, env: dict[str, str], login: str, *args: st
     from tests.support.processes import BROKER_CLI
 
     proc = subprocess.Popen([BROKER_CLI, "login", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_die_with_parent)
+                            text=True, preexec_fn=die_with_parent(signal.SIGTERM))
     try:
         assert proc.stdout is not None and proc.stderr is not None
         shown = []
@@ -255,14 +255,6 @@ def cli_login(provider: OidcProvider, env: dict[str, str], login: str, *args: st
         return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(shown) + out, err)
     finally:
         terminate(proc)
-
-
-def _die_with_parent() -> None:
-    """Linux: the provider gets SIGTERM if pytest itself is killed, so none outlives a run."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(scope="session")
