@@ -11,8 +11,10 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
@@ -41,6 +43,21 @@ EMBEDDED_WARNING = (
 EMBEDDED_HUMAN = "dev@example.com"
 
 
+def _generated(path: Path, make: Callable[[], str]) -> str:
+    """The secret in `path`, written (0600 from creation) the first time."""
+    if not path.exists():
+        crypto.write_secret(path, make() + "\n")
+    return path.read_text().strip()
+
+
+def _token(prefix: str) -> Callable[[], str]:
+    return lambda: prefix + secrets.token_urlsafe(32)
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
 def prepare_embedded(settings: Settings) -> Settings:
     """Fill in what the embedded default may generate; never overwrite what exists."""
     state = settings.state_dir
@@ -51,28 +68,15 @@ def prepare_embedded(settings: Settings) -> Settings:
     if settings.signing_key_dir is None:
         updates["signing_key_dir"] = state / "signing-keys"
     if settings.encryption_key is None:
-        key_file = state / "encryption-key"
-        if not key_file.exists():
-            crypto.write_secret(key_file, crypto.new_key() + "\n")
-        updates["encryption_key"] = SecretStr(key_file.read_text().strip())
+        updates["encryption_key"] = SecretStr(_generated(state / "encryption-key", crypto.new_key))
     if settings.admin_token_sha256 is None:
-        token_file = state / "admin-token"
-        if not token_file.exists():
-            crypto.write_secret(token_file, "jbadm_" + secrets.token_urlsafe(32) + "\n")
-        updates["admin_token_sha256"] = hashlib.sha256(token_file.read_text().strip().encode()).hexdigest()
+        updates["admin_token_sha256"] = _digest(_generated(state / "admin-token", _token("jbadm_")))
     if not settings.orchestrator_api_keys:
-        key_file = state / "orchestrator-key"
-        if not key_file.exists():
-            crypto.write_secret(key_file, "jborc_" + secrets.token_urlsafe(32) + "\n")
-        digest = hashlib.sha256(key_file.read_text().strip().encode()).hexdigest()
+        digest = _digest(_generated(state / "orchestrator-key", _token("jborc_")))
         updates["orchestrator_api_keys"] = f"local-orchestrator={digest}"
     if not settings.human_tokens:
         # The trial user of the example policy, so one person can try the human side too.
-        token_file = state / "human-token"
-        if not token_file.exists():
-            crypto.write_secret(token_file, "jbhum_" + secrets.token_urlsafe(32) + "\n")
-        digest = hashlib.sha256(token_file.read_text().strip().encode()).hexdigest()
-        updates["human_tokens"] = f"{EMBEDDED_HUMAN}={digest}"
+        updates["human_tokens"] = f"{EMBEDDED_HUMAN}={_digest(_generated(state / 'human-token', _token('jbhum_')))}"
     if settings.policy_file is None:
         policy = state / "policy.yaml"
         if not policy.exists():

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from broker.errors import BrokerError, ConfigError
 from broker.metrics import PERMISSION_ANSWERS
 from broker.permissions.base import UNKNOWN, PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth
 from broker.permissions.cache import AnswerCache
+from broker.plugins import build_named
 from broker.policy import CompiledPolicy, LivePermission
 
 log = logging.getLogger("broker.permissions")
@@ -45,24 +44,15 @@ class UnconfiguredSource:
         pass
 
 
-def available() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
-
-
 def build(names: set[str] | frozenset[str], ctx: SourceContext, *, tolerate_missing: bool) -> dict[str, PermissionSource]:
-    found = available()
-    out: dict[str, PermissionSource] = {}
-    for name in sorted(names):
-        if name not in found:
-            raise ConfigError(f"the policy names permission source {name!r}, but no entry point {GROUP}:{name} is installed")
-        try:
-            out[name] = found[name].load().from_context(ctx)
-        except (BrokerError, ImportError) as exc:
-            if not tolerate_missing:
-                raise ConfigError(f"permission source {name!r} cannot start: {exc}") from exc
-            log.warning("permission source %s is not configured (%s); rules naming it deny", name, exc)
-            out[name] = UnconfiguredSource(name, str(exc))
-    return out
+    def make(name: str, factory: Any) -> PermissionSource:
+        source: PermissionSource = factory.from_context(ctx)
+        return source
+
+    def placeholder(name: str, exc: Exception) -> PermissionSource:
+        return UnconfiguredSource(name, str(exc))
+
+    return build_named(GROUP, "permission source", names, make, placeholder if tolerate_missing else None)
 
 
 class LivePermissions:

@@ -7,10 +7,10 @@ group; the broker is not edited. Only providers the policy names are built.
 from __future__ import annotations
 
 import logging
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from broker.errors import BrokerError, ConfigError, ProviderMisconfigured
+from broker.errors import ConfigError, ProviderMisconfigured
+from broker.plugins import build_named
 from broker.providers.base import Grant, Minted, Provider, ProviderContext, ProviderHealth, RevokeTarget
 
 log = logging.getLogger("broker.providers")
@@ -41,24 +41,13 @@ class UnconfiguredProvider(Provider):
         return ProviderHealth(False, f"not configured: {self.reason}")
 
 
-def available() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
-
-
 def build(names: set[str], ctx: ProviderContext, *, tolerate_missing: bool) -> dict[str, Provider]:
-    found = available()
-    out: dict[str, Provider] = {}
-    for name in sorted(names):
-        if name not in found:
-            raise ConfigError(f"the policy names provider {name!r}, but no entry point {GROUP}:{name} is installed")
-        try:
-            factory = found[name].load()
-            if not (isinstance(factory, type) and issubclass(factory, Provider)):
-                raise ConfigError(f"entry point {GROUP}:{name} is not a broker.providers.base.Provider subclass")
-            out[name] = factory.from_context(ctx)
-        except (BrokerError, ImportError) as exc:
-            if not tolerate_missing:
-                raise ConfigError(f"provider {name!r} cannot start: {exc}") from exc
-            log.warning("provider %s is not configured (%s); requests for it will fail", name, exc)
-            out[name] = UnconfiguredProvider(name, str(exc))
-    return out
+    def make(name: str, factory: Any) -> Provider:
+        if not (isinstance(factory, type) and issubclass(factory, Provider)):
+            raise ConfigError(f"entry point {GROUP}:{name} is not a broker.providers.base.Provider subclass")
+        return factory.from_context(ctx)
+
+    def placeholder(name: str, exc: Exception) -> Provider:
+        return UnconfiguredProvider(name, str(exc))
+
+    return build_named(GROUP, "provider", names, make, placeholder if tolerate_missing else None)

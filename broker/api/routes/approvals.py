@@ -60,19 +60,21 @@ async def get_approval(
     return ApprovalView.model_validate(body)
 
 
-@router.post("/{approval_id}/approve", response_model=ApprovalView, responses=ERRORS)
-def approve(approval_id: str, request: Request, broker: BrokerDep, caller: AnyCaller,
-            body: ApprovalDecide | None = None) -> ApprovalView:
-    result = service.decide(broker, caller, approval_id, "approve", body.reason if body else None)
+def _decide(approval_id: str, verdict: str, request: Request, broker: BrokerDep, caller: AnyCaller,
+            body: ApprovalDecide | None) -> ApprovalView:
+    result = service.decide(broker, caller, approval_id, verdict, body.reason if body else None)
     _signals(request).notify(approval_id)
     _woke(request)
     return ApprovalView.model_validate(result)
+
+
+@router.post("/{approval_id}/approve", response_model=ApprovalView, responses=ERRORS)
+def approve(approval_id: str, request: Request, broker: BrokerDep, caller: AnyCaller,
+            body: ApprovalDecide | None = None) -> ApprovalView:
+    return _decide(approval_id, "approve", request, broker, caller, body)
 
 
 @router.post("/{approval_id}/deny", response_model=ApprovalView, responses=ERRORS)
 def deny(approval_id: str, request: Request, broker: BrokerDep, caller: AnyCaller,
          body: ApprovalDecide | None = None) -> ApprovalView:
-    result = service.decide(broker, caller, approval_id, "deny", body.reason if body else None)
-    _signals(request).notify(approval_id)
-    _woke(request)
-    return ApprovalView.model_validate(result)
+    return _decide(approval_id, "deny", request, broker, caller, body)
