@@ -14,8 +14,9 @@ import json
 import math
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def loads_bounded(raw: bytes | str, limits: JsonLimits = BODY_LIMITS) -> Any:
     return value
 
 
+T = TypeVar("T")
 _DEEP_RECURSION_LIMIT = 20_000
 # The recursion limit is process-wide: one deep read at a time, so no thread lowers it back
 # while another is still deep inside its parse.
@@ -133,29 +135,23 @@ def loads_stored(text: str | bytes) -> Any:
     Records written before the door refused deep values may nest up to Python's default
     recursion limit; a reader must never fail on them, so a parse that runs out of recursion
     is retried with a higher limit (the C decoder's frames are small; 20,000 fits the stack)."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        pass
-    with _DEEP:
-        previous = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(previous, _DEEP_RECURSION_LIMIT))
-        try:
-            return json.loads(text)
-        finally:
-            sys.setrecursionlimit(previous)
+    return _tolerating_depth(lambda: json.loads(text))
 
 
 def dumps_stored(value: Any, **kwargs: Any) -> str:
     """json.dumps for values read by `loads_stored`, with the same tolerance for depth."""
+    return _tolerating_depth(lambda: json.dumps(value, **kwargs))
+
+
+def _tolerating_depth(run: Callable[[], T]) -> T:
     try:
-        return json.dumps(value, **kwargs)
+        return run()
     except RecursionError:
         pass
     with _DEEP:
         previous = sys.getrecursionlimit()
         sys.setrecursionlimit(max(previous, _DEEP_RECURSION_LIMIT))
         try:
-            return json.dumps(value, **kwargs)
+            return run()
         finally:
             sys.setrecursionlimit(previous)

@@ -153,27 +153,9 @@ class GitHubProvider(Provider):
 
     def mint(self, grant: Grant) -> Minted:
         owner, repo = parse_resource(grant.resource)
-        asked = requested_permissions(grant.options)
-        installation_id, body = self._create_token(owner, repo, asked)
-
-        token = body.get("token")
-        if not isinstance(token, str) or not token:
-            raise ProviderRejected("GitHub answered 201 without a token", github_status=201)
-        try:
-            expires_at = _parse_time(body.get("expires_at"))
-            permissions, repositories = _check_not_broader(body, owner, repo, asked)
-        except _Unacceptable as exc:
-            revoked = self._revoke_quietly(token)
-            log.error(
-                "github: token for %s/%s is not what was asked (%s); revoke %s; fingerprint %s",
-                owner, repo, exc, "confirmed" if revoked else "FAILED, it expires within the hour",
-                fingerprint(token),
-            )
-            raise ProviderRejected(
-                f"GitHub's token for {owner}/{repo} is not what was asked ({exc}); "
-                + ("it was revoked" if revoked else "revoking it failed; it expires by itself within the hour"),
-                revoked=revoked,
-            ) from None
+        installation_id, token, body, permissions, repositories = self._narrowed_token(
+            owner, repo, requested_permissions(grant.options))
+        expires_at = _parse_time(body.get("expires_at"))
 
         return Minted(
             credential={
@@ -224,17 +206,34 @@ class GitHubProvider(Provider):
     def issue_installation_token(self, owner: str, repo: str, permissions: dict[str, str]) -> tuple[str, datetime]:
         """A token of the App's installation on owner/repo for the broker's own use, never handed
         out; narrowed and checked exactly like a mint. Returns (token, GitHub's expiry)."""
-        _, body = self._create_token(owner, repo, permissions)
+        _, token, body, _, _ = self._narrowed_token(owner, repo, permissions)
+        return token, _parse_time(body.get("expires_at"))
+
+    def _narrowed_token(self, owner: str, repo: str, asked: dict[str, str]
+                        ) -> tuple[int, str, dict[str, Any], dict[str, str], list[str]]:
+        """An installation token for exactly (owner/repo, asked), checked against what GitHub
+        answered: (installation id, token, GitHub's body, permissions, repositories). A token
+        broader than asked is revoked at once and refused."""
+        installation_id, body = self._create_token(owner, repo, asked)
         token = body.get("token")
         if not isinstance(token, str) or not token:
             raise ProviderRejected("GitHub answered 201 without a token", github_status=201)
         try:
-            expires_at = _parse_time(body.get("expires_at"))
-            _check_not_broader(body, owner, repo, permissions)
+            _parse_time(body.get("expires_at"))
+            permissions, repositories = _check_not_broader(body, owner, repo, asked)
         except _Unacceptable as exc:
-            self._revoke_quietly(token)
-            raise ProviderRejected(f"GitHub's token for {owner}/{repo} is not what was asked ({exc})") from None
-        return token, expires_at
+            revoked = self._revoke_quietly(token)
+            log.error(
+                "github: token for %s/%s is not what was asked (%s); revoke %s; fingerprint %s",
+                owner, repo, exc, "confirmed" if revoked else "FAILED, it expires within the hour",
+                fingerprint(token),
+            )
+            raise ProviderRejected(
+                f"GitHub's token for {owner}/{repo} is not what was asked ({exc}); "
+                + ("it was revoked" if revoked else "revoking it failed; it expires by itself within the hour"),
+                revoked=revoked,
+            ) from None
+        return installation_id, token, body, permissions, repositories
 
     def get(self, path: str, action: str, *, bearer: str) -> httpx.Response:
         """One GET as the given token; transport failures are ProviderUnavailable."""
