@@ -21,6 +21,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from jwt.types import Options
 
 from broker.crypto import write_secret
 from broker.errors import ConfigError, Unauthenticated
@@ -59,6 +60,21 @@ def rotate(directory: Path) -> str:
     _write_private(directory / f"{kid}.pem", Ed25519PrivateKey.generate())
     return kid
 
+
+
+def jwt_options(require: list[str], *, audience: bool) -> Options:
+    """pyjwt's decode options, every one spelled out (defaults too): a claim in `require` must be
+    present; signature, expiry, not-before, issued-at and issuer are always checked; the
+    audience where the caller names one."""
+    return {
+        "require": require,
+        "verify_signature": True,
+        "verify_exp": True,
+        "verify_nbf": True,
+        "verify_iat": True,
+        "verify_iss": True,
+        "verify_aud": audience,
+    }
 
 class KeyRing:
     def __init__(self, keys: list[SigningKey], retire_after: int) -> None:
@@ -143,14 +159,7 @@ class KeyRing:
                 audience=audience,
                 issuer=issuer,
                 leeway=0,  # the broker signs and checks with one clock
-                options={
-                    "require": ["iss", "exp", "iat", "jti", "token_use"],
-                    "verify_signature": True,
-                    "verify_exp": True,
-                    "verify_iat": True,
-                    "verify_iss": True,
-                    "verify_aud": audience is not None,
-                },
+                options=jwt_options(["iss", "exp", "iat", "jti", "token_use"], audience=audience is not None),
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthenticated("token expired", code="token-expired") from exc

@@ -30,6 +30,7 @@ from jwt import PyJWK, PyJWKSet
 
 from broker.errors import ConfigError, IdentityProviderUnavailable, Unauthenticated
 from broker.identity.callers import Caller
+from broker.identity.keys import jwt_options
 
 log = logging.getLogger("broker.identity")
 
@@ -268,15 +269,7 @@ class OidcVerifier:
                 audience=self.config.audience,  # one audience: tokens for other APIs are not logins here
                 issuer=self.config.issuer,
                 leeway=self.config.leeway_seconds,  # two clocks (IdP, broker); bounded at 60 s
-                options={
-                    "require": ["iss", "aud", "exp", "iat", "sub"],
-                    "verify_signature": True,
-                    "verify_exp": True,
-                    "verify_nbf": True,
-                    "verify_iat": True,
-                    "verify_iss": True,
-                    "verify_aud": True,
-                },
+                options=jwt_options(["iss", "aud", "exp", "iat", "sub"], audience=True),
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthenticated("token expired", code="token-expired") from exc

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from broker.errors import InvalidRequest
+
+T = TypeVar("T")
 
 MAX_RESOURCE_LENGTH = 512
 
@@ -163,10 +166,15 @@ def _parse_pattern(pattern: object) -> str:
 
 def parse_resource(uri: str) -> Resource:
     """The canonical form of a concrete resource; InvalidRequest `invalid-resource` otherwise."""
+    return _or_invalid(_parse, "resource", uri)
+
+
+def _or_invalid(parse: Callable[[str], T], what: str, text: str) -> T:
+    """`parse(text)`, its refusal turned into InvalidRequest `invalid-resource` naming `what`."""
     try:
-        return _parse(uri)
+        return parse(text)
     except _Refused as exc:
-        raise InvalidRequest(f"resource {uri!r} {exc}", code="invalid-resource") from None
+        raise InvalidRequest(f"{what} {text!r} {exc}", code="invalid-resource") from None
 
 
 def canonical_resource(uri: str) -> str:
@@ -196,10 +204,7 @@ def pattern_problem(pattern: str) -> str | None:
 
 def canonical_pattern(pattern: str) -> str:
     """The canonical form of a resource glob, or InvalidRequest `invalid-resource`."""
-    try:
-        return _parse_pattern(pattern)
-    except _Refused as exc:
-        raise InvalidRequest(f"resource pattern {pattern!r} {exc}", code="invalid-resource") from None
+    return _or_invalid(_parse_pattern, "resource pattern", pattern)
 
 
 def validate_pattern(pattern: str) -> str:
