@@ -123,6 +123,7 @@ class Settings(BaseSettings):
     outbox_interval_seconds: float = Field(default=1.0, gt=0)
     outbox_max_attempts: int = Field(default=20, ge=1)
     outbox_timeout_seconds: float = Field(default=5.0, gt=0)
+
     # --- live permission sources ----------------------------------------------------------------
     # How long a live source's allow/deny is reused: a burst costs one backend call, and a human
     # who lost a permission keeps it at most this long for new requests (the re-check below ends
