@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     vault_token_role: str = "jit-broker"
 
     aws_region: str = "us-east-1"
+    # The account the broker's AWS identity lives in. Policy rules for roles of any other account
+    # are refused when the policy loads (the broker can only revoke on its own account's roles).
+    # None: asked of STS (GetCallerIdentity) at start when the policy uses the aws provider.
+    aws_account_id: str | None = Field(default=None, pattern=r"^\d{12}$")
     # Set for a local STS/IAM (moto) or a VPC endpoint; None means AWS's public endpoints.
     aws_endpoint_url: str | None = None
 

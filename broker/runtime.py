@@ -126,6 +126,9 @@ class Broker:
         providers = build_providers(
             names, ProviderContext(settings=settings, keyring=keyring), tolerate_missing=settings.embedded
         )
+        account = _own_aws_account(settings, providers)
+        if account is not None:
+            policies.adopt_aws_account(account)  # PolicyError: refused at start like any bad file
         source_names = set(policies.current.live_sources())
         if policies.shadow is not None:
             source_names |= policies.shadow.live_sources()
@@ -148,3 +151,26 @@ class Broker:
             return self.providers[name]
         except KeyError:
             raise ProviderMisconfigured(f"provider {name!r} was not built; reload the broker after adding it") from None
+
+
+def _own_aws_account(settings: Settings, providers: dict[str, Provider]) -> str | None:
+    """The broker's own AWS account: BROKER_AWS_ACCOUNT_ID, else STS when the aws provider runs.
+
+    Unknown (STS unreachable at start) leaves the request-time check alone in force, with a warning.
+    """
+    if settings.aws_account_id:
+        return settings.aws_account_id
+    provider = providers.get("aws")
+    if provider is None:
+        return None
+    from broker.errors import ProviderError
+    from broker.providers.aws import AwsProvider
+
+    if not isinstance(provider, AwsProvider):
+        return None
+    try:
+        return provider.account_id()
+    except ProviderError as exc:
+        log.warning("aws: cannot learn the broker's own account at start (%s); set BROKER_AWS_ACCOUNT_ID so "
+                    "policies with rules for other accounts are refused when they load", exc.code)
+        return None
