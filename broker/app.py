@@ -17,13 +17,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from broker import __version__
-from broker.api.guard import RequestGuard
+from broker.api.guard import RequestGuard, declare_guard_responses
 from broker.api.routes import (
     approvals,
     audit,
     capabilities,
     grants,
     health,
+    hooks,
+    identity,
     policy,
     revocations,
     sessions,
@@ -172,10 +174,17 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
     app.state.approval_signals = ApprovalSignals()
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
-                   webhooks.router, policy.router, audit.router, tokens.router, health.router):
+                   webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router):
         app.include_router(router)
     app.add_middleware(RequestGuard)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id and a log line
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = declare_guard_responses(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -73,10 +73,13 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and key not in out and not key.startswith("_"):
                 # structured fields bypass the message's redaction: redact strings here too
                 out[key] = redaction.redact(value) if isinstance(value, str) else value
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+        # The redacting filter leaves the redacted traceback in exc_text; never re-format the raw one.
+        if record.exc_text:
+            out["exception"] = redaction.redact(record.exc_text)
+        elif record.exc_info:
+            out["exception"] = redaction.redact(self.formatException(record.exc_info))
         if record.stack_info:
-            out["stack"] = self.formatStack(record.stack_info)
+            out["stack"] = redaction.redact(self.formatStack(record.stack_info))
         return json.dumps(out, default=str, ensure_ascii=False)
 
 

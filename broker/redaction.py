@@ -16,7 +16,8 @@ A secret without a shape (a database password OpenBao generated) is only protect
 first lock and by never being logged, which `tests/integration/test_secret_canary.py` checks.
 
 API: `RedactingFilter` (a `logging.Filter`), `install(handler_or_logger)` (adds it, and for a
-logger also to each of its handlers), `silence_wire_loggers()`, `redact(text)`.
+logger also to each of its handlers), `silence_wire_loggers()`, `redact(text)`. Wired by
+`broker.logs.configure_logging`, the one place that sets up logging.
 """
 
 from __future__ import annotations
@@ -121,11 +122,3 @@ def silence_wire_loggers(level: int = logging.WARNING) -> None:
     for name in (*WIRE_LOGGERS, "botocore.parsers", "botocore.endpoint", "botocore.hooks", "botocore.auth",
                  "botocore.retryhandler", "urllib3.connectionpool"):
         logging.getLogger(name).setLevel(level)
-
-
-def configure(level: str, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
-    """The broker's logging: the given level for its own loggers, wire loggers quiet, every
-    handler of the root logger redacting. Used by `broker-cli serve` and the app factory."""
-    logging.basicConfig(level=level.upper(), format=fmt)
-    silence_wire_loggers()
-    install(logging.getLogger())

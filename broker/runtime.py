@@ -22,6 +22,7 @@ from broker import crypto
 from broker.config import Settings
 from broker.db import make_engine
 from broker.identity.keys import KeyRing
+from broker.identity.oidc import OidcVerifier
 from broker.permissions.base import SourceContext
 from broker.permissions.registry import LivePermissions
 from broker.permissions.registry import build as build_sources
@@ -96,6 +97,8 @@ class Broker:
     keyring: KeyRing
     providers: dict[str, Provider]
     sealer: crypto.Sealer
+    # Humans (and client-credentials orchestrators) through the configured IdP; None without one.
+    oidc: OidcVerifier | None = None
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
     # Live permission sources the policy names (github, openbao, ...), with their answer cache.
     permissions: LivePermissions = field(default_factory=lambda: LivePermissions({}, 0))
@@ -115,6 +118,7 @@ class Broker:
             create=settings.embedded,
         )
         sealer = crypto.Sealer(crypto.decode_key(settings.encryption_key.get_secret_value()))
+        oidc_config = settings.oidc_config()
         names = {r.provider for r in policies.current.resources}
         if policies.shadow is not None:
             names |= {r.provider for r in policies.shadow.resources}
@@ -122,6 +126,9 @@ class Broker:
         providers = build_providers(
             names, ProviderContext(settings=settings, keyring=keyring), tolerate_missing=settings.embedded
         )
+        account = _own_aws_account(settings, providers)
+        if account is not None:
+            policies.adopt_aws_account(account)  # PolicyError: refused at start like any bad file
         source_names = set(policies.current.live_sources())
         if policies.shadow is not None:
             source_names |= policies.shadow.live_sources()
@@ -133,6 +140,7 @@ class Broker:
             keyring=keyring,
             providers=providers,
             sealer=sealer,
+            oidc=OidcVerifier(oidc_config) if oidc_config else None,
             permissions=LivePermissions(sources, settings.permission_cache_seconds),
         )
 
@@ -143,3 +151,26 @@ class Broker:
             return self.providers[name]
         except KeyError:
             raise ProviderMisconfigured(f"provider {name!r} was not built; reload the broker after adding it") from None
+
+
+def _own_aws_account(settings: Settings, providers: dict[str, Provider]) -> str | None:
+    """The broker's own AWS account: BROKER_AWS_ACCOUNT_ID, else STS when the aws provider runs.
+
+    Unknown (STS unreachable at start) leaves the request-time check alone in force, with a warning.
+    """
+    if settings.aws_account_id:
+        return settings.aws_account_id
+    provider = providers.get("aws")
+    if provider is None:
+        return None
+    from broker.errors import ProviderError
+    from broker.providers.aws import AwsProvider
+
+    if not isinstance(provider, AwsProvider):
+        return None
+    try:
+        return provider.account_id()
+    except ProviderError as exc:
+        log.warning("aws: cannot learn the broker's own account at start (%s); set BROKER_AWS_ACCOUNT_ID so "
+                    "policies with rules for other accounts are refused when they load", exc.code)
+        return None

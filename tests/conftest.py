@@ -8,4 +8,6 @@ pytest_plugins = [
     "tests.support.openbao",
     "tests.support.aws_moto",
     "tests.support.github_standin",
+    "tests.support.git_server",
+    "tests.support.oidc",
 ]

@@ -287,7 +287,7 @@ def redeem(db: Session, approval_id: str, session: SessionRow, binding: Binding,
     return approval
 
 
-def mark_used(db: Session, approval: Approval, capability_id: str, now: datetime) -> None:
+def mark_used(db: Session, approval: Approval, capability_id: str | None, now: datetime) -> None:
     approval.status, approval.used_at, approval.capability_id = "used", now, capability_id
     db.add(approval)
     observe_approval_outcome(approval, "used", now)

@@ -1,9 +1,10 @@
 """The CLI's HTTP client: BROKER_URL and a bearer token, errors shown as the broker said them.
 
-Which token: `BROKER_TOKEN` if set; otherwise the embedded default's local files in
-`BROKER_STATE_DIR` (default `.broker/`), `<identity>-token`, where the identity is chosen with
-`broker-cli --as human|admin` (or `BROKER_AS`), else the command's own preference (humans'
-commands prefer `human-token`), else `admin-token`.
+Which token: `BROKER_TOKEN` if set; else, unless an identity is chosen explicitly with
+`broker-cli --as human|admin` (or `BROKER_AS`), the person's sign-in from `broker-cli login` for
+this broker (refreshed when near expiry); otherwise the embedded default's local files in
+`BROKER_STATE_DIR` (default `.broker/`), `<identity>-token`, where the identity is the chosen
+one, else the command's own preference (humans' commands prefer `human-token`), else `admin-token`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ def state_dir() -> Path:
 def token(prefer: str | None = None) -> str | None:
     if os.environ.get("BROKER_TOKEN"):
         return os.environ["BROKER_TOKEN"]
+    explicit = os.environ.get("BROKER_AS")
+    if not explicit:
+        from broker.cli.login import EXIT_LOGIN_REQUIRED, LoginRequired, current_token
+
+        try:
+            signed_in = current_token(broker_url())
+        except LoginRequired as exc:
+            typer.echo(f"error: {exc}; run `broker-cli login`", err=True)
+            raise typer.Exit(EXIT_LOGIN_REQUIRED) from exc
+        if signed_in:
+            return signed_in
     chosen = os.environ.get("BROKER_AS") or prefer
     # The embedded default's local tokens, for the person running `broker-cli dev` here.
     for identity in ([chosen] if os.environ.get("BROKER_AS") else [chosen, "admin"]):
@@ -64,6 +76,8 @@ def call(method: str, path: str, *, json: Any = None, params: dict[str, Any] | N
             typer.echo(f"error: {err.get('code', response.status_code)}: {err.get('message', response.text)}", err=True)
         except ValueError:
             typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
+        if response.status_code == 401:
+            typer.echo("hint: sign in with `broker-cli login` (or set BROKER_TOKEN)", err=True)
         raise typer.Exit(1)
     # loads_stored: an audit record of any depth the broker once accepted must not break a reader.
     return loads_stored(response.content) if response.content else None

@@ -1,5 +1,6 @@
-"""Who is calling: an agent (session token), an orchestrator (API key), a human (OIDC token,
-or a local human token in the embedded default) or the local admin.
+"""Who is calling: an agent (session token), an orchestrator (API key or OIDC client
+credentials), a human (OIDC token, see `broker.identity.oidc`, or a local human token in the
+embedded default) or the local admin.
 
 API keys and local human tokens are compared by SHA-256 digest only; the broker never holds
 them in clear.

@@ -5,7 +5,18 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from broker.policy.resources import canonical_pattern, pattern_problem
 
@@ -217,6 +228,67 @@ class Escalation(Strict):
     tiers: list[TierName] = Field(default_factory=lambda: list(DEFAULT_ESCALATION_TIERS))
 
 
+HookDecision = Literal["allow", "ask", "deny"]
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+    return value
+
+
+Regex = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=1024),
+    AfterValidator(_check_regex),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 1024,
+                    "description": "A Python regular expression."}),
+]
+# "github.com", "*.githubusercontent.com" (subdomains only), "registry.npmjs.org:443".
+_HOST_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+HostPattern = Annotated[
+    str, StringConstraints(pattern=rf"^(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*(:\d{{1,5}})?$", max_length=260)
+]
+RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
+class ToolRule(Strict):
+    """One rule of the tool-call gate: which calls it matches, and the tier (or decision) they get.
+
+    Every condition given must hold; none given but `tool` matches every call of that tool.
+    """
+
+    name: RuleName | None = None
+    tool: Regex = ".*"  # full match on the tool name: "Bash", "Write|Edit", "mcp__github__.*"
+    command: Regex | None = None  # searched in the Bash command and in each of its simple commands
+    path: Regex | None = None  # searched in tool_input.file_path / path / notebook_path
+    url: Regex | None = None  # searched in tool_input.url (WebFetch)
+    # Matches when a URL in the call goes to a host outside tools.allowed_hosts, or none can be found.
+    hosts: Literal["outside_allowlist"] | None = None
+    tier: TierName | None = None  # the tier's control decides: auto -> allow, approval -> ask, deny -> deny
+    decision: HookDecision | None = None  # or a decision outright
+    reason: str | None = Field(default=None, max_length=500)  # shown to the agent (or the human asked)
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> ToolRule:
+        if (self.tier is None) == (self.decision is None):
+            raise ValueError("a tool rule names exactly one of tier or decision")
+        return self
+
+
+class Tools(Strict):
+    """The tool-call gate (Claude Code PreToolUse hooks): rules in file order, first match wins."""
+
+    default: HookDecision = "ask"  # for a call no rule matches
+    # What a call whose tier needs approval is answered while no approval is granted: "ask" lets
+    # Claude Code ask its user too; "deny" leaves the broker's approvers as the only way.
+    approval_answer: Literal["ask", "deny"] = "ask"
+    allowed_hosts: list[HostPattern] = Field(default_factory=list)
+    rules: list[ToolRule] = Field(default_factory=list)
+
+
 class PolicyDocument(Strict):
     """A jit-broker policy file (version 1)."""
 
@@ -231,9 +303,29 @@ class PolicyDocument(Strict):
     budgets: Budgets | None = None
     rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
+    tools: Tools | None = None
 
 
 Path = tuple[str | int, ...]
+
+
+def aws_account_problems(doc: PolicyDocument, account: str | None) -> list[tuple[Path, str]]:
+    """aws resource rules must name one account literally, and (when known) the broker's own:
+    it can only revoke (PutRolePolicy) on roles of its own account, so it never mints elsewhere."""
+    problems: list[tuple[Path, str]] = []
+    for i, rule in enumerate(doc.resources):
+        if rule.provider != "aws":
+            continue
+        scheme, _, path = rule.match.partition("://")
+        rule_account = path.split("/", 1)[0]
+        if scheme != "aws" or not (len(rule_account) == 12 and rule_account.isdigit()):
+            problems.append((("resources", i, "match"),
+                             f"aws rule {rule.match!r} must name one account: aws://<12-digit account>/role/..."))
+        elif account is not None and rule_account != account:
+            problems.append((("resources", i, "match"),
+                             f"aws rule {rule.match!r} is for account {rule_account}, not the broker's own account "
+                             f"{account}: roles of other accounts cannot be revoked, so they are never minted"))
+    return problems
 
 
 def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
@@ -280,12 +372,16 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
                 if not answers:
                     problems.append((("resources", i, "human_permission", "require", access_name),
                                      "an empty list would deny this access always; remove the access instead"))
+    problems.extend(aws_account_problems(doc, None))
     seen_human: dict[str, str] = {}
     for email, human in doc.humans.items():
         # Humans are matched case-insensitively, so two spellings would be one person.
         if email.lower() in seen_human:
             problems.append((("humans", email), f"{email!r} repeats {seen_human[email.lower()]!r} (emails ignore case)"))
         seen_human.setdefault(email.lower(), email)
+    for i, tool_rule in enumerate(doc.tools.rules if doc.tools else []):
+        if tool_rule.tier is not None and tool_rule.tier not in doc.tiers:
+            problems.append((("tools", "rules", i, "tier"), f"tier {tool_rule.tier!r} is not defined in tiers"))
     # humans.X.groups may name a group with no `groups` entry: membership alone matters for
     # approvers such as "group:security", so that is not an error.
     return problems

@@ -12,6 +12,7 @@ on both databases.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +24,19 @@ import schemathesis
 from schemathesis.config import SchemathesisConfig
 
 from broker.app import create_app
+from broker.identity.callers import Caller
+from broker.sessions import service as sessions
+from broker.sessions.service import SessionAsk
 from tests.support.brokers import BrokerSecrets, build_broker
 
 ROOT = Path(__file__).parents[2]
-MAX_EXAMPLES = 8  # per operation, phase and caller kind
+# Per operation, phase and caller kind. Both can be changed to explore locally, e.g.
+# BROKER_FUZZ_SEED=1 BROKER_FUZZ_EXAMPLES=100 pytest tests/fuzz
+MAX_EXAMPLES = int(os.environ.get("BROKER_FUZZ_EXAMPLES", "8"))
+SEED = int(os.environ.get("BROKER_FUZZ_SEED", "20261122"))  # fixed: CI runs are reproducible
 
 CONFIG = SchemathesisConfig.from_dict({
-    "seed": 20261122,  # reproducible in CI; change it locally to explore
+    "seed": SEED,
     "generation": {"max-examples": MAX_EXAMPLES},
     # negative testing included: malformed input must be a 4xx, never a 5xx or an undeclared status
     "phases": {"stateful": {"enabled": False}},
@@ -74,14 +81,11 @@ class Served:
             "admin": {"Authorization": f"Bearer {self.secrets.admin_token}"},
             "human": {"Authorization": f"Bearer {self.secrets.human_tokens['alice@example.com']}"},  # local human token
         }
-        from starlette.testclient import TestClient
-
-        with TestClient(self.app) as client:
-            r = client.post("/v1/sessions", headers=self.headers["orchestrator"], json={
-                "human": "alice@example.com", "agent": "claude-code", "task_id": "fuzz", "ttl_seconds": 86400,
-                "scope": [{"resource": "jwt://**", "access": ["*"]}]})
-            assert r.status_code == 201, r.text
-        self.headers["agent"] = {"Authorization": f"Bearer {r.json()['session_token']}"}
+        # The orchestrator's step, through the service the route calls, without an HTTP client.
+        _, token = sessions.create(self.broker, Caller(kind="orchestrator", name="orch"), SessionAsk(
+            human="alice@example.com", agent="claude-code", task_id="fuzz", ttl_seconds=86400,
+            scope=[{"resource": "jwt://**", "access": ["*"]}]))
+        self.headers["agent"] = {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="module")

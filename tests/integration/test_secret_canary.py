@@ -21,15 +21,13 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from broker import redaction
 from broker.cli.main import app as cli
+from broker.logs import configure_logging
 from tests.integration.test_all_providers import POLICY, _dump
 from tests.support.aws_moto import MOTO_REGION, AwsRole
 from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
 from tests.support.github_standin import GitHubStandIn
 from tests.support.openbao import VaultDatabase, VaultSetup
-
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _WireCounter(logging.Handler):
@@ -46,26 +44,26 @@ class _WireCounter(logging.Handler):
             self.count += 1
 
 
-@pytest.fixture
-def debug_logs() -> Iterator[tuple[io.StringIO, _WireCounter]]:
+@pytest.fixture(params=["text", "json"])
+def debug_logs(request: pytest.FixtureRequest) -> Iterator[tuple[io.StringIO, _WireCounter]]:
+    """The broker's own logging set-up (`configure_logging`, as `serve` calls it) writing into a
+    buffer, in either format, then every logger there is turned all the way up."""
     root = logging.getLogger()
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(FORMAT))
-    root.addHandler(handler)
+    saved_handlers, saved_root = list(root.handlers), root.level
     saved = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
-    saved_root = root.level
-    redaction.configure("debug")  # what `broker-cli serve` does, handlers present included
+    stream = io.StringIO()
+    configure_logging("debug", request.param, stream=stream)
     counter = _WireCounter()
     root.addHandler(counter)
-    # ... and then every logger there is, SDKs included, turned all the way up.
     for lg in [root, *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]:
-        lg.setLevel(logging.DEBUG)
+        lg.setLevel(logging.DEBUG)  # SDKs included: the filter must hold even then
     try:
         yield stream, counter
     finally:
-        root.removeHandler(handler)
-        root.removeHandler(counter)
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved_handlers:
+            root.addHandler(h)
         root.setLevel(saved_root)
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
@@ -154,7 +152,7 @@ def test_no_secret_outside_its_one_mint_response(
     assert len(exported.output.splitlines()) >= 10 and json.loads(exported.output.splitlines()[0])
 
     logs = stream.getvalue()
-    assert "DEBUG" in logs and len(logs.splitlines()) > 20  # the broker did log, at DEBUG
+    assert "debug" in logs.lower() and len(logs.splitlines()) > 20  # the broker did log, at DEBUG
     assert wire.count > 0  # and the SDKs chattered at DEBUG; the filter kept it out
     places = {
         "log lines": logs,

@@ -14,7 +14,8 @@ import pytest
 from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget, fingerprint
 from broker.providers.vault import VaultProvider
-from tests.support.openbao import PG_ADMIN_DSN, OpenBaoServer, VaultDatabase, VaultSetup, configure_vault
+from tests.support.databases import admin_dsn
+from tests.support.openbao import OpenBaoServer, VaultDatabase, VaultSetup, configure_vault
 
 TOKEN_ACCESS = {"policies": ["kv-allowed"]}
 
@@ -40,7 +41,7 @@ def read_kv(server: OpenBaoServer, token: str, name: str) -> dict:
 
 
 def pg_role_exists(name: str) -> bool:
-    with psycopg.connect(PG_ADMIN_DSN) as conn:
+    with psycopg.connect(admin_dsn()) as conn:
         return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
 
 
