@@ -381,6 +381,9 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
             approval.status, outcome = "denied", "denied"
         elif approvals >= required:
             approval.status, outcome = "approved", "approved"
+            # The agent gets a full window to use it from now (never past its session).
+            approval.expires_at = min(now + timedelta(seconds=broker.settings.approval_ttl_seconds),
+                                      session.expires_at)
         else:
             outcome = "approval_recorded"
         if approval.status != "pending":
