@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func
 from sqlmodel import Session, col, or_, select
 
 from broker.approvals import outbox
@@ -33,6 +32,7 @@ from broker.audit.service import AuditEvent, append
 from broker.db import transaction, utcnow
 from broker.errors import BrokerError, Conflict, Denied, Forbidden, InvalidRequest, NotFound
 from broker.identity.callers import Caller
+from broker.identity.principals import canonical_human
 from broker.metrics import APPROVALS_OPENED, observe_approval_outcome
 from broker.models import Approval, ApprovalDecision, SessionRow
 from broker.permissions.service import needs_live_answer
@@ -45,6 +45,7 @@ from broker.policy import (
     named_approver,
 )
 from broker.runtime import Broker
+from broker.sessions.service import human_is
 
 STATUSES = ("pending", "approved", "denied", "expired", "used")
 LIVE = ("pending", "approved")
@@ -97,7 +98,7 @@ def effective_status(approval: Approval, session: SessionRow | None, now: dateti
 
 
 def _is_delegator(caller: Caller, session: SessionRow) -> bool:
-    return caller.kind == "human" and caller.name == session.human.lower()
+    return caller.kind == "human" and canonical_human(caller.name) == canonical_human(session.human)
 
 
 def _named(policy: CompiledPolicy, approval: Approval, caller: Caller) -> str | None:
@@ -321,7 +322,7 @@ def list_for(broker: Broker, caller: Caller, status: str | None, limit: int) -> 
             # Their own sessions, and what a tier names them for (checked exactly below).
             tiers = [t for t in policy.tiers if named_approver(policy, approval_rule(policy, t).approvers,
                                                                caller.name, caller.groups)]
-            stmt = stmt.where(or_(func.lower(SessionRow.human) == caller.name, col(Approval.tier).in_(tiers)))
+            stmt = stmt.where(or_(human_is(caller.name), col(Approval.tier).in_(tiers)))
         if status == "pending" or status == "approved":
             stmt = stmt.where(Approval.status == status, col(Approval.expires_at) > now,
                               SessionRow.status == "active")
@@ -380,6 +381,9 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
             approval.status, outcome = "denied", "denied"
         elif approvals >= required:
             approval.status, outcome = "approved", "approved"
+            # The agent gets a full window to use it from now (never past its session).
+            approval.expires_at = min(now + timedelta(seconds=broker.settings.approval_ttl_seconds),
+                                      session.expires_at)
         else:
             outcome = "approval_recorded"
         if approval.status != "pending":
