@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint install install-test openapi clean
+.PHONY: run test lint install install-test oidc-provider openapi clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,18 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/broker-cli dev
 
-## The whole suite: SQLite and PostgreSQL, real OpenBao, moto and the GitHub stand-in.
-test: install-test
+## The whole suite: SQLite and PostgreSQL, real OpenBao, moto, the GitHub stand-in and a real
+## OpenID provider (npm's oidc-provider on Node, pinned by its package-lock.json).
+test: install-test oidc-provider
 	scripts/ensure-postgres
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+OIDC_PROVIDER := tests/support/oidc_provider
+
+$(OIDC_PROVIDER)/node_modules/.package-lock.json: $(OIDC_PROVIDER)/package-lock.json $(OIDC_PROVIDER)/package.json
+	npm ci --prefix $(OIDC_PROVIDER) --no-audit --no-fund
+
+oidc-provider: $(OIDC_PROVIDER)/node_modules/.package-lock.json
 
 ## ruff (style, imports, bugbear) and mypy over the package: part of CI.
 lint: install-test
@@ -40,4 +48,4 @@ openapi: install
 	$(BIN)/python -m broker.api.openapi > openapi.yaml
 
 clean:
-	rm -rf $(VENV) .broker .pytest_cache
+	rm -rf $(VENV) .broker .pytest_cache $(OIDC_PROVIDER)/node_modules

@@ -17,8 +17,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from broker import __version__
-from broker.api.guard import RequestGuard
-from broker.api.routes import audit, capabilities, health, policy, revocations, sessions, tokens, webhooks
+from broker.api.guard import RequestGuard, declare_guard_responses
+from broker.api.routes import (
+    approvals,
+    audit,
+    capabilities,
+    grants,
+    health,
+    hooks,
+    identity,
+    policy,
+    revocations,
+    sessions,
+    tokens,
+    webhooks,
+)
+from broker.approvals.outbox import OutboxDelivery
+from broker.approvals.signals import ApprovalSignals
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
 from broker.db import transaction
@@ -58,14 +73,17 @@ def _record_policy_loaded(broker: Broker, trigger: str) -> None:
                               policy_decision={"policy_version": broker.policies.current.version}, detail=detail))
 
 
-def create_app(settings: Settings | None = None, *, broker: Broker | None = None, sweeper: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, broker: Broker | None = None, sweeper: bool = True,
+               outbox: bool | None = None) -> FastAPI:
+    """`outbox` (default: as `sweeper`) runs the notification delivery loop."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal broker
         if broker is None:
             broker = Broker.build(settings or Settings())
         app.state.broker = broker
-        app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256)
+        app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
+                                     broker.settings.human_token_hashes())
         app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
         _COLLECTOR.broker = broker
         _record_policy_loaded(broker, "start")
@@ -93,9 +111,17 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         recheck = PermissionRechecker(broker) if sweeper else None
         if recheck:
             recheck.start()
+        # Beside the sweeper too: approval notifications from the outbox.
+        delivery = None
+        if (sweeper if outbox is None else outbox) and broker.settings.approval_webhook_url_list():
+            delivery = OutboxDelivery(broker)
+            delivery.start()
+        app.state.outbox = delivery
         try:
             yield
         finally:
+            if delivery:
+                delivery.stop()
             if recheck:
                 recheck.stop()
             if background:
@@ -110,7 +136,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     )
     if broker is not None:  # tests that build the broker themselves can use the app at once
         app.state.broker = broker
-        app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256)
+        app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
+                                     broker.settings.human_token_hashes())
         app.state.rate_limiter = RateLimiter()
 
     @app.exception_handler(BrokerError)
@@ -145,11 +172,19 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         log.exception("unhandled error")
         return JSONResponse({"error": {"code": "internal-error", "message": "internal error"}}, status_code=500)
 
-    for router in (sessions.router, capabilities.router, revocations.router, webhooks.router, policy.router,
-                   audit.router, tokens.router, health.router):
+    app.state.approval_signals = ApprovalSignals()
+    for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
+                   webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router):
         app.include_router(router)
     app.add_middleware(RequestGuard)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id and a log line
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = declare_guard_responses(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import ConfigError
+from broker.identity.oidc import OidcConfig, parse_orchestrator_clients
 
 
 class Settings(BaseSettings):
@@ -49,10 +50,49 @@ class Settings(BaseSettings):
     orchestrator_api_keys: str = ""
     # SHA-256 hex of the local admin token (embedded default writes `state_dir/admin-token`).
     admin_token_sha256: str | None = None
+    # "email=<sha256 hex of the token>" entries, comma separated: local human identities for a
+    # broker without an IdP (the embedded default writes `state_dir/human-token`). Hashed only.
+    human_tokens: str = ""
     # HMAC secrets for orchestrator webhooks, comma separated: several at once for rotation.
     webhook_secrets: SecretStr | None = None
     # Webhook timestamps older (or newer) than this are replays or clock trouble.
     webhook_tolerance_seconds: int = 300
+
+    # --- humans (and orchestrators) through an OpenID provider ---------------------------------
+    # The IdP whose tokens prove humans (Okta, Entra ID, Keycloak, Google...). Unset: no human
+    # identity from an IdP (API keys and the local admin token still work). https only, except
+    # on loopback for tests.
+    oidc_issuer: str | None = None
+    # The one `aud` a token must carry to be a login here. One value, never a list: a token
+    # minted for another API of the same IdP must not open the broker.
+    oidc_audience: str | None = None
+    # The claim that names the person; lowercased, it is the principal policy `humans` keys use.
+    # `email` matches the policy file's keys; `preferred_username` or `upn` where email is absent.
+    oidc_principal_claim: str = "email"
+    # The claim (a dotted path reaches nested ones, e.g. Keycloak's `realm_access.roles`) whose
+    # values join the policy's own group membership. Missing claim: no IdP groups.
+    oidc_groups_claim: str = "groups"
+    # "client_id=orchestrator-name" entries, comma separated: client-credentials tokens of these
+    # clients act as that orchestrator. A client not listed is never an orchestrator.
+    oidc_orchestrator_clients: str = ""
+    # Clock skew allowed between the IdP and the broker on exp/nbf/iat; capped at 60 s so an
+    # expired token is not honoured for long.
+    oidc_leeway_seconds: int = Field(default=30, ge=0, le=60)
+    # At most one JWKS re-read per this interval when tokens name an unknown kid: key rotation
+    # is picked up at once, a flood of forged kids cannot turn the broker against the IdP.
+    oidc_jwks_refresh_cooldown_seconds: float = Field(default=30.0, gt=0)
+    # Keys are re-read at least this often even when every kid is known (revoked keys go away).
+    oidc_jwks_max_age_seconds: float = Field(default=3600.0, gt=0)
+    # Discovery and JWKS fetches: a slow IdP must not hold a request for long.
+    oidc_timeout_seconds: float = Field(default=5.0, gt=0)
+    # For `broker-cli login` (published at GET /v1/login, nothing secret): the public client
+    # registered for the device authorization grant, and the scopes it asks for.
+    # offline_access brings a refresh token, so a person signs in once a day, not once an hour.
+    oidc_cli_client_id: str | None = None
+    oidc_cli_scope: str = "openid email groups offline_access"
+    # RFC 8707 resource indicator the CLI sends, for IdPs that pick the audience by it
+    # (Keycloak, oidc-provider); unset for those that pick it by scope (Okta, Entra ID).
+    oidc_cli_resource: str | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     # A task that runs longer than a working day should ask again.
@@ -66,6 +106,23 @@ class Settings(BaseSettings):
     # How long an Idempotency-Key is remembered (its replay is sealed, never stored in clear).
     idempotency_ttl_seconds: int = Field(default=86400, ge=60)
 
+    # --- approvals and their notifications -------------------------------------------------------
+    # How long a pending approval waits for its approvers, and how long an approved one stays
+    # usable: long enough for a person to look, short enough that a stale request dies.
+    approval_ttl_seconds: int = Field(default=900, ge=30, le=86400)
+    # Longest `GET /v1/approvals/{id}?wait=` the broker honours: below common proxy timeouts.
+    approval_max_wait_seconds: int = Field(default=60, ge=1, le=300)
+    # A long poll re-reads the database this often, to see decisions made on other replicas
+    # (decisions in this process wake it at once).
+    approval_poll_recheck_seconds: float = Field(default=2.0, gt=0)
+    # Where `approval.requested` / `approval.decided` are pushed (comma separated URLs), and the
+    # HMAC secret they are signed with (X-Broker-Signature, the orchestrator webhook's scheme).
+    approval_webhook_urls: str = ""
+    approval_webhook_secret: SecretStr | None = None
+    # Outbox delivery: how often the loop looks for due messages, and when it gives one up.
+    outbox_interval_seconds: float = Field(default=1.0, gt=0)
+    outbox_max_attempts: int = Field(default=20, ge=1)
+    outbox_timeout_seconds: float = Field(default=5.0, gt=0)
     # --- live permission sources ----------------------------------------------------------------
     # How long a live source's allow/deny is reused: a burst costs one backend call, and a human
     # who lost a permission keeps it at most this long for new requests (the re-check below ends
@@ -131,6 +188,45 @@ class Settings(BaseSettings):
             out[digest] = name
         return out
 
+    def oidc_config(self) -> OidcConfig | None:
+        """The verifier's settings, checked; None when no IdP is configured."""
+        if not self.oidc_issuer:
+            return None
+        if self.oidc_issuer.rstrip("/") == self.issuer.rstrip("/"):
+            raise ConfigError("BROKER_OIDC_ISSUER must be the IdP, not the broker's own BROKER_ISSUER")
+        return OidcConfig(
+            issuer=self.oidc_issuer,
+            audience=self.oidc_audience or "",
+            principal_claim=self.oidc_principal_claim,
+            groups_claim=self.oidc_groups_claim,
+            orchestrator_clients=parse_orchestrator_clients(self.oidc_orchestrator_clients),
+            leeway_seconds=self.oidc_leeway_seconds,
+            jwks_refresh_cooldown_seconds=self.oidc_jwks_refresh_cooldown_seconds,
+            jwks_max_age_seconds=self.oidc_jwks_max_age_seconds,
+            timeout_seconds=self.oidc_timeout_seconds,
+        )
+
+    def human_token_hashes(self) -> dict[str, str]:
+        """sha256 hex -> lowercased email of a local human."""
+        out: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in self.human_tokens.split(","))):
+            email, sep, digest = entry.rpartition("=")
+            digest = digest.removeprefix("sha256:").lower()
+            if not sep or "@" not in email or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError("BROKER_HUMAN_TOKENS entries must look like email=<64 hex chars of sha256(token)>")
+            out[digest] = email.strip().lower()
+        return out
+
+    def approval_webhook_url_list(self) -> list[str]:
+        urls = [u.strip() for u in self.approval_webhook_urls.split(",") if u.strip()]
+        for url in urls:
+            if not (url.startswith("https://") or url.startswith("http://")):
+                raise ConfigError(f"BROKER_APPROVAL_WEBHOOK_URLS: {url!r} is not an http(s) URL")
+        if urls and self.approval_webhook_secret is None:
+            raise ConfigError("BROKER_APPROVAL_WEBHOOK_URLS is set but BROKER_APPROVAL_WEBHOOK_SECRET is not: "
+                              "receivers could not tell the broker's pushes from anyone else's")
+        return urls
+
     def webhook_secret_list(self) -> list[bytes]:
         raw = self.webhook_secrets.get_secret_value() if self.webhook_secrets else ""
         return [s.strip().encode() for s in raw.split(",") if s.strip()]
@@ -146,10 +242,15 @@ class Settings(BaseSettings):
             missing.append("BROKER_SIGNING_KEY_DIR (directory of Ed25519 PEM keys; `broker-cli keys rotate` makes one)")
         if self.encryption_key is None:
             missing.append("BROKER_ENCRYPTION_KEY (32 random bytes, base64; `broker-cli init` prints one)")
-        if not self.orchestrator_api_keys and not self.admin_token_sha256:
-            missing.append("BROKER_ORCHESTRATOR_API_KEYS or BROKER_ADMIN_TOKEN_SHA256 (or nobody can call the broker)")
+        if not self.orchestrator_api_keys and not self.admin_token_sha256 and not self.oidc_issuer:
+            missing.append(
+                "BROKER_ORCHESTRATOR_API_KEYS, BROKER_ADMIN_TOKEN_SHA256 or BROKER_OIDC_ISSUER (or nobody can call the broker)"
+            )
         if missing:
             raise ConfigError(
                 "refusing to start: set " + "; ".join(missing) + ". For a local trial run `broker-cli dev`."
             )
         self.orchestrator_key_hashes()  # validates the format
+        self.oidc_config()
+        self.human_token_hashes()
+        self.approval_webhook_url_list()

@@ -5,6 +5,7 @@
     ├── InvalidRequest               400 invalid-request
     │   └── ValidationFailed         422 validation-failed
     ├── Unauthenticated              401 invalid-token
+    ├── IdentityProviderUnavailable  503 identity-provider-unavailable (OIDC discovery/JWKS unreadable)
     ├── Forbidden                    403 forbidden          (who you are may not do this)
     ├── Denied                       403 <decision reason>  (the policy said no)
     ├── NotFound                     404 not-found
@@ -60,6 +61,13 @@ class ValidationFailed(InvalidRequest):
 class Unauthenticated(BrokerError):
     status = 401
     code = "invalid-token"
+
+
+class IdentityProviderUnavailable(BrokerError):
+    """The OIDC issuer's discovery document or keys cannot be read: no token can be checked."""
+
+    status = 503
+    code = "identity-provider-unavailable"
 
 
 class Forbidden(BrokerError):

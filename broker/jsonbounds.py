@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,9 @@ def loads_bounded(raw: bytes | str, limits: JsonLimits = BODY_LIMITS) -> Any:
 
 
 _DEEP_RECURSION_LIMIT = 20_000
+# The recursion limit is process-wide: one deep read at a time, so no thread lowers it back
+# while another is still deep inside its parse.
+_DEEP = threading.Lock()
 
 
 def loads_stored(text: str | bytes) -> Any:
@@ -133,12 +137,13 @@ def loads_stored(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         pass
-    previous = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(previous, _DEEP_RECURSION_LIMIT))
-    try:
-        return json.loads(text)
-    finally:
-        sys.setrecursionlimit(previous)
+    with _DEEP:
+        previous = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(previous, _DEEP_RECURSION_LIMIT))
+        try:
+            return json.loads(text)
+        finally:
+            sys.setrecursionlimit(previous)
 
 
 def dumps_stored(value: Any, **kwargs: Any) -> str:
@@ -147,9 +152,10 @@ def dumps_stored(value: Any, **kwargs: Any) -> str:
         return json.dumps(value, **kwargs)
     except RecursionError:
         pass
-    previous = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(previous, _DEEP_RECURSION_LIMIT))
-    try:
-        return json.dumps(value, **kwargs)
-    finally:
-        sys.setrecursionlimit(previous)
+    with _DEEP:
+        previous = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(previous, _DEEP_RECURSION_LIMIT))
+        try:
+            return json.dumps(value, **kwargs)
+        finally:
+            sys.setrecursionlimit(previous)

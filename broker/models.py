@@ -102,8 +102,74 @@ class Approval(SQLModel, table=True):
     expires_at: datetime = _ts()
     decided_by: str | None = Field(default=None, max_length=320)
     decided_at: datetime | None = _ts(default=None)
+    # Added by 0003: what the approver is shown, and how the approval was used.
+    human: str | None = Field(default=None, max_length=320)  # the session's delegating human
+    binding_message: str | None = Field(default=None, sa_column=Column(Text))
+    min_approvals: int = 1  # distinct approvers needed, from the tier at request time
+    decision_reason: str | None = Field(default=None, sa_column=Column(Text))  # the deny's (or last approve's) reason
+    used_at: datetime | None = _ts(default=None)
+    capability_id: str | None = Field(default=None, max_length=64)  # the capability it was used for
 
     __table_args__ = (Index("ix_approvals_status", "status", "expires_at"),)
+
+
+class ApprovalDecision(SQLModel, table=True):
+    """One human's vote on one approval; the primary key makes N approvals N distinct people."""
+
+    __tablename__ = "approval_decisions"
+
+    approval_id: str = Field(primary_key=True, foreign_key="approvals.id", max_length=64)
+    approver: str = Field(primary_key=True, max_length=320)  # lowercased email
+    decision: str = Field(max_length=16)  # approve | deny
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    decided_at: datetime = _ts()
+
+
+class JitGrant(SQLModel, table=True):
+    """A human's pre-approval of (resource, access) for one session, good for `uses` capabilities."""
+
+    __tablename__ = "grants"
+
+    id: str = Field(primary_key=True, max_length=64)
+    session_id: str = Field(foreign_key="sessions.id", max_length=64)
+    resource: str = Field(max_length=512)
+    access: str = Field(max_length=64)
+    tier: str = Field(max_length=32)
+    granted_by: str = Field(max_length=320)
+    uses: int
+    uses_left: int
+    status: str = Field(default="active", max_length=16)  # active | used_up | expired | revoked
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()  # the pre-approval's end; nothing minted under it outlives it
+
+    __table_args__ = (Index("ix_grants_session_match", "session_id", "resource", "access", "status"),)
+
+
+class OutboxMessage(SQLModel, table=True):
+    """A notification to push, written in the transaction of the change it announces.
+
+    One row per (event, destination): each destination is retried on its own. `body` is the
+    exact JSON sent; the signature is made at send time so a retry is never stale.
+    """
+
+    __tablename__ = "outbox"
+
+    id: str = Field(primary_key=True, max_length=64)
+    event_id: str = Field(max_length=64)  # the same for every destination: receivers dedupe on it
+    type: str = Field(max_length=64)
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(default="pending", max_length=16)  # pending | delivered | dead
+    attempts: int = 0
+    next_attempt_at: datetime = _ts()
+    last_error: str | None = Field(default=None, max_length=512)
+    created_at: datetime = _ts()
+    delivered_at: datetime | None = _ts(default=None)
+    claimed_by: str | None = Field(default=None, max_length=64)
+    claimed_until: datetime | None = _ts(default=None)
+
+    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
 
 
 class IdempotencyRecord(SQLModel, table=True):

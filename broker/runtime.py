@@ -22,6 +22,7 @@ from broker import crypto
 from broker.config import Settings
 from broker.db import make_engine
 from broker.identity.keys import KeyRing
+from broker.identity.oidc import OidcVerifier
 from broker.permissions.base import SourceContext
 from broker.permissions.registry import LivePermissions
 from broker.permissions.registry import build as build_sources
@@ -35,6 +36,10 @@ EMBEDDED_WARNING = (
     "jit-broker is running the EMBEDDED DEFAULT: SQLite, keys and tokens generated into %s. "
     "This is for trying the broker on one machine, NOT for production."
 )
+
+
+# The example policy's trial user; `broker-cli dev` gives it a local human token.
+EMBEDDED_HUMAN = "dev@example.com"
 
 
 def _write_secret_file(path: Path, content: str) -> None:
@@ -68,6 +73,13 @@ def prepare_embedded(settings: Settings) -> Settings:
             _write_secret_file(key_file, "jborc_" + secrets.token_urlsafe(32))
         digest = hashlib.sha256(key_file.read_text().strip().encode()).hexdigest()
         updates["orchestrator_api_keys"] = f"local-orchestrator={digest}"
+    if not settings.human_tokens:
+        # The trial user of the example policy, so one person can try the human side too.
+        token_file = state / "human-token"
+        if not token_file.exists():
+            _write_secret_file(token_file, "jbhum_" + secrets.token_urlsafe(32))
+        digest = hashlib.sha256(token_file.read_text().strip().encode()).hexdigest()
+        updates["human_tokens"] = f"{EMBEDDED_HUMAN}={digest}"
     if settings.policy_file is None:
         policy = state / "policy.yaml"
         if not policy.exists():
@@ -85,6 +97,8 @@ class Broker:
     keyring: KeyRing
     providers: dict[str, Provider]
     sealer: crypto.Sealer
+    # Humans (and client-credentials orchestrators) through the configured IdP; None without one.
+    oidc: OidcVerifier | None = None
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
     # Live permission sources the policy names (github, openbao, ...), with their answer cache.
     permissions: LivePermissions = field(default_factory=lambda: LivePermissions({}, 0))
@@ -104,6 +118,7 @@ class Broker:
             create=settings.embedded,
         )
         sealer = crypto.Sealer(crypto.decode_key(settings.encryption_key.get_secret_value()))
+        oidc_config = settings.oidc_config()
         names = {r.provider for r in policies.current.resources}
         if policies.shadow is not None:
             names |= {r.provider for r in policies.shadow.resources}
@@ -125,6 +140,7 @@ class Broker:
             keyring=keyring,
             providers=providers,
             sealer=sealer,
+            oidc=OidcVerifier(oidc_config) if oidc_config else None,
             permissions=LivePermissions(sources, settings.permission_cache_seconds),
         )
 

@@ -3,7 +3,11 @@
 pytest_plugins = [
     "tests.support.databases",
     "tests.support.brokers",
+    "tests.support.approvals",
+    "tests.support.receiver",
     "tests.support.openbao",
     "tests.support.aws_moto",
     "tests.support.github_standin",
+    "tests.support.git_server",
+    "tests.support.oidc",
 ]

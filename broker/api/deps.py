@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
 
 from broker.errors import Forbidden
 from broker.identity.callers import ApiKeys, Caller, bearer, session_token_claims
+from broker.identity.oidc import unverified_issuer
 from broker.identity.ratelimit import RateLimiter
 from broker.runtime import Broker
 
@@ -24,7 +26,11 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
     # instead of a hop through the thread pool.
     broker: Broker = request.app.state.broker
     token = bearer(authorization)
-    if token.count(".") == 2:  # a JWT: the only JWTs accepted here are our session tokens
+    if token.count(".") == 2:  # a JWT: the broker's own session token, or the IdP's (human, orchestrator)
+        # The unverified `iss` only picks the verifier; each one checks issuer and signature itself.
+        if broker.oidc is not None and unverified_issuer(token) != broker.settings.issuer:
+            # A thread: the first token (and a rotated kid) reads the IdP's JWKS over the network.
+            return await run_in_threadpool(broker.oidc.verify, token)
         claims = session_token_claims(
             token, keyring=broker.keyring, issuer=broker.settings.issuer, audience=broker.settings.audience
         )

@@ -151,3 +151,31 @@ class RequestGuard:
             await send(message)
 
         await self.app(scope, replay, no_store)
+
+
+_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+_GUARD_RESPONSES = {
+    "400": "Bad input: NUL in the path, query or a header; a JSON body beyond its bounds",
+    "413": "The body is larger than this endpoint's limit",
+    "429": "Rate limited (agents, per the policy's rate_limits); see Retry-After",
+}
+
+
+def declare_guard_responses(document: dict[str, Any]) -> dict[str, Any]:
+    """Add what the guard and the rate limiter may answer to every operation of the document:
+    400 everywhere, 413 where there is a body, 429 where a caller authenticates (declares 401)."""
+    for item in document.get("paths", {}).values():
+        for method, operation in item.items():
+            if method not in ("get", "put", "post", "delete", "patch") or not isinstance(operation, dict):
+                continue
+            responses = operation.setdefault("responses", {})
+            wanted = ["400"]
+            if "requestBody" in operation:
+                wanted.append("413")
+            # Who declares 401 authenticates a caller; the webhook's caller is a signature, not an agent.
+            if "401" in responses and "webhook" not in operation.get("operationId", ""):
+                wanted.append("429")
+            for status in wanted:
+                if status not in responses:
+                    responses[status] = {"description": _GUARD_RESPONSES[status], **_ERROR}
+    return document

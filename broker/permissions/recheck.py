@@ -68,11 +68,11 @@ def recheck_once(broker: Broker) -> RecheckReport:
     if not policy.live_sources():
         return report
     batch = broker.settings.sweep_batch_size
+    answers: dict[tuple[str, str, str], LivePermission | None] = {}  # one question per pass, not per batch
     while True:
         now = utcnow()
         claimed = _claim_due(broker, policy, now, batch)
         report.checked += len(claimed)
-        answers: dict[tuple[str, str, str], LivePermission | None] = {}
         lost: list[tuple[_Claimed, LivePermission]] = []
         for lease in claimed:
             key = (lease.human.lower(), lease.resource, lease.access)

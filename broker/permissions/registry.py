@@ -22,6 +22,8 @@ from broker.policy import CompiledPolicy, LivePermission
 
 log = logging.getLogger("broker.permissions")
 GROUP = "jit_broker.permission_sources"
+MAX_EVIDENCE_TEXT = 500  # characters of one string a backend said
+MAX_EVIDENCE_ITEMS = 50  # entries of one list or mapping (policies, groups)
 
 
 class UnconfiguredSource:
@@ -116,4 +118,17 @@ def _ask(source: PermissionSource, name: str, query: PermissionQuery) -> SourceA
         return SourceAnswer.unknown(f"{name} failed: {message}"[:300], error=getattr(exc, "code", type(exc).__name__))
     if answer.verdict not in ("allow", "deny", "unknown"):
         return SourceAnswer.unknown(f"{name} answered {answer.verdict!r}, which means nothing here")
-    return answer
+    return SourceAnswer(answer.verdict, _bounded(answer.evidence))
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """Evidence goes into every decision's audit record: what a backend said is kept, but bounded."""
+    if isinstance(value, str):
+        return value[:MAX_EVIDENCE_TEXT]
+    if isinstance(value, Mapping) and depth < 3:
+        return {str(k)[:64]: _bounded(v, depth + 1) for k, v in list(value.items())[:MAX_EVIDENCE_ITEMS]}
+    if isinstance(value, (list, tuple, set, frozenset)) and depth < 3:
+        return [_bounded(v, depth + 1) for v in list(value)[:MAX_EVIDENCE_ITEMS]]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return str(value)[:MAX_EVIDENCE_TEXT]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from broker.policy.compiled import CompiledPolicy
 from broker.policy.evaluate import (
+    ApprovalRule,
     BoundsLookup,
     Decision,
     LayerVerdict,
@@ -11,9 +12,13 @@ from broker.policy.evaluate import (
     RequestFacts,
     ScopeEntry,
     SessionFacts,
+    approval_rule,
+    approver_permission,
     default_bounds,
     evaluate,
     evaluate_with_shadow,
+    human_permission,
+    named_approver,
 )
 from broker.policy.loader import load_policy, load_policy_bytes, load_policy_text
 from broker.policy.models import TIER_ORDER, PolicyDocument
@@ -25,6 +30,11 @@ EXAMPLE_POLICY_PATH = Path(__file__).with_name("example.yaml")
 
 __all__ = [
     "EXAMPLE_POLICY_PATH",
+    "ApprovalRule",
+    "approval_rule",
+    "approver_permission",
+    "human_permission",
+    "named_approver",
     "TIER_ORDER",
     "BoundsLookup",
     "CompiledPolicy",

@@ -10,6 +10,7 @@ from typing import Any
 
 from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Grant, PolicyDocument, Tier
 from broker.policy.resources import Glob, compile_glob, is_glob
+from broker.policy.tools import CompiledTools
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,8 @@ class CompiledPolicy:
         self.escalation_tiers: frozenset[str] = frozenset(
             document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS
         )
+        # The tool-call gate's rules (PreToolUse hooks); an absent section asks about everything.
+        self.tools = CompiledTools(document.tools)
 
     def __repr__(self) -> str:
         return f"CompiledPolicy(source={self.source!r}, version={self.version!r})"

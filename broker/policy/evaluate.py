@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from broker.policy.compiled import AccessRule, CompiledPolicy, ResourceRule, tier_rank
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from broker.providers.base import TtlBounds
 
 ALLOW, DENY, APPROVAL, SKIPPED = "allow", "deny", "approval_required", "skipped"
+_NO_TIME = datetime(1970, 1, 1, tzinfo=UTC)  # for layers that read no clock
 UNKNOWN = "unknown"  # a live source that could not answer
 
 BoundsLookup = Callable[[str, str, dict], "TtlBounds"]  # (provider, resource, options) -> bounds
@@ -189,20 +190,25 @@ def _resource_layer(policy: CompiledPolicy, request: RequestFacts) -> tuple[Laye
     return _allow("resource", access.rule, detail), _Target(rule, access, options)
 
 
-def _human_layer(policy: CompiledPolicy, session: SessionFacts, request: RequestFacts) -> LayerVerdict:
-    key = policy.human_key(session.human)
-    candidates = list(policy.human_grants.get(session.human.lower(), ()))
-    groups = policy.groups_of(session.human, session.human_groups)
-    for group in groups:
+def human_permission(policy: CompiledPolicy, human: str, groups: frozenset[str], resource: str,
+                     access: str) -> LayerVerdict:
+    """Whether `human` (with IdP `groups`) holds `access` on `resource`: the human layer, usable
+    for any human, e.g. an approver who must hold what they approve."""
+    key = policy.human_key(human)
+    candidates = list(policy.human_grants.get(human.lower(), ()))
+    all_groups = policy.groups_of(human, groups)
+    for group in all_groups:
         candidates.extend(policy.group_grants.get(group, ()))
     for grant in candidates:
-        if grant.covers(request.resource, request.access):
-            return _allow("human", grant.rule, f"{session.human} holds {request.access} on {grant.resource}")
-    via = f" (groups: {', '.join(groups)})" if groups else ""
-    detail = f"{session.human}{via} holds no grant for {request.access} on {request.resource}"
+        if grant.covers(resource, access):
+            return _allow("human", grant.rule, f"{human} holds {access} on {grant.resource}")
+    via = f" (groups: {', '.join(all_groups)})" if all_groups else ""
+    detail = f"{human}{via} holds no grant for {access} on {resource}"
     return _deny("human", "human-lacks-permission", f"humans.{key}" if key else "humans", detail)
 
 
+def _human_layer(policy: CompiledPolicy, session: SessionFacts, request: RequestFacts) -> LayerVerdict:
+    return human_permission(policy, session.human, session.human_groups, request.resource, request.access)
 def _human_live_layer(request: RequestFacts, target: _Target | None) -> tuple[LayerVerdict, LivePermission | None]:
     """The file's grants are one half of the human layer; a live source, where the rule names one,
     is the other. It can only take away: its allow never stands in for a missing grant."""
@@ -228,6 +234,20 @@ def _human_live_layer(request: RequestFacts, target: _Target | None) -> tuple[La
         return LayerVerdict("human_live", ALLOW, None, f"{rule.rule}.on_unavailable", detail, evidence), live
     detail = f"{rule.source} could not answer ({said}); denied until it can (fail closed)"
     return LayerVerdict("human_live", DENY, "human-permission-unavailable", rule.rule, detail, evidence), live
+
+
+def approver_permission(policy: CompiledPolicy, human: str, groups: frozenset[str], resource: str, access: str,
+                        live: LivePermission | None) -> LayerVerdict:
+    """Both halves of the human layer for any human (an approver, a granter): the file's grants,
+    then the live source where the resource's rule names one (`live` is its answer for them;
+    None where it was not asked, which fails closed like the request's own layer)."""
+    held = human_permission(policy, human, groups, resource, access)
+    if held.verdict != ALLOW:
+        return held
+    probe = RequestFacts(resource=resource, access=access, ttl_seconds=None, now=_NO_TIME, live=live)
+    _, target = _resource_layer(policy, probe)
+    verdict, _ = _human_live_layer(probe, target)
+    return verdict if verdict.verdict == DENY else held
 
 
 def _task_scope_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict:
@@ -332,6 +352,43 @@ def _approvers(policy: CompiledPolicy, tier: str | None) -> tuple[str, ...]:
         if name in policy.escalation_tiers:
             pooled.extend(a for a in t.approvers if a not in pooled)
     return tuple(pooled)
+
+
+@dataclass(frozen=True)
+class ApprovalRule:
+    """Who may approve a request of one tier, how many of them, and whether the delegator may."""
+
+    approvers: tuple[str, ...]
+    min_approvals: int
+    allow_self_approval: bool
+
+
+def approval_rule(policy: CompiledPolicy, tier: str) -> ApprovalRule:
+    """The tier's own rule; an auto tier caught by escalation takes the escalation tiers' rule,
+    as strict as the strictest of them."""
+    own = policy.tiers.get(tier)
+    if own is not None and own.approvers:
+        return ApprovalRule(tuple(own.approvers), own.min_approvals, own.allow_self_approval)
+    pooled = [t for name, t in policy.tiers.items() if name in policy.escalation_tiers and t.approvers]
+    return ApprovalRule(
+        approvers=_approvers(policy, tier),
+        min_approvals=max((t.min_approvals for t in pooled), default=1),
+        allow_self_approval=bool(pooled) and all(t.allow_self_approval for t in pooled),
+    )
+
+
+def named_approver(policy: CompiledPolicy, approvers: tuple[str, ...] | list[str], human: str,
+                   groups: frozenset[str] = frozenset()) -> str | None:
+    """The approvers entry naming `human` ("group:x", "user:email" or an email), or None."""
+    email = human.lower()
+    member_of = set(policy.groups_of(email, groups))
+    for entry in approvers:
+        if entry.startswith("group:"):
+            if entry.removeprefix("group:") in member_of:
+                return entry
+        elif entry.removeprefix("user:").lower() == email:
+            return entry
+    return None
 
 
 def evaluate(

@@ -5,7 +5,18 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from broker.policy.resources import canonical_pattern, pattern_problem
 
@@ -72,7 +83,10 @@ class Tier(Strict):
     control: Literal["auto", "approval", "deny"]
     max_ttl: Duration | None = None
     approvers: list[Approver] = Field(default_factory=list)
+    # The delegating human may approve their own agent's request only where the tier says so.
     allow_self_approval: bool = False
+    # Distinct approvers whose approval a request of this tier needs (four eyes: 2).
+    min_approvals: int = Field(default=1, ge=1, le=10)
 
 
 def _check_pattern(value: str) -> str:
@@ -214,6 +228,67 @@ class Escalation(Strict):
     tiers: list[TierName] = Field(default_factory=lambda: list(DEFAULT_ESCALATION_TIERS))
 
 
+HookDecision = Literal["allow", "ask", "deny"]
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+    return value
+
+
+Regex = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=1024),
+    AfterValidator(_check_regex),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 1024,
+                    "description": "A Python regular expression."}),
+]
+# "github.com", "*.githubusercontent.com" (subdomains only), "registry.npmjs.org:443".
+_HOST_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+HostPattern = Annotated[
+    str, StringConstraints(pattern=rf"^(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*(:\d{{1,5}})?$", max_length=260)
+]
+RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
+class ToolRule(Strict):
+    """One rule of the tool-call gate: which calls it matches, and the tier (or decision) they get.
+
+    Every condition given must hold; none given but `tool` matches every call of that tool.
+    """
+
+    name: RuleName | None = None
+    tool: Regex = ".*"  # full match on the tool name: "Bash", "Write|Edit", "mcp__github__.*"
+    command: Regex | None = None  # searched in the Bash command and in each of its simple commands
+    path: Regex | None = None  # searched in tool_input.file_path / path / notebook_path
+    url: Regex | None = None  # searched in tool_input.url (WebFetch)
+    # Matches when a URL in the call goes to a host outside tools.allowed_hosts, or none can be found.
+    hosts: Literal["outside_allowlist"] | None = None
+    tier: TierName | None = None  # the tier's control decides: auto -> allow, approval -> ask, deny -> deny
+    decision: HookDecision | None = None  # or a decision outright
+    reason: str | None = Field(default=None, max_length=500)  # shown to the agent (or the human asked)
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> ToolRule:
+        if (self.tier is None) == (self.decision is None):
+            raise ValueError("a tool rule names exactly one of tier or decision")
+        return self
+
+
+class Tools(Strict):
+    """The tool-call gate (Claude Code PreToolUse hooks): rules in file order, first match wins."""
+
+    default: HookDecision = "ask"  # for a call no rule matches
+    # What a call whose tier needs approval is answered while no approval is granted: "ask" lets
+    # Claude Code ask its user too; "deny" leaves the broker's approvers as the only way.
+    approval_answer: Literal["ask", "deny"] = "ask"
+    allowed_hosts: list[HostPattern] = Field(default_factory=list)
+    rules: list[ToolRule] = Field(default_factory=list)
+
+
 class PolicyDocument(Strict):
     """A jit-broker policy file (version 1)."""
 
@@ -228,6 +303,7 @@ class PolicyDocument(Strict):
     budgets: Budgets | None = None
     rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
+    tools: Tools | None = None
 
 
 Path = tuple[str | int, ...]
@@ -261,6 +337,14 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
         if tier.control == "approval" and not tier.approvers:
             # Nobody could ever approve: every request of this tier would hang until it expires.
             problems.append((("tiers", name, "approvers"), f"tier {name!r} requires approval but names no approvers"))
+        if tier.min_approvals > 1 and tier.control != "approval":
+            problems.append((("tiers", name, "min_approvals"),
+                             f"tier {name!r} sets min_approvals but its control is {tier.control}, not approval"))
+        users = [a for a in tier.approvers if not a.startswith("group:")]
+        if tier.control == "approval" and users and not any(a.startswith("group:") for a in tier.approvers) \
+                and len(users) < tier.min_approvals:
+            problems.append((("tiers", name, "min_approvals"),
+                             f"tier {name!r} needs {tier.min_approvals} approvals but names only {len(users)} approver(s)"))
     seen_match: dict[str, int] = {}
     for i, rule in enumerate(doc.resources):
         if rule.match in seen_match:
@@ -295,6 +379,9 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
         if email.lower() in seen_human:
             problems.append((("humans", email), f"{email!r} repeats {seen_human[email.lower()]!r} (emails ignore case)"))
         seen_human.setdefault(email.lower(), email)
+    for i, tool_rule in enumerate(doc.tools.rules if doc.tools else []):
+        if tool_rule.tier is not None and tool_rule.tier not in doc.tiers:
+            problems.append((("tools", "rules", i, "tier"), f"tier {tool_rule.tier!r} is not defined in tiers"))
     # humans.X.groups may name a group with no `groups` entry: membership alone matters for
     # approvers such as "group:security", so that is not an error.
     return problems

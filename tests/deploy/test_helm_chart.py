@@ -4,6 +4,8 @@ OpenAPI schemas of a current release (kubernetes-validate), and its security fie
 
 from __future__ import annotations
 
+import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from packaging.version import Version
 
 from broker.config import Settings
+from broker.errors import ConfigError
+from broker.identity.keys import KeyRing, rotate
 from broker.policy import load_policy
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "jit-broker"
@@ -299,3 +303,29 @@ def test_every_broker_setting_reaches_the_pod(chart: Any) -> None:
     expected = {f"BROKER_{name.upper()}" for name in Settings.model_fields if name not in NOT_FROM_THE_CHART}
     assert expected - env == set()
     assert_secrets_referenced(docs)
+
+
+def test_signing_key_copy_gives_keys_the_broker_accepts(chart: Any, tmp_path: Path) -> None:
+    """The init container's own command, run here with its paths under tmp_path: from a Secret
+    volume's group-readable files to 0600 copies that the broker's key check accepts."""
+    pod = one(render(chart, {}), "Deployment")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (broker,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in broker["env"]}
+    assert env["BROKER_SIGNING_KEY_DIR"] == mounts["signing-keys"]
+    assert {"name": "signing-keys", "mountPath": mounts["signing-keys"], "readOnly": True} in broker["volumeMounts"]
+    source, target = (tmp_path / mounts["signing-keys-secret"].lstrip("/"), tmp_path / mounts["signing-keys"].lstrip("/"))
+    rotate(source)
+    target.mkdir(parents=True)
+    for key in source.glob("*.pem"):
+        key.chmod(0o440)  # what the kubelet makes of defaultMode 0440 with fsGroup
+    with pytest.raises(ConfigError, match="readable by others"):
+        KeyRing.load(source, retire_after=60)
+    shell, flag, script = init["command"]
+    script = script.replace(mounts["signing-keys-secret"] + "/", "{SRC}/").replace(mounts["signing-keys"] + "/", "{DST}/")
+    script = script.replace("{SRC}", str(source)).replace("{DST}", str(target))
+    subprocess.run([shell, flag, script], check=True)
+    ring = KeyRing.load(target, retire_after=60)
+    assert ring.active.kid == next(source.glob("*.pem")).stem
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in target.glob("*.pem"))

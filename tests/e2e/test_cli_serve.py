@@ -147,14 +147,15 @@ def test_policy_check_and_missing_config(tmp_path: Path) -> None:
 
 def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
     """The README's run command: `broker-cli dev`, then curl-like calls with the files it wrote."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    # No AWS_* either: other tests' dummy AWS credentials would make dev's aws provider call real STS.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "AWS_"))}
     port = free_port()
     log = tmp_path / "dev.log"
     proc = subprocess.Popen([CLI, "dev", "--port", str(port)], env=env, cwd=tmp_path, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # with `bao` installed, dev starts OpenBao first
         while True:
             assert proc.poll() is None, log.read_text()
             try:

@@ -2,7 +2,7 @@
 
 The broker runs in process (ASGI) on a real, migrated SQLite database with the test policy.
 Each operation is called anonymously and with a valid credential of each kind: an agent's
-session token, an orchestrator API key and the admin token. Every response must be declared
+session token, an orchestrator API key, the admin token and a local human token. Every response must be declared
 (status, content type, body schema, headers) and none may be a 5xx. The number of examples is
 bounded so the whole run stays within about two minutes on CI's two cores.
 
@@ -12,6 +12,7 @@ on both databases.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +24,19 @@ import schemathesis
 from schemathesis.config import SchemathesisConfig
 
 from broker.app import create_app
+from broker.identity.callers import Caller
+from broker.sessions import service as sessions
+from broker.sessions.service import SessionAsk
 from tests.support.brokers import BrokerSecrets, build_broker
 
 ROOT = Path(__file__).parents[2]
-MAX_EXAMPLES = 8  # per operation, phase and caller kind
+# Per operation, phase and caller kind. Both can be changed to explore locally, e.g.
+# BROKER_FUZZ_SEED=1 BROKER_FUZZ_EXAMPLES=100 pytest tests/fuzz
+MAX_EXAMPLES = int(os.environ.get("BROKER_FUZZ_EXAMPLES", "8"))
+SEED = int(os.environ.get("BROKER_FUZZ_SEED", "20261122"))  # fixed: CI runs are reproducible
 
 CONFIG = SchemathesisConfig.from_dict({
-    "seed": 20261122,  # reproducible in CI; change it locally to explore
+    "seed": SEED,
     "generation": {"max-examples": MAX_EXAMPLES},
     # negative testing included: malformed input must be a 4xx, never a 5xx or an undeclared status
     "phases": {"stateful": {"enabled": False}},
@@ -59,7 +66,7 @@ APP = _App()
 schema = schemathesis.openapi.from_path(ROOT / "openapi.yaml", config=CONFIG)
 schema.app = APP  # before parametrize: its operations keep the app they were built with
 
-CALLERS = ("anonymous", "agent", "orchestrator", "admin")
+CALLERS = ("anonymous", "agent", "orchestrator", "admin", "human")
 
 
 class Served:
@@ -72,15 +79,13 @@ class Served:
             "anonymous": {},
             "orchestrator": {"Authorization": f"Bearer {self.secrets.orchestrator_key}"},
             "admin": {"Authorization": f"Bearer {self.secrets.admin_token}"},
+            "human": {"Authorization": f"Bearer {self.secrets.human_tokens['alice@example.com']}"},  # local human token
         }
-        from starlette.testclient import TestClient
-
-        with TestClient(self.app) as client:
-            r = client.post("/v1/sessions", headers=self.headers["orchestrator"], json={
-                "human": "alice@example.com", "agent": "claude-code", "task_id": "fuzz", "ttl_seconds": 86400,
-                "scope": [{"resource": "jwt://**", "access": ["*"]}]})
-            assert r.status_code == 201, r.text
-        self.headers["agent"] = {"Authorization": f"Bearer {r.json()['session_token']}"}
+        # The orchestrator's step, through the service the route calls, without an HTTP client.
+        _, token = sessions.create(self.broker, Caller(kind="orchestrator", name="orch"), SessionAsk(
+            human="alice@example.com", agent="claude-code", task_id="fuzz", ttl_seconds=86400,
+            scope=[{"resource": "jwt://**", "access": ["*"]}]))
+        self.headers["agent"] = {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="module")

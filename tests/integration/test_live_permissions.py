@@ -114,6 +114,7 @@ def test_losing_the_github_permission_denies_the_next_request_and_revokes_the_li
         assert denied.status_code == 403, denied.text
         error = denied.json()["error"]
         assert error["code"] == "human-lacks-permission"
+        assert error["message"].startswith("denied by the live permission source github: human-lacks-permission")
         decision = error["decision"]
         assert decision["matched_rule"] == "resources[0].human_permission"
         assert decision["human_permission"]["source"] == "github"
@@ -275,6 +276,8 @@ def test_policy_explain_shows_the_live_layer_and_its_evidence(live_broker, gh):
         again = api.client.post("/v1/policy/explain", json=body, headers=api.as_admin()).json()["decision"]
         assert again["human_permission"]["cached"] is True
         assert gh.calls(PERMISSION_ENDPOINT) == 1
+        ready = api.client.get("/readyz").json()
+        assert ready["checks"]["permission_sources"]["github"]["ok"] is True
 
 
 def test_broker_cli_policy_explain_prints_the_live_verdict_and_evidence(live_broker, gh, monkeypatch):

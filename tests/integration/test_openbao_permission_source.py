@@ -74,6 +74,7 @@ def test_leaving_the_group_takes_its_policies_away_at_the_next_check(source, bao
 def test_a_disabled_unknown_or_unmapped_entity_is_denied(source, bao):
     run = bao["run"]
     assert source.check(_query(f"nobody-{run}", "x")).verdict == DENY
+    assert source.check(_query("..", "x")).verdict == DENY  # never a path segment
     unmapped = source.check(_query(None, "x"))
     assert unmapped.verdict == DENY and "no OpenBao entity is mapped" in unmapped.evidence["summary"]
     bao["root"].secrets.identity.update_entity(bao["entity"]["id"], disabled=True)

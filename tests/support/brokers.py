@@ -62,6 +62,10 @@ budgets: {max_issued_per_session: 50, max_active_per_session: 30}
 """
 
 
+TEST_HUMANS = ("alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com",
+               "erin@example.com", "mallory@example.com")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,6 +78,9 @@ class BrokerSecrets:
     admin_token: str = field(default_factory=lambda: "jbadm_" + secrets.token_urlsafe(24))
     encryption_key: str = field(default_factory=lambda: base64.b64encode(os.urandom(32)).decode())
     webhook_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # Local human tokens (BROKER_HUMAN_TOKENS): the humans the test policies name.
+    human_tokens: dict[str, str] = field(default_factory=lambda: {
+        email: "jbhum_" + secrets.token_urlsafe(24) for email in TEST_HUMANS})
 
     def env(self, directory: Path, database_url: str, policy: str = TEST_POLICY, **extra: str) -> dict[str, str]:
         policy_file = directory / "policy.yaml"
@@ -90,6 +97,8 @@ class BrokerSecrets:
             "BROKER_ORCHESTRATOR_API_KEYS": "orch=" + hashlib.sha256(self.orchestrator_key.encode()).hexdigest(),
             "BROKER_ADMIN_TOKEN_SHA256": hashlib.sha256(self.admin_token.encode()).hexdigest(),
             "BROKER_WEBHOOK_SECRETS": self.webhook_secret,
+            "BROKER_HUMAN_TOKENS": ",".join(f"{email}={hashlib.sha256(tok.encode()).hexdigest()}"
+                                            for email, tok in self.human_tokens.items()),
         }
         env.update(extra)
         return env
@@ -98,7 +107,7 @@ class BrokerSecrets:
 def build_broker(directory: Path, database_url: str, secrets_: BrokerSecrets, policy: str = TEST_POLICY,
                  **overrides: Any) -> Broker:
     env = secrets_.env(directory, database_url, policy)
-    settings = Settings(**{k.removeprefix("BROKER_").lower(): v for k, v in env.items()}, **overrides)
+    settings = Settings(**{**{k.removeprefix("BROKER_").lower(): v for k, v in env.items()}, **overrides})
     upgrade(settings.database_url)
     return Broker.build(settings)
 
@@ -106,11 +115,13 @@ def build_broker(directory: Path, database_url: str, secrets_: BrokerSecrets, po
 class LiveServer:
     """uvicorn in a thread: real HTTP, real lifespan (sweeper included when asked)."""
 
-    def __init__(self, broker: Broker, *, sweeper: bool = False) -> None:
+    def __init__(self, broker: Broker, *, sweeper: bool = False, outbox: bool | None = None) -> None:
         self.broker = broker
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(broker=broker, sweeper=sweeper), host="127.0.0.1", port=self.port,
+        app = create_app(broker=broker, sweeper=sweeper, outbox=outbox)
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                 log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -144,6 +155,9 @@ class Api:
 
     def as_admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.secrets.admin_token}"}
+
+    def as_human(self, email: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secrets.human_tokens[email]}"}
 
     def new_session(self, *, scope: list[dict[str, Any]] | None = None, ttl: int = 3600, human: str = "alice@example.com",
                     agent: str = "claude-code", task_id: str = "task-1", **extra: Any) -> dict[str, Any]:

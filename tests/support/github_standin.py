@@ -18,6 +18,9 @@ id or client id), `iat` not in the future (60 s skew) and `exp` no more than 10 
                                                        installation token (metadata, implicit); GitHub's
                                                        "Get repository permissions for a user"
 
+`authorize_git(token, owner, repo, push=...)` answers for git over smart HTTP the way GitHub does
+(tests/support/git_server.py asks it before running `git http-backend`).
+
 Every route is served at the root (github.com) and under /api/v3 (GitHub Enterprise Server).
 The App's RSA key pair is generated when the fixture starts, never committed; the private key
 PEM is written mode 0600 to a temporary directory. Tests inspect `request_log` and can inject
@@ -439,6 +442,18 @@ class GitHubStandIn:
             if LEVELS.get(perms.get(perm, ""), 0) < LEVELS[level]:
                 raise GitHubError(403, "Resource not accessible by integration")
         return found
+
+    def authorize_git(self, token: str, owner: str, repo: str, *, push: bool) -> int:
+        """What GitHub answers git over smart HTTP with this token: 200, or 401/403/404.
+
+        Fetching needs `contents: read` on the repository, pushing `contents: write`; the
+        same rules (and order) as the REST routes above, for the local git server of the tests.
+        """
+        try:
+            self.repo_for_token(f"token {token}", owner, repo, "contents:write" if push else "contents:read")
+        except GitHubError as exc:
+            return exc.status
+        return 200
 
 
 # --- the ASGI app ------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ def readyz(broker: BrokerDep) -> JSONResponse:
     spool.shutdown(wait=False, cancel_futures=True)
     live_sources = {}
     for name, probe in sorted(probes.items()):
-        health = probe.result() if probe.done() else SourceHealth(False, f"no answer within {PROBE_SECONDS}s")
-        live_sources[name] = {"ok": health.ok, "detail": health.detail}
+        said = probe.result() if probe.done() else SourceHealth(False, f"no answer within {PROBE_SECONDS}s")
+        live_sources[name] = {"ok": said.ok, "detail": said.detail}
     checks["permission_sources"] = live_sources
     ready = checks["database"]["ok"] and all(p["ok"] for p in providers.values() if p["required"])
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

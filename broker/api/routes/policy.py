@@ -39,6 +39,8 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> dic
             scope=tuple(ScopeEntry(_canonical(canonical_pattern, s.resource), tuple(s.access)) for s in body.scope),
             status="active",
             expires_at=now + timedelta(seconds=body.session_ttl_seconds),
+            # A person explaining their own access: their IdP groups count, as in their sessions.
+            human_groups=caller.groups if caller.kind == "human" and body.human.lower() == caller.name else frozenset(),
         )
     policy = broker.policies.current
     resource = _canonical(canonical_resource, body.resource)

@@ -335,3 +335,15 @@ def test_the_query_carries_the_mapping_the_identity_and_the_options(policy):
     assert q.require == frozenset({"write", "maintain", "admin"})
     assert q.identity["github_login"] == "alice-gh" and q.claims == {"github_login": "a"}
     assert q.options == {"login_claim": "github_login"}
+
+
+def test_evidence_is_bounded_before_it_reaches_a_decision(policy):
+    class Chatty(Boom):
+        def check(self, query: PermissionQuery) -> SourceAnswer:
+            return SourceAnswer(DENY, {"summary": "x" * 10_000, "policies": [f"p{i}" for i in range(500)],
+                                       "nested": {"deep": {"deeper": {"deepest": object()}}}})
+
+    live = LivePermissions({"github": Chatty()}, 60).consult(policy, "alice@example.com", "github://acme/w", "read")
+    assert live is not None and live.verdict == DENY
+    assert len(live.evidence["summary"]) == 500 and len(live.evidence["policies"]) == 50
+    assert isinstance(live.evidence["nested"]["deep"]["deeper"], str)

@@ -167,9 +167,13 @@ def test_example_policy_loads():
     policy = load_policy(EXAMPLE_POLICY_PATH)
     assert policy.version == "sha256:" + hashlib.sha256(EXAMPLE_POLICY_PATH.read_bytes()).hexdigest()
     native = policy.match_resource("jwt://payments-api")
-    assert native.provider == "native" and set(native.access) == {"read", "write"}
+    assert native.provider == "native" and set(native.access) == {"read", "write", "release"}
+    assert native.access["release"].tier == "merge_deploy"
     assert policy.human_key("dev@example.com") == "dev@example.com"
-    assert policy.agent("claude-code").max_tier == "review"
+    # The trial user is a maintainer, so `broker-cli dev` can show an approval end to end.
+    assert "maintainers" in policy.groups_of("dev@example.com")
+    assert policy.agent("claude-code").max_tier == "merge_deploy"
+    assert policy.tiers["secret"].min_approvals == 2
 
 
 @pytest.mark.parametrize(

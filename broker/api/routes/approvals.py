@@ -1,0 +1,79 @@
+"""Approvals: humans list and decide what waits for them; the agent long-polls its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+
+from broker.api.deps import AnyCaller, BrokerDep
+from broker.api.schemas import ApprovalDecide, ApprovalView, ErrorResponse
+from broker.approvals import service
+from broker.approvals.signals import ApprovalSignals
+
+router = APIRouter(prefix="/v1/approvals", tags=["approvals"])
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 422)}
+
+
+def _signals(request: Request) -> ApprovalSignals:
+    signals: ApprovalSignals = request.app.state.approval_signals
+    return signals
+
+
+def _woke(request: Request) -> None:
+    """A decision may have enqueued notifications: push them now rather than at the next tick."""
+    outbox = getattr(request.app.state, "outbox", None)
+    if outbox is not None:
+        outbox.wake()
+
+
+@router.get("", response_model=list[ApprovalView], responses=ERRORS)
+def list_approvals(
+    broker: BrokerDep, caller: AnyCaller,
+    status: Annotated[str | None, Query(max_length=16, description="pending, approved, denied, expired or used")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> JSONResponse:
+    """What the caller may decide and, for a delegating human, what their sessions wait on."""
+    return JSONResponse(jsonable_encoder(service.list_for(broker, caller, status, limit)))
+
+
+@router.get("/{approval_id}", response_model=ApprovalView, responses=ERRORS)
+async def get_approval(
+    approval_id: str, request: Request, broker: BrokerDep, caller: AnyCaller,
+    wait: Annotated[int, Query(ge=0, le=300, description="seconds to wait while pending (bounded by the broker)")] = 0,
+) -> JSONResponse:
+    """One approval; with `wait`, answers as soon as it is decided (long poll), or when `wait` ends."""
+    deadline = time.monotonic() + min(wait, broker.settings.approval_max_wait_seconds)
+    recheck = broker.settings.approval_poll_recheck_seconds
+    with _signals(request).listen(approval_id) as decided:
+        body = await asyncio.to_thread(service.get, broker, caller, approval_id)
+        while body["status"] == "pending" and (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(decided.wait(), timeout=min(left, recheck))
+            except TimeoutError:
+                pass  # re-read: another replica may have decided
+            decided.clear()
+            body = await asyncio.to_thread(service.get, broker, caller, approval_id)
+    return JSONResponse(jsonable_encoder(body), headers={"Cache-Control": "no-store"})
+
+
+@router.post("/{approval_id}/approve", response_model=ApprovalView, responses=ERRORS)
+def approve(approval_id: str, request: Request, broker: BrokerDep, caller: AnyCaller,
+            body: ApprovalDecide | None = None) -> JSONResponse:
+    result = service.decide(broker, caller, approval_id, "approve", body.reason if body else None)
+    _signals(request).notify(approval_id)
+    _woke(request)
+    return JSONResponse(jsonable_encoder(result))
+
+
+@router.post("/{approval_id}/deny", response_model=ApprovalView, responses=ERRORS)
+def deny(approval_id: str, request: Request, broker: BrokerDep, caller: AnyCaller,
+         body: ApprovalDecide | None = None) -> JSONResponse:
+    result = service.decide(broker, caller, approval_id, "deny", body.reason if body else None)
+    _signals(request).notify(approval_id)
+    _woke(request)
+    return JSONResponse(jsonable_encoder(result))
