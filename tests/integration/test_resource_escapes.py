@@ -98,7 +98,8 @@ def test_vault_path_escape_is_refused_and_nothing_is_minted(
     r = api.request(session, {"resource": attack, "access": "test-write"})
 
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["code"] == "invalid-resource"
+    # A NUL never gets as far as the resource parser: the request guard refuses it at the door.
+    assert r.json()["error"]["code"] == ("nul-byte" if "\x00" in attack else "invalid-resource")
     assert "credential" not in r.text and "password" not in r.text
     with Session(api.broker.engine) as db:
         assert db.exec(select(Lease).where(Lease.session_id == session["session_id"])).all() == []
