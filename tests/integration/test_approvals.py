@@ -269,3 +269,28 @@ def test_long_poll_sees_a_decision_made_on_another_replica(database_url: str, tm
         assert decide(api_b, aid, BOB).status_code == 200
         thread.join(90)
         assert answer["r"].json()["status"] == "approved"
+
+
+def test_one_approval_racing_twice_mints_once(humans_api: Api) -> None:
+    api = humans_api
+    session = api.new_session()
+    aid = pending(api, session)["approval_id"]
+    assert decide(api, aid, BOB).status_code == 200
+    barrier = threading.Barrier(4)
+    statuses: list[int] = []
+
+    def race() -> None:
+        with httpx.Client(base_url=api.base_url, timeout=30) as client:
+            barrier.wait()
+            r = client.post("/v1/capabilities", headers=agent(session),
+                            json={"purpose": "test", **DEPLOY, "approval_id": aid})
+            statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=race) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(statuses) == [201, 409, 409, 409]
+    with Session(api.broker.engine) as db:
+        assert len(db.exec(select(Lease).where(Lease.session_id == session["session_id"])).all()) == 1
