@@ -32,6 +32,7 @@ from broker.approvals.outbox import OutboxDelivery
 from broker.approvals.signals import ApprovalSignals
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
+from broker.console import app as console
 from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.broker = broker
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
                                      broker.settings.human_token_hashes())
+        console.start(app, broker)
         _COLLECTOR.broker = broker
         _record_policy_loaded(broker, "start")
 
@@ -132,6 +134,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.broker = broker
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
                                      broker.settings.human_token_hashes())
+        console.start(app, broker)
 
     @app.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> JSONResponse:
@@ -164,6 +167,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
                    webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router):
         app.include_router(router)
+    console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(BodyLimit)
     return app
 

@@ -21,6 +21,8 @@ def decision_record(decision: Decision, shadow: Decision | None) -> dict[str, An
         "matched_rule": decision.matched_rule,
         "policy_version": decision.policy_version,
     }
+    if decision.result != "allow":
+        record["layer"] = _deciding_layer(decision)  # which of the intersection's layers said no (or "ask")
     if shadow is not None:
         record["shadow"] = {
             "result": shadow.result,
@@ -62,6 +64,16 @@ def refusal(decision: Decision) -> BrokerError:
         return BudgetExceeded(f"denied: {decision.reason}", code=decision.reason, decision=body)
     return Denied(f"denied by the {_failing_layer(decision)} layer: {decision.reason}", code=decision.reason,
                   decision=body)
+
+
+def _deciding_layer(decision: Decision) -> str:
+    for layer in decision.layers:
+        if layer.verdict == "deny":
+            return layer.layer
+    for layer in decision.layers:
+        if layer.verdict == "approval_required":
+            return layer.layer
+    return "policy"
 
 
 def _failing_layer(decision: Decision) -> str:
