@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.support.aws_moto",
     "tests.support.github_standin",
     "tests.support.oidc",
+    "tests.support.browser",
 ]

@@ -70,6 +70,9 @@ class SigningKey:
 
     def private_jwk(self) -> dict[str, Any]:
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private))
+        # PyJWT marks a private JWK key_ops ["sign"], which the provider would publish with the
+        # public half; strict clients (joserfc, under authlib) then refuse to verify with it.
+        jwk.pop("key_ops", None)
         return {**jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}
 
     def sign(self, claims: dict[str, Any], **headers: Any) -> str:
