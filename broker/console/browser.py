@@ -160,10 +160,10 @@ def _load(broker: Broker, raw_id: str | None, now: datetime) -> BrowserSession |
 def _store(broker: Broker, browser: Browser, now: datetime) -> None:
     with transaction(broker.engine) as db:
         if browser.old_hash is not None:
-            db.exec(delete(BrowserSession).where(col(BrowserSession.id_hash) == browser.old_hash))  # type: ignore[call-overload]
+            db.exec(delete(BrowserSession).where(col(BrowserSession.id_hash) == browser.old_hash))
         if browser.row is not None:
             if browser.raw_id is not None:  # a new row: a good moment to drop expired ones
-                db.exec(delete(BrowserSession).where(col(BrowserSession.expires_at) <= now))  # type: ignore[call-overload]
+                db.exec(delete(BrowserSession).where(col(BrowserSession.expires_at) <= now))
             browser.row.data = dict(browser.session_data)
             db.merge(browser.row)
 
