@@ -5,22 +5,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from broker import __version__
+from broker.api.guard import RequestGuard, declare_guard_responses
 from broker.api.routes import (
     approvals,
     audit,
     capabilities,
     grants,
     health,
+    hooks,
     identity,
     policy,
     revocations,
@@ -36,35 +40,28 @@ from broker.console import app as console
 from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
+from broker.identity.ratelimit import RateLimiter
 from broker.leases.reconciler import reconcile_at_start
 from broker.leases.sweeper import Sweeper
-from broker.metrics import REGISTRY, LeaseCollector
+from broker.logs import RequestIdMiddleware, configure_logging
+from broker.metrics import REGISTRY, DatabaseCollector
+from broker.permissions.recheck import PermissionRechecker
 from broker.runtime import Broker
 
 log = logging.getLogger("broker")
 
-MAX_BODY_BYTES = 1024 * 1024
 _STATUS_CODES = {400: "invalid-request", 401: "invalid-token", 403: "forbidden", 404: "not-found",
                  405: "method-not-allowed", 409: "conflict", 413: "payload-too-large", 415: "unsupported-media-type"}
 
 
-class BodyLimit:
-    """Refuse oversize bodies by Content-Length before anything reads them."""
-
-    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", []):
-                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    response = JSONResponse(
-                        {"error": {"code": "payload-too-large", "message": f"body exceeds {self.limit} bytes"}},
-                        status_code=413,
-                    )
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's own 405 names only the first route's)."""
+    allowed = []
+    for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 def _record_policy_loaded(broker: Broker, trigger: str) -> None:
@@ -88,6 +85,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.broker = broker
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
                                      broker.settings.human_token_hashes())
+        app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
         console.start(app, broker)
         _COLLECTOR.broker = broker
         _record_policy_loaded(broker, "start")
@@ -111,6 +109,11 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             except Exception:  # the sweeper runs the same queries: recovery is delayed, not lost
                 log.exception("reconciliation at start failed; the sweeper will carry on")
             background.start()
+        # Beside the sweeper: live capabilities whose human lost the permission at the source.
+        recheck = PermissionRechecker(broker) if sweeper else None
+        if recheck:
+            recheck.start()
+        # Beside the sweeper too: approval notifications from the outbox.
         delivery = None
         if (sweeper if outbox is None else outbox) and broker.settings.approval_webhook_url_list():
             delivery = OutboxDelivery(broker)
@@ -121,8 +124,11 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         finally:
             if delivery:
                 delivery.stop()
+            if recheck:
+                recheck.stop()
             if background:
                 background.stop()
+            broker.permissions.close()
 
     app = FastAPI(
         title="jit-broker",
@@ -134,12 +140,14 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.broker = broker
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
                                      broker.settings.human_token_hashes())
+        app.state.rate_limiter = RateLimiter()
         console.start(app, broker)
 
     @app.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        headers.update(getattr(exc, "headers", None) or {})  # e.g. Retry-After of a rate limit
+        return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -154,9 +162,13 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http-error")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # RFC 9110: a 405 names what the resource does allow
+            headers["Allow"] = _allowed_methods(request)
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=headers or None)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -165,20 +177,29 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
     app.state.approval_signals = ApprovalSignals()
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
-                   webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router):
+                   webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router):
         app.include_router(router)
     console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
-    app.add_middleware(BodyLimit)
+    app.add_middleware(RequestGuard)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id and a log line
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = declare_guard_responses(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
 def app_from_environment() -> FastAPI:
     """Factory for `broker-cli serve --workers N`: each worker process builds its own broker."""
-    logging.basicConfig(level=Settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(Settings())
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
 
 
-class _CurrentBrokerCollector(LeaseCollector):
+class _CurrentBrokerCollector(DatabaseCollector):
     def __init__(self) -> None:
         super().__init__(None)
 
@@ -190,7 +211,7 @@ class _CurrentBrokerCollector(LeaseCollector):
     def broker(self, value: Any) -> None:
         self._broker = value
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         if self._broker is None:
             return iter(())
         return super().collect()

@@ -8,6 +8,7 @@ missing into `state_dir` and says loudly, once, that it is not for production.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -145,6 +146,15 @@ class Settings(BaseSettings):
     outbox_interval_seconds: float = Field(default=1.0, gt=0)
     outbox_max_attempts: int = Field(default=20, ge=1)
     outbox_timeout_seconds: float = Field(default=5.0, gt=0)
+    # --- live permission sources ----------------------------------------------------------------
+    # How long a live source's allow/deny is reused: a burst costs one backend call, and a human
+    # who lost a permission keeps it at most this long for new requests (the re-check below ends
+    # what was already minted). 0 disables caching; concurrent asks still share one call.
+    permission_cache_seconds: float = Field(default=60.0, ge=0)
+    # How often live capabilities whose rule names a live source are checked again, bypassing
+    # the cache, and revoked where the human lost the permission since mint. A check per
+    # distinct (human, resource, access) per interval: five minutes keeps GitHub's rate limit far.
+    permission_recheck_seconds: float = Field(default=300.0, gt=0)
 
     # --- providers ------------------------------------------------------------------------------
     # No backend call may hang a request: every SDK gets this timeout.
@@ -161,6 +171,10 @@ class Settings(BaseSettings):
     vault_token_role: str = "jit-broker"
 
     aws_region: str = "us-east-1"
+    # The account the broker's AWS identity lives in. Policy rules for roles of any other account
+    # are refused when the policy loads (the broker can only revoke on its own account's roles).
+    # None: asked of STS (GetCallerIdentity) at start when the policy uses the aws provider.
+    aws_account_id: str | None = Field(default=None, pattern=r"^\d{12}$")
     # Set for a local STS/IAM (moto) or a VPC endpoint; None means AWS's public endpoints.
     aws_endpoint_url: str | None = None
 
@@ -172,6 +186,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8080
     log_level: str = "info"
+    # text for people reading a terminal; json (one object a line, with the request id) for a
+    # log pipeline. See broker/logs.py.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("database_url")
     @classmethod

@@ -71,6 +71,9 @@ class Lease(SQLModel, table=True):
     next_attempt_at: datetime | None = _ts(default=None)
     claimed_by: str | None = Field(default=None, max_length=64)
     claimed_until: datetime | None = _ts(default=None)
+    # When the live permission re-check last asked the human's live source about this lease
+    # (None: not since mint). Setting it is also how a replica claims the lease for a check.
+    live_checked_at: datetime | None = _ts(default=None)
 
     __table_args__ = (
         # The sweeper's only query: what is due, oldest first. Cost follows what expires.

@@ -23,6 +23,9 @@ from broker.config import Settings
 from broker.db import make_engine
 from broker.identity.keys import KeyRing
 from broker.identity.oidc import OidcVerifier
+from broker.permissions.base import SourceContext
+from broker.permissions.registry import LivePermissions
+from broker.permissions.registry import build as build_sources
 from broker.policy import PolicyStore
 from broker.providers.base import Provider, ProviderContext
 from broker.providers.registry import build as build_providers
@@ -97,6 +100,8 @@ class Broker:
     # Humans (and client-credentials orchestrators) through the configured IdP; None without one.
     oidc: OidcVerifier | None = None
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
+    # Live permission sources the policy names (github, openbao, ...), with their answer cache.
+    permissions: LivePermissions = field(default_factory=lambda: LivePermissions({}, 0))
 
     @classmethod
     def build(cls, settings: Settings, *, engine: Engine | None = None) -> Broker:
@@ -121,6 +126,13 @@ class Broker:
         providers = build_providers(
             names, ProviderContext(settings=settings, keyring=keyring), tolerate_missing=settings.embedded
         )
+        account = _own_aws_account(settings, providers)
+        if account is not None:
+            policies.adopt_aws_account(account)  # PolicyError: refused at start like any bad file
+        source_names = set(policies.current.live_sources())
+        if policies.shadow is not None:
+            source_names |= policies.shadow.live_sources()
+        sources = build_sources(source_names, SourceContext(settings=settings), tolerate_missing=settings.embedded)
         return cls(
             settings=settings,
             engine=engine or make_engine(settings.database_url),
@@ -129,6 +141,7 @@ class Broker:
             providers=providers,
             sealer=sealer,
             oidc=OidcVerifier(oidc_config) if oidc_config else None,
+            permissions=LivePermissions(sources, settings.permission_cache_seconds),
         )
 
     def provider(self, name: str) -> Provider:
@@ -138,3 +151,26 @@ class Broker:
             return self.providers[name]
         except KeyError:
             raise ProviderMisconfigured(f"provider {name!r} was not built; reload the broker after adding it") from None
+
+
+def _own_aws_account(settings: Settings, providers: dict[str, Provider]) -> str | None:
+    """The broker's own AWS account: BROKER_AWS_ACCOUNT_ID, else STS when the aws provider runs.
+
+    Unknown (STS unreachable at start) leaves the request-time check alone in force, with a warning.
+    """
+    if settings.aws_account_id:
+        return settings.aws_account_id
+    provider = providers.get("aws")
+    if provider is None:
+        return None
+    from broker.errors import ProviderError
+    from broker.providers.aws import AwsProvider
+
+    if not isinstance(provider, AwsProvider):
+        return None
+    try:
+        return provider.account_id()
+    except ProviderError as exc:
+        log.warning("aws: cannot learn the broker's own account at start (%s); set BROKER_AWS_ACCOUNT_ID so "
+                    "policies with rules for other accounts are refused when they load", exc.code)
+        return None

@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.support.openbao",
     "tests.support.aws_moto",
     "tests.support.github_standin",
+    "tests.support.git_server",
     "tests.support.oidc",
     "tests.support.browser",
 ]

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.errors import Forbidden
 from broker.identity.callers import ApiKeys, Caller, bearer, session_token_claims
 from broker.identity.oidc import unverified_issuer
+from broker.identity.ratelimit import RateLimiter
 from broker.runtime import Broker
 
 
@@ -33,7 +34,11 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
         claims = session_token_claims(
             token, keyring=broker.keyring, issuer=broker.settings.issuer, audience=broker.settings.audience
         )
-        return Caller(kind="agent", name=str(claims["sub"]), session_id=str(claims["sid"]), token_id=str(claims["jti"]))
+        caller = Caller(kind="agent", name=str(claims["sub"]), session_id=str(claims["sid"]), token_id=str(claims["jti"]))
+        # After the signature check, so nobody can spend another session's requests.
+        limiter: RateLimiter = request.app.state.rate_limiter
+        limiter.check(broker.policies.current.rate_limits, session_id=caller.session_id or "", agent=caller.name)
+        return caller
     keys: ApiKeys = request.app.state.api_keys
     return keys.lookup(token)
 

@@ -7,6 +7,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
+
+from broker import jsonbounds
+from broker.ids import APPROVAL_ID_PATTERN, CAPABILITY_ID_PATTERN, SESSION_ID_PATTERN
 
 _RESOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[!-~]{1,480}$"
 
@@ -15,7 +19,13 @@ AccessName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63
 AgentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Principal = Annotated[str, StringConstraints(pattern=r"^[^\s]{1,320}$")]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+LabelKey = Annotated[str, StringConstraints(max_length=64)]
+LabelValue = Annotated[str, StringConstraints(max_length=256)]
+SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
+ApprovalId = Annotated[str, StringConstraints(pattern=APPROVAL_ID_PATTERN)]
 MAX_PARAMETERS_BYTES = 16 * 1024
+
+__all__ = ["APPROVAL_ID_PATTERN", "CAPABILITY_ID_PATTERN", "SESSION_ID_PATTERN"]
 
 
 class Strict(BaseModel):
@@ -23,7 +33,9 @@ class Strict(BaseModel):
 
 
 class ScopeItem(Strict):
-    resource: Resource = Field(description="resource URI or glob (`*` within a segment, `**` across)")
+    resource: Resource = Field(description="resource URI or glob (`*` within a segment, `**` across)",
+                               # the document states the '..' rule too (JSON Schema allows look-ahead)
+                               json_schema_extra={"pattern": r"^(?!.*\.\.)" + _RESOURCE_PATTERN[1:]})
     access: list[AccessName] = Field(min_length=1, max_length=32)
 
     @field_validator("resource")
@@ -41,9 +53,7 @@ class SessionCreate(Strict):
     repository: Annotated[str, StringConstraints(max_length=256)] | None = None
     scope: list[ScopeItem] = Field(min_length=1, max_length=100)
     ttl_seconds: int = Field(ge=60, le=7 * 86400)
-    labels: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=256)]] | None = Field(
-        default=None, max_length=32
-    )
+    labels: dict[LabelKey, LabelValue] | None = Field(default=None, max_length=32)
 
 
 class SessionCreated(BaseModel):
@@ -102,13 +112,20 @@ class CapabilityRequest(Strict):
     purpose: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
     tool: Annotated[str, StringConstraints(max_length=128)] | None = None
     parameters: dict[str, Any] | None = None
-    approval_id: Annotated[str, StringConstraints(max_length=64)] | None = None
+    approval_id: ApprovalId | None = None
 
     @field_validator("parameters")
     @classmethod
     def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and len(json.dumps(v)) > MAX_PARAMETERS_BYTES:
-            raise ValueError(f"parameters may not exceed {MAX_PARAMETERS_BYTES} bytes of JSON")
+        if v is None:
+            return v
+        # Depth first: it is what would break a reader (and json.dumps) later.
+        try:
+            jsonbounds.check(v, jsonbounds.PARAMETERS_LIMITS)
+        except jsonbounds.JsonBoundsError as exc:
+            raise PydanticCustomError(exc.code, "parameters: {problem}", {"problem": str(exc)}) from None
+        if len(json.dumps(v)) > MAX_PARAMETERS_BYTES:
+            raise PydanticCustomError("json-too-large", f"parameters may not exceed {MAX_PARAMETERS_BYTES} bytes of JSON")
         return v
 
 
@@ -219,7 +236,7 @@ class GrantView(BaseModel):
 
 
 class ExplainRequest(Strict):
-    session_id: str | None = Field(default=None, max_length=64, description="explain against a live session")
+    session_id: SessionId | None = Field(default=None, description="explain against a live session")
     human: Principal | None = None
     agent: AgentName | None = None
     task_id: ShortText | None = None
@@ -228,6 +245,34 @@ class ExplainRequest(Strict):
     access: AccessName
     ttl_seconds: int | None = Field(default=None, ge=1, le=86400)
     session_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
+
+
+class PreToolUseInput(BaseModel):
+    """Claude Code's PreToolUse hook input. Fields Claude Code adds later are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    hook_event_name: Literal["PreToolUse"] | None = Field(default=None, description="PreToolUse; other events are refused")
+    tool_name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    tool_input: dict[str, Any] = Field(description="the tool's arguments, as the model wrote them")
+    session_id: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        default=None, description="Claude Code's own session id (recorded; the broker session comes from the token)")
+    tool_use_id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    cwd: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    permission_mode: Annotated[str, StringConstraints(max_length=64)] | None = None
+    transcript_path: Annotated[str, StringConstraints(max_length=4096)] | None = None
+
+
+class HookSpecificOutput(BaseModel):
+    hookEventName: Literal["PreToolUse"]
+    permissionDecision: Literal["allow", "ask", "deny"]
+    permissionDecisionReason: str
+
+
+class PreToolUseOutput(BaseModel):
+    """What a Claude Code PreToolUse hook answers (the same JSON for an http hook and a command hook)."""
+
+    hookSpecificOutput: HookSpecificOutput
 
 
 class ErrorBody(BaseModel):

@@ -11,7 +11,7 @@ nothing minted under a grant outlives the grant.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,7 +22,9 @@ from broker.db import transaction, utcnow
 from broker.errors import Denied, Forbidden, NotFound
 from broker.identity.callers import Caller
 from broker.models import JitGrant, SessionRow
-from broker.policy import RequestFacts, approval_rule, evaluate, human_permission, named_approver, parse_resource
+from broker.permissions import service as live_permissions
+from broker.policy import RequestFacts, approval_rule, approver_permission, evaluate, named_approver
+from broker.policy.resources import canonical_resource
 from broker.runtime import Broker
 
 
@@ -47,18 +49,22 @@ def view(grant: JitGrant) -> dict[str, Any]:
 def create(broker: Broker, caller: Caller, ask: GrantAsk) -> dict[str, Any]:
     if caller.kind != "human":
         raise Forbidden("grants are given by humans the tier names as approvers", code="granter-must-be-human")
-    parse_resource(ask.resource)
+    from broker.approvals.service import approver_live
     from broker.leases.service import bounds_lookup, session_facts  # the capability path's own facts
 
+    ask = replace(ask, resource=canonical_resource(ask.resource))
     policy = broker.policies.current
+    # Live sources (the session's human, and the granter) are asked before any lock is taken.
+    session_live = live_permissions.for_session(broker, policy, ask.session_id, ask.resource, ask.access)
+    granter_live = approver_live(broker, policy, caller.name, ask.resource, ask.access)
     now = utcnow()
     with transaction(broker.engine) as db:
         session = db.exec(select(SessionRow).where(SessionRow.id == ask.session_id).with_for_update()).first()
         rule_tier, decision = None, None
         if session is not None:
             facts = session_facts(db, session)
-            decision = evaluate(policy, facts, RequestFacts(ask.resource, ask.access, None, now, approved=True),
-                                bounds_lookup(broker))
+            decision = evaluate(policy, facts, RequestFacts(ask.resource, ask.access, None, now, approved=True,
+                                                            live=session_live), bounds_lookup(broker))
             rule_tier = decision.tier
         delegator = session is not None and caller.name == session.human.lower()
         rule = approval_rule(policy, rule_tier) if rule_tier else None
@@ -76,7 +82,7 @@ def create(broker: Broker, caller: Caller, ask: GrantAsk) -> dict[str, Any]:
         if delegator and not rule.allow_self_approval:
             raise Forbidden("the delegating human may not pre-approve their own agent's capability "
                             f"(tier {rule_tier} does not set allow_self_approval)", code="self-approval-forbidden")
-        held = human_permission(policy, caller.name, caller.groups, ask.resource, ask.access)
+        held = approver_permission(policy, caller.name, caller.groups, ask.resource, ask.access, granter_live)
         if held.verdict != "allow":
             raise Forbidden(f"a grant is bounded by the granter's own permissions: {held.detail}",
                             code="approver-lacks-permission")

@@ -33,8 +33,17 @@ from broker.audit.service import AuditEvent, append
 from broker.db import transaction, utcnow
 from broker.errors import BrokerError, Conflict, Denied, Forbidden, InvalidRequest, NotFound
 from broker.identity.callers import Caller
+from broker.metrics import APPROVALS_OPENED, observe_approval_outcome
 from broker.models import Approval, ApprovalDecision, AuditRecord, Lease, SessionRow
-from broker.policy import CompiledPolicy, approval_rule, human_permission, named_approver
+from broker.permissions.service import needs_live_answer
+from broker.policy import (
+    CompiledPolicy,
+    LivePermission,
+    approval_rule,
+    approver_permission,
+    human_permission,
+    named_approver,
+)
 from broker.runtime import Broker
 
 STATUSES = ("pending", "approved", "denied", "expired", "used")
@@ -113,8 +122,18 @@ def may_read(policy: CompiledPolicy, caller: Caller, approval: Approval, session
     return False
 
 
-def approve_refusal(policy: CompiledPolicy, caller: Caller, approval: Approval, session: SessionRow) -> BrokerError | None:
-    """Why this caller may not approve (None: they may). The rules of the module docstring."""
+def approver_live(broker: Broker, policy: CompiledPolicy, human: str, resource: str, access: str) -> LivePermission | None:
+    """The live source's answer for an approver, where the resource's rule names one. Asked
+    before any row is locked, like the request's own (a slow backend must not hold locks)."""
+    if not needs_live_answer(policy, resource, access):
+        return None
+    return broker.permissions.consult(policy, human, resource, access)
+
+
+def approve_refusal(policy: CompiledPolicy, caller: Caller, approval: Approval, session: SessionRow,
+                    live: LivePermission | None = None, *, ask_live: bool = True) -> BrokerError | None:
+    """Why this caller may not approve (None: they may). The rules of the module docstring.
+    `ask_live=False` judges the file's grants alone (list views: no backend call per row)."""
     if caller.kind != "human":
         return Forbidden("only a human named by the tier's approvers decides an approval", code="approver-must-be-human")
     rule = approval_rule(policy, approval.tier)
@@ -126,7 +145,8 @@ def approve_refusal(policy: CompiledPolicy, caller: Caller, approval: Approval, 
         return Forbidden("the delegating human may not approve their own agent's request "
                          f"(tier {approval.tier} does not set allow_self_approval); ask another approver",
                          code="self-approval-forbidden")
-    held = human_permission(policy, caller.name, caller.groups, approval.resource, approval.access)
+    held = (approver_permission(policy, caller.name, caller.groups, approval.resource, approval.access, live)
+            if ask_live else human_permission(policy, caller.name, caller.groups, approval.resource, approval.access))
     if held.verdict != "allow":
         return Forbidden(f"an approver must hold the access themselves: {held.detail}",
                          code="approver-lacks-permission", matched_rule=held.matched_rule)
@@ -138,7 +158,7 @@ def deny_refusal(policy: CompiledPolicy, caller: Caller, approval: Approval, ses
     authority being lent); a named approver may even without holding the access themselves."""
     if caller.kind == "human" and _is_delegator(caller, session):
         return None
-    refusal = approve_refusal(policy, caller, approval, session)
+    refusal = approve_refusal(policy, caller, approval, session, ask_live=False)  # holding it is not needed to deny
     if refusal is not None and refusal.code in ("self-approval-forbidden", "approver-lacks-permission"):
         return None
     return refusal
@@ -224,7 +244,7 @@ def view(approval: Approval, session: SessionRow | None, decisions: list[Approva
                          "tier": lease.tier, "expires_at": lease.expires_at} for lease in context.held]
         body["policy_decision"] = context.decision
     if policy is not None and caller is not None and caller.kind == "human" and session is not None:
-        refusal = approve_refusal(policy, caller, approval, session)
+        refusal = approve_refusal(policy, caller, approval, session, ask_live=False)
         voted = any(d.approver == caller.name for d in decisions)
         body["you_may_approve"] = refusal is None and not voted and body["status"] == "pending"
         body["why_not"] = ("you already decided" if voted else refusal.message if refusal else None)
@@ -299,6 +319,7 @@ def open_request(db: Session, broker: Broker, session: SessionRow, binding: Bind
         expires_at=min(now + timedelta(seconds=broker.settings.approval_ttl_seconds), session.expires_at),
     )
     db.add(approval)
+    APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
     outbox.enqueue(db, broker, "approval.requested", notification(broker, approval, session, [], now), now)
     return approval, True
 
@@ -325,9 +346,10 @@ def redeem(db: Session, approval_id: str, session: SessionRow, binding: Binding,
     return approval
 
 
-def mark_used(db: Session, approval: Approval, capability_id: str, now: datetime) -> None:
+def mark_used(db: Session, approval: Approval, capability_id: str | None, now: datetime) -> None:
     approval.status, approval.used_at, approval.capability_id = "used", now, capability_id
     db.add(approval)
+    observe_approval_outcome(approval, "used", now)
 
 
 # --- the human side: read, list, decide ---------------------------------------------------------
@@ -382,8 +404,14 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
     if caller.kind != "human":
         raise Forbidden("only humans decide approvals (the local admin is not a person the policy names)",
                         code="approver-must-be-human")
-    now = utcnow()
     policy = broker.policies.current
+    live = None
+    if decision == "approve":
+        with transaction(broker.engine) as db:
+            target = db.get(Approval, approval_id)
+        if target is not None:
+            live = approver_live(broker, policy, caller.name, target.resource, target.access)
+    now = utcnow()
     with transaction(broker.engine) as db:
         approval = db.exec(select(Approval).where(Approval.id == approval_id).with_for_update()).first()
         session = db.get(SessionRow, approval.session_id) if approval else None
@@ -398,7 +426,8 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
         if any(v.approver == caller.name for v in votes):
             raise Conflict("you already decided this approval; another approver must add theirs",
                            code="already-decided")
-        refusal = (approve_refusal if decision == "approve" else deny_refusal)(policy, caller, approval, session)
+        refusal = (approve_refusal(policy, caller, approval, session, live, ask_live=True) if decision == "approve"
+                   else deny_refusal(policy, caller, approval, session))
         if refusal is not None:
             raise refusal
         vote = ApprovalDecision(approval_id=approval.id, approver=caller.name, decision=decision,
@@ -415,6 +444,7 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
             outcome = "approval_recorded"
         if approval.status != "pending":
             approval.decided_by, approval.decided_at, approval.decision_reason = caller.name, now, reason
+            observe_approval_outcome(approval, "decided", now)
         db.add(approval)
         append(db, _event(approval, session, "approval.decided", outcome, caller.principal, {
             "approval_id": approval.id, "decided_by": caller.name, "decision": decision, "reason": reason,

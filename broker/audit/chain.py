@@ -10,16 +10,18 @@ canonical JSON is sorted keys, no insignificant white space, UTF-8. The first re
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from broker.jsonbounds import dumps_stored, loads_stored
 
 GENESIS = "0" * 64
 
 
 def canonical_json(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    # dumps_stored: a record written before the door bounded depth must still verify.
+    return dumps_stored(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def chain_hash(prev_hash: str, canonical: str) -> str:
@@ -85,7 +87,7 @@ def verify_links(links: Iterable[StoredLink]) -> VerifyResult:
         if link.prev_hash != prev:
             return bad("prev_hash does not match the previous record's hash")
         try:
-            body = json.loads(link.record)
+            body = loads_stored(link.record)
         except ValueError:
             return bad("record is not valid JSON")
         if not isinstance(body, dict):

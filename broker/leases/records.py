@@ -23,6 +23,9 @@ def decision_record(decision: Decision, shadow: Decision | None) -> dict[str, An
     }
     if decision.result != "allow":
         record["layer"] = _deciding_layer(decision)  # which of the intersection's layers said no (or "ask")
+    if decision.live is not None:
+        # The live layer: which source, what it answered, and whether from the cache.
+        record["human_permission"] = decision.live.to_dict()
     if shadow is not None:
         record["shadow"] = {
             "result": shadow.result,
@@ -62,8 +65,13 @@ def refusal(decision: Decision) -> BrokerError:
     body = decision.to_dict()
     if decision.reason == "budget-exceeded":
         return BudgetExceeded(f"denied: {decision.reason}", code=decision.reason, decision=body)
-    return Denied(f"denied by the {_failing_layer(decision)} layer: {decision.reason}", code=decision.reason,
-                  decision=body)
+    layer = _failing_layer(decision)
+    if layer == "human_live" and decision.live is not None:
+        # Name the live source and what it said: the file's grants allowed, the backend did not.
+        said = decision.live.evidence.get("summary") or decision.live.verdict
+        return Denied(f"denied by the live permission source {decision.live.source}: {decision.reason} ({said})",
+                      code=decision.reason, decision=body)
+    return Denied(f"denied by the {layer} layer: {decision.reason}", code=decision.reason, decision=body)
 
 
 def _deciding_layer(decision: Decision) -> str:

@@ -36,7 +36,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from broker.audit.service import AuditEvent, append, append_many
 from broker.db import advisory_lock, is_postgres, transaction, utcnow
 from broker.errors import ProviderUnavailable
-from broker.metrics import REVOKES
+from broker.metrics import REVOKE_SECONDS, REVOKES, observe_expiry
 from broker.models import Lease, SessionRow
 from broker.providers.base import Provider, RevokeTarget
 from broker.runtime import Broker
@@ -137,6 +137,8 @@ def finish_revocation(db: Session, lease: Lease, session: SessionRow | None, rea
     lease.status = final_status(reason)
     lease.status_reason = reason
     lease.ended_at = now
+    if reason == "expired":
+        observe_expiry(lease, now)
     lease.sealed_secret = None  # nothing left to revoke with: the secret goes
     lease.claimed_by = lease.claimed_until = lease.next_attempt_at = None
     db.add(lease)
@@ -151,6 +153,8 @@ def finish_not_found(db: Session, lease: Lease, session: SessionRow | None, reas
     lease.status = "expired"
     lease.status_reason = note[:256]
     lease.ended_at = now
+    if reason == "expired":
+        observe_expiry(lease, now)
     lease.sealed_secret = None
     lease.claimed_by = lease.claimed_until = lease.next_attempt_at = None
     db.add(lease)
@@ -211,7 +215,8 @@ def revoke_leases(
                                             {"note": "revoked while minting"}))
                 summary.pending.append(lease.id)
             elif lease.provider in NO_BACKEND_CALL:
-                finish_revocation(db, lease, session, why, actor, now, batch=events)
+                with REVOKE_SECONDS.labels(lease.provider).time():  # nothing to call: the row is the credential
+                    finish_revocation(db, lease, session, why, actor, now, batch=events)
                 REVOKES.labels(provider=lease.provider, outcome="revoked").inc()
                 summary.revoked.append(lease.id)
             else:
@@ -297,7 +302,7 @@ def _call_backend(broker: Broker, lease: Lease) -> _Outcome:
                 handle=handle or {}, expires_at=lease.backend_expires_at or lease.expires_at,
                 revocation_secret=secret,
             )
-            with _serialised(broker, provider, lease.resource):
+            with _serialised(broker, provider, lease.resource), REVOKE_SECONDS.labels(lease.provider).time():
                 backend_call(lambda: provider.revoke(target), f"revoke {lease.id}")
     except Exception as exc:  # every failure, translated or not, keeps the lease visible
         outcome.error = exc

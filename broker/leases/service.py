@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -36,15 +36,17 @@ from broker.leases import idempotency, records
 from broker.leases.revocation import finish_revocation
 from broker.metrics import DECISIONS, MINTS
 from broker.models import Approval, IdempotencyRecord, JitGrant, Lease, SessionRow
+from broker.permissions import service as live_permissions
 from broker.policy import (
     Decision,
+    LivePermission,
     RequestFacts,
     ScopeEntry,
     SessionFacts,
     approval_rule,
     evaluate_with_shadow,
-    parse_resource,
 )
+from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
 from broker.runtime import Broker
 
@@ -115,13 +117,14 @@ def bounds_lookup(broker: Broker) -> Any:
 
 
 def _evaluate(broker: Broker, db: Session, session: SessionRow, ask: CapabilityAsk, now: datetime,
-              approval: Approval | None) -> tuple[Decision, Decision | None, JitGrant | None]:
+              approval: Approval | None, live: LivePermission | None) -> tuple[Decision, Decision | None, JitGrant | None]:
     """The decision; where it waits for approval, a matching grant stands in for one."""
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
     facts = session_facts(db, session)
 
     def run(ttl: int | None, approved: bool) -> tuple[Decision, Decision | None]:
-        request = RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ttl, now=now, approved=approved)
+        request = RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ttl, now=now, approved=approved,
+                               live=live)
         return evaluate_with_shadow(policy, shadow_policy, facts, request, bounds_lookup(broker))
 
     decision, shadow = run(ask.ttl_seconds, approval is not None)
@@ -143,7 +146,8 @@ def request_capability(
 ) -> tuple[int, dict[str, Any]]:
     if caller.kind != "agent" or caller.session_id is None:
         raise Forbidden("only an agent's session token may request capabilities")
-    parse_resource(ask.resource)  # malformed URIs are a 400, before any decision
+    # Decided once, before any layer: every layer, the lease and the provider see this form.
+    ask = replace(ask, resource=canonical_resource(ask.resource))
     session_id = caller.session_id
     if idempotency_key is not None:
         idempotency.check_key(idempotency_key)
@@ -170,6 +174,9 @@ def _decide_and_mint(
     broker: Broker, session_id: str, ask: CapabilityAsk, idem_key: str | None
 ) -> tuple[int, dict[str, Any]]:
     now = utcnow()
+    policy = broker.policies.current
+    # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
+    live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
     with transaction(broker.engine) as db:
         session = lock_session(db, session_id)
@@ -183,8 +190,8 @@ def _decide_and_mint(
             ticket = claimed
         approval = approvals.redeem(db, ask.approval_id, session, ask.binding(session.id), now) \
             if ask.approval_id else None
-        decision, shadow, grant_used = _evaluate(broker, db, session, ask, now, approval)
-        DECISIONS.labels(decision.result, decision.reason).inc()
+        decision, shadow, grant_used = _evaluate(broker, db, session, ask, now, approval, live)
+        DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()
         if shadow is not None and shadow.result != decision.result:
             log.info("shadow policy would %s (%s) where enforced says %s", shadow.result, shadow.reason, decision.result)
         record = records.decision_record(decision, shadow)

@@ -8,12 +8,15 @@ each lease revoked once.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 
 from broker.db import utcnow
 from broker.leases.reconciler import reconcile_periodic
 from broker.leases.revocation import RevokeSummary, due_for_expiry, due_for_retry, revoke_leases
+from broker.logs import REQUEST_ID
+from broker.metrics import SWEEP_LAST, SWEEP_SECONDS
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 
@@ -59,9 +62,14 @@ class Sweeper:
         interval = self._broker.settings.sweep_interval_seconds
         while not self._stop.is_set():
             started = time.monotonic()
+            token = REQUEST_ID.set("sweep_" + secrets.token_hex(6))  # ties a pass's log lines together
             try:
-                sweep_once(self._broker)
+                with SWEEP_SECONDS.time():
+                    sweep_once(self._broker)
+                SWEEP_LAST.set_to_current_time()
             except Exception:  # one bad pass must not end sweeping
                 log.exception("sweep failed; next pass in %.1fs", interval)
+            finally:
+                REQUEST_ID.reset(token)
             # A pass starts every `interval`: a long pass does not push the next one further out.
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))

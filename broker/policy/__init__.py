@@ -8,10 +8,12 @@ from broker.policy.evaluate import (
     BoundsLookup,
     Decision,
     LayerVerdict,
+    LivePermission,
     RequestFacts,
     ScopeEntry,
     SessionFacts,
     approval_rule,
+    approver_permission,
     default_bounds,
     evaluate,
     evaluate_with_shadow,
@@ -20,7 +22,7 @@ from broker.policy.evaluate import (
 )
 from broker.policy.loader import load_policy, load_policy_bytes, load_policy_text
 from broker.policy.models import TIER_ORDER, PolicyDocument
-from broker.policy.resources import glob_matches, parse_resource, validate_pattern
+from broker.policy.resources import canonical_pattern, canonical_resource, glob_matches, parse_resource, validate_pattern
 from broker.policy.store import PolicyStore
 
 # Written by `broker-cli init` and used by `broker-cli dev`.
@@ -30,6 +32,7 @@ __all__ = [
     "EXAMPLE_POLICY_PATH",
     "ApprovalRule",
     "approval_rule",
+    "approver_permission",
     "human_permission",
     "named_approver",
     "TIER_ORDER",
@@ -37,12 +40,15 @@ __all__ = [
     "CompiledPolicy",
     "Decision",
     "LayerVerdict",
+    "LivePermission",
     "PolicyDocument",
     "PolicyStore",
     "RequestFacts",
     "ScopeEntry",
     "SessionFacts",
     "default_bounds",
+    "canonical_pattern",
+    "canonical_resource",
     "evaluate",
     "evaluate_with_shadow",
     "glob_matches",

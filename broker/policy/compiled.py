@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Grant, PolicyDocument, Tier
-from broker.policy.resources import compile_glob, is_glob
+from broker.policy.resources import Glob, compile_glob, is_glob
+from broker.policy.tools import CompiledTools
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,23 @@ class AccessRule:
 
 
 @dataclass(frozen=True)
+class LivePermissionRule:
+    """A resource rule's `human_permission`: the live source and what of its answers allows each access."""
+
+    source: str
+    require: Mapping[str, frozenset[str]]  # access name -> backend answers that allow it
+    on_unavailable: str  # "deny" | "allow"
+    options: Mapping[str, Any]
+    rule: str  # "resources[i].human_permission"
+
+
+@dataclass(frozen=True)
 class ResourceRule:
     index: int
     match: str
     provider: str
     access: Mapping[str, AccessRule]
+    human_permission: LivePermissionRule | None = None
 
     @property
     def rule(self) -> str:
@@ -42,10 +54,10 @@ class GrantRule:
     rule: str  # "humans.<email>.grants[i]" or "groups.<name>.grants[i]"
     resource: str
     access: frozenset[str]
-    pattern: re.Pattern[str]
+    pattern: Glob
 
     def covers(self, resource: str, access: str) -> bool:
-        return ("*" in self.access or access in self.access) and self.pattern.fullmatch(resource) is not None
+        return ("*" in self.access or access in self.access) and self.pattern.matches(resource)
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,14 @@ class CompiledPolicy:
                 name: AccessRule(name, a.tier, MappingProxyType(a.provider_options()), f"resources[{i}].access.{name}")
                 for name, a in r.access.items()
             }
-            rules.append(ResourceRule(i, r.match, r.provider, MappingProxyType(access)))
+            live = None
+            if r.human_permission is not None:
+                hp = r.human_permission
+                live = LivePermissionRule(
+                    hp.source, MappingProxyType({a: frozenset(v) for a, v in hp.require.items()}), hp.on_unavailable,
+                    MappingProxyType(dict(hp.options or {})), f"resources[{i}].human_permission",
+                )
+            rules.append(ResourceRule(i, r.match, r.provider, MappingProxyType(access), live))
         self.resources: tuple[ResourceRule, ...] = tuple(rules)
         # Exact matches are a dict hit; globs are tried in file order, and only those written
         # before an exact hit can beat it (first match in file order wins).
@@ -98,12 +117,15 @@ class CompiledPolicy:
         for rule in self.resources:
             if not is_glob(rule.match):
                 self._exact.setdefault(rule.match, rule)
-        self._globbed: tuple[tuple[re.Pattern[str], ResourceRule], ...] = tuple(
+        self._globbed: tuple[tuple[Glob, ResourceRule], ...] = tuple(
             (compile_glob(rule.match), rule) for rule in self.resources if is_glob(rule.match)
         )
 
         # Emails are compared case-insensitively: IdPs disagree on case, people do not.
         self._human_keys: dict[str, str] = {email.lower(): email for email in document.humans}
+        self.human_identities: Mapping[str, Mapping[str, str]] = MappingProxyType(
+            {email.lower(): MappingProxyType(h.identity()) for email, h in document.humans.items()}
+        )
         self.human_grants: Mapping[str, tuple[GrantRule, ...]] = MappingProxyType(
             {email.lower(): _grants(f"humans.{email}", h.grants) for email, h in document.humans.items()}
         )
@@ -127,9 +149,12 @@ class CompiledPolicy:
         budgets = document.budgets
         self.max_issued_per_session: int | None = budgets.max_issued_per_session if budgets else None
         self.max_active_per_session: int | None = budgets.max_active_per_session if budgets else None
+        self.rate_limits = document.rate_limits
         self.escalation_tiers: frozenset[str] = frozenset(
             document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS
         )
+        # The tool-call gate's rules (PreToolUse hooks); an absent section asks about everything.
+        self.tools = CompiledTools(document.tools)
 
     def __repr__(self) -> str:
         return f"CompiledPolicy(source={self.source!r}, version={self.version!r})"
@@ -140,13 +165,21 @@ class CompiledPolicy:
         for pattern, rule in self._globbed:
             if exact is not None and rule.index > exact.index:
                 break
-            if pattern.fullmatch(resource):
+            if pattern.matches(resource):
                 return rule
         return exact
 
     def human_key(self, human: str) -> str | None:
         """The `humans` key as written for this human, or None when the policy does not name them."""
         return self._human_keys.get(human.lower())
+
+    def identity_of(self, human: str) -> Mapping[str, str]:
+        """Who the human is at live sources (github_login, openbao_entity, ...), as the policy maps them."""
+        return self.human_identities.get(human.lower(), MappingProxyType({}))
+
+    def live_sources(self) -> frozenset[str]:
+        """Every live permission source some rule names: the broker builds exactly these."""
+        return frozenset(r.human_permission.source for r in self.resources if r.human_permission is not None)
 
     def groups_of(self, human: str, extra: frozenset[str] = frozenset()) -> tuple[str, ...]:
         """Every group the human belongs to: policy membership plus `extra` (IdP claims).

@@ -1,15 +1,17 @@
 """The decision: a pure function of (policy, session, request) that every layer must allow.
 
-No I/O, no database, no clock: the caller supplies `now`, session counters and provider
-bounds. The same function answers real requests, `policy explain` and the shadow policy.
+No I/O, no database, no clock: the caller supplies `now`, session counters, provider bounds
+and, where a resource rule names a live permission source, what that source answered
+(`RequestFacts.live`, fetched before by the caller). The same function answers real requests,
+`policy explain` and the shadow policy.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from broker.policy.compiled import AccessRule, CompiledPolicy, ResourceRule, tier_rank
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from broker.providers.base import TtlBounds
 
 ALLOW, DENY, APPROVAL, SKIPPED = "allow", "deny", "approval_required", "skipped"
+_NO_TIME = datetime(1970, 1, 1, tzinfo=UTC)  # for layers that read no clock
+UNKNOWN = "unknown"  # a live source that could not answer
 
 BoundsLookup = Callable[[str, str, dict], "TtlBounds"]  # (provider, resource, options) -> bounds
 
@@ -58,12 +62,26 @@ class SessionFacts:
 
 
 @dataclass(frozen=True)
+class LivePermission:
+    """What a live permission source answered for (human, resource, access), fetched by the caller."""
+
+    source: str
+    verdict: str  # allow | deny | unknown (unreachable, or an answer it could not read)
+    evidence: Mapping[str, Any]  # what the backend said, for the decision and the audit
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "verdict": self.verdict, "cached": self.cached, "evidence": dict(self.evidence)}
+
+
+@dataclass(frozen=True)
 class RequestFacts:
     resource: str
     access: str
     ttl_seconds: int | None
     now: datetime
     approved: bool = False  # an approval for this exact request exists
+    live: LivePermission | None = None  # the rule's live source's answer; None: not consulted
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ class LayerVerdict:
     reason: str | None
     matched_rule: str | None
     detail: str
+    evidence: Mapping[str, Any] | None = None  # the live layer: the source, its answer, cached or not
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +100,7 @@ class LayerVerdict:
             "reason": self.reason,
             "matched_rule": self.matched_rule,
             "detail": self.detail,
+            "evidence": dict(self.evidence) if self.evidence is not None else None,
         }
 
 
@@ -97,6 +117,7 @@ class Decision:
     ttl_seconds: int | None  # the granted, clamped ttl; None when denied
     approvers: tuple[str, ...]
     layers: tuple[LayerVerdict, ...] = field(default=())
+    live: LivePermission | None = None  # the live source's answer this decision used, if any
 
     @property
     def allowed(self) -> bool:
@@ -115,6 +136,7 @@ class Decision:
             "ttl_seconds": self.ttl_seconds,
             "approvers": list(self.approvers),
             "layers": [layer.to_dict() for layer in self.layers],
+            "human_permission": self.live.to_dict() if self.live is not None else None,
         }
 
 
@@ -187,6 +209,45 @@ def human_permission(policy: CompiledPolicy, human: str, groups: frozenset[str],
 
 def _human_layer(policy: CompiledPolicy, session: SessionFacts, request: RequestFacts) -> LayerVerdict:
     return human_permission(policy, session.human, session.human_groups, request.resource, request.access)
+def _human_live_layer(request: RequestFacts, target: _Target | None) -> tuple[LayerVerdict, LivePermission | None]:
+    """The file's grants are one half of the human layer; a live source, where the rule names one,
+    is the other. It can only take away: its allow never stands in for a missing grant."""
+    if target is None:
+        return _skipped("human_live"), None
+    rule = target.rule.human_permission
+    if rule is None:
+        return _skipped("human_live", "no live permission source for this resource"), None
+    live = request.live
+    if live is None or live.source != rule.source:
+        # Not consulted (or another source's answer): nothing says the human holds it. Fail closed.
+        live = LivePermission(rule.source, UNKNOWN, {"error": "the live source was not consulted"})
+    evidence = live.to_dict()
+    allowed_by = ", ".join(sorted(rule.require.get(request.access, ())))
+    said = live.evidence.get("summary") or live.verdict
+    if live.verdict == ALLOW:
+        return LayerVerdict("human_live", ALLOW, None, rule.rule, f"{rule.source}: {said}", evidence), live
+    if live.verdict == DENY:
+        detail = f"{rule.source}: {said}; {request.access} needs one of {allowed_by}"
+        return LayerVerdict("human_live", DENY, "human-lacks-permission", rule.rule, detail, evidence), live
+    if rule.on_unavailable == "allow":
+        detail = f"{rule.source} could not answer ({said}); on_unavailable: allow, the grants alone decide"
+        return LayerVerdict("human_live", ALLOW, None, f"{rule.rule}.on_unavailable", detail, evidence), live
+    detail = f"{rule.source} could not answer ({said}); denied until it can (fail closed)"
+    return LayerVerdict("human_live", DENY, "human-permission-unavailable", rule.rule, detail, evidence), live
+
+
+def approver_permission(policy: CompiledPolicy, human: str, groups: frozenset[str], resource: str, access: str,
+                        live: LivePermission | None) -> LayerVerdict:
+    """Both halves of the human layer for any human (an approver, a granter): the file's grants,
+    then the live source where the resource's rule names one (`live` is its answer for them;
+    None where it was not asked, which fails closed like the request's own layer)."""
+    held = human_permission(policy, human, groups, resource, access)
+    if held.verdict != ALLOW:
+        return held
+    probe = RequestFacts(resource=resource, access=access, ttl_seconds=None, now=_NO_TIME, live=live)
+    _, target = _resource_layer(policy, probe)
+    verdict, _ = _human_live_layer(probe, target)
+    return verdict if verdict.verdict == DENY else held
 
 
 def _task_scope_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict:
@@ -336,10 +397,12 @@ def evaluate(
     """Judge one request on every layer; the first deny in layer order names the reason."""
     resource_verdict, target = _resource_layer(policy, request)
     time_verdict, granted = _time_layer(policy, session, request, target, bounds or default_bounds)
+    live_verdict, live = _human_live_layer(request, target)
     layers = (
         _session_layer(session, request),
         resource_verdict,
         _human_layer(policy, session, request),
+        live_verdict,
         _task_scope_layer(session, request),
         _agent_layer(policy, session, target),
         _tier_layer(policy, request, target),
@@ -367,6 +430,7 @@ def evaluate(
         ttl_seconds=granted if result != DENY else None,
         approvers=_approvers(policy, tier) if result == APPROVAL else (),
         layers=layers,
+        live=live,
     )
 
 

@@ -13,7 +13,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from broker.errors import PolicyError
 from broker.policy import models
 from broker.policy.compiled import CompiledPolicy
-from broker.policy.models import PolicyDocument, cross_check
+from broker.policy.models import PolicyDocument, aws_account_problems, cross_check
 
 DataPath = tuple[Any, ...]
 Lines = dict[DataPath, tuple[int, int]]  # path -> (line, column), both 1-based
@@ -189,34 +189,46 @@ def _validation_problems(exc: ValidationError, lines: Lines) -> list[dict[str, A
     return problems
 
 
-def load_document(text: str, source: str = "<policy>") -> tuple[PolicyDocument, Lines]:
-    """Parse and validate; raise PolicyError listing every problem found at once."""
+def load_document(text: str, source: str = "<policy>", *, aws_account: str | None = None) -> tuple[PolicyDocument, Lines]:
+    """Parse and validate; raise PolicyError listing every problem found at once.
+
+    `aws_account`: the broker's own AWS account, when known; aws rules for others are refused."""
     data, lines = parse_yaml(text, source)
     try:
         document = PolicyDocument.model_validate(data)
     except ValidationError as exc:
         raise _refuse(source, _validation_problems(exc, lines)) from None
     cross = cross_check(document)
+    if aws_account is not None:
+        cross += [p for p in aws_account_problems(document, aws_account) if p not in cross]
     if cross:
         raise _refuse(source, [_problem(*_locate(lines, path), path, message) for path, message in cross])
     return document, lines
 
 
-def load_policy_bytes(raw: bytes, source: str = "<policy>") -> CompiledPolicy:
+def load_policy_bytes(raw: bytes, source: str = "<policy>", *, aws_account: str | None = None) -> CompiledPolicy:
     """The exact bytes are hashed for `version`, so a policy is named by its file content."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _refuse(source, [_problem(1, 1, (), f"not UTF-8: {exc.reason} at byte {exc.start}")]) from None
-    document, lines = load_document(text, source)
+    document, lines = load_document(text, source, aws_account=aws_account)
     return CompiledPolicy(document, raw=raw, lines={format_path(p): line for p, (line, _) in lines.items()}, source=source)
 
 
-def load_policy_text(text: str, source: str = "<policy>") -> CompiledPolicy:
-    return load_policy_bytes(text.encode("utf-8"), source)
+def load_policy_text(text: str, source: str = "<policy>", *, aws_account: str | None = None) -> CompiledPolicy:
+    return load_policy_bytes(text.encode("utf-8"), source, aws_account=aws_account)
 
 
-def load_policy(path: Path | str) -> CompiledPolicy:
+def check_aws_account(policy: CompiledPolicy, aws_account: str) -> None:
+    """Refuse an already compiled policy whose aws rules name another account (line-precise)."""
+    problems = aws_account_problems(policy.document, aws_account)
+    if problems:
+        raise _refuse(policy.source, [
+            _problem(policy.line_of(format_path(path)) or 1, 1, path, message) for path, message in problems])
+
+
+def load_policy(path: Path | str, *, aws_account: str | None = None) -> CompiledPolicy:
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -225,4 +237,4 @@ def load_policy(path: Path | str) -> CompiledPolicy:
             f"{path}: cannot read policy: {exc.strerror or exc}",
             problems=[_problem(1, 1, (), f"cannot read: {exc.strerror or exc}")],
         ) from None
-    return load_policy_bytes(raw, str(path))
+    return load_policy_bytes(raw, str(path), aws_account=aws_account)

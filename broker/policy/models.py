@@ -5,9 +5,20 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from broker.policy.resources import pattern_problem
+from broker.policy.resources import canonical_pattern, pattern_problem
 
 TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
 # Risk order, lowest first: an agent's max_tier admits every tier at or before it.
@@ -79,10 +90,11 @@ class Tier(Strict):
 
 
 def _check_pattern(value: str) -> str:
+    """Refuse a malformed pattern; keep the canonical form (see broker.policy.resources)."""
     problem = pattern_problem(value)
     if problem is not None:
         raise ValueError(f"resource pattern {problem}")
-    return value
+    return canonical_pattern(value)
 
 
 ResourcePattern = Annotated[
@@ -91,7 +103,7 @@ ResourcePattern = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[\x21-\x7e]+$",
+            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[A-Za-z0-9._~@+=,:*-]+(/[A-Za-z0-9._~@+=,:*-]+)*$",
             "maxLength": 512,
             "description": '"<scheme>://<glob>": * matches within one path segment, ** across segments.',
         }
@@ -127,10 +139,33 @@ class Access(Strict):
         return {**fields, **(self.options or {})}
 
 
+# A value a live source reports (a GitHub role name, an OpenBao policy name): printable, no spaces.
+BackendValue = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,128}$")]
+IdentityKey = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+IdentityValue = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,256}$")]
+
+
+class HumanPermission(Strict):
+    """Which live source must also say the human holds the access, and how its answer maps.
+
+    `require` maps each access of the rule to the backend answers that allow it (GitHub role
+    names, OpenBao policy names): the human layer allows only where the file's grants AND the
+    source allow. A source never widens what the grants say.
+    """
+
+    source: ProviderName
+    require: dict[AccessName, list[BackendValue]] = Field(min_length=1)
+    # What an unreachable source means: deny (fail closed, the default) or allow (the file's
+    # grants alone decide while the source cannot answer).
+    on_unavailable: Literal["deny", "allow"] = "deny"
+    options: dict[str, JsonValue] | None = None  # source-specific, e.g. github's login_claim
+
+
 class ResourceRule(Strict):
     match: ResourcePattern
     provider: ProviderName
     access: dict[AccessName, Access] = Field(min_length=1)
+    human_permission: HumanPermission | None = None
 
 
 class Grant(Strict):
@@ -141,6 +176,23 @@ class Grant(Strict):
 class Human(Strict):
     groups: list[GroupName] = Field(default_factory=list)
     grants: list[Grant] = Field(default_factory=list)
+    # Who this human is at the live permission sources (see HumanPermission).
+    github_login: IdentityValue | None = None
+    openbao_entity: IdentityValue | None = None  # the OpenBao identity entity's name
+    identities: dict[IdentityKey, IdentityValue] | None = None  # for third-party sources
+
+    @field_validator("identities")
+    @classmethod
+    def _identities_do_not_shadow_fields(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        clash = sorted(set(value or {}) & {"github_login", "openbao_entity"})
+        if clash:
+            raise ValueError(f"identities must not repeat the explicit field(s) {', '.join(clash)}")
+        return value
+
+    def identity(self) -> dict[str, str]:
+        """Every identity written for this human, explicit fields and `identities` merged."""
+        named = {"github_login": self.github_login, "openbao_entity": self.openbao_entity}
+        return {**{k: v for k, v in named.items() if v is not None}, **(self.identities or {})}
 
 
 class Group(Strict):
@@ -158,8 +210,83 @@ class Budgets(Strict):
     max_active_per_session: int | None = Field(default=None, ge=0)
 
 
+class RateLimit(Strict):
+    """A token bucket: a burst of `requests`, refilled at `requests` per `per_seconds`."""
+
+    requests: int = Field(ge=1, le=1_000_000)
+    per_seconds: float = Field(gt=0, le=86400)
+
+
+class RateLimits(Strict):
+    """Requests made with a session token; absent: unlimited. Enforced per broker replica."""
+
+    per_session: RateLimit | None = None  # each session on its own
+    per_agent: RateLimit | None = None  # every session of one agent name together
+
+
 class Escalation(Strict):
     tiers: list[TierName] = Field(default_factory=lambda: list(DEFAULT_ESCALATION_TIERS))
+
+
+HookDecision = Literal["allow", "ask", "deny"]
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+    return value
+
+
+Regex = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=1024),
+    AfterValidator(_check_regex),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 1024,
+                    "description": "A Python regular expression."}),
+]
+# "github.com", "*.githubusercontent.com" (subdomains only), "registry.npmjs.org:443".
+_HOST_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+HostPattern = Annotated[
+    str, StringConstraints(pattern=rf"^(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*(:\d{{1,5}})?$", max_length=260)
+]
+RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
+class ToolRule(Strict):
+    """One rule of the tool-call gate: which calls it matches, and the tier (or decision) they get.
+
+    Every condition given must hold; none given but `tool` matches every call of that tool.
+    """
+
+    name: RuleName | None = None
+    tool: Regex = ".*"  # full match on the tool name: "Bash", "Write|Edit", "mcp__github__.*"
+    command: Regex | None = None  # searched in the Bash command and in each of its simple commands
+    path: Regex | None = None  # searched in tool_input.file_path / path / notebook_path
+    url: Regex | None = None  # searched in tool_input.url (WebFetch)
+    # Matches when a URL in the call goes to a host outside tools.allowed_hosts, or none can be found.
+    hosts: Literal["outside_allowlist"] | None = None
+    tier: TierName | None = None  # the tier's control decides: auto -> allow, approval -> ask, deny -> deny
+    decision: HookDecision | None = None  # or a decision outright
+    reason: str | None = Field(default=None, max_length=500)  # shown to the agent (or the human asked)
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> ToolRule:
+        if (self.tier is None) == (self.decision is None):
+            raise ValueError("a tool rule names exactly one of tier or decision")
+        return self
+
+
+class Tools(Strict):
+    """The tool-call gate (Claude Code PreToolUse hooks): rules in file order, first match wins."""
+
+    default: HookDecision = "ask"  # for a call no rule matches
+    # What a call whose tier needs approval is answered while no approval is granted: "ask" lets
+    # Claude Code ask its user too; "deny" leaves the broker's approvers as the only way.
+    approval_answer: Literal["ask", "deny"] = "ask"
+    allowed_hosts: list[HostPattern] = Field(default_factory=list)
+    rules: list[ToolRule] = Field(default_factory=list)
 
 
 class PolicyDocument(Strict):
@@ -174,10 +301,31 @@ class PolicyDocument(Strict):
     groups: dict[GroupName, Group] = Field(default_factory=dict)
     agents: dict[AgentName, Agent] = Field(default_factory=dict)
     budgets: Budgets | None = None
+    rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
+    tools: Tools | None = None
 
 
 Path = tuple[str | int, ...]
+
+
+def aws_account_problems(doc: PolicyDocument, account: str | None) -> list[tuple[Path, str]]:
+    """aws resource rules must name one account literally, and (when known) the broker's own:
+    it can only revoke (PutRolePolicy) on roles of its own account, so it never mints elsewhere."""
+    problems: list[tuple[Path, str]] = []
+    for i, rule in enumerate(doc.resources):
+        if rule.provider != "aws":
+            continue
+        scheme, _, path = rule.match.partition("://")
+        rule_account = path.split("/", 1)[0]
+        if scheme != "aws" or not (len(rule_account) == 12 and rule_account.isdigit()):
+            problems.append((("resources", i, "match"),
+                             f"aws rule {rule.match!r} must name one account: aws://<12-digit account>/role/..."))
+        elif account is not None and rule_account != account:
+            problems.append((("resources", i, "match"),
+                             f"aws rule {rule.match!r} is for account {rule_account}, not the broker's own account "
+                             f"{account}: roles of other accounts cannot be revoked, so they are never minted"))
+    return problems
 
 
 def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
@@ -209,12 +357,31 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
                 problems.append(
                     (("resources", i, "access", access_name, "tier"), f"tier {access.tier!r} is not defined in tiers")
                 )
+        live = rule.human_permission
+        if live is not None:
+            for access_name in live.require:
+                if access_name not in rule.access:
+                    problems.append((("resources", i, "human_permission", "require", access_name),
+                                     f"{access_name!r} is not an access of this rule"))
+            for access_name in rule.access:
+                if access_name not in live.require:
+                    # An unmapped access could never be checked: say so at load, not at request.
+                    problems.append((("resources", i, "human_permission", "require"),
+                                     f"access {access_name!r} has no entry: say which answers of {live.source} allow it"))
+            for access_name, answers in live.require.items():
+                if not answers:
+                    problems.append((("resources", i, "human_permission", "require", access_name),
+                                     "an empty list would deny this access always; remove the access instead"))
+    problems.extend(aws_account_problems(doc, None))
     seen_human: dict[str, str] = {}
     for email, human in doc.humans.items():
         # Humans are matched case-insensitively, so two spellings would be one person.
         if email.lower() in seen_human:
             problems.append((("humans", email), f"{email!r} repeats {seen_human[email.lower()]!r} (emails ignore case)"))
         seen_human.setdefault(email.lower(), email)
+    for i, tool_rule in enumerate(doc.tools.rules if doc.tools else []):
+        if tool_rule.tier is not None and tool_rule.tier not in doc.tiers:
+            problems.append((("tools", "rules", i, "tier"), f"tier {tool_rule.tier!r} is not defined in tiers"))
     # humans.X.groups may name a group with no `groups` entry: membership alone matters for
     # approvers such as "group:security", so that is not an error.
     return problems

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.policy.resources import resource_problem as grammar_problem
 from broker.providers.base import (
     Grant,
     Minted,
@@ -216,6 +217,35 @@ class GitHubProvider:
         except Exception as exc:  # health never raises: it reports
             return ProviderHealth(ok=False, detail=getattr(exc, "message", None) or type(exc).__name__)
 
+    # --- for the broker's own reads (the github permission source) ------------------------------
+
+    def issue_installation_token(self, owner: str, repo: str, permissions: dict[str, str]) -> tuple[str, datetime]:
+        """A token of the App's installation on owner/repo for the broker's own use, never handed
+        out; narrowed and checked exactly like a mint. Returns (token, GitHub's expiry)."""
+        _, body = self._create_token(owner, repo, permissions)
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProviderRejected("GitHub answered 201 without a token", github_status=201)
+        try:
+            expires_at = _parse_time(body.get("expires_at"))
+            _check_not_broader(body, owner, repo, permissions)
+        except _Unacceptable as exc:
+            self._revoke_quietly(token)
+            raise ProviderRejected(f"GitHub's token for {owner}/{repo} is not what was asked ({exc})") from None
+        return token, expires_at
+
+    def get(self, path: str, action: str, *, bearer: str) -> httpx.Response:
+        """One GET as the given token; transport failures are ProviderUnavailable."""
+        return self._send("GET", path, action, bearer=bearer)
+
+    def raise_for(self, resp: httpx.Response, action: str) -> NoReturn:
+        """GitHub's unwanted answer as the broker's error (5xx and rate limits: ProviderUnavailable)."""
+        self._raise_for(resp, action)
+
+    def discard_token(self, token: str) -> bool:
+        """Revoke a token the broker holds for itself; True when GitHub confirmed."""
+        return self._revoke_quietly(token)
+
     # --- GitHub calls -------------------------------------------------------------------------
 
     def _create_token(self, owner: str, repo: str, asked: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -325,8 +355,11 @@ def parse_resource(resource: str) -> tuple[str, str]:
     """`github://<owner>/<repo>` -> (owner, repo); anything else is not a repository."""
     scheme, sep, path = resource.partition("://")
     owner, _, repo = path.partition("/")
-    if scheme != "github" or not sep or not _OWNER.match(owner) or not _REPO.match(repo) or repo in (".", ".."):
-        raise InvalidRequest(f"not a GitHub repository resource: {resource!r} (expected github://<owner>/<repo>)")
+    if (scheme != "github" or not sep or not _OWNER.fullmatch(owner) or not _REPO.fullmatch(repo)
+            or repo in (".", "..") or grammar_problem(resource) is not None):
+        # The grammar's canonical form is what the policy allowed; anything else never reaches GitHub.
+        raise InvalidRequest(f"not a GitHub repository resource: {resource!r} (expected github://<owner>/<repo>)",
+                             code="invalid-resource")
     return owner, repo
 
 

@@ -34,19 +34,21 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import hvac
 import hvac.exceptions as hx
 import requests
 
-from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.policy.resources import parse_resource
 from broker.providers.base import Grant, Minted, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
 
 if TYPE_CHECKING:
@@ -66,6 +68,9 @@ _UNAVAILABLE = (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.VaultNot
                 hx.RateLimitExceeded, hx.UnexpectedError, requests.RequestException)
 # Service (s.), batch (b.), recovery (r.) and legacy hvs./hvb. tokens, wherever they hide.
 _MULTI_ERROR = re.compile(r"\d+ errors? occurred:")
+# Characters a path segment may carry that neither quote() escapes nor OpenBao's router reads
+# as anything but themselves (the resource grammar's segment set, minus the alphanumerics).
+_PATH_SAFE = "._~@+=,:-"
 _TOKEN_SHAPE = re.compile(r"\b(?:hv)?[sbr]\.[A-Za-z0-9_-]{16,}")
 
 
@@ -184,14 +189,12 @@ class VaultProvider:
         return TtlBounds(min_seconds=1, max_seconds=ceiling)
 
     def mint(self, grant: Grant) -> Minted:
-        scheme, _, path = grant.resource.partition("://")
-        if scheme != "vault" or not path.strip("/"):
-            raise ProviderMisconfigured(f"vault: resource must look like vault://<path>, got {grant.resource!r}")
+        path = vault_path(grant.resource)
         if grant.ttl_seconds < 1:
             raise ProviderMisconfigured("vault: ttl_seconds must be at least 1")
         if "policies" in grant.options:
             return self._mint_token(grant)
-        return self._mint_dynamic(grant, path.strip("/"))
+        return self._mint_dynamic(grant, path)
 
     def revoke(self, target: RevokeTarget) -> None:
         kind = target.handle.get("kind")
@@ -236,6 +239,13 @@ class VaultProvider:
         except Exception as exc:  # health never raises: it reports
             return ProviderHealth(False, _scrub(str(getattr(exc, "message", None) or type(exc).__name__),
                                                 self._known_secrets()))
+
+    # --- the broker's own reads -------------------------------------------------------------
+
+    def read(self, path: str) -> dict[str, Any] | None:
+        """GET <path> with the broker's own token (None where nothing is there). For the broker's
+        own questions, e.g. the openbao permission source reading the identity store."""
+        return self._call(f"read {path}", lambda c: c.read(path))
 
     # --- crash recovery ---------------------------------------------------------------------
 
@@ -452,6 +462,29 @@ class VaultProvider:
         if isinstance(exc, _UNAVAILABLE):
             return ProviderUnavailable(f"vault {op}: {type(exc).__name__}")
         return ProviderUnavailable(f"vault {op}: unexpected {type(exc).__name__}")
+
+
+def vault_path(resource: str) -> str:
+    """The OpenBao path a `vault://` resource names, built from its parsed segments.
+
+    The lease service already decided on the canonical resource; this is the provider's own
+    check that OpenBao will read exactly that: no segment its router or the HTTP client would
+    decode, clean or re-split (percent-escapes, dot segments, empty segments, `?`, `#`).
+    Anything read differently is refused, never sent.
+    """
+    if not resource.startswith("vault://"):  # a policy rule that routes another scheme here
+        raise ProviderMisconfigured(f"vault: resource must look like vault://<path>, got {resource!r}")
+    parsed = parse_resource(resource)  # InvalidRequest `invalid-resource` when malformed
+    if parsed.uri != resource:
+        raise InvalidRequest(f"vault: {resource!r} is not a canonical vault://<path> resource", code="invalid-resource")
+    segments = parsed.segments
+    path = "/".join(segments)
+    as_sent = quote(path, safe="/" + _PATH_SAFE)
+    if (as_sent != path or unquote(path) != path or posixpath.normpath(path) != path
+            or any(s in (".", "..") or not s for s in segments)):
+        raise InvalidRequest(f"vault: OpenBao would read {resource!r} as another path; refused",
+                             code="invalid-resource")
+    return path
 
 
 def _vault_errors(exc: hx.VaultError) -> str:

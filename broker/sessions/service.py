@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from broker.audit.service import AuditEvent, append
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.callers import Caller
+from broker.identity.principals import canonical_human
+from broker.ids import is_session_id
 from broker.leases.revocation import LIVE, RevokeSummary, revoke_leases
 from broker.models import Lease, SessionRow
 from broker.policy import validate_pattern
@@ -55,11 +56,12 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
             code="ttl-out-of-bounds",
         )
     for entry in ask.scope:
-        validate_pattern(entry["resource"])  # a malformed scope is a 400, not a silent no-match
+        # A malformed scope is a 400, not a silent no-match; stored in canonical form.
+        entry["resource"] = validate_pattern(entry["resource"])
     now = utcnow().replace(microsecond=0)
     session = SessionRow(
         id="ses_" + secrets.token_hex(16),
-        human=ask.human,
+        human=canonical_human(ask.human),  # compared case-insensitively everywhere
         agent=ask.agent,
         task_id=ask.task_id,
         repository=ask.repository,
@@ -97,10 +99,16 @@ def may_manage(caller: Caller, session: SessionRow) -> bool:
     if caller.kind == "orchestrator":
         return session.created_by == caller.name
     if caller.kind == "human":
-        return session.human.lower() == caller.name.lower()  # emails ignore case, as in the policy
+        return canonical_human(session.human) == canonical_human(caller.name)
     if caller.kind == "agent":
         return caller.session_id == session.id
     return False
+
+
+def human_is(principal: str) -> Any:
+    """WHERE the session's human is `principal`, ignoring case (rows from before sessions stored
+    the canonical form included)."""
+    return func.lower(SessionRow.human) == canonical_human(principal)
 
 
 def managed_by(caller: Caller, refusal: str) -> Any:
@@ -111,11 +119,13 @@ def managed_by(caller: Caller, refusal: str) -> Any:
     if caller.kind == "orchestrator":
         return SessionRow.created_by == caller.name
     if caller.kind == "human":
-        return func.lower(SessionRow.human) == caller.name.lower()
+        return human_is(caller.name)
     raise Forbidden(refusal)
 
 
 def get(broker: Broker, caller: Caller, session_id: str) -> tuple[SessionRow, list[Lease]]:
+    if not is_session_id(session_id):
+        raise NotFound("no such session", code="session-not-found")
     with transaction(broker.engine) as db:
         session = db.get(SessionRow, session_id)
         if session is None or not may_manage(caller, session):
@@ -140,6 +150,8 @@ def list_sessions(broker: Broker, caller: Caller, status: str | None, limit: int
 
 def end(broker: Broker, session_id: str, *, reason: str, actor: str, caller: Caller | None = None) -> tuple[SessionRow, RevokeSummary]:
     """Idempotent: ending an ended session revokes whatever is still live and changes nothing else."""
+    if not is_session_id(session_id):
+        raise NotFound("no such session", code="session-not-found")
     now = utcnow()
     with transaction(broker.engine) as db:
         session = db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()

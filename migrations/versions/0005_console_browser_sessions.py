@@ -1,7 +1,7 @@
 """browser_sessions: the console's server-side sign-ins (the cookie holds only a random id)
 
-Revision ID: 0005_console
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-11-22 09:10:00
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from alembic import op
 
 import broker.db
 
-revision = '0005_console'
-down_revision = '0003'
+revision = '0005'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 

@@ -55,12 +55,15 @@ def served(database_url: str, tmp_path: Path) -> Iterator[tuple[BrokerProcess, B
 
 
 def _tamper(database_url: str, seq: int) -> None:
+    """Rewrite one record as a database administrator would: the append-only trigger goes first."""
     sql = "UPDATE audit_records SET record = replace(record, '\"outcome\":\"minted\"', '\"outcome\":\"denied\"') WHERE seq = "
     if database_url.startswith("sqlite"):
         with sqlite3.connect(database_url.removeprefix("sqlite:///")) as conn:
+            conn.execute("DROP TRIGGER audit_records_no_update")
             conn.execute(sql + str(seq))
     else:
         with psycopg.connect(database_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+            conn.execute("ALTER TABLE audit_records DISABLE TRIGGER audit_records_no_update")
             conn.execute(sql + str(seq))
 
 
@@ -145,14 +148,15 @@ def test_policy_check_and_missing_config(tmp_path: Path) -> None:
 
 def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
     """The README's run command: `broker-cli dev`, then curl-like calls with the files it wrote."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    # No AWS_* either: other tests' dummy AWS credentials would make dev's aws provider call real STS.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "AWS_"))}
     port = free_port()
     log = tmp_path / "dev.log"
     proc = subprocess.Popen([CLI, "dev", "--port", str(port)], env=env, cwd=tmp_path, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # with `bao` installed, dev starts OpenBao first
         while True:
             assert proc.poll() is None, log.read_text()
             try:

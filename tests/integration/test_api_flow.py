@@ -230,7 +230,7 @@ def test_operations_endpoints(api: Api) -> None:
     api.request(session, {"resource": "jwt://svc/x", "access": "read"})
     metrics = api.client.get("/metrics").text
     assert 'broker_leases{provider="native",status="active"} 1.0' in metrics
-    assert 'broker_decisions_total{reason="allowed",result="allow"}' in metrics
+    assert 'broker_decisions_total{reason="allowed",result="allow",tier="read"}' in metrics
     assert 'broker_mint_seconds_count{provider="native"}' in metrics
 
 
@@ -253,7 +253,7 @@ def test_policy_explain_shows_every_layer_for_live_and_hypothetical_sessions(api
     decision = live["decision"]
     assert (decision["result"], decision["reason"], decision["matched_rule"]) == ("deny", "outside-task-scope", "session.scope")
     verdicts = {layer["layer"]: layer["verdict"] for layer in decision["layers"]}
-    assert verdicts == {"session": "allow", "resource": "allow", "human": "allow", "task_scope": "deny",
+    assert verdicts == {"session": "allow", "resource": "allow", "human": "allow", "human_live": "skipped", "task_scope": "deny",
                         "agent": "allow", "tier": "allow", "budget": "allow", "escalation": "allow", "time": "allow"}
     assert live["shadow"] is None
     hypothetical = api.client.post("/v1/policy/explain", headers=api.as_admin(), json={

@@ -22,7 +22,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from broker.config import Settings
-from broker.errors import Denied, InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.errors import Denied, Forbidden, InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.aws import (
     INLINE_POLICY_MAX_CHARS,
     REVOCATION_POLICY_NAME,
@@ -349,8 +349,10 @@ def test_role_in_another_account_is_refused(provider: AwsProvider, moto_server: 
         capability_id=f"cap_{uuid.uuid4().hex}", session_id="s", task_id="t", human="alice@example.com",
         agent="a", resource="aws://210987654321/role/elsewhere", access="read", tier="read", ttl_seconds=900,
     )
-    with pytest.raises(ProviderMisconfigured, match="own account"):
+    with pytest.raises(Forbidden, match="own account") as caught:
         provider.mint(grant)
+    assert (caught.value.status, caught.value.code) == (403, "cross-account-role")
+    assert MOTO_ACCOUNT not in caught.value.message  # the broker's own account is not told to the caller
     assert moto_server.requests("AssumeRole", RoleSessionName=grant.capability_id) == []
 
 

@@ -144,6 +144,31 @@ def test_by_human(ks: KillSwitch) -> None:
     assert ks.session_status(a["session_id"]) == "active"
 
 
+def test_by_human_ignores_case(ks: KillSwitch) -> None:
+    """The policy matches humans case-insensitively, so the kill switch must: a session provisioned
+    for ALICE@Example.COM used to survive `revoke --human alice@example.com` and keep minting."""
+    shouty, bob = ks.session(human="ALICE@Example.COM"), ks.session(human="Bob@EXAMPLE.com")
+    shown = ks.client.get(f"/v1/sessions/{shouty['session_id']}", headers=ks.auth("admin")).json()
+    assert shown["human"] == "alice@example.com"  # stored in its one canonical form
+    r = ks.revoke(human="alice@example.com")
+    assert r.status_code == 200 and r.json()["revoked"] == 2 and r.json()["matched_sessions"] == 1, r.text
+    assert_revoked_exactly(ks, set(shouty["caps"]))
+    again = ks.client.post("/v1/capabilities", json={"resource": "jwt://svc/ledger", "access": "read", "purpose": "t"},
+                           headers={"Authorization": f"Bearer {shouty['session_token']}"})
+    assert again.status_code == 403 and again.json()["error"]["code"] == "session-ended"
+    # A row written before sessions stored the canonical form is matched too.
+    with transaction(ks.broker.engine) as db:
+        row = db.get(SessionRow, bob["session_id"])
+        assert row is not None
+        row.human = "Bob@EXAMPLE.com"
+        db.add(row)
+    r = ks.revoke(human="BOB@example.COM")
+    assert r.status_code == 200 and r.json()["revoked"] == 2 and r.json()["matched_sessions"] == 1, r.text
+    assert ks.session_status(bob["session_id"]) == "ended"
+    req = ks.audit("revocation.requested")[-1]
+    assert req["detail"]["filter"] == {"human": "bob@example.com"}
+
+
 def test_by_resource_exact_and_glob(ks: KillSwitch) -> None:
     s1 = ks.session(caps=("jwt://svc/ledger", "jwt://svc/payments"))
     s2 = ks.session(human="bob@example.com", caps=("jwt://svc/ledger", "jwt://svc/ledger-archive"))

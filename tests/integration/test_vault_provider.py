@@ -14,7 +14,8 @@ import pytest
 from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget, fingerprint
 from broker.providers.vault import VaultProvider
-from tests.support.openbao import PG_ADMIN_DSN, OpenBaoServer, VaultDatabase, VaultSetup, configure_vault
+from tests.support.databases import admin_dsn
+from tests.support.openbao import OpenBaoServer, VaultDatabase, VaultSetup, configure_vault
 
 TOKEN_ACCESS = {"policies": ["kv-allowed"]}
 
@@ -40,7 +41,7 @@ def read_kv(server: OpenBaoServer, token: str, name: str) -> dict:
 
 
 def pg_role_exists(name: str) -> bool:
-    with psycopg.connect(PG_ADMIN_DSN) as conn:
+    with psycopg.connect(admin_dsn()) as conn:
         return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
 
 
@@ -356,3 +357,16 @@ def test_find_by_capability(provider: VaultProvider) -> None:
                                  expires_at=m2.expires_at))
     assert provider.find_by_capability(g2.capability_id) is None
     provider.revoke(target(g1, m1))
+
+
+@pytest.mark.parametrize("resource", [
+    "vault://dbtest/creds/%2e%2e/%2e%2e/database/creds/ledger-test", "vault://dbtest/creds/../../database/creds/x",
+    "vault://dbtest//x", "vault://dbtest/x?y", "vault://dbtest/x\n",
+])
+def test_the_provider_refuses_a_path_openbao_would_read_differently(vault_setup: VaultSetup, resource: str) -> None:
+    """Defence in depth at the provider boundary: nothing but the canonical path is ever sent."""
+    from broker.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as caught:
+        vault_setup.provider().mint(grant(resource, options={}))
+    assert caught.value.code == "invalid-resource"

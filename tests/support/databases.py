@@ -1,36 +1,225 @@
 """Databases for the tests: a SQLite file, and a fresh PostgreSQL database per test run.
 
-PostgreSQL is the real server at 127.0.0.1:5432. Where it is absent the PostgreSQL half is
-skipped with a reason, unless BROKER_REQUIRE_POSTGRES=1 (CI), which makes it a failure.
+The one home of the test PostgreSQL. It is, in this order:
+
+1. the server at `BROKER_TEST_PG_DSN` (default 127.0.0.1:5432, user postgres, trust auth), when
+   something answers there (`scripts/ensure-postgres` starts a local cluster where one is
+   installed);
+2. otherwise a throwaway PostgreSQL from PyPI's `pgserver` package (in the `test` extra: it ships
+   the server binaries), initialised in a temporary directory, listening on a free loopback port,
+   and stopped and deleted when the test run ends. A fresh machine without PostgreSQL still runs
+   the whole suite;
+3. otherwise the PostgreSQL half is skipped with the reason, unless BROKER_REQUIRE_POSTGRES=1 (CI),
+   which makes it a failure.
+
+Everything else (the per-test databases, OpenBao's database secrets engine) takes host, port and
+user from `postgres_server()`, never from a literal.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import importlib.util
 import os
 import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
-PG_ADMIN_DSN = os.environ.get("BROKER_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+CONFIGURED_DSN = os.environ.get("BROKER_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+
+
+@dataclass(frozen=True)
+class PgServer:
+    """Where the test PostgreSQL answers. Trust authentication for `user`."""
+
+    host: str
+    port: int
+    user: str
+    admin_dbname: str
+    origin: str  # "configured" (BROKER_TEST_PG_DSN) or "pgserver" (a throwaway)
+
+    @property
+    def admin_dsn(self) -> str:
+        return self.dsn(self.admin_dbname)
+
+    def dsn(self, dbname: str, user: str | None = None, password: str | None = None) -> str:
+        out = f"host={self.host} port={self.port} dbname={dbname} user={user or self.user} connect_timeout=3"
+        return out + (f" password={password}" if password is not None else "")
+
+    def url(self, dbname: str) -> str:
+        """SQLAlchemy URL the broker takes (BROKER_DATABASE_URL)."""
+        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{dbname}"
+
+    def libpq_url(self, dbname: str) -> str:
+        """libpq URL, for peers such as OpenBao's database plugin."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}?sslmode=disable"
+
+
+def _problem(dsn: str) -> str | None:
+    """None when `dsn` answers, else the first line of why not."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return None
+    except psycopg.Error as exc:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _configured(dsn: str) -> PgServer:
+    parts = conninfo_to_dict(dsn)
+    return PgServer(host=str(parts.get("host") or "127.0.0.1"), port=int(parts.get("port") or 5432),
+                    user=str(parts.get("user") or "postgres"), admin_dbname=str(parts.get("dbname") or "postgres"),
+                    origin="configured")
+
+
+# --- a throwaway PostgreSQL from the pgserver package -----------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if pytest itself is killed, so none outlives a run."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ThrowawayPostgres:
+    """initdb + postgres from pgserver's bundled binaries, on 127.0.0.1:<free port>, trust auth.
+
+    PostgreSQL refuses to run as root; as root, the server runs as `nobody` (which owns only the
+    temporary data directory). Unix sockets are off: TCP on loopback, as the real server is used.
+    """
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        # The `test` extra installs pgserver; only its bundled binaries are used (importing the
+        # package would set up its own server registry and lock files).
+        spec = importlib.util.find_spec("pgserver")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("the pgserver package is not installed (pip install -e '.[test]')")
+        self.bin = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        if not (self.bin / "postgres").exists():
+            raise ImportError(f"pgserver ships no PostgreSQL binaries for this platform ({self.bin})")
+        self.base = Path(tempfile.mkdtemp(prefix="jb-pgserver-", dir=workdir))
+        self.pgdata = self.base / "data"
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.user: str | None = "nobody" if os.geteuid() == 0 else None
+
+    def start(self, timeout: float = 60.0) -> PgServer:
+        self.pgdata.mkdir(mode=0o700)
+        if self.user is not None:
+            import pwd
+
+            entry = pwd.getpwnam(self.user)
+            self.base.chmod(0o755)
+            os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+        log = (self.base / "initdb.log").open("wb")
+        subprocess.run([str(self.bin / "initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8",
+                        "--no-sync", "-U", "postgres"], check=True, stdout=log, stderr=subprocess.STDOUT,
+                       user=self.user, timeout=timeout)
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.pgdata), "-h", "127.0.0.1", "-p", str(self.port),
+             "-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "full_page_writes=off",
+             "-c", "synchronous_commit=off", "-c", "max_connections=200"],
+            stdout=(self.base / "server.log").open("wb"), stderr=subprocess.STDOUT, user=self.user,
+            preexec_fn=_die_with_parent,
+        )
+        server = PgServer(host="127.0.0.1", port=self.port, user="postgres", admin_dbname="postgres", origin="pgserver")
+        deadline = time.monotonic() + timeout
+        while True:
+            problem = _problem(server.admin_dsn)
+            if problem is None:
+                return server
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.base / "server.log").read_text(errors="replace")[-2000:]
+                self.stop()
+                raise RuntimeError(f"pgserver's PostgreSQL did not start ({problem}):\n{tail}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def resolve(dsn: str, *, fallback: bool = True) -> tuple[PgServer | None, str | None, ThrowawayPostgres | None]:
+    """(server, why there is none, the throwaway to stop): the configured DSN if it answers, else a
+    pgserver throwaway (when `fallback`), else None and both reasons."""
+    problem = _problem(dsn)
+    if problem is None:
+        return _configured(dsn), None, None
+    if not fallback:
+        return None, f"nothing answers at {dsn!r} ({problem})", None
+    try:
+        throwaway = ThrowawayPostgres()
+    except ImportError as exc:
+        return None, f"nothing answers at {dsn!r} ({problem}), and pgserver is not installed ({exc})", None
+    try:
+        return throwaway.start(), None, throwaway
+    except (OSError, subprocess.SubprocessError, RuntimeError, KeyError) as exc:
+        return None, f"nothing answers at {dsn!r} ({problem}), and pgserver failed: {exc}", None
+
+
+_lock = threading.Lock()
+_resolved: tuple[PgServer | None, str | None] | None = None
+
+
+def postgres_server() -> PgServer | None:
+    """The run's PostgreSQL, decided once per process (a throwaway is stopped at exit)."""
+    global _resolved
+    with _lock:
+        if _resolved is None:
+            server, problem, throwaway = resolve(CONFIGURED_DSN)
+            if throwaway is not None:
+                atexit.register(throwaway.stop)
+            _resolved = (server, problem)
+        return _resolved[0]
 
 
 def postgres_available() -> str | None:
-    try:
-        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3):
-            return None
-    except psycopg.Error as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    """None when the test PostgreSQL is there, else why not."""
+    postgres_server()
+    assert _resolved is not None
+    return _resolved[1]
 
 
-def require_postgres() -> None:
+def require_postgres() -> PgServer:
+    server = postgres_server()
+    if server is not None:
+        return server
     problem = postgres_available()
-    if problem is None:
-        return
     if os.environ.get("BROKER_REQUIRE_POSTGRES") == "1":
-        pytest.fail(f"PostgreSQL is required (BROKER_REQUIRE_POSTGRES=1) but unreachable: {problem}")
-    pytest.skip(f"PostgreSQL unreachable: {problem}")
+        pytest.fail(f"PostgreSQL is required (BROKER_REQUIRE_POSTGRES=1) but unavailable: {problem}")
+    pytest.skip(f"PostgreSQL unavailable: {problem}")
+
+
+def admin_dsn() -> str:
+    """libpq DSN of the test PostgreSQL's admin database (skips or fails when there is none)."""
+    return require_postgres().admin_dsn
 
 
 class PgDatabases:
@@ -40,17 +229,18 @@ class PgDatabases:
         self.created: list[str] = []
 
     def create(self, prefix: str = "jitb") -> str:
-        require_postgres()
+        server = require_postgres()
         name = f"{prefix}_{secrets.token_hex(6)}"
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         self.created.append(name)
-        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        return server.url(name)
 
     def drop_all(self) -> None:
-        if not self.created:
+        server = postgres_server()
+        if not self.created or server is None:
             return
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
             for name in self.created:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -14,11 +14,20 @@ id or client id), `iat` not in the future (60 s skew) and `exp` no more than 10 
     GET    /repos/{owner}/{repo}                       installation token; metadata (implicit)
     GET    /repos/{owner}/{repo}/contents/{path}       installation token; contents >= read
     PUT    /repos/{owner}/{repo}/contents/{path}       installation token; contents >= write
+    GET    /repos/{owner}/{repo}/collaborators/{username}/permission
+                                                       installation token (metadata, implicit); GitHub's
+                                                       "Get repository permissions for a user"
+
+`authorize_git(token, owner, repo, push=...)` answers for git over smart HTTP the way GitHub does
+(tests/support/git_server.py asks it before running `git http-backend`).
 
 Every route is served at the root (github.com) and under /api/v3 (GitHub Enterprise Server).
 The App's RSA key pair is generated when the fixture starts, never committed; the private key
 PEM is written mode 0600 to a temporary directory. Tests inspect `request_log` and can inject
-misbehaviour (`broaden_next_token`, `fail_next`) to exercise the provider's fail-closed paths.
+misbehaviour (`broaden_next_token`, `fail_next`, `outage`) to exercise the provider's fail-closed paths.
+Collaborators (`set_collaborator`, `remove_collaborator`) can change while a test runs, and
+`calls("GET /repos/{owner}/{repo}/collaborators/{username}/permission")` counts what arrived at
+one endpoint (route template as GitHub documents it, any answer).
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import string
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -60,6 +71,10 @@ TOKEN_ALPHABET = string.ascii_letters + string.digits
 JWT_SKEW_SECONDS = 60  # iat may be this far in the future (clock drift)
 JWT_MAX_SECONDS = 600  # GitHub: exp no more than 10 minutes ahead
 DOCS = "https://docs.github.com/rest"
+# GitHub's repository roles and the legacy base `permission` each reads as (maintain -> write,
+# triage -> read), from "Get repository permissions for a user".
+ROLE_BASE = {"admin": "admin", "maintain": "write", "write": "write", "triage": "read", "read": "read"}
+ROLE_RANK = ["read", "triage", "write", "maintain", "admin"]
 
 
 @dataclass
@@ -125,8 +140,16 @@ class GitHubStandIn:
     # Fault injection: the next token gets these permissions / repository names instead of the
     # narrowed ones (a GitHub that hands out more than asked); cleared after one use.
     broaden_next_token: dict[str, Any] | None = None
+    # GitHub users that exist, and each repository's collaborators: (owner, repo) lowercased ->
+    # login -> role (admin, maintain, write, triage, read, or a custom role named in custom_roles).
+    users: set[str] = field(default_factory=set)
+    collaborators: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    custom_roles: dict[str, str] = field(default_factory=dict)  # custom role -> the base role it extends
+    endpoint_calls: Counter[str] = field(default_factory=Counter)  # "METHOD /route/{template}" -> requests
     # Fault injection: (method, path prefix, status) answered instead of the real thing, once each.
     _failures: list[tuple[str, str, int]] = field(default_factory=list)
+    # Fault injection: (method, path prefix, status) answered on every request until cleared.
+    _outages: list[tuple[str, str, int]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- test helpers --------------------------------------------------------------------------
@@ -146,6 +169,11 @@ class GitHubStandIn:
             self.request_log.clear()
             self.broaden_next_token = None
             self._failures.clear()
+            self._outages.clear()
+            self.endpoint_calls.clear()
+            self.users = {"alice-gh", "bob-gh", "carol-gh", "dave-gh"}
+            self.collaborators = {}
+            self.custom_roles = {}
             self.files = {
                 (inst.account, name, "README.md"): f"# {inst.account}/{name}\n".encode()
                 for inst in self.installations.values()
@@ -155,6 +183,51 @@ class GitHubStandIn:
     def fail_next(self, method: str, path_prefix: str, status: int) -> None:
         with self._lock:
             self._failures.append((method.upper(), path_prefix, status))
+
+    def outage(self, method: str, path_prefix: str, status: int = 503) -> None:
+        """Every matching request answers `status` until `end_outage()`: a GitHub that is down."""
+        with self._lock:
+            self._outages.append((method.upper(), path_prefix, status))
+
+    def end_outage(self) -> None:
+        with self._lock:
+            self._outages.clear()
+
+    def set_collaborator(self, owner: str, repo: str, login: str, role: str) -> None:
+        with self._lock:
+            self.users.add(login)
+            self.collaborators.setdefault((owner.lower(), repo.lower()), {})[login] = role
+
+    def remove_collaborator(self, owner: str, repo: str, login: str) -> None:
+        with self._lock:
+            self.collaborators.get((owner.lower(), repo.lower()), {}).pop(login, None)
+
+    def calls(self, endpoint: str) -> int:
+        """Requests that reached one endpoint, e.g. "GET /repos/{owner}/{repo}/collaborators/{username}/permission"."""
+        with self._lock:
+            return self.endpoint_calls[endpoint]
+
+    def permission_json(self, owner: str, repo: str, username: str) -> dict[str, Any]:
+        """GitHub's answer shape: `permission` (legacy base role), `role_name`, and the user with
+        its `permissions` booleans. A user who is no collaborator reads as `none`."""
+        login = next((u for u in self.users if u.lower() == username.lower()), None)
+        if login is None:
+            raise GitHubError(404, "Not Found", f"{DOCS}/collaborators/collaborators#get-repository-permissions-for-a-user")
+        role = next((r for u, r in self.collaborators.get((owner.lower(), repo.lower()), {}).items()
+                     if u.lower() == username.lower()), None)
+        base = ROLE_BASE.get(role or "", self.custom_roles.get(role or "", "none"))
+        # The booleans follow the role really held (a maintainer has maintain, not only push).
+        rank = ROLE_RANK.index(role) if role in ROLE_RANK else (ROLE_RANK.index(base) if base in ROLE_RANK else -1)
+        flags = {"pull": rank >= 0, "triage": rank >= 1, "push": rank >= 2, "maintain": rank >= 3, "admin": rank >= 4}
+        return {
+            "permission": base,
+            "role_name": role or "none",
+            "user": {
+                "login": login, "id": 90000 + sum(map(ord, login)), "node_id": f"U_{login}", "type": "User",
+                "site_admin": False, "url": f"{self.url}/users/{login}", "permissions": flags,
+                "role_name": role or "none",
+            },
+        }
 
     def requests(self, method: str | None = None, path_contains: str = "") -> list[Logged]:
         return [r for r in list(self.request_log) if (method is None or r.method == method) and path_contains in r.path]
@@ -370,6 +443,18 @@ class GitHubStandIn:
                 raise GitHubError(403, "Resource not accessible by integration")
         return found
 
+    def authorize_git(self, token: str, owner: str, repo: str, *, push: bool) -> int:
+        """What GitHub answers git over smart HTTP with this token: 200, or 401/403/404.
+
+        Fetching needs `contents: read` on the repository, pushing `contents: write`; the
+        same rules (and order) as the REST routes above, for the local git server of the tests.
+        """
+        try:
+            self.repo_for_token(f"token {token}", owner, repo, "contents:write" if push else "contents:read")
+        except GitHubError as exc:
+            return exc.status
+        return 200
+
 
 # --- the ASGI app ------------------------------------------------------------------------------
 
@@ -413,6 +498,13 @@ def build_app(standin: GitHubStandIn) -> _Gate:
         with standin._lock:
             issued.revoked = True
         return Response(status_code=204)
+
+    @router.get("/repos/{owner}/{repo}/collaborators/{username}/permission")
+    async def collaborator_permission(owner: str, repo: str, username: str, request: Request) -> JSONResponse:
+        # GitHub: works with installation tokens holding `metadata: read` on the repository.
+        inst, name = standin.repo_for_token(request.headers.get("authorization"), owner, repo, "metadata:read")
+        with standin._lock:
+            return JSONResponse(standin.permission_json(inst.account, name, username))
 
     @router.get("/repos/{owner}/{repo}")
     async def get_repo(owner: str, repo: str, request: Request) -> JSONResponse:
@@ -491,6 +583,7 @@ class _Gate:
                 self._log(method, path, message["status"], headers, b"".join(chunks))
             await send(message)
 
+        self._count(scope, method)
         early = self._refuse(method, path, headers)
         if early is not None:
             return await early(scope, recv, snd)
@@ -509,7 +602,18 @@ class _Gate:
                 if m == method and path.removeprefix("/api/v3").startswith(prefix):
                     del self.standin._failures[i]
                     return _error_response(status, "Server Error" if status >= 500 else "Injected failure")
+            for m, prefix, status in self.standin._outages:
+                if m == method and path.removeprefix("/api/v3").startswith(prefix):
+                    return _error_response(status, "Server Error" if status >= 500 else "Injected failure")
         return None
+
+    def _count(self, scope: dict[str, Any], method: str) -> None:
+        path = scope["path"].removeprefix("/api/v3")
+        for m, template, pattern in _ENDPOINTS:
+            if m == method and pattern.fullmatch(path):
+                with self.standin._lock:
+                    self.standin.endpoint_calls[f"{method} {template}"] += 1
+                return
 
     def _log(self, method: str, path: str, status: int, headers: dict[str, str], raw: bytes) -> None:
         scheme, _, credential = headers.get("authorization", "").partition(" ")
@@ -537,6 +641,23 @@ class _Gate:
             bearer_sha256=hashlib.sha256(credential.encode()).hexdigest() if credential else None,
             jwt_header=jwt_header, jwt_claims=jwt_claims, raw_jwt=raw_jwt, body=body,
         ))
+
+
+# The routes above as GitHub documents them, for `calls()`; a path segment is [^/]+, a file path .+.
+_ENDPOINTS = [
+    (method, template, re.compile(re.sub(r"\\{(\w+)\\}", lambda m: ".+" if m.group(1) == "path" else "[^/]+",
+                                         re.escape(template))))
+    for method, template in (
+        ("GET", "/app"),
+        ("GET", "/repos/{owner}/{repo}/installation"),
+        ("POST", "/app/installations/{installation_id}/access_tokens"),
+        ("DELETE", "/installation/token"),
+        ("GET", "/repos/{owner}/{repo}/collaborators/{username}/permission"),
+        ("GET", "/repos/{owner}/{repo}"),
+        ("GET", "/repos/{owner}/{repo}/contents/{path}"),
+        ("PUT", "/repos/{owner}/{repo}/contents/{path}"),
+    )
+]
 
 
 def _blob_sha(data: bytes) -> str:

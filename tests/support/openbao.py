@@ -10,7 +10,8 @@ Fixtures (pytest plugin, loaded from tests/conftest.py):
 - `vault_setup` (session): KV v2 at `secret/` with `allowed` and `forbidden`, policy `kv-allowed`,
   token role `jit-broker`, the broker's own least-privilege token and an AppRole for it.
 - `vault_database` (session): the database secrets engine against the real PostgreSQL at
-  127.0.0.1:5432 with role `ledger-test`, in a database made for this run and dropped after it.
+  test PostgreSQL (`tests/support/databases.py`) with role `ledger-test`, in a database made for this
+  run and dropped after it.
   Skipped when PostgreSQL is not reachable, unless BROKER_REQUIRE_POSTGRES=1.
 
 The brief asked for `storage "file"` in restartable mode; OpenBao 2.x removed the file backend,
@@ -43,9 +44,9 @@ import pytest
 
 from broker.config import Settings
 from broker.providers.vault import VaultProvider, bootstrap_token_role, broker_policy_hcl
+from tests.support.databases import PgServer, require_postgres
 from tests.support.processes import terminate
 
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 SECRET_VALUES = {"allowed": "allowed-value-6f1c2b", "forbidden": "forbidden-value-9ad03e"}
 KV_ALLOWED_POLICY = 'path "secret/data/allowed" {\n  capabilities = ["read"]\n}\n'
 
@@ -328,37 +329,26 @@ class VaultDatabase:
     name: str  # the PostgreSQL database made for this run
     role: str  # the database secrets engine role: read database/creds/<role>
     user_prefix: str  # every user OpenBao creates starts with it
+    server: PgServer  # where it lives
 
     def dsn(self, user: str, password: str) -> str:
-        return f"host=127.0.0.1 port=5432 dbname={self.name} user={user} password={password} connect_timeout=3"
-
-
-def postgres_or_skip() -> None:
-    import psycopg
-
-    try:
-        psycopg.connect(PG_ADMIN_DSN).close()
-    except psycopg.Error as exc:
-        reason = f"PostgreSQL at 127.0.0.1:5432 not reachable ({type(exc).__name__})"
-        if os.environ.get("BROKER_REQUIRE_POSTGRES") == "1":
-            pytest.fail(reason + " and BROKER_REQUIRE_POSTGRES=1")
-        pytest.skip(reason)
+        return self.server.dsn(self.name, user, password)
 
 
 @pytest.fixture(scope="session")
 def vault_database(vault_setup: VaultSetup) -> Iterator[VaultDatabase]:
     import psycopg
 
-    postgres_or_skip()
+    server = require_postgres()
     run = secrets.token_hex(4)
-    db = VaultDatabase(name=f"jb_vault_{run}", role="ledger-test", user_prefix=f"jbv_{run}_")
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+    db = VaultDatabase(name=f"jb_vault_{run}", role="ledger-test", user_prefix=f"jbv_{run}_", server=server)
+    with psycopg.connect(server.admin_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{db.name}"')
     root = vault_setup.server.client()
     try:
         root.sys.enable_secrets_engine("database", path="database")
         root.write("database/config/ledger", plugin_name="postgresql-database-plugin",
-                   connection_url=f"postgresql://postgres@127.0.0.1:5432/{db.name}?sslmode=disable",
+                   connection_url=server.libpq_url(db.name),
                    allowed_roles=[db.role], verify_connection=True,
                    username_template=db.user_prefix + "{{random 12 | lowercase}}")
         root.write(f"database/roles/{db.role}", db_name="ledger", default_ttl="1h", max_ttl="2h",
@@ -370,7 +360,7 @@ def vault_database(vault_setup: VaultSetup) -> Iterator[VaultDatabase]:
     finally:
         with contextlib.suppress(Exception):
             root.sys.revoke_prefix("database/creds")
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        with psycopg.connect(server.admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)')
             leftovers = admin.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s",
                                       (db.user_prefix + "%",)).fetchall()

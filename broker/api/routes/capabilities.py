@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
-from broker.api.schemas import CapabilityIssued, CapabilityRequest, CapabilityView, ErrorResponse, PendingApproval
+from broker.api.schemas import (
+    SESSION_ID_PATTERN,
+    CapabilityIssued,
+    CapabilityRequest,
+    CapabilityView,
+    ErrorResponse,
+    PendingApproval,
+)
 from broker.leases import queries
 from broker.leases.service import CapabilityAsk, request_capability
 
 router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
+LeaseStatus = Literal["minting", "active", "revoke_pending", "revoked", "expired", "failed"]  # queries.STATUSES
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 422, 429, 502, 503)}
 
 
@@ -40,8 +48,8 @@ def create_capability(
 @router.get("", response_model=list[CapabilityView], responses=ERRORS)
 def list_capabilities(
     broker: BrokerDep, caller: AnyCaller,
-    session_id: Annotated[str | None, Query(max_length=64)] = None,
-    status: Annotated[str | None, Query(max_length=16)] = None,
+    session_id: Annotated[str | None, Query(pattern=SESSION_ID_PATTERN)] = None,
+    status: Annotated[LeaseStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
     leases = queries.list_for(broker, caller, session_id, status, limit)

@@ -1,4 +1,4 @@
-"""Liveness, readiness (database, policy, every provider) and Prometheus metrics."""
+"""Liveness, readiness (database, policy, every provider; live permission sources shown) and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from broker.api.deps import BrokerDep
 from broker.metrics import REGISTRY
+from broker.permissions.base import SourceHealth
 from broker.providers.base import ProviderHealth
 from broker.providers.registry import UnconfiguredProvider
 
@@ -49,10 +50,24 @@ def readyz(broker: BrokerDep) -> JSONResponse:
         required = not isinstance(provider, UnconfiguredProvider)
         providers[name] = {"ok": health.ok, "detail": health.detail, "required": required}
     checks["providers"] = providers
+    # Live permission sources are shown, not required: while one cannot answer, the rules naming
+    # it fail closed (or allow, as each rule says); every replica would be equally unready.
+    sources = broker.permissions.sources
+    spool = ThreadPoolExecutor(max_workers=max(1, len(sources)))
+    probes = {name: spool.submit(source.health) for name, source in sources.items()}
+    wait(probes.values(), timeout=PROBE_SECONDS)
+    spool.shutdown(wait=False, cancel_futures=True)
+    live_sources = {}
+    for name, probe in sorted(probes.items()):
+        said = probe.result() if probe.done() else SourceHealth(False, f"no answer within {PROBE_SECONDS}s")
+        live_sources[name] = {"ok": said.ok, "detail": said.detail}
+    checks["permission_sources"] = live_sources
     ready = checks["database"]["ok"] and all(p["ok"] for p in providers.values() if p["required"])
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics(request: Request) -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -14,6 +15,7 @@ from broker.errors import InvalidRequest, NotFound
 from broker.leases.service import bounds_lookup, session_facts
 from broker.models import SessionRow
 from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
+from broker.policy.resources import canonical_pattern, canonical_resource
 from broker.sessions.service import may_manage
 
 router = APIRouter(prefix="/v1/policy", tags=["policy"])
@@ -34,14 +36,28 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> dic
                                  code="explain-needs-session")
         facts = SessionFacts(
             session_id="(hypothetical)", human=body.human, agent=body.agent, task_id=body.task_id or "(hypothetical)",
-            scope=tuple(ScopeEntry(s.resource, tuple(s.access)) for s in body.scope), status="active",
+            scope=tuple(ScopeEntry(_canonical(canonical_pattern, s.resource), tuple(s.access)) for s in body.scope),
+            status="active",
             expires_at=now + timedelta(seconds=body.session_ttl_seconds),
             # A person explaining their own access: their IdP groups count, as in their sessions.
             human_groups=caller.groups if caller.kind == "human" and body.human.lower() == caller.name else frozenset(),
         )
+    policy = broker.policies.current
+    resource = _canonical(canonical_resource, body.resource)
+    # The live layer is asked for real (through the cache), so explain shows what a request would meet.
+    live = broker.permissions.consult(policy, facts.human, resource, body.access)
     decision, shadow = evaluate_with_shadow(
-        broker.policies.current, broker.policies.shadow, facts,
-        RequestFacts(resource=body.resource, access=body.access, ttl_seconds=body.ttl_seconds, now=now),
+        policy, broker.policies.shadow, facts,
+        RequestFacts(resource=resource, access=body.access, ttl_seconds=body.ttl_seconds, now=now, live=live),
         bounds_lookup(broker),
     )
     return {"decision": decision.to_dict(), "shadow": shadow.to_dict() if shadow else None}
+
+
+def _canonical(parse: Callable[[str], str], text: str) -> str:
+    """The canonical form, as a real request would see it; a malformed one is left for the
+    evaluator, whose resource layer names the problem in its verdict."""
+    try:
+        return parse(text)
+    except InvalidRequest:
+        return text

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, StringConstraints
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import AgentName, ErrorResponse, Principal, Strict
+from broker.api.schemas import AgentName, ErrorResponse, Principal, SessionId, Strict
 from broker.leases.killswitch import RevocationFilter, revoke_matching
 
 router = APIRouter(prefix="/v1/revocations", tags=["revocations"])
@@ -16,7 +16,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in 
 
 
 class RevocationRequest(Strict):
-    session_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    session_id: SessionId | None = None
     agent: AgentName | None = None
     human: Principal | None = None
     resource: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(

@@ -10,10 +10,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from broker.api.deps import BrokerDep
+from broker.api.schemas import ErrorResponse
 from broker.errors import InvalidRequest
 from broker.leases.queries import introspect
 
 router = APIRouter(tags=["tokens"])
+_TOKEN = {"type": "string", "minLength": 1, "maxLength": 8192}
 
 
 @router.get("/.well-known/jwks.json")
@@ -23,14 +25,15 @@ def jwks(broker: BrokerDep) -> JSONResponse:
 
 @router.post(
     "/v1/introspect",
+    responses={s: {"model": ErrorResponse} for s in (400, 413)},
     openapi_extra={
         "requestBody": {
             "content": {
                 "application/x-www-form-urlencoded": {
-                    "schema": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+                    "schema": {"type": "object", "required": ["token"], "properties": {"token": _TOKEN}}
                 },
                 "application/json": {
-                    "schema": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+                    "schema": {"type": "object", "required": ["token"], "properties": {"token": _TOKEN}}
                 },
             }
         }
@@ -47,7 +50,7 @@ async def introspect_token(request: Request, broker: BrokerDep) -> JSONResponse:
     if ctype.startswith("application/json"):
         try:
             token = json.loads(raw or b"{}").get("token")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise InvalidRequest("body is not valid JSON", code="invalid-json") from None
     else:
         token = (parse_qs(raw.decode(errors="replace")).get("token") or [None])[0]

@@ -13,6 +13,7 @@ from typing import Any
 import botocore.session
 
 from broker.errors import InvalidRequest, ProviderMisconfigured
+from broker.policy.resources import resource_problem
 
 REVOCATION_POLICY_NAME = "jit-broker-revoked-sessions"
 STS_MIN_DURATION = 900  # AssumeRole's floor
@@ -63,6 +64,7 @@ def parse_role_resource(resource: str, partition: str = "aws") -> RoleRef:
         or not all(_NAME.fullmatch(s) for s in segments)
         or len(segments[-1]) > 64
         or len(path) > 512
+        or resource_problem(resource) is not None  # the canonical form the policy decided on
     ):
         raise InvalidRequest(
             f"{resource!r} is not an AWS role resource; expected aws://<12-digit account>/role/<name> "

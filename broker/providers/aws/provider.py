@@ -25,7 +25,7 @@ from botocore.exceptions import (
 )
 
 from broker.config import Settings
-from broker.errors import Denied, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.errors import Denied, Forbidden, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.aws.names import (
     CHAINED_MAX_DURATION,
     CLOCK_GRACE_SECONDS,
@@ -409,6 +409,10 @@ class AwsProvider:
     def _ref(self, resource: str) -> RoleRef:
         return parse_role_resource(resource, self._partition)
 
+    def account_id(self) -> str:
+        """The account of the broker's own AWS identity (STS GetCallerIdentity, asked once)."""
+        return self._whoami().account
+
     def _whoami(self) -> _Caller:
         if self._caller is None:
             with _translated("sts:GetCallerIdentity"):
@@ -422,9 +426,12 @@ class AwsProvider:
             return cached
         caller = self._whoami()
         if caller.account != ref.account:
-            raise ProviderMisconfigured(
-                f"{ref.arn} is in account {ref.account}, the broker's identity in {caller.account}: "
-                "the broker can only revoke (PutRolePolicy) on roles of its own account, so it does not mint there"
+            # Policies with such rules are refused at load; this is the second lock. A 4xx, and the
+            # broker's own account is not named to the caller.
+            raise Forbidden(
+                f"{ref.arn} is in account {ref.account}, not the account this broker serves: it can only revoke "
+                "(PutRolePolicy) on roles of its own account, so it does not mint there",
+                code="cross-account-role",
             )
         with _translated(f"iam:GetRole on {ref.arn}"):
             role = self._iam.get_role(RoleName=ref.name)["Role"]

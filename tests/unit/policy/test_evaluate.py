@@ -145,7 +145,10 @@ CASES = [
     case("unknown-access-on-glob", "github://acme/gadgets", "merge", DENY, "unknown-access", "resources[1]"),
     case("earlier-glob-beats-later-exact", "github://acme/legacy", "read", ALLOW, "allowed", "resources[1].access.read",
          ttl=3600),
-    case("star-does-not-cross-slash", "github://acme/widgets/sub", "read", DENY, "unknown-resource", "resources"),
+    case("star-does-not-cross-slash", "aws://123456789012/role/team/ro", "read", DENY, "unknown-resource", "resources"),
+    case("github-resource-is-owner-and-repo", "github://acme/widgets/sub", "read", DENY, "invalid-resource", None),
+    case("non-canonical-resource-refused", "github://Acme/Widgets", "read", DENY, "invalid-resource", None),
+    case("percent-encoded-escape-refused", "vault://secret/%2e%2e/sys/x", "read", DENY, "invalid-resource", None),
     case("doublestar-crosses-slash", "vault://secret/team/app/key", "read", ALLOW, "allowed",
          "resources[2].access.read", ttl=600, request={"approved": True}),
     case("malformed-resource-refused", "github://acme/*", "read", DENY, "invalid-resource", None),
@@ -259,7 +262,7 @@ def test_decision(policies, resource, access, session, request_, policy, result,
     assert (decision.result, decision.reason, decision.matched_rule) == (result, reason, rule)
     assert decision.ttl_seconds == ttl
     assert [v.layer for v in decision.layers] == [
-        "session", "resource", "human", "task_scope", "agent", "tier", "budget", "escalation", "time",
+        "session", "resource", "human", "human_live", "task_scope", "agent", "tier", "budget", "escalation", "time",
     ]
     if layer is not None:
         verdict = next(v for v in decision.layers if v.layer == layer[0])
@@ -312,7 +315,8 @@ def test_session_rules_have_no_line_and_skipped_layers_are_marked(policies):
     assert decision.matched_line is None
     verdicts = {v.layer: v.verdict for v in decision.layers}
     assert verdicts == {
-        "session": "deny", "resource": "deny", "human": "deny", "task_scope": "deny", "agent": "skipped",
+        "session": "deny", "resource": "deny", "human": "deny", "human_live": "skipped", "task_scope": "deny",
+        "agent": "skipped",
         "tier": "skipped", "budget": "allow", "escalation": "skipped", "time": "skipped",
     }
     assert decision.tier is None and decision.provider is None and decision.ttl_seconds is None
@@ -325,10 +329,11 @@ def test_to_dict_is_json_ready(policies):
     body = json.loads(json.dumps(decision.to_dict()))
     assert body["result"] == "approval_required"
     assert body["approvers"] == ["group:security"]
-    assert body["layers"][5] == {
+    assert body["layers"][6] == {
         "layer": "tier", "verdict": "approval_required", "reason": "approval-required",
-        "matched_rule": "tiers.secret", "detail": "tier secret needs approval",
+        "matched_rule": "tiers.secret", "detail": "tier secret needs approval", "evidence": None,
     }
+    assert body["human_permission"] is None
 
 
 def test_no_budgets_means_unlimited():

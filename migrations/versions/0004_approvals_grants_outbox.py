@@ -1,7 +1,7 @@
 """approvals that can be decided, grants, and the notification outbox
 
-Revision ID: 0003
-Revises: 0001
+Revision ID: 0004
+Revises: 0003_live_checks
 Create Date: 2026-11-22 08:40:00
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from alembic import op
 
 import broker.db
 
-revision = '0003'
-down_revision = '0001'
+revision = '0004'
+down_revision = '0003_live_checks'
 branch_labels = None
 depends_on = None
 

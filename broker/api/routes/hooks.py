@@ -1,0 +1,28 @@
+"""The tool-call gate for agent runtimes: Claude Code's PreToolUse hook, answered from the policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from broker.api.deps import AgentCaller, BrokerDep
+from broker.api.schemas import ErrorResponse, PreToolUseInput, PreToolUseOutput
+from broker.hooks.service import HookInput, pre_tool_use
+
+router = APIRouter(prefix="/v1/hooks", tags=["hooks"])
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 413, 422)}
+
+
+@router.post("/pre-tool-use", response_model=PreToolUseOutput, responses=ERRORS)
+def pre_tool_use_hook(body: PreToolUseInput, broker: BrokerDep, caller: AgentCaller) -> JSONResponse:
+    """allow / ask / deny for one tool call, with the reason; every answer is audited.
+
+    200 carries every decision, deny included (Claude Code reads the JSON of a 2xx answer only).
+    Use it as an `http` hook with the session token in `Authorization`, or through
+    `broker-cli hook pre-tool-use` as a `command` hook, which fails closed when the broker is away.
+    """
+    hook = HookInput(tool_name=body.tool_name, tool_input=body.tool_input, agent_session_id=body.session_id,
+                     tool_use_id=body.tool_use_id, cwd=body.cwd, permission_mode=body.permission_mode)
+    return JSONResponse(pre_tool_use(broker, caller, hook), headers={"Cache-Control": "no-store"})

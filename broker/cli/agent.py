@@ -1,0 +1,125 @@
+"""The agent side of the REST API, for the helpers an agent's tools call (git, AWS SDKs, exec, hooks).
+
+They authenticate with the session token the orchestrator handed the agent
+(`BROKER_SESSION_TOKEN`), never with an admin token, and they raise `HelperError` with a
+message fit for stderr: the broker's code and message, never a credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from broker.cli.client import broker_url
+
+SESSION_TOKEN_ENV = "BROKER_SESSION_TOKEN"
+# How long a helper waits for a human to decide an approval before giving up (0: do not wait).
+APPROVAL_WAIT_ENV = "BROKER_APPROVAL_WAIT"
+
+
+class HelperError(Exception):
+    """A refusal or failure, told without secrets. `code` is the broker's kebab-case code."""
+
+    def __init__(self, message: str, code: str = "helper-error") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def session_token() -> str:
+    token = os.environ.get(SESSION_TOKEN_ENV, "").strip()
+    if not token:
+        raise HelperError(f"{SESSION_TOKEN_ENV} is not set: the orchestrator gives the agent its session token",
+                          "no-session-token")
+    return token
+
+
+def fingerprint(secret: str) -> str:
+    """The form in which the broker knows a credential (`credential_fingerprint`)."""
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass
+class AgentClient:
+    """One session's view of the broker."""
+
+    token: str
+    base_url: str
+    timeout: float = 30.0
+
+    @classmethod
+    def from_environment(cls) -> AgentClient:
+        return cls(token=session_token(), base_url=broker_url())
+
+    def call(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+             headers: dict[str, str] | None = None, timeout: float | None = None) -> httpx.Response:
+        try:
+            return httpx.request(method, self.base_url + path, json=json, params=params, timeout=timeout or self.timeout,
+                                 headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
+        except httpx.HTTPError as exc:
+            raise HelperError(f"cannot reach the broker at {self.base_url}: {exc.__class__.__name__}",
+                              "broker-unreachable") from None
+
+    def request_capability(self, resource: str, access: str, *, purpose: str, tool: str,
+                           ttl_seconds: int | None = None, wait_seconds: float | None = None) -> dict[str, Any]:
+        """The 201 body of `POST /v1/capabilities`; a pending approval is waited for up to `wait_seconds`."""
+        if wait_seconds is None:
+            wait_seconds = float(os.environ.get(APPROVAL_WAIT_ENV) or 0)
+        body: dict[str, Any] = {"resource": resource, "access": access, "purpose": purpose, "tool": tool}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        # One key per helper invocation: a retried POST replays instead of minting twice.
+        key = "helper-" + secrets.token_hex(16)
+        response = self.call("POST", "/v1/capabilities", json=body, headers={"Idempotency-Key": key})
+        if response.status_code == 202:
+            pending = response.json()
+            approval_id = pending.get("approval_id")
+            if not approval_id or not self._approved(approval_id, wait_seconds):
+                raise HelperError(
+                    f"{resource} ({access}) needs approval {approval_id} by {', '.join(pending.get('approvers') or [])}"
+                    f" ({pending.get('reason')}); run again once it is approved", "approval-required")
+            body["approval_id"] = approval_id
+            response = self.call("POST", "/v1/capabilities", json=body, headers={"Idempotency-Key": key + "-approved"})
+        if response.status_code != 201:
+            raise _error(response, f"{resource} ({access})")
+        return response.json()
+
+    def _approved(self, approval_id: str, wait_seconds: float) -> bool:
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            wait = max(1, min(30, int(deadline - time.monotonic())))
+            response = self.call("GET", f"/v1/approvals/{approval_id}", params={"wait": wait}, timeout=wait + 15)
+            if response.status_code != 200:
+                return False
+            status = response.json().get("status")
+            if status == "approved":
+                return True
+            if status != "pending":
+                return False
+        return False
+
+    def revoke(self, capability_id: str) -> dict[str, Any]:
+        response = self.call("DELETE", f"/v1/capabilities/{capability_id}")
+        if response.status_code != 200:
+            raise _error(response, capability_id)
+        return response.json()
+
+    def capabilities(self, status: str | None = "active") -> list[dict[str, Any]]:
+        response = self.call("GET", "/v1/capabilities", params={"status": status, "limit": 1000} if status else None)
+        if response.status_code != 200:
+            raise _error(response, "listing capabilities")
+        return response.json()
+
+
+def _error(response: httpx.Response, what: str) -> HelperError:
+    try:
+        err = response.json().get("error", {})
+        code, message = str(err.get("code") or response.status_code), str(err.get("message") or "")
+    except (ValueError, AttributeError):
+        code, message = f"http-{response.status_code}", response.text[:200]
+    return HelperError(f"{what}: {code}: {message}", code)

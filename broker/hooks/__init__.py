@@ -1,0 +1,1 @@
+"""The tool-call gate for agent runtimes' hooks (Claude Code PreToolUse)."""

@@ -1,0 +1,134 @@
+"""Builds permission sources from the `jit_broker.permission_sources` entry points, and asks them.
+
+`LivePermissions.consult` is the one place the broker asks a live source: it finds the rule's
+`human_permission`, builds the query, goes through the cache, and turns whatever happens
+(an answer, an exception, a source that was never built) into a `LivePermission` the pure
+evaluator reads. A failure is `unknown`, never `allow`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from broker.errors import BrokerError, ConfigError
+from broker.metrics import PERMISSION_ANSWERS
+from broker.permissions.base import UNKNOWN, PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth
+from broker.permissions.cache import AnswerCache
+from broker.policy import CompiledPolicy, LivePermission
+
+log = logging.getLogger("broker.permissions")
+GROUP = "jit_broker.permission_sources"
+MAX_EVIDENCE_TEXT = 500  # characters of one string a backend said
+MAX_EVIDENCE_ITEMS = 50  # entries of one list or mapping (policies, groups)
+
+
+class UnconfiguredSource:
+    """Stands in (embedded default only) for a source whose config is missing: every answer is
+    `unknown` with the reason, so rules that name it fail closed."""
+
+    name: ClassVar[str] = "unconfigured"
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.source_name, self.reason = name, reason
+
+    def check(self, query: PermissionQuery) -> SourceAnswer:
+        return SourceAnswer.unknown(f"source {self.source_name} is not configured: {self.reason}")
+
+    def health(self) -> SourceHealth:
+        return SourceHealth(False, f"not configured: {self.reason}")
+
+    def close(self) -> None:
+        pass
+
+
+def available() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def build(names: set[str] | frozenset[str], ctx: SourceContext, *, tolerate_missing: bool) -> dict[str, PermissionSource]:
+    found = available()
+    out: dict[str, PermissionSource] = {}
+    for name in sorted(names):
+        if name not in found:
+            raise ConfigError(f"the policy names permission source {name!r}, but no entry point {GROUP}:{name} is installed")
+        try:
+            out[name] = found[name].load().from_context(ctx)
+        except (BrokerError, ImportError) as exc:
+            if not tolerate_missing:
+                raise ConfigError(f"permission source {name!r} cannot start: {exc}") from exc
+            log.warning("permission source %s is not configured (%s); rules naming it deny", name, exc)
+            out[name] = UnconfiguredSource(name, str(exc))
+    return out
+
+
+class LivePermissions:
+    """The built sources and their shared answer cache."""
+
+    def __init__(self, sources: Mapping[str, PermissionSource], cache_seconds: float) -> None:
+        self.sources = dict(sources)
+        self.cache = AnswerCache(cache_seconds)
+
+    def consult(self, policy: CompiledPolicy, human: str, resource: str, access: str, *, fresh: bool = False,
+                claims: Mapping[str, Any] | None = None) -> LivePermission | None:
+        """The live answer for this request, or None when its rule names no live source."""
+        rule = policy.match_resource(resource)
+        if rule is None or rule.human_permission is None or access not in rule.access:
+            return None
+        live = rule.human_permission
+        source = self.sources.get(live.source)
+        if source is None:
+            # A reloaded policy naming a source this process never built: deny until restarted.
+            return LivePermission(live.source, UNKNOWN, {"summary": f"source {live.source} is not running; restart the broker"})
+        query = PermissionQuery(
+            human=human, resource=resource, access=access, require=live.require.get(access, frozenset()),
+            options=live.options, identity=policy.identity_of(human), claims=dict(claims or {}),
+        )
+        answer, cached = self.cache.get_or_fetch(_key(live.source, query), lambda: _ask(source, live.source, query),
+                                                 fresh=fresh)
+        PERMISSION_ANSWERS.labels(live.source, answer.verdict, "true" if cached else "false").inc()
+        return LivePermission(live.source, answer.verdict, dict(answer.evidence), cached)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            try:
+                source.close()
+            except Exception:  # closing is best effort
+                log.exception("closing permission source %s failed", source.name)
+
+
+def _key(source: str, q: PermissionQuery) -> tuple[Any, ...]:
+    # Everything the answer depends on: the mapping and the identities too, so a policy reload
+    # that changes them is never answered from the old entry.
+    return (source, q.human.lower(), q.resource, q.access, tuple(sorted(q.require)),
+            json.dumps(dict(q.options), sort_keys=True, default=str), tuple(sorted(q.identity.items())),
+            json.dumps(dict(q.claims), sort_keys=True, default=str))
+
+
+def _ask(source: PermissionSource, name: str, query: PermissionQuery) -> SourceAnswer:
+    try:
+        answer = source.check(query)
+    except Exception as exc:  # a source that raises has not said yes: fail closed
+        log.warning("permission source %s failed for %s on %s: %s", name, query.human, query.resource,
+                    type(exc).__name__)
+        message = getattr(exc, "message", None) or type(exc).__name__
+        return SourceAnswer.unknown(f"{name} failed: {message}"[:300], error=getattr(exc, "code", type(exc).__name__))
+    if answer.verdict not in ("allow", "deny", "unknown"):
+        return SourceAnswer.unknown(f"{name} answered {answer.verdict!r}, which means nothing here")
+    return SourceAnswer(answer.verdict, _bounded(answer.evidence))
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """Evidence goes into every decision's audit record: what a backend said is kept, but bounded."""
+    if isinstance(value, str):
+        return value[:MAX_EVIDENCE_TEXT]
+    if isinstance(value, Mapping) and depth < 3:
+        return {str(k)[:64]: _bounded(v, depth + 1) for k, v in list(value.items())[:MAX_EVIDENCE_ITEMS]}
+    if isinstance(value, (list, tuple, set, frozenset)) and depth < 3:
+        return [_bounded(v, depth + 1) for v in list(value)[:MAX_EVIDENCE_ITEMS]]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return str(value)[:MAX_EVIDENCE_TEXT]

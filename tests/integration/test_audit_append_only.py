@@ -1,0 +1,53 @@
+"""Audit records are append-only at the database (migration 0002): UPDATE and DELETE are refused
+on PostgreSQL and SQLite alike, while the broker keeps appending."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from broker.audit.service import verify
+from broker.db import transaction
+from tests.support.brokers import Api
+
+
+def _count(api: Api) -> int:
+    with api.broker.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM audit_records")).scalar_one())
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE audit_records SET outcome = 'denied'",
+    "UPDATE audit_records SET record = replace(record, 'minted', 'denied') WHERE seq = 1",
+    "DELETE FROM audit_records",
+    "DELETE FROM audit_records WHERE seq = (SELECT max(seq) FROM audit_records)",
+    "UPDATE audit_head SET seq = 0, hash = '" + "0" * 64 + "'",  # hiding a truncation by rewinding the head
+])
+def test_rewriting_the_audit_is_refused(api: Api, statement: str) -> None:
+    session = api.new_session()
+    assert api.request(session, {"resource": "jwt://payments-api", "access": "read"}).status_code == 201
+    before = _count(api)
+    assert before >= 2
+    with pytest.raises(DBAPIError) as caught, api.broker.engine.begin() as conn:
+        conn.execute(text(statement))
+    assert "append-only" in str(caught.value) or "only moves forward" in str(caught.value)
+    assert _count(api) == before
+    with transaction(api.broker.engine) as db:
+        assert verify(db).ok
+    # ... and the broker still appends.
+    assert api.request(session, {"resource": "jwt://payments-api", "access": "read"}).status_code == 201
+    assert _count(api) > before
+
+
+def test_truncate_is_refused_on_postgres(postgres_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from broker.db import make_engine
+    from broker.migrate import upgrade
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url, pool_size=1)
+    try:
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+            conn.execute(text("TRUNCATE audit_records"))
+    finally:
+        engine.dispose()
