@@ -79,13 +79,15 @@ def sign_in(page: Any, console: Console, login: str, start: str = "/console/appr
     page.goto(console.url + start)
     page.wait_for_url("**/console/signin**")
     page.click("#signin-idp")
-    page.wait_for_selector("input[name=login]")  # the provider's own login page
-    assert page.url.startswith(console.url) is False
-    page.fill("input[name=login]", login)
-    page.fill("input[name=password]", "any-password")
-    page.click("button[type=submit]")
-    page.wait_for_selector("button[type=submit]")  # its consent page
-    page.click("button[type=submit]")
+    login_form = "form:has(input[name=prompt][value=login])"  # the provider's own login page
+    page.wait_for_selector(login_form)
+    assert not page.url.startswith(console.url)
+    page.fill(f"{login_form} input[name=login]", login)
+    page.fill(f"{login_form} input[name=password]", "any-password")
+    page.click(f"{login_form} button[type=submit]")
+    consent = "form:has(input[name=prompt][value=consent]) button[type=submit]"  # its consent page
+    page.wait_for_selector(consent)
+    page.click(consent)
     page.wait_for_url(console.url + start)
 
 
