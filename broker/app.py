@@ -36,6 +36,7 @@ from broker.approvals.outbox import OutboxDelivery
 from broker.approvals.signals import ApprovalSignals
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
+from broker.console import app as console
 from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
                                      broker.settings.human_token_hashes())
         app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
+        console.start(app, broker)
         _COLLECTOR.broker = broker
         _record_policy_loaded(broker, "start")
 
@@ -139,6 +141,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
                                      broker.settings.human_token_hashes())
         app.state.rate_limiter = RateLimiter()
+        console.start(app, broker)
 
     @app.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> JSONResponse:
@@ -176,6 +179,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
                    webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router):
         app.include_router(router)
+    console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(RequestGuard)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id and a log line
 

@@ -21,6 +21,8 @@ def decision_record(decision: Decision, shadow: Decision | None) -> dict[str, An
         "matched_rule": decision.matched_rule,
         "policy_version": decision.policy_version,
     }
+    if decision.result != "allow":
+        record["layer"] = _deciding_layer(decision)  # which of the intersection's layers said no (or "ask")
     if decision.live is not None:
         # The live layer: which source, what it answered, and whether from the cache.
         record["human_permission"] = decision.live.to_dict()
@@ -70,6 +72,16 @@ def refusal(decision: Decision) -> BrokerError:
         return Denied(f"denied by the live permission source {decision.live.source}: {decision.reason} ({said})",
                       code=decision.reason, decision=body)
     return Denied(f"denied by the {layer} layer: {decision.reason}", code=decision.reason, decision=body)
+
+
+def _deciding_layer(decision: Decision) -> str:
+    for layer in decision.layers:
+        if layer.verdict == "deny":
+            return layer.layer
+    for layer in decision.layers:
+        if layer.verdict == "approval_required":
+            return layer.layer
+    return "policy"
 
 
 def _failing_layer(decision: Decision) -> str:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from broker.api.deps import AnyCaller, BrokerDep
 from broker.api.schemas import ApprovalDecide, ApprovalView, ErrorResponse
 from broker.approvals import service
-from broker.approvals.signals import ApprovalSignals
+from broker.approvals.signals import ApprovalSignals, announce_decision
 
 router = APIRouter(prefix="/v1/approvals", tags=["approvals"])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 422)}
@@ -22,13 +22,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in 
 def _signals(request: Request) -> ApprovalSignals:
     signals: ApprovalSignals = request.app.state.approval_signals
     return signals
-
-
-def _woke(request: Request) -> None:
-    """A decision may have enqueued notifications: push them now rather than at the next tick."""
-    outbox = getattr(request.app.state, "outbox", None)
-    if outbox is not None:
-        outbox.wake()
 
 
 @router.get("", response_model=list[ApprovalView], responses=ERRORS)
@@ -65,8 +58,7 @@ async def get_approval(
 def approve(approval_id: str, request: Request, broker: BrokerDep, caller: AnyCaller,
             body: ApprovalDecide | None = None) -> JSONResponse:
     result = service.decide(broker, caller, approval_id, "approve", body.reason if body else None)
-    _signals(request).notify(approval_id)
-    _woke(request)
+    announce_decision(request.app.state, approval_id)
     return JSONResponse(jsonable_encoder(result))
 
 
@@ -74,6 +66,5 @@ def approve(approval_id: str, request: Request, broker: BrokerDep, caller: AnyCa
 def deny(approval_id: str, request: Request, broker: BrokerDep, caller: AnyCaller,
          body: ApprovalDecide | None = None) -> JSONResponse:
     result = service.decide(broker, caller, approval_id, "deny", body.reason if body else None)
-    _signals(request).notify(approval_id)
-    _woke(request)
+    announce_decision(request.app.state, approval_id)
     return JSONResponse(jsonable_encoder(result))
