@@ -26,10 +26,12 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/broker-cli dev
 
-## The whole suite: SQLite and PostgreSQL, real OpenBao, moto, the GitHub stand-in and a real
-## OpenID provider (npm's oidc-provider on Node, pinned by its package-lock.json).
+## The whole suite: SQLite and PostgreSQL, real OpenBao, moto, the GitHub stand-in, a real
+## OpenID provider (npm's oidc-provider on Node, pinned by its package-lock.json) and Debian's
+## Chromium for the console's browser tests (Playwright drives it; it never downloads a browser).
 test: install-test oidc-provider
 	scripts/ensure-postgres
+	scripts/ensure-chromium
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 OIDC_PROVIDER := tests/support/oidc_provider

@@ -37,6 +37,7 @@ from broker.approvals.signals import ApprovalSignals
 from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.service import append, ensure_head, last_policy_loaded, lock_head
 from broker.config import Settings
+from broker.console import app as console
 from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
                                      broker.settings.human_token_hashes())
         app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
+        console.start(app, broker)
         _COLLECTOR.broker = broker
         record_policy_loaded(broker, "start")
 
@@ -150,6 +152,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
                                      broker.settings.human_token_hashes())
         app.state.rate_limiter = RateLimiter()
+        console.start(app, broker)
 
     @app.exception_handler(BrokerError)
     async def broker_error(_: Request, exc: BrokerError) -> JSONResponse:
@@ -187,6 +190,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
                    webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router):
         app.include_router(router)
+    console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(RequestGuard)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id and a log line
 

@@ -94,6 +94,29 @@ class Settings(BaseSettings):
     # (Keycloak, oidc-provider); unset for those that pick it by scope (Okta, Entra ID).
     oidc_cli_resource: str | None = None
 
+    # --- the approver's console (/console/) ----------------------------------------------------
+    # Where people reach the broker: approval links in notifications, the console's OIDC
+    # redirect URI ({public_url}/console/auth/callback), and whether its cookie is Secure (it is,
+    # unless this is plain http on loopback). Unset: BROKER_ISSUER.
+    public_url: str | None = None
+    # The confidential web client registered at the IdP for the console's authorization code +
+    # PKCE sign-in (redirect URI above). Unset: the console offers no IdP sign-in.
+    console_oidc_client_id: str | None = None
+    console_oidc_client_secret: SecretStr | None = None
+    # No offline_access: the console keeps no IdP token; it signs the person in for a bounded
+    # time and forgets the tokens.
+    console_oidc_scope: str = "openid email groups"
+    # RFC 8707 resource indicator, for IdPs that pick the access token's audience by it
+    # (Keycloak, oidc-provider); unset for those that pick it by scope (Okta, Entra ID).
+    console_oidc_resource: str | None = None
+    # A console sign-in lasts at most a working day, and ends after an hour without a request:
+    # an unattended laptop stops approving things on its own.
+    console_session_ttl_seconds: int = Field(default=8 * 3600, ge=300, le=7 * 86400)
+    console_idle_seconds: int = Field(default=3600, ge=60, le=86400)
+    # The link a card shows for a task that names a repository and an issue (task_id
+    # "owner/repo#42", or labels repository + issue_number); labels task_url/issue_url win.
+    console_issue_url_template: str = "https://github.com/{repository}/issues/{issue}"
+
     # --- lifecycle ---------------------------------------------------------------------------
     # A task that runs longer than a working day should ask again.
     session_max_ttl_seconds: int = Field(default=86400, ge=60)
@@ -228,6 +251,10 @@ class Settings(BaseSettings):
                               "receivers could not tell the broker's pushes from anyone else's")
         return urls
 
+    def public_base_url(self) -> str:
+        """Where people reach the broker, without a trailing slash."""
+        return (self.public_url or self.issuer).rstrip("/")
+
     def webhook_secret_list(self) -> list[bytes]:
         raw = self.webhook_secrets.get_secret_value() if self.webhook_secrets else ""
         return [s.strip().encode() for s in raw.split(",") if s.strip()]
@@ -255,3 +282,15 @@ class Settings(BaseSettings):
         self.oidc_config()
         self.human_token_hashes()
         self.approval_webhook_url_list()
+        self.check_console()
+
+    def check_console(self) -> None:
+        """The console's settings agree with each other (also checked for the embedded default)."""
+        if not self.public_base_url().startswith(("https://", "http://")):
+            raise ConfigError("BROKER_PUBLIC_URL must be an http(s) URL: where people reach the broker")
+        if self.console_oidc_client_id and not self.oidc_issuer:
+            raise ConfigError("BROKER_CONSOLE_OIDC_CLIENT_ID is set but BROKER_OIDC_ISSUER is not: the console signs "
+                              "people in at the IdP that proves them to the API")
+        if self.console_oidc_client_id and self.console_oidc_client_secret is None:
+            raise ConfigError("BROKER_CONSOLE_OIDC_CLIENT_SECRET is required with BROKER_CONSOLE_OIDC_CLIENT_ID: the "
+                              "console is a confidential web client")

@@ -117,6 +117,7 @@ def configure_logging(level: str = "info", format: LogFormat | str = "text", *,
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+        logger.setLevel(logging.NOTSET)  # follow the root's level (an earlier uvicorn.Config may have set one)
     return handler
 
 

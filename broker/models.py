@@ -221,3 +221,20 @@ class WebhookDelivery(SQLModel, table=True):
 
     event_id: str = Field(primary_key=True, max_length=128)
     received_at: datetime = _ts(index=True)
+
+
+class BrowserSession(SQLModel, table=True):
+    """A browser signed in to the console (or on its way to sign in). The cookie holds only a
+    random id; this row is keyed by its SHA-256, so a copy of the table opens no browser."""
+
+    __tablename__ = "browser_sessions"
+
+    id_hash: str = Field(primary_key=True, max_length=64)
+    principal: str | None = Field(default=None, max_length=320)  # lowercased email once signed in
+    groups: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # the IdP's, at sign-in
+    via: str | None = Field(default=None, max_length=16)  # oidc | local-token
+    csrf_token: str = Field(max_length=64)  # the synchronizer token every form of this browser carries
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))  # OAuth state, flash
+    created_at: datetime = _ts()
+    last_seen_at: datetime = _ts()
+    expires_at: datetime = _ts(index=True)

@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.support.github_standin",
     "tests.support.git_server",
     "tests.support.oidc",
+    "tests.support.browser",
 ]

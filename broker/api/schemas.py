@@ -131,6 +131,14 @@ class ApprovalVote(BaseModel):
     decided_at: Timestamp
 
 
+class HeldCapability(BaseModel):
+    capability_id: str
+    resource: str
+    access: str
+    tier: str
+    expires_at: Timestamp
+
+
 class ApprovalView(BaseModel):
     approval_id: str
     status: Literal["pending", "approved", "denied", "expired", "used"]
@@ -138,6 +146,8 @@ class ApprovalView(BaseModel):
     human: str | None
     agent: str | None
     task_id: str | None
+    repository: str | None = Field(default=None, description="the session's repository, as the orchestrator named it")
+    labels: dict[str, str] = Field(default_factory=dict, description="the session's labels (task links, issue numbers)")
     resource: str
     access: str
     tier: str
@@ -160,6 +170,13 @@ class ApprovalView(BaseModel):
     used_at: Timestamp | None
     you_may_approve: bool | None = Field(default=None, description="humans only: whether you may approve it now")
     why_not: str | None = None
+    you_may_deny: bool | None = Field(default=None, description="humans only: whether you may deny it now")
+    why_not_deny: str | None = None
+    held: list[HeldCapability] = Field(default_factory=list,
+                                       description="the session's live capabilities: what an approval would add to")
+    policy_decision: dict[str, Any] | None = Field(
+        default=None, description="the decision that asked for approval: reason, matched_rule (and matched_line while "
+                                  "that policy is in force), policy_version")
 
 
 class ApprovalDecide(Strict):

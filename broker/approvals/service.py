@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func
 from sqlmodel import Session, col, or_, select
 
 from broker.approvals import outbox
@@ -33,9 +32,11 @@ from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import BrokerError, Conflict, Denied, Forbidden, InvalidRequest, NotFound
+from broker.identity.access import human_is
 from broker.identity.callers import Caller
+from broker.identity.principals import canonical_human
 from broker.metrics import APPROVALS_OPENED, observe_approval_outcome
-from broker.models import Approval, ApprovalDecision, SessionRow
+from broker.models import Approval, ApprovalDecision, AuditRecord, Lease, SessionRow
 from broker.permissions.service import needs_live_answer
 from broker.policy import (
     CompiledPolicy,
@@ -99,7 +100,7 @@ def effective_status(approval: Approval, session: SessionRow | None, now: dateti
 
 
 def _is_delegator(caller: Caller, session: SessionRow) -> bool:
-    return caller.kind == "human" and caller.name == session.human.lower()
+    return caller.kind == "human" and canonical_human(caller.name) == canonical_human(session.human)
 
 
 def _named(policy: CompiledPolicy, approval: Approval, caller: Caller) -> str | None:
@@ -155,6 +156,48 @@ def approve_refusal(policy: CompiledPolicy, caller: Caller, approval: Approval, 
     return None
 
 
+def deny_refusal(policy: CompiledPolicy, caller: Caller, approval: Approval, session: SessionRow) -> BrokerError | None:
+    """Why this caller may not deny (None: they may). The delegating human always may (it is their
+    authority being lent); a named approver may even without holding the access themselves."""
+    if caller.kind == "human" and _is_delegator(caller, session):
+        return None
+    refusal = approve_refusal(policy, caller, approval, session, ask_live=False)  # holding it is not needed to deny
+    if refusal is not None and refusal.code in ("self-approval-forbidden", "approver-lacks-permission"):
+        return None
+    return refusal
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an approver needs beside the approval itself: the session's live capabilities (the
+    escalation chain) and the decision that asked for approval (reason, rule, policy version)."""
+
+    held: list[Lease]
+    decision: dict[str, Any] | None
+
+
+def _contexts(db: Session, policy: CompiledPolicy, approvals: list[Approval], now: datetime) -> dict[str, Context]:
+    session_ids = sorted({a.session_id for a in approvals})
+    held: dict[str, list[Lease]] = {s: [] for s in session_ids}
+    decisions: dict[str, dict[str, Any]] = {}
+    if session_ids:
+        for lease in db.exec(select(Lease).where(col(Lease.session_id).in_(session_ids), Lease.status == "active",
+                                                 col(Lease.expires_at) > now).order_by(col(Lease.created_at))).all():
+            held[lease.session_id].append(lease)
+        # The pending record of each request holds the decision that asked for approval.
+        for row in db.exec(select(AuditRecord).where(col(AuditRecord.session_id).in_(session_ids),
+                                                     AuditRecord.type == "capability.pending")).all():
+            record = json.loads(row.record)
+            approval_id = (record.get("jit_grant") or {}).get("approval_id")
+            if approval_id and record.get("policy_decision"):
+                decision = dict(record["policy_decision"])
+                rule = decision.get("matched_rule")
+                if rule and decision.get("policy_version") == policy.version:
+                    decision["matched_line"] = policy.line_of(rule)
+                decisions[approval_id] = decision
+    return {a.id: Context(held[a.session_id], decisions.get(a.id)) for a in approvals}
+
+
 def _decisions(db: Session, approval_ids: list[str]) -> dict[str, list[ApprovalDecision]]:
     out: dict[str, list[ApprovalDecision]] = {i: [] for i in approval_ids}
     if approval_ids:
@@ -166,7 +209,8 @@ def _decisions(db: Session, approval_ids: list[str]) -> dict[str, list[ApprovalD
 
 
 def view(approval: Approval, session: SessionRow | None, decisions: list[ApprovalDecision], now: datetime,
-         *, policy: CompiledPolicy | None = None, caller: Caller | None = None) -> dict[str, Any]:
+         *, policy: CompiledPolicy | None = None, caller: Caller | None = None,
+         context: Context | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "approval_id": approval.id,
         "status": effective_status(approval, session, now),
@@ -174,6 +218,8 @@ def view(approval: Approval, session: SessionRow | None, decisions: list[Approva
         "human": session.human if session else approval.human,
         "agent": session.agent if session else None,
         "task_id": session.task_id if session else None,
+        "repository": session.repository if session else None,
+        "labels": dict(session.labels) if session else {},
         "resource": approval.resource,
         "access": approval.access,
         "tier": approval.tier,
@@ -196,11 +242,18 @@ def view(approval: Approval, session: SessionRow | None, decisions: list[Approva
         "capability_id": approval.capability_id,
         "used_at": approval.used_at,
     }
+    if context is not None:
+        body["held"] = [{"capability_id": lease.id, "resource": lease.resource, "access": lease.access,
+                         "tier": lease.tier, "expires_at": lease.expires_at} for lease in context.held]
+        body["policy_decision"] = context.decision
     if policy is not None and caller is not None and caller.kind == "human" and session is not None:
         refusal = approve_refusal(policy, caller, approval, session, ask_live=False)
         voted = any(d.approver == caller.name for d in decisions)
         body["you_may_approve"] = refusal is None and not voted and body["status"] == "pending"
         body["why_not"] = ("you already decided" if voted else refusal.message if refusal else None)
+        deny = deny_refusal(policy, caller, approval, session)
+        body["you_may_deny"] = deny is None and not voted and body["status"] == "pending"
+        body["why_not_deny"] = ("you already decided" if voted else deny.message if deny else None)
     return body
 
 
@@ -216,8 +269,15 @@ def _event(approval: Approval, session: SessionRow, type_: str, outcome: str, ac
     )
 
 
-def notification(approval: Approval, session: SessionRow, decisions: list[ApprovalDecision], now: datetime) -> dict[str, Any]:
-    return {"approval": json.loads(json.dumps(view(approval, session, decisions, now), default=_iso_default))}
+def console_url(broker: Broker, approval_id: str) -> str:
+    """The approval's card in the console: what a notification links to."""
+    return f"{broker.settings.public_base_url()}/console/approvals/{approval_id}"
+
+
+def notification(broker: Broker, approval: Approval, session: SessionRow, decisions: list[ApprovalDecision],
+                 now: datetime) -> dict[str, Any]:
+    return {"approval": json.loads(json.dumps(view(approval, session, decisions, now), default=_iso_default)),
+            "url": console_url(broker, approval.id)}
 
 
 def _iso_default(value: Any) -> Any:
@@ -262,7 +322,7 @@ def open_request(db: Session, broker: Broker, session: SessionRow, binding: Bind
     )
     db.add(approval)
     APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
-    outbox.enqueue(db, broker, "approval.requested", notification(approval, session, [], now), now)
+    outbox.enqueue(db, broker, "approval.requested", notification(broker, approval, session, [], now), now)
     return approval, True
 
 
@@ -304,7 +364,8 @@ def get(broker: Broker, caller: Caller, approval_id: str) -> dict[str, Any]:
         session = db.get(SessionRow, approval.session_id) if approval else None
         if approval is None or session is None or not may_read(policy, caller, approval, session):
             raise NotFound("no such approval", code="approval-not-found")
-        return view(approval, session, _decisions(db, [approval.id])[approval.id], now, policy=policy, caller=caller)
+        return view(approval, session, _decisions(db, [approval.id])[approval.id], now, policy=policy, caller=caller,
+                    context=_contexts(db, policy, [approval], now)[approval.id])
 
 
 def list_for(broker: Broker, caller: Caller, status: str | None, limit: int) -> list[dict[str, Any]]:
@@ -322,7 +383,7 @@ def list_for(broker: Broker, caller: Caller, status: str | None, limit: int) -> 
             # Their own sessions, and what a tier names them for (checked exactly below).
             tiers = [t for t in policy.tiers if named_approver(policy, approval_rule(policy, t).approvers,
                                                                caller.name, caller.groups)]
-            stmt = stmt.where(or_(func.lower(SessionRow.human) == caller.name, col(Approval.tier).in_(tiers)))
+            stmt = stmt.where(or_(human_is(caller.name), col(Approval.tier).in_(tiers)))
         if status == "pending" or status == "approved":
             stmt = stmt.where(Approval.status == status, col(Approval.expires_at) > now,
                               SessionRow.status == "active")
@@ -335,7 +396,8 @@ def list_for(broker: Broker, caller: Caller, status: str | None, limit: int) -> 
         rows = [(a, s) for a, s in db.exec(stmt.order_by(col(Approval.created_at).desc()).limit(limit)).all()
                 if may_read(policy, caller, a, s)]
         decisions = _decisions(db, [a.id for a, _ in rows])
-        return [view(a, s, decisions[a.id], now, policy=policy, caller=caller) for a, s in rows]
+        contexts = _contexts(db, policy, [a for a, _ in rows], now)
+        return [view(a, s, decisions[a.id], now, policy=policy, caller=caller, context=contexts[a.id]) for a, s in rows]
 
 
 def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reason: str | None) -> dict[str, Any]:
@@ -366,11 +428,10 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
         if any(v.approver == caller.name for v in votes):
             raise Conflict("you already decided this approval; another approver must add theirs",
                            code="already-decided")
-        if decision == "approve" or not _is_delegator(caller, session):
-            refusal = approve_refusal(policy, caller, approval, session, live, ask_live=decision == "approve")
-            if refusal is not None and not (decision == "deny" and refusal.code in ("self-approval-forbidden",
-                                                                                     "approver-lacks-permission")):
-                raise refusal
+        refusal = (approve_refusal(policy, caller, approval, session, live, ask_live=True) if decision == "approve"
+                   else deny_refusal(policy, caller, approval, session))
+        if refusal is not None:
+            raise refusal
         vote = ApprovalDecision(approval_id=approval.id, approver=caller.name, decision=decision,
                                 reason=reason, decided_at=now)
         db.add(vote)
@@ -381,6 +442,9 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
             approval.status, outcome = "denied", "denied"
         elif approvals >= required:
             approval.status, outcome = "approved", "approved"
+            # The agent gets a full window to use it from now (never past its session).
+            approval.expires_at = min(now + timedelta(seconds=broker.settings.approval_ttl_seconds),
+                                      session.expires_at)
         else:
             outcome = "approval_recorded"
         if approval.status != "pending":
@@ -392,5 +456,6 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
             "approvals": approvals, "required": required, "request_hash": approval.request_hash,
         }))
         if approval.status != "pending":
-            outbox.enqueue(db, broker, "approval.decided", notification(approval, session, votes, now), now)
-        return view(approval, session, votes, now, policy=policy, caller=caller)
+            outbox.enqueue(db, broker, "approval.decided", notification(broker, approval, session, votes, now), now)
+        return view(approval, session, votes, now, policy=policy, caller=caller,
+                    context=_contexts(db, policy, [approval], now)[approval.id])

@@ -44,3 +44,14 @@ class ApprovalSignals:
 
     def waiting(self) -> int:
         return sum(len(v) for v in self._events.values())
+
+
+def announce_decision(app_state: object, approval_id: str) -> None:
+    """After a decision (REST API or console alike): wake this process's long polls on it, and
+    push the notifications it enqueued now rather than at the outbox's next tick."""
+    signals = getattr(app_state, "approval_signals", None)
+    if signals is not None:
+        signals.notify(approval_id)
+    outbox = getattr(app_state, "outbox", None)
+    if outbox is not None:
+        outbox.wake()

@@ -4,7 +4,7 @@ Every record carries the same fields, whatever its type: `type`, `outcome`, `act
 caused it: `agent:<name>`, `orchestrator:<name>`, `admin:admin`, `broker:sweeper`, ...),
 `human_principal`, `agent {id, session_id, task_id}`, `request {tool, operation, resource,
 access, tier, parameters, purpose, reason}`, `policy_decision {result, reason, matched_rule,
-policy_version, human_permission, shadow, approval, grant, rule_name}` or null, `jit_grant {status,
+policy_version, human_permission, shadow, approval, grant, rule_name, layer}` or null, `jit_grant {status,
 ttl_seconds, capability_id, provider, expires_at, credential_fingerprint, approval_id, attempts,
 grant_id, uses}` or null, and `detail` (an object,
 possibly empty) for what only that type has. A field that does not apply is null, never
@@ -60,6 +60,7 @@ class DecisionRef:
     approval: dict[str, Any] | None = None  # the approval redeemed: approval_id, approved_by, request_hash
     grant: dict[str, Any] | None = None  # the pre-approval (broker-cli grant) used: grant_id, granted_by
     rule_name: str | None = None  # the tool-call gate's rule, by name
+    layer: str | None = None  # which of the intersection's layers said no (or asked); null when allowed
 
     @classmethod
     def of(cls, decision: Decision, shadow: Decision | None = None, *, approval: dict[str, Any] | None = None,
@@ -70,7 +71,8 @@ class DecisionRef:
             None if shadow is None else {"result": shadow.result, "reason": shadow.reason,
                                          "matched_rule": shadow.matched_rule,
                                          "policy_version": shadow.policy_version},
-            approval, grant,
+            approval, grant, None,
+            decision.deciding_layer() if decision.result != "allow" else None,
         )
 
 

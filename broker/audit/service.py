@@ -11,6 +11,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -120,6 +121,52 @@ def verify(db: Session) -> VerifyResult:
     return result
 
 
+@dataclass(frozen=True)
+class RecordCheck:
+    """One record's place in the chain: its hash recomputes, it links to its neighbours."""
+
+    seq: int
+    ok: bool
+    problem: str | None = None
+
+
+def check_records(db: Session, records: list[AuditRecord]) -> list[RecordCheck]:
+    """Check a few records (a session's) where they sit in the one chain: each record's hash
+    recomputes from its prev_hash and canonical body, its prev_hash is the hash of the record
+    before it (seq - 1), and the record after it (seq + 1) names its hash. Costs a lookup per
+    neighbour, not a walk of the whole log (`verify` is that, for admins and `audit verify`)."""
+    seqs = {r.seq for r in records}
+    neighbours = ({r.seq - 1 for r in records} | {r.seq + 1 for r in records}) - seqs
+    known = {r.seq: r for r in records}
+    if neighbours:
+        for row in db.exec(select(AuditRecord).where(col(AuditRecord.seq).in_(sorted(neighbours)))).all():
+            known[row.seq] = row
+    head = db.get(AuditHead, 1)
+    out = []
+    for r in sorted(records, key=lambda x: x.seq):
+        problem = None
+        try:
+            body = json.loads(r.record)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or canonical_json(body) != r.record:
+            problem = "the record is not canonical JSON"
+        elif chain_hash(r.prev_hash, r.record) != r.hash:
+            problem = "the hash does not match the record's content"
+        elif body.get("seq") != r.seq or (body.get("agent") or {}).get("session_id") != r.session_id:
+            problem = "the indexed columns do not match the hashed record"
+        elif r.seq == 1 and r.prev_hash != GENESIS:
+            problem = "the first record does not start the chain"
+        elif r.seq > 1 and (r.seq - 1 not in known or known[r.seq - 1].hash != r.prev_hash):
+            problem = f"prev_hash does not match record {r.seq - 1}"
+        elif r.seq + 1 in known and known[r.seq + 1].prev_hash != r.hash:
+            problem = f"record {r.seq + 1} does not name this record's hash"
+        elif r.seq + 1 not in known and not (head is not None and head.seq == r.seq and head.hash == r.hash):
+            problem = f"record {r.seq + 1} is missing, or the chain's head does not end at this record"
+        out.append(RecordCheck(r.seq, problem is None, problem))
+    return out
+
+
 def query(
     db: Session, *, session_id: str | None = None, since_seq: int = 0, limit: int = 100, types: list[str] | None = None
 ) -> list[AuditRecord]:
@@ -131,4 +178,4 @@ def query(
     return list(db.exec(stmt.order_by(col(AuditRecord.seq)).limit(limit)).all())
 
 
-__all__ = ["AuditEvent", "append", "ensure_head", "verify", "query", "iter_links"]
+__all__ = ["AuditEvent", "append", "ensure_head", "verify", "query", "iter_links", "check_records", "RecordCheck"]

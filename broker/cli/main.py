@@ -120,6 +120,7 @@ def dev(
             f"  admin token:        {state_dir}/admin-token\n"
             f"  orchestrator key:   {state_dir}/orchestrator-key\n"
             f"  human token:        {state_dir}/human-token (dev@example.com; `broker-cli approvals list`)\n"
+            f"  console:            http://127.0.0.1:{port}/console/ (sign in with the human token above)\n"
             f"  policy:             {settings.policy_file}\n"
             + (f"  OpenBao (dev):      {vault.addr}  root token {state_dir}/openbao-root-token\n" if vault else "")
             + devstack.helper_examples(f"http://127.0.0.1:{port}", vault)

@@ -39,20 +39,13 @@ def refusal(decision: Decision) -> BrokerError:
     body = decision.to_dict()
     if decision.reason == "budget-exceeded":
         return BudgetExceeded(f"denied: {decision.reason}", code=decision.reason, decision=body)
-    layer = _failing_layer(decision)
+    layer = decision.deciding_layer()
     if layer == "human_live" and decision.live is not None:
         # Name the live source and what it said: the file's grants allowed, the backend did not.
         said = decision.live.evidence.get("summary") or decision.live.verdict
         return Denied(f"denied by the live permission source {decision.live.source}: {decision.reason} ({said})",
                       code=decision.reason, decision=body)
     return Denied(f"denied by the {layer} layer: {decision.reason}", code=decision.reason, decision=body)
-
-
-def _failing_layer(decision: Decision) -> str:
-    for layer in decision.layers:
-        if layer.verdict == "deny":
-            return layer.layer
-    return "policy"
 
 
 def mint_failed_event(session: SessionRow, ask: CapabilityAsk, grant: Grant, provider: str, decision: DecisionRef,

@@ -118,6 +118,14 @@ class Decision:
     layers: tuple[LayerVerdict, ...] = field(default=())
     live: LivePermission | None = None  # the live source's answer this decision used, if any
 
+    def deciding_layer(self) -> str:
+        """Which of the intersection's layers said no (else which asked for approval)."""
+        for wanted in (DENY, APPROVAL):
+            for layer in self.layers:
+                if layer.verdict == wanted:
+                    return layer.layer
+        return "policy"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the shape of `policy explain` and of a 403's `decision`."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layers", "live")}

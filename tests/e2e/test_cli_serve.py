@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from tests.support.brokers import TEST_POLICY, BrokerSecrets
+from tests.support.console import ConsoleBrowser
 from tests.support.databases import libpq_url
 from tests.support.ports import free_port
 from tests.support.processes import BROKER_CLI, BrokerProcess
@@ -188,6 +189,12 @@ def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
         verify = subprocess.run([CLI, "audit", "verify"], env={**env, "BROKER_URL": url}, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60)
         assert verify.returncode == 0, verify.stdout + verify.stderr  # the CLI found the local admin token
+        # The console: `dev` names it, and the trial human signs in with the token it wrote.
+        assert f"{url}/console/" in log.read_text()
+        with ConsoleBrowser(url) as browser:
+            browser.sign_in_with_token((state / "human-token").read_text().strip())
+            sessions = browser.http.get("/console/sessions")
+            assert sessions.status_code == 200 and "dev@example.com" in sessions.text and "try-it" in sessions.text
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)

@@ -18,7 +18,7 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.brokers import STANDARD_TIERS, TEST_POLICY, Api, BrokerSecrets, LiveServer, build_broker
 from tests.support.openbao import VaultSetup
 from tests.support.processes import BROKER_CLI
 
@@ -138,3 +138,51 @@ def test_refused_capability_runs_nothing_and_revokes_what_was_granted(exec_broke
     missing = subprocess.run([BROKER_CLI, "exec", "-c", "jwt://payments-api=read", "--", str(tmp_path / "no-such-tool")],
                              env=environ(api, session), capture_output=True, text=True, timeout=120)
     assert missing.returncode == 127 and "command not found" in missing.stderr
+
+
+APPROVAL_POLICY = TEST_POLICY + """\
+groups:
+  maintainers:
+    members: [bob@example.com]
+    grants: [{resource: "jwt://payments-api", access: [deploy]}]
+"""
+
+
+def test_a_helper_waits_for_an_approval_when_told_to(tmp_path: Path) -> None:
+    """`deploy` is merge_deploy: approval first. Without BROKER_APPROVAL_WAIT the helper fails naming
+    the approval; with it, it long-polls the approval and goes on once a maintainer approves."""
+    secrets_ = BrokerSecrets()
+    broker = build_broker(tmp_path, f"sqlite:///{tmp_path}/broker.db", secrets_, APPROVAL_POLICY)
+    with LiveServer(broker) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+        api = Api(server.base_url, secrets_, broker, client)
+        session = api.new_session(scope=[{"resource": "jwt://payments-api", "access": ["deploy"]}])
+        out = tmp_path / "seen.json"
+        argv = [BROKER_CLI, "exec", "-c", "jwt://payments-api=deploy", "--", *child("", out)]
+        refused = subprocess.run(argv, env=environ(api, session), capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 125 and "needs approval apr_" in refused.stderr and "group:maintainers" in refused.stderr
+        assert not out.exists()
+
+        waiting = subprocess.Popen(argv, env={**environ(api, session), "BROKER_APPROVAL_WAIT": "120"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            bob = api.as_human("bob@example.com")
+            deadline = time.monotonic() + 60
+            while True:  # the helper's request has reached the broker and waits for a human
+                pending = client.get("/v1/approvals", params={"status": "pending"}, headers=bob).json()
+                if pending and waiting.poll() is None:
+                    break
+                assert waiting.poll() is None, waiting.communicate()
+                assert time.monotonic() < deadline, "no pending approval appeared"
+                time.sleep(0.1)
+            time.sleep(0.5)
+            assert waiting.poll() is None  # still waiting, not failed
+            for approval in pending:
+                r = client.post(f"/v1/approvals/{approval['approval_id']}/approve", headers=bob)
+                assert r.status_code == 200, r.text
+            assert waiting.wait(timeout=120) == 0, waiting.communicate()
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+        assert json.loads(out.read_text())["BROKER_TOKEN_PAYMENTS_API"]
+        caps = client.get("/v1/capabilities", params={"session_id": session["session_id"]}, headers=api.as_admin()).json()
+        assert [(c["access"], c["status"]) for c in caps] == [("deploy", "revoked")]

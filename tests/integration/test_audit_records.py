@@ -19,7 +19,7 @@ TOP = {"event_id", "seq", "timestamp", "type", "actor", "human_principal", "agen
 AGENT = {"id", "session_id", "task_id"}
 REQUEST = {"operation", "tool", "resource", "access", "tier", "parameters", "purpose", "reason"}
 DECISION = {"result", "reason", "matched_rule", "policy_version", "human_permission", "shadow", "approval", "grant",
-            "rule_name"}
+            "rule_name", "layer"}
 GRANT = {"status", "ttl_seconds", "capability_id", "provider", "expires_at", "credential_fingerprint", "approval_id",
          "attempts", "grant_id", "uses"}
 

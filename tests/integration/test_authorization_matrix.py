@@ -148,11 +148,14 @@ CASES = [
          body=lambda w: {"session_id": w.session, "resource": "jwt://payments-api", "access": "deploy"}),
     Case("read audit", "GET", "/v1/audit?session_id={session}", _row(401, 403, 403, 200, 404, 200, 404, 404, 200)),
     Case("verify audit", "GET", "/v1/audit/verify", _row(401, 403, 403, 403, 403, 403, 403, 403, 200)),
+    Case("whoami", "GET", "/v1/whoami", _row(401, 200, 200, 200, 200, 200, 200, 200, 200)),
+    Case("tool-call gate", "POST", "/v1/hooks/pre-tool-use", _row(401, 200, 200, 403, 403, 403, 403, 403, 403),
+         body=lambda w: {"hook_event_name": "PreToolUse", "tool_name": "Read", "tool_input": {"file_path": "README.md"}}),
     Case("orchestrator webhook (unsigned)", "POST", "/v1/webhooks/orchestrator",
          _row(401, 401, 401, 401, 401, 401, 401, 401, 401),
          body=lambda w: {"id": secrets.token_hex(8), "type": "session.ended", "session_id": w.session}),
 ]
-PUBLIC = ["/healthz", "/readyz", "/.well-known/jwks.json", "/metrics"]
+PUBLIC = ["/healthz", "/readyz", "/.well-known/jwks.json", "/metrics", "/v1/login"]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

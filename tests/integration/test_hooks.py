@@ -22,7 +22,15 @@ from tests.support.processes import BROKER_CLI
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "hooks"
 # The test policy (claude-code may go up to merge_deploy) with the example policy's gate, as shipped.
 EXAMPLE = EXAMPLE_POLICY_PATH.read_text()
-POLICY = TEST_POLICY + EXAMPLE[EXAMPLE.index("\ntools:"):]
+# Maintainers approve merge_deploy tool calls: an approver must hold what they approve, here the
+# `merge_deploy` access on `tool://**` (what a tool approval is bound to).
+APPROVERS = """\
+groups:
+  maintainers:
+    members: [alice@example.com, bob@example.com]
+    grants: [{resource: "tool://**", access: [merge_deploy]}]
+"""
+POLICY = TEST_POLICY + APPROVERS + EXAMPLE[EXAMPLE.index("\ntools:"):]
 
 # fixture -> (decision, reason, tier)
 EXPECTED = {
@@ -104,24 +112,26 @@ def test_approval_is_opened_once_then_used_once(gate: Api) -> None:
     again = ask_gate(gate, session, push).json()["hookSpecificOutput"]
     assert again == first  # the same pending approval, not a second one
 
-    with Session(gate.broker.engine) as db:
-        approvals = db.exec(select(Approval).where(Approval.session_id == session["session_id"])).all()
-        assert len(approvals) == 1
-        approval = approvals[0]
-        assert approval.id in first["permissionDecisionReason"]
-        assert (approval.resource, approval.access, approval.tool, approval.status) == (
-            "tool://Bash", "merge_deploy", "Bash", "pending")
-        assert approval.parameters == {"tool_name": "Bash", "tool_input": push["tool_input"]}  # what approvers see
-        assert approval.approvers == ["group:maintainers"] and approval.reason == "approval-required"
-        # A maintainer approves (the approvals API is another issue's; its effect is this row).
-        approval.status, approval.decided_by = "approved", "alice@example.com"
-        db.add(approval)
-        db.commit()
+    pending = gate.client.get("/v1/approvals", params={"status": "pending"}, headers=gate.as_human("bob@example.com")).json()
+    assert len(pending) == 1
+    approval = pending[0]
+    assert approval["approval_id"] in first["permissionDecisionReason"]
+    assert (approval["resource"], approval["access"], approval["tool"]) == ("tool://Bash", "merge_deploy", "Bash")
+    assert approval["parameters"] == {"tool_name": "Bash", "tool_input": push["tool_input"]}  # what approvers see
+    assert approval["approvers"] == ["group:maintainers"] and approval["reason"] == "approval-required"
+
+    decide = f"/v1/approvals/{approval['approval_id']}/approve"
+    own = gate.client.post(decide, headers=gate.as_human("alice@example.com"))  # the delegator
+    assert own.status_code == 403 and own.json()["error"]["code"] == "self-approval-forbidden"
+    stranger = gate.client.post(decide, headers=gate.as_human("carol@example.com"))
+    assert stranger.status_code == 404  # not theirs to see, let alone decide
+    approved = gate.client.post(decide, headers=gate.as_human("bob@example.com"))
+    assert approved.status_code == 200, approved.text
 
     other = {**push, "tool_input": {"command": "git push origin main --tags"}}
     assert ask_gate(gate, session, other).json()["hookSpecificOutput"]["permissionDecision"] == "ask"  # another call
     allowed = ask_gate(gate, session, push).json()["hookSpecificOutput"]
-    assert allowed["permissionDecision"] == "allow" and "alice@example.com" in allowed["permissionDecisionReason"]
+    assert allowed["permissionDecision"] == "allow" and "bob@example.com" in allowed["permissionDecisionReason"]
     assert ask_gate(gate, session, push).json()["hookSpecificOutput"]["permissionDecision"] == "ask"  # single use
     with Session(gate.broker.engine) as db:
         statuses = sorted(a.status for a in db.exec(select(Approval).where(Approval.session_id == session["session_id"])))

@@ -191,6 +191,28 @@ def test_client_credentials_orchestrator_provisions_a_session_the_agent_uses(
         assert r.status_code == 201, r.text
 
 
+def test_signed_in_people_see_their_own_sessions_only(oidc_provider: OidcProvider, oidc_broker: OidcBroker) -> None:
+    """The delegating human (by her IdP token, whose email differs in case from the session's)
+    reads and ends her own session; another signed-in person cannot even learn it exists, and a
+    second orchestrator client is not the one that provisioned it."""
+    orchestrator = {"Authorization": f"Bearer {oidc_provider.client_credentials(ORCHESTRATOR_CLIENT_ID)}"}
+    r = oidc_broker.client.post("/v1/sessions", headers=orchestrator, json={
+        "human": "alice@example.com", "agent": "claude-code", "task_id": "own-1", "ttl_seconds": 600,
+        "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    alice = {"Authorization": f"Bearer {oidc_provider.device_login('alice')['access_token']}"}
+    bob = {"Authorization": f"Bearer {oidc_provider.device_login('bob')['access_token']}"}
+    other_orchestrator = {"Authorization": f"Bearer {oidc_broker.secrets.orchestrator_key}"}  # "orch", by API key
+    assert oidc_broker.client.get(f"/v1/sessions/{sid}", headers=alice).status_code == 200
+    assert [x["session_id"] for x in oidc_broker.client.get("/v1/sessions", headers=alice).json()] == [sid]
+    for stranger in (bob, other_orchestrator):
+        assert oidc_broker.client.get(f"/v1/sessions/{sid}", headers=stranger).status_code == 404
+        assert oidc_broker.client.post(f"/v1/sessions/{sid}/end", headers=stranger).status_code == 404
+        assert sid not in json.dumps(oidc_broker.client.get("/v1/sessions", headers=stranger).json())
+    assert oidc_broker.client.post(f"/v1/sessions/{sid}/end", headers=alice).status_code == 200
+
+
 def test_client_not_mapped_to_an_orchestrator_is_nobody(oidc_provider: OidcProvider, oidc_broker: OidcBroker) -> None:
     token = oidc_provider.client_credentials(UNMAPPED_CLIENT_ID)
     r = oidc_broker.whoami(token)

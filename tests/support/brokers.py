@@ -112,9 +112,10 @@ def build_broker(directory: Path, database_url: str, secrets_: BrokerSecrets, po
 class LiveServer:
     """uvicorn in a thread: real HTTP, real lifespan (sweeper included when asked)."""
 
-    def __init__(self, broker: Broker, *, sweeper: bool = False, outbox: bool | None = None) -> None:
+    def __init__(self, broker: Broker, *, sweeper: bool = False, outbox: bool | None = None,
+                 port: int | None = None) -> None:
         self.broker = broker
-        self.port = free_port()
+        self.port = port or free_port()  # given when the broker's settings must name it (BROKER_PUBLIC_URL)
         self.base_url = f"http://127.0.0.1:{self.port}"
         app = create_app(broker=broker, sweeper=sweeper, outbox=outbox)
         self.app = app

@@ -70,6 +70,9 @@ class SigningKey:
 
     def private_jwk(self) -> dict[str, Any]:
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private))
+        # PyJWT marks a private JWK key_ops ["sign"], which the provider would publish with the
+        # public half; strict clients (joserfc, under authlib) then refuse to verify with it.
+        jwk.pop("key_ops", None)
         return {**jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}
 
     def sign(self, claims: dict[str, Any], **headers: Any) -> str:
@@ -105,6 +108,7 @@ class OidcProvider:
         self.key = key or SigningKey()
         self.orchestrator_secret = "orch-" + secrets.token_urlsafe(24)
         self.unmapped_secret = "rep-" + secrets.token_urlsafe(24)
+        self.registration_token = "reg-" + secrets.token_urlsafe(24)
         self.access_token_ttl = access_token_ttl
         self.proc: subprocess.Popen[bytes] | None = None
         self.issuer = ""
@@ -122,6 +126,7 @@ class OidcProvider:
                 OTHER_AUDIENCE: {"audience": OTHER_AUDIENCE, "scope": "other", "ttl": self.access_token_ttl},
             },
             "accounts": ACCOUNTS,
+            "registration_token": self.registration_token,
             "clients": [
                 {"client_id": CLI_CLIENT_ID, "token_endpoint_auth_method": "none",
                  "grant_types": [DEVICE_GRANT, "refresh_token"], **no_browser},
@@ -179,6 +184,18 @@ class OidcProvider:
                        auth=(client_id, secret), timeout=10)
         assert r.status_code == 200, r.text
         return str(r.json()["access_token"])
+
+    def register_web_client(self, redirect_uri: str) -> tuple[str, str]:
+        """A confidential web client for the broker's console (authorization code, PKCE required
+        by the provider), registered by RFC 7591 once the broker's redirect URI is known.
+        Returns (client_id, client_secret)."""
+        r = httpx.post(self.issuer + "/reg", headers={"Authorization": f"Bearer {self.registration_token}"}, timeout=10,
+                       json={"client_name": "jit-broker console", "redirect_uris": [redirect_uri],
+                             "grant_types": ["authorization_code"], "response_types": ["code"],
+                             "token_endpoint_auth_method": "client_secret_basic", "application_type": "web"})
+        assert r.status_code == 201, r.text
+        body = r.json()
+        return str(body["client_id"]), str(body["client_secret"])
 
     def start_device_authorization(self, scope: str = CLI_SCOPE) -> dict[str, Any]:
         r = httpx.post(self.issuer + "/device/auth", data={"client_id": CLI_CLIENT_ID, "scope": scope}, timeout=10)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from broker.api.deps import AnyCaller, BrokerDep
 from broker.api.schemas import ApprovalDecide, ApprovalView, error_responses
 from broker.approvals import service
-from broker.approvals.signals import ApprovalSignals
+from broker.approvals.signals import ApprovalSignals, announce_decision
 
 router = APIRouter(prefix="/v1/approvals", tags=["approvals"])
 ERRORS = error_responses(400, 401, 403, 404, 409, 422)
@@ -20,13 +20,6 @@ ERRORS = error_responses(400, 401, 403, 404, 409, 422)
 def _signals(request: Request) -> ApprovalSignals:
     signals: ApprovalSignals = request.app.state.approval_signals
     return signals
-
-
-def _woke(request: Request) -> None:
-    """A decision may have enqueued notifications: push them now rather than at the next tick."""
-    outbox = getattr(request.app.state, "outbox", None)
-    if outbox is not None:
-        outbox.wake()
 
 
 @router.get("", response_model=list[ApprovalView], responses=ERRORS)
@@ -63,8 +56,7 @@ async def get_approval(
 def _decide(approval_id: str, verdict: str, request: Request, broker: BrokerDep, caller: AnyCaller,
             body: ApprovalDecide | None) -> ApprovalView:
     result = service.decide(broker, caller, approval_id, verdict, body.reason if body else None)
-    _signals(request).notify(approval_id)
-    _woke(request)
+    announce_decision(request.app.state, approval_id)
     return ApprovalView.model_validate(result)
 
 

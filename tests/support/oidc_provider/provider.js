@@ -12,6 +12,9 @@
 //   accounts     {login: {email, email_verified, groups}}: who may sign in (any password)
 //   clients      oidc-provider client metadata (the CLI's public device-flow client, the
 //                orchestrators' client-credentials clients)
+//   registration_token  the initial access token for dynamic client registration (RFC 7591,
+//                POST /reg): a test registers the console's web client (authorization code,
+//                PKCE required) once it knows the broker's port, i.e. its redirect URI
 //
 // Prints one JSON line {"issuer": ...} on stdout once it listens. GET /__stats answers how
 // often the JWKS was fetched, so tests can count the broker's refreshes.
@@ -73,6 +76,7 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
       deviceFlow: { enabled: true },
       clientCredentials: { enabled: true },
       revocation: { enabled: true },
+      registration: { enabled: Boolean(config.registration_token), initialAccessToken: config.registration_token },
       resourceIndicators: {
         enabled: true,
         // The CLI does not have to name the broker: its tokens are for the first resource.
@@ -109,7 +113,8 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
       Interaction: 600,
       Session: 86400,
     },
-    pkce: { required: () => false },
+    // Authorization code clients (the broker's console) must use PKCE; the device flow has none.
+    pkce: { required: (_ctx, client) => client.grantTypes.includes('authorization_code') },
     cookies: { keys: ['jit-broker-test-only-cookie-key'] },
   });
   provider.proxy = false;

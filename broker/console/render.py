@@ -1,0 +1,76 @@
+"""Rendering console pages: one Jinja2 environment (autoescaped), the context every page gets."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import HTMLResponse
+from starlette.requests import Request
+from starlette.templating import Jinja2Templates
+
+from broker.console.browser import browser_of
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+    if not isinstance(value, datetime):
+        return ""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(value or "")
+
+
+def duration(seconds: float | int | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    if seconds <= 0:
+        return "0 s"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    return f"{secs} s"
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
+TEMPLATES.env.filters["when"] = _when
+TEMPLATES.env.filters["iso"] = _iso
+TEMPLATES.env.filters["duration"] = duration
+TEMPLATES.env.filters["pretty"] = _pretty
+
+
+def render(request: Request, template: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
+    browser = browser_of(request)
+    caller = browser.caller()
+    base = {"me": caller.name if caller else None, "groups": sorted(caller.groups) if caller else [],
+            "csrf_token": browser.csrf_token, "flashes": browser.take_flashes() if caller else [],
+            "path": request.url.path}
+    return TEMPLATES.TemplateResponse(request, template, {**base, **context}, status_code=status_code)
+
+
+def render_error(request: Request, status_code: int, code: str, message: str) -> HTMLResponse:
+    return render(request, "error.html", {"status": status_code, "code": code, "message": message},
+                  status_code=status_code)
