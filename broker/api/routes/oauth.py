@@ -13,8 +13,8 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from broker.api.deps import AnyCaller, BrokerDep
-from broker.errors import BrokerError
+from broker.api.deps import BrokerDep, get_caller
+from broker.errors import BrokerError, Unauthenticated
 from broker.oauth import exchange, form, metadata
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.oauth.revoke import TOKEN_TYPE_HINTS, revoke_token
@@ -26,7 +26,10 @@ OAUTH_ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
     "properties": {
-        "error": {"type": "string"},
+        # An RFC 6749 error name; a request refused at the boundary before the OAuth layer (NUL byte,
+        # body too large) carries the broker's usual {"code", "message"} object instead.
+        "error": {"anyOf": [{"type": "string"}, {"type": "object", "required": ["code", "message"], "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"}}}]},
         "error_description": {"type": "string"},
         "code": {"type": "string", "description": "the broker's kebab-case reason"},
         "approval_id": {"type": "string"},
@@ -103,8 +106,18 @@ async def token(
                        "token_type_hint": {"type": "string", "maxLength": 64}},
     }}}}},
 )
-async def revoke(request: Request, broker: BrokerDep, caller: AnyCaller) -> JSONResponse:
+async def revoke(
+    request: Request, broker: BrokerDep,
+    authorization: Annotated[str | None, Header(description="Bearer: the session's agent, its human, "
+                                                "its orchestrator or an admin (as DELETE on the capability)")] = None,
+) -> JSONResponse:
     try:
+        try:
+            caller = await get_caller(request, authorization)
+        except Unauthenticated as exc:
+            raise OAuthError("invalid_client", exc.message, code=exc.code, status=401, headers={
+                "WWW-Authenticate": metadata.www_authenticate(
+                    broker, error=None if exc.code == "missing-credentials" else "invalid_token")}) from None
         params = form.parse(await request.body(), request.headers.get("content-type", ""))
         token_value = form.one(params, "token", required=True)
         assert token_value is not None
