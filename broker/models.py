@@ -238,3 +238,12 @@ class BrowserSession(SQLModel, table=True):
     created_at: datetime = _ts()
     last_seen_at: datetime = _ts()
     expires_at: datetime = _ts(index=True)
+
+
+class DpopProofSeen(SQLModel, table=True):
+    """RFC 9449 replay protection: each DPoP proof's `jti` (hashed) is accepted once, until its window closes."""
+
+    __tablename__ = "dpop_proofs_seen"
+
+    jti_hash: str = Field(primary_key=True, max_length=64)
+    expires_at: datetime = _ts(index=True)

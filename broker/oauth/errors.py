@@ -32,6 +32,8 @@ def from_broker_error(exc: BrokerError) -> OAuthError:
         return OAuthError("invalid_grant", exc.message, code=exc.code, **details)
     if exc.code in TARGET_CODES:
         return OAuthError("invalid_target", exc.message, code=exc.code, **details)
+    if exc.code == "dpop-required":
+        return OAuthError("invalid_dpop_proof", exc.message, code=exc.code, **details)
     if exc.code in SCOPE_CODES:
         return OAuthError("invalid_scope", exc.message, code=exc.code, **details)
     if exc.status >= 500:

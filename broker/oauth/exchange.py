@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,7 @@ from broker.identity.oidc import unverified_issuer
 from broker.identity.ratelimit import RateLimiter
 from broker.ids import APPROVAL_ID_PATTERN
 from broker.leases.service import CapabilityAsk, request_capability
+from broker.oauth import dpop
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.oauth.form import one
 from broker.runtime import Broker
@@ -181,10 +183,22 @@ def _expires_in(expires_at: str) -> int:
     return max(0, math.floor((when - utcnow()).total_seconds()))
 
 
+def token_endpoint_url(broker: Broker) -> str:
+    return broker.settings.public_base_url() + "/v1/oauth/token"
+
+
 def exchange(request: Request, broker: Broker, params: dict[str, list[str]],
              idempotency_key: str | None) -> dict[str, Any]:
     subject, ask, _ = parse_ask(params)
     caller = agent_from_subject_token(request, broker, subject)
+    proofs = request.headers.getlist("dpop")
+    if len(proofs) > 1:
+        raise OAuthError("invalid_dpop_proof", "one DPoP header at most", code="invalid-dpop-proof")
+    if proofs:
+        # Checked after the subject token, so nobody spends proofs (or database rows) unauthenticated.
+        jkt = dpop.check_proof(proofs[0], method="POST", url=token_endpoint_url(broker),
+                               first_use=dpop.DatabaseReplayCache(broker.engine).first_use)
+        ask = replace(ask, confirmation_jkt=jkt)
     try:
         status, body = request_capability(broker, caller, ask, idempotency_key)
     except BrokerError as exc:
@@ -199,6 +213,8 @@ def exchange(request: Request, broker: Broker, params: dict[str, list[str]],
         raise from_broker_error(BrokerError(str(error.get("message", "refused")), code=str(error.get("code", "refused")),
                                             status=status if status >= 400 else 400))
     access_token, issued_type, token_type, extra = _issued(body["credential"])
+    if body["credential"].get("token_type") == "DPoP":
+        token_type = "DPoP"  # RFC 9449 section 5: the token is bound to the proof's key
     detail = {"type": DETAILS_TYPE, "resource": body["resource"], "access": body["access"],
               "capability_id": body["capability_id"], "tier": body["tier"], "provider": body["provider"],
               "expires_at": body["expires_at"], "purpose": ask.purpose}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker.errors import BrokerError, Forbidden
+from broker.oauth import dpop
 from broker.oauth.exchange import DETAILS_TYPE, GRANT_TYPE, SUBJECT_TOKEN_TYPES
 from broker.runtime import Broker
 
@@ -36,6 +37,7 @@ def authorization_server(broker: Broker) -> dict[str, Any]:
         "introspection_endpoint_auth_methods_supported": ["none"],
         "authorization_details_types_supported": [DETAILS_TYPE],
         "token_exchange_subject_token_types_supported": list(SUBJECT_TOKEN_TYPES),
+        "dpop_signing_alg_values_supported": list(dpop.ALGORITHMS),
     }
 
 
@@ -47,6 +49,7 @@ def protected_resource(broker: Broker) -> dict[str, Any]:
         "jwks_uri": f"{base}/.well-known/jwks.json",
         "bearer_methods_supported": ["header"],
         "resource_signing_alg_values_supported": ["EdDSA"],
+        "dpop_signing_alg_values_supported": list(dpop.ALGORITHMS),
     }
 
 
