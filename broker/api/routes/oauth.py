@@ -83,7 +83,11 @@ TOKEN_RESPONSE: dict[str, Any] = {
 async def token(
     request: Request, broker: BrokerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+    dpop_proof: Annotated[str | None, Header(alias="DPoP", max_length=8192,
+                                             description="RFC 9449 proof: binds a native token to its key")] = None,
 ) -> JSONResponse:
+    # The DPoP header is read from the request itself (several are an error, which a parameter would hide).
+    del dpop_proof
     try:
         params = form.parse(await request.body(), request.headers.get("content-type", ""),
                             repeatable=frozenset({"resource"}))
