@@ -65,7 +65,7 @@ class Lease(SQLModel, table=True):
     ended_at: datetime | None = _ts(default=None)
     handle: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # non-secret
     sealed_secret: str | None = Field(default=None, sa_column=Column(Text))  # AES-GCM, AD = id
-    fingerprint: str | None = Field(default=None, max_length=80)
+    fingerprint: str | None = Field(default=None, max_length=80, index=True)  # RFC 7009 finds provider tokens by it
     revoke_reason: str | None = Field(default=None, max_length=128)  # why it is being revoked
     revoke_attempts: int = 0
     next_attempt_at: datetime | None = _ts(default=None)

@@ -1,4 +1,4 @@
-"""dpop_proofs_seen: one-time DPoP proof ids (RFC 9449), kept until their acceptance window closes
+"""dpop_proofs_seen: one-time DPoP proof ids (RFC 9449), kept until their window closes; leases.fingerprint index
 
 Revision ID: 0006
 Revises: 0005
@@ -26,9 +26,14 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('dpop_proofs_seen', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_dpop_proofs_seen_expires_at'), ['expires_at'], unique=False)
+    # RFC 7009 revocation looks a provider token up by its fingerprint.
+    with op.batch_alter_table('leases', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_leases_fingerprint'), ['fingerprint'], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('leases', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_leases_fingerprint'))
     with op.batch_alter_table('dpop_proofs_seen', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_dpop_proofs_seen_expires_at'))
     op.drop_table('dpop_proofs_seen')

@@ -138,3 +138,11 @@ def test_401_and_403_carry_bearer_challenges(api: Api) -> None:
     # A policy denial is not about the token's privilege: no challenge.
     denied = api.request(session, {"resource": "jwt://payments-api", "access": "drop"})
     assert denied.status_code == 403 and "www-authenticate" not in denied.headers
+
+
+def test_oversized_oauth_bodies_are_refused_before_parsing(api: Api) -> None:
+    big = {"token": "x" * (20 * 1024)}
+    r = api.client.post("/v1/oauth/revoke", data=big, headers=api.as_admin())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload-too-large"
+    r = api.client.post("/v1/oauth/token", data={"grant_type": "x", "subject_token": "y" * (70 * 1024)})
+    assert r.status_code == 413
