@@ -80,6 +80,7 @@ class Introspection(BaseModel):
     iat: int | None = None
     jti: str | None = None
     sid: str | None = None
+    cnf: dict[str, Any] | None = None  # RFC 9449: {"jkt": ...} for a DPoP-bound token
 
 
 CapabilityOutcome = CapabilityIssued | PendingApproval

@@ -68,7 +68,9 @@ def introspect(broker: Broker, token: str) -> Introspection:
         lease = db.get(Lease, str(claims.get("jti")))
         if lease is None or lease.status != LeaseStatus.ACTIVE or lease.expires_at <= utcnow():
             return Introspection(active=False)
-    return Introspection(active=True, token_type="Bearer", **{k: claims.get(k) for k in _CLAIMS})
+    cnf = claims.get("cnf")  # RFC 9449 section 6.2: the key the token is bound to
+    return Introspection(active=True, token_type="DPoP" if cnf else "Bearer", cnf=cnf or None,
+                         **{k: claims.get(k) for k in _CLAIMS})
 
 
 _CLAIMS = ("scope", "sub", "act", "aud", "iss", "exp", "iat", "jti", "sid")

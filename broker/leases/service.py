@@ -190,6 +190,7 @@ def _decide_and_mint(
                 tier=decision.tier,
                 ttl_seconds=decision.ttl_seconds,
                 options=dict(decision.options),
+                confirmation_jkt=ask.confirmation_jkt,
             )
             if provider.mints_locally:
                 # Nothing outside this database learns of the credential before COMMIT, so

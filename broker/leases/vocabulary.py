@@ -47,7 +47,12 @@ class CapabilityAsk:
     tool: str | None = None
     parameters: dict[str, Any] | None = None
     approval_id: str | None = None
+    # RFC 9449: the DPoP key thumbprint the token endpoint checked; not part of what is approved.
+    confirmation_jkt: str | None = None
 
     def idempotency_hash(self, session_id: str) -> str:
         """What an Idempotency-Key is bound to: the whole ask."""
-        return _digest({**asdict(self), "session_id": session_id})
+        body = {**asdict(self), "session_id": session_id}
+        if body["confirmation_jkt"] is None:
+            del body["confirmation_jkt"]  # hashes of requests without DPoP stay as they were
+        return _digest(body)

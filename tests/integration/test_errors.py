@@ -42,7 +42,9 @@ def test_401_identity(api: Api) -> None:
     body = {"resource": "jwt://payments-api", "access": "read", "purpose": "p"}
     r = api.client.post("/v1/capabilities", json=body)
     assert (r.status_code, _code(r)) == (401, "missing-credentials")
-    assert r.headers["www-authenticate"] == "Bearer"
+    # RFC 6750 with RFC 9728's pointer to the protected resource metadata (docs/oauth.md).
+    assert r.headers["www-authenticate"].startswith("Bearer ")
+    assert 'resource_metadata="' in r.headers["www-authenticate"]
     r = api.client.post("/v1/capabilities", json=body, headers={"Authorization": "Bearer nonsense"})
     assert (r.status_code, _code(r)) == (401, "invalid-token")
     head, payload, sig = session["session_token"].split(".")
