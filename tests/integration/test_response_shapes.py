@@ -37,6 +37,8 @@ from broker.api.schemas import (
 from broker.app import create_app
 from broker.identity.webhooks import HEADER, sign
 from broker.leases.outcomes import CapabilityIssued, CapabilityView, Introspection, PendingApproval
+from broker.oauth.exchange import GRANT_TYPE
+from broker.oauth.models import AuthorizationServerMetadata, ProtectedResourceMetadata, Revoked, TokenResponse
 from broker.sessions.events import WebhookOutcome
 from tests.support.brokers import Api
 
@@ -142,6 +144,16 @@ ROWS = [
         PreToolUseOutput),
     Row("GET /v1/whoami", lambda w: w.api.client.get("/v1/whoami", headers=w.api.as_admin()), 200, WhoAmI),
     Row("GET /v1/login", lambda w: w.api.client.get("/v1/login"), 200, LoginConfig),
+    Row("POST /v1/oauth/token", lambda w: w.api.client.post("/v1/oauth/token", data={
+        "grant_type": GRANT_TYPE, "subject_token": w.session["session_token"],
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt", "resource": "jwt://payments-api",
+        "scope": "write", "purpose": "shape test"}), 200, TokenResponse, True),
+    Row("POST /v1/oauth/revoke", lambda w: w.api.client.post(
+        "/v1/oauth/revoke", data={"token": w.issued["credential"]["token"]}, headers=w.agent()), 200, Revoked),
+    Row("GET /.well-known/oauth-authorization-server", lambda w: w.api.client.get(
+        "/.well-known/oauth-authorization-server"), 200, AuthorizationServerMetadata),
+    Row("GET /.well-known/oauth-protected-resource", lambda w: w.api.client.get(
+        "/.well-known/oauth-protected-resource"), 200, ProtectedResourceMetadata),
     Row("GET /healthz", lambda w: w.api.client.get("/healthz"), 200, Liveness),
     Row("GET /readyz", lambda w: w.api.client.get("/readyz"), 200, Readiness),
 ]

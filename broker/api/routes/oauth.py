@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +17,7 @@ from broker.api.deps import BrokerDep, get_caller
 from broker.errors import BrokerError, Unauthenticated
 from broker.oauth import exchange, form, metadata
 from broker.oauth.errors import OAuthError, from_broker_error
+from broker.oauth.models import AuthorizationServerMetadata, ProtectedResourceMetadata, Revoked, TokenResponse
 from broker.oauth.revoke import TOKEN_TYPE_HINTS, revoke_token
 
 router = APIRouter(tags=["oauth"])
@@ -42,26 +43,12 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
     return JSONResponse(exc.to_body(), status_code=exc.status, headers={**NO_STORE, **exc.headers})
 
 
-TOKEN_RESPONSE: dict[str, Any] = {
-    "type": "object",
-    "required": ["access_token", "issued_token_type", "token_type", "expires_in", "authorization_details"],
-    "properties": {
-        "access_token": {"type": "string"},
-        "issued_token_type": {"type": "string"},
-        "token_type": {"type": "string"},
-        "expires_in": {"type": "integer"},
-        "scope": {"type": "string"},
-        "authorization_details": {"type": "array", "items": {"type": "object"}},
-        "broker_credential": {"type": "object", "description": "the full credential where it is not one bearer "
-                              "string (AWS, Vault secrets) or needs an address (Vault, GitHub)"},
-    },
-}
-
-
 @router.post(
     "/v1/oauth/token",
     summary="RFC 8693 token exchange: a session token for one capability",
-    responses={200: {"content": {"application/json": {"schema": TOKEN_RESPONSE}}, "description": "issued"},
+    response_model=TokenResponse,
+    response_model_exclude_none=True,
+    responses={200: {"description": "issued"},
                **{s: {**_ERR, "description": "OAuth error"} for s in (400, 403, 409, 429, 500, 502, 503)}},
     openapi_extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
         "type": "object",
@@ -81,11 +68,11 @@ TOKEN_RESPONSE: dict[str, Any] = {
     }}}}},
 )
 async def token(
-    request: Request, broker: BrokerDep,
+    request: Request, response: Response, broker: BrokerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
     dpop_proof: Annotated[str | None, Header(alias="DPoP", max_length=8192,
                                              description="RFC 9449 proof: binds a native token to its key")] = None,
-) -> JSONResponse:
+) -> TokenResponse | JSONResponse:
     # The DPoP header is read from the request itself (several are an error, which a parameter would hide).
     del dpop_proof
     try:
@@ -94,14 +81,15 @@ async def token(
         answer = await run_in_threadpool(exchange.exchange, request, broker, params, idempotency_key)
     except OAuthError as exc:
         return _oauth_error(exc)
-    return JSONResponse(answer, headers=NO_STORE)
+    response.headers.update(NO_STORE)
+    return TokenResponse.model_validate(answer)
 
 
 @router.post(
     "/v1/oauth/revoke",
     summary="RFC 7009 revocation of a token the broker issued",
-    responses={200: {"description": "revoked, or not a token the broker knows (RFC 7009 section 2.2)",
-                     "content": {"application/json": {"schema": {"type": "object"}}}},
+    response_model=Revoked,
+    responses={200: {"description": "revoked, or not a token the broker knows (RFC 7009 section 2.2)"},
                **{s: {**_ERR, "description": "OAuth error"} for s in (400, 401, 403, 409, 429, 500, 502, 503)}},
     openapi_extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
         "type": "object",
@@ -111,10 +99,10 @@ async def token(
     }}}}},
 )
 async def revoke(
-    request: Request, broker: BrokerDep,
+    request: Request, response: Response, broker: BrokerDep,
     authorization: Annotated[str | None, Header(description="Bearer: the session's agent, its human, "
                                                 "its orchestrator or an admin (as DELETE on the capability)")] = None,
-) -> JSONResponse:
+) -> Revoked | JSONResponse:
     try:
         try:
             caller = await get_caller(request, authorization)
@@ -137,17 +125,20 @@ async def revoke(
         return _oauth_error(exc)
     except BrokerError as exc:
         return _oauth_error(from_broker_error(exc))
-    return JSONResponse({}, headers=NO_STORE)
+    response.headers.update(NO_STORE)
+    return Revoked()
 
 
 @router.get(metadata.AS_METADATA_PATH, summary="RFC 8414 authorization server metadata",
-            responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}})
-def authorization_server_metadata(broker: BrokerDep) -> JSONResponse:
-    return JSONResponse(metadata.authorization_server(broker), headers={"Cache-Control": "public, max-age=300"})
+            response_model=AuthorizationServerMetadata)
+def authorization_server_metadata(broker: BrokerDep, response: Response) -> AuthorizationServerMetadata:
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return AuthorizationServerMetadata.model_validate(metadata.authorization_server(broker))
 
 
 @router.get(metadata.RESOURCE_METADATA_PATH, summary="RFC 9728 protected resource metadata",
-            responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}})
-def protected_resource_metadata(broker: BrokerDep) -> JSONResponse:
-    return JSONResponse(metadata.protected_resource(broker), headers={"Cache-Control": "public, max-age=300"})
+            response_model=ProtectedResourceMetadata)
+def protected_resource_metadata(broker: BrokerDep, response: Response) -> ProtectedResourceMetadata:
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return ProtectedResourceMetadata.model_validate(metadata.protected_resource(broker))
 
