@@ -34,6 +34,7 @@ from broker.api.routes import (
 )
 from broker.approvals.outbox import OutboxDelivery
 from broker.approvals.signals import ApprovalSignals
+from broker.audit.linker import Linker, link_all
 from broker.audit.service import AuditEvent, append, ensure_head
 from broker.config import Settings
 from broker.console import app as console
@@ -109,6 +110,14 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             except Exception:  # the sweeper runs the same queries: recovery is delayed, not lost
                 log.exception("reconciliation at start failed; the sweeper will carry on")
             background.start()
+        # Beside the sweeper too: the audit linker. What a crash left unlinked goes in first.
+        linker = Linker(broker) if sweeper else None
+        if linker:
+            try:
+                await asyncio.to_thread(link_all, broker)
+            except Exception:  # the linker's rounds run the same queries
+                log.exception("audit linking at start failed; the linker will carry on")
+            linker.start()
         # Beside the sweeper: live capabilities whose human lost the permission at the source.
         recheck = PermissionRechecker(broker) if sweeper else None
         if recheck:
@@ -126,6 +135,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                 delivery.stop()
             if recheck:
                 recheck.stop()
+            if linker:
+                linker.stop()
             if background:
                 background.stop()
             broker.permissions.close()

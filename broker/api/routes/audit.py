@@ -10,9 +10,12 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from broker.api.deps import AnyCaller, BrokerDep
 from broker.api.schemas import SESSION_ID_PATTERN, ErrorResponse
+from broker.audit import checkpoint as checkpoints
 from broker.audit import service as audit
+from broker.audit.linker import latest_checkpoint
+from broker.audit.merkle import consistency_proof
 from broker.db import transaction
-from broker.errors import Forbidden, NotFound
+from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.models import SessionRow
 from broker.sessions.service import may_manage
 
@@ -56,5 +59,57 @@ def read_audit(
 def verify_audit(broker: BrokerDep, caller: AnyCaller) -> dict[str, Any]:
     if caller.kind != "admin":
         raise Forbidden("verifying the whole chain is for admins")
+    keys = {k.kid: k.public for k in broker.keyring.published()}
     with transaction(broker.engine) as db:
-        return audit.verify(db).to_dict()
+        return audit.verify(db, keys).to_dict()
+
+
+class CheckpointOut(BaseModel):
+    origin: str
+    tree_size: int = Field(description="leaves (records) in the tree this checkpoint commits to")
+    root_hash: str = Field(description="RFC 6962 Merkle tree hash, hex")
+    timestamp: str
+    key_name: str = Field(description="the kid of the broker signing key (see /.well-known/jwks.json)")
+    note: str = Field(description="the C2SP signed note: save it, and give it to `audit verify --checkpoint`")
+
+
+@router.get("/checkpoint", response_model=CheckpointOut, responses=ERRORS)
+def read_checkpoint(broker: BrokerDep, caller: AnyCaller) -> dict[str, Any]:
+    """The newest signed checkpoint of the audit tree (the linker signs one while the log grows)."""
+    if caller.kind == "agent":
+        raise Forbidden("agents do not read audit checkpoints")
+    cp = latest_checkpoint(broker)
+    if cp is None:
+        raise NotFound("no checkpoint has been signed yet", code="checkpoint-not-found")
+    keys = {k.kid: k.public for k in broker.keyring.published()}
+    try:
+        return checkpoints.parse(cp.note, keys).to_dict()
+    except checkpoints.CheckpointError:  # signed by a key since retired: still the newest
+        return {"origin": cp.note.split("\n", 1)[0], "tree_size": cp.tree_size, "root_hash": cp.root_hash,
+                "timestamp": cp.timestamp, "key_name": cp.note.rsplit("\n\u2014 ", 1)[-1].split(" ")[0],
+                "note": cp.note}
+
+
+class ConsistencyOut(BaseModel):
+    first: int
+    second: int
+    proof: list[str] = Field(description="RFC 9162 section 2.1.4 consistency proof, hex node hashes")
+
+
+@router.get("/consistency", response_model=ConsistencyOut, responses=ERRORS)
+def read_consistency(
+    broker: BrokerDep, caller: AnyCaller,
+    first: Annotated[int, Query(ge=1, le=MAX_SEQ)],
+    second: Annotated[int, Query(ge=1, le=MAX_SEQ)],
+) -> dict[str, Any]:
+    """Proof that the tree of size `second` extends the tree of size `first`."""
+    if caller.kind != "admin":
+        raise Forbidden("consistency proofs are for admins")
+    if first > second:
+        raise InvalidRequest("first must not be larger than second", code="invalid-tree-size")
+    with transaction(broker.engine) as db:
+        try:
+            leaves = audit.leaf_hashes(db, second)
+        except LookupError as exc:
+            raise NotFound(str(exc), code="tree-size-not-found") from exc
+    return {"first": first, "second": second, "proof": [h.hex() for h in consistency_proof(first, leaves)]}
