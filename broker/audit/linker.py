@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -133,15 +134,29 @@ def _eligible(conn: Connection, postgres: bool, watermark: int | None, xmin: int
     return [(int(r[0]), str(r[1])) for r in conn.execute(text(sql + _ORDER), params).all()]
 
 
-def link_all(broker: Broker, *, checkpoint: bool = True) -> LinkRound:
-    """Link until nothing eligible is left (at start, and in tests), then sign a checkpoint."""
+def link_all(broker: Broker, *, checkpoint: bool = True, wait: float = 0.0) -> LinkRound:
+    """Link until nothing eligible is left, then sign a checkpoint. With `wait` (seconds; tests,
+    tools), keep going until every record committed before the call is linked: on PostgreSQL a
+    transaction still open anywhere on the server holds the watermark back until it ends."""
+    deadline = time.monotonic() + wait
+    with broker.engine.connect() as conn:
+        top = int(conn.execute(text("SELECT coalesce(max(seq), 0) FROM audit_records")).scalar_one())
     total = 0
     while True:
         result = link_once(broker, checkpoint=checkpoint)
         total += result.linked
         if result.drained or result.skipped:
+            if wait and time.monotonic() < deadline and _unlinked_up_to(broker, top):
+                time.sleep(0.05)
+                continue
             result.linked = total
             return result
+
+
+def _unlinked_up_to(broker: Broker, top: int) -> int:
+    with broker.engine.connect() as conn:
+        return int(conn.execute(text(_UNLINKED_ALL.replace("r.seq, r.hash", "count(*)") + " AND r.seq <= :top"),
+                                {"top": top}).scalar_one())
 
 
 def latest_checkpoint(broker: Broker) -> AuditCheckpoint | None:

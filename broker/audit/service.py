@@ -234,8 +234,10 @@ def verify(db: Session, keys: Mapping[str, Ed25519PublicKey] | None = None) -> V
     for tip in db.exec(select(AuditChain).order_by(col(AuditChain.chain_id))).all():
         pos, head, last = walker.tips.pop(tip.chain_id, (0, GENESIS, 0))
         if (pos, head) != (tip.length, tip.head):
-            return bad(f"chain {tip.chain_id} ends at position {pos} but its tip says {tip.length} records: "
-                       "records were removed from its end", last or None)
+            what = ("records were added around the broker" if pos > tip.length else
+                    "records were removed from its end")
+            return bad(f"chain {tip.chain_id} ends at position {pos} but its tip says {tip.length} records: {what}",
+                       last or None)
     legacy_head = db.get(AuditHead, 1)
     pos, head, last = walker.tips.pop(LEGACY_CHAIN, (0, GENESIS, 0))
     if legacy_head is not None and (pos, head) != (legacy_head.seq, legacy_head.hash):
