@@ -79,6 +79,8 @@ class Lease(SQLModel, table=True):
         # The sweeper's only query: what is due, oldest first. Cost follows what expires.
         Index("ix_leases_status_expires", "status", "expires_at"),
         Index("ix_leases_session_status", "session_id", "status"),
+        # Escalation: does the session hold a live lease of this tier? One index probe (0006).
+        Index("ix_leases_session_tier_status", "session_id", "tier", "status"),
     )
 
 

@@ -367,7 +367,7 @@ def query(
         stmt = stmt.where(AuditRecord.session_id == session_id)
     if types:
         stmt = stmt.where(AuditRecord.type.in_(types))  # type: ignore[attr-defined]
-    return list(db.exec(stmt.order_by(AuditRecord.seq).limit(limit)).all())
+    return list(db.exec(stmt.order_by(col(AuditRecord.seq)).limit(limit)).all())
 
 
 __all__ = ["AuditEvent", "append", "ensure_head", "verify", "query", "iter_links", "check_records", "RecordCheck"]

@@ -12,10 +12,12 @@ import hashlib
 import logging
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from broker.approvals import grants
@@ -46,6 +48,7 @@ from broker.policy import (
     approval_rule,
     evaluate_with_shadow,
 )
+from broker.policy.compiled import CompiledPolicy
 from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds
 from broker.runtime import Broker
@@ -86,10 +89,29 @@ def _iso(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def session_facts(db: Session, session: SessionRow) -> SessionFacts:
-    tiers = db.exec(
-        select(Lease.tier).where(Lease.session_id == session.id, col(Lease.status).in_(LIVE))
-    ).all()
+def session_facts(db: Session, session: SessionRow, policies: Sequence[CompiledPolicy | None] | None = None) -> SessionFacts:
+    """What the evaluator needs of the session. Given the policies that will judge it (current and
+    shadow), the cost is bounded by the policies, not by the session's leases: the live count is
+    counted only up to the largest `max_active_per_session` (the budget compares against it;
+    past it the count says "at the limit"), and of the live tiers only the escalation tiers are
+    looked up, one indexed EXISTS each (ix_leases_session_tier_status). Without policies (explain,
+    grants) every live lease is read, as before."""
+    if policies is None:
+        tiers = db.exec(select(Lease.tier).where(Lease.session_id == session.id, col(Lease.status).in_(LIVE))).all()
+        active_count, active_tiers = len(tiers), frozenset(tiers)
+    else:
+        judged = [p for p in policies if p is not None]
+        caps = [p.max_active_per_session for p in judged if p.max_active_per_session is not None]
+        escalation = sorted(set().union(*(p.escalation_tiers for p in judged)))
+        conn = db.connection()
+        active_count = 0
+        if caps:
+            active_count = int(conn.execute(_LIVE_UP_TO, {"s": session.id, "cap": max(caps)}).scalar_one())
+        held = []
+        for tier in escalation:
+            if conn.execute(_LIVE_TIER, {"s": session.id, "t": tier}).first() is not None:
+                held.append(tier)
+        active_tiers = frozenset(held)
     return SessionFacts(
         session_id=session.id,
         human=session.human,
@@ -99,9 +121,15 @@ def session_facts(db: Session, session: SessionRow) -> SessionFacts:
         status=session.status,
         expires_at=session.expires_at,
         issued_count=session.issued_count,
-        active_count=len(tiers),
-        active_tiers=frozenset(tiers),
+        active_count=active_count,
+        active_tiers=active_tiers,
     )
+
+
+_LIVE_STATUSES = ", ".join(f"'{status}'" for status in LIVE)
+_LIVE_UP_TO = text(f"SELECT count(*) FROM (SELECT 1 FROM leases WHERE session_id = :s AND status IN ({_LIVE_STATUSES}) "
+                   "LIMIT :cap) AS live")
+_LIVE_TIER = text(f"SELECT 1 FROM leases WHERE session_id = :s AND tier = :t AND status IN ({_LIVE_STATUSES}) LIMIT 1")
 
 
 def lock_session(db: Session, session_id: str) -> SessionRow | None:
@@ -120,7 +148,7 @@ def _evaluate(broker: Broker, db: Session, session: SessionRow, ask: CapabilityA
               approval: Approval | None, live: LivePermission | None) -> tuple[Decision, Decision | None, JitGrant | None]:
     """The decision; where it waits for approval, a matching grant stands in for one."""
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
-    facts = session_facts(db, session)
+    facts = session_facts(db, session, (policy, shadow_policy))
 
     def run(ttl: int | None, approved: bool) -> tuple[Decision, Decision | None]:
         request = RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ttl, now=now, approved=approved,

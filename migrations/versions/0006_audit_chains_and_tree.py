@@ -1,4 +1,5 @@
-"""audit: per-session hash chains (no shared row on the request path) and a Merkle tree
+"""audit: per-session hash chains (no shared row on the request path) and a Merkle tree;
+an index for the escalation check (does the session hold a live lease of a tier?)
 
 Records gain `chain_id`/`chain_pos` (their own chain; NULL on older records, which stay the one
 legacy chain ending at `audit_head`) and `txid` (PostgreSQL's transaction id, for the linker's
@@ -33,6 +34,7 @@ def upgrade() -> None:
     op.create_index('ix_audit_records_txid', 'audit_records', ['txid'], unique=False)
     # A unique index, not a table constraint: SQLite cannot add a constraint without a batch copy.
     op.create_index('uq_audit_chain_pos', 'audit_records', ['chain_id', 'chain_pos'], unique=True)
+    op.create_index('ix_leases_session_tier_status', 'leases', ['session_id', 'tier', 'status'], unique=False)
     op.create_table('audit_chains',
         sa.Column('chain_id', sqlmodel.sql.sqltypes.AutoString(length=80), nullable=False),
         sa.Column('length', sa.Integer(), nullable=False),
@@ -109,6 +111,7 @@ def downgrade() -> None:
     op.drop_table('audit_leaves')
     op.drop_table('audit_chains')
     op.drop_index('uq_audit_chain_pos', table_name='audit_records')
+    op.drop_index('ix_leases_session_tier_status', table_name='leases')
     op.drop_index('ix_audit_records_txid', table_name='audit_records')
     op.drop_column('audit_records', 'txid')
     op.drop_column('audit_records', 'chain_pos')
