@@ -96,7 +96,7 @@ class ConsistencyOut(BaseModel):
     proof: list[str] = Field(description="RFC 9162 section 2.1.4 consistency proof, hex node hashes")
 
 
-@router.get("/consistency", response_model=ConsistencyOut, responses=ERRORS)
+@router.get("/consistency", response_model=ConsistencyOut, responses={**ERRORS, 400: {"model": ErrorResponse}})
 def read_consistency(
     broker: BrokerDep, caller: AnyCaller,
     first: Annotated[int, Query(ge=1, le=MAX_SEQ)],
