@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 from broker.audit.service import AuditEvent, append_many, verify
 from broker.db import make_engine, transaction
@@ -16,7 +17,7 @@ from tests.support.processes import BrokerProcess, migrate
 RECORDS = 3000
 
 
-def _counts(engine) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def _counts(engine: Engine) -> tuple[int, int]:
     with engine.connect() as conn:
         records = conn.execute(text("SELECT count(*) FROM audit_records")).scalar_one()
         leaves = conn.execute(text("SELECT count(*) FROM audit_leaves")).scalar_one()
