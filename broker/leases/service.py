@@ -94,8 +94,8 @@ def session_facts(db: Session, session: SessionRow, policies: Sequence[CompiledP
     shadow), the cost is bounded by the policies, not by the session's leases: the live count is
     counted only up to the largest `max_active_per_session` (the budget compares against it;
     past it the count says "at the limit"), and of the live tiers only the escalation tiers are
-    looked up, one indexed EXISTS each (ix_leases_session_tier_status). Without policies (explain,
-    grants) every live lease is read, as before."""
+    looked up, one indexed EXISTS each (ix_leases_session_tier_status), all in one statement.
+    Without policies (explain, grants) every live lease is read, as before."""
     if policies is None:
         tiers = db.exec(select(Lease.tier).where(Lease.session_id == session.id, col(Lease.status).in_(LIVE))).all()
         active_count, active_tiers = len(tiers), frozenset(tiers)
@@ -103,15 +103,13 @@ def session_facts(db: Session, session: SessionRow, policies: Sequence[CompiledP
         judged = [p for p in policies if p is not None]
         caps = [p.max_active_per_session for p in judged if p.max_active_per_session is not None]
         escalation = sorted(set().union(*(p.escalation_tiers for p in judged)))
-        conn = db.connection()
-        active_count = 0
-        if caps:
-            active_count = int(conn.execute(_LIVE_UP_TO, {"s": session.id, "cap": max(caps)}).scalar_one())
-        held = []
-        for tier in escalation:
-            if conn.execute(_LIVE_TIER, {"s": session.id, "t": tier}).first() is not None:
-                held.append(tier)
-        active_tiers = frozenset(held)
+        # One round trip: the bounded count and one EXISTS per escalation tier.
+        columns = [_LIVE_UP_TO if caps else "0"] + [_LIVE_TIER.format(i=i) for i in range(len(escalation))]
+        params: dict[str, Any] = {"s": session.id, "cap": max(caps) if caps else 0}
+        params.update({f"t{i}": tier for i, tier in enumerate(escalation)})
+        row = db.connection().execute(text("SELECT " + ", ".join(columns)), params).one()
+        active_count = int(row[0])
+        active_tiers = frozenset(tier for tier, held in zip(escalation, row[1:], strict=True) if held)
     return SessionFacts(
         session_id=session.id,
         human=session.human,
@@ -127,9 +125,10 @@ def session_facts(db: Session, session: SessionRow, policies: Sequence[CompiledP
 
 
 _LIVE_STATUSES = ", ".join(f"'{status}'" for status in LIVE)
-_LIVE_UP_TO = text(f"SELECT count(*) FROM (SELECT 1 FROM leases WHERE session_id = :s AND status IN ({_LIVE_STATUSES}) "
-                   "LIMIT :cap) AS live")
-_LIVE_TIER = text(f"SELECT 1 FROM leases WHERE session_id = :s AND tier = :t AND status IN ({_LIVE_STATUSES}) LIMIT 1")
+_LIVE_UP_TO = (f"(SELECT count(*) FROM (SELECT 1 FROM leases WHERE session_id = :s AND status IN ({_LIVE_STATUSES}) "
+               "LIMIT :cap) AS live)")
+_LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "
+              f"({_LIVE_STATUSES}))")
 
 
 def lock_session(db: Session, session_id: str) -> SessionRow | None:
