@@ -26,6 +26,7 @@ from broker.api.routes import (
     health,
     hooks,
     identity,
+    oauth,
     policy,
     revocations,
     sessions,
@@ -46,6 +47,7 @@ from broker.leases.reconciler import reconcile_at_start
 from broker.leases.sweeper import Sweeper
 from broker.logs import RequestIdMiddleware, configure_logging
 from broker.metrics import REGISTRY, DatabaseCollector
+from broker.oauth.metadata import challenge
 from broker.permissions.recheck import PermissionRechecker
 from broker.runtime import Broker
 
@@ -155,8 +157,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         console.start(app, broker)
 
     @app.exception_handler(BrokerError)
-    async def broker_error(_: Request, exc: BrokerError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
+        headers = challenge(getattr(request.app.state, "broker", None), exc)
         headers.update(getattr(exc, "headers", None) or {})  # e.g. Retry-After of a rate limit
         return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers or None)
 
@@ -188,7 +190,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
     app.state.approval_signals = ApprovalSignals()
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
-                   webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router):
+                   webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router,
+                   oauth.router):
         app.include_router(router)
     console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(RequestGuard)

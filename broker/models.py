@@ -65,7 +65,7 @@ class Lease(SQLModel, table=True):
     ended_at: datetime | None = _ts(default=None)
     handle: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # non-secret
     sealed_secret: str | None = Field(default=None, sa_column=Column(Text))  # AES-GCM, AD = id
-    fingerprint: str | None = Field(default=None, max_length=80)
+    fingerprint: str | None = Field(default=None, max_length=80, index=True)  # RFC 7009 finds provider tokens by it
     revoke_reason: str | None = Field(default=None, max_length=128)  # why it is being revoked
     revoke_attempts: int = 0
     next_attempt_at: datetime | None = _ts(default=None)
@@ -293,4 +293,13 @@ class BrowserSession(SQLModel, table=True):
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))  # OAuth state, flash
     created_at: datetime = _ts()
     last_seen_at: datetime = _ts()
+    expires_at: datetime = _ts(index=True)
+
+
+class DpopProofSeen(SQLModel, table=True):
+    """RFC 9449 replay protection: each DPoP proof's `jti` (hashed) is accepted once, until its window closes."""
+
+    __tablename__ = "dpop_proofs_seen"
+
+    jti_hash: str = Field(primary_key=True, max_length=64)
     expires_at: datetime = _ts(index=True)

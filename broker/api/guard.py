@@ -35,6 +35,8 @@ MAX_BODY_BYTES = 1024 * 1024
 # Endpoints whose bodies are small by nature get a tighter limit.
 PATH_BODY_LIMITS = {
     "/v1/introspect": 16 * 1024,  # one token (<= 8 KiB) and its hint
+    "/v1/oauth/revoke": 16 * 1024,  # the same
+    "/v1/oauth/token": 64 * 1024,  # a session token and one capability's parameters
     "/v1/webhooks/orchestrator": 64 * 1024,  # a lifecycle event is a few hundred bytes
 }
 

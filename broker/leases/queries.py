@@ -90,9 +90,9 @@ def introspect(broker: Broker, token: str) -> dict[str, Any]:
         lease = db.get(Lease, str(claims.get("jti")))
         if lease is None or lease.status != "active" or lease.expires_at <= utcnow():
             return {"active": False}
-    return {
+    answer = {
         "active": True,
-        "token_type": "Bearer",
+        "token_type": "DPoP" if claims.get("cnf") else "Bearer",
         "scope": claims.get("scope"),
         "sub": claims.get("sub"),
         "act": claims.get("act"),
@@ -103,3 +103,6 @@ def introspect(broker: Broker, token: str) -> dict[str, Any]:
         "jti": claims.get("jti"),
         "sid": claims.get("sid"),
     }
+    if claims.get("cnf"):
+        answer["cnf"] = claims["cnf"]  # RFC 9449 section 6.2: the key the token is bound to
+    return answer

@@ -67,6 +67,8 @@ class CapabilityAsk:
     tool: str | None = None
     parameters: dict[str, Any] | None = None
     approval_id: str | None = None
+    # RFC 9449: the DPoP key thumbprint the token endpoint checked; not part of what is approved.
+    confirmation_jkt: str | None = None
 
     def binding(self, session_id: str) -> Binding:
         """What an approval is bound to: any change is another request."""
@@ -78,6 +80,8 @@ class CapabilityAsk:
 
     def idempotency_hash(self, session_id: str) -> str:
         body = {**self.__dict__, "session_id": session_id}
+        if body["confirmation_jkt"] is None:
+            del body["confirmation_jkt"]  # hashes of requests without DPoP stay as they were
         return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
@@ -270,6 +274,7 @@ def _decide_and_mint(
                 tier=decision.tier,
                 ttl_seconds=decision.ttl_seconds,
                 options=dict(decision.options),
+                confirmation_jkt=ask.confirmation_jkt,
             )
             if getattr(provider, "mints_locally", False):
                 # Nothing outside this database learns of the credential before COMMIT, so

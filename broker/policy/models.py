@@ -122,6 +122,7 @@ class Access(Strict):
     policies: list[str] | None = None  # vault token policies
     scope: str | None = None  # native
     audience: str | None = None  # native; default: the path of the jwt:// resource
+    dpop: Literal["required", "optional"] | None = None  # native (RFC 9449); unset = optional
     options: dict[str, JsonValue] | None = None  # free-form, for third-party providers
 
     @field_validator("options")

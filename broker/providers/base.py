@@ -38,6 +38,9 @@ class Grant:
     tier: str
     ttl_seconds: int  # already clamped by the policy's time layer
     options: dict[str, Any] = field(default_factory=dict)  # the access entry's provider fields
+    # RFC 9449: the thumbprint of the key the client proved it holds (DPoP); a provider that can
+    # bind its credential to it does (native: `cnf.jkt`), others ignore it.
+    confirmation_jkt: str | None = None
 
     @property
     def resource_path(self) -> str:

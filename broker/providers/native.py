@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from broker.errors import ProviderMisconfigured
+from broker.errors import Denied, ProviderMisconfigured
 from broker.identity.keys import KeyRing
 from broker.providers.base import Grant, Minted, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
 
@@ -45,6 +45,10 @@ class NativeProvider:
         expires = now + timedelta(seconds=grant.ttl_seconds)
         audience = self.audience_for(grant)
         scope = str(grant.options.get("scope") or grant.access)
+        if grant.options.get("dpop") == "required" and grant.confirmation_jkt is None:
+            # Fail closed: a resource that demands proof of possession never gets a bare bearer token.
+            raise Denied("this resource requires a DPoP-bound token: exchange at /v1/oauth/token with a DPoP proof",
+                         code="dpop-required")
         claims = {
             "iss": self._issuer,
             "sub": grant.human,
@@ -58,9 +62,12 @@ class NativeProvider:
             "exp": int(expires.timestamp()),
             "token_use": "capability",
         }
+        if grant.confirmation_jkt is not None:
+            claims["cnf"] = {"jkt": grant.confirmation_jkt}  # RFC 9449 section 6.1
         token = self._keyring.sign(claims, typ="at+jwt")
         return Minted(
-            credential={"type": "jwt", "token": token, "token_type": "Bearer", "audience": audience},
+            credential={"type": "jwt", "token": token, "token_type": "DPoP" if grant.confirmation_jkt else "Bearer",
+                        "audience": audience},
             handle={"jti": grant.capability_id, "kid": self._keyring.active.kid},
             expires_at=expires,
             fingerprint=fingerprint(token),

@@ -31,7 +31,8 @@ RELEASE, NAMESPACE = "jb", "jit-broker"
 # Variables that carry a secret (or a hash standing in for one): only ever from a Secret.
 SECRET_ENV = {"BROKER_DATABASE_URL", "BROKER_ENCRYPTION_KEY", "BROKER_ORCHESTRATOR_API_KEYS",
               "BROKER_ADMIN_TOKEN_SHA256", "BROKER_WEBHOOK_SECRETS", "BROKER_VAULT_TOKEN", "BROKER_VAULT_ROLE_ID",
-              "BROKER_VAULT_SECRET_ID", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+              "BROKER_VAULT_SECRET_ID", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BROKER_HUMAN_TOKENS",
+              "BROKER_APPROVAL_WEBHOOK_SECRET", "BROKER_CONSOLE_OIDC_CLIENT_SECRET"}
 
 
 @pytest.fixture(scope="module")
@@ -295,8 +296,10 @@ def test_every_broker_setting_reaches_the_pod(chart: Any) -> None:
     """A BROKER_* setting added to broker/config.py needs a value here (or broker.extraEnv, and a line above)."""
     everything = {"providers": {
         "vault": {"enabled": True, "addr": "https://bao:8200", "namespace": "team", "auth": {"tokenKey": "vault-token"}},
-        "aws": {"enabled": True, "endpointUrl": "https://vpce.example:443"},
+        "aws": {"enabled": True, "endpointUrl": "https://vpce.example:443", "accountId": "123456789012"},
         "github": {"enabled": True, "appId": "1", "privateKey": {"secretName": "gh"}}},
+        "oidc": {"issuer": "https://idp.example", "audience": "jit-broker", "cliClientId": "broker-cli",
+                 "cliResource": "https://broker.example"},
         "policy": {"shadowContent": chart.values["policy"]["content"]}}
     docs = render(chart, everything)
     env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}

@@ -6,7 +6,6 @@ agent's long poll answered and its retry minting."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support.brokers import free_port
-from tests.support.processes import BROKER_CLI
+from tests.support.processes import BROKER_CLI, broker_environ
 
 RELEASE = {"resource": "jwt://payments-api", "access": "release", "purpose": "cut release 2.1",
            "tool": "release-cli", "parameters": {"tag": "v2.1.0"}}
@@ -27,7 +26,7 @@ RELEASE = {"resource": "jwt://payments-api", "access": "release", "purpose": "cu
 
 @pytest.fixture
 def dev(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env = broker_environ()
     port = free_port()
     log = tmp_path / "dev.log"
     proc = subprocess.Popen([BROKER_CLI, "dev", "--port", str(port)], env=env, cwd=tmp_path, stdout=log.open("wb"),

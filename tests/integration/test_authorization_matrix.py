@@ -36,6 +36,7 @@ class World:
     approval: str
     other_session: str
     headers: dict[str, dict[str, str]]
+    capability_token: str = ""
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Env:
         human = self.secrets.human_tokens
         return World(
             session=s["session_id"], capability=cap.json()["capability_id"], approval=pending.json()["approval_id"],
-            other_session=s2["session_id"],
+            other_session=s2["session_id"], capability_token=cap.json()["credential"]["token"],
             headers={
                 "anonymous": {},
                 "agent": agent,
@@ -109,6 +110,12 @@ class Case:
     # For 200 answers of list-like endpoints: which callers see the world's row.
     visible_to: frozenset[str] | None = None
     sees: Check | None = None
+    # A form-encoded body (the OAuth endpoints), given the world and the caller's name.
+    form: Callable[[World, str], dict[str, str]] | None = None
+
+
+def _own_bearer(w: World, caller: str) -> str:
+    return w.headers[caller].get("Authorization", "").removeprefix("Bearer ")
 
 
 OWN = frozenset({"agent", "orchestrator", "delegator", "admin"})
@@ -151,11 +158,21 @@ CASES = [
     Case("whoami", "GET", "/v1/whoami", _row(401, 200, 200, 200, 200, 200, 200, 200, 200)),
     Case("tool-call gate", "POST", "/v1/hooks/pre-tool-use", _row(401, 200, 200, 403, 403, 403, 403, 403, 403),
          body=lambda w: {"hook_event_name": "PreToolUse", "tool_name": "Read", "tool_input": {"file_path": "README.md"}}),
+    # RFC 8693: the subject token is the caller's own credential; only a session token is exchanged.
+    Case("oauth token exchange", "POST", "/v1/oauth/token", _row(400, 200, 200, 400, 400, 400, 400, 400, 400),
+         form=lambda w, caller: {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                                 "subject_token": _own_bearer(w, caller),
+                                 "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                                 "resource": "jwt://payments-api", "scope": "read"}),
+    # RFC 7009: authorised as DELETE on the capability; a real token someone else may not revoke is refused.
+    Case("oauth revoke", "POST", "/v1/oauth/revoke", _row(401, 200, 403, 200, 403, 200, 403, 403, 200),
+         form=lambda w, caller: {"token": w.capability_token}),
     Case("orchestrator webhook (unsigned)", "POST", "/v1/webhooks/orchestrator",
          _row(401, 401, 401, 401, 401, 401, 401, 401, 401),
          body=lambda w: {"id": secrets.token_hex(8), "type": "session.ended", "session_id": w.session}),
 ]
-PUBLIC = ["/healthz", "/readyz", "/.well-known/jwks.json", "/metrics", "/v1/login"]
+PUBLIC = ["/healthz", "/readyz", "/.well-known/jwks.json", "/metrics", "/v1/login",
+          "/.well-known/oauth-authorization-server", "/.well-known/oauth-protected-resource"]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -179,13 +196,17 @@ def test_every_caller_gets_the_expected_status(env: Env, case: Case) -> None:
         world = env.world()
         path = case.path.format(session=world.session, capability=world.capability, approval=world.approval)
         body = case.body(world) if case.body else None
-        r = env.client.request(case.method, path, headers=world.headers[caller], json=body)
+        if case.form is not None:
+            r = env.client.request(case.method, path, headers=world.headers[caller], data=case.form(world, caller))
+        else:
+            r = env.client.request(case.method, path, headers=world.headers[caller], json=body)
         want = case.expected[caller]
         if r.status_code != want:
             mismatches.append(f"{caller}: got {r.status_code} want {want}: {r.text[:200]}")
             continue
         if r.status_code >= 400:
-            assert "error" in r.json() and r.json()["error"]["code"], r.text
+            error = r.json()["error"]  # the broker's {"code", ...}, or an OAuth error name with `code` beside it
+            assert (error["code"] if isinstance(error, dict) else error and r.json()["code"]), r.text
             # A refusal changed nothing: no cross-session read, revoke or approval slipped through.
             assert env.state(world) == ("active", "active", "pending"), (caller, case.name)
         elif case.sees is not None and case.visible_to is not None:

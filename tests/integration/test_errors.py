@@ -41,7 +41,9 @@ def test_401_identity(api: Api) -> None:
     body = {"resource": "jwt://payments-api", "access": "read", "purpose": "p"}
     r = api.client.post("/v1/capabilities", json=body)
     assert (r.status_code, _code(r)) == (401, "missing-credentials")
-    assert r.headers["www-authenticate"] == "Bearer"
+    # RFC 6750 with RFC 9728's pointer to the protected resource metadata (docs/oauth.md).
+    assert r.headers["www-authenticate"].startswith("Bearer ")
+    assert 'resource_metadata="' in r.headers["www-authenticate"]
     r = api.client.post("/v1/capabilities", json=body, headers={"Authorization": "Bearer nonsense"})
     assert (r.status_code, _code(r)) == (401, "invalid-token")
     head, payload, sig = session["session_token"].split(".")
@@ -116,7 +118,8 @@ def test_422_schema(api: Api, body: object) -> None:
 
 def test_422_session_schema(api: Api) -> None:
     for body in (
-        {"human": "a b", "agent": "x", "task_id": "t", "ttl_seconds": 600, "scope": [{"resource": "jwt://x", "access": ["read"]}]},
+        {"human": "a b", "agent": "x", "task_id": "t", "ttl_seconds": 600,
+         "scope": [{"resource": "jwt://x", "access": ["read"]}]},
         {"human": "a@b", "agent": "x", "task_id": "t", "ttl_seconds": 10, "scope": [{"resource": "jwt://x", "access": ["read"]}]},
         {"human": "a@b", "agent": "x", "task_id": "t", "ttl_seconds": 600, "scope": []},
         {"human": "a@b", "agent": "x", "task_id": "t", "ttl_seconds": 600, "scope": [{"resource": "nope", "access": ["read"]}]},
@@ -189,8 +192,9 @@ def test_github_through_the_api_and_502_503_from_providers(
         cred = r.json()["credential"]
         assert cred["type"] == "github_token" and cred["permissions"] == {"contents": "read"}
         auth = {"Authorization": f"Bearer {cred['token']}"}
-        assert httpx.get(f"{github_standin.url}/repos/acme/widgets/contents/README.md", headers={**auth, "User-Agent": "t"}).status_code == 200
-        assert httpx.get(f"{github_standin.url}/repos/acme/gadgets/contents/README.md", headers={**auth, "User-Agent": "t"}).status_code == 404
+        headers = {**auth, "User-Agent": "t"}
+        assert httpx.get(f"{github_standin.url}/repos/acme/widgets/contents/README.md", headers=headers).status_code == 200
+        assert httpx.get(f"{github_standin.url}/repos/acme/gadgets/contents/README.md", headers=headers).status_code == 404
         with Session(broker.engine) as db:
             lease = db.get(Lease, r.json()["capability_id"])
             assert lease.sealed_secret and cred["token"] not in lease.sealed_secret  # ciphertext only

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,22 @@ def terminate(proc: subprocess.Popen[Any] | None, *, grace: float = 10) -> None:
         proc.wait(timeout=10)
 
 
+# What a broker subprocess must not inherit from the test process: its own settings (each test
+# gives them), and the SDKs' variables other fixtures leave in os.environ. The moto fixture's
+# dummy AWS_* keys would make `broker-cli dev` configure its aws provider against the real STS
+# (unreachable here: never ready); VAULT_*/BAO_* would point hvac and `bao` at another OpenBao.
+NOT_INHERITED = ("BROKER_", "AWS_", "VAULT_", "BAO_")
+
+
+def broker_environ(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a `broker-cli dev`/`serve`/`migrate` subprocess: this process's
+    without NOT_INHERITED, plus exactly what the test gives in `env`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)}
+    return {**base, **(env or {})}
+
+
 def _environ(env: dict[str, str]) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    return {**base, "BROKER_LOG_LEVEL": "warning", **env}
+    return broker_environ({"BROKER_LOG_LEVEL": "warning", **env})
 
 
 def migrate(env: dict[str, str]) -> None:

@@ -16,7 +16,8 @@ from broker.identity.keys import KeyRing, rotate
 
 def _claims(**extra: object) -> dict[str, object]:
     now = int(time.time())
-    return {"iss": "https://broker", "aud": "jit-broker", "iat": now, "exp": now + 60, "jti": "j", "token_use": "session", **extra}
+    return {"iss": "https://broker", "aud": "jit-broker", "iat": now, "exp": now + 60, "jti": "j", "token_use": "session",
+            **extra}
 
 
 def test_generated_key_is_owner_only(tmp_path: Path) -> None:
@@ -52,7 +53,8 @@ def test_rotation_keeps_old_key_published_until_its_tokens_expire(tmp_path: Path
 def test_verify_refuses_wrong_use_audience_and_algorithm(tmp_path: Path) -> None:
     ring = KeyRing.load(tmp_path, retire_after=60, create=True)
     with pytest.raises(Unauthenticated):
-        ring.verify(ring.sign(_claims(token_use="capability")), audience="jit-broker", issuer="https://broker", token_use="session")
+        ring.verify(ring.sign(_claims(token_use="capability")), audience="jit-broker", issuer="https://broker",
+                    token_use="session")
     with pytest.raises(Unauthenticated):
         ring.verify(ring.sign(_claims(aud="other")), audience="jit-broker", issuer="https://broker", token_use="session")
     import jwt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -14,16 +15,36 @@ from broker.logs import REQUEST_ID, configure_logging
 
 @pytest.fixture
 def restore_root() -> Iterator[None]:
+    """Put back what configure_logging changes: the root's handlers and level, and uvicorn's loggers."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    uvicorn = {name: (list(lg.handlers), lg.level, lg.propagate)
+               for name in ("uvicorn", "uvicorn.error", "uvicorn.access") for lg in [logging.getLogger(name)]}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, (saved, lvl, propagate) in uvicorn.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:] = saved
+        lg.setLevel(lvl)
+        lg.propagate = propagate
+
+
+class _ThisThread(logging.Filter):
+    """Only this test's own lines: servers that earlier tests left running in this process (the
+    session's GitHub stand-in, a LiveServer still shutting down) log through the same root handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.thread
 
 
 def test_json_lines_carry_the_request_id_and_extras(restore_root: None) -> None:
     out = io.StringIO()
-    configure_logging("info", "json", stream=out)
+    configure_logging("info", "json", stream=out, extra_filters=[_ThisThread()])
     token = REQUEST_ID.set("req_abc")
     try:
         logging.getLogger("broker.test").info("minted %s", "cap_1", extra={"provider": "native"})
@@ -44,7 +65,7 @@ def test_json_lines_carry_the_request_id_and_extras(restore_root: None) -> None:
 
 def test_text_is_the_readable_default(restore_root: None) -> None:
     out = io.StringIO()
-    configure_logging("warning", stream=out)
+    configure_logging("warning", stream=out, extra_filters=[_ThisThread()])
     token = REQUEST_ID.set("req_x")
     logging.getLogger("broker.test").warning("careful")
     REQUEST_ID.reset(token)
@@ -64,7 +85,7 @@ def test_configuring_twice_keeps_one_handler_and_refuses_unknown_formats(restore
 
 def test_secrets_are_redacted_in_message_and_fields(restore_root: None) -> None:
     out = io.StringIO()
-    configure_logging("debug", "json", stream=out)
+    configure_logging("debug", "json", stream=out, extra_filters=[_ThisThread()])
     vault_token = "hvs." + "A1b2C3d4E5f6G7h8I9j0K1l2"
     github_token = "ghs_" + "x" * 36
     logging.getLogger("broker.test").info("minted %s", vault_token, extra={"detail": f"token {github_token}"})

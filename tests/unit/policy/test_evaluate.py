@@ -254,7 +254,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("resource", "access", "session", "request_", "policy", "result", "reason", "rule", "ttl", "layer"), CASES)
+@pytest.mark.parametrize(
+    ("resource", "access", "session", "request_", "policy", "result", "reason", "rule", "ttl", "layer"), CASES)
 def test_decision(policies, resource, access, session, request_, policy, result, reason, rule, ttl, layer):
     facts = replace(SESSION, **session)
     req = RequestFacts(**{"resource": resource, "access": access, "ttl_seconds": None, "now": NOW, **request_})
@@ -381,7 +382,8 @@ def test_the_policy_package_imports_no_api_providers_or_database():
 
     code = (
         "import sys, broker.policy\n"
-        "bad = [m for m in sys.modules if m.startswith(('broker.api', 'broker.providers', 'broker.db', 'sqlalchemy', 'sqlmodel'))]\n"
+        "bad = [m for m in sys.modules\n"
+        "       if m.startswith(('broker.api', 'broker.providers', 'broker.db', 'sqlalchemy', 'sqlmodel'))]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
