@@ -79,7 +79,7 @@ class Lease(SQLModel, table=True):
         # The sweeper's only query: what is due, oldest first. Cost follows what expires.
         Index("ix_leases_status_expires", "status", "expires_at"),
         Index("ix_leases_session_status", "session_id", "status"),
-        # Escalation: does the session hold a live lease of this tier? One index probe (0006).
+        # Escalation: does the session hold a live lease of this tier? One index probe (0007).
         Index("ix_leases_session_tier_status", "session_id", "tier", "status"),
     )
 
@@ -203,7 +203,7 @@ class AuditRecord(SQLModel, table=True):
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64)
     # The chain this record extends (`session:<id>`, or one of the broker's own chains) and its
-    # place in it; both are also in `record`. NULL on records written before chains (0006):
+    # place in it; both are also in `record`. NULL on records written before chains (0007):
     # those form the one legacy chain, in seq order, whose tip is `audit_head`.
     chain_id: str | None = Field(default=None, max_length=80)
     chain_pos: int | None = None

@@ -4,7 +4,7 @@
 
 where `record` is every field of the event except `prev_hash` and `hash` themselves, and
 canonical JSON is sorted keys, no insignificant white space, UTF-8. Every chain's first record
-has `prev_hash` 64 zeros. Since migration 0006 each session has its own chain (`chain_id`,
+has `prev_hash` 64 zeros. Since migration 0007 each session has its own chain (`chain_id`,
 `chain_pos` in the record); records written before it form the one legacy chain, ordered by seq.
 """
 

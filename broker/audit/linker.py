@@ -46,7 +46,7 @@ _PG_TRY_LOCK = text(f"SELECT pg_try_advisory_xact_lock({_LOCK_KEY})")
 _UNLINKED_ALL = ("SELECT r.seq, r.hash FROM audit_records r WHERE NOT EXISTS "
                  "(SELECT 1 FROM audit_leaves l WHERE l.seq = r.seq)")
 _PG_ELIGIBLE = " AND (r.txid IS NULL OR r.txid < :xmin)"
-_PG_SINCE = " AND r.txid >= :watermark"  # records from before 0006 (txid NULL) all went in the first drained round
+_PG_SINCE = " AND r.txid >= :watermark"  # records from before 0007 (txid NULL) all went in the first drained round
 _SQLITE_SINCE = " AND r.seq > :watermark"
 _ORDER = " ORDER BY r.seq LIMIT :n"
 

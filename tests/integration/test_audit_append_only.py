@@ -26,7 +26,7 @@ def _count(api: Api) -> int:
     # hiding a truncated chain by rewinding its tip
     "UPDATE audit_chains SET length = 0, head = '" + "0" * 64 + "'",
     "DELETE FROM audit_chains",
-    # the Merkle tree's leaves and signed checkpoints (migration 0006) are append-only too
+    # the Merkle tree's leaves and signed checkpoints (migration 0007) are append-only too
     "UPDATE audit_leaves SET seq = seq + 1000",
     "DELETE FROM audit_leaves",
     "UPDATE audit_checkpoints SET root_hash = '" + "0" * 64 + "'",

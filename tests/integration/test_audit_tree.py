@@ -1,4 +1,4 @@
-"""The audit log since 0006: per-session chains, the linker's Merkle tree, signed checkpoints.
+"""The audit log since 0007: per-session chains, the linker's Merkle tree, signed checkpoints.
 
 Tamper tests act as a database administrator would: the append-only triggers go first (dropped
 on SQLite, disabled on PostgreSQL), then the rows are rewritten. Each kind of tampering must be

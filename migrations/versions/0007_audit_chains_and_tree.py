@@ -9,8 +9,8 @@ in the log-wide tree, set by the background linker), `audit_tree` (the linker's 
 `audit_records` is altered with plain ADD COLUMN (no batch copy), so migration 0002's triggers
 stay in place.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision = '0006'
-down_revision = '0005'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
