@@ -36,6 +36,8 @@ from broker.api.routes import (
 from broker.approvals.outbox import outbox_delivery
 from broker.approvals.signals import ApprovalSignals
 from broker.audit.events import AuditEvent, RequestRef
+from broker.audit.linker import link_all
+from broker.audit.linker import linker as audit_linker
 from broker.audit.service import append, ensure_head, last_policy_loaded, lock_head
 from broker.config import Settings
 from broker.console import app as console
@@ -122,6 +124,14 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             except Exception:  # the sweeper runs the same queries: recovery is delayed, not lost
                 log.exception("reconciliation at start failed; the sweeper will carry on")
             background.start()
+        # Beside the sweeper too: the audit linker. What a crash left unlinked goes in first.
+        linker = audit_linker(broker) if sweeper else None
+        if linker:
+            try:
+                await asyncio.to_thread(link_all, broker)
+            except Exception:  # the linker's rounds run the same queries
+                log.exception("audit linking at start failed; the linker will carry on")
+            linker.start()
         # Beside the sweeper: live capabilities whose human lost the permission at the source.
         recheck = permission_rechecker(broker) if sweeper else None
         if recheck:
@@ -139,6 +149,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                 delivery.stop()
             if recheck:
                 recheck.stop()
+            if linker:
+                linker.stop()
             if background:
                 background.stop()
             broker.permissions.close()

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     session_max_ttl_seconds: int = Field(default=86400, ge=60)
     # How often the sweeper looks for expired leases: the upper bound of expiry lag.
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    # The audit linker (docs/audit.md): how often it folds committed records into the Merkle
+    # tree, how many per round, and how often it signs a checkpoint while the log grows.
+    audit_link_interval_seconds: float = Field(default=0.2, gt=0)
+    audit_link_batch: int = Field(default=1000, ge=1, le=100_000)
+    audit_checkpoint_interval_seconds: float = Field(default=10.0, ge=0)
     # Bounded batches keep each sweep short and its cost proportional to what expires.
     sweep_batch_size: int = Field(default=500, ge=1)
     # A replica that claimed rows and died releases them after this long.

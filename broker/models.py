@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from broker.db import UTCDateTime
@@ -79,6 +79,8 @@ class Lease(SQLModel, table=True):
         # The sweeper's only query: what is due, oldest first. Cost follows what expires.
         Index("ix_leases_status_expires", "status", "expires_at"),
         Index("ix_leases_session_status", "session_id", "status"),
+        # Escalation: does the session hold a live lease of this tier? One index probe (0007).
+        Index("ix_leases_session_tier_status", "session_id", "tier", "status"),
     )
 
 
@@ -200,8 +202,19 @@ class AuditRecord(SQLModel, table=True):
     record: str = Field(sa_column=Column(Text, nullable=False))
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64)
+    # The chain this record extends (`session:<id>`, or one of the broker's own chains) and its
+    # place in it; both are also in `record`. NULL on records written before chains (0007):
+    # those form the one legacy chain, in seq order, whose tip is `audit_head`.
+    chain_id: str | None = Field(default=None, max_length=80)
+    chain_pos: int | None = None
+    # PostgreSQL: the writing transaction's id (pg_current_xact_id), which tells the linker when
+    # every transaction that could still add a record below a watermark has finished.
+    txid: int | None = Field(default=None, sa_type=BigInteger, index=True)
 
-    __table_args__ = (UniqueConstraint("event_id", name="uq_audit_event_id"),)
+    __table_args__ = (
+        UniqueConstraint("event_id", name="uq_audit_event_id"),
+        Index("uq_audit_chain_pos", "chain_id", "chain_pos", unique=True),
+    )
 
 
 class AuditHead(SQLModel, table=True):
@@ -212,6 +225,49 @@ class AuditHead(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     seq: int = 0
     hash: str = Field(default="0" * 64, max_length=64)
+
+
+class AuditChain(SQLModel, table=True):
+    """The tip of one chain (a session's, or one of the broker's own). Appending locks only
+    this row, so sessions never wait for each other."""
+
+    __tablename__ = "audit_chains"
+
+    chain_id: str = Field(primary_key=True, max_length=80)
+    length: int = 0
+    head: str = Field(default="0" * 64, max_length=64)
+
+
+class AuditLeaf(SQLModel, table=True):
+    """A record's place (leaf index, from 0) in the log-wide Merkle tree, set by the linker."""
+
+    __tablename__ = "audit_leaves"
+
+    leaf_index: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    seq: int = Field(unique=True)
+
+
+class AuditTree(SQLModel, table=True):
+    """A single row, written by the linker only (never on the request path): the tree's size,
+    the roots of its perfect subtrees (the frontier) and how far linking has got."""
+
+    __tablename__ = "audit_tree"
+
+    id: int = Field(default=1, primary_key=True)
+    size: int = 0
+    frontier: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    watermark: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed checkpoint (C2SP signed note) of the tree: size, root, time, Ed25519 signature."""
+
+    __tablename__ = "audit_checkpoints"
+
+    tree_size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    root_hash: str = Field(max_length=64)
+    timestamp: str = Field(max_length=40)
+    note: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class WebhookDelivery(SQLModel, table=True):

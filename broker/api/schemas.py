@@ -241,6 +241,26 @@ class AuditVerification(BaseModel):
     first_bad_event_id: str | None
     problem: str | None
     head_hash: str | None
+    chains: int | None = Field(default=None, description="hash chains walked (one per session, a few broker chains)")
+    tree_size: int | None = Field(default=None, description="leaves of the Merkle tree the linker built")
+    root_hash: str | None = Field(default=None, description="RFC 6962 root of that tree, hex")
+    unlinked: int | None = Field(default=None, description="committed records the linker has not folded in yet")
+    bad_checkpoint: int | None = Field(default=None, description="tree size of a stored checkpoint the log does not match")
+
+
+class AuditCheckpoint(BaseModel):
+    origin: str
+    tree_size: int = Field(description="leaves (records) in the tree this checkpoint commits to")
+    root_hash: str = Field(description="RFC 6962 Merkle tree hash, hex")
+    timestamp: str
+    key_name: str = Field(description="the kid of the broker signing key (see /.well-known/jwks.json)")
+    note: str = Field(description="the C2SP signed note: save it, and give it to `audit verify --checkpoint`")
+
+
+class AuditConsistency(BaseModel):
+    first: int
+    second: int
+    proof: list[str] = Field(description="RFC 9162 section 2.1.4 consistency proof, hex node hashes")
 
 
 class Liveness(BaseModel):

@@ -1,32 +1,56 @@
 """Appending audit records inside the caller's transaction, and reading them back.
 
-Appending locks the single `audit_head` row, so the chain has one order even across replicas;
-the record commits (or rolls back) together with the state change it describes. If the
-append fails, the caller's transaction fails with it: fail closed.
+Each session's records form their own hash chain, and records without a session go to one of a
+few broker chains. Appending locks only the chain's tip row in `audit_chains` (for a session:
+one more row beside the session row the decision already holds), so no two sessions wait for
+each other: nothing on the request path is shared by the whole cluster. The record number `seq`
+comes from a PostgreSQL sequence (never waits; gaps where a transaction rolled back) or, on
+SQLite, whose writers are serialised anyway, from max(seq) + 1. The background linker
+(`broker/audit/linker.py`) then folds committed records into the log-wide Merkle tree and signs
+checkpoints of it. The record commits (or rolls back) together with the state change it
+describes; if the append fails, the caller's transaction fails with it: fail closed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from broker.audit.chain import GENESIS, StoredLink, VerifyResult, canonical_json, chain_hash, verify_links
+from broker.audit import checkpoint as checkpoints
+from broker.audit.chain import (
+    GENESIS,
+    LEGACY_CHAIN,
+    ChainWalker,
+    StoredLink,
+    VerifyResult,
+    canonical_json,
+    chain_hash,
+)
 from broker.audit.events import AuditEvent
+from broker.audit.merkle import EMPTY_ROOT, Frontier, leaf_hash
 from broker.db import utcnow
 from broker.errors import AuditWriteFailed
-from broker.models import AuditHead, AuditRecord
+from broker.models import AuditChain, AuditCheckpoint, AuditHead, AuditRecord, AuditTree
 from broker.times import rfc3339_precise
 
 log = logging.getLogger("broker.audit")
+
+BROKER_CHAINS = 8  # chains for records without a session (policy loads, webhooks, admin actions)
+
+
+def chain_of(session_id: str | None, broker_chain: int) -> str:
+    return f"session:{session_id}" if session_id else f"broker:{broker_chain}"
 
 
 def append(db: Session, event: AuditEvent, *, now: datetime | None = None) -> None:
@@ -34,43 +58,75 @@ def append(db: Session, event: AuditEvent, *, now: datetime | None = None) -> No
 
 
 def append_many(db: Session, events: list[AuditEvent], *, now: datetime | None = None) -> None:
-    """Core SQL, and the caller's pending ORM changes flushed first: the head row is locked
-    by the first statement here and held only until the caller commits. N records cost three
-    statements, so a teardown of a thousand leases takes the head once."""
+    """Core SQL, and the caller's pending ORM changes flushed first. The tip rows of the chains
+    written are locked (in chain order, so two appenders never deadlock on them) and held until
+    the caller commits. One record in one chain costs three statements on PostgreSQL; a teardown
+    of a thousand leases of one session takes its chain once."""
     if not events:
         return
     now = now or utcnow()
+    broker_chain = secrets.randbelow(BROKER_CHAINS)
+    chains = [chain_of(e.agent.session_id, broker_chain) for e in events]
+    counts: dict[str, int] = {}
+    for c in chains:
+        counts[c] = counts.get(c, 0) + 1
     try:
         db.flush()
         conn = db.connection()
-        # UPDATE ... RETURNING takes the row lock and reads the tip in one round trip; the hash
-        # is unchanged by it, so RETURNING yields the previous record's hash.
-        last_seq, prev_hash = conn.execute(_ADVANCE, {"n": len(events)}).one()
-        rows = []
-        for offset, event in enumerate(events):
-            body = _body(event, last_seq - len(events) + 1 + offset, now)
+        postgres = conn.dialect.name == "postgresql"
+        tips: dict[str, tuple[int, str]] = {}  # chain -> (records before these, tip hash)
+        seqs: list[int] = []
+        txid = None
+        for c in sorted(counts):
+            n = counts[c]
+            if postgres and len(events) == 1:
+                length, head, seq, txid = conn.execute(_ADVANCE_ONE, {"c": c, "n": n, "g": GENESIS}).one()
+                seqs = [seq]
+            else:
+                length, head = conn.execute(_ADVANCE, {"c": c, "n": n, "g": GENESIS}).one()
+            tips[c] = (length - n, head)
+        if not seqs:
+            if postgres:
+                rows = conn.execute(_NEXT_SEQS, {"n": len(events)}).all()
+                seqs, txid = sorted(r[0] for r in rows), rows[0][1]
+            else:
+                top = conn.execute(_MAX_SEQ).scalar_one()
+                seqs = list(range(top + 1, top + 1 + len(events)))
+        records = []
+        for event, c, seq in zip(events, chains, seqs, strict=True):
+            before, prev_hash = tips[c]
+            body = _body(event, seq, now)
+            body["chain_id"], body["chain_pos"] = c, before + 1
             canonical = canonical_json(body)
             digest = chain_hash(prev_hash, canonical)
-            rows.append({
-                "seq": body["seq"], "event_id": body["event_id"], "timestamp": body["timestamp"], "type": event.type,
+            records.append({
+                "seq": seq, "event_id": body["event_id"], "timestamp": body["timestamp"], "type": event.type,
                 "session_id": event.agent.session_id, "human_principal": event.human_principal,
                 "outcome": event.outcome, "record": canonical, "prev_hash": prev_hash, "hash": digest,
+                "chain_id": c, "chain_pos": before + 1, "txid": txid,
             })
-            prev_hash = digest
-        conn.execute(_RECORDS.insert(), rows)
-        conn.execute(_SET_TIP, {"hash": prev_hash})
+            tips[c] = (before + 1, digest)
+        conn.execute(_RECORDS.insert(), records)
+        conn.execute(_SET_TIP, [{"c": c, "h": tip[1]} for c, tip in tips.items()])
     except SQLAlchemyError as exc:
         log.error("audit append failed: %s", exc.__class__.__name__)
         raise AuditWriteFailed("the audit record could not be written; the request was not carried out") from exc
-    log.debug("audit %d record(s) up to seq=%d", len(events), last_seq)
+    log.debug("audit %d record(s) up to seq=%d", len(events), seqs[-1])
 
 
 def _body(event: AuditEvent, seq: int, now: datetime) -> dict[str, Any]:
     return {"event_id": str(uuid.uuid4()), "seq": seq, "timestamp": rfc3339_precise(now), **event.fields()}
 
 
-_ADVANCE = text("UPDATE audit_head SET seq = seq + :n WHERE id = 1 RETURNING seq, hash")
-_SET_TIP = text("UPDATE audit_head SET hash = :hash WHERE id = 1")
+# Takes the chain's tip row lock (creating the row for a new chain) and reads the tip in one
+# round trip; the head is unchanged by it, so RETURNING yields the previous record's hash.
+_UPSERT = ("INSERT INTO audit_chains (chain_id, length, head) VALUES (:c, :n, :g) ON CONFLICT (chain_id) "
+           "DO UPDATE SET length = audit_chains.length + :n RETURNING length, head")
+_ADVANCE = text(_UPSERT)
+_ADVANCE_ONE = text(_UPSERT + ", nextval('audit_seq'), pg_current_xact_id()::text::bigint")
+_NEXT_SEQS = text("SELECT nextval('audit_seq'), pg_current_xact_id()::text::bigint FROM generate_series(1, :n)")
+_MAX_SEQ = text("SELECT coalesce(max(seq), 0) FROM audit_records")
+_SET_TIP = text("UPDATE audit_chains SET head = :h WHERE chain_id = :c")
 _RECORDS = AuditRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
 
 
@@ -81,7 +137,9 @@ def ensure_head(db: Session) -> None:
 
 
 def lock_head(db: Session) -> None:
-    """Take the chain's head row lock now (appending would take it anyway), to check-then-append."""
+    """Take the `audit_head` row lock, to check-then-append a `policy.loaded` record (replicas
+    starting together: one of them records the change). Appending no longer takes it (each
+    chain has its own tip row), so only policy loads wait on it, not the request path."""
     db.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
 
 
@@ -102,28 +160,127 @@ def iter_links(db: Session, *, batch: int = 1000) -> Iterator[StoredLink]:
         if not rows:
             return
         for r in rows:
-            yield StoredLink(
-                r.seq, r.event_id, r.timestamp, r.type, r.session_id, r.human_principal, r.outcome, r.record,
-                r.prev_hash, r.hash,
-            )
+            yield _link(r)
         last = rows[-1].seq
 
 
-def verify(db: Session) -> VerifyResult:
-    result = verify_links(iter_links(db))
-    if result.ok:
-        head = db.get(AuditHead, 1)
-        tip = head.hash if head else GENESIS
-        if tip != result.head_hash:
-            # Records deleted from the end: the head still remembers the real tip.
-            return VerifyResult(False, result.checked, result.checked + 1, None,
-                                "chain is shorter than its head: records were removed")
-    return result
+def _link(r: AuditRecord) -> StoredLink:
+    return StoredLink(r.seq, r.event_id, r.timestamp, r.type, r.session_id, r.human_principal, r.outcome, r.record,
+                      r.prev_hash, r.hash, r.chain_id, r.chain_pos)
+
+
+def verify(db: Session, keys: Mapping[str, Ed25519PublicKey] | None = None) -> VerifyResult:
+    """Every chain record by record, every chain's tip, the Merkle tree the linker built, and every
+    stored checkpoint's root (and, given the broker's public keys, its signature). Stops at the
+    first problem and names the record (seq, event id) or the checkpoint (its tree size)."""
+    walker = ChainWalker()
+    for link in iter_links(db):
+        problem = walker.check(link)
+        if problem:
+            return VerifyResult(False, walker.checked, link.seq, link.event_id, problem)
+
+    def bad(problem: str, seq: int | None = None, checkpoint: int | None = None) -> VerifyResult:
+        event_id = None
+        if seq is not None:
+            row = db.get(AuditRecord, seq)
+            event_id = row.event_id if row else None
+        return VerifyResult(False, walker.checked, seq, event_id, problem, bad_checkpoint=checkpoint)
+
+    # The tree: leaves 0..n-1, each naming a record that exists, folded as the linker did.
+    frontier = Frontier()
+    checkpoints = list(db.exec(select(AuditCheckpoint).order_by(col(AuditCheckpoint.tree_size))).all())
+    pending = iter(checkpoints)
+    checkpoint = next(pending, None)
+    while checkpoint is not None and checkpoint.tree_size == 0:
+        if checkpoint.root_hash != EMPTY_ROOT.hex():
+            return bad("checkpoint of the empty tree has the wrong root", checkpoint=0)
+        checkpoint = next(pending, None)
+    for leaf_index, seq, record_hash in _leaves(db):
+        if leaf_index != frontier.size:
+            return bad(f"leaf {frontier.size} is missing (next leaf is {leaf_index})", seq)
+        if record_hash is None:
+            return bad(f"leaf {leaf_index} names record seq={seq}, which is missing", seq)
+        frontier.append(leaf_hash(record_hash))
+        while checkpoint is not None and checkpoint.tree_size == frontier.size:
+            problem = _checkpoint_problem(checkpoint, frontier.root(), keys)
+            if problem:
+                return bad(problem, checkpoint=checkpoint.tree_size)
+            checkpoint = next(pending, None)
+    if checkpoint is not None:
+        return bad(f"checkpoint of size {checkpoint.tree_size} is beyond the tree's {frontier.size} leaves: "
+                   "linked records were removed", checkpoint=checkpoint.tree_size)
+    tree = db.get(AuditTree, 1)
+    if tree is not None and (tree.size != frontier.size or tree.frontier != [h.hex() for h in frontier.hashes]):
+        return bad(f"the linker's state (size {tree.size}) does not match the {frontier.size} leaves stored")
+
+    # Tips: each chain ends where its tip row says; a tail deleted from a chain shows here.
+    for tip in db.exec(select(AuditChain).order_by(col(AuditChain.chain_id))).all():
+        pos, head, last = walker.tips.pop(tip.chain_id, (0, GENESIS, 0))
+        if (pos, head) != (tip.length, tip.head):
+            what = ("records were added around the broker" if pos > tip.length else
+                    "records were removed from its end")
+            return bad(f"chain {tip.chain_id} ends at position {pos} but its tip says {tip.length} records: {what}",
+                       last or None)
+    legacy_head = db.get(AuditHead, 1)
+    pos, head, last = walker.tips.pop(LEGACY_CHAIN, (0, GENESIS, 0))
+    if legacy_head is not None and (pos, head) != (legacy_head.seq, legacy_head.hash):
+        return bad("chain is shorter than its head: records were removed", last + 1)
+    for chain, (_, _, last) in walker.tips.items():
+        return bad(f"chain {chain} has no tip row: its records were inserted around the broker", last)
+    unlinked = db.exec(text("SELECT count(*) FROM audit_records r WHERE NOT EXISTS "  # type: ignore[call-overload]
+                            "(SELECT 1 FROM audit_leaves l WHERE l.seq = r.seq)")).one()[0]
+    return VerifyResult(True, walker.checked, chains=len(db.exec(select(AuditChain.chain_id)).all()) + (1 if pos else 0),
+                        tree_size=frontier.size, root_hash=frontier.root().hex(), unlinked=int(unlinked))
+
+
+def _leaves(db: Session, batch: int = 5000) -> Iterator[tuple[int, int, str | None]]:
+    last = -1
+    while True:
+        rows = db.connection().execute(_LEAVES, {"after": last, "n": batch}).all()
+        if not rows:
+            return
+        for row in rows:
+            yield int(row[0]), int(row[1]), row[2]
+        last = rows[-1][0]
+
+
+_LEAVES = text("SELECT l.leaf_index, l.seq, r.hash FROM audit_leaves l LEFT JOIN audit_records r ON r.seq = l.seq "
+               "WHERE l.leaf_index > :after ORDER BY l.leaf_index LIMIT :n")
+
+
+def _checkpoint_problem(cp: AuditCheckpoint, root_now: bytes, keys: Mapping[str, Ed25519PublicKey] | None) -> str | None:
+    if cp.root_hash != root_now.hex():
+        return f"checkpoint of size {cp.tree_size}: its root hash does not match the tree's first {cp.tree_size} leaves"
+    if keys is not None:
+        try:
+            parsed = checkpoints.parse(cp.note, keys)
+        except checkpoints.CheckpointError as exc:
+            if "no signature by a key" in str(exc):
+                return None  # signed by a key since retired: the root above still had to match
+            return f"checkpoint of size {cp.tree_size}: {exc}"
+        if (parsed.size, parsed.root_hash) != (cp.tree_size, cp.root_hash):
+            return f"checkpoint of size {cp.tree_size}: the signed note does not say what its columns say"
+    return None
+
+
+def leaf_hashes(db: Session, size: int) -> list[bytes]:
+    """The first `size` leaf hashes, for a consistency proof. Raises LookupError if the tree is
+    smaller or a linked record is gone (`verify` names which)."""
+    out: list[bytes] = []
+    for leaf_index, seq, record_hash in _leaves(db):
+        if len(out) == size:
+            break
+        if leaf_index != len(out) or record_hash is None:
+            raise LookupError(f"leaf {len(out)} (record seq={seq}) is missing; run audit verify")
+        out.append(leaf_hash(record_hash))
+    if len(out) < size:
+        raise LookupError(f"the tree has only {len(out)} leaves")
+    return out
 
 
 @dataclass(frozen=True)
 class RecordCheck:
-    """One record's place in the chain: its hash recomputes, it links to its neighbours."""
+    """One record's place in its chain: its hash recomputes, it links to its neighbours."""
 
     seq: int
     ok: bool
@@ -131,19 +288,36 @@ class RecordCheck:
 
 
 def check_records(db: Session, records: list[AuditRecord]) -> list[RecordCheck]:
-    """Check a few records (a session's) where they sit in the one chain: each record's hash
+    """Check a few records (a session's) where they sit in their chain: each record's hash
     recomputes from its prev_hash and canonical body, its prev_hash is the hash of the record
-    before it (seq - 1), and the record after it (seq + 1) names its hash. Costs a lookup per
-    neighbour, not a walk of the whole log (`verify` is that, for admins and `audit verify`)."""
-    seqs = {r.seq for r in records}
-    neighbours = ({r.seq - 1 for r in records} | {r.seq + 1 for r in records}) - seqs
-    known = {r.seq: r for r in records}
-    if neighbours:
-        for row in db.exec(select(AuditRecord).where(col(AuditRecord.seq).in_(sorted(neighbours)))).all():
-            known[row.seq] = row
-    head = db.get(AuditHead, 1)
+    before it in the chain, and the record after it names its hash (or the chain's tip is this
+    record). Costs a lookup per neighbour, not a walk of the whole log (`verify` is that)."""
+    def place(r: AuditRecord) -> tuple[str, int]:
+        return (r.chain_id, r.chain_pos or 0) if r.chain_id else (LEGACY_CHAIN, r.seq)
+
+    known = {place(r): r for r in records}
+    wanted = ({(c, p - 1) for c, p in known} | {(c, p + 1) for c, p in known}) - set(known)
+    by_chain: dict[str, list[int]] = {}
+    for c, p in wanted:
+        by_chain.setdefault(c, []).append(p)
+    for c, positions in by_chain.items():
+        stmt = (select(AuditRecord).where(col(AuditRecord.seq).in_(positions), col(AuditRecord.chain_id).is_(None))
+                if c == LEGACY_CHAIN else
+                select(AuditRecord).where(AuditRecord.chain_id == c, col(AuditRecord.chain_pos).in_(positions)))
+        for row in db.exec(stmt).all():
+            known[place(row)] = row
+    tips: dict[str, tuple[int, str]] = {}
+    for c in {c for c, _ in known}:
+        if c == LEGACY_CHAIN:
+            head = db.get(AuditHead, 1)
+            tips[c] = (head.seq, head.hash) if head else (0, GENESIS)
+        else:
+            tip = db.get(AuditChain, c)
+            tips[c] = (tip.length, tip.head) if tip else (0, GENESIS)
     out = []
     for r in sorted(records, key=lambda x: x.seq):
+        c, pos = place(r)
+        before, after = known.get((c, pos - 1)), known.get((c, pos + 1))
         problem = None
         try:
             body = json.loads(r.record)
@@ -153,16 +327,17 @@ def check_records(db: Session, records: list[AuditRecord]) -> list[RecordCheck]:
             problem = "the record is not canonical JSON"
         elif chain_hash(r.prev_hash, r.record) != r.hash:
             problem = "the hash does not match the record's content"
-        elif body.get("seq") != r.seq or (body.get("agent") or {}).get("session_id") != r.session_id:
+        elif (body.get("seq"), (body.get("agent") or {}).get("session_id"), body.get("chain_id"), body.get("chain_pos")) \
+                != (r.seq, r.session_id, r.chain_id, r.chain_pos):
             problem = "the indexed columns do not match the hashed record"
-        elif r.seq == 1 and r.prev_hash != GENESIS:
+        elif pos == 1 and r.prev_hash != GENESIS:
             problem = "the first record does not start the chain"
-        elif r.seq > 1 and (r.seq - 1 not in known or known[r.seq - 1].hash != r.prev_hash):
-            problem = f"prev_hash does not match record {r.seq - 1}"
-        elif r.seq + 1 in known and known[r.seq + 1].prev_hash != r.hash:
-            problem = f"record {r.seq + 1} does not name this record's hash"
-        elif r.seq + 1 not in known and not (head is not None and head.seq == r.seq and head.hash == r.hash):
-            problem = f"record {r.seq + 1} is missing, or the chain's head does not end at this record"
+        elif pos > 1 and (before is None or before.hash != r.prev_hash):
+            problem = f"prev_hash does not match record {before.seq if before else pos - 1}"
+        elif after is not None and after.prev_hash != r.hash:
+            problem = f"record {after.seq} does not name this record's hash"
+        elif after is None and tips[c] != (pos, r.hash):
+            problem = "the next record is missing, or the chain's tip does not end at this record"
         out.append(RecordCheck(r.seq, problem is None, problem))
     return out
 

@@ -297,15 +297,72 @@ def revoke(
 # --- audit ----------------------------------------------------------------------------------------
 
 @audit_app.command("verify")
-def audit_verify(as_json: JsonOpt = False) -> None:
-    """Walk the chain; name the first broken record. Exit 1 if the chain is broken."""
+def audit_verify(
+    as_json: JsonOpt = False,
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="a checkpoint saved earlier (`audit checkpoint`): prove the log today extends it")] = None,
+) -> None:
+    """Walk every chain and the Merkle tree; name the first broken record or checkpoint. With
+    --checkpoint, also prove (RFC 6962 consistency proof, checked here, not by the broker) that
+    today's log extends the saved checkpoint. Exit 1 if anything does not hold."""
     r = call("GET", "/v1/audit/verify")
-    if r["ok"]:
-        _out(r, as_json, f"audit chain intact: {r['checked']} records, head {r['head_hash']}")
-        return
-    _out(r, as_json, f"AUDIT CHAIN BROKEN at record seq={r['first_bad_seq']} event_id={r['first_bad_event_id']}: "
-                     f"{r['problem']} ({r['checked']} records before it are intact)")
-    raise typer.Exit(1)
+    if not r["ok"]:
+        where = (f"checkpoint of size {r['bad_checkpoint']}" if r.get("bad_checkpoint") is not None
+                 else f"record seq={r['first_bad_seq']} event_id={r['first_bad_event_id']}")
+        _out(r, as_json, f"AUDIT CHAIN BROKEN at {where}: {r['problem']} ({r['checked']} records before it are intact)")
+        raise typer.Exit(1)
+    text = (f"audit chain intact: {r['checked']} records in {r.get('chains')} chains; "
+            f"tree of {r.get('tree_size')} leaves, root {r.get('root_hash')}, {r.get('unlinked')} not yet linked")
+    if checkpoint is not None:
+        r["checkpoint"] = _prove_extends(checkpoint)
+        if not r["checkpoint"]["ok"]:
+            _out(r, as_json, f"AUDIT LOG DOES NOT EXTEND {r['checkpoint']['name']}: {r['checkpoint']['problem']}")
+            raise typer.Exit(1)
+        text += f"\nextends {r['checkpoint']['name']} (consistency proof to size {r['checkpoint']['current_size']})"
+    _out(r, as_json, text)
+
+
+def _prove_extends(path: Path) -> dict[str, Any]:
+    from broker.audit import checkpoint as checkpoints
+    from broker.audit.merkle import verify_consistency
+
+    keys = checkpoints.public_keys_from_jwks(call("GET", "/.well-known/jwks.json"))
+    name = f"checkpoint {path}"
+    try:
+        saved = checkpoints.parse(path.read_text(), keys)
+    except (OSError, UnicodeDecodeError, checkpoints.CheckpointError) as exc:
+        return {"ok": False, "name": name, "problem": f"the saved checkpoint is not usable: {exc}"}
+    name = f"checkpoint size={saved.size} root={saved.root_hash}"
+    try:
+        current = checkpoints.parse(call("GET", "/v1/audit/checkpoint")["note"], keys)
+    except checkpoints.CheckpointError as exc:
+        return {"ok": False, "name": name, "problem": f"the broker's current checkpoint does not verify: {exc}"}
+    out: dict[str, Any] = {"name": name, "saved_size": saved.size, "current_size": current.size,
+                           "current_root": current.root_hash}
+    if saved.origin != current.origin:
+        return {**out, "ok": False, "problem": f"it is a checkpoint of another log ({saved.origin})"}
+    if current.size < saved.size:
+        return {**out, "ok": False, "problem": f"the log has only {current.size} leaves now: it was truncated"}
+    proof: list[str] = []
+    if 0 < saved.size < current.size:
+        proof = call("GET", "/v1/audit/consistency", params={"first": saved.size, "second": current.size})["proof"]
+    ok = verify_consistency(saved.size, current.size, bytes.fromhex(saved.root_hash), bytes.fromhex(current.root_hash),
+                            [bytes.fromhex(h) for h in proof])
+    if not ok:
+        return {**out, "ok": False, "problem": f"no consistency proof to today's tree of size {current.size}: "
+                                               "the records it covered were rewritten"}
+    return {**out, "ok": True}
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(as_json: JsonOpt = False) -> None:
+    """Print the newest signed checkpoint (a C2SP signed note). Keep it off the box; later,
+    `audit verify --checkpoint FILE` proves the log still extends it."""
+    r = call("GET", "/v1/audit/checkpoint")
+    if as_json:
+        _out(r, True, "")
+    else:
+        sys.stdout.write(r["note"])
 
 
 def _records(session: str | None, since: int, limit: int) -> list[dict[str, Any]]:

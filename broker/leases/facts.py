@@ -3,20 +3,40 @@ dry run (`policy explain`) and a grant's check alike."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from broker.leases.vocabulary import LIVE
 from broker.models import Lease, SessionRow
 from broker.policy import BoundsLookup, ScopeEntry, SessionFacts, TtlBounds
+from broker.policy.compiled import CompiledPolicy
 from broker.runtime import Broker
 
 
-def session_facts(db: Session, session: SessionRow) -> SessionFacts:
-    tiers = db.exec(
-        select(Lease.tier).where(Lease.session_id == session.id, col(Lease.status).in_(LIVE))
-    ).all()
+def session_facts(db: Session, session: SessionRow, policies: Sequence[CompiledPolicy | None] | None = None) -> SessionFacts:
+    """What the evaluator needs of the session. Given the policies that will judge it (current and
+    shadow), the cost is bounded by the policies, not by the session's leases: the live count is
+    counted only up to the largest `max_active_per_session` (the budget compares against it;
+    past it the count says "at the limit"), and of the live tiers only the escalation tiers are
+    looked up, one indexed EXISTS each (ix_leases_session_tier_status), all in one statement.
+    Without policies (explain, grants) every live lease is read, as before."""
+    if policies is None:
+        tiers = db.exec(select(Lease.tier).where(Lease.session_id == session.id, col(Lease.status).in_(LIVE))).all()
+        active_count, active_tiers = len(tiers), frozenset(tiers)
+    else:
+        judged = [p for p in policies if p is not None]
+        caps = [p.max_active_per_session for p in judged if p.max_active_per_session is not None]
+        escalation = sorted(set().union(*(p.escalation_tiers for p in judged)))
+        # One round trip: the bounded count and one EXISTS per escalation tier.
+        columns = [_LIVE_UP_TO if caps else "0"] + [_LIVE_TIER.format(i=i) for i in range(len(escalation))]
+        params: dict[str, Any] = {"s": session.id, "cap": max(caps) if caps else 0}
+        params.update({f"t{i}": tier for i, tier in enumerate(escalation)})
+        row = db.connection().execute(text("SELECT " + ", ".join(columns)), params).one()
+        active_count = int(row[0])
+        active_tiers = frozenset(tier for tier, held in zip(escalation, row[1:], strict=True) if held)
     return SessionFacts(
         session_id=session.id,
         human=session.human,
@@ -26,9 +46,16 @@ def session_facts(db: Session, session: SessionRow) -> SessionFacts:
         status=session.status,
         expires_at=session.expires_at,
         issued_count=session.issued_count,
-        active_count=len(tiers),
-        active_tiers=frozenset(tiers),
+        active_count=active_count,
+        active_tiers=active_tiers,
     )
+
+
+_LIVE_STATUSES = ", ".join(f"'{status}'" for status in LIVE)
+_LIVE_UP_TO = (f"(SELECT count(*) FROM (SELECT 1 FROM leases WHERE session_id = :s AND status IN ({_LIVE_STATUSES}) "
+               "LIMIT :cap) AS live)")
+_LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "
+              f"({_LIVE_STATUSES}))")
 
 
 def bounds_lookup(broker: Broker) -> BoundsLookup:

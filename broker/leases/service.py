@@ -66,7 +66,7 @@ def _evaluate(broker: Broker, db: Session, session: SessionRow, ask: CapabilityA
               approval: Approval | None, live: LivePermission | None) -> tuple[Decision, Decision | None, JitGrant | None]:
     """The decision; where it waits for approval, a matching grant stands in for one."""
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
-    facts = session_facts(db, session)
+    facts = session_facts(db, session, (policy, shadow_policy))
 
     def run(ttl: int | None, approved: bool) -> tuple[Decision, Decision | None]:
         request = RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ttl, now=now, approved=approved,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -71,6 +72,52 @@ class AgentRule:
         return f"agents.{self.name}"
 
 
+class ResourceMatcher:
+    """First match in file order, without trying every rule.
+
+    Exact matches are a dict hit. A glob can only cover resources that start with its literal
+    prefix (the text before its first `*`, scheme included), so globs are indexed by that
+    prefix: a lookup lists the distinct prefix lengths, takes the resource's prefix of each
+    length, and merges the few candidate lists (each in file order) by rule index. Candidates
+    are tried in file order and only those written before an exact hit can beat it. With a
+    thousand rules under a handful of prefixes, a decision tries the rules sharing the
+    resource's prefix, not all of them.
+    """
+
+    def __init__(self, rules: Sequence[ResourceRule]) -> None:
+        self._exact: dict[str, ResourceRule] = {}
+        by_prefix: dict[str, list[tuple[int, Glob, ResourceRule]]] = {}
+        for rule in rules:
+            if is_glob(rule.match):
+                prefix = rule.match.split("*", 1)[0]
+                by_prefix.setdefault(prefix, []).append((rule.index, compile_glob(rule.match), rule))
+            else:
+                self._exact.setdefault(rule.match, rule)
+        self._by_prefix = by_prefix
+        self._lengths = sorted({len(p) for p in by_prefix})
+
+    def _candidates(self, resource: str) -> Iterable[tuple[int, Glob, ResourceRule]]:
+        lists = []
+        for length in self._lengths:
+            if length > len(resource):
+                break
+            found = self._by_prefix.get(resource[:length])
+            if found:
+                lists.append(found)
+        if len(lists) == 1:
+            return lists[0]
+        return heapq.merge(*lists, key=lambda c: c[0])
+
+    def first(self, resource: str) -> ResourceRule | None:
+        exact = self._exact.get(resource)
+        for index, pattern, rule in self._candidates(resource):
+            if exact is not None and index > exact.index:
+                break
+            if pattern.matches(resource):
+                return rule
+        return exact
+
+
 def tier_rank(tier: str) -> int:
     return TIER_ORDER.index(tier)
 
@@ -111,15 +158,7 @@ class CompiledPolicy:
                 )
             rules.append(ResourceRule(i, r.match, r.provider, MappingProxyType(access), live))
         self.resources: tuple[ResourceRule, ...] = tuple(rules)
-        # Exact matches are a dict hit; globs are tried in file order, and only those written
-        # before an exact hit can beat it (first match in file order wins).
-        self._exact: dict[str, ResourceRule] = {}
-        for rule in self.resources:
-            if not is_glob(rule.match):
-                self._exact.setdefault(rule.match, rule)
-        self._globbed: tuple[tuple[Glob, ResourceRule], ...] = tuple(
-            (compile_glob(rule.match), rule) for rule in self.resources if is_glob(rule.match)
-        )
+        self._matcher = ResourceMatcher(self.resources)
 
         # Emails are compared case-insensitively: IdPs disagree on case, people do not.
         self._human_keys: dict[str, str] = {email.lower(): email for email in document.humans}
@@ -161,13 +200,7 @@ class CompiledPolicy:
 
     def match_resource(self, resource: str) -> ResourceRule | None:
         """The first resource rule, in file order, whose match covers `resource`."""
-        exact = self._exact.get(resource)
-        for pattern, rule in self._globbed:
-            if exact is not None and rule.index > exact.index:
-                break
-            if pattern.matches(resource):
-                return rule
-        return exact
+        return self._matcher.first(resource)
 
     def human_key(self, human: str) -> str | None:
         """The `humans` key as written for this human, or None when the policy does not name them."""

@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from broker.audit.linker import link_all
 from broker.audit.service import verify
 from broker.db import transaction
 from tests.support.brokers import Api
@@ -22,16 +23,26 @@ def _count(api: Api) -> int:
     "UPDATE audit_records SET record = replace(record, 'minted', 'denied') WHERE seq = 1",
     "DELETE FROM audit_records",
     "DELETE FROM audit_records WHERE seq = (SELECT max(seq) FROM audit_records)",
-    "UPDATE audit_head SET seq = 0, hash = '" + "0" * 64 + "'",  # hiding a truncation by rewinding the head
+    # hiding a truncated chain by rewinding its tip
+    "UPDATE audit_chains SET length = 0, head = '" + "0" * 64 + "'",
+    "DELETE FROM audit_chains",
+    # the Merkle tree's leaves and signed checkpoints (migration 0007) are append-only too
+    "UPDATE audit_leaves SET seq = seq + 1000",
+    "DELETE FROM audit_leaves",
+    "UPDATE audit_checkpoints SET root_hash = '" + "0" * 64 + "'",
+    "DELETE FROM audit_checkpoints",
 ])
 def test_rewriting_the_audit_is_refused(api: Api, statement: str) -> None:
     session = api.new_session()
     assert api.request(session, {"resource": "jwt://payments-api", "access": "read"}).status_code == 201
+    assert link_all(api.broker, wait=120).tree_size >= 2
     before = _count(api)
     assert before >= 2
     with pytest.raises(DBAPIError) as caught, api.broker.engine.begin() as conn:
         conn.execute(text(statement))
     assert "append-only" in str(caught.value) or "only moves forward" in str(caught.value)
+    with api.broker.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM audit_leaves")).scalar_one() >= 2
     assert _count(api) == before
     with transaction(api.broker.engine) as db:
         assert verify(db).ok

@@ -15,7 +15,8 @@ from broker.identity.webhooks import HEADER, sign
 from tests.support.brokers import TEST_POLICY, Api, LiveServer, build_broker
 
 TOP = {"event_id", "seq", "timestamp", "type", "actor", "human_principal", "agent", "request", "policy_decision",
-       "jit_grant", "outcome", "detail", "prev_hash", "hash"}
+       "jit_grant", "outcome", "detail", "prev_hash", "hash",
+       "chain_id", "chain_pos"}  # since 0007: the record's own chain (session or broker) and place in it
 AGENT = {"id", "session_id", "task_id"}
 REQUEST = {"operation", "tool", "resource", "access", "tier", "parameters", "purpose", "reason"}
 DECISION = {"result", "reason", "matched_rule", "policy_version", "human_permission", "shadow", "approval", "grant",

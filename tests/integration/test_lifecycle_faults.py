@@ -27,6 +27,7 @@ import httpx
 import hvac
 import hvac.exceptions as hx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
@@ -426,6 +427,17 @@ def test_three_replicas_one_killed_each_lease_finished_exactly_once(
             assert verify(db).ok
         report = clients[0].get("/v1/audit/verify", headers=bearer(s.admin_token)).json()
         assert report["ok"] is True, report
+
+        # The surviving replicas' linkers fold every record into the tree (the dead one's too).
+        def all_linked() -> bool:
+            with engine.connect() as conn:
+                return conn.execute(text("SELECT count(*) FROM audit_records r WHERE NOT EXISTS "
+                                         "(SELECT 1 FROM audit_leaves l WHERE l.seq = r.seq)")).scalar_one() == 0
+        wait_for(all_linked, 120, "every audit record linked into the Merkle tree", interval=0.2)
+        with transaction(engine) as db:
+            records = db.connection().execute(text("SELECT count(*) FROM audit_records")).scalar_one()
+            tree = verify(db)
+        assert tree.ok and tree.tree_size == records and tree.unlinked == 0, tree
         root = vault_setup.server.client()
         vault_leases = [lease for lease in leases.values() if lease.provider == "vault" and lease.handle]
         assert vault_leases and all(not accessor_alive(root, lease.handle["accessor"]) for lease in vault_leases)

@@ -22,6 +22,8 @@ from broker.api.routes.identity import LoginConfig, WhoAmI
 from broker.api.routes.revocations import RevocationResponse
 from broker.api.schemas import (
     ApprovalView,
+    AuditCheckpoint,
+    AuditConsistency,
     AuditPage,
     AuditVerification,
     Explanation,
@@ -35,6 +37,7 @@ from broker.api.schemas import (
     SessionView,
 )
 from broker.app import create_app
+from broker.audit.linker import link_all
 from broker.identity.webhooks import HEADER, sign
 from broker.leases.outcomes import CapabilityIssued, CapabilityView, Introspection, PendingApproval
 from broker.oauth.exchange import GRANT_TYPE
@@ -74,6 +77,13 @@ def webhook(w: World, body: dict[str, Any]) -> httpx.Response:
     raw = json.dumps(body).encode()
     return w.api.client.post("/v1/webhooks/orchestrator", content=raw,
                              headers={"Content-Type": "application/json", HEADER: sign(raw, w.api.secrets.webhook_secret)})
+
+
+def linked(w: World) -> int:
+    """Everything written so far folded into the tree and a checkpoint signed: the tree's size."""
+    result = link_all(w.api.broker, wait=60)
+    assert result.checkpoint is not None and result.tree_size > 1
+    return result.tree_size
 
 
 def bob(w: World) -> dict[str, str]:
@@ -123,6 +133,11 @@ ROWS = [
     Row("GET /v1/audit", lambda w: w.api.client.get("/v1/audit", headers=w.api.as_admin()), 200, AuditPage),
     Row("GET /v1/audit/verify", lambda w: w.api.client.get("/v1/audit/verify", headers=w.api.as_admin()), 200,
         AuditVerification),
+    Row("GET /v1/audit/checkpoint", lambda w: (linked(w), w.api.client.get(
+        "/v1/audit/checkpoint", headers=w.api.as_admin()))[1], 200, AuditCheckpoint),
+    Row("GET /v1/audit/consistency", lambda w: w.api.client.get(
+        "/v1/audit/consistency", params={"first": 1, "second": linked(w)}, headers=w.api.as_admin()), 200,
+        AuditConsistency),
     Row("GET /.well-known/jwks.json", lambda w: w.api.client.get("/.well-known/jwks.json"), 200, Jwks),
     Row("POST /v1/introspect", lambda w: w.api.client.post(
         "/v1/introspect", data={"token": w.issued["credential"]["token"]}), 200, Introspection, True),

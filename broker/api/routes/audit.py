@@ -9,10 +9,20 @@ from fastapi.responses import Response
 from pydantic import StringConstraints
 
 from broker.api.deps import AdminCaller, AnyCaller, BrokerDep
-from broker.api.schemas import SESSION_ID_PATTERN, AuditPage, AuditVerification, error_responses
+from broker.api.schemas import (
+    SESSION_ID_PATTERN,
+    AuditCheckpoint,
+    AuditConsistency,
+    AuditPage,
+    AuditVerification,
+    error_responses,
+)
+from broker.audit import checkpoint as checkpoints
 from broker.audit import service as audit
+from broker.audit.linker import latest_checkpoint
+from broker.audit.merkle import consistency_proof
 from broker.db import transaction
-from broker.errors import Forbidden, NotFound
+from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.access import may_manage
 from broker.models import SessionRow
 
@@ -50,5 +60,40 @@ def read_audit(
 
 @router.get("/verify", response_model=AuditVerification, responses=ERRORS)
 def verify_audit(broker: BrokerDep, caller: AdminCaller) -> AuditVerification:
+    keys = {k.kid: k.public for k in broker.keyring.published()}
     with transaction(broker.engine) as db:
-        return AuditVerification.model_validate(audit.verify(db).to_dict())
+        return AuditVerification.model_validate(audit.verify(db, keys).to_dict())
+
+
+@router.get("/checkpoint", response_model=AuditCheckpoint, responses=ERRORS)
+def read_checkpoint(broker: BrokerDep, caller: AnyCaller) -> AuditCheckpoint:
+    """The newest signed checkpoint of the audit tree (the linker signs one while the log grows)."""
+    if caller.kind == "agent":
+        raise Forbidden("agents do not read audit checkpoints")
+    cp = latest_checkpoint(broker)
+    if cp is None:
+        raise NotFound("no checkpoint has been signed yet", code="checkpoint-not-found")
+    keys = {k.kid: k.public for k in broker.keyring.published()}
+    try:
+        return AuditCheckpoint.model_validate(checkpoints.parse(cp.note, keys).to_dict())
+    except checkpoints.CheckpointError:  # signed by a key since retired: still the newest
+        return AuditCheckpoint(origin=cp.note.split("\n", 1)[0], tree_size=cp.tree_size, root_hash=cp.root_hash,
+                               timestamp=cp.timestamp, key_name=cp.note.rsplit("\n\u2014 ", 1)[-1].split(" ")[0],
+                               note=cp.note)
+
+
+@router.get("/consistency", response_model=AuditConsistency, responses=error_responses(400, 401, 403, 404, 422))
+def read_consistency(
+    broker: BrokerDep, caller: AdminCaller,
+    first: Annotated[int, Query(ge=1, le=MAX_SEQ)],
+    second: Annotated[int, Query(ge=1, le=MAX_SEQ)],
+) -> AuditConsistency:
+    """Proof that the tree of size `second` extends the tree of size `first`."""
+    if first > second:
+        raise InvalidRequest("first must not be larger than second", code="invalid-tree-size")
+    with transaction(broker.engine) as db:
+        try:
+            leaves = audit.leaf_hashes(db, second)
+        except LookupError as exc:
+            raise NotFound(str(exc), code="tree-size-not-found") from exc
+    return AuditConsistency(first=first, second=second, proof=[h.hex() for h in consistency_proof(first, leaves)])

@@ -65,7 +65,7 @@ def test_a_sessions_records_are_checked_where_they_sit_in_the_chain(tmp_path: Pa
     engine = make_engine(url)
     with transaction(engine) as db:
         audit.ensure_head(db)
-    for n in range(6):  # two sessions' records interleaved in the one chain
+    for n in range(6):  # two sessions' records interleaved in the log, each session its own chain
         with transaction(engine) as db:
             audit.append(db, _event("ses_a" if n % 2 == 0 else "ses_b", n))
     with transaction(engine) as db:
@@ -84,7 +84,7 @@ def test_a_sessions_records_are_checked_where_they_sit_in_the_chain(tmp_path: Pa
         body = mine[1].record.replace("jwt://svc/2", "jwt://svc/9")
         rehashed = AuditRecord(**{**mine[1].model_dump(), "record": body, "hash": chain_hash(mine[1].prev_hash, body)})
         (check,) = audit.check_records(db, [rehashed])
-        assert check.problem == "record 4 does not name this record's hash"
+        assert check.problem == "record 5 does not name this record's hash"  # the session's next record
 
         # The newest record must be where the chain's head is.
         last = audit.query(db, session_id="ses_b")[-1]

@@ -1,0 +1,182 @@
+"""The linker: folds committed audit records into the log-wide Merkle tree and signs checkpoints.
+
+Runs beside the sweeper in every replica; one at a time does the work (PostgreSQL: a
+transaction-scoped advisory lock, taken with try so the others skip the round; SQLite: the
+write lock every writer takes at BEGIN). Each round is one transaction: leaves, the tree's
+state and (when due) a checkpoint commit together, so a crash anywhere loses nothing: the next
+round, in any replica or after a restart, starts from what was committed.
+
+Commit order on PostgreSQL: a record's `seq` comes from a sequence, so a record with a lower
+seq may commit after one with a higher. The linker only takes records whose writing transaction
+(`txid`, from pg_current_xact_id) is older than the xmin of its snapshot: every such transaction
+has finished, so nothing can still appear below that line, and the leaves are appended in seq
+order within each round. Records of transactions still running wait for a later round; a record
+is never placed before one already linked. The `watermark` (the last round's xmin, kept only when
+the round drained everything eligible) bounds each round's scan to the records written since.
+On SQLite writers are serialised, so seq order is commit order and the watermark is the last
+linked seq.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from broker.audit import checkpoint as checkpoints
+from broker.audit.merkle import Frontier, leaf_hash
+from broker.db import transaction, utcnow
+from broker.models import AuditCheckpoint, AuditTree
+from broker.periodic import Periodic
+from broker.times import rfc3339_precise
+
+if TYPE_CHECKING:
+    from broker.runtime import Broker
+
+log = logging.getLogger("broker.audit.linker")
+
+_LOCK_KEY = 0x6A69_7461_7564  # "jitaud": the advisory lock every replica's linker tries
+
+_PG_XMIN = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+_PG_TRY_LOCK = text(f"SELECT pg_try_advisory_xact_lock({_LOCK_KEY})")
+_UNLINKED_ALL = ("SELECT r.seq, r.hash FROM audit_records r WHERE NOT EXISTS "
+                 "(SELECT 1 FROM audit_leaves l WHERE l.seq = r.seq)")
+_PG_ELIGIBLE = " AND (r.txid IS NULL OR r.txid < :xmin)"
+_PG_SINCE = " AND r.txid >= :watermark"  # records from before 0007 (txid NULL) all went in the first drained round
+_SQLITE_SINCE = " AND r.seq > :watermark"
+_ORDER = " ORDER BY r.seq LIMIT :n"
+
+
+@dataclass
+class LinkRound:
+    linked: int = 0
+    tree_size: int = 0
+    checkpoint: checkpoints.Checkpoint | None = None
+    skipped: bool = False  # another replica holds the linker lock
+    drained: bool = True  # nothing eligible is left unlinked
+
+
+def origin(broker: Broker) -> str:
+    """The checkpoint's origin line: the broker's issuer without its scheme, and `/audit`."""
+    return broker.settings.issuer.split("://", 1)[-1].rstrip("/") + "/audit"
+
+
+def link_once(broker: Broker, *, batch: int | None = None, checkpoint: bool = False,
+              checkpoint_every: float | None = None) -> LinkRound:
+    """One round: link up to `batch` eligible records; sign a checkpoint when the tree grew and
+    the last checkpoint is older than `checkpoint_every` seconds, or when `checkpoint` is set."""
+    settings = broker.settings
+    batch = batch or settings.audit_link_batch
+    every = settings.audit_checkpoint_interval_seconds if checkpoint_every is None else checkpoint_every
+    with transaction(broker.engine) as db:
+        conn = db.connection()
+        postgres = conn.dialect.name == "postgresql"
+        xmin = None
+        if postgres:
+            xmin = conn.execute(_PG_XMIN).scalar_one()  # first: before this transaction has an xid
+            if not conn.execute(_PG_TRY_LOCK).scalar_one():
+                return LinkRound(skipped=True, drained=False)
+        tree = db.get(AuditTree, 1) or AuditTree(id=1, size=0, frontier=[], watermark=None)
+        rows = _eligible(conn, postgres, tree.watermark, xmin, batch)
+        frontier = Frontier(tree.size, [bytes.fromhex(h) for h in tree.frontier])
+        leaves = []
+        for seq, record_hash in rows:
+            leaves.append({"leaf_index": frontier.size, "seq": seq})
+            frontier.append(leaf_hash(record_hash))
+        if leaves:
+            conn.execute(text("INSERT INTO audit_leaves (leaf_index, seq) VALUES (:leaf_index, :seq)"), leaves)
+        drained = len(rows) < batch
+        watermark = tree.watermark
+        if drained:
+            watermark = xmin if postgres else (rows[-1][0] if rows else tree.watermark)
+        result = LinkRound(linked=len(leaves), tree_size=frontier.size, drained=drained)
+        if leaves or watermark != tree.watermark or db.get(AuditTree, 1) is None:
+            tree.size, tree.frontier, tree.watermark = frontier.size, [h.hex() for h in frontier.hashes], watermark
+            db.add(tree)
+        last = conn.execute(text("SELECT tree_size, timestamp FROM audit_checkpoints "
+                                 "ORDER BY tree_size DESC LIMIT 1")).first()
+        now = utcnow()
+        grew = last is None or last[0] < frontier.size
+        if grew and (checkpoint or last is None or now.timestamp() - _epoch(last[1]) >= every):
+            key = broker.keyring.active
+            stamp = rfc3339_precise(now)
+            signed = checkpoints.sign(origin(broker), frontier.size, frontier.root(), stamp, name=key.kid,
+                                      key=key.private)
+            db.add(AuditCheckpoint(tree_size=signed.size, root_hash=signed.root_hash, timestamp=stamp,
+                                   note=signed.note))
+            result.checkpoint = signed
+    if result.linked:
+        log.debug("linked %d audit record(s); tree size %d", result.linked, result.tree_size)
+    return result
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def _eligible(conn: Connection, postgres: bool, watermark: int | None, xmin: int | None,
+              batch: int) -> list[tuple[int, str]]:
+    sql = _UNLINKED_ALL
+    params: dict[str, object] = {"n": batch}
+    if postgres:
+        sql += _PG_ELIGIBLE
+        params["xmin"] = xmin
+        if watermark is not None:
+            sql += _PG_SINCE
+            params["watermark"] = watermark
+    elif watermark is not None:
+        sql += _SQLITE_SINCE
+        params["watermark"] = watermark
+    return [(int(r[0]), str(r[1])) for r in conn.execute(text(sql + _ORDER), params).all()]
+
+
+def link_all(broker: Broker, *, checkpoint: bool = True, wait: float = 0.0) -> LinkRound:
+    """Link until nothing eligible is left, then sign a checkpoint. With `wait` (seconds; tests,
+    tools), keep going until every record committed before the call is linked: on PostgreSQL a
+    transaction still open anywhere on the server holds the watermark back until it ends."""
+    deadline = time.monotonic() + wait
+    with broker.engine.connect() as conn:
+        top = int(conn.execute(text("SELECT coalesce(max(seq), 0) FROM audit_records")).scalar_one())
+    total = 0
+    while True:
+        result = link_once(broker, checkpoint=checkpoint)
+        total += result.linked
+        if result.drained or result.skipped:
+            if wait and time.monotonic() < deadline and _unlinked_up_to(broker, top):
+                time.sleep(0.05)
+                continue
+            result.linked = total
+            return result
+
+
+def _unlinked_up_to(broker: Broker, top: int) -> int:
+    with broker.engine.connect() as conn:
+        return int(conn.execute(text(_UNLINKED_ALL.replace("r.seq, r.hash", "count(*)") + " AND r.seq <= :top"),
+                                {"top": top}).scalar_one())
+
+
+def latest_checkpoint(broker: Broker) -> AuditCheckpoint | None:
+    with transaction(broker.engine) as db:
+        return db.get(AuditCheckpoint, _max_size(db.connection()))
+
+
+def _max_size(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT coalesce(max(tree_size), -1) FROM audit_checkpoints")).scalar_one())
+
+
+def linker(broker: Broker) -> Periodic:
+    """The background loop, beside the sweeper: a round every `audit_link_interval_seconds`, and
+    within a pass round after round while each found a full batch."""
+
+    def link_pass() -> None:
+        while True:
+            result = link_once(broker)
+            if result.drained or result.skipped:
+                return
+
+    return Periodic("broker-audit-linker", broker.settings.audit_link_interval_seconds, link_pass, log)
