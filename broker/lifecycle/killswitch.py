@@ -39,11 +39,11 @@ log = logging.getLogger("broker.killswitch")
 
 @dataclass(frozen=True)
 class RevocationFilter:
+    reason: str = "kill-switch"  # what the receipts and audit records give as the cause
     session_id: str | None = None
     agent: str | None = None
     human: str | None = None
     resource: str | None = None
-    reason: str = "kill-switch"
     end_sessions: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:

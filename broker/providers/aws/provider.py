@@ -124,9 +124,9 @@ class _Caller:
     account: str
     arn: str
 
-    @property
-    def is_role_session(self) -> bool:
-        return ":assumed-role/" in self.arn
+
+def _is_role_session(arn: str) -> bool:
+    return ":assumed-role/" in arn
 
 
 class AwsProvider(Provider):
@@ -172,7 +172,7 @@ class AwsProvider(Provider):
         ref = self._ref(resource)
         cap = _max_duration_option(options)
         most = self._role(ref).max_session_seconds
-        if self._whoami().is_role_session:
+        if _is_role_session(self._whoami().arn):
             most = min(most, CHAINED_MAX_DURATION)
         if cap is not None:
             most = min(most, cap)
