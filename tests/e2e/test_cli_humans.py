@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from tests.support.brokers import free_port
-from tests.support.processes import BROKER_CLI, broker_environ
+from tests.support.processes import BROKER_CLI, broker_environ, wait_until_ready
 
 RELEASE = {"resource": "jwt://payments-api", "access": "release", "purpose": "cut release 2.1",
            "tool": "release-cli", "parameters": {"tag": "v2.1.0"}}
@@ -33,16 +32,7 @@ def dev(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90  # the machine may be busy; this bounds a hang, it times nothing
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_until_ready(proc, url, log, within=90)
         assert "human token" in log.read_text()
         yield url, tmp_path, {**env, "BROKER_URL": url}
     finally:

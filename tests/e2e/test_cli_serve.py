@@ -23,7 +23,7 @@ from tests.support.brokers import TEST_POLICY, BrokerSecrets
 from tests.support.console import ConsoleBrowser
 from tests.support.databases import libpq_url
 from tests.support.ports import free_port
-from tests.support.processes import BROKER_CLI, BrokerProcess, broker_environ
+from tests.support.processes import BROKER_CLI, BrokerProcess, broker_environ, wait_until_ready
 
 CLI = BROKER_CLI
 
@@ -156,16 +156,7 @@ def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60  # with `bao` installed, dev starts OpenBao first
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_until_ready(proc, url, log, within=60)  # with `bao` installed, dev starts OpenBao first
         state = tmp_path / ".broker"
         assert oct((state / "admin-token").stat().st_mode)[-3:] == "600"
         assert all(oct(p.stat().st_mode)[-3:] == "600" for p in (state / "signing-keys").glob("*.pem"))

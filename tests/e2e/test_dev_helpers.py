@@ -13,7 +13,7 @@ import httpx
 
 from tests.e2e.test_cli_serve import provision
 from tests.support.brokers import free_port
-from tests.support.processes import BROKER_CLI, broker_environ
+from tests.support.processes import BROKER_CLI, broker_environ, wait_until_ready
 
 
 def test_dev_starts_openbao_and_the_printed_helpers_work(tmp_path: Path) -> None:
@@ -27,16 +27,7 @@ def test_dev_starts_openbao_and_the_printed_helpers_work(tmp_path: Path) -> None
     url = f"http://127.0.0.1:{port}"
     bao_addr = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_until_ready(proc, url, log, within=60)
         printed = log.read_text()
         found = re.search(r"OpenBao \(dev\):\s+(http://127\.0\.0\.1:\d+)", printed)
         assert found, printed

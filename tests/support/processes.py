@@ -38,6 +38,21 @@ def broker_environ(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**base, **(env or {})}
 
 
+def wait_until_ready(proc: subprocess.Popen[Any], url: str, log: Path, *, within: float = 60) -> None:
+    """Poll `url`/readyz until it answers 200; fail with the process's log if it exits or `within`
+    seconds pass (a bound on a hang on a busy machine, not a timing assertion)."""
+    deadline = time.monotonic() + within
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+
+
 def _environ(env: dict[str, str]) -> dict[str, str]:
     return broker_environ({"BROKER_LOG_LEVEL": "warning", **env})
 
