@@ -3,7 +3,9 @@ no minted secret value is anywhere at rest (GitHub tokens only as ciphertext, un
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +69,10 @@ def _dump(api: Api) -> str:
     return "\n".join(out)
 
 
-@pytest.fixture
-def everything(database_url: str, tmp_path: Path, vault_setup: VaultSetup, vault_database: VaultDatabase,
-               aws_endpoint: str, aws_role: AwsRole, github_standin: GitHubStandIn) -> Any:
+@contextlib.contextmanager
+def serve_all_providers(database_url: str, tmp_path: Path, vault_setup: VaultSetup, aws_endpoint: str,
+                        github_standin: GitHubStandIn, **settings: Any) -> Iterator[Api]:
+    """A served broker with every provider configured against its real (or stand-in) backend."""
     github_standin.reset()
     secrets_ = BrokerSecrets()
     broker = build_broker(
@@ -77,10 +80,28 @@ def everything(database_url: str, tmp_path: Path, vault_setup: VaultSetup, vault
         vault_addr=vault_setup.server.addr, vault_token=vault_setup.broker_token, vault_token_role=vault_setup.token_role,
         aws_endpoint_url=aws_endpoint, aws_region=MOTO_REGION,
         github_api_url=github_standin.url, github_app_id=github_standin.app_id,
-        github_private_key_file=github_standin.private_key_path,
+        github_private_key_file=github_standin.private_key_path, **settings,
     )
     with LiveServer(broker) as server, httpx.Client(base_url=server.base_url, timeout=60) as client:
         yield Api(server.base_url, secrets_, broker, client)
+
+
+def five_asks(aws_role: AwsRole) -> dict[str, dict[str, Any]]:
+    """One request per kind of credential: native, vault token, vault DB secret, AWS, GitHub."""
+    return {
+        "native": {"resource": "jwt://payments-api", "access": "read"},
+        "vault_token": {"resource": "vault://kv/allowed", "access": "read", "ttl_seconds": 300},
+        "vault_db": {"resource": "vault://database/creds/ledger-test", "access": "test-write"},
+        "aws": {"resource": f"aws://123456789012/role/{aws_role.name}", "access": "read", "ttl_seconds": 900},
+        "github": {"resource": "github://acme/widgets", "access": "read"},
+    }
+
+
+@pytest.fixture
+def everything(database_url: str, tmp_path: Path, vault_setup: VaultSetup, vault_database: VaultDatabase,
+               aws_endpoint: str, aws_role: AwsRole, github_standin: GitHubStandIn) -> Iterator[Api]:
+    with serve_all_providers(database_url, tmp_path, vault_setup, aws_endpoint, github_standin) as api:
+        yield api
 
 
 def test_every_provider_mints_and_revokes_and_no_secret_is_at_rest(
@@ -90,13 +111,7 @@ def test_every_provider_mints_and_revokes_and_no_secret_is_at_rest(
     api = everything
     session = api.new_session(scope=[{"resource": f"{scheme}://**", "access": ["*"]}
                                      for scheme in ("jwt", "vault", "aws", "github")])
-    asks = {
-        "native": {"resource": "jwt://payments-api", "access": "read"},
-        "vault_token": {"resource": "vault://kv/allowed", "access": "read", "ttl_seconds": 300},
-        "vault_db": {"resource": "vault://database/creds/ledger-test", "access": "test-write"},
-        "aws": {"resource": f"aws://123456789012/role/{aws_role.name}", "access": "read", "ttl_seconds": 900},
-        "github": {"resource": "github://acme/widgets", "access": "read"},
-    }
+    asks = five_asks(aws_role)
     caps: dict[str, dict[str, Any]] = {}
     for name, ask in asks.items():
         r = api.request(session, ask, **{"Idempotency-Key": f"key-{name}"})

@@ -15,9 +15,9 @@ import hvac
 import psycopg
 import pytest
 
-from tests.integration.test_all_providers import POLICY
+from tests.integration.test_all_providers import serve_all_providers
 from tests.support.aws_moto import MOTO_REGION, AwsRole
-from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.brokers import Api
 from tests.support.github_standin import GitHubStandIn
 from tests.support.openbao import VaultDatabase, VaultSetup
 
@@ -29,17 +29,8 @@ ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 @pytest.fixture
 def providers_api(database_url: str, tmp_path: Path, vault_setup: VaultSetup, vault_database: VaultDatabase,
                   aws_endpoint: str, aws_role: AwsRole, github_standin: GitHubStandIn) -> Iterator[Api]:
-    github_standin.reset()
-    secrets_ = BrokerSecrets()
-    broker = build_broker(
-        tmp_path, database_url, secrets_, POLICY,
-        vault_addr=vault_setup.server.addr, vault_token=vault_setup.broker_token, vault_token_role=vault_setup.token_role,
-        aws_endpoint_url=aws_endpoint, aws_region=MOTO_REGION,
-        github_api_url=github_standin.url, github_app_id=github_standin.app_id,
-        github_private_key_file=github_standin.private_key_path,
-    )
-    with LiveServer(broker) as server, httpx.Client(base_url=server.base_url, timeout=60) as client:
-        yield Api(server.base_url, secrets_, broker, client)
+    with serve_all_providers(database_url, tmp_path, vault_setup, aws_endpoint, github_standin) as api:
+        yield api
 
 
 def _exchange(api: Api, session: dict[str, Any], resource: str, access: str, **extra: Any) -> dict[str, Any]:

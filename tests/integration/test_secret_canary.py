@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from broker.cli.main import app as cli
 from broker.logs import configure_logging
-from tests.integration.test_all_providers import POLICY, _dump
-from tests.support.aws_moto import MOTO_REGION, AwsRole
-from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
+from tests.integration.test_all_providers import _dump, five_asks, serve_all_providers
+from tests.support.aws_moto import AwsRole
+from tests.support.brokers import Api
 from tests.support.github_standin import GitHubStandIn
 from tests.support.openbao import VaultDatabase, VaultSetup
 
@@ -73,17 +73,9 @@ def debug_logs(request: pytest.FixtureRequest) -> Iterator[tuple[io.StringIO, _W
 def everything(database_url: str, tmp_path: Path, vault_setup: VaultSetup, vault_database: VaultDatabase,
                aws_endpoint: str, aws_role: AwsRole, github_standin: GitHubStandIn,
                debug_logs: tuple[io.StringIO, _WireCounter]) -> Iterator[Api]:
-    github_standin.reset()
-    secrets_ = BrokerSecrets()
-    broker = build_broker(
-        tmp_path, database_url, secrets_, POLICY,
-        vault_addr=vault_setup.server.addr, vault_token=vault_setup.broker_token, vault_token_role=vault_setup.token_role,
-        aws_endpoint_url=aws_endpoint, aws_region=MOTO_REGION,
-        github_api_url=github_standin.url, github_app_id=github_standin.app_id,
-        github_private_key_file=github_standin.private_key_path, log_level="debug",
-    )
-    with LiveServer(broker) as server, httpx.Client(base_url=server.base_url, timeout=60) as client:
-        yield Api(server.base_url, secrets_, broker, client)
+    with serve_all_providers(database_url, tmp_path, vault_setup, aws_endpoint, github_standin,
+                             log_level="debug") as api:
+        yield api
 
 
 def test_no_secret_outside_its_one_mint_response(
@@ -94,13 +86,7 @@ def test_no_secret_outside_its_one_mint_response(
     stream, wire = debug_logs
     session = api.new_session(scope=[{"resource": f"{scheme}://**", "access": ["*"]}
                                      for scheme in ("jwt", "vault", "aws", "github")])
-    asks = {
-        "native": {"resource": "jwt://payments-api", "access": "read"},
-        "vault_token": {"resource": "vault://kv/allowed", "access": "read", "ttl_seconds": 300},
-        "vault_db": {"resource": "vault://database/creds/ledger-test", "access": "test-write"},
-        "aws": {"resource": f"aws://123456789012/role/{aws_role.name}", "access": "read", "ttl_seconds": 900},
-        "github": {"resource": "github://acme/widgets", "access": "read"},
-    }
+    asks = five_asks(aws_role)
     caps: dict[str, dict[str, Any]] = {}
     for name, ask in asks.items():
         r = api.request(session, ask)
