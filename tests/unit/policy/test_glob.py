@@ -63,7 +63,24 @@ def test_equivalent_to_the_old_regex_on_generated_cases() -> None:
     for _ in range(4000):
         pattern = "".join(rng.choice("ab/**") for _ in range(rng.randint(0, 8)))
         resource = "".join(rng.choice("ab/") for _ in range(rng.randint(0, 10)))
-        assert Glob(pattern).matches(resource) is old_regex_match(pattern, resource), (pattern, resource)
+        expected = old_regex_match(pattern, resource)
+        assert Glob(pattern).matches(resource) is expected, (pattern, resource)
+        assert Glob(pattern).match_counting(resource)[0] is expected, (pattern, resource)
+
+
+def test_one_star_fast_path_answers_as_the_automaton_does() -> None:
+    """Patterns with a single `*` or `**` (nearly all real ones) skip the automaton; seeded cases
+    around the edges (prefix and suffix overlapping, `/` right at either end) agree with it."""
+    rng = random.Random(11)
+    for _ in range(4000):
+        star = rng.choice(["*", "**"])
+        prefix = "".join(rng.choice("ab/") for _ in range(rng.randint(0, 4)))
+        suffix = "".join(rng.choice("ab/") for _ in range(rng.randint(0, 3)))
+        glob = Glob(prefix + star + suffix)
+        resource = "".join(rng.choice("ab/") for _ in range(rng.randint(0, 9)))
+        expected = old_regex_match(glob.pattern, resource)
+        assert glob.matches(resource) is expected, (glob.pattern, resource)
+        assert glob.match_counting(resource)[0] is expected, (glob.pattern, resource)
 
 
 @pytest.mark.parametrize(("pattern", "resource"), [
