@@ -259,9 +259,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
         vault_env = {"BROKER_VAULT_ADDR": bao.addr, "BROKER_VAULT_TOKEN": vault.broker_token,
                      "BROKER_VAULT_TOKEN_ROLE": vault.token_role}
 
-        def broker(name: str, db_url: str, workers: int = 1) -> BrokerProcess:
+        def broker(name: str, db_url: str, workers: int = 1, code: Path | None = None) -> BrokerProcess:
             (work / name).mkdir()
-            b = BrokerProcess(cleanup, work / name, db_url, policy=bench_policy(vault=True), extra_env=vault_env,
+            env = dict(vault_env, PYTHONPATH=str(code)) if code is not None else vault_env
+            b = BrokerProcess(cleanup, work / name, db_url, policy=bench_policy(vault=True), extra_env=env,
                               name=name, workers=workers)
             b.migrate()
             b.start()
@@ -275,6 +276,19 @@ def run(args: argparse.Namespace, report: Report) -> None:
         big = write_tokens(work / "big.tokens", [big_session(pg, main_db, 1000 if quick else 10_000)])
         raw_tok = write_tokens(work / "raw.tokens", [vault.broker_token])
         raw_path = f"/v1/auth/token/create/{vault.token_role}"
+        base = base_tokens = None
+        if args.baseline:
+            # The same server from an earlier commit (a git worktree), up beside this one: its
+            # figures are measured in the same rounds, so before/after is a ratio of one run.
+            tree = work / "baseline-tree"
+            subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline], cwd=REPO, check=True,
+                           capture_output=True)
+            cleanup.push("baseline worktree", lambda: subprocess.run(
+                ["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False, capture_output=True))
+            base = broker("broker-baseline", create_pg_database(cleanup), code=tree)
+            base_tokens = write_tokens(work / "base.tokens", [s["session_token"] for s in base.create_sessions(256)])
+            wrk(base.base_url, base_tokens, connections=4, seconds=1, body=NATIVE_BODY)
+            series_base: list[dict[str, Any]] = []
         # Warm-up: pools, prepared statements, the vault login.
         wrk(pg.base_url, many, connections=4, seconds=1, body=NATIVE_BODY)
         wrk(pg.base_url, vault_tok, connections=1, seconds=1, body=VAULT_BODY)
@@ -292,6 +306,9 @@ def run(args: argparse.Namespace, report: Report) -> None:
                 series["native_c64"].append(measured(pg.cpu_seconds, lambda: wrk(
                     pg.base_url, many, connections=64, seconds=secs, body=NATIVE_BODY)))
             samples.append(lock_waits(sampler.summary(30)))
+            if base is not None and base_tokens is not None:
+                series_base.append(measured(base.cpu_seconds, lambda: wrk(
+                    base.base_url, base_tokens, connections=64, seconds=secs, body=NATIVE_BODY)))
             series["fresh_session"].append(measured(pg.cpu_seconds, lambda fresh=fresh: wrk(  # type: ignore[misc]
                 pg.base_url, fresh, connections=4, seconds=secs, body=NATIVE_BODY)))
             series["session_10k"].append(measured(pg.cpu_seconds, lambda: wrk(
@@ -309,6 +326,9 @@ def run(args: argparse.Namespace, report: Report) -> None:
             for name, rs in series.items():
                 log(f"  {name}: {rs[-1]['per_s']}/s p50 {rs[-1]['p50_ms']} ms p99 {rs[-1]['p99_ms']} ms")
         results["series"] = series
+        if base is not None:
+            results["baseline"] = {"rev": args.baseline, "native_c64": series_base}
+            base.stop()
         # Every 2xx must be a new lease: a replayed Idempotency-Key would inflate the figures.
         with psycopg.connect(libpq_url(main_db)) as conn:
             minted = conn.execute("SELECT count(*) FROM leases WHERE id NOT LIKE 'cap_big%'").fetchone()[0]  # type: ignore[index]
@@ -467,6 +487,7 @@ def markdown(report: Report) -> str:
         "during the 300/s runs) | " + "; ".join(
             f"p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms, max {w['max_ms']} ms over {w['seen_unlinked']} of "
             f"{w['records']} records ({w['still_unlinked']} unlinked at the end)" for w in r["link_window"]) + " |",
+        *baseline_rows(r, f),
         "| row-lock waits, one process, 64 connections (avg backends waiting: session row / any other row) | "
         + "; ".join(f"{x['session_row']} / {x['shared_rows']}" for x in r["lock_waits_one_process_c64"]) + " |",
         f"| `serve --workers 2`, 64 connections | {r['scaling']['workers_2']['per_s']}/s; lock waits session row / "
@@ -479,6 +500,17 @@ def markdown(report: Report) -> str:
         END,
     ]
     return "\n".join(lines)
+
+
+def baseline_rows(r: dict[str, Any], f: dict[str, Any]) -> list[str]:
+    b = r.get("baseline")
+    if not b:
+        return []
+    runs = b["native_c64"]
+    per_s, cpu = median_of(runs, "per_s"), median_of(runs, "server_cpu_ms_per_request")
+    return [f"| before/after (`--baseline {b['rev']}`, same rounds, 64 connections) | {b['rev']}: {per_s}/s, "
+            f"{cpu} ms CPU per request; now: {f['native_per_s']}/s, {f['cpu_ms_per_request']} ms "
+            f"(throughput x{round(f['native_per_s'] / per_s, 2)}, CPU per request x{round(f['cpu_ms_per_request'] / cpu, 2)}) |"]
 
 
 def wrk_version() -> str:
@@ -503,6 +535,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=6.0, help="length of each wrk run")
     ap.add_argument("--rate", type=float, default=300.0, help="the fixed arrival rate (requests/s)")
+    ap.add_argument("--baseline", metavar="REV", help="also run the 64-connection series against REV's code "
+                    "(a git worktree), interleaved, for a before/after of throughput and CPU per request")
     ap.add_argument("--write", type=Path, help="rewrite this file's `make bench` block (BENCHMARKS.md)")
     ap.add_argument("--json", type=Path, help="write the full JSON here")
     args = ap.parse_args()
