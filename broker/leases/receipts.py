@@ -103,11 +103,3 @@ def untouched(lease: Lease) -> RevocationReceipt:
                                  detail="another replica is revoking it now; not confirmed yet")
     return RevocationReceipt(**_base(lease), outcome=ReceiptOutcome.ALREADY_ENDED,
                              detail=f"ended before this call ({lease.status}: {lease.status_reason or 'no reason'})")
-
-
-def tally(receipts: list[RevocationReceipt]) -> dict[str, int]:
-    """Receipts counted by outcome, every outcome present."""
-    counts = {outcome.value: 0 for outcome in ReceiptOutcome}
-    for receipt in receipts:
-        counts[receipt.outcome.value] += 1
-    return counts
