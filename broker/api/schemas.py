@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 from broker import jsonbounds
 from broker.ids import APPROVAL_ID_PATTERN, CAPABILITY_ID_PATTERN, SESSION_ID_PATTERN
 from broker.leases.outcomes import CapabilityView
+from broker.leases.receipts import RevocationReceipt
 from broker.models import Lease, SessionRow
 from broker.times import Timestamp
 
@@ -28,6 +29,10 @@ ApprovalId = Annotated[str, StringConstraints(pattern=APPROVAL_ID_PATTERN)]
 MAX_PARAMETERS_BYTES = 16 * 1024
 
 __all__ = ["APPROVAL_ID_PATTERN", "CAPABILITY_ID_PATTERN", "SESSION_ID_PATTERN"]
+
+
+RECEIPTS_DESCRIPTION = ("one per capability the call acted on: what really happened to its credential "
+                        "(`revoked`, `revoke_pending`, `expires_naturally`, `already_ended`)")
 
 
 class Strict(BaseModel):
@@ -96,8 +101,9 @@ class SessionEnd(Strict):
 class SessionEnded(BaseModel):
     session_id: str
     status: str
-    revoked: int
+    revoked: int = Field(description="capabilities this call finished (receipt `revoked` or `expires_naturally`)")
     revoke_pending: int
+    receipts: list[RevocationReceipt] = Field(description=RECEIPTS_DESCRIPTION)
 
 
 class CapabilityRequest(Strict):

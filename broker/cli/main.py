@@ -235,6 +235,28 @@ def policy_explain(
 
 # --- sessions and capabilities ----------------------------------------------------------------
 
+def _receipt_line(r: dict[str, Any]) -> str:
+    """One revocation receipt, as a person reads it: what happened to the credential, and when."""
+    when = {
+        "revoked": f"confirmed {r.get('revoked_at')}",
+        "revoke_pending": f"next try {r.get('next_attempt_at')}, lives at most until {r.get('expires_at')}",
+        "expires_naturally": f"usable somewhere until {r.get('expires_at')}",
+        "already_ended": f"{r.get('status')} since {r.get('ended_at')}",
+    }.get(r["outcome"], "")
+    return (f"  {r['capability_id']}  {r['outcome']:<17} {r['provider']:<7} {r['resource']} {r['access']}: {when}\n"
+            f"      {r['detail']}")
+
+
+def _receipts_text(receipts: list[dict[str, Any]]) -> str:
+    if not receipts:
+        return ""
+    counts: dict[str, int] = {}
+    for r in receipts:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    tally = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+    return f"\nreceipts ({tally}):\n" + "\n".join(_receipt_line(r) for r in receipts)
+
+
 @sessions_app.command("list")
 def sessions_list(status: str | None = None, as_json: JsonOpt = False) -> None:
     rows = call("GET", "/v1/sessions", params={"status": status} if status else None)
@@ -250,7 +272,8 @@ def sessions_show(session_id: str, as_json: JsonOpt = False) -> None:
 @sessions_app.command("end")
 def sessions_end(session_id: str, reason: str = "api_teardown", as_json: JsonOpt = False) -> None:
     r = call("POST", f"/v1/sessions/{session_id}/end", json={"reason": reason})
-    _out(r, as_json, f"{r['session_id']} {r['status']}: {r['revoked']} revoked, {r['revoke_pending']} pending")
+    _out(r, as_json, f"{r['session_id']} {r['status']}: {r['revoked']} finished, {r['revoke_pending']} pending"
+                     + _receipts_text(r.get("receipts", [])))
 
 
 @caps_app.command("list")
@@ -264,7 +287,7 @@ def capabilities_list(session: str | None = None, status: str | None = None, as_
 @caps_app.command("revoke")
 def capabilities_revoke(capability_id: str, as_json: JsonOpt = False) -> None:
     r = call("DELETE", f"/v1/capabilities/{capability_id}")
-    _out(r, as_json, f"{r['capability_id']}: {r['status']}")
+    _out(r, as_json, f"{r['capability_id']}: {r['status']}" + (_receipts_text([r["receipt"]]) if "receipt" in r else ""))
 
 
 @app.command("revoke")
@@ -287,10 +310,11 @@ def revoke(
         raise typer.Exit(2)
     body["reason"] = reason
     r = call("POST", "/v1/revocations", json=body)
-    text = (f"{r['matched_capabilities']} capabilities matched: {r['revoked']} revoked, "
+    text = (f"{r['matched_capabilities']} capabilities matched: {r['revoked']} finished, "
             f"{r['revoke_pending']} pending; {r['sessions_ended']} of {r['matched_sessions']} sessions ended")
     if r["revoke_pending_ids"]:
         text += "\npending (the broker keeps retrying): " + " ".join(r["revoke_pending_ids"])
+    text += _receipts_text(r.get("receipts", []))
     _out(r, as_json, text)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from broker.leases.receipts import RevocationReceipt
 from broker.models import Lease
 from broker.times import Timestamp
 
@@ -64,6 +65,16 @@ class CapabilityView(BaseModel):
             expires_at=lease.expires_at, ended_at=lease.ended_at, status_reason=lease.status_reason,
             credential_fingerprint=lease.fingerprint, revoke_attempts=lease.revoke_attempts,
         )
+
+
+class CapabilityRevoked(CapabilityView):
+    """DELETE's answer: the capability read back, and what the revocation did to its credential."""
+
+    receipt: RevocationReceipt
+
+    @classmethod
+    def after(cls, lease: Lease, receipt: RevocationReceipt) -> CapabilityRevoked:
+        return cls(**CapabilityView.of(lease).model_dump(), receipt=receipt)
 
 
 class Introspection(BaseModel):

@@ -9,8 +9,10 @@ from broker.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
 from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
 from broker.ids import is_capability_id, is_session_id
+from broker.leases import receipts
 from broker.leases.outcomes import Introspection
-from broker.leases.revocation import RevokeSummary, revoke_leases
+from broker.leases.receipts import RevocationReceipt
+from broker.leases.revocation import revoke_leases
 from broker.leases.vocabulary import LeaseStatus
 from broker.models import Lease, SessionRow
 from broker.runtime import Broker
@@ -31,10 +33,12 @@ def get(broker: Broker, caller: Caller, capability_id: str) -> Lease:
     return _visible(broker, caller, capability_id)
 
 
-def revoke(broker: Broker, caller: Caller, capability_id: str) -> tuple[Lease, RevokeSummary]:
+def revoke(broker: Broker, caller: Caller, capability_id: str) -> tuple[Lease, RevocationReceipt]:
+    """Revoke now; the lease as it is afterwards, and the receipt of what happened to its credential."""
     _visible(broker, caller, capability_id)
     summary = revoke_leases(broker, [capability_id], reason="revoked-by-" + caller.kind, actor=caller.principal)
-    return _visible(broker, caller, capability_id), summary
+    lease = _visible(broker, caller, capability_id)
+    return lease, summary.receipts.get(capability_id) or receipts.untouched(lease)
 
 
 def list_for(broker: Broker, caller: Caller, session_id: str | None, status: str | None, limit: int) -> list[Lease]:

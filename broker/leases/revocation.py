@@ -38,10 +38,12 @@ from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append, append_many
 from broker.db import advisory_lock, is_postgres, transaction, utcnow
 from broker.errors import BrokerError, ProviderMisconfigured, ProviderUnavailable
+from broker.leases import receipts
+from broker.leases.receipts import RevocationReceipt
 from broker.leases.vocabulary import LIVE, LeaseStatus
 from broker.metrics import REVOKE_SECONDS, REVOKES, observe_expiry
 from broker.models import Lease, SessionRow
-from broker.providers.base import Provider, RevokeTarget
+from broker.providers.base import Provider, Revoked, RevokeTarget
 from broker.runtime import Broker
 from broker.times import rfc3339
 
@@ -61,14 +63,22 @@ BLIP_JITTER_SECONDS = 0.1
 
 @dataclass
 class RevokeSummary:
+    """Ids by what happened to their leases (`revoked`: finished, whatever the receipt says), and a
+    receipt per capability saying what happened to its credential (`leases.receipts`)."""
+
     revoked: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    receipts: dict[str, RevocationReceipt] = field(default_factory=dict)
 
     def merge(self, other: RevokeSummary) -> None:
         self.revoked += other.revoked
         self.pending += other.pending
         self.skipped += other.skipped
+        self.receipts.update(other.receipts)  # the later word on a capability is the truer one
+
+    def receipt_list(self) -> list[RevocationReceipt]:
+        return [self.receipts[i] for i in sorted(self.receipts)]
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -133,7 +143,9 @@ def _sessions(db: Session, leases: Sequence[Lease]) -> dict[str, SessionRow]:
 
 
 def finish_revocation(db: Session, lease: Lease, session: SessionRow | None, reason: str, actor: str, now: datetime,
-                      *, detail: dict[str, object] | None = None, batch: list[AuditEvent] | None = None) -> None:
+                      *, detail: dict[str, object] | None = None, batch: list[AuditEvent] | None = None,
+                      result: Revoked | None = None, said: str | None = None) -> RevocationReceipt:
+    """The backend confirmed (`result`: what it said): the lease ends, its receipt goes into the audit."""
     lease.status = final_status(reason)
     lease.status_reason = reason
     lease.ended_at = now
@@ -142,12 +154,16 @@ def finish_revocation(db: Session, lease: Lease, session: SessionRow | None, rea
     lease.sealed_secret = None  # nothing left to revoke with: the secret goes
     lease.claimed_by = lease.claimed_until = lease.next_attempt_at = None
     db.add(lease)
-    event = _revoke_event(session, lease, f"capability.{lease.status}", lease.status, actor, reason, detail)
+    receipt = receipts.finished(lease, result, now, detail=said)
+    event = _revoke_event(session, lease, f"capability.{lease.status}", lease.status, actor, reason,
+                          {**(detail or {}), "receipt": receipt.record()})
     batch.append(event) if batch is not None else append(db, event)
+    return receipt
 
 
 def finish_not_found(db: Session, lease: Lease, session: SessionRow | None, reason: str, actor: str, now: datetime,
-                     *, natural_expiry: datetime, searchable: bool, batch: list[AuditEvent] | None = None) -> None:
+                     *, natural_expiry: datetime, searchable: bool,
+                     batch: list[AuditEvent] | None = None) -> RevocationReceipt:
     """Nothing to revoke at the backend: record that, and when anything there would die anyway."""
     note = f"not found at backend; expires naturally at {rfc3339(natural_expiry)}"
     lease.status = LeaseStatus.EXPIRED
@@ -158,10 +174,12 @@ def finish_not_found(db: Session, lease: Lease, session: SessionRow | None, reas
     lease.sealed_secret = None
     lease.claimed_by = lease.claimed_until = lease.next_attempt_at = None
     db.add(lease)
+    receipt = receipts.not_found(lease, natural_expiry, searchable)
     event = _revoke_event(session, lease, "capability.expired", "expired", actor, reason,
                           {"found_at_backend": False, "backend_searchable": searchable,
-                           "natural_expiry": rfc3339(natural_expiry), "note": note})
+                           "natural_expiry": rfc3339(natural_expiry), "note": note, "receipt": receipt.record()})
     batch.append(event) if batch is not None else append(db, event)
+    return receipt
 
 
 def revoke_leases(
@@ -193,8 +211,10 @@ def revoke_leases(
                 # The request that reserved it is gone: look for what it may have minted.
                 why = (lease.revoke_reason or (reason if reason != "retry" else "mint-abandoned"))[:128]
                 if _mints_locally(broker, lease.provider):
-                    finish_revocation(db, lease, session, why, actor, now, detail={"note": "minting request died"},
-                                      batch=events)
+                    # Minted and activated in one transaction: a lease still `minting` issued nothing.
+                    summary.receipts[lease.id] = finish_revocation(
+                        db, lease, session, why, actor, now, detail={"note": "minting request died"}, batch=events,
+                        said="its minting request died before anything was issued")
                     summary.revoked.append(lease.id)
                     continue
                 # revoke_pending + next_attempt_at now: if this replica dies too, the claim
@@ -211,12 +231,18 @@ def revoke_leases(
                 lease.status, lease.revoke_reason = LeaseStatus.REVOKE_PENDING, why
                 lease.next_attempt_at = now + timedelta(seconds=broker.settings.claim_seconds)
                 db.add(lease)
+                receipt = receipts.pending(lease, "revoked while its mint is under way: the minting request revokes "
+                                                  "what it gets; should it die, the retry finds it by capability id")
                 events.append(_revoke_event(session, lease, "capability.revoke_pending", "revoke_pending", actor, why,
-                                            {"note": "revoked while minting"}))
+                                            {"note": "revoked while minting", "receipt": receipt.record()}))
                 summary.pending.append(lease.id)
+                summary.receipts[lease.id] = receipt
             elif _mints_locally(broker, lease.provider):
                 with REVOKE_SECONDS.labels(lease.provider).time():  # nothing to call: the row is the credential
-                    finish_revocation(db, lease, session, why, actor, now, batch=events)
+                    # The provider only says what the mark amounts to (native: offline verifiers until exp).
+                    result = broker.provider(lease.provider).revoke(_target(lease, lease.handle or {}, None))
+                    summary.receipts[lease.id] = finish_revocation(db, lease, session, why, actor, now, batch=events,
+                                                                   result=result)
                 REVOKES.labels(provider=lease.provider, outcome="revoked").inc()
                 summary.revoked.append(lease.id)
             else:
@@ -225,6 +251,9 @@ def revoke_leases(
                 lease.revoke_reason = why
                 db.add(lease)
                 claimed.append((lease, session, why))
+        if summary.skipped:  # ended before, or another replica holds it: say which
+            for row in db.exec(select(Lease).where(col(Lease.id).in_(summary.skipped))).all():
+                summary.receipts[row.id] = receipts.untouched(row)
         append_many(db, events, now=now)  # the audit head is taken once, last
     if claimed:
         summary.merge(_revoke_claimed(broker, claimed, actor))
@@ -264,6 +293,13 @@ def _natural_expiry(broker: Broker, provider: Provider | None, lease: Lease, sea
     return max(known, lease.expires_at, lease.created_at + timedelta(seconds=bound) + slack)
 
 
+def _target(lease: Lease, handle: dict[str, Any], secret: str | None) -> RevokeTarget:
+    return RevokeTarget(
+        capability_id=lease.id, session_id=lease.session_id, resource=lease.resource, access=lease.access,
+        handle=handle, expires_at=lease.backend_expires_at or lease.expires_at, revocation_secret=secret,
+    )
+
+
 def _serialised(broker: Broker, provider: Provider, resource: str) -> AbstractContextManager[None]:
     """Backends whose revocation is read-modify-write of shared state (AWS: one deny policy per
     role) name a lock key; replicas take it in turn so no revocation overwrites another."""
@@ -276,6 +312,7 @@ class _Outcome:
     error: Exception | None = None
     found: dict[str, Any] | None = None  # a handle found at the backend for a handle-less lease
     missing: tuple[datetime, bool] | None = None  # (natural expiry, searchable): nothing to revoke
+    result: Revoked | None = None  # what the provider said it achieved
 
 
 def _call_backend(broker: Broker, lease: Lease) -> _Outcome:
@@ -292,13 +329,9 @@ def _call_backend(broker: Broker, lease: Lease) -> _Outcome:
             handle = outcome.found
         if handle is not None or lease.sealed_secret:
             secret = broker.sealer.unseal(lease.sealed_secret, lease.id) if lease.sealed_secret else None
-            target = RevokeTarget(
-                capability_id=lease.id, session_id=lease.session_id, resource=lease.resource, access=lease.access,
-                handle=handle or {}, expires_at=lease.backend_expires_at or lease.expires_at,
-                revocation_secret=secret,
-            )
+            target = _target(lease, handle or {}, secret)
             with _serialised(broker, provider, lease.resource), REVOKE_SECONDS.labels(lease.provider).time():
-                backend_call(lambda: provider.revoke(target), f"revoke {lease.id}")
+                outcome.result = backend_call(lambda: provider.revoke(target), f"revoke {lease.id}")
     except Exception as exc:  # every failure, translated or not, keeps the lease visible
         outcome.error = exc
     return outcome
@@ -318,16 +351,19 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
             row = rows[lease.id]
             if row.claimed_by != broker.replica_id or row.status not in LIVE:
                 summary.skipped.append(row.id)  # our claim lapsed and another replica took it
+                summary.receipts[row.id] = receipts.untouched(row)
             elif outcome.error is None and outcome.missing is not None:
-                finish_not_found(db, row, session, reason, actor, now, natural_expiry=outcome.missing[0],
-                                 searchable=outcome.missing[1], batch=events)
+                summary.receipts[row.id] = finish_not_found(
+                    db, row, session, reason, actor, now, natural_expiry=outcome.missing[0],
+                    searchable=outcome.missing[1], batch=events)
                 REVOKES.labels(provider=row.provider, outcome="not_found").inc()
                 summary.revoked.append(row.id)
             elif outcome.error is None:
                 if outcome.found is not None:
                     row.handle = {**outcome.found, "found_by_capability": True}
-                finish_revocation(db, row, session, reason, actor, now, batch=events,
-                                  detail={"found_by_capability": True} if outcome.found is not None else None)
+                summary.receipts[row.id] = finish_revocation(
+                    db, row, session, reason, actor, now, batch=events, result=outcome.result,
+                    detail={"found_by_capability": True} if outcome.found is not None else None)
                 REVOKES.labels(provider=row.provider, outcome="revoked").inc()
                 summary.revoked.append(row.id)
             else:
@@ -338,8 +374,12 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
                 error = outcome.error
                 row.status_reason = error.code if isinstance(error, BrokerError) else error.__class__.__name__
                 db.add(row)
+                receipt = receipts.pending(row, f"the backend did not confirm ({row.status_reason}); the broker retries "
+                                                f"(attempt {row.revoke_attempts} failed)", error=row.status_reason)
+                summary.receipts[row.id] = receipt
                 events.append(_revoke_event(session, row, "capability.revoke_failed", "revoke_pending", actor, reason,
-                                            {"error": row.status_reason, "next_attempt_at": rfc3339(row.next_attempt_at)}))
+                                            {"error": row.status_reason, "next_attempt_at": rfc3339(row.next_attempt_at),
+                                             "receipt": receipt.record()}))
                 REVOKES.labels(provider=row.provider, outcome="failed").inc()
                 log.warning("revoke of %s failed (%s); retry #%d scheduled", row.id, row.status_reason,
                             row.revoke_attempts)

@@ -314,7 +314,7 @@ def _revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted:
         revocation_secret=minted.revocation_secret,
     )
     try:
-        provider.revoke(target)
+        result = provider.revoke(target)
     except Exception:
         log.exception("revoking an unrecorded credential for %s failed; the reconciler will retry", grant.capability_id)
         return
@@ -328,6 +328,6 @@ def _revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted:
                 # Revoked (teardown) while minting: now it really is.
                 lease.handle, lease.fingerprint = minted.handle, minted.fingerprint
                 session = db.get(SessionRow, lease.session_id)
-                finish_revocation(db, lease, session, lease.revoke_reason or "revoked", "broker", utcnow())
+                finish_revocation(db, lease, session, lease.revoke_reason or "revoked", "broker", utcnow(), result=result)
     except Exception:
         log.exception("could not mark %s failed; the reconciler will", grant.capability_id)

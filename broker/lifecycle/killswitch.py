@@ -71,6 +71,7 @@ class RevocationResult:
             "revoked": len(revoked),
             "revoke_pending": len(pending),
             "revoke_pending_ids": sorted(pending),
+            "receipts": self.summary.receipt_list(),
         }
 
 

@@ -78,6 +78,22 @@ class RevokeTarget:
 
 
 @dataclass(frozen=True)
+class Revoked:
+    """What a provider's `revoke` achieved, when it says more than "the backend confirmed it dead".
+
+    `revoke` returning None (or `Revoked()` with no `valid_until`) means the backend confirmed
+    the credential unusable from now on. `valid_until` says the backend could not make it so
+    everywhere: somewhere it is still accepted until then (a native token a resource server
+    verifies offline; a credential found already expired, with its past expiry). The receipt
+    then says `expires_naturally`, never `revoked`. `detail` is one plain sentence for the
+    receipt (no secret in it).
+    """
+
+    detail: str = ""
+    valid_until: datetime | None = None
+
+
+@dataclass(frozen=True)
 class ProviderHealth:
     ok: bool
     detail: str = ""
@@ -119,8 +135,13 @@ class Provider(ABC):
         """Create the credential at the backend, or raise a ProviderError."""
 
     @abstractmethod
-    def revoke(self, target: RevokeTarget) -> None:
-        """Revoke for real, or raise. Revoking something already gone is success."""
+    def revoke(self, target: RevokeTarget) -> Revoked | None:
+        """Revoke for real, or raise. Revoking something already gone is success.
+
+        Returns None or a `Revoked` when the backend confirmed; a `Revoked` with `valid_until`
+        where the credential stays usable somewhere until then (the revocation receipt says
+        so). Where `mints_locally`, it is called inside the transaction that finishes the
+        lease: no I/O, and it must not raise."""
 
     def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
         """What the backend can issue for this resource (the policy's time layer clamps to it)."""
@@ -153,4 +174,5 @@ class Provider(ABC):
         return None
 
 
-__all__ = ["Grant", "Minted", "Provider", "ProviderContext", "ProviderHealth", "RevokeTarget", "TtlBounds", "fingerprint"]
+__all__ = ["Grant", "Minted", "Provider", "ProviderContext", "ProviderHealth", "RevokeTarget", "Revoked", "TtlBounds",
+           "fingerprint"]

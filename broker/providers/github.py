@@ -58,6 +58,7 @@ from broker.providers.base import (
     Provider,
     ProviderContext,
     ProviderHealth,
+    Revoked,
     RevokeTarget,
     TtlBounds,
     fingerprint,
@@ -176,19 +177,23 @@ class GitHubProvider(Provider):
             revocation_secret=token,
         )
 
-    def revoke(self, target: RevokeTarget) -> None:
+    def revoke(self, target: RevokeTarget) -> Revoked:
         token = target.revocation_secret
         if not token:
             if target.expires_at <= datetime.now(UTC):
-                return  # GitHub's hour is over: the token is dead with or without us
+                # GitHub's hour is over: the token is dead with or without us
+                return Revoked(detail=f"expired at GitHub at {rfc3339(target.expires_at)}; nothing left to revoke",
+                               valid_until=target.expires_at)
             raise ProviderMisconfigured(
                 "github: this lease holds no sealed token, and GitHub can revoke an installation token "
                 "only when presented with it; it expires by itself at " + rfc3339(target.expires_at)
             )
         resp = self._send("DELETE", "/installation/token", "revoke the installation token", bearer=token)
-        if resp.status_code in (204, 401):
-            # 401: GitHub no longer accepts the token (revoked before, or expired): already gone.
-            return
+        if resp.status_code == 204:
+            return Revoked(detail="GitHub confirmed: DELETE /installation/token answered 204")
+        if resp.status_code == 401:
+            # GitHub no longer accepts the token (revoked before, or expired): already gone.
+            return Revoked(detail="GitHub no longer accepts the token (401): revoked before, or expired")
         self._raise_for(resp, "revoke the installation token", secret=token)
 
     def health(self) -> ProviderHealth:

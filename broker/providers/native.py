@@ -11,7 +11,17 @@ from typing import ClassVar
 
 from broker.errors import Denied, ProviderMisconfigured
 from broker.identity.keys import KeyRing
-from broker.providers.base import Grant, Minted, Provider, ProviderContext, ProviderHealth, RevokeTarget, fingerprint
+from broker.providers.base import (
+    Grant,
+    Minted,
+    Provider,
+    ProviderContext,
+    ProviderHealth,
+    Revoked,
+    RevokeTarget,
+    fingerprint,
+)
+from broker.times import rfc3339
 
 
 class NativeProvider(Provider):
@@ -70,10 +80,17 @@ class NativeProvider(Provider):
             fingerprint=fingerprint(token),
         )
 
-    def revoke(self, target: RevokeTarget) -> None:
+    def revoke(self, target: RevokeTarget) -> Revoked:
         # Nothing outside the broker to tell: the lease status is the revocation, and
-        # introspection reads it. Offline verifiers are bounded by the short `exp`.
-        return None
+        # introspection reads it. But the token is a signed JWT: a resource server that checks
+        # it offline against the JWKS cannot learn of the revocation and accepts it until `exp`.
+        # The broker cannot know which kind of resource server holds it, so it does not claim
+        # more than it can: the receipt says `expires_naturally` at `exp`.
+        return Revoked(
+            detail="marked revoked: introspection answers active=false from now on; a resource server that "
+                   f"verifies the token offline against the JWKS accepts it until its exp, {rfc3339(target.expires_at)}",
+            valid_until=target.expires_at,
+        )
 
     def health(self) -> ProviderHealth:
         return ProviderHealth(True, f"signing with {self._keyring.active.kid}")

@@ -50,7 +50,7 @@ import requests
 
 from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.policy.resources import parse_resource
-from broker.providers.base import Grant, Minted, Provider, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+from broker.providers.base import Grant, Minted, Provider, ProviderHealth, Revoked, RevokeTarget, TtlBounds, fingerprint
 from broker.times import rfc3339
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class VaultProvider(Provider):
             return self._mint_token(grant)
         return self._mint_dynamic(grant, path)
 
-    def revoke(self, target: RevokeTarget) -> None:
+    def revoke(self, target: RevokeTarget) -> Revoked:
         kind = target.handle.get("kind")
         if kind == "token":
             accessor = target.handle.get("accessor") or ""
@@ -206,8 +206,10 @@ class VaultProvider(Provider):
             except ProviderRejected as exc:
                 if not _gone(exc, "invalid accessor"):
                     raise
+                return Revoked(detail="OpenBao/Vault no longer knows the token's accessor: revoked before, or expired")
             # A known but already revoked accessor answers 200 "No token found": also success.
-        elif kind == "lease":
+            return Revoked(detail="OpenBao/Vault confirmed: auth/token/revoke-accessor succeeded")
+        if kind == "lease":
             lease_id = target.handle.get("lease_id") or ""
             if not lease_id:
                 raise ProviderMisconfigured("vault: lease handle without a lease_id cannot be revoked")
@@ -216,8 +218,9 @@ class VaultProvider(Provider):
             except ProviderRejected as exc:
                 if not _gone(exc, "invalid lease"):
                     raise
-        else:
-            raise ProviderMisconfigured(f"vault: unknown handle kind {kind!r}")
+                return Revoked(detail="OpenBao/Vault no longer knows the lease: revoked before, or expired")
+            return Revoked(detail="OpenBao/Vault confirmed: sys/leases/revoke succeeded (the secret's backend revoked it)")
+        raise ProviderMisconfigured(f"vault: unknown handle kind {kind!r}")
 
     def health(self) -> ProviderHealth:
         try:

@@ -29,6 +29,7 @@ from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import Conflict, InvalidRequest
+from broker.leases.receipts import RevocationReceipt
 from broker.metrics import WEBHOOKS
 from broker.models import SessionRow, WebhookDelivery
 from broker.runtime import Broker
@@ -138,14 +139,16 @@ class EndedSession:
     already_ended: bool
     revoked: int = 0
     revoke_pending: int = 0
+    receipts: list[RevocationReceipt] = field(default_factory=list)
 
 
 class EndedSessionView(BaseModel):
     session_id: str
     status: Literal["ended"] = "ended"
     already_ended: bool
-    revoked: int
+    revoked: int = Field(description="capabilities finished (receipt `revoked` or `expires_naturally`)")
     revoke_pending: int
+    receipts: list[RevocationReceipt] = Field(description="one per capability the teardown acted on")
 
 
 class WebhookOutcome(BaseModel):
@@ -172,7 +175,7 @@ class Outcome:
             status=self.status, id=self.event.id, type=self.event.event_type, reason=self.event.end_reason,
             task_id=self.event.derived_task_id,
             sessions=[EndedSessionView(session_id=s.session_id, already_ended=s.already_ended, revoked=s.revoked,
-                                       revoke_pending=s.revoke_pending) for s in self.sessions],
+                                       revoke_pending=s.revoke_pending, receipts=s.receipts) for s in self.sessions],
         )
 
 
@@ -248,7 +251,8 @@ def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int) -> Outcome
     for session_id, already in to_end:
         # The session is ended already (above); this revokes what it still holds, idempotently.
         _, summary = sessions.end(broker, session_id, reason=event.end_reason, actor=ACTOR)
-        result.sessions.append(EndedSession(session_id, already, len(summary.revoked), len(summary.pending)))
+        result.sessions.append(EndedSession(session_id, already, len(summary.revoked), len(summary.pending),
+                                            summary.receipt_list()))
     log.info("webhook %s (%s): %s, %d session(s)", event.id, event.event_type, outcome, len(result.sessions))
     return result
 

@@ -71,12 +71,22 @@ def test_native_capability_flow(api: Api) -> None:
 
     revoked = api.client.delete(f"/v1/capabilities/{cap['capability_id']}", headers=agent)
     assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+    # The receipt: introspection says inactive, but an offline verifier accepts the JWT until exp.
+    receipt = revoked.json()["receipt"]
+    assert receipt["outcome"] == "expires_naturally" and receipt["revoked_at"] is None
+    assert receipt["expires_at"] == datetime.fromtimestamp(claims["exp"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "introspection answers active=false" in receipt["detail"]
     assert api.client.post("/v1/introspect", data={"token": credential["token"]}).json() == {"active": False}
-    # Revoking twice is harmless and changes nothing.
-    assert api.client.delete(f"/v1/capabilities/{cap['capability_id']}", headers=agent).json()["status"] == "revoked"
+    assert _verify_with_jwks(api, credential["token"], "payments-api")["jti"] == cap["capability_id"]  # still verifies
+    # Revoking twice is harmless and changes nothing; the receipt says it had ended.
+    again = api.client.delete(f"/v1/capabilities/{cap['capability_id']}", headers=agent).json()
+    assert again["status"] == "revoked" and again["receipt"]["outcome"] == "already_ended"
+    assert again["receipt"]["ended_at"] == again["ended_at"] and again["receipt"]["expires_at"] is None
 
     types = _audit_types(api, session["session_id"])
     assert types == ["session.created", "capability.minted", "capability.revoked"]
+    records = api.client.get("/v1/audit", params={"session_id": session["session_id"]}, headers=api.as_admin()).json()
+    assert records["records"][-1]["detail"]["receipt"] == receipt  # the audit holds the same receipt
     assert api.client.get("/v1/audit/verify", headers=api.as_admin()).json()["ok"] is True
 
 
@@ -151,15 +161,19 @@ def test_session_end_revokes_everything_and_refuses_more(api: Api) -> None:
               for _ in range(3)]
     r = api.client.post(f"/v1/sessions/{session['session_id']}/end", json={"reason": "completed"},
                         headers=api.as_orchestrator())
-    assert r.status_code == 200 and r.json() == {"session_id": session["session_id"], "status": "ended",
-                                                 "revoked": 3, "revoke_pending": 0}
+    body = r.json()
+    receipts = body.pop("receipts")
+    assert r.status_code == 200 and body == {"session_id": session["session_id"], "status": "ended",
+                                             "revoked": 3, "revoke_pending": 0}
+    assert len(receipts) == 3 and {rc["outcome"] for rc in receipts} == {"expires_naturally"}
+    assert {rc["status"] for rc in receipts} == {"revoked"} and all(rc["expires_at"] for rc in receipts)
     for token in tokens:
         assert api.client.post("/v1/introspect", data={"token": token}).json() == {"active": False}
     after = api.request(session, {"resource": "jwt://svc/x", "access": "read"})
     assert after.status_code == 403 and after.json()["error"]["code"] == "session-ended"
     # Idempotent: a second end changes nothing and writes no second session.ended.
     again = api.client.post(f"/v1/sessions/{session['session_id']}/end", headers=api.as_orchestrator())
-    assert again.status_code == 200 and again.json()["revoked"] == 0
+    assert again.status_code == 200 and again.json()["revoked"] == 0 and again.json()["receipts"] == []
     assert _audit_types(api, session["session_id"]).count("session.ended") == 1
     shown = api.client.get(f"/v1/sessions/{session['session_id']}", headers=api.as_orchestrator()).json()
     assert shown["status"] == "ended" and shown["capabilities"] == [] and shown["end_reason"] == "completed"

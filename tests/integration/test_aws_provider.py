@@ -376,7 +376,9 @@ def test_revoke_denies_that_session_and_no_other(
     first, second = make_grant(aws_role), make_grant(aws_role)
     m1, m2 = provider.mint(first), provider.mint(second)
 
-    provider.revoke(target_for(first, m1))
+    said = provider.revoke(target_for(first, m1))
+    # Confirmed (no valid_until): the receipt says `revoked`, naming the one session denied.
+    assert said.valid_until is None and f"aws:userid {aws_role.role_id}:{first.capability_id} only" in said.detail
     doc = revocation_doc(iam_client, aws_role)
     assert doc is not None
     [statement] = doc["Statement"]
@@ -392,7 +394,8 @@ def test_revoke_denies_that_session_and_no_other(
     assert issued_by >= (m1.expires_at - timedelta(seconds=first.ttl_seconds)).timestamp()
 
     puts = len(moto_server.requests("PutRolePolicy", RoleName=aws_role.name))
-    provider.revoke(target_for(first, m1))  # twice: same document, not even a write
+    again = provider.revoke(target_for(first, m1))  # twice: same document, not even a write
+    assert again.valid_until is None and "already holds the deny" in again.detail
     assert denied_userids(revocation_doc(iam_client, aws_role)) == [f"{aws_role.role_id}:{first.capability_id}"]
     assert len(moto_server.requests("PutRolePolicy", RoleName=aws_role.name)) == puts
 
@@ -431,13 +434,15 @@ def test_revoking_an_expired_credential_writes_nothing(
     grant = make_grant(aws_role)
     minted = provider.mint(grant)
     past = datetime.now(UTC) - timedelta(hours=2)
-    provider.revoke(
+    said = provider.revoke(
         RevokeTarget(
             capability_id=grant.capability_id, session_id=grant.session_id, resource=grant.resource,
             access=grant.access, handle={**minted.handle, "expires_at": past.isoformat()}, expires_at=past,
         )
     )
     assert revocation_doc(iam_client, aws_role) is None
+    # Not "revoked": it died on its own, at the (past) time the receipt gives as expires_at.
+    assert said.valid_until is not None and said.valid_until <= past + timedelta(seconds=1)
 
 
 def test_crash_recovery_handle_revokes_the_session(
@@ -531,7 +536,8 @@ def test_overflow_collapses_into_a_token_issue_time_deny(
     seeded_end, seeded_issued = _seed_full_policy(iam_client, aws_role)
     grant = make_grant(aws_role, ttl=3600)
     minted = provider.mint(grant)
-    provider.revoke(target_for(grant, minted))
+    said = provider.revoke(target_for(grant, minted))
+    assert said.valid_until is None and "every session of the role issued before" in said.detail  # blunter, said so
 
     doc = revocation_doc(iam_client, aws_role)
     assert denied_userids(doc) == []  # every per-session entry was folded into the fallback

@@ -233,7 +233,8 @@ def test_revoke_kills_the_token_and_is_idempotent(provider: GitHubProvider, gh: 
     token = minted.credential["token"]
     assert as_token(gh, token, "GET", "/repos/acme/widgets").status_code == 200
 
-    provider.revoke(target_for(minted.revocation_secret))
+    said = provider.revoke(target_for(minted.revocation_secret))
+    assert said.valid_until is None and "204" in said.detail  # confirmed: the receipt says `revoked`
     (delete,) = gh.requests("DELETE", "/installation/token")
     assert delete.status == 204
     assert delete.auth == "token" and delete.bearer_sha256 == fingerprint(token).removeprefix("sha256:")
@@ -247,7 +248,8 @@ def test_revoke_kills_the_token_and_is_idempotent(provider: GitHubProvider, gh: 
 
 def test_revoke_without_sealed_token(provider: GitHubProvider, gh: GitHubStandIn) -> None:
     past = datetime.now(UTC) - timedelta(seconds=1)
-    provider.revoke(target_for(None, past))  # GitHub's hour is over: nothing left to revoke
+    said = provider.revoke(target_for(None, past))  # GitHub's hour is over: nothing left to revoke
+    assert said.valid_until == past  # the receipt: expires_naturally, at a time already past
     with pytest.raises(ProviderMisconfigured, match="no sealed token"):
         provider.revoke(target_for(None))  # still alive and unrevocable: stays revoke_pending
     assert gh.request_log == []

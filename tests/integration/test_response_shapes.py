@@ -39,7 +39,7 @@ from broker.api.schemas import (
 from broker.app import create_app
 from broker.audit.linker import link_all
 from broker.identity.webhooks import HEADER, sign
-from broker.leases.outcomes import CapabilityIssued, CapabilityView, Introspection, PendingApproval
+from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, Introspection, PendingApproval
 from broker.oauth.exchange import GRANT_TYPE
 from broker.oauth.models import AuthorizationServerMetadata, ProtectedResourceMetadata, Revoked, TokenResponse
 from broker.sessions.events import WebhookOutcome
@@ -118,7 +118,7 @@ ROWS = [
     Row("GET /v1/capabilities/{capability_id}", lambda w: w.api.client.get(
         f"/v1/capabilities/{w.issued['capability_id']}", headers=w.agent()), 200, CapabilityView),
     Row("DELETE /v1/capabilities/{capability_id}", lambda w: w.api.client.delete(
-        f"/v1/capabilities/{w.issued['capability_id']}", headers=w.agent()), 200, CapabilityView),
+        f"/v1/capabilities/{w.issued['capability_id']}", headers=w.agent()), 200, CapabilityRevoked),
     Row("POST /v1/revocations", lambda w: w.api.client.post(
         "/v1/revocations", json={"session_id": w.session["session_id"]}, headers=w.api.as_admin()), 200,
         RevocationResponse),

@@ -111,8 +111,14 @@ def test_by_session(ks: KillSwitch) -> None:
     a, b = ks.session(), ks.session()
     r = ks.revoke(session_id=a["session_id"])
     assert r.status_code == 200, r.text
-    assert r.json() == {"matched_sessions": 1, "sessions_ended": 1, "matched_capabilities": 2, "revoked": 2,
-                        "revoke_pending": 0, "revoke_pending_ids": []}
+    body = r.json()
+    receipts = body.pop("receipts")
+    assert body == {"matched_sessions": 1, "sessions_ended": 1, "matched_capabilities": 2, "revoked": 2,
+                    "revoke_pending": 0, "revoke_pending_ids": []}
+    assert [rc["capability_id"] for rc in receipts] == sorted(a["caps"])
+    assert {rc["outcome"] for rc in receipts} == {"expires_naturally"} and all(rc["expires_at"] for rc in receipts)
+    audited = {rec["jit_grant"]["capability_id"]: rec["detail"]["receipt"] for rec in ks.audit("capability.revoked")}
+    assert [audited[rc["capability_id"]] for rc in receipts] == receipts
     assert_revoked_exactly(ks, set(a["caps"]))
     assert ks.session_status(a["session_id"]) == "ended" and ks.session_status(b["session_id"]) == "active"
     # the agent cannot just ask again: its session is over
@@ -238,10 +244,15 @@ def test_cli_revoke(ks: KillSwitch, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
     out = runner.invoke(cli, ["revoke", "--agent", "codex"])
     assert out.exit_code == 0, out.output
-    assert "2 capabilities matched: 2 revoked, 0 pending; 1 of 1 sessions ended" in out.output
+    assert "2 capabilities matched: 2 finished, 0 pending; 1 of 1 sessions ended" in out.output
+    assert "receipts (2 expires_naturally):" in out.output
+    for cap_id in s1["caps"]:
+        assert f"{cap_id}  expires_naturally" in out.output
     out = runner.invoke(cli, ["revoke", "--session", s2["session_id"], "--keep-sessions", "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["revoked"] == 2 and json.loads(out.output)["sessions_ended"] == 0
+    answer = json.loads(out.output)
+    assert answer["revoked"] == 2 and answer["sessions_ended"] == 0
+    assert sorted(rc["capability_id"] for rc in answer["receipts"]) == sorted(s2["caps"])
     assert ks.session_status(s2["session_id"]) == "active"
     out = runner.invoke(cli, ["revoke"])
     assert out.exit_code == 2

@@ -96,7 +96,8 @@ def test_revoke_kills_the_token_everywhere_and_twice_is_fine(provider: VaultProv
     g = grant()
     minted = provider.mint(g)
     token, accessor = minted.credential["token"], minted.credential["accessor"]
-    provider.revoke(target(g, minted))
+    said = provider.revoke(target(g, minted))
+    assert said.valid_until is None and "revoke-accessor" in said.detail  # confirmed: the receipt says `revoked`
 
     server = vault_setup.server
     with pytest.raises(hx.Forbidden):
@@ -148,7 +149,8 @@ def test_dynamic_db_credentials_log_in_then_revoke_drops_the_role(provider: Vaul
         valid_until = conn.execute("SELECT rolvaliduntil FROM pg_roles WHERE rolname = current_user").fetchone()[0]
     assert valid_until <= datetime.now(UTC) + timedelta(seconds=660)  # PostgreSQL agrees on the expiry
 
-    provider.revoke(target(g, minted))
+    said = provider.revoke(target(g, minted))
+    assert said.valid_until is None and "sys/leases/revoke" in said.detail
     assert not pg_role_exists(user)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(vault_database.dsn(user, password)).close()

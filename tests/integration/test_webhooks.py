@@ -74,8 +74,11 @@ def test_signed_teardown_ends_the_session_and_revokes_everything(api: Api) -> No
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "processed" and body["reason"] == "completed"
+    receipts = body["sessions"][0].pop("receipts")
     assert body["sessions"] == [{"session_id": sid, "status": "ended", "already_ended": False,
                                  "revoked": 3, "revoke_pending": 0}]
+    assert sorted(rc["capability_id"] for rc in receipts) == sorted(lease.id for lease in leases_of(api, sid))
+    assert {rc["outcome"] for rc in receipts} == {"expires_naturally"}  # native: offline verifiers until exp
     row = session_row(api, sid)
     assert row.status == "ended" and row.end_reason == "completed"
     assert {lease.status for lease in leases_of(api, sid)} == {"revoked"}
@@ -86,7 +89,8 @@ def test_signed_teardown_ends_the_session_and_revokes_everything(api: Api) -> No
     [ended] = records(api, "session.ended", sid)
     assert ended["actor"] == "webhook:orchestrator" and ended["detail"]["webhook_event_id"] == evt["id"]
     assert ended["seq"] == received["seq"] + 1  # one transaction: delivery, receipt, session end
-    assert len(records(api, "capability.revoked", sid)) == 3
+    revoked = records(api, "capability.revoked", sid)
+    assert sorted((rec["detail"]["receipt"] for rec in revoked), key=lambda rc: rc["capability_id"]) == receipts
     with transaction(api.broker.engine) as db:
         assert db.get(WebhookDelivery, evt["id"]) is not None
         assert verify(db).ok

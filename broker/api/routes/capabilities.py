@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
 from broker.api.schemas import SESSION_ID_PATTERN, CapabilityRequest, error_responses
 from broker.leases import queries
-from broker.leases.outcomes import CapabilityIssued, CapabilityView, PendingApproval
+from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, PendingApproval
 from broker.leases.service import request_capability
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus
 
@@ -56,7 +56,7 @@ def get_capability(capability_id: str, broker: BrokerDep, caller: AnyCaller) -> 
     return CapabilityView.of(queries.get(broker, caller, capability_id))
 
 
-@router.delete("/{capability_id}", response_model=CapabilityView, responses=ERRORS)
-def revoke_capability(capability_id: str, broker: BrokerDep, caller: AnyCaller) -> CapabilityView:
-    lease, _ = queries.revoke(broker, caller, capability_id)
-    return CapabilityView.of(lease)
+@router.delete("/{capability_id}", response_model=CapabilityRevoked, responses=ERRORS)
+def revoke_capability(capability_id: str, broker: BrokerDep, caller: AnyCaller) -> CapabilityRevoked:
+    lease, receipt = queries.revoke(broker, caller, capability_id)
+    return CapabilityRevoked.after(lease, receipt)

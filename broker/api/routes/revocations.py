@@ -8,7 +8,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, StringConstraints
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import AgentName, Principal, SessionId, Strict, error_responses
+from broker.api.schemas import RECEIPTS_DESCRIPTION, AgentName, Principal, SessionId, Strict, error_responses
+from broker.leases.receipts import RevocationReceipt
 from broker.lifecycle.killswitch import RevocationFilter, revoke_matching
 
 router = APIRouter(prefix="/v1/revocations", tags=["revocations"])
@@ -30,9 +31,10 @@ class RevocationResponse(BaseModel):
     matched_sessions: int
     sessions_ended: int
     matched_capabilities: int
-    revoked: int
+    revoked: int = Field(description="capabilities finished (receipt `revoked` or `expires_naturally`)")
     revoke_pending: int
     revoke_pending_ids: list[str]
+    receipts: list[RevocationReceipt] = Field(description=RECEIPTS_DESCRIPTION)
 
 
 @router.post("", response_model=RevocationResponse, responses=ERRORS)

@@ -49,4 +49,4 @@ def end_session(session_id: str, broker: BrokerDep, caller: AnyCaller, body: Ses
     reason = body.reason if body else "api_teardown"
     session, summary = service.end(broker, session_id, reason=reason, actor=caller.principal, caller=caller)
     return SessionEnded(session_id=session.id, status=session.status, revoked=len(summary.revoked),
-                        revoke_pending=len(summary.pending))
+                        revoke_pending=len(summary.pending), receipts=summary.receipt_list())

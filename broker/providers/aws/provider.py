@@ -44,7 +44,17 @@ from broker.providers.aws.names import (
     tag_value_for,
 )
 from broker.providers.aws.revocations import RevocationPolicy
-from broker.providers.base import Grant, Minted, Provider, ProviderContext, ProviderHealth, RevokeTarget, TtlBounds, fingerprint
+from broker.providers.base import (
+    Grant,
+    Minted,
+    Provider,
+    ProviderContext,
+    ProviderHealth,
+    Revoked,
+    RevokeTarget,
+    TtlBounds,
+    fingerprint,
+)
 from broker.times import rfc3339
 
 log = logging.getLogger("broker.providers.aws")
@@ -254,16 +264,21 @@ class AwsProvider(Provider):
 
     # --- revoke ------------------------------------------------------------------------------
 
-    def revoke(self, target: RevokeTarget) -> None:
-        """Deny this session (and only it) on its role until its credential would have expired."""
+    def revoke(self, target: RevokeTarget) -> Revoked:
+        """Deny this session (and only it) on its role until its credential would have expired.
+
+        Confirmed (the receipt's `revoked`) once IAM accepted the PutRolePolicy that carries the
+        deny, or the deny was found there already. IAM applies it within seconds; the receipt
+        says so. A credential past its expiry needs no deny: `expires_naturally`, in the past."""
         ref = self._ref(target.resource)
         handle = target.handle or {}
         session_name = handle.get("session_name") or session_name_for(target.capability_id)
         now = datetime.now(UTC)
         # The later of AWS's own expiry (from the mint) and the lease's: a recovered handle has only the latter.
         expires = max(t for t in (_parse_time(handle.get("expires_at")), _parse_time(target.expires_at)) if t)
-        if expires + timedelta(seconds=CLOCK_GRACE_SECONDS) <= now:
-            return  # expired on its own: nothing left to deny
+        if expires + timedelta(seconds=CLOCK_GRACE_SECONDS) <= now:  # expired on its own: nothing left to deny
+            return Revoked(detail=f"the STS credentials expired at {rfc3339(expires)}; nothing left to deny",
+                           valid_until=expires)
         userid = handle.get("assumed_role_id") or f"{self._role(ref).role_id}:{session_name}"
         issued_at = _parse_time(handle.get("issued_at")) or now + timedelta(seconds=CLOCK_GRACE_SECONDS)
         exp_s, issued_s = math.ceil(expires.timestamp()), math.ceil(issued_at.timestamp())
@@ -275,7 +290,7 @@ class AwsProvider(Provider):
             if policy.covers(userid, exp_s, issued_s):
                 if changed:
                     self._store(ref, policy)
-                return
+                return Revoked(detail=f"IAM already holds the deny on {ref.arn} for this session ({userid})")
             policy.add(userid, exp_s, issued_s)
             collapsed = policy.size() > INLINE_POLICY_MAX_CHARS
             if collapsed:
@@ -297,6 +312,10 @@ class AwsProvider(Provider):
                     rfc3339(datetime.fromtimestamp(policy.fallback[0], UTC)) if policy.fallback else "?",
                 )
             log.info("denied session %s on %s until %s", userid, ref.arn, rfc3339(expires))
+        how = ("every session of the role issued before the newest revoked one (the per-session deny overflowed "
+               "the inline policy limit)") if collapsed else f"aws:userid {userid} only"
+        return Revoked(detail=f"IAM accepted the deny on {ref.arn} ({REVOCATION_POLICY_NAME}) for {how}, until "
+                              f"{rfc3339(expires)}; IAM applies it within seconds, to calls made after that")
 
     def prune_revocations(self, now: datetime, resources: Iterable[str] = ()) -> int:
         """Drop deny entries whose credential has expired anyway; delete the policy when empty.
