@@ -49,6 +49,7 @@ lint: install-test
 ## The scale figures (BENCHMARKS.md): wrk against brokers on PostgreSQL beside OpenBao, about
 ## 8 minutes on 2 cores; rewrites the `make bench` block of BENCHMARKS.md. Run it on an idle machine.
 bench: install-test
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	scripts/ensure-postgres
 	scripts/ensure-bench-tools
 	$(BIN)/python bench/suite.py --write BENCHMARKS.md --json bench/results/latest.json $(BENCH_ARGS)

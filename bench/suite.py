@@ -194,6 +194,74 @@ def lock_waits(summary: dict[str, Any]) -> dict[str, Any]:
     return {"session_row": round(session_row, 2), "shared_rows": round(other, 2), "shared_row_statements": where}
 
 
+# --- where the CPU goes -------------------------------------------------------------------------
+
+COMPONENTS = (  # first match on the innermost frame's file decides
+    ("sqlalchemy", "SQLAlchemy (ORM, Core, compile, results)"), ("sqlmodel", "SQLAlchemy (ORM, Core, compile, results)"),
+    ("psycopg", "psycopg (send, wait, rows)"), ("uvicorn", "uvicorn + httptools"),
+    ("starlette", "Starlette + FastAPI + anyio (routing, dependencies, middleware, thread hops)"),
+    ("fastapi", "Starlette + FastAPI + anyio (routing, dependencies, middleware, thread hops)"),
+    ("anyio", "Starlette + FastAPI + anyio (routing, dependencies, middleware, thread hops)"),
+    ("pydantic", "pydantic (validation, serialisation)"), ("jwt/", "PyJWT + cryptography"),
+    ("cryptography", "PyJWT + cryptography"), ("/broker/", "the broker's own code"),
+    ("asyncio", "asyncio event loop"), ("threading", "threads, queues (hand-offs)"), ("queue", "threads, queues (hand-offs)"),
+)
+
+
+def gil_profile(broker: BrokerProcess, load: Callable[[], dict[str, Any]], out: Path, seconds: float) -> dict[str, Any]:
+    """py-spy (a sampling profiler outside the process: nothing in it is patched) with --gil, so
+    only the thread holding the GIL is sampled: where the server's Python CPU goes, by thread
+    and by component, and the broker's own functions by inclusive share."""
+    import re
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    assert broker.proc is not None
+    prof = subprocess.Popen([spy, "record", "--gil", "--threads", "--nonblocking", "-r", "200", "-f", "raw",
+                             "-d", str(int(seconds) + 2), "-o", str(out), "-p", str(broker.proc.pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    run_result = load()
+    _, err = prof.communicate(timeout=seconds + 60)
+    if not out.exists():
+        return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-300:]}"}
+    frame = re.compile(r"^(.*?) \((\S+?):\d+\)$")
+    total = 0
+    threads: dict[str, int] = {}
+    components: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        name = re.sub(r"^thread \(\d+\): ", "", frames[0]).strip() or "?"
+        name = "event loop (MainThread)" if name == "MainThread" else "request threads (AnyIO workers)" \
+            if "AnyIO worker" in name else f"background: {name}"
+        threads[name] = threads.get(name, 0) + n
+        inner = frame.match(frames[-1])
+        where = "/" + (inner.group(2) if inner else frames[-1])  # py-spy shortens paths to sys.path-relative
+        label = next((lab for key, lab in COMPONENTS if key in where), "other (C builtins, stdlib)")
+        components[label] = components.get(label, 0) + n
+        seen = set()
+        for f in frames:
+            m = frame.match(f)
+            if m and "/broker/" in "/" + m.group(2):
+                key = ("/" + m.group(2)).split("/broker/", 1)[1] + ":" + m.group(1)
+                if key not in seen:
+                    seen.add(key)
+                    inclusive[key] = inclusive.get(key, 0) + n
+
+    def share(d: dict[str, int], top: int) -> dict[str, float]:
+        return {k: round(v / max(1, total) * 100, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]}
+
+    return {"samples": total, "requests": run_result["requests"], "per_s_while_profiled": run_result["per_s"],
+            "by_thread_pct": share(threads, 8), "by_component_pct": share(components, 12),
+            "broker_functions_inclusive_pct": share(inclusive, 15), "command": f"{Path(spy).name} record --gil "
+            "--threads --nonblocking -r 200 -f raw -p PID"}
+
+
 # --- seeding --------------------------------------------------------------------------------------
 
 
@@ -326,6 +394,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
             for name, rs in series.items():
                 log(f"  {name}: {rs[-1]['per_s']}/s p50 {rs[-1]['p50_ms']} ms p99 {rs[-1]['p99_ms']} ms")
         results["series"] = series
+        if shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists():
+            log("profile: py-spy --gil on the server during one more 64-connection run")
+            results["profile"] = gil_profile(pg, lambda: wrk(pg.base_url, many, connections=64, seconds=secs,
+                                                             body=NATIVE_BODY), work / "profile.txt", secs)
         if base is not None:
             results["baseline"] = {"rev": args.baseline, "native_c64": series_base}
             base.stop()
@@ -497,9 +569,26 @@ def markdown(report: Report) -> str:
         f"in all; lock waits session row / other rows: "
         f"{r['scaling']['two_processes']['lock_waits']['session_row']} / "
         f"{r['scaling']['two_processes']['lock_waits']['shared_rows']} |",
+        *profile_rows(r.get("profile")),
         END,
     ]
     return "\n".join(lines)
+
+
+def profile_rows(p: dict[str, Any] | None) -> list[str]:
+    if not p or "by_component_pct" not in p:
+        return []
+    rows = ["", f"Where the server's Python CPU goes (`{p['command']}` during one more 64-connection run, "
+            f"{p['samples']} samples of the thread holding the GIL, {p['requests']} requests):", "",
+            "| by thread | share | by component (innermost frame) | share |", "|---|---|---|---|"]
+    threads, comps = list(p["by_thread_pct"].items()), list(p["by_component_pct"].items())
+    for i in range(max(len(threads), len(comps))):
+        t = threads[i] if i < len(threads) else ("", "")
+        c = comps[i] if i < len(comps) else ("", "")
+        rows.append(f"| {t[0]} | {t[1]}{'%' if t[1] != '' else ''} | {c[0]} | {c[1]}{'%' if c[1] != '' else ''} |")
+    rows += ["", "| the broker's functions (inclusive: with what they call) | share |", "|---|---|"]
+    rows += [f"| `{k}` | {v}% |" for k, v in p["broker_functions_inclusive_pct"].items()]
+    return rows
 
 
 def baseline_rows(r: dict[str, Any], f: dict[str, Any]) -> list[str]:
