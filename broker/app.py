@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from broker import __version__
+from broker import __version__, security_events
 from broker import outbox as outbox_core
 from broker.api.guard import RequestGuard, declare_guard_responses
 from broker.api.routes import (
@@ -57,7 +57,8 @@ from broker.runtime import Broker
 log = logging.getLogger("broker")
 
 # Who sends each kind of outbox message (broker/outbox.py).
-OUTBOX_SENDERS: dict[str, outbox_core.Sender] = {approval_outbox.KIND: approval_outbox.deliver}
+OUTBOX_SENDERS: dict[str, outbox_core.Sender] = {approval_outbox.KIND: approval_outbox.deliver,
+                                                 security_events.KIND: security_events.deliver}
 
 _STATUS_CODES = {400: "invalid-request", 401: "invalid-token", 403: "forbidden", 404: "not-found",
                  405: "method-not-allowed", 409: "conflict", 413: "payload-too-large", 415: "unsupported-media-type"}
@@ -141,9 +142,11 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         recheck = permission_rechecker(broker) if sweeper else None
         if recheck:
             recheck.start()
-        # Beside the sweeper too: the outbox (approval notifications).
+        # Beside the sweeper too: the outbox, approval notifications and Security Event Tokens.
+        # Checked here also for the embedded default: a bad receiver list fails the start, not a teardown.
+        receivers = broker.settings.security_event_receiver_list()
         delivery = None
-        if (sweeper if outbox is None else outbox) and broker.settings.approval_webhook_url_list():
+        if (sweeper if outbox is None else outbox) and (broker.settings.approval_webhook_url_list() or receivers):
             delivery = outbox_core.outbox_delivery(broker, OUTBOX_SENDERS)
             delivery.start()
         app.state.outbox = delivery
