@@ -22,6 +22,7 @@ from broker.app import OUTBOX_SENDERS
 from broker.db import make_engine, transaction, utcnow
 from broker.identity.webhooks import sign
 from broker.lifecycle.sweeper import sweep_once
+from broker.metrics import REGISTRY
 from broker.models import OutboxMessage, SessionRow
 from broker.runtime import Broker
 from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
@@ -212,6 +213,7 @@ def test_a_receiver_that_is_down_is_retried_with_backoff_until_it_takes_the_set(
     set_receivers.append(siem)
     broker, secrets_ = open_broker(tmp_path, database_url, ("siem", siem))
     server, api = serve(broker, secrets_, siem, outbox_loop=False)
+    failed_before, delivered_before = deliveries("failed"), deliveries("delivered")
     try:
         session = api.new_session()
         api.client.post(f"/v1/sessions/{session['session_id']}/end", headers=api.as_orchestrator())
@@ -236,6 +238,7 @@ def test_a_receiver_that_is_down_is_retried_with_backoff_until_it_takes_the_set(
     row = rows(broker)[0]
     assert row.status == "delivered" and row.attempts == 3
     assert len(siem.accepted) == 1 and siem.requests == 2 and siem.rejected == []
+    assert (deliveries("failed") - failed_before, deliveries("delivered") - delivered_before) == (2, 1)
     assert event_of(siem.accepted[0]["claims"])[0] == SESSION_REVOKED
 
 
@@ -245,6 +248,8 @@ def test_a_400_is_final_the_set_goes_dead_and_is_not_sent_again(database_url: st
     set_receivers.append(siem)
     broker, secrets_ = open_broker(tmp_path, database_url, ("siem", siem))
     server, api = serve(broker, secrets_, siem, outbox_loop=False)
+    dead_before, written_before = deliveries("dead"), REGISTRY.get_sample_value(
+        "broker_security_events_total", {"event": "session-revoked"}) or 0.0
     try:
         siem.refuse_next = 1
         session = api.new_session()
@@ -257,6 +262,9 @@ def test_a_400_is_final_the_set_goes_dead_and_is_not_sent_again(database_url: st
         assert outbox.deliver_due(broker, OUTBOX_SENDERS) == 0
         assert outbox.deliver_due(Broker.build(broker.settings), OUTBOX_SENDERS) == 0
         assert siem.requests == 1 and siem.accepted == []
+        assert deliveries("dead") - dead_before == 1
+        assert REGISTRY.get_sample_value("broker_security_events_total", {"event": "session-revoked"}) - \
+            written_before == 1
     finally:
         server.__exit__()
         api.client.close()
@@ -278,6 +286,10 @@ def test_a_receiver_taken_out_of_the_configuration_gets_nothing_more(database_ur
     (row,) = rows(broker)
     assert row.status == "dead" and row.last_error == "receiver 'siem' is no longer configured"
     assert siem.requests == 0
+
+
+def deliveries(outcome: str) -> float:
+    return REGISTRY.get_sample_value("broker_outbox_deliveries_total", {"kind": "set", "outcome": outcome}) or 0.0
 
 
 def wait_until(predicate: Any, timeout: float) -> None:
