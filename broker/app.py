@@ -16,7 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from broker import __version__
+from broker import __version__, security_events
+from broker import outbox as outbox_core
 from broker.api.guard import RequestGuard, declare_guard_responses
 from broker.api.routes import (
     approvals,
@@ -33,7 +34,7 @@ from broker.api.routes import (
     tokens,
     webhooks,
 )
-from broker.approvals.outbox import outbox_delivery
+from broker.approvals import outbox as approval_outbox
 from broker.approvals.signals import ApprovalSignals
 from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.linker import link_all
@@ -54,6 +55,10 @@ from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
 
 log = logging.getLogger("broker")
+
+# Who sends each kind of outbox message (broker/outbox.py).
+OUTBOX_SENDERS: dict[str, outbox_core.Sender] = {approval_outbox.KIND: approval_outbox.deliver,
+                                                 security_events.KIND: security_events.deliver}
 
 _STATUS_CODES = {400: "invalid-request", 401: "invalid-token", 403: "forbidden", 404: "not-found",
                  405: "method-not-allowed", 409: "conflict", 413: "payload-too-large", 415: "unsupported-media-type"}
@@ -91,7 +96,8 @@ def record_policy_loaded(broker: Broker, trigger: str) -> bool:
 
 def create_app(settings: Settings | None = None, *, broker: Broker | None = None, sweeper: bool = True,
                outbox: bool | None = None) -> FastAPI:
-    """`outbox` (default: as `sweeper`) runs the notification delivery loop."""
+    """`outbox` (default: as `sweeper`) runs the outbox's delivery loop (approval notifications,
+    Security Event Tokens)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal broker
@@ -136,10 +142,12 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         recheck = permission_rechecker(broker) if sweeper else None
         if recheck:
             recheck.start()
-        # Beside the sweeper too: approval notifications from the outbox.
+        # Beside the sweeper too: the outbox, approval notifications and Security Event Tokens.
+        # Checked here also for the embedded default: a bad receiver list fails the start, not a teardown.
+        receivers = broker.settings.security_event_receiver_list()
         delivery = None
-        if (sweeper if outbox is None else outbox) and broker.settings.approval_webhook_url_list():
-            delivery = outbox_delivery(broker)
+        if (sweeper if outbox is None else outbox) and (broker.settings.approval_webhook_url_list() or receivers):
+            delivery = outbox_core.outbox_delivery(broker, OUTBOX_SENDERS)
             delivery.start()
         app.state.outbox = delivery
         try:

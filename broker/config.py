@@ -7,6 +7,9 @@ missing into `state_dir` and says loudly, once, that it is not for production.
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +17,20 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import ConfigError
-from broker.identity.oidc import OidcConfig, parse_orchestrator_clients
+from broker.identity.oidc import OidcConfig, is_loopback, parse_orchestrator_clients
+
+RECEIVER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+RECEIVER_FIELDS = {"name", "url", "audience"}
+
+
+@dataclass(frozen=True)
+class SecurityEventReceiver:
+    """Where Security Event Tokens are pushed (RFC 8935), and the `aud` they carry there."""
+
+    name: str  # metrics, logs and the outbox row name it; its token is looked up by it at send time
+    url: str
+    audience: str
+    token: str | None = None  # sent as `Authorization: Bearer <token>` when set
 
 
 class Settings(BaseSettings):
@@ -152,6 +168,14 @@ class Settings(BaseSettings):
     outbox_max_attempts: int = Field(default=20, ge=1)
     outbox_timeout_seconds: float = Field(default=5.0, gt=0)
 
+    # --- security events (docs/security-events.md) ------------------------------------------------
+    # Receivers of the Security Event Tokens (RFC 8417; CAEP session-revoked, credential-change)
+    # pushed per RFC 8935: a JSON list of {"name", "url", "audience"} objects. Empty: none written.
+    security_event_receivers: str = ""
+    # "name=token" entries, comma separated: the bearer token a named receiver wants. A secret,
+    # kept apart from the list above so the list can sit in plain configuration.
+    security_event_receiver_tokens: SecretStr | None = None
+
     # --- live permission sources ----------------------------------------------------------------
     # How long a live source's allow/deny is reused: a burst costs one backend call, and a human
     # who lost a permission keeps it at most this long for new requests (the re-check below ends
@@ -256,6 +280,52 @@ class Settings(BaseSettings):
                               "receivers could not tell the broker's pushes from anyone else's")
         return urls
 
+    def security_event_receiver_list(self) -> list[SecurityEventReceiver]:
+        """The configured receivers, checked; their tokens attached."""
+        what = "BROKER_SECURITY_EVENT_RECEIVERS"
+        if not self.security_event_receivers.strip():
+            entries: list[object] = []
+        else:
+            try:
+                parsed = json.loads(self.security_event_receivers)
+            except ValueError:
+                raise ConfigError(f'{what} must be a JSON list of {{"name", "url", "audience"}} objects') from None
+            if not isinstance(parsed, list):
+                raise ConfigError(f'{what} must be a JSON list of {{"name", "url", "audience"}} objects')
+            entries = parsed
+        tokens = self._receiver_tokens()
+        receivers: list[SecurityEventReceiver] = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or set(entry) != RECEIVER_FIELDS or \
+                    not all(isinstance(v, str) and v.strip() for v in entry.values()):
+                raise ConfigError(f'{what}[{i}] must have exactly "name", "url" and "audience", each a non-empty string')
+            name, url, audience = entry["name"], entry["url"].strip(), entry["audience"].strip()
+            if not RECEIVER_NAME.match(name):
+                raise ConfigError(f"{what}[{i}]: name {name!r} must be lowercase letters, digits and dashes (at most 63)")
+            if any(r.name == name for r in receivers):
+                raise ConfigError(f"{what}: the name {name!r} is used twice")
+            if not url.startswith(("https://", "http://")) or len(url) > 2048:
+                raise ConfigError(f"{what}[{i}]: {url!r} is not an http(s) URL")
+            token = tokens.pop(name, None)
+            if token is not None and url.startswith("http://") and not is_loopback(url):
+                raise ConfigError(f"{what}[{i}]: receiver {name!r} has a token but a plain http URL: "
+                                  "the token would cross the network in clear (use https)")
+            receivers.append(SecurityEventReceiver(name=name, url=url, audience=audience, token=token))
+        if tokens:
+            raise ConfigError(f"BROKER_SECURITY_EVENT_RECEIVER_TOKENS names receivers that are not configured: "
+                              f"{', '.join(sorted(tokens))}")
+        return receivers
+
+    def _receiver_tokens(self) -> dict[str, str]:
+        raw = self.security_event_receiver_tokens.get_secret_value() if self.security_event_receiver_tokens else ""
+        out: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in raw.split(","))):
+            name, sep, token = entry.partition("=")
+            if not sep or not token.strip():
+                raise ConfigError("BROKER_SECURITY_EVENT_RECEIVER_TOKENS entries must look like name=token")
+            out[name.strip()] = token.strip()
+        return out
+
     def public_base_url(self) -> str:
         """Where people reach the broker, without a trailing slash."""
         return (self.public_url or self.issuer).rstrip("/")
@@ -287,6 +357,7 @@ class Settings(BaseSettings):
         self.oidc_config()
         self.human_token_hashes()
         self.approval_webhook_url_list()
+        self.security_event_receiver_list()
         self.check_console()
 
     def check_console(self) -> None:

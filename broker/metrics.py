@@ -53,6 +53,12 @@ APPROVAL_WAIT = Histogram("broker_approval_wait_seconds",
                           ["tier", "outcome"], buckets=_WAITS, registry=REGISTRY)
 EXPIRY_LAG = Histogram("broker_expiry_lag_seconds", "How late past its expiry a lease was finished",
                        buckets=_LAG, registry=REGISTRY)
+OUTBOX_DELIVERIES = Counter("broker_outbox_deliveries_total",
+                            "Outbox pushes by kind (approval, set) and outcome (delivered; failed: retried "
+                            "with backoff; dead: refused for good or given up)", ["kind", "outcome"], registry=REGISTRY)
+SECURITY_EVENTS = Counter("broker_security_events_total",
+                          "Security Event Tokens written to the outbox, one per receiver, by event "
+                          "(session-revoked, credential-change)", ["event"], registry=REGISTRY)
 SWEEP_SECONDS = Histogram("broker_sweep_seconds", "Duration of one sweeper pass", buckets=_LATENCY, registry=REGISTRY)
 SWEEP_LAST = Gauge("broker_sweep_last_success_timestamp_seconds", "Unix time of this process's last complete sweep",
                    registry=REGISTRY)

@@ -149,17 +149,21 @@ class JitGrant(SQLModel, table=True):
 
 
 class OutboxMessage(SQLModel, table=True):
-    """A notification to push, written in the transaction of the change it announces.
+    """A message to push, written in the transaction of the change it announces (broker/outbox.py).
 
-    One row per (event, destination): each destination is retried on its own. `body` is the
-    exact JSON sent; the signature is made at send time so a retry is never stale.
+    One row per (event, destination): each destination is retried on its own. `kind` says how
+    it is sent: `approval` (HMAC-signed JSON notification; `body` is the exact JSON sent) or `set`
+    (a Security Event Token; `body` is its claims, signed with the broker's key at send time).
+    Signatures are made at send time so a retry is never stale.
     """
 
     __tablename__ = "outbox"
 
     id: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(default="approval", max_length=16)  # approval | set (0008)
     event_id: str = Field(max_length=64)  # the same for every destination: receivers dedupe on it
     type: str = Field(max_length=64)
+    receiver: str | None = Field(default=None, max_length=64)  # set: the configured receiver's name (0008)
     url: str = Field(sa_column=Column(Text, nullable=False))
     body: str = Field(sa_column=Column(Text, nullable=False))
     status: str = Field(default="pending", max_length=16)  # pending | delivered | dead

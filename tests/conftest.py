@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.support.brokers",
     "tests.support.approvals",
     "tests.support.receiver",
+    "tests.support.set_receiver",
     "tests.support.openbao",
     "tests.support.aws_moto",
     "tests.support.github_standin",

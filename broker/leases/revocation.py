@@ -34,6 +34,7 @@ from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
+from broker import security_events
 from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append, append_many
 from broker.db import advisory_lock, is_postgres, transaction, utcnow
@@ -243,6 +244,7 @@ def revoke_leases(
                     result = broker.provider(lease.provider).revoke(_target(lease, lease.handle or {}, None))
                     summary.receipts[lease.id] = finish_revocation(db, lease, session, why, actor, now, batch=events,
                                                                    result=result)
+                security_events.capability_revoked(db, broker, session, lease, reason=why, actor=actor, now=now)
                 REVOKES.labels(provider=lease.provider, outcome="revoked").inc()
                 summary.revoked.append(lease.id)
             else:
@@ -356,6 +358,7 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
                 summary.receipts[row.id] = finish_not_found(
                     db, row, session, reason, actor, now, natural_expiry=outcome.missing[0],
                     searchable=outcome.missing[1], batch=events)
+                security_events.capability_revoked(db, broker, session, row, reason=reason, actor=actor, now=now)
                 REVOKES.labels(provider=row.provider, outcome="not_found").inc()
                 summary.revoked.append(row.id)
             elif outcome.error is None:
@@ -364,6 +367,7 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
                 summary.receipts[row.id] = finish_revocation(
                     db, row, session, reason, actor, now, batch=events, result=outcome.result,
                     detail={"found_by_capability": True} if outcome.found is not None else None)
+                security_events.capability_revoked(db, broker, session, row, reason=reason, actor=actor, now=now)
                 REVOKES.labels(provider=row.provider, outcome="revoked").inc()
                 summary.revoked.append(row.id)
             else:

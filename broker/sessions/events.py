@@ -25,6 +25,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from broker import security_events
 from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
@@ -244,6 +245,7 @@ def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int) -> Outcome
                     db.add(session)
                     append(db, session_event(session, "session.ended", "ended", ACTOR, reason=event.end_reason,
                                              detail={"webhook_event_id": event.id}))
+                    security_events.session_revoked(db, broker, session, reason=event.end_reason, actor=ACTOR, now=now)
     except IntegrityError:
         raise _replayed(event, None) from None
     WEBHOOKS.labels(event_type=event.event_type, outcome=outcome).inc()

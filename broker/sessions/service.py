@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlmodel import col, select
 
+from broker import security_events
 from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
@@ -139,6 +140,7 @@ def end(
             session.status, session.ended_at, session.end_reason = "ended", now, reason[:128]
             db.add(session)
             append(db, session_event(session, "session.ended", "ended", actor, reason=reason))
+            security_events.session_revoked(db, broker, session, reason=reason, actor=actor, now=now)
         live = list(db.exec(select(Lease.id).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE))).all())
     summary = revoke_leases(broker, live, reason=f"session-ended:{reason}", actor=actor)
     return session, summary

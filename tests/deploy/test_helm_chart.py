@@ -32,7 +32,8 @@ RELEASE, NAMESPACE = "jb", "jit-broker"
 SECRET_ENV = {"BROKER_DATABASE_URL", "BROKER_ENCRYPTION_KEY", "BROKER_ORCHESTRATOR_API_KEYS",
               "BROKER_ADMIN_TOKEN_SHA256", "BROKER_WEBHOOK_SECRETS", "BROKER_VAULT_TOKEN", "BROKER_VAULT_ROLE_ID",
               "BROKER_VAULT_SECRET_ID", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BROKER_HUMAN_TOKENS",
-              "BROKER_APPROVAL_WEBHOOK_SECRET", "BROKER_CONSOLE_OIDC_CLIENT_SECRET"}
+              "BROKER_APPROVAL_WEBHOOK_SECRET", "BROKER_CONSOLE_OIDC_CLIENT_SECRET",
+              "BROKER_SECURITY_EVENT_RECEIVER_TOKENS"}
 
 
 @pytest.fixture(scope="module")
@@ -246,10 +247,29 @@ def test_optional_resources_only_when_asked(chart: Any) -> None:
     ({"secrets": {"databaseUrlValue": "postgresql://u:p@db/x"}}, "/secrets"),  # no way to inline a secret
     ({"replicaCount": 0}, "/replicaCount"),
     ({"image": {"digest": "latest"}}, "/image/digest"),
+    ({"securityEvents": {"receivers": [{"name": "siem", "url": "ftp://siem", "audience": "siem"}]}},
+     "/securityEvents/receivers/0/url"),
+    ({"securityEvents": {"receivers": [{"name": "siem", "url": "https://siem", "audience": "siem", "token": "x"}]}},
+     "/securityEvents/receivers/0"),  # a receiver's token only ever comes from a Secret
 ])
 def test_schema_refuses_bad_values(chart: Any, bad: dict[str, Any], where: str) -> None:
     with pytest.raises(helm.HelmValuesError, match=where):
         render(chart, bad)
+
+
+def test_security_event_receivers_reach_the_broker_as_it_reads_them(chart: Any) -> None:
+    receivers = [{"name": "siem", "url": "https://siem.example.com/events", "audience": "https://siem.example.com"},
+                 {"name": "gateway", "url": "https://gw.example.com/set", "audience": "gateway"}]
+    docs = render(chart, {"securityEvents": {"receivers": receivers}})
+    env = {e["name"]: e for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    parsed = Settings(security_event_receivers=env["BROKER_SECURITY_EVENT_RECEIVERS"]["value"])
+    assert [(r.name, r.url, r.audience) for r in parsed.security_event_receiver_list()] == \
+        [(r["name"], r["url"], r["audience"]) for r in receivers]
+    assert env["BROKER_SECURITY_EVENT_RECEIVER_TOKENS"]["valueFrom"]["secretKeyRef"]["key"] == \
+        "security-event-receiver-tokens"
+    default = {e["name"]: e for e in one(render(chart, {}), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert Settings(security_event_receivers=default["BROKER_SECURITY_EVENT_RECEIVERS"]["value"]) \
+        .security_event_receiver_list() == []
 
 
 def test_required_provider_settings_are_named(chart: Any) -> None:

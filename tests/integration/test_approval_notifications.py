@@ -12,6 +12,7 @@ import httpx
 from broker.approvals import outbox
 from broker.db import transaction
 from broker.models import OutboxMessage
+from broker.outbox import claim_due
 from broker.runtime import Broker
 from tests.support.approvals import DEPLOY, open_broker
 from tests.support.brokers import Api, LiveServer
@@ -111,6 +112,6 @@ def test_replicas_claim_disjoint_messages(database_url: str, tmp_path: Path, rec
     other = Broker.build(broker.settings)
     from broker.db import utcnow
 
-    mine = outbox.claim_due(broker, utcnow(), 100)
-    theirs = outbox.claim_due(other, utcnow(), 100)
+    mine = claim_due(broker, utcnow(), 100, [outbox.KIND])
+    theirs = claim_due(other, utcnow(), 100, [outbox.KIND])
     assert len(mine) == 4 and theirs == []  # claimed rows are not handed out again while the claim lasts
