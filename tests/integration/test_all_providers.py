@@ -228,3 +228,4 @@ def test_remote_mint_whose_audit_fails_is_revoked_at_the_backend(
             (lease,) = db.exec(select(Lease)).all()
         assert lease.status == "failed" and lease.status_reason == "activation-failed"
         assert vault_setup.provider().find_by_capability(lease.id, lease.resource) is None  # no live token carries its id
+        assert f"jit-{lease.id}" not in vault_setup.server.client().sys.list_acl_policies()["data"]["keys"]  # nor its policy
