@@ -121,8 +121,8 @@ def narrowed_policies(root: hvac.Client) -> set[str]:
 
 def read_kv(vault_setup: VaultSetup, token: str, name: str) -> dict[str, Any]:
     client = vault_setup.server.client(token)
-    return client.secrets.kv.v2.read_secret_version(name, mount_point="secret",  # type: ignore[no-any-return]
-                                                     raise_on_deleted_version=True)["data"]["data"]
+    answer = client.secrets.kv.v2.read_secret_version(name, mount_point="secret", raise_on_deleted_version=True)
+    return answer["data"]["data"]  # type: ignore[no-any-return]
 
 
 def tokens_naming(root: hvac.Client, capability_id: str) -> list[dict[str, Any]]:
