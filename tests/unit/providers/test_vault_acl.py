@@ -65,3 +65,13 @@ def test_the_broker_may_write_and_delete_only_narrowed_policies() -> None:
     assert f'path "sys/policies/acl/{NARROWED_POLICY_GLOB}" {{\n  capabilities = ["create", "update", "delete"]\n}}' in hcl
     assert 'path "sys/policies/acl" {\n  capabilities = ["list"]\n}' in hcl
     assert hcl.count("sys/policies/acl") == 2  # no other policy is the broker's to touch
+
+
+def test_the_policy_file_accepts_exactly_the_narrowable_capabilities() -> None:
+    import typing
+
+    from broker.policy.models import Access
+    from broker.providers.vault_acl import NARROWABLE
+
+    (item,) = typing.get_args(typing.get_args(Access.model_fields["capabilities"].annotation)[0])
+    assert typing.get_args(item) == NARROWABLE
