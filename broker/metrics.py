@@ -44,6 +44,9 @@ WEBHOOKS = Counter("broker_webhooks_total", "Orchestrator webhook deliveries", [
 PERMISSION_ANSWERS = Counter("broker_permission_answers_total",
                              "Live permission source answers (cached: no backend call was made)",
                              ["source", "verdict", "cached"], registry=REGISTRY)
+LEFTOVERS = Counter("broker_leftovers_total",
+                    "Backend state made for one capability (Vault narrowed policies) removed after its lease "
+                    "ended, by outcome (released, failed)", ["provider", "outcome"], registry=REGISTRY)
 RECONCILED = Counter("broker_reconciled_total", "Leases the reconciler finished after a crash or a lost teardown",
                      ["kind", "outcome"], registry=REGISTRY)
 APPROVALS_OPENED = Counter("broker_approvals_opened_total", "Requests that had to wait for a human's approval",

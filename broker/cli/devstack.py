@@ -3,8 +3,8 @@
 Dev only, and it says so: OpenBao runs in `-dev` mode (in memory, unsealed, state lost on
 exit) on a free loopback port, with a root token generated into the state directory like the
 other local secrets. It is set up the way the README tells an operator to: a KV secret
-`secret/demo`, a policy `kv-demo-read` for it, the token role `jit-broker`, and a token for the
-broker limited to `jit-broker-self`. The process dies with `broker-cli dev`.
+`secret/demo`, a policy `kv-demo-read` for it, the token role `jit-broker` (allowing it and the
+narrowed `jit-cap_*` policies), and a token for the broker limited to `jit-broker-self`. The process dies with `broker-cli dev`.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def helper_examples(url: str, openbao: DevOpenBao | None) -> str:
     ]
     if openbao is not None:
         lines += [f"  # OpenBao (dev, in memory) at {openbao.addr}; the token lives as long as the command",
-                  "  broker-cli exec -c vault://dev/demo=read -- bao kv get secret/demo"]
+                  "  broker-cli exec -c vault://secret/data/demo=read -- bao kv get secret/demo"]
     lines += [
         "  # git: a GitHub token per repository (needs the github provider configured)",
         "  git config --global credential.helper '!broker-cli git-credential'",

@@ -402,6 +402,20 @@ def recently_revoked_resources(broker: Broker, provider: str, since: datetime, u
         ).all()))
 
 
+def ended_among(broker: Broker, provider: str, capability_ids: Sequence[str]) -> list[str]:
+    """Those of `capability_ids` whose lease of `provider` has ended (revoked, expired, failed):
+    their per-capability backend state may go. Unknown ids are not returned: what this broker
+    did not mint it does not remove."""
+    ended: list[str] = []
+    wanted = sorted(set(capability_ids))
+    for start in range(0, len(wanted), RECORD_CHUNK):
+        chunk = wanted[start:start + RECORD_CHUNK]
+        with transaction(broker.engine) as db:
+            ended += db.exec(select(Lease.id).where(col(Lease.id).in_(chunk), Lease.provider == provider,
+                                                    col(Lease.status).not_in(LIVE))).all()
+    return sorted(ended)
+
+
 def _ids(broker: Broker, stmt: SelectOfScalar[str]) -> list[str]:
     with transaction(broker.engine) as db:
         return list(db.exec(stmt).all())

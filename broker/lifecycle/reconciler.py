@@ -15,6 +15,10 @@ are served), and in a light form from every sweeper pass. What it looks for:
 - `active` leases past `expires_at`, and `revoke_pending` leases whose backoff has run out:
   what the sweeper would do, done before the broker serves again.
 - sessions past their deadline: ended as if torn down.
+- backend state made for one capability that outlived its lease (a Vault narrowed policy whose
+  delete failed, or whose token was never found after a crash): `release_leftovers`, at start
+  and once a minute from the sweeper. Only capabilities whose lease has ended are released;
+  ids this broker has no lease for are left alone (another deployment may share the backend).
 
 Every lease goes through `revoke_leases`, so the same claims apply: several replicas may
 reconcile at once and each lease is finished, and audited, exactly once. The start pass is
@@ -38,11 +42,12 @@ from broker.leases.revocation import (
     abandoned_mints,
     claimable,
     due_for_expiry,
+    ended_among,
     pending_retries,
     revoke_leases,
 )
 from broker.leases.vocabulary import LeaseStatus
-from broker.metrics import RECONCILED
+from broker.metrics import LEFTOVERS, RECONCILED
 from broker.models import Lease, SessionRow
 from broker.runtime import Broker
 from broker.sessions import service as sessions
@@ -54,6 +59,13 @@ START_BUDGET_SECONDS = 30.0  # then readiness; the sweeper carries on with the s
 
 
 @dataclass
+class Leftovers:
+    released: int = 0
+    failed: int = 0
+    kept: int = 0  # their lease is still live, or this broker has none
+
+
+@dataclass
 class ReconcileReport:
     abandoned_mints: int = 0
     orphaned: int = 0
@@ -61,6 +73,7 @@ class ReconcileReport:
     retried: int = 0
     sessions_ended: int = 0
     summary: RevokeSummary = field(default_factory=RevokeSummary)
+    leftovers: Leftovers = field(default_factory=Leftovers)
     complete: bool = True
 
     @property
@@ -104,6 +117,40 @@ def revoke_orphans(broker: Broker, now: datetime, limit: int, exclude: set[str] 
         log.warning("revoked %d live capabilities of already ended sessions (a teardown was cut short)", len(found))
         _count(total, "orphaned")
     return len(found), total
+
+
+def release_leftovers(broker: Broker) -> Leftovers:
+    """Remove per-capability backend state whose lease has ended (Vault: narrowed policies).
+
+    A lease ends before its state is released, and an ended lease never lives again, so a mint
+    under way is never touched. A release that fails is logged and counted, and found again
+    on the next pass.
+    """
+    out = Leftovers()
+    for name, provider in sorted(broker.providers.items()):
+        try:
+            found = provider.leftover_capabilities()
+            ended = ended_among(broker, name, found) if found else []
+        except Exception as exc:  # one backend's trouble must not stop the others
+            log.warning("could not list what provider %s keeps per capability: %s", name,
+                        getattr(exc, "message", type(exc).__name__))
+            continue
+        out.kept += len(found) - len(ended)
+        for capability_id in ended:
+            try:
+                provider.release(capability_id)
+            except Exception as exc:
+                out.failed += 1
+                LEFTOVERS.labels(provider=name, outcome="failed").inc()
+                log.warning("could not release %s's leftover state at %s (%s); retried on the next pass", capability_id,
+                            name, getattr(exc, "code", type(exc).__name__))
+            else:
+                out.released += 1
+                LEFTOVERS.labels(provider=name, outcome="released").inc()
+    if out.released or out.failed:
+        log.info("released backend state of %d ended capabilities (%d failed, retried on the next pass)",
+                 out.released, out.failed)
+    return out
 
 
 def reconcile_at_start(broker: Broker, *, budget_seconds: float = START_BUDGET_SECONDS) -> ReconcileReport:
@@ -153,6 +200,7 @@ def reconcile_at_start(broker: Broker, *, budget_seconds: float = START_BUDGET_S
             report.complete = False
             log.warning("reconciliation at start ran out of its %.0fs budget; the sweeper continues", budget_seconds)
             break
+    report.leftovers = release_leftovers(broker)
     if report.found:
         log.warning(
             "reconciled at start: %d abandoned mints, %d leases of ended sessions, %d expired, %d pending retried, "

@@ -3,7 +3,8 @@
 Each pass reads only what is due (index on status + expiry, bounded batches), so its cost
 follows what expires, not what is active. Several replicas may sweep at once: claims make
 each lease revoked once. Once a minute it also lets providers prune revocation state their
-credentials have outlived (AWS deny entries).
+credentials have outlived (AWS deny entries) and release what was made for ended capabilities
+(Vault narrowed policies).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from broker.leases.revocation import (
     recently_revoked_resources,
     revoke_leases,
 )
-from broker.lifecycle.reconciler import Every, reconcile_periodic
+from broker.lifecycle.reconciler import Every, reconcile_periodic, release_leftovers
 from broker.metrics import SWEEP_LAST, SWEEP_SECONDS
 from broker.periodic import Periodic
 from broker.runtime import Broker
@@ -37,7 +38,8 @@ _PRUNES = Every()
 
 def prune_revocations(broker: Broker, now: datetime) -> int:
     """Let every provider drop revocation state its credentials outlived (AWS: deny entries,
-    about five minutes after each credential's natural expiry). Once a minute per replica."""
+    about five minutes after each credential's natural expiry) and state made for capabilities
+    that have ended (Vault: narrowed policies). Once a minute per replica."""
     if not _PRUNES.due(broker.replica_id, PRUNE_INTERVAL_SECONDS):
         return 0
     removed = 0
@@ -48,6 +50,7 @@ def prune_revocations(broker: Broker, now: datetime) -> int:
             log.exception("pruning revocations of provider %s failed", name)
     if removed:
         log.info("pruned %d revocation entries whose credentials have expired", removed)
+    removed += release_leftovers(broker).released  # Vault: narrowed policies of ended capabilities
     return removed
 
 

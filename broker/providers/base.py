@@ -169,6 +169,17 @@ class Provider(ABC):
         before a restart is found too. Returns how many entries went."""
         return 0
 
+    def leftover_capabilities(self) -> list[str]:
+        """Capability ids for which the backend still keeps state made for that one capability,
+        besides the credential (Vault: the narrowed policy `jit-<id>`). The sweeper and the
+        reconciler `release` those whose lease has ended; the rest are left alone."""
+        return []
+
+    def release(self, capability_id: str) -> None:
+        """Remove what `leftover_capabilities` reported for an ended capability; gone already is
+        success, a failure raises (and is retried on the next pass)."""
+        return None
+
     def close(self) -> None:
         """Release connections at shutdown."""
         return None

@@ -4,15 +4,25 @@ Two kinds of access, picked by the access entry's options:
 
 - `policies: [...]` present -> a *token*. Created with `auth/token/create/<vault_token_role>`
   so it is an orphan (it does not die with the broker's own token) and the role's
-  `allowed_policies` are a second ceiling beside the policy file. The token carries exactly the
-  listed policies (no `default`), `ttl` = `explicit_max_ttl` = the grant's TTL, is not
-  renewable, and its `meta` names session, capability, agent, human and task, so OpenBao's audit
-  log ties every use to a person. Revoked with `auth/token/revoke-accessor`; the handle is the
-  accessor, never the token.
+  `allowed_policies` are a second ceiling beside the policy file. `ttl` = `explicit_max_ttl` =
+  the grant's TTL, not renewable, no `default` policy, and its `meta` names session, capability,
+  agent, human and task, so OpenBao's audit log ties every use to a person. Revoked with
+  `auth/token/revoke-accessor`; the handle is the accessor, never the token.
+
+  By default the token is *narrowed* to the requested path: it carries only the policy
+  `jit-<capability id>` (`vault_acl.py`), written just before the token is created, granting
+  exactly that path with the access's `capabilities` (default: whatever the rule's policies
+  grant there). It never exceeds the rule's `policies`: what they grant on the path is asked of
+  OpenBao itself, through a short-lived probe token minted with those policies through the same
+  role (`sys/capabilities-accessor`), and a capability they do not grant is refused. The policy
+  is deleted after the token is revoked; one left behind (a failed delete, a crash) is found by
+  `leftover_capabilities` and removed by the sweeper once its lease has ended. `narrow: false`
+  on the access keeps the old behaviour: the token carries the rule's policies whole.
 - otherwise -> a *dynamic secret*: `read <path>` (e.g. `database/creds/ledger-test`). If the
   lease is longer than the grant, it is shortened with `sys/leases/renew` (the increment counts
   from now, so a smaller increment shortens it; OpenBao then also moves PostgreSQL's
-  `VALID UNTIL`). Revoked with `sys/leases/revoke`; the handle is the lease id.
+  `VALID UNTIL`). Revoked with `sys/leases/revoke`; the handle is the lease id. Nothing to
+  narrow: the secret engine's role decides what the credential may do.
 
 The broker's own identity is `BROKER_VAULT_TOKEN` or an AppRole login. Its token is renewed
 lazily, before a call, once less than a third of its TTL remains; when renewal fails or hits the
@@ -22,9 +32,9 @@ Operator setup (the broker's own policy is `broker_policy_hcl()`):
 
     bao policy write jit-broker-self jit-broker-self.hcl
     bao write auth/token/roles/jit-broker \\
-        allowed_policies="kv-allowed,ledger-read" disallowed_policies="root" \\
-        orphan=true renewable=false token_type=service token_no_default_policy=true \\
-        token_explicit_max_ttl=24h
+        allowed_policies="kv-allowed,ledger-read" allowed_policies_glob="jit-cap_*" \\
+        disallowed_policies="root" orphan=true renewable=false token_type=service \\
+        token_no_default_policy=true token_explicit_max_ttl=24h
     bao auth enable approle
     bao write auth/approle/role/jit-broker token_policies=jit-broker-self \\
         token_ttl=1h token_max_ttl=24h
@@ -51,6 +61,17 @@ import requests
 from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.policy.resources import parse_resource
 from broker.providers.base import Grant, Minted, Provider, ProviderHealth, Revoked, RevokeTarget, TtlBounds, fingerprint
+from broker.providers.vault_acl import (
+    DEFAULT_MAX_TTL_SECONDS,
+    NARROWABLE,
+    TOKEN_MOUNT,
+    bootstrap_token_role,
+    broker_policy_hcl,
+    capability_of_policy,
+    narrowable_path,
+    narrowed_policy,
+    narrowed_policy_name,
+)
 from broker.times import rfc3339
 
 if TYPE_CHECKING:
@@ -59,8 +80,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TOKEN_MOUNT = "token"
-DEFAULT_MAX_TTL_SECONDS = 86400  # the role's token_explicit_max_ttl when it cannot be read
+PROBE_TTL = "30s"  # the probe token that asks what a rule's policies grant: one use, revoked at once
 
 # The backend said no: the request itself is wrong or not allowed. Nothing was created.
 _REJECTED = (hx.InvalidRequest, hx.Unauthorized, hx.Forbidden, hx.InvalidPath, hx.UnsupportedOperation,
@@ -74,46 +94,6 @@ _MULTI_ERROR = re.compile(r"\d+ errors? occurred:")
 # as anything but themselves (the resource grammar's segment set, minus the alphanumerics).
 _PATH_SAFE = "._~@+=,:-"
 _TOKEN_SHAPE = re.compile(r"\b(?:hv)?[sbr]\.[A-Za-z0-9_-]{16,}")
-
-
-def bootstrap_token_role(client: hvac.Client, role: str, allowed_policies: Iterable[str], *,
-                         explicit_max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
-                         mount_point: str = TOKEN_MOUNT) -> None:
-    """Create or update the token role capability tokens are minted through.
-
-    Same as `bao write auth/token/roles/<role> allowed_policies=... disallowed_policies=root
-    orphan=true renewable=false token_type=service token_no_default_policy=true
-    token_explicit_max_ttl=<n>s`. Run by an operator (or a test) with a token that may write
-    `auth/token/roles/*`; the broker itself never needs that right.
-    """
-    client.write(
-        f"auth/{mount_point}/roles/{role}",
-        allowed_policies=list(allowed_policies),
-        disallowed_policies=["root"],  # a second lock: the role can never hand out root
-        orphan=True,  # survives the broker's own token; revoked only by accessor or TTL
-        renewable=False,  # the grant's TTL is final
-        token_type="service",  # batch tokens have no accessor and cannot be revoked
-        token_no_default_policy=True,  # exactly the access's policies, nothing implicit
-        token_explicit_max_ttl=int(explicit_max_ttl_seconds),  # ceiling whatever the broker asks
-    )
-
-
-def broker_policy_hcl(token_role: str = "jit-broker", dynamic_paths: Iterable[str] = ("database/creds/*",),
-                      mount_point: str = TOKEN_MOUNT) -> str:
-    """The broker's own least-privilege policy (install as `jit-broker-self`)."""
-    rules = [
-        (f"auth/{mount_point}/create/{token_role}", '"create", "update"'),
-        (f"auth/{mount_point}/roles/{token_role}", '"read"'),  # ttl_bounds reads the role's ceiling
-        (f"auth/{mount_point}/revoke-accessor", '"update"'),
-        (f"auth/{mount_point}/lookup-accessor", '"update"'),
-        (f"auth/{mount_point}/accessors", '"list", "sudo"'),  # find_by_capability only
-        (f"auth/{mount_point}/lookup-self", '"read"'),
-        (f"auth/{mount_point}/renew-self", '"update"'),
-        ("sys/leases/renew", '"update"'),  # shortens a dynamic lease to the grant's TTL
-        ("sys/leases/revoke", '"update"'),
-        *((p, '"read"') for p in dynamic_paths),
-    ]
-    return "\n".join(f'path "{path}" {{\n  capabilities = [{caps}]\n}}' for path, caps in rules) + "\n"
 
 
 def _now() -> datetime:
@@ -192,7 +172,7 @@ class VaultProvider(Provider):
         if grant.ttl_seconds < 1:
             raise ProviderMisconfigured("vault: ttl_seconds must be at least 1")
         if "policies" in grant.options:
-            return self._mint_token(grant)
+            return self._mint_token(grant, path)
         return self._mint_dynamic(grant, path)
 
     def revoke(self, target: RevokeTarget) -> Revoked:
@@ -201,14 +181,20 @@ class VaultProvider(Provider):
             accessor = target.handle.get("accessor") or ""
             if not accessor:
                 raise ProviderMisconfigured("vault: token handle without an accessor cannot be revoked")
+            detail = "OpenBao/Vault confirmed: auth/token/revoke-accessor succeeded"
             try:
                 self._call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
             except ProviderRejected as exc:
                 if not _gone(exc, "invalid accessor"):
                     raise
-                return Revoked(detail="OpenBao/Vault no longer knows the token's accessor: revoked before, or expired")
+                detail = "OpenBao/Vault no longer knows the token's accessor: revoked before, or expired"
             # A known but already revoked accessor answers 200 "No token found": also success.
-            return Revoked(detail="OpenBao/Vault confirmed: auth/token/revoke-accessor succeeded")
+            policy = target.handle.get("policy")
+            if policy:  # the token is gone: its narrowed policy goes next, never anything else
+                if policy != narrowed_policy_name(target.capability_id):
+                    raise ProviderMisconfigured(f"vault: handle names policy {policy!r}, not this capability's")
+                self._delete_policy_quietly(policy)
+            return Revoked(detail=detail)
         if kind == "lease":
             lease_id = target.handle.get("lease_id") or ""
             if not lease_id:
@@ -279,22 +265,101 @@ class VaultProvider(Provider):
             if cap in wanted and data.get("role") == self.token_role:
                 found[cap] = {"kind": "token", "accessor": accessor, "expires_at": data.get("expire_time"),
                               "meta": data.get("meta")}
+                if narrowed_policy_name(cap) in (data.get("policies") or []):
+                    found[cap]["policy"] = narrowed_policy_name(cap)
                 if len(found) == len(wanted):
                     break
         return found
 
+    # --- narrowed policies left behind ----------------------------------------------------------
+
+    def leftover_capabilities(self) -> list[str]:
+        """Capabilities whose narrowed policy `jit-<id>` still exists (one LIST of the ACL policies)."""
+        listing = self._call("list policies", lambda c: c.sys.list_acl_policies())
+        names = ((listing or {}).get("data") or {}).get("keys") or []
+        return sorted(cap for cap in map(capability_of_policy, names) if cap is not None)
+
+    def release(self, capability_id: str) -> None:
+        """Delete the narrowed policy of an ended capability (gone already is success)."""
+        name = narrowed_policy_name(capability_id)
+        self._call("delete narrowed policy", lambda c: c.sys.delete_acl_policy(name))
+
     # --- minting ---------------------------------------------------------------------------
 
-    def _mint_token(self, grant: Grant) -> Minted:
+    def _mint_token(self, grant: Grant, path: str) -> Minted:
         policies = grant.options.get("policies")
         if not isinstance(policies, list) or not policies or not all(isinstance(p, str) and p for p in policies):
             raise ProviderMisconfigured("vault: access option `policies` must be a non-empty list of policy names")
+        rule_policies = sorted(set(policies))
+        narrow = grant.options.get("narrow", True)
+        if not isinstance(narrow, bool):
+            raise ProviderMisconfigured("vault: access option `narrow` must be true or false")
+        if not narrow:
+            if "capabilities" in grant.options:
+                raise ProviderMisconfigured("vault: access option `capabilities` needs a narrowed token (drop `narrow: false`)")
+            return self._create_token(grant, rule_policies)
+
+        path = narrowable_path(path.split("/"))
+        name = narrowed_policy_name(grant.capability_id)
+        granted_by_rule = self._ceiling(grant, rule_policies, path)
+        asked = grant.options.get("capabilities")
+        if asked is None:
+            capabilities = sorted(c for c in granted_by_rule if c in NARROWABLE)
+        elif not isinstance(asked, list) or not asked or not all(c in NARROWABLE for c in asked):
+            raise ProviderMisconfigured(f"vault: access option `capabilities` must be a non-empty list of {list(NARROWABLE)}")
+        else:
+            beyond = sorted(set(asked) - granted_by_rule)
+            if beyond:
+                raise ProviderRejected(f"vault: the rule's policies {rule_policies} do not grant {beyond} on {path}; "
+                                       "a narrowed token never carries more than they do")
+            capabilities = sorted(set(asked))
+        if not capabilities:
+            raise ProviderRejected(f"vault: the rule's policies {rule_policies} grant nothing on {path} that a "
+                                   f"narrowed token can carry (they grant {sorted(granted_by_rule) or 'nothing'})")
+        document = narrowed_policy(path, capabilities)
+        self._call("write narrowed policy", lambda c: c.sys.create_or_update_acl_policy(name, document))
+        try:
+            return self._create_token(grant, [name], narrowed_to={"path": path, "capabilities": capabilities})
+        except BaseException:
+            self._delete_policy_quietly(name)
+            raise
+
+    def _ceiling(self, grant: Grant, policies: list[str], path: str) -> set[str]:
+        """What `policies` grant on `path`, as OpenBao itself evaluates them (globs, `+`, deny,
+        longest prefix): a probe token with exactly those policies, minted through the token
+        role (so its `allowed_policies` still bound the rule), asked about with
+        `sys/capabilities-accessor` and revoked at once. The probe's secret never leaves this
+        method; it can be used once and dies after PROBE_TTL whatever happens."""
+        out = self._call("create probe token", lambda c: c.auth.token.create(
+            role_name=self.token_role, policies=policies, no_default_policy=True, meta={"probe_for": grant.capability_id},
+            ttl=PROBE_TTL, explicit_max_ttl=PROBE_TTL, renewable=False, num_uses=1,
+            display_name=f"probe-{grant.capability_id}", mount_point=TOKEN_MOUNT))
+        auth = out.get("auth") or {}
+        accessor = auth.get("accessor") or ""
+        if not accessor:
+            raise ProviderMisconfigured(f"vault: token role {self.token_role} issued a token without an accessor "
+                                        "(batch?); set token_type=service on the role")
+        try:
+            carried = sorted(auth.get("token_policies") or auth.get("policies") or [])
+            if carried != policies:
+                raise ProviderMisconfigured(f"vault: token role {self.token_role} issued policies {carried}, asked "
+                                            f"{policies}; check the role's settings")
+            answer = self._call("read capabilities", lambda c: c.sys.get_capabilities(paths=[path], accessor=accessor))
+        finally:
+            self._revoke_quietly(accessor)
+        granted = (answer.get("data") or {}).get(path) if isinstance(answer, dict) else None
+        if not isinstance(granted, list):
+            raise ProviderMisconfigured(f"vault: sys/capabilities-accessor did not answer for {path}")
+        return {c for c in granted if isinstance(c, str)}
+
+    def _create_token(self, grant: Grant, policies: list[str], *,
+                      narrowed_to: dict[str, Any] | None = None) -> Minted:
         meta = {"session": grant.session_id, "capability": grant.capability_id, "agent": grant.agent,
                 "human": grant.human, "task": grant.task_id}
         ttl = f"{grant.ttl_seconds}s"
         started = _now()
         out = self._call("create token", lambda c: c.auth.token.create(
-            role_name=self.token_role, policies=list(policies), no_default_policy=True, meta=meta,
+            role_name=self.token_role, policies=policies, no_default_policy=True, meta=meta,
             ttl=ttl, explicit_max_ttl=ttl, renewable=False, display_name=grant.capability_id,
             mount_point=TOKEN_MOUNT))
         auth = out.get("auth") or {}
@@ -305,18 +370,21 @@ class VaultProvider(Provider):
                                         "(batch?); set token_type=service on the role. It expires at its TTL.")
         granted = sorted(auth.get("token_policies") or auth.get("policies") or [])
         lease = int(auth.get("lease_duration") or 0)
-        if granted != sorted(set(policies)) or not 0 < lease <= grant.ttl_seconds:
+        if granted != policies or not 0 < lease <= grant.ttl_seconds:
             self._revoke_quietly(accessor)
             raise ProviderMisconfigured(
                 f"vault: token role {self.token_role} issued policies {granted} for {lease}s, asked "
-                f"{sorted(set(policies))} for {grant.ttl_seconds}s; revoked it. Check the role's settings.")
+                f"{policies} for {grant.ttl_seconds}s; revoked it. Check the role's settings.")
         expires_at = started + timedelta(seconds=lease)
         credential: dict[str, Any] = {"type": "vault_token", "token": token, "vault_addr": self.addr,
                                       "policies": granted, "accessor": accessor, "expires_at": rfc3339(expires_at)}
+        handle: dict[str, Any] = {"kind": "token", "accessor": accessor}
+        if narrowed_to is not None:
+            credential.update(narrowed_to)  # path and capabilities: what the token may do, all of it
+            handle["policy"] = policies[0]
         if self.namespace:
             credential["vault_namespace"] = self.namespace
-        return Minted(credential=credential, handle={"kind": "token", "accessor": accessor},
-                      expires_at=expires_at, fingerprint=fingerprint(token))
+        return Minted(credential=credential, handle=handle, expires_at=expires_at, fingerprint=fingerprint(token))
 
     def _mint_dynamic(self, grant: Grant, path: str) -> Minted:
         started = _now()
@@ -359,6 +427,15 @@ class VaultProvider(Provider):
             self._call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
         except Exception as exc:
             log.error("vault: could not revoke a token just minted (accessor %s): %s", accessor, exc)
+
+    def _delete_policy_quietly(self, name: str) -> None:
+        """After the token is gone (or was never made): a policy nobody carries grants nothing,
+        so a failed delete only leaves a name behind, which `leftover_capabilities` finds."""
+        try:
+            self._call("delete narrowed policy", lambda c: c.sys.delete_acl_policy(name))
+        except Exception as exc:
+            log.warning("vault: narrowed policy %s is left behind (%s); the sweeper removes it once its lease has ended",
+                        name, getattr(exc, "code", type(exc).__name__))
 
     def _revoke_lease_quietly(self, lease_id: str) -> None:
         try:
@@ -510,3 +587,6 @@ def _gone(exc: ProviderRejected, marker: str) -> bool:
     """Revoking what is already gone is success; OpenBao says so with a 400 and these words."""
     text = exc.message.lower()
     return marker in text or "not found" in text
+
+
+__all__ = ["PROBE_TTL", "TOKEN_MOUNT", "VaultProvider", "bootstrap_token_role", "broker_policy_hcl", "vault_path"]

@@ -27,7 +27,7 @@ resources:
   - match: "jwt://payments-api"
     provider: native
     access: {read: {tier: read, scope: "ledger:read"}}
-  - match: "vault://kv/allowed"
+  - match: "vault://secret/data/allowed"
     provider: vault
     access: {read: {tier: read, policies: [kv-allowed]}}
 humans:
@@ -36,8 +36,8 @@ humans:
 agents:
   claude-code: {max_tier: write}
 """
-SCOPE = [{"resource": "jwt://payments-api", "access": ["read"]}, {"resource": "vault://kv/allowed", "access": ["read"]}]
-CAPS = ["-c", "jwt://payments-api=read", "-c", "vault://kv/allowed=read"]
+SCOPE = [{"resource": "jwt://payments-api", "access": ["read"]}, {"resource": "vault://secret/data/allowed", "access": ["read"]}]
+CAPS = ["-c", "jwt://payments-api=read", "-c", "vault://secret/data/allowed=read"]
 SHOWN = ("BROKER_TOKEN_PAYMENTS_API", "VAULT_ADDR", "VAULT_TOKEN", "BROKER_SESSION_TOKEN")
 
 

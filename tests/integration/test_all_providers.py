@@ -32,7 +32,7 @@ resources:
   - match: "jwt://payments-api"
     provider: native
     access: {read: {tier: read}}
-  - match: "vault://kv/allowed"
+  - match: "vault://secret/data/allowed"
     provider: vault
     access: {read: {tier: secret, policies: [kv-allowed]}}
   - match: "vault://database/creds/ledger-test"
@@ -90,7 +90,7 @@ def five_asks(aws_role: AwsRole) -> dict[str, dict[str, Any]]:
     """One request per kind of credential: native, vault token, vault DB secret, AWS, GitHub."""
     return {
         "native": {"resource": "jwt://payments-api", "access": "read"},
-        "vault_token": {"resource": "vault://kv/allowed", "access": "read", "ttl_seconds": 300},
+        "vault_token": {"resource": "vault://secret/data/allowed", "access": "read", "ttl_seconds": 300},
         "vault_db": {"resource": "vault://database/creds/ledger-test", "access": "test-write"},
         "aws": {"resource": f"aws://123456789012/role/{aws_role.name}", "access": "read", "ttl_seconds": 900},
         "github": {"resource": "github://acme/widgets", "access": "read"},
@@ -222,9 +222,10 @@ def test_remote_mint_whose_audit_fails_is_revoked_at_the_backend(
         api = Api(server.base_url, secrets_, broker, client)
         session = api.new_session(scope=[{"resource": "vault://**", "access": ["*"]}])
         _block_audit(api)
-        r = api.request(session, {"resource": "vault://kv/allowed", "access": "read", "ttl_seconds": 300})
+        r = api.request(session, {"resource": "vault://secret/data/allowed", "access": "read", "ttl_seconds": 300})
         assert (r.status_code, r.json()["error"]["code"]) == (500, "audit-write-failed")
         with Session(broker.engine) as db:
             (lease,) = db.exec(select(Lease)).all()
         assert lease.status == "failed" and lease.status_reason == "activation-failed"
         assert vault_setup.provider().find_by_capability(lease.id, lease.resource) is None  # no live token carries its id
+        assert f"jit-{lease.id}" not in vault_setup.server.client().sys.list_acl_policies()["data"]["keys"]  # nor its policy

@@ -208,6 +208,9 @@ def test_kill_9_then_restart_after_expiry_finishes_every_lease(
         assert leases[never_minted].status == "expired"
         assert (leases[never_minted].status_reason or "").startswith("not found at backend; expires naturally at ")
         assert leases[native_orphan].status == "revoked"
+        # No narrowed policy outlives its token: deleted at revoke, or released once the lease ended.
+        policies = set(root.sys.list_acl_policies()["data"]["keys"])
+        assert not {f"jit-{lid}" for lid, lease in leases.items() if lease.provider == "vault"} & policies
         # The cut-short teardown is finished, with the session's reason; OpenBao confirms.
         for cap in long_lived:
             lease = leases[cap["capability_id"]]

@@ -61,7 +61,7 @@ def test_each_provider_through_token_exchange_and_revocation(
     session = api.new_session(scope=[{"resource": f"{scheme}://**", "access": ["*"]}
                                      for scheme in ("jwt", "vault", "aws", "github")])
 
-    vault = _exchange(api, session, "vault://kv/allowed", "read", ttl_seconds=300)
+    vault = _exchange(api, session, "vault://secret/data/allowed", "read", ttl_seconds=300)
     assert (vault["issued_token_type"], vault["token_type"]) == (ACCESS, "Bearer")
     assert vault["broker_credential"]["vault_addr"] == vault_setup.server.addr
     reader = hvac.Client(url=vault_setup.server.addr, token=vault["access_token"])

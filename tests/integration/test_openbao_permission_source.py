@@ -100,7 +100,7 @@ def test_through_the_broker_a_vault_token_needs_the_entity_to_hold_the_policy(da
     run = bao["run"]
     policy = STANDARD_TIERS + f"""\
 resources:
-  - match: "vault://kv/allowed"
+  - match: "vault://secret/data/allowed"
     provider: vault
     access:
       read: {{tier: read, policies: [kv-allowed]}}
@@ -108,7 +108,7 @@ resources:
 humans:
   alice@example.com:
     openbao_entity: {bao["name"]}
-    grants: [{{resource: "vault://kv/allowed", access: [read]}}]
+    grants: [{{resource: "vault://secret/data/allowed", access: [read]}}]
 agents:
   claude-code: {{max_tier: review}}
 """
@@ -121,13 +121,13 @@ agents:
                           permission_cache_seconds=0)
     with LiveServer(broker) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
         api = Api(server.base_url, secrets_, broker, client)
-        session = api.new_session(scope=[{"resource": "vault://kv/**", "access": ["*"]}])
-        r = api.request(session, {"resource": "vault://kv/allowed", "access": "read"})
+        session = api.new_session(scope=[{"resource": "vault://secret/**", "access": ["*"]}])
+        r = api.request(session, {"resource": "vault://secret/data/allowed", "access": "read"})
         assert r.status_code == 201, r.text
-        assert r.json()["credential"]["policies"] == ["kv-allowed"]
+        assert r.json()["credential"]["policies"] == [f"jit-{r.json()['capability_id']}"]  # narrowed under kv-allowed
         root.secrets.identity.create_or_update_group(
             name=f"ledger-team-{run}", group_id=bao["team"]["id"], policies=[f"writer-{run}"], member_entity_ids=[])
-        denied = api.request(session, {"resource": "vault://kv/allowed", "access": "read"})
+        denied = api.request(session, {"resource": "vault://secret/data/allowed", "access": "read"})
         assert denied.status_code == 403
         assert denied.json()["error"]["code"] == "human-lacks-permission"
         assert denied.json()["error"]["decision"]["human_permission"]["source"] == "openbao"

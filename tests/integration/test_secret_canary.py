@@ -121,7 +121,7 @@ def test_no_secret_outside_its_one_mint_response(
         api.client.get("/v1/audit/verify", headers=admin),
         api.client.delete(f"/v1/capabilities/{caps['native']['capability_id']}", headers=agent),
         api.client.post("/v1/policy/explain", headers=admin,
-                        json={"session_id": sid, "resource": "vault://kv/allowed", "access": "read"}),
+                        json={"session_id": sid, "resource": "vault://secret/data/allowed", "access": "read"}),
         api.client.post(f"/v1/sessions/{sid}/end", json={"reason": "completed"}, headers=api.as_orchestrator()),
         api.client.get(f"/v1/sessions/{sid}", headers=admin),
         api.client.get("/v1/capabilities", params={"session_id": sid}, headers=admin),

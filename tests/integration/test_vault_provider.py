@@ -60,9 +60,11 @@ def test_minted_token_reads_allowed_and_nothing_else(provider: VaultProvider, va
     g = grant(ttl=120)
     minted = provider.mint(g)
     cred = minted.credential
+    narrowed = f"jit-{g.capability_id}"
     assert cred["type"] == "vault_token" and cred["vault_addr"] == vault_setup.server.addr
-    assert cred["policies"] == ["kv-allowed"]
-    assert minted.handle == {"kind": "token", "accessor": cred["accessor"]}
+    assert cred["policies"] == [narrowed]  # the rule's kv-allowed is the ceiling, not what the token carries
+    assert cred["path"] == "secret/data/allowed" and cred["capabilities"] == ["read"]
+    assert minted.handle == {"kind": "token", "accessor": cred["accessor"], "policy": narrowed}
     assert "token" not in minted.handle and minted.fingerprint == fingerprint(cred["token"])
     assert minted.revocation_secret is None
     assert timedelta(0) < minted.expires_at - datetime.now(UTC) <= timedelta(seconds=120)
@@ -73,7 +75,7 @@ def test_minted_token_reads_allowed_and_nothing_else(provider: VaultProvider, va
         read_kv(server, cred["token"], "forbidden")
 
     info = server.client().auth.token.lookup_accessor(cred["accessor"])["data"]
-    assert info["policies"] == ["kv-allowed"]  # exactly: no "default" either
+    assert info["policies"] == [narrowed]  # exactly: no "default" either
     assert 0 < info["ttl"] <= 120
     assert info["explicit_max_ttl"] == 120
     assert info["orphan"] is True and info["renewable"] is False
@@ -350,6 +352,7 @@ def test_find_by_capability(provider: VaultProvider) -> None:
     found = provider.find_by_capability(g2.capability_id, g2.resource)
     assert found is not None
     assert found["kind"] == "token" and found["accessor"] == m2.credential["accessor"]
+    assert found["policy"] == f"jit-{g2.capability_id}"  # so revoking the found token deletes its policy too
     assert found["meta"]["session"] == "ses_123"
     assert provider.find_by_capabilities([g1.capability_id, g2.capability_id]).keys() == {
         g1.capability_id, g2.capability_id}

@@ -7,8 +7,10 @@ Fixtures (pytest plugin, loaded from tests/conftest.py):
   server it made is killed at the end of the session.
 - `openbao_restartable` (function): a raft-backed server (`bao server -config`, initialised with
   one unseal key and unsealed through the API) whose state survives `stop()` / `start()`.
-- `vault_setup` (session): KV v2 at `secret/` with `allowed` and `forbidden`, policy `kv-allowed`,
-  token role `jit-broker`, the broker's own least-privilege token and an AppRole for it.
+- `vault_setup` (session): KV v2 at `secret/` with `allowed`, `forbidden`, `payments/api-key` and
+  `payments/db-password`, policies `kv-allowed` (read `secret/data/allowed`) and `kv-payments-read`
+  (read and list `secret/data/payments/*`), token role `jit-broker` (those two, and `jit-cap_*` for
+  narrowed tokens), the broker's own least-privilege token and an AppRole for it.
 - `vault_database` (session): the database secrets engine against the real PostgreSQL at
   test PostgreSQL (`tests/support/databases.py`) with role `ledger-test`, in a database made for this
   run and dropped after it.
@@ -47,8 +49,12 @@ from tests.support.children import die_with_parent, terminate
 from tests.support.databases import PgServer, require_postgres
 from tests.support.ports import free_ports
 
-SECRET_VALUES = {"allowed": "allowed-value-6f1c2b", "forbidden": "forbidden-value-9ad03e"}
+SECRET_VALUES = {"allowed": "allowed-value-6f1c2b", "forbidden": "forbidden-value-9ad03e",
+                 # siblings under one rule (`vault://secret/data/payments/*`): narrowing's test bed
+                 "payments/api-key": "api-key-value-3e81d0", "payments/db-password": "db-password-value-c47a92"}
 KV_ALLOWED_POLICY = 'path "secret/data/allowed" {\n  capabilities = ["read"]\n}\n'
+# A rule-wide policy, as operators write them: every secret under payments/, read and list.
+KV_PAYMENTS_POLICY = 'path "secret/data/payments/*" {\n  capabilities = ["read", "list"]\n}\n'
 
 
 def bao_binary() -> str:
@@ -244,8 +250,9 @@ def configure_vault(server: OpenBaoServer, *, dynamic_paths: tuple[str, ...] = (
                     raise
                 time.sleep(0.05)
     root.sys.create_or_update_policy("kv-allowed", KV_ALLOWED_POLICY)
+    root.sys.create_or_update_policy("kv-payments-read", KV_PAYMENTS_POLICY)
     root.sys.create_or_update_policy("jit-broker-self", broker_policy_hcl("jit-broker", dynamic_paths))
-    bootstrap_token_role(root, "jit-broker", ["kv-allowed"], explicit_max_ttl_seconds=3600)
+    bootstrap_token_role(root, "jit-broker", ["kv-allowed", "kv-payments-read"], explicit_max_ttl_seconds=3600)
     broker = root.auth.token.create_orphan(policies=["jit-broker-self"], ttl="2h", renewable=True,
                                            display_name="jit-broker-tests")["auth"]["client_token"]
     if "approle/" not in root.sys.list_auth_methods()["data"]:
