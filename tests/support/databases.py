@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,9 +242,11 @@ class PgDatabases:
 
     def drop_all(self) -> None:
         server = postgres_server()
-        if server is not None:
-            for name in self.created:
-                drop_database(server, name)
+        if server is not None and self.created:
+            # A full run makes a few hundred databases and one DROP costs PostgreSQL about 0.2 s
+            # of file removal: eight at a time takes well under half as long as one after another.
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda name: drop_database(server, name), self.created))
 
 
 @pytest.fixture(scope="session")
