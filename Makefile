@@ -29,10 +29,12 @@ run: install
 ## The whole suite: SQLite and PostgreSQL, real OpenBao, moto, the GitHub stand-in, a real
 ## OpenID provider (npm's oidc-provider on Node, pinned by its package-lock.json) and Debian's
 ## Chromium for the console's browser tests (Playwright drives it; it never downloads a browser).
+## pytest-xdist runs it in one worker per core (at most 4): each worker starts its own peers on
+## free ports and makes its own databases, so workers never share state.
 test: install-test oidc-provider
 	scripts/ensure-postgres
 	scripts/ensure-chromium
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n auto --maxprocesses 4 $(PYTEST_ARGS)
 
 OIDC_PROVIDER := tests/support/oidc_provider
 
