@@ -13,6 +13,7 @@ import math
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from sqlalchemy import bindparam, insert, update
 from sqlmodel import Session, select
 
 from broker.approvals import grants
@@ -35,7 +36,7 @@ from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingA
 from broker.leases.revocation import finish_revocation
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus, new_capability_id
 from broker.metrics import DECISIONS, MINTS
-from broker.models import Approval, IdempotencyRecord, JitGrant, Lease, SessionRow
+from broker.models import Approval, JitGrant, Lease, SessionRow
 from broker.permissions import service as live_permissions
 from broker.policy import (
     Decision,
@@ -51,6 +52,31 @@ from broker.times import rfc3339
 
 log = logging.getLogger("broker.leases")
 
+# Core statements where the ORM's unit of work would cost more CPU than the row it writes,
+# built once so their compiled form is cached. A new lease is inserted once, complete, and the
+# session's issued counter goes up with it: on PostgreSQL in one statement (a data-modifying
+# CTE), one round trip. The lease's parameters are `lease_<column>`: a parameter named like a
+# column of the UPDATE would be taken for a value to SET.
+_LEASES = Lease.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
+_SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]
+_LOCK_SESSION = select(_SESSIONS).where(_SESSIONS.c.id == bindparam("s")).with_for_update()
+_NEW_LEASE = insert(_LEASES).values({c: bindparam("lease_" + c.key, type_=c.type) for c in _LEASES.columns})
+_COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("issued_in"))
+                 .values(issued_count=_SESSIONS.c.issued_count + 1))
+_ISSUE = _COUNT_ISSUED.add_cte(_NEW_LEASE.cte("new_lease"))
+
+
+def _issue(db: Session, lease: Lease) -> None:
+    """Insert `lease` and count it against its session's issued budget (failed mints count too)."""
+    conn = db.connection()
+    values = {"lease_" + c.key: getattr(lease, c.key) for c in _LEASES.columns}
+    if conn.dialect.name == "postgresql":
+        conn.execute(_ISSUE, {**values, "issued_in": lease.session_id})
+    else:  # SQLite has no data-modifying CTEs
+        conn.execute(_NEW_LEASE, values)
+        conn.execute(_COUNT_ISSUED, {"issued_in": lease.session_id})
+
+
 def binding(ask: CapabilityAsk, session_id: str) -> Binding:
     """What an approval is bound to: any change is another request."""
     return Binding(session_id=session_id, resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds,
@@ -58,8 +84,10 @@ def binding(ask: CapabilityAsk, session_id: str) -> Binding:
 
 
 def lock_session(db: Session, session_id: str) -> SessionRow | None:
-    """Serialises decisions per session, so budgets and escalation see every sibling."""
-    return db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()
+    """Serialises decisions per session, so budgets and escalation see every sibling. The row
+    comes back as a snapshot outside the ORM session: read it, change the row with SQL."""
+    row = db.connection().execute(_LOCK_SESSION, {"s": session_id}).first()
+    return None if row is None else SessionRow(**row._mapping)
 
 
 def _evaluate(broker: Broker, db: Session, session: SessionRow, ask: CapabilityAsk, now: datetime,
@@ -132,7 +160,7 @@ def _decide_and_mint(
         ticket = None
         if idem_key is not None:
             claimed = idempotency.claim(db, broker, session_id, idem_key, ask.idempotency_hash(session_id), now)
-            if not isinstance(claimed, IdempotencyRecord):
+            if not isinstance(claimed, idempotency.Ticket):
                 return claimed  # the stored outcome of this key's first request
             ticket = claimed
         approval = approvals.redeem(db, ask.approval_id, session, binding(ask, session.id), now) \
@@ -173,8 +201,6 @@ def _decide_and_mint(
                 created_at=now,
                 expires_at=now + timedelta(seconds=decision.ttl_seconds),
             )
-            session.issued_count += 1
-            db.add(session)
             if approval is not None:
                 approvals.mark_used(db, approval, lease.id, now)  # single use, in the lease's transaction
             if grant_used is not None:
@@ -201,14 +227,15 @@ def _decide_and_mint(
                 except BrokerError as exc:
                     refusal = exc
                     lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, exc.code, now
-                    db.add(lease)
+                    _issue(db, lease)
                     if exc.status < 500:
                         idempotency.finish(db, broker, ticket, exc)
                     append(db, records.mint_failed_event(session, ask, grant, provider.name, record, exc))
                 else:
-                    return _activate(db, broker, session, ask, lease, grant, provider.name, minted, record, ticket)
+                    return _activate(db, broker, session, ask, lease, grant, provider.name, minted, record, ticket,
+                                     new=True)
             else:
-                db.add(lease)
+                _issue(db, lease)
                 if ticket is not None:
                     idempotency.hold(db, ticket)
     if refusal is not None:
@@ -217,7 +244,7 @@ def _decide_and_mint(
 
 
 def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
-             record: DecisionRef, ticket: IdempotencyRecord | None, now: datetime) -> PendingApproval:
+             record: DecisionRef, ticket: idempotency.Ticket | None, now: datetime) -> PendingApproval:
     approval, _ = approvals.open_request(
         db, broker, session, binding(ask, session.id), tier=decision.tier or "", reason=decision.reason,
         approvers=list(decision.approvers), granted_ttl=decision.ttl_seconds, purpose=ask.purpose, now=now,
@@ -239,9 +266,10 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
 
 
 def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease, grant: Grant,
-              provider: str, minted: Minted, record: DecisionRef,
-              ticket: IdempotencyRecord | None) -> CapabilityIssued:
-    """Lease active, audit record, idempotent outcome: all in the caller's transaction."""
+              provider: str, minted: Minted, record: DecisionRef, ticket: idempotency.Ticket | None, *,
+              new: bool) -> CapabilityIssued:
+    """Lease active, audit record, idempotent outcome: all in the caller's transaction. A `new`
+    lease (minted locally) is issued here, complete; a remote mint's `minting` row is updated."""
     lease.status = LeaseStatus.ACTIVE
     lease.minted_at = utcnow()
     lease.backend_expires_at = minted.expires_at
@@ -249,7 +277,10 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
     lease.fingerprint = minted.fingerprint
     if minted.revocation_secret is not None:
         lease.sealed_secret = broker.sealer.seal(minted.revocation_secret, lease.id)
-    db.add(lease)
+    if new:
+        _issue(db, lease)
+    else:
+        db.add(lease)
     issued = CapabilityIssued(capability_id=lease.id, session_id=session.id, resource=lease.resource,
                               access=lease.access, tier=lease.tier, provider=lease.provider,
                               expires_at=lease.expires_at, credential=minted.credential)
@@ -300,7 +331,7 @@ def _mint(
                 # Torn down while we were minting: what we hold must die now.
                 raise Conflict("the session ended while the capability was being minted", code="session-ended")
             return _activate(db, broker, session, ask, lease, grant, provider_name, minted, record,
-                             idempotency.reload(db, session.id, idem_key))
+                             idempotency.reload(db, session.id, idem_key), new=False)
     except BaseException:
         _revoke_unrecorded(broker, provider, grant, minted)
         raise
