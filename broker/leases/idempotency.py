@@ -54,7 +54,9 @@ _GET = select(_KEYS.c.request_hash, _KEYS.c.state, _KEYS.c.response_status, _KEY
               _KEYS.c.expires_at).where(_THIS_KEY)
 _DELETE = delete(_KEYS).where(_THIS_KEY)
 _ABANDON = _DELETE.where(_KEYS.c.state == "in_progress")
-_INSERT = insert(_KEYS)
+# Its parameters are `key_<column>`, so the row can also ride as a CTE in a statement that
+# writes other rows (a new lease and its outcome: leases/service.py).
+INSERT = insert(_KEYS).values({c: bindparam("key_" + c.key, type_=c.type) for c in _KEYS.columns})
 _STORE = update(_KEYS).where(_THIS_KEY).values(state=bindparam("state"), response_status=bindparam("status"),
                                               sealed_response=bindparam("sealed"))
 
@@ -110,18 +112,16 @@ def claim(db: Session, broker: Broker, session_id: str, key: str, request_hash: 
     return replay
 
 
-def _insert(db: Session, ticket: Ticket, state: str, status: int | None = None, sealed: str | None = None) -> None:
-    db.connection().execute(_INSERT, {
-        "session_id": ticket.session_id, "key": ticket.key, "request_hash": ticket.request_hash, "state": state,
-        "response_status": status, "sealed_response": sealed, "created_at": ticket.created_at,
-        "expires_at": ticket.expires_at,
-    })
-    ticket.stored = True
+def _row(ticket: Ticket, state: str, status: int | None = None, sealed: str | None = None) -> dict[str, Any]:
+    return {"key_session_id": ticket.session_id, "key_key": ticket.key, "key_request_hash": ticket.request_hash,
+            "key_state": state, "key_response_status": status, "key_sealed_response": sealed,
+            "key_created_at": ticket.created_at, "key_expires_at": ticket.expires_at}
 
 
 def hold(db: Session, ticket: Ticket) -> None:
     """The outcome comes in a later transaction: twins wait on this in_progress row."""
-    _insert(db, ticket, "in_progress")
+    db.connection().execute(INSERT, _row(ticket, "in_progress"))
+    ticket.stored = True
 
 
 def wait_for(broker: Broker, session_id: str, key: str) -> CapabilityOutcome | None:
@@ -142,21 +142,34 @@ def wait_for(broker: Broker, session_id: str, key: str) -> CapabilityOutcome | N
         delay = min(delay * 2, 0.2)
 
 
+def _sealed(broker: Broker, ticket: Ticket, outcome: CapabilityOutcome | BrokerError) -> tuple[int, str]:
+    if isinstance(outcome, BrokerError):
+        status, body = outcome.status, outcome.to_body()
+    else:
+        status, body = _STORED_AS[type(outcome)], outcome.model_dump(mode="json")
+    return status, broker.sealer.seal(json.dumps(body), _aad(ticket.session_id, ticket.key))
+
+
 def finish(db: Session, broker: Broker, ticket: Ticket | None,
            outcome: CapabilityOutcome | BrokerError) -> None:
     """Inside the caller's transaction, so the outcome and its record commit together."""
     if ticket is None:
         return
-    if isinstance(outcome, BrokerError):
-        status, body = outcome.status, outcome.to_body()
-    else:
-        status, body = _STORED_AS[type(outcome)], outcome.model_dump(mode="json")
-    sealed = broker.sealer.seal(json.dumps(body), _aad(ticket.session_id, ticket.key))
     if ticket.stored:
+        status, sealed = _sealed(broker, ticket, outcome)
         db.connection().execute(_STORE, {"s": ticket.session_id, "k": ticket.key, "state": "done", "status": status,
                                          "sealed": sealed})
     else:
-        _insert(db, ticket, "done", status, sealed)
+        db.connection().execute(INSERT, finished_row(broker, ticket, outcome))
+        ticket.stored = True
+
+
+def finished_row(broker: Broker, ticket: Ticket, outcome: CapabilityOutcome | BrokerError) -> dict[str, Any]:
+    """`INSERT`'s parameters: a new key's row with its outcome, for a caller that writes it in
+    its own statement, in the same transaction as the outcome (as `finish` would)."""
+    assert not ticket.stored, "a held key is finished with finish()"
+    status, sealed = _sealed(broker, ticket, outcome)
+    return _row(ticket, "done", status, sealed)
 
 
 def reload(db: Session, session_id: str, key: str | None) -> Ticket | None:

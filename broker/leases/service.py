@@ -12,6 +12,7 @@ import logging
 import math
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import bindparam, insert, update
 from sqlmodel import Session, select
@@ -54,9 +55,10 @@ log = logging.getLogger("broker.leases")
 
 # Core statements where the ORM's unit of work would cost more CPU than the row it writes,
 # built once so their compiled form is cached. A new lease is inserted once, complete, and the
-# session's issued counter goes up with it: on PostgreSQL in one statement (a data-modifying
-# CTE), one round trip. The lease's parameters are `lease_<column>`: a parameter named like a
-# column of the UPDATE would be taken for a value to SET.
+# session's issued counter goes up with it, and for a lease minted here its idempotent outcome
+# too: on PostgreSQL in one statement (data-modifying CTEs), one round trip. The lease's
+# parameters are `lease_<column>`: a parameter named like a column of the UPDATE would be taken
+# for a value to SET.
 _LEASES = Lease.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
 _SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]
 _LOCK_SESSION = select(_SESSIONS).where(_SESSIONS.c.id == bindparam("s")).with_for_update()
@@ -64,17 +66,23 @@ _NEW_LEASE = insert(_LEASES).values({c: bindparam("lease_" + c.key, type_=c.type
 _COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("issued_in"))
                  .values(issued_count=_SESSIONS.c.issued_count + 1))
 _ISSUE = _COUNT_ISSUED.add_cte(_NEW_LEASE.cte("new_lease"))
+_ISSUE_KEYED = _ISSUE.add_cte(idempotency.INSERT.cte("idempotency_key"))
 
 
-def _issue(db: Session, lease: Lease) -> None:
-    """Insert `lease` and count it against its session's issued budget (failed mints count too)."""
+def _issue(db: Session, lease: Lease, key_row: dict[str, Any] | None = None) -> None:
+    """Insert `lease` and count it against its session's issued budget (failed mints count too);
+    `key_row`: the idempotency key's row (`idempotency.finished_row`), written with them."""
     conn = db.connection()
     values = {"lease_" + c.key: getattr(lease, c.key) for c in _LEASES.columns}
     if conn.dialect.name == "postgresql":
-        conn.execute(_ISSUE, {**values, "issued_in": lease.session_id})
-    else:  # SQLite has no data-modifying CTEs
-        conn.execute(_NEW_LEASE, values)
-        conn.execute(_COUNT_ISSUED, {"issued_in": lease.session_id})
+        conn.execute(_ISSUE if key_row is None else _ISSUE_KEYED,
+                     {**values, "issued_in": lease.session_id, **(key_row or {})})
+        return
+    # SQLite has no data-modifying CTEs.
+    conn.execute(_NEW_LEASE, values)
+    conn.execute(_COUNT_ISSUED, {"issued_in": lease.session_id})
+    if key_row is not None:
+        conn.execute(idempotency.INSERT, key_row)
 
 
 def binding(ask: CapabilityAsk, session_id: str) -> Binding:
@@ -277,14 +285,14 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
     lease.fingerprint = minted.fingerprint
     if minted.revocation_secret is not None:
         lease.sealed_secret = broker.sealer.seal(minted.revocation_secret, lease.id)
-    if new:
-        _issue(db, lease)
-    else:
-        db.add(lease)
     issued = CapabilityIssued(capability_id=lease.id, session_id=session.id, resource=lease.resource,
                               access=lease.access, tier=lease.tier, provider=lease.provider,
                               expires_at=lease.expires_at, credential=minted.credential)
-    idempotency.finish(db, broker, ticket, issued)
+    if new:
+        _issue(db, lease, None if ticket is None else idempotency.finished_row(broker, ticket, issued))
+    else:
+        db.add(lease)
+        idempotency.finish(db, broker, ticket, issued)
     # Last, so the audit head (one row every request serialises on) is held for the least time.
     append(
         db,
