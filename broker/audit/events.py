@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from broker.models import Lease, SessionRow
+    from broker.models import Lease, NewLease, SessionRow
     from broker.policy import Decision
 
 
@@ -90,7 +90,7 @@ class GrantRef:
     uses: int | None = None  # the pre-approval's uses
 
     @classmethod
-    def of(cls, lease: Lease, *, expires_at: str | None = None) -> GrantRef:
+    def of(cls, lease: Lease | NewLease, *, expires_at: str | None = None) -> GrantRef:
         return cls(status=lease.status, ttl_seconds=lease.ttl_seconds, capability_id=lease.id,
                    provider=lease.provider, expires_at=expires_at, credential_fingerprint=lease.fingerprint,
                    attempts=lease.revoke_attempts)

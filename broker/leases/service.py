@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,7 +37,7 @@ from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingA
 from broker.leases.revocation import finish_revocation
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus, new_capability_id
 from broker.metrics import DECISIONS, MINTS
-from broker.models import Approval, JitGrant, Lease, SessionRow
+from broker.models import Approval, JitGrant, Lease, NewLease, SessionRow
 from broker.permissions import service as live_permissions
 from broker.policy import (
     Decision,
@@ -54,26 +54,27 @@ from broker.times import rfc3339
 log = logging.getLogger("broker.leases")
 
 # Core statements where the ORM's unit of work would cost more CPU than the row it writes,
-# built once so their compiled form is cached. A new lease is inserted once, complete, and the
-# session's issued counter goes up with it, and for a lease minted here its idempotent outcome
-# too: on PostgreSQL in one statement (data-modifying CTEs), one round trip. The lease's
-# parameters are `lease_<column>`: a parameter named like a column of the UPDATE would be taken
-# for a value to SET.
+# built once so their compiled form is cached. A new lease (a NewLease, not an ORM object) is
+# inserted once, complete, and the session's issued counter goes up with it, and for a lease
+# minted here its idempotent outcome too: on PostgreSQL in one statement (data-modifying CTEs),
+# one round trip. The lease's parameters are `lease_<column>`: a parameter named like a column
+# of the UPDATE would be taken for a value to SET.
 _LEASES = Lease.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
 _SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]
 _LOCK_SESSION = select(_SESSIONS).where(_SESSIONS.c.id == bindparam("s")).with_for_update()
-_NEW_LEASE = insert(_LEASES).values({c: bindparam("lease_" + c.key, type_=c.type) for c in _LEASES.columns})
+_NEW_LEASE = insert(_LEASES).values({_LEASES.c[f.name]: bindparam("lease_" + f.name, type_=_LEASES.c[f.name].type)
+                                     for f in fields(NewLease)})
 _COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("issued_in"))
                  .values(issued_count=_SESSIONS.c.issued_count + 1))
 _ISSUE = _COUNT_ISSUED.add_cte(_NEW_LEASE.cte("new_lease"))
 _ISSUE_KEYED = _ISSUE.add_cte(idempotency.INSERT.cte("idempotency_key"))
 
 
-def _issue(db: Session, lease: Lease, key_row: dict[str, Any] | None = None) -> None:
+def _issue(db: Session, lease: NewLease, key_row: dict[str, Any] | None = None) -> None:
     """Insert `lease` and count it against its session's issued budget (failed mints count too);
     `key_row`: the idempotency key's row (`idempotency.finished_row`), written with them."""
     conn = db.connection()
-    values = {"lease_" + c.key: getattr(lease, c.key) for c in _LEASES.columns}
+    values = {"lease_" + name: value for name, value in vars(lease).items()}
     if conn.dialect.name == "postgresql":
         conn.execute(_ISSUE if key_row is None else _ISSUE_KEYED,
                      {**values, "issued_in": lease.session_id, **(key_row or {})})
@@ -194,7 +195,7 @@ def _decide_and_mint(
         else:
             assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
             provider = broker.provider(decision.provider)
-            lease = Lease(
+            lease = NewLease(
                 id=new_capability_id(),
                 session_id=session.id,
                 resource=ask.resource,
@@ -240,8 +241,7 @@ def _decide_and_mint(
                         idempotency.finish(db, broker, ticket, exc)
                     append(db, records.mint_failed_event(session, ask, grant, provider.name, record, exc))
                 else:
-                    return _activate(db, broker, session, ask, lease, grant, provider.name, minted, record, ticket,
-                                     new=True)
+                    return _activate(db, broker, session, ask, lease, grant, provider.name, minted, record, ticket)
             else:
                 _issue(db, lease)
                 if ticket is not None:
@@ -273,11 +273,11 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
     return pending
 
 
-def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease, grant: Grant,
-              provider: str, minted: Minted, record: DecisionRef, ticket: idempotency.Ticket | None, *,
-              new: bool) -> CapabilityIssued:
-    """Lease active, audit record, idempotent outcome: all in the caller's transaction. A `new`
-    lease (minted locally) is issued here, complete; a remote mint's `minting` row is updated."""
+def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease | NewLease,
+              grant: Grant, provider: str, minted: Minted, record: DecisionRef,
+              ticket: idempotency.Ticket | None) -> CapabilityIssued:
+    """Lease active, audit record, idempotent outcome: all in the caller's transaction. A
+    NewLease (minted locally) is issued here, complete; a remote mint's `minting` row is updated."""
     lease.status = LeaseStatus.ACTIVE
     lease.minted_at = utcnow()
     lease.backend_expires_at = minted.expires_at
@@ -288,7 +288,7 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
     issued = CapabilityIssued(capability_id=lease.id, session_id=session.id, resource=lease.resource,
                               access=lease.access, tier=lease.tier, provider=lease.provider,
                               expires_at=lease.expires_at, credential=minted.credential)
-    if new:
+    if isinstance(lease, NewLease):
         _issue(db, lease, None if ticket is None else idempotency.finished_row(broker, ticket, issued))
     else:
         db.add(lease)
@@ -339,7 +339,7 @@ def _mint(
                 # Torn down while we were minting: what we hold must die now.
                 raise Conflict("the session ended while the capability was being minted", code="session-ended")
             return _activate(db, broker, session, ask, lease, grant, provider_name, minted, record,
-                             idempotency.reload(db, session.id, idem_key), new=False)
+                             idempotency.reload(db, session.id, idem_key))
     except BaseException:
         _revoke_unrecorded(broker, provider, grant, minted)
         raise
