@@ -41,6 +41,36 @@ class SessionRow(SQLModel, table=True):
     __table_args__ = (Index("ix_sessions_status_expires", "status", "expires_at"),)
 
 
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """A session as the request path reads it: under the row's lock, by Core SQL, tracked by no
+    ORM session (building a SessionRow would cost more CPU than the SELECT that reads it). Read
+    it; change the row with SQL. `row()`: the same values as a SessionRow outside any ORM
+    session, for the code that takes one."""
+
+    id: str
+    human: str
+    agent: str
+    task_id: str
+    repository: str | None
+    scope: list[dict[str, Any]]
+    labels: dict[str, str]
+    status: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+    issued_count: int
+
+    def row(self) -> SessionRow:
+        return SessionRow(**vars(self))
+
+
+# What only reads a session takes either: the ORM row, or the request path's snapshot.
+AnySession = SessionRow | SessionSnapshot
+
+
 class Lease(SQLModel, table=True):
     """One capability. `id` is the capability id (and the native token's jti)."""
 

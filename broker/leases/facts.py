@@ -10,13 +10,13 @@ from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from broker.leases.vocabulary import LIVE
-from broker.models import Lease, SessionRow
+from broker.models import AnySession, Lease
 from broker.policy import BoundsLookup, ScopeEntry, SessionFacts, TtlBounds
 from broker.policy.compiled import CompiledPolicy
 from broker.runtime import Broker
 
 
-def session_facts(db: Session, session: SessionRow, policies: Sequence[CompiledPolicy | None] | None = None) -> SessionFacts:
+def session_facts(db: Session, session: AnySession, policies: Sequence[CompiledPolicy | None] | None = None) -> SessionFacts:
     """What the evaluator needs of the session. Given the policies that will judge it (current and
     shadow), the cost is bounded by the policies, not by the session's leases: the live count is
     counted only up to the largest `max_active_per_session` (the budget compares against it;

@@ -37,7 +37,7 @@ from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingA
 from broker.leases.revocation import finish_revocation
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus, new_capability_id
 from broker.metrics import DECISIONS, MINTS
-from broker.models import Approval, JitGrant, Lease, NewLease, SessionRow
+from broker.models import Approval, JitGrant, Lease, NewLease, SessionRow, SessionSnapshot
 from broker.permissions import service as live_permissions
 from broker.policy import (
     Decision,
@@ -61,7 +61,8 @@ log = logging.getLogger("broker.leases")
 # of the UPDATE would be taken for a value to SET.
 _LEASES = Lease.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
 _SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]
-_LOCK_SESSION = select(_SESSIONS).where(_SESSIONS.c.id == bindparam("s")).with_for_update()
+_LOCK_SESSION = (select(*(_SESSIONS.c[f.name] for f in fields(SessionSnapshot)))
+                 .where(_SESSIONS.c.id == bindparam("s")).with_for_update())
 _NEW_LEASE = insert(_LEASES).values({_LEASES.c[f.name]: bindparam("lease_" + f.name, type_=_LEASES.c[f.name].type)
                                      for f in fields(NewLease)})
 _COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("issued_in"))
@@ -92,14 +93,14 @@ def binding(ask: CapabilityAsk, session_id: str) -> Binding:
                    tool=ask.tool, parameters=ask.parameters)
 
 
-def lock_session(db: Session, session_id: str) -> SessionRow | None:
+def lock_session(db: Session, session_id: str) -> SessionSnapshot | None:
     """Serialises decisions per session, so budgets and escalation see every sibling. The row
-    comes back as a snapshot outside the ORM session: read it, change the row with SQL."""
+    comes back as a snapshot, outside the ORM session: read it, change the row with SQL."""
     row = db.connection().execute(_LOCK_SESSION, {"s": session_id}).first()
-    return None if row is None else SessionRow(**row._mapping)
+    return None if row is None else SessionSnapshot(**row._mapping)
 
 
-def _evaluate(broker: Broker, db: Session, session: SessionRow, ask: CapabilityAsk, now: datetime,
+def _evaluate(broker: Broker, db: Session, session: SessionSnapshot, ask: CapabilityAsk, now: datetime,
               approval: Approval | None, live: LivePermission | None) -> tuple[Decision, Decision | None, JitGrant | None]:
     """The decision; where it waits for approval, a matching grant stands in for one."""
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
@@ -251,10 +252,10 @@ def _decide_and_mint(
     return _mint(broker, session, ask, grant, provider.name, record, idem_key)
 
 
-def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
+def _pending(db: Session, broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, decision: Decision,
              record: DecisionRef, ticket: idempotency.Ticket | None, now: datetime) -> PendingApproval:
     approval, _ = approvals.open_request(
-        db, broker, session, binding(ask, session.id), tier=decision.tier or "", reason=decision.reason,
+        db, broker, session.row(), binding(ask, session.id), tier=decision.tier or "", reason=decision.reason,
         approvers=list(decision.approvers), granted_ttl=decision.ttl_seconds, purpose=ask.purpose, now=now,
     )
     pending = PendingApproval(
@@ -273,7 +274,7 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
     return pending
 
 
-def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease | NewLease,
+def _activate(db: Session, broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, lease: Lease | NewLease,
               grant: Grant, provider: str, minted: Minted, record: DecisionRef,
               ticket: idempotency.Ticket | None) -> CapabilityIssued:
     """Lease active, audit record, idempotent outcome: all in the caller's transaction. A
@@ -305,7 +306,7 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
 
 
 def _mint(
-    broker: Broker, session: SessionRow, ask: CapabilityAsk, grant: Grant, provider_name: str,
+    broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, grant: Grant, provider_name: str,
     record: DecisionRef, idem_key: str | None,
 ) -> CapabilityIssued:
     """A remote backend: the `minting` row is committed; call out, then activate in a new transaction."""
