@@ -6,6 +6,7 @@ tables are here because they reference each other and migrations need them all a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +39,36 @@ class SessionRow(SQLModel, table=True):
     issued_count: int = 0  # capabilities ever minted here: the issued budget counts these
 
     __table_args__ = (Index("ix_sessions_status_expires", "status", "expires_at"),)
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """A session as the request path reads it: under the row's lock, by Core SQL, tracked by no
+    ORM session (building a SessionRow would cost more CPU than the SELECT that reads it). Read
+    it; change the row with SQL. `row()`: the same values as a SessionRow outside any ORM
+    session, for the code that takes one."""
+
+    id: str
+    human: str
+    agent: str
+    task_id: str
+    repository: str | None
+    scope: list[dict[str, Any]]
+    labels: dict[str, str]
+    status: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+    issued_count: int
+
+    def row(self) -> SessionRow:
+        return SessionRow(**vars(self))
+
+
+# What only reads a session takes either: the ORM row, or the request path's snapshot.
+AnySession = SessionRow | SessionSnapshot
 
 
 class Lease(SQLModel, table=True):
@@ -82,6 +113,35 @@ class Lease(SQLModel, table=True):
         # Escalation: does the session hold a live lease of this tier? One index probe (0007).
         Index("ix_leases_session_tier_status", "session_id", "tier", "status"),
     )
+
+
+@dataclass
+class NewLease:
+    """A lease as a request creates it, before its row exists: the columns it sets, in a plain
+    dataclass (building the ORM object would cost more CPU than the INSERT that writes it). The
+    columns it leaves out take their defaults. `leases/service.py` inserts it with Core SQL."""
+
+    id: str
+    session_id: str
+    resource: str
+    access: str
+    tier: str
+    provider: str
+    status: str
+    ttl_seconds: int
+    purpose: str
+    tool: str | None
+    parameters: dict[str, Any] | None
+    created_at: datetime
+    expires_at: datetime
+    status_reason: str | None = None
+    minted_at: datetime | None = None
+    backend_expires_at: datetime | None = None
+    ended_at: datetime | None = None
+    handle: dict[str, Any] | None = None
+    sealed_secret: str | None = None
+    fingerprint: str | None = None
+    revoke_attempts: int = 0
 
 
 class Approval(SQLModel, table=True):

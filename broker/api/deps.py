@@ -48,8 +48,11 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
 AnyCaller = Annotated[Caller, Depends(get_caller)]
 
 
-def _require(*kinds: str) -> Callable[[Caller], Coroutine[Any, Any, Caller]]:
-    async def check(caller: AnyCaller) -> Caller:
+def _require(*kinds: str) -> Callable[..., Coroutine[Any, Any, Caller]]:
+    # One dependency that authenticates and checks, not a check over `AnyCaller`: each level of
+    # dependencies costs FastAPI work on every request, and these guard the busiest routes.
+    async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+        caller = await get_caller(request, authorization)
         if caller.kind not in kinds:
             raise Forbidden(f"this endpoint is for {', '.join(kinds)} callers, not {caller.kind}")
         return caller

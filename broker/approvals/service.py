@@ -36,7 +36,7 @@ from broker.identity.access import human_is
 from broker.identity.callers import Caller
 from broker.identity.principals import canonical_human
 from broker.metrics import APPROVALS_OPENED, observe_approval_outcome
-from broker.models import Approval, ApprovalDecision, AuditRecord, Lease, SessionRow
+from broker.models import AnySession, Approval, ApprovalDecision, AuditRecord, Lease, SessionRow
 from broker.permissions.service import needs_live_answer
 from broker.policy import (
     CompiledPolicy,
@@ -91,7 +91,7 @@ def binding_message(session: SessionRow, binding: Binding, tier: str, granted_tt
     return f"{text}; purpose: {purpose[:200]}. Binding {binding_code(binding.request_hash())}."
 
 
-def effective_status(approval: Approval, session: SessionRow | None, now: datetime) -> str:
+def effective_status(approval: Approval, session: AnySession | None, now: datetime) -> str:
     """Expiry is read, not swept: a live approval past its time (or its session's) is expired."""
     if approval.status in LIVE and (approval.expires_at <= now or session is None or session.status != "active"
                                     or session.expires_at <= now):
@@ -326,7 +326,7 @@ def open_request(db: Session, broker: Broker, session: SessionRow, binding: Bind
     return approval, True
 
 
-def redeem(db: Session, approval_id: str, session: SessionRow, binding: Binding, now: datetime) -> Approval:
+def redeem(db: Session, approval_id: str, session: AnySession, binding: Binding, now: datetime) -> Approval:
     """The approval a re-submitted request names, locked, checked to be usable for exactly it.
     The caller marks it used (`mark_used`) only if the request is then allowed."""
     approval = db.exec(select(Approval).where(Approval.id == approval_id).with_for_update()).first()

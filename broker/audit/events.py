@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from broker.models import Lease, SessionRow
+    from broker.models import AnySession, Lease, NewLease
     from broker.policy import Decision
 
 
@@ -30,7 +30,7 @@ class AgentRef:
     task_id: str | None = None
 
     @classmethod
-    def of(cls, session: SessionRow | None, *, session_id: str | None = None, task_id: str | None = None) -> AgentRef:
+    def of(cls, session: AnySession | None, *, session_id: str | None = None, task_id: str | None = None) -> AgentRef:
         """The agent of `session`; `session_id`/`task_id` where the session row is gone or unknown."""
         if session is None:
             return cls(None, session_id, task_id)
@@ -90,7 +90,7 @@ class GrantRef:
     uses: int | None = None  # the pre-approval's uses
 
     @classmethod
-    def of(cls, lease: Lease, *, expires_at: str | None = None) -> GrantRef:
+    def of(cls, lease: Lease | NewLease, *, expires_at: str | None = None) -> GrantRef:
         return cls(status=lease.status, ttl_seconds=lease.ttl_seconds, capability_id=lease.id,
                    provider=lease.provider, expires_at=expires_at, credential_fingerprint=lease.fingerprint,
                    attempts=lease.revoke_attempts)

@@ -24,7 +24,7 @@ from broker.db import transaction, utcnow
 from broker.errors import Forbidden, Unauthenticated
 from broker.identity.callers import Caller
 from broker.leases.service import lock_session
-from broker.models import Approval, SessionRow
+from broker.models import AnySession, Approval
 from broker.policy.evaluate import decide_tool_call
 from broker.policy.tools import ToolCall, ToolVerdict, describe
 from broker.runtime import Broker
@@ -57,7 +57,7 @@ def _binding(session_id: str, call: ToolCall, tier: str | None) -> approvals.Bin
                              parameters={"tool_name": call.tool_name, "tool_input": dict(call.tool_input)})
 
 
-def _approval_for(db: Session, session: SessionRow, request_hash: str, now: datetime) -> Approval | None:
+def _approval_for(db: Session, session: AnySession, request_hash: str, now: datetime) -> Approval | None:
     return db.exec(
         select(Approval)
         .where(Approval.session_id == session.id, Approval.request_hash == request_hash,
@@ -92,7 +92,7 @@ def pre_tool_use(broker: Broker, caller: Caller, hook: HookInput) -> dict[str, A
             else:
                 if approval is None:
                     approval, _ = approvals.open_request(
-                        db, broker, session, binding, tier=verdict.tier or "", reason=verdict.reason,
+                        db, broker, session.row(), binding, tier=verdict.tier or "", reason=verdict.reason,
                         approvers=list(verdict.approvers), granted_ttl=None, purpose=describe(call), now=now)
                 approval_id, outcome = approval.id, "pending_approval"
                 message = (f"{verdict.message}: approval {approval.id} is pending "
@@ -101,7 +101,7 @@ def pre_tool_use(broker: Broker, caller: Caller, hook: HookInput) -> dict[str, A
     return hook_output(decision, message)
 
 
-def _audit(session: SessionRow, hook: HookInput, call: ToolCall, verdict: ToolVerdict, decision: str, outcome: str,
+def _audit(session: AnySession, hook: HookInput, call: ToolCall, verdict: ToolVerdict, decision: str, outcome: str,
            approval_id: str | None, policy_version: str) -> AuditEvent:
     # The tool input itself may hold secrets (a header in a curl, a file's content): the audit
     # keeps what was run (program, path, host) and the input's SHA-256, never the input.

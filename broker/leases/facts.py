@@ -3,20 +3,21 @@ dry run (`policy explain`) and a grant's check alike."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlmodel import Session, col, select
 
 from broker.leases.vocabulary import LIVE
-from broker.models import Lease, SessionRow
+from broker.models import AnySession, Lease
 from broker.policy import BoundsLookup, ScopeEntry, SessionFacts, TtlBounds
 from broker.policy.compiled import CompiledPolicy
 from broker.runtime import Broker
 
 
-def session_facts(db: Session, session: SessionRow, policies: Sequence[CompiledPolicy | None] | None = None) -> SessionFacts:
+def session_facts(db: Session, session: AnySession, policies: Sequence[CompiledPolicy | None] | None = None) -> SessionFacts:
     """What the evaluator needs of the session. Given the policies that will judge it (current and
     shadow), the cost is bounded by the policies, not by the session's leases: the live count is
     counted only up to the largest `max_active_per_session` (the budget compares against it;
@@ -31,10 +32,9 @@ def session_facts(db: Session, session: SessionRow, policies: Sequence[CompiledP
         caps = [p.max_active_per_session for p in judged if p.max_active_per_session is not None]
         escalation = sorted(set().union(*(p.escalation_tiers for p in judged)))
         # One round trip: the bounded count and one EXISTS per escalation tier.
-        columns = [_LIVE_UP_TO if caps else "0"] + [_LIVE_TIER.format(i=i) for i in range(len(escalation))]
         params: dict[str, Any] = {"s": session.id, "cap": max(caps) if caps else 0}
         params.update({f"t{i}": tier for i, tier in enumerate(escalation)})
-        row = db.connection().execute(text("SELECT " + ", ".join(columns)), params).one()
+        row = db.connection().execute(_facts_statement(bool(caps), len(escalation)), params).one()
         active_count = int(row[0])
         active_tiers = frozenset(tier for tier, held in zip(escalation, row[1:], strict=True) if held)
     return SessionFacts(
@@ -56,6 +56,13 @@ _LIVE_UP_TO = (f"(SELECT count(*) FROM (SELECT 1 FROM leases WHERE session_id = 
                "LIMIT :cap) AS live)")
 _LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "
               f"({_LIVE_STATUSES}))")
+
+
+@functools.lru_cache(maxsize=64)
+def _facts_statement(capped: bool, tiers: int) -> TextClause:
+    """Built once per shape (the policies change it only on reload), not on every request."""
+    columns = [_LIVE_UP_TO if capped else "0"] + [_LIVE_TIER.format(i=i) for i in range(tiers)]
+    return text("SELECT " + ", ".join(columns))
 
 
 def bounds_lookup(broker: Broker) -> BoundsLookup:

@@ -7,18 +7,18 @@ from typing import Any
 from broker.audit.events import AgentRef, AuditEvent, DecisionRef, GrantRef, RequestRef
 from broker.errors import BrokerError, BudgetExceeded, Denied
 from broker.leases.vocabulary import CapabilityAsk
-from broker.models import SessionRow
+from broker.models import AnySession
 from broker.policy import Decision
 from broker.providers.base import Grant
 
 
-def agent_principal(session: SessionRow) -> str:
+def agent_principal(session: AnySession) -> str:
     """The actor of what an agent asks: the same `kind:name` as Caller.principal."""
     return f"agent:{session.agent}"
 
 
 def capability_event(
-    session: SessionRow, ask: CapabilityAsk, type_: str, outcome: str, *, tier: str | None,
+    session: AnySession, ask: CapabilityAsk, type_: str, outcome: str, *, tier: str | None,
     decision: DecisionRef | None, grant: GrantRef | None = None, detail: dict[str, Any] | None = None,
 ) -> AuditEvent:
     return AuditEvent(
@@ -48,7 +48,7 @@ def refusal(decision: Decision) -> BrokerError:
     return Denied(f"denied by the {layer} layer: {decision.reason}", code=decision.reason, decision=body)
 
 
-def mint_failed_event(session: SessionRow, ask: CapabilityAsk, grant: Grant, provider: str, decision: DecisionRef,
+def mint_failed_event(session: AnySession, ask: CapabilityAsk, grant: Grant, provider: str, decision: DecisionRef,
                       failure: BrokerError) -> AuditEvent:
     return capability_event(
         session, ask, "capability.mint_failed", "failed", tier=grant.tier, decision=decision,

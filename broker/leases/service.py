@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timedelta
+from typing import Any
 
+from sqlalchemy import bindparam, insert, update
 from sqlmodel import Session, select
 
 from broker.approvals import grants
@@ -35,7 +37,7 @@ from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingA
 from broker.leases.revocation import finish_revocation
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus, new_capability_id
 from broker.metrics import DECISIONS, MINTS
-from broker.models import Approval, IdempotencyRecord, JitGrant, Lease, SessionRow
+from broker.models import Approval, JitGrant, Lease, NewLease, SessionRow, SessionSnapshot
 from broker.permissions import service as live_permissions
 from broker.policy import (
     Decision,
@@ -51,18 +53,54 @@ from broker.times import rfc3339
 
 log = logging.getLogger("broker.leases")
 
+# Core statements where the ORM's unit of work would cost more CPU than the row it writes,
+# built once so their compiled form is cached. A new lease (a NewLease, not an ORM object) is
+# inserted once, complete, and the session's issued counter goes up with it, and for a lease
+# minted here its idempotent outcome too: on PostgreSQL in one statement (data-modifying CTEs),
+# one round trip. The lease's parameters are `lease_<column>`: a parameter named like a column
+# of the UPDATE would be taken for a value to SET.
+_LEASES = Lease.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
+_SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]
+_LOCK_SESSION = (select(*(_SESSIONS.c[f.name] for f in fields(SessionSnapshot)))
+                 .where(_SESSIONS.c.id == bindparam("s")).with_for_update())
+_NEW_LEASE = insert(_LEASES).values({_LEASES.c[f.name]: bindparam("lease_" + f.name, type_=_LEASES.c[f.name].type)
+                                     for f in fields(NewLease)})
+_COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("issued_in"))
+                 .values(issued_count=_SESSIONS.c.issued_count + 1))
+_ISSUE = _COUNT_ISSUED.add_cte(_NEW_LEASE.cte("new_lease"))
+_ISSUE_KEYED = _ISSUE.add_cte(idempotency.INSERT.cte("idempotency_key"))
+
+
+def _issue(db: Session, lease: NewLease, key_row: dict[str, Any] | None = None) -> None:
+    """Insert `lease` and count it against its session's issued budget (failed mints count too);
+    `key_row`: the idempotency key's row (`idempotency.finished_row`), written with them."""
+    conn = db.connection()
+    values = {"lease_" + name: value for name, value in vars(lease).items()}
+    if conn.dialect.name == "postgresql":
+        conn.execute(_ISSUE if key_row is None else _ISSUE_KEYED,
+                     {**values, "issued_in": lease.session_id, **(key_row or {})})
+        return
+    # SQLite has no data-modifying CTEs.
+    conn.execute(_NEW_LEASE, values)
+    conn.execute(_COUNT_ISSUED, {"issued_in": lease.session_id})
+    if key_row is not None:
+        conn.execute(idempotency.INSERT, key_row)
+
+
 def binding(ask: CapabilityAsk, session_id: str) -> Binding:
     """What an approval is bound to: any change is another request."""
     return Binding(session_id=session_id, resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds,
                    tool=ask.tool, parameters=ask.parameters)
 
 
-def lock_session(db: Session, session_id: str) -> SessionRow | None:
-    """Serialises decisions per session, so budgets and escalation see every sibling."""
-    return db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()
+def lock_session(db: Session, session_id: str) -> SessionSnapshot | None:
+    """Serialises decisions per session, so budgets and escalation see every sibling. The row
+    comes back as a snapshot, outside the ORM session: read it, change the row with SQL."""
+    row = db.connection().execute(_LOCK_SESSION, {"s": session_id}).first()
+    return None if row is None else SessionSnapshot(**row._mapping)
 
 
-def _evaluate(broker: Broker, db: Session, session: SessionRow, ask: CapabilityAsk, now: datetime,
+def _evaluate(broker: Broker, db: Session, session: SessionSnapshot, ask: CapabilityAsk, now: datetime,
               approval: Approval | None, live: LivePermission | None) -> tuple[Decision, Decision | None, JitGrant | None]:
     """The decision; where it waits for approval, a matching grant stands in for one."""
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
@@ -132,7 +170,7 @@ def _decide_and_mint(
         ticket = None
         if idem_key is not None:
             claimed = idempotency.claim(db, broker, session_id, idem_key, ask.idempotency_hash(session_id), now)
-            if not isinstance(claimed, IdempotencyRecord):
+            if not isinstance(claimed, idempotency.Ticket):
                 return claimed  # the stored outcome of this key's first request
             ticket = claimed
         approval = approvals.redeem(db, ask.approval_id, session, binding(ask, session.id), now) \
@@ -158,7 +196,7 @@ def _decide_and_mint(
         else:
             assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
             provider = broker.provider(decision.provider)
-            lease = Lease(
+            lease = NewLease(
                 id=new_capability_id(),
                 session_id=session.id,
                 resource=ask.resource,
@@ -173,8 +211,6 @@ def _decide_and_mint(
                 created_at=now,
                 expires_at=now + timedelta(seconds=decision.ttl_seconds),
             )
-            session.issued_count += 1
-            db.add(session)
             if approval is not None:
                 approvals.mark_used(db, approval, lease.id, now)  # single use, in the lease's transaction
             if grant_used is not None:
@@ -201,14 +237,14 @@ def _decide_and_mint(
                 except BrokerError as exc:
                     refusal = exc
                     lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, exc.code, now
-                    db.add(lease)
+                    _issue(db, lease)
                     if exc.status < 500:
                         idempotency.finish(db, broker, ticket, exc)
                     append(db, records.mint_failed_event(session, ask, grant, provider.name, record, exc))
                 else:
                     return _activate(db, broker, session, ask, lease, grant, provider.name, minted, record, ticket)
             else:
-                db.add(lease)
+                _issue(db, lease)
                 if ticket is not None:
                     idempotency.hold(db, ticket)
     if refusal is not None:
@@ -216,10 +252,10 @@ def _decide_and_mint(
     return _mint(broker, session, ask, grant, provider.name, record, idem_key)
 
 
-def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, decision: Decision,
-             record: DecisionRef, ticket: IdempotencyRecord | None, now: datetime) -> PendingApproval:
+def _pending(db: Session, broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, decision: Decision,
+             record: DecisionRef, ticket: idempotency.Ticket | None, now: datetime) -> PendingApproval:
     approval, _ = approvals.open_request(
-        db, broker, session, binding(ask, session.id), tier=decision.tier or "", reason=decision.reason,
+        db, broker, session.row(), binding(ask, session.id), tier=decision.tier or "", reason=decision.reason,
         approvers=list(decision.approvers), granted_ttl=decision.ttl_seconds, purpose=ask.purpose, now=now,
     )
     pending = PendingApproval(
@@ -238,10 +274,11 @@ def _pending(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAs
     return pending
 
 
-def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityAsk, lease: Lease, grant: Grant,
-              provider: str, minted: Minted, record: DecisionRef,
-              ticket: IdempotencyRecord | None) -> CapabilityIssued:
-    """Lease active, audit record, idempotent outcome: all in the caller's transaction."""
+def _activate(db: Session, broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, lease: Lease | NewLease,
+              grant: Grant, provider: str, minted: Minted, record: DecisionRef,
+              ticket: idempotency.Ticket | None) -> CapabilityIssued:
+    """Lease active, audit record, idempotent outcome: all in the caller's transaction. A
+    NewLease (minted locally) is issued here, complete; a remote mint's `minting` row is updated."""
     lease.status = LeaseStatus.ACTIVE
     lease.minted_at = utcnow()
     lease.backend_expires_at = minted.expires_at
@@ -249,11 +286,14 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
     lease.fingerprint = minted.fingerprint
     if minted.revocation_secret is not None:
         lease.sealed_secret = broker.sealer.seal(minted.revocation_secret, lease.id)
-    db.add(lease)
     issued = CapabilityIssued(capability_id=lease.id, session_id=session.id, resource=lease.resource,
                               access=lease.access, tier=lease.tier, provider=lease.provider,
                               expires_at=lease.expires_at, credential=minted.credential)
-    idempotency.finish(db, broker, ticket, issued)
+    if isinstance(lease, NewLease):
+        _issue(db, lease, None if ticket is None else idempotency.finished_row(broker, ticket, issued))
+    else:
+        db.add(lease)
+        idempotency.finish(db, broker, ticket, issued)
     # Last, so the audit head (one row every request serialises on) is held for the least time.
     append(
         db,
@@ -266,7 +306,7 @@ def _activate(db: Session, broker: Broker, session: SessionRow, ask: CapabilityA
 
 
 def _mint(
-    broker: Broker, session: SessionRow, ask: CapabilityAsk, grant: Grant, provider_name: str,
+    broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, grant: Grant, provider_name: str,
     record: DecisionRef, idem_key: str | None,
 ) -> CapabilityIssued:
     """A remote backend: the `minting` row is committed; call out, then activate in a new transaction."""

@@ -17,6 +17,10 @@ router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
 ERRORS = error_responses(400, 401, 403, 404, 409, 422, 429, 502, 503)
 
 
+# A credential, or the way to one: never cached (the guard adds Pragma for HTTP/1.0 caches).
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
 @router.post(
     "",
     status_code=201,
@@ -27,18 +31,17 @@ def create_capability(
     body: CapabilityRequest,
     broker: BrokerDep,
     caller: AgentCaller,
-    response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
-) -> CapabilityIssued | PendingApproval:
+) -> Response:
     ask = CapabilityAsk(
         resource=body.resource, access=body.access, purpose=body.purpose, ttl_seconds=body.ttl_seconds,
         tool=body.tool, parameters=body.parameters, approval_id=body.approval_id,
     )
     outcome = request_capability(broker, caller, ask, idempotency_key)
-    response.headers["Cache-Control"] = "no-store"  # a credential, or the way to one
-    if isinstance(outcome, PendingApproval):
-        response.status_code = 202
-    return outcome
+    # The model writes its own JSON: `response_model` (the schema, for OpenAPI) would only have
+    # FastAPI validate and serialise the same object again, on the busiest route.
+    return Response(outcome.model_dump_json(), status_code=202 if isinstance(outcome, PendingApproval) else 201,
+                    media_type="application/json", headers=_NO_STORE)
 
 
 @router.get("", response_model=list[CapabilityView], responses=ERRORS)
