@@ -37,8 +37,25 @@ class SessionRow(SQLModel, table=True):
     ended_at: datetime | None = _ts(default=None)
     end_reason: str | None = Field(default=None, max_length=128)
     issued_count: int = 0  # capabilities ever minted here: the issued budget counts these
+    # Live leases (minting, active, revoke_pending), as of the last fold: the exact count is this
+    # plus the session's rows in session_live_deltas (written by triggers on leases, 0009).
+    live_count: int = 0
 
     __table_args__ = (Index("ix_sessions_status_expires", "status", "expires_at"),)
+
+
+class SessionLiveDelta(SQLModel, table=True):
+    """+1 / -1 per lease entering or leaving the live statuses, inserted by database triggers
+    on `leases` (migration 0009) whatever code path changes a lease. Insert-only for every writer
+    but one: the request path, holding the session's row lock, folds a session's rows into
+    `sessions.live_count`. So a live count costs what changed since the session's last request,
+    not what it holds, and no path that ends leases locks a session row for it."""
+
+    __tablename__ = "session_live_deltas"
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(max_length=64, index=True)
+    delta: int
 
 
 @dataclass(frozen=True)

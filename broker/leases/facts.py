@@ -19,22 +19,28 @@ from broker.runtime import Broker
 
 def session_facts(db: Session, session: AnySession, policies: Sequence[CompiledPolicy | None] | None = None) -> SessionFacts:
     """What the evaluator needs of the session. Given the policies that will judge it (current and
-    shadow), the cost is bounded by the policies, not by the session's leases: the live count is
-    counted only up to the largest `max_active_per_session` (the budget compares against it;
-    past it the count says "at the limit"), and of the live tiers only the escalation tiers are
-    looked up, one indexed EXISTS each (ix_leases_session_tier_status), all in one statement.
-    Without policies (explain, grants) every live lease is read, as before."""
+    shadow), the request path's case, the caller holds the session's row lock and the cost does
+    not grow with the session's leases: the live count is `sessions.live_count` after folding in
+    the session's rows of session_live_deltas (triggers on leases write them, 0009; few: what
+    changed since the session's last request), and of the live tiers only the escalation tiers
+    are looked up, one indexed EXISTS each (ix_leases_session_tier_status). Without policies
+    (explain, grants: no lock, read only) every live lease is read, as before."""
     if policies is None:
         tiers = db.exec(select(Lease.tier).where(Lease.session_id == session.id, col(Lease.status).in_(LIVE))).all()
         active_count, active_tiers = len(tiers), frozenset(tiers)
     else:
         judged = [p for p in policies if p is not None]
-        caps = [p.max_active_per_session for p in judged if p.max_active_per_session is not None]
         escalation = sorted(set().union(*(p.escalation_tiers for p in judged)))
-        # One round trip: the bounded count and one EXISTS per escalation tier.
-        params: dict[str, Any] = {"s": session.id, "cap": max(caps) if caps else 0}
+        params: dict[str, Any] = {"s": session.id}
         params.update({f"t{i}": tier for i, tier in enumerate(escalation)})
-        row = db.connection().execute(_facts_statement(bool(caps), len(escalation)), params).one()
+        conn = db.connection()
+        if conn.dialect.name == "postgresql":
+            # One round trip: fold the deltas, read the count, one EXISTS per escalation tier.
+            row = conn.execute(_facts_statement(len(escalation)), params).one()
+        else:  # SQLite: writers are serialised, so three statements see one state
+            conn.execute(_SQLITE_FOLD, params)
+            conn.execute(_SQLITE_CLEAR, params)
+            row = conn.execute(_sqlite_facts_statement(len(escalation)), params).one()
         active_count = int(row[0])
         active_tiers = frozenset(tier for tier, held in zip(escalation, row[1:], strict=True) if held)
     return SessionFacts(
@@ -52,16 +58,29 @@ def session_facts(db: Session, session: AnySession, policies: Sequence[CompiledP
 
 
 _LIVE_STATUSES = ", ".join(f"'{status}'" for status in LIVE)
-_LIVE_UP_TO = (f"(SELECT count(*) FROM (SELECT 1 FROM leases WHERE session_id = :s AND status IN ({_LIVE_STATUSES}) "
-               "LIMIT :cap) AS live)")
+# The session's deltas are deleted and added to its count in the statement that reads it. A
+# delta of a transaction still running is not visible, and neither is its lease's new status: it
+# is folded by a later request.
+_FOLD = ("WITH d AS (DELETE FROM session_live_deltas WHERE session_id = :s RETURNING delta), "
+         "u AS (UPDATE sessions SET live_count = live_count + (SELECT coalesce(sum(delta), 0) FROM d) "
+         "WHERE id = :s RETURNING live_count) ")
+_SQLITE_FOLD = text("UPDATE sessions SET live_count = live_count + "
+                    "(SELECT coalesce(sum(delta), 0) FROM session_live_deltas WHERE session_id = :s) WHERE id = :s")
+_SQLITE_CLEAR = text("DELETE FROM session_live_deltas WHERE session_id = :s")
 _LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "
               f"({_LIVE_STATUSES}))")
 
 
 @functools.lru_cache(maxsize=64)
-def _facts_statement(capped: bool, tiers: int) -> TextClause:
+def _facts_statement(tiers: int) -> TextClause:
     """Built once per shape (the policies change it only on reload), not on every request."""
-    columns = [_LIVE_UP_TO if capped else "0"] + [_LIVE_TIER.format(i=i) for i in range(tiers)]
+    columns = ["(SELECT live_count FROM u)"] + [_LIVE_TIER.format(i=i) for i in range(tiers)]
+    return text(_FOLD + "SELECT " + ", ".join(columns))
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_facts_statement(tiers: int) -> TextClause:
+    columns = ["(SELECT live_count FROM sessions WHERE id = :s)"] + [_LIVE_TIER.format(i=i) for i in range(tiers)]
     return text("SELECT " + ", ".join(columns))
 
 
