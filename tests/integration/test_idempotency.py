@@ -25,7 +25,7 @@ version: 1
 tiers:
   secret: {control: auto, max_ttl: 10m}
 resources:
-  - match: "vault://kv/allowed"
+  - match: "vault://secret/data/allowed"
     provider: vault
     access: {read: {tier: secret, policies: [kv-allowed]}}
 humans:
@@ -34,7 +34,7 @@ humans:
 agents:
   claude-code: {max_tier: secret}
 """
-VAULT_ASK = {"resource": "vault://kv/allowed", "access": "read", "ttl_seconds": 300, "purpose": "twins"}
+VAULT_ASK = {"resource": "vault://secret/data/allowed", "access": "read", "ttl_seconds": 300, "purpose": "twins"}
 
 
 def burst(api: Api, session: dict[str, Any], body: dict[str, Any], key: str, n: int) -> list[httpx.Response]:
