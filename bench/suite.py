@@ -179,19 +179,25 @@ class LinkWindow:
 
 
 def lock_waits(summary: dict[str, Any]) -> dict[str, Any]:
-    """From a PgActivitySampler summary: average backends waiting on a lock, split into the
-    session row (a session's requests are ordered by design) and every other row."""
+    """From a PgActivitySampler summary: average backends waiting on a row lock (`Lock:tuple`,
+    `Lock:transactionid`), split into the session row (a session's requests are ordered by
+    design) and every other row; other heavyweight locks (`Lock:extend`: a table growing by a
+    page) are reported apart, they are not rows."""
     session_row = other = 0.0
     where: dict[str, float] = {}
+    others: dict[str, float] = {}
     for key, avg in summary["avg_backends"].items():
         if "[Lock:" not in key:
             continue
-        if "FROM sessions" in key and "FOR UPDATE" in key.upper() or "sessions.id" in key:
+        if "[Lock:tuple]" not in key and "[Lock:transactionid]" not in key:
+            others[key] = avg
+        elif "FROM sessions" in key and "FOR UPDATE" in key.upper() or "sessions.id" in key:
             session_row += avg
         else:
             other += avg
             where[key] = avg
-    return {"session_row": round(session_row, 2), "shared_rows": round(other, 2), "shared_row_statements": where}
+    return {"session_row": round(session_row, 2), "shared_rows": round(other, 2), "shared_row_statements": where,
+            "other_locks": others}
 
 
 # --- where the CPU goes -------------------------------------------------------------------------
