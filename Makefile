@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint install install-test oidc-provider openapi bench clean
+.PHONY: run test lint install install-test oidc-provider openapi bench screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: install-test oidc-provider
 	scripts/ensure-postgres
 	scripts/ensure-chromium
 	$(BIN)/pytest -q -n auto --maxprocesses 4 $(PYTEST_ARGS)
+
+## The README's pictures: the console's browser tests, writing their screenshots into docs/.
+## (make test writes them to a scratch folder, so a test run leaves the tracked tree clean.)
+screenshots: install-test oidc-provider
+	scripts/ensure-chromium
+	BROKER_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(BIN)/pytest -q tests/e2e/test_console_browser.py
 
 OIDC_PROVIDER := tests/support/oidc_provider
 

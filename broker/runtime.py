@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 import secrets
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -80,8 +79,8 @@ def prepare_embedded(settings: Settings) -> Settings:
     if settings.policy_file is None:
         policy = state / "policy.yaml"
         if not policy.exists():
-            with resources.as_file(resources.files("broker.policy") / "example.yaml") as example:
-                shutil.copyfile(example, policy)
+            # 0600 like every other file of the state directory: the policy names the people.
+            crypto.write_secret(policy, (resources.files("broker.policy") / "example.yaml").read_text())
         updates["policy_file"] = policy
     return settings.model_copy(update=updates)
 

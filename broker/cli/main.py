@@ -96,6 +96,9 @@ def dev(
 
     from broker.cli import devstack
 
+    # Everything the embedded default creates (the SQLite file and its WAL, keys, tokens, the
+    # policy) is the owner's alone: 0600 files in a 0700 directory, whatever the shell's umask.
+    os.umask(0o077)
     os.environ.setdefault("BROKER_EMBEDDED", "1")
     os.environ.setdefault("BROKER_STATE_DIR", str(state_dir))
     os.environ.setdefault("BROKER_DATABASE_URL", f"sqlite:///{state_dir}/broker.db")
@@ -154,7 +157,7 @@ def init(directory: Annotated[Path, typer.Option("--dir")] = Path("broker-config
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     policy = directory / "policy.yaml"
     if not policy.exists():
-        policy.write_text((resources.files("broker.policy") / "example.yaml").read_text())
+        write_secret(policy, (resources.files("broker.policy") / "example.yaml").read_text())
     rotate(directory / "signing-keys")
     orch, admin, hook = "jborc_" + secrets.token_urlsafe(32), "jbadm_" + secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     env = directory / "broker.env"

@@ -160,6 +160,12 @@ def test_dev_embedded_default_works_for_a_new_user(tmp_path: Path) -> None:
         state = tmp_path / ".broker"
         assert oct((state / "admin-token").stat().st_mode)[-3:] == "600"
         assert all(oct(p.stat().st_mode)[-3:] == "600" for p in (state / "signing-keys").glob("*.pem"))
+        # The README promises 0600 for everything of the state directory: the SQLite file (and its
+        # WAL) and the policy too, whatever the caller's umask was.
+        private = [state / "broker.db", state / "policy.yaml", *state.glob("broker.db-*")]
+        assert (state / "broker.db").exists() and (state / "policy.yaml").exists()
+        assert {p.name: oct(p.stat().st_mode)[-3:] for p in private} == {p.name: "600" for p in private}
+        assert oct(state.stat().st_mode)[-3:] == "700"
         orch = (state / "orchestrator-key").read_text().strip()
         with httpx.Client(base_url=url, timeout=30) as http:
             _, agent = provision(http, orch, human="dev@example.com", task_id="try-it", resource="jwt://payments-api")

@@ -5,7 +5,7 @@ its own login and consent pages), sees alice's agent asking to merge, approves i
 long poll returns and its retry mints a real (stand-in) GitHub installation token. dave, named
 as an approver but without merge himself, sees the buttons disabled with the reason. alice
 reads her session's timeline (the chain verifies), revokes the capability and ends the session.
-Screenshots of each page land in docs/screenshots/ (the README shows them).
+Screenshots of each page land in a scratch folder; `make screenshots` refreshes docs/screenshots/.
 
 One database (SQLite) here: the console's SQL is the services', run on both by the rest of the suite.
 """

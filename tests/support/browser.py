@@ -8,7 +8,9 @@ each person has their own cookies, as on their own machine.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,9 @@ import pytest
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# Screenshots go to a scratch folder so that a test run leaves the tracked tree as it found it;
+# `make screenshots` sets BROKER_SCREENSHOTS_DIR=docs/screenshots to refresh the README's pictures.
+SCREENSHOTS = Path(os.environ.get("BROKER_SCREENSHOTS_DIR") or Path(tempfile.gettempdir()) / "jit-broker-screenshots")
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
@@ -42,7 +46,7 @@ def chromium() -> Iterator[Any]:
 
 
 def screenshot(page: Any, name: str) -> Path:
-    """Write docs/screenshots/NAME.png (the README shows them); the whole page, not the fold."""
+    """Write NAME.png into SCREENSHOTS (docs/screenshots/ under `make screenshots`); the whole page."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
