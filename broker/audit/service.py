@@ -355,13 +355,17 @@ def check_records(db: Session, records: list[AuditRecord]) -> list[RecordCheck]:
 
 
 def query(
-    db: Session, *, session_id: str | None = None, since_seq: int = 0, limit: int = 100, types: list[str] | None = None
+    db: Session, *, session_id: str | None = None, since_seq: int = 0, limit: int = 100, types: list[str] | None = None,
+    newest: bool = False,
 ) -> list[AuditRecord]:
+    """Records after `since_seq` in seq order: the first `limit` of them, or with `newest` the last."""
     stmt = select(AuditRecord).where(AuditRecord.seq > since_seq)
     if session_id:
         stmt = stmt.where(AuditRecord.session_id == session_id)
     if types:
         stmt = stmt.where(col(AuditRecord.type).in_(types))
+    if newest:
+        return list(reversed(db.exec(stmt.order_by(col(AuditRecord.seq).desc()).limit(limit)).all()))
     return list(db.exec(stmt.order_by(col(AuditRecord.seq)).limit(limit)).all())
 
 

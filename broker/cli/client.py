@@ -15,10 +15,30 @@ from typing import Any
 import httpx
 import typer
 
+from broker.cli.exits import EXIT_USAGE, exit_for_status, fail
 from broker.cli.target import broker_url, state_dir
 from broker.jsonbounds import loads_stored
 
 IDENTITIES = ("human", "admin")
+
+
+def token_source(prefer: str | None = None) -> str:
+    """Where `token(prefer)` takes the token from, in words (for `whoami` and hints)."""
+    if os.environ.get("BROKER_TOKEN"):
+        return "BROKER_TOKEN"
+    if not os.environ.get("BROKER_AS"):
+        from broker.cli.login import LoginRequired, current_token
+
+        try:
+            if current_token(broker_url()):
+                return "your sign-in (`broker-cli login`)"
+        except LoginRequired:
+            return "your sign-in, which has expired (`broker-cli login`)"
+    chosen = os.environ.get("BROKER_AS") or prefer
+    for identity in ([chosen] if os.environ.get("BROKER_AS") else [chosen, "admin"]):
+        if identity and (state_dir() / f"{identity}-token").exists():
+            return str(state_dir() / f"{identity}-token")
+    return f"nowhere (no BROKER_TOKEN, no sign-in, no token in {state_dir()})"
 
 
 def token(prefer: str | None = None) -> str | None:
@@ -54,22 +74,32 @@ def request(method: str, path: str, *, json: Any = None, params: dict[str, Any] 
         headers["Authorization"] = f"Bearer {tok}"
     try:
         return httpx.request(method, broker_url() + path, json=json, params=params, headers=headers, timeout=timeout)
-    except httpx.HTTPError as exc:
-        typer.echo(f"error: cannot reach the broker at {broker_url()}: {exc}; is it running? (BROKER_URL)", err=True)
-        raise typer.Exit(2) from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        fail(f"cannot reach the broker at {broker_url()}: {exc}", EXIT_USAGE,
+             "is it running? (`broker-cli dev`, or set BROKER_URL to where it runs)")
 
 
 def call(method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
          ok: tuple[int, ...] = (200, 201, 202)) -> Any:
+    """One request whose answer must be one of `ok`; anything else is one line on stderr and the
+    exit code of broker/cli/exits.py (401 -> 4, 404 -> 3, 400/422 -> 2, other refusals -> 1)."""
     response = request(method, path, json=json, params=params)
     if response.status_code not in ok:
         try:
             err = response.json().get("error", {})
-            typer.echo(f"error: {err.get('code', response.status_code)}: {err.get('message', response.text)}", err=True)
-        except ValueError:
-            typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
+        except (ValueError, AttributeError):
+            err = {}
+        code = err.get("code") or f"http-{response.status_code}"
+        message = err.get("message") or response.text[:500] or response.reason_phrase
+        problems = [p for p in err.get("problems") or [] if isinstance(p, dict)]
+        if problems:  # which field, and why: `session_id: String should match pattern ...`
+            first = problems[0]
+            where = ".".join(str(x) for x in (first.get("loc") or [])[1:]) or "request"
+            message += f" ({where}: {first.get('message')}" + (f"; {len(problems) - 1} more" if len(problems) > 1 else "") + ")"
+        hint = None
         if response.status_code == 401:
-            typer.echo("hint: sign in with `broker-cli login` (or set BROKER_TOKEN)", err=True)
-        raise typer.Exit(1)
+            hint = ("sign in with `broker-cli login`, set BROKER_TOKEN, or on `broker-cli dev` run from where "
+                    f"its state directory is (looked for {state_dir()}; BROKER_STATE_DIR says where)")
+        fail(f"{code}: {message}", exit_for_status(response.status_code), hint)
     # loads_stored: an audit record of any depth the broker once accepted must not break a reader.
     return loads_stored(response.content) if response.content else None

@@ -27,6 +27,7 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from broker.cli.agent import AgentClient, HelperError, fingerprint
+from broker.cli.durations import parse_duration
 from broker.cli.hook import hook_app
 
 GIT_HOSTS_ENV = "BROKER_GIT_HOSTS"  # comma-separated host[:port] the helper answers for
@@ -161,7 +162,8 @@ def git_credential_erase(attrs: dict[str, list[str]]) -> None:
 def git_credential(
     operation: Annotated[str, typer.Argument(help="get, store or erase (git passes it); others are ignored")],
     access: Annotated[str | None, typer.Option(help=f"access asked for (default ${GIT_ACCESS_ENV} or read)")] = None,
-    ttl: Annotated[int | None, typer.Option(help="requested lifetime in seconds (default: the tier's)")] = None,
+    ttl: Annotated[int | None, typer.Option(parser=parse_duration, metavar="DURATION",
+                                            help="requested lifetime, e.g. 10m (default: the tier's)")] = None,
 ) -> None:
     """git credential helper: a short-lived GitHub token for the repository git talks to."""
     attrs = read_credential_description(sys.stdin)
@@ -183,7 +185,8 @@ def git_credential(
 def aws_credential_process(
     resource: Annotated[str, typer.Option(help="aws://ACCOUNT/role/NAME")],
     access: Annotated[str, typer.Option(help="access name in the policy, e.g. read")],
-    ttl: Annotated[int | None, typer.Option(help="requested lifetime in seconds (STS: at least 900)")] = None,
+    ttl: Annotated[int | None, typer.Option(parser=parse_duration, metavar="DURATION",
+                                            help="requested lifetime, e.g. 1h (STS: at least 15m)")] = None,
 ) -> None:
     """AWS `credential_process`: STS credentials for one capability, as the SDKs expect them."""
     try:
@@ -303,7 +306,8 @@ def exec_command(
     command: Annotated[list[str], typer.Argument(help="the command and its arguments, after --")],
     capability: Annotated[list[str], typer.Option("--capability", "-c",
                                                   help="RESOURCE=ACCESS[@NAME], repeatable")],
-    ttl: Annotated[int | None, typer.Option(help="requested lifetime of each capability in seconds")] = None,
+    ttl: Annotated[int | None, typer.Option(parser=parse_duration, metavar="DURATION",
+                                            help="requested lifetime of each capability, e.g. 10m")] = None,
     keep_session_token: Annotated[bool, typer.Option(
         help="pass BROKER_SESSION_TOKEN to the command (default: it gets only the listed credentials)")] = False,
 ) -> None:

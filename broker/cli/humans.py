@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Annotated, Any
 
 import typer
 
 from broker.cli.client import IDENTITIES, request
+from broker.cli.durations import parse_duration
 from broker.jsonbounds import loads_stored
 
 approvals_app = typer.Typer(help="Requests waiting for a human's approval.", no_args_is_help=True)
@@ -185,14 +185,8 @@ def deny(approval_id: str, reason: ReasonOpt = None, as_json: JsonOpt = False) -
     _decide(approval_id, "deny", reason, as_json)
 
 
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
-
-
 def parse_ttl(text: str) -> int:
-    found = _DURATION.match(text.strip())
-    if not text.strip() or found is None or not any(found.groups()):
-        raise typer.BadParameter("use seconds or a duration such as 90s, 10m, 1h30m")
-    return sum(int(n) * unit for n, unit in zip(found.groups(), (86400, 3600, 60, 1), strict=True) if n)
+    return parse_duration(text)
 
 
 def grant(

@@ -17,9 +17,12 @@ import typer
 
 from broker.cli import helpers, humans, login
 from broker.cli.client import call
+from broker.cli.durations import parse_duration
 from broker.jsonbounds import dumps_stored
 
-app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
+# Plain click errors (`Error: ...` under the usage line), not a drawn box: one line a script can grep.
+app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True,
+                  rich_markup_mode=None, pretty_exceptions_enable=False)
 policy_app = typer.Typer(help="Check and explain policies.", no_args_is_help=True)
 sessions_app = typer.Typer(help="Sessions (task runs).", no_args_is_help=True)
 caps_app = typer.Typer(help="Capabilities (leases).", no_args_is_help=True)
@@ -185,7 +188,9 @@ def keys_rotate(directory: Annotated[Path, typer.Option("--dir")]) -> None:
 # --- policy ---------------------------------------------------------------------------------
 
 @policy_app.command("check")
-def policy_check(file: Path, as_json: JsonOpt = False) -> None:
+def policy_check(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the policy file")], as_json: JsonOpt = False,
+) -> None:
     """Validate a policy file; problems are shown with their line."""
     from broker.errors import PolicyError
     from broker.policy import load_policy
@@ -202,6 +207,20 @@ def policy_check(file: Path, as_json: JsonOpt = False) -> None:
     _out({"ok": True, "version": compiled.version}, as_json, f"{file}: ok ({compiled.version})")
 
 
+def _split_scope(entry: str) -> tuple[str, list[str]]:
+    resource, sep, accesses = entry.partition("=")
+    names = [a.strip() for a in accesses.split(",")]
+    if not sep or not resource.strip() or not all(names):
+        raise typer.BadParameter(f"{entry!r} is not RESOURCE=access1,access2 (e.g. 'jwt://payments-api=read')")
+    return resource.strip(), names
+
+
+def _scope_entries(entries: list[str] | None) -> list[str] | None:
+    for entry in entries or []:
+        _split_scope(entry)
+    return entries
+
+
 @policy_app.command("explain")
 def policy_explain(
     resource: Annotated[str, typer.Option()],
@@ -209,8 +228,9 @@ def policy_explain(
     session: Annotated[str | None, typer.Option(help="explain against a live session")] = None,
     human: Annotated[str | None, typer.Option()] = None,
     agent: Annotated[str | None, typer.Option()] = None,
-    scope: Annotated[list[str] | None, typer.Option(help="RESOURCE=access1,access2 (repeatable)")] = None,
-    ttl: Annotated[int | None, typer.Option(help="requested ttl in seconds")] = None,
+    scope: Annotated[list[str] | None, typer.Option(help="RESOURCE=access1,access2 (repeatable)",
+                                                    callback=_scope_entries)] = None,
+    ttl: Annotated[int | None, typer.Option(parser=parse_duration, metavar="DURATION", help="requested ttl, e.g. 10m")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show each layer's verdict for a request (dry run, through the broker)."""
@@ -219,7 +239,7 @@ def policy_explain(
         body["session_id"] = session
     else:
         body.update(human=human, agent=agent,
-                    scope=[{"resource": s.split("=", 1)[0], "access": s.split("=", 1)[1].split(",")} for s in scope or []])
+                    scope=[{"resource": r, "access": accesses} for r, accesses in (_split_scope(e) for e in scope or [])])
     result = call("POST", "/v1/policy/explain", json=body)
     d = result["decision"]
     lines = [f"{d['result'].upper()}: {d['reason']} ({d.get('matched_rule')}) policy {d['policy_version'][:19]}"]
@@ -401,15 +421,18 @@ def _records(session: str | None, since: int, limit: int) -> list[dict[str, Any]
 
 
 @audit_app.command("tail")
-def audit_tail(session: str | None = None, limit: int = 20, as_json: JsonOpt = False) -> None:
-    records: list[dict[str, Any]] = []
-    since = 0
-    while True:  # page forward, keep the last `limit`
-        page = _records(session, since, 1000)
-        if not page:
-            break
-        records = (records + page)[-limit:]
-        since = page[-1]["seq"]
+def audit_tail(
+    session: str | None = None,
+    limit: Annotated[int, typer.Option(min=1, max=5000, help="how many of the newest records")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """The newest records, oldest of them first (one request, however long the log)."""
+    params: dict[str, Any] = {"limit": limit, "newest": "true"}
+    if session:
+        params["session_id"] = session
+    records: list[dict[str, Any]] = call("GET", "/v1/audit", params=params)["records"]
+    if not records and not as_json:
+        typer.echo("no audit records" + (f" for session {session}" if session else ""))
     for r in records:
         d = r.get("policy_decision") or {}
         _out(r, as_json, f"{r['seq']:>6} {r['timestamp']} {r['type']:<26} {r['outcome']:<16} "
@@ -436,13 +459,36 @@ login.register(app)  # login, logout: broker/cli/login.py
 def whoami(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """Who the broker sees with the credentials this CLI sends."""
     me = call("GET", "/v1/whoami")
-    typer.echo(json.dumps(me) if as_json else login.describe(me))
+    typer.echo(json.dumps(me) if as_json else login.describe(me) + "\n" + _credential_source())
+
+
+def _credential_source() -> str:
+    """Where the CLI took the token it sent, so a surprise identity has an explanation."""
+    import os
+
+    from broker.cli.client import token_source
+
+    source = token_source()
+    hint = ""
+    if os.environ.get("BROKER_AS") is None and source.endswith("admin-token"):
+        hint = "; to act as the person of `broker-cli dev`, add --as human"
+    return f"  token from {source}{hint}"
 
 
 
 
 def main() -> None:
-    app()
+    """The console script. Typer prints usage errors itself (exit 2); anything unforeseen is one
+    line too, never a traceback (BROKER_CLI_DEBUG=1 shows it, for a bug report)."""
+    import os
+
+    try:
+        app()  # click turns usage errors, typer.Exit and ^C into exit codes itself
+    except Exception as exc:
+        if os.environ.get("BROKER_CLI_DEBUG"):
+            raise
+        typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (a bug: BROKER_CLI_DEBUG=1 shows where)", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

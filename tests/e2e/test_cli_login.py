@@ -70,7 +70,8 @@ def test_login_whoami_refresh_logout(oidc_provider: OidcProvider, person: dict[s
     assert me.returncode == 0, me.stderr
     assert json.loads(me.stdout) == {"kind": "human", "name": "alice@example.com", "groups": ["payments-oncall"],
                                      "idp_groups": ["payments-oncall"], "session_id": None}
-    assert cli(person, "whoami").stdout.strip() == "alice@example.com (human), groups: payments-oncall"
+    assert cli(person, "whoami").stdout.splitlines() == [
+        "alice@example.com (human), groups: payments-oncall", "  token from your sign-in (`broker-cli login`)"]
 
     # Near expiry: the next command refreshes first, with the refresh token, and stores the result.
     data = stored(person)
@@ -94,7 +95,7 @@ def test_login_whoami_refresh_logout(oidc_provider: OidcProvider, person: dict[s
     out = cli(person, "logout")
     assert out.returncode == 0 and not path.exists()
     me = cli(person, "whoami")
-    assert me.returncode == 1 and "missing-credentials" in me.stderr
+    assert me.returncode == 4 and "missing-credentials" in me.stderr
 
 
 def test_token_file_readable_by_others_is_refused(oidc_provider: OidcProvider, person: dict[str, str]) -> None:
@@ -126,7 +127,7 @@ def test_login_token_is_sent_to_its_own_broker_only(oidc_provider: OidcProvider,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         other = {**person, "BROKER_URL": f"http://127.0.0.1:{server.server_address[1]}"}
-        assert cli(other, "whoami").returncode == 1
+        assert cli(other, "whoami").returncode == 4  # 401: not signed in there
     finally:
         server.shutdown()
     assert seen == [None], "the person's IdP token must not be sent to a broker it was not obtained for"

@@ -37,19 +37,21 @@ def read_audit(
     session_id: Annotated[str | None, Query(pattern=SESSION_ID_PATTERN)] = None,
     since: Annotated[int, Query(ge=0, le=MAX_SEQ, description="return records with seq greater than this")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 100,
+    newest: Annotated[bool, Query(description="the newest `limit` records (after `since`), oldest first: "
+                                              "a tail in one request")] = False,
     type: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]] | None,
                     Query(max_length=32)] = None,
 ) -> Response:
     """An AuditPage, spliced from the stored records (below): `response_model` documents it."""
     with transaction(broker.engine) as db:
-        if caller.kind != "admin":
+        if caller.kind != "admin" and (caller.kind == "agent" or not session_id):
             # Humans (and orchestrators) read their own sessions' records only.
-            if caller.kind == "agent" or not session_id:
-                raise Forbidden("only admins read the whole log; give a session_id you manage")
+            raise Forbidden("only admins read the whole log; give a session_id you manage")
+        if session_id:  # an unknown session is a 404 for everyone, never an empty page
             session = db.get(SessionRow, session_id)
-            if session is None or not may_manage(caller, session):
+            if session is None or (caller.kind != "admin" and not may_manage(caller, session)):
                 raise NotFound("no such session", code="session-not-found")
-        rows = audit.query(db, session_id=session_id, since_seq=since, limit=limit, types=type)
+        rows = audit.query(db, session_id=session_id, since_seq=since, limit=limit, types=type, newest=newest)
         # The stored records are spliced in as written, never parsed and re-encoded: no record
         # the log ever accepted (however deep) can make this answer fail.
         records = [r.record[:-1] + f',"prev_hash":"{r.prev_hash}","hash":"{r.hash}"}}' for r in rows]
