@@ -95,17 +95,21 @@ async def token(
         "type": "object",
         "required": ["token"],
         "properties": {"token": {"type": "string", "minLength": 1, "maxLength": 8192},
-                       "token_type_hint": {"type": "string", "maxLength": 64}},
+                       "token_type_hint": {"type": "string", "maxLength": 64},
+                       "client_id": {"type": "string", "maxLength": 2048,
+                                     "description": "a public client may name itself (RFC 7009 section 2.1); unused"}},
     }}}}},
 )
 async def revoke(
     request: Request, response: Response, broker: BrokerDep,
-    authorization: Annotated[str | None, Header(description="Bearer: the session's agent, its human, "
-                                                "its orchestrator or an admin (as DELETE on the capability)")] = None,
+    authorization: Annotated[str | None, Header(description="optional Bearer: the session's agent, its human, "
+                                                "its orchestrator or an admin (as DELETE on the capability); "
+                                                "without it, holding the token is the right to revoke it "
+                                                "(client authentication `none`)")] = None,
 ) -> Revoked | JSONResponse:
     try:
         try:
-            caller = await get_caller(request, authorization)
+            caller = None if authorization is None else await get_caller(request, authorization)
         except Unauthenticated as exc:
             raise OAuthError("invalid_client", exc.message, code=exc.code, status=401, headers={
                 "WWW-Authenticate": metadata.www_authenticate(
