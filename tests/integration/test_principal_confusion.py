@@ -204,3 +204,41 @@ def test_a_session_a_kill_switch_and_an_explain_never_name_a_lookalike(oidc_prov
     assert r.status_code == 201, r.text
     mine = broker.client.get("/v1/sessions", headers=kate).json()
     assert [s["session_id"] for s in mine] == [r.json()["session_id"]] and mine[0]["human"] == KATE
+
+
+LEGACY_ROWS = {  # stored before sessions kept the canonical form: only ASCII case may differ
+    "ses_legacy_ascii": "KATE@Example.COM",
+    "ses_legacy_kelvin": "\u212aATE@EXAMPLE.COM",  # lower() in SQL may turn U+212A into "k"
+    "ses_legacy_kelvin_lower": "\u212aate@example.com",
+    "ses_legacy_dotted": "kate@\u0130example.com",
+    "ses_legacy_longs": "kate@example.com\u017f",
+    "ses_legacy_zwsp": "kate@example.com\u200b",
+}
+
+
+def test_stored_rows_match_a_principal_only_by_ascii_case_in_sql(database_url: str) -> None:
+    """The kill switch's and listings' WHERE clause, on the real database: PostgreSQL's lower() and
+    upper() follow Unicode, so a row holding a look-alike must still match nobody."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine
+    from sqlmodel import Session, select
+
+    from broker.identity.access import human_is
+    from broker.migrate import upgrade
+    from broker.models import SessionRow
+
+    upgrade(database_url)
+    engine = create_engine(database_url)
+    now = datetime.now(UTC)
+    try:
+        with Session(engine) as db:
+            for sid, human in {**LEGACY_ROWS, "ses_canonical": KATE}.items():
+                db.add(SessionRow(id=sid, human=human, agent="a", task_id="t", scope=[], labels={}, status="active",
+                                  created_by="orch", created_at=now, expires_at=now))
+            db.commit()
+            for spelling in SAME_AS_KATE:
+                found = sorted(db.exec(select(SessionRow.id).where(human_is(spelling))).all())
+                assert found == ["ses_canonical", "ses_legacy_ascii"], (spelling, found)
+    finally:
+        engine.dispose()
