@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
+from sqlmodel import Session, select
 
+from broker.identity.access import human_is
+from broker.migrate import upgrade
+from broker.models import SessionRow
 from tests.integration.test_oidc_identity import _claims, error_code
 from tests.support.brokers import PAYMENTS_API, STANDARD_TIERS, BrokerSecrets, LiveServer, build_broker
 from tests.support.oidc import OidcProvider
@@ -61,7 +67,7 @@ class Broker:
     def records(self, session_id: str) -> list[dict[str, Any]]:
         r = self.client.get("/v1/audit", params={"session_id": session_id, "limit": 1000}, headers=self.admin)
         assert r.status_code == 200, r.text
-        return r.json()["records"]  # type: ignore[no-any-return]
+        return list(r.json()["records"])
 
 
 @contextlib.contextmanager
@@ -219,15 +225,6 @@ LEGACY_ROWS = {  # stored before sessions kept the canonical form: only ASCII ca
 def test_stored_rows_match_a_principal_only_by_ascii_case_in_sql(database_url: str) -> None:
     """The kill switch's and listings' WHERE clause, on the real database: PostgreSQL's lower() and
     upper() follow Unicode, so a row holding a look-alike must still match nobody."""
-    from datetime import UTC, datetime
-
-    from sqlalchemy import create_engine
-    from sqlmodel import Session, select
-
-    from broker.identity.access import human_is
-    from broker.migrate import upgrade
-    from broker.models import SessionRow
-
     upgrade(database_url)
     engine = create_engine(database_url)
     now = datetime.now(UTC)
