@@ -119,6 +119,8 @@ async def revoke(
         assert token_value is not None
         if len(token_value) > 8192:
             raise OAuthError("invalid_request", "token is too long", code="invalid-parameter")
+        if len(form.one(params, "client_id") or "") > 2048:
+            raise OAuthError("invalid_request", "client_id is too long", code="invalid-parameter")
         hint = form.one(params, "token_type_hint")
         if hint is not None and hint not in TOKEN_TYPE_HINTS:
             # RFC 7009 section 2.2.1; the hint is only a hint, but an unknown one is reported.
