@@ -18,7 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import ConfigError
 from broker.identity.oidc import OidcConfig, is_loopback, parse_orchestrator_clients
+from broker.identity.principals import canonical_human, principal_problem
 
+ASCII_BLANKS = " \t\r\n"
 RECEIVER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RECEIVER_FIELDS = {"name", "url", "audience"}
 
@@ -82,7 +84,9 @@ class Settings(BaseSettings):
     # The one `aud` a token must carry to be a login here. One value, never a list: a token
     # minted for another API of the same IdP must not open the broker.
     oidc_audience: str | None = None
-    # The claim that names the person; lowercased, it is the principal policy `humans` keys use.
+    # The claim that names the person; in its canonical form (printable ASCII, ASCII letters
+    # lowercased, see docs/identity.md) it is the principal policy `humans` keys use. A token
+    # whose claim has no canonical form is refused (401 invalid-principal).
     # `email` matches the policy file's keys; `preferred_username` or `upn` where email is absent.
     oidc_principal_claim: str = "email"
     # The claim (a dotted path reaches nested ones, e.g. Keycloak's `realm_access.roles`) whose
@@ -260,14 +264,19 @@ class Settings(BaseSettings):
         )
 
     def human_token_hashes(self) -> dict[str, str]:
-        """sha256 hex -> lowercased email of a local human."""
+        """sha256 hex -> the canonical principal (broker.identity.principals) of a local human."""
         out: dict[str, str] = {}
-        for entry in filter(None, (e.strip() for e in self.human_tokens.split(","))):
+        # Only ASCII blanks around entries are layout; any other character is part of the name
+        # and must pass the canonical form (a NBSP is refused, never trimmed).
+        for entry in filter(None, (e.strip(ASCII_BLANKS) for e in self.human_tokens.split(","))):
             email, sep, digest = entry.rpartition("=")
             digest = digest.removeprefix("sha256:").lower()
             if not sep or "@" not in email or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError("BROKER_HUMAN_TOKENS entries must look like email=<64 hex chars of sha256(token)>")
-            out[digest] = email.strip().lower()
+            problem = principal_problem(email.strip(ASCII_BLANKS))
+            if problem is not None:
+                raise ConfigError(f"BROKER_HUMAN_TOKENS names {email.strip(ASCII_BLANKS)!r}, not a principal: {problem}")
+            out[digest] = canonical_human(email.strip(ASCII_BLANKS))
         return out
 
     def approval_webhook_url_list(self) -> list[str]:

@@ -3,6 +3,7 @@
     BrokerError                      500 internal-error
     ├── InternalError                500 internal-error
     ├── InvalidRequest               400 invalid-request
+    │   └── InvalidPrincipal         400 invalid-principal (no canonical form; 401 where it is a token's claim)
     ├── Unauthenticated              401 invalid-token
     ├── IdentityProviderUnavailable  503 identity-provider-unavailable (OIDC discovery/JWKS unreadable)
     ├── Forbidden                    403 forbidden          (who you are may not do this)
@@ -60,6 +61,10 @@ class InternalError(BrokerError):
 
 class InvalidRequest(BrokerError, status=400, code="invalid-request"):
     """The request is malformed beyond what the schema checks (a bad resource URI, say)."""
+
+
+class InvalidPrincipal(InvalidRequest, code="invalid-principal"):
+    """A human principal with no canonical form (see broker.identity.principals); never changed to fit."""
 
 
 class Unauthenticated(BrokerError, status=401, code="invalid-token"):

@@ -20,7 +20,9 @@ _RESOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[!-~]{1,480}$"
 Resource = Annotated[str, StringConstraints(pattern=_RESOURCE_PATTERN, max_length=512)]
 AccessName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$|^\*$")]
 AgentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-Principal = Annotated[str, StringConstraints(pattern=r"^[^\s]{1,320}$")]
+# Length only here: the canonical form (broker.identity.principals) is checked by the service,
+# so every principal that does not fit gets one answer, 400 invalid-principal.
+Principal = Annotated[str, StringConstraints(min_length=1, max_length=320)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 LabelKey = Annotated[str, StringConstraints(max_length=64)]
 LabelValue = Annotated[str, StringConstraints(max_length=256)]

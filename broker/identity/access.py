@@ -11,18 +11,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlmodel import func
+from sqlmodel import and_, func, or_
 
 from broker.errors import Forbidden
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human
+from broker.identity.principals import canonical_human, same_principal
 from broker.models import SessionRow
 
 
 def human_is(principal: str) -> Any:
-    """WHERE the session's human is `principal`, ignoring case (rows from before sessions stored
-    the canonical form included)."""
-    return func.lower(SessionRow.human) == canonical_human(principal)
+    """WHERE the session's human is `principal` in the canonical form (broker.identity.principals).
+
+    Sessions store the canonical form; rows from before that may differ in ASCII case only, so a
+    row also matches when its lower- *and* upper-cased forms equal the canonical one's: a
+    non-ASCII letter that case-maps to ASCII one way (KELVIN SIGN lowers to "k", LONG S uppers to
+    "S") keeps its own form the other way, so no such row ever matches an ASCII principal.
+    """
+    name = canonical_human(principal)
+    return or_(SessionRow.human == name,
+               and_(func.lower(SessionRow.human) == name, func.upper(SessionRow.human) == name.upper()))
 
 
 # Per kind of caller, side by side: does this session belong to the caller, and the same as a
@@ -32,7 +39,7 @@ _MANAGES: dict[str, tuple[Callable[[Caller, SessionRow], bool], Callable[[Caller
     "admin": (lambda caller, session: True, lambda caller: None),
     "orchestrator": (lambda caller, session: session.created_by == caller.name,
                      lambda caller: SessionRow.created_by == caller.name),
-    "human": (lambda caller, session: canonical_human(session.human) == canonical_human(caller.name),
+    "human": (lambda caller, session: same_principal(session.human, caller.name),
               lambda caller: human_is(caller.name)),
 }
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from broker.errors import Unauthenticated
 from broker.identity.keys import KeyRing
+from broker.identity.principals import canonical_human
 
 CallerKind = Literal["agent", "orchestrator", "admin", "human"]
 
@@ -25,7 +26,8 @@ class Caller:
     name: str  # agent name, orchestrator name, "admin", or the human's principal
     session_id: str | None = None  # agents only
     # Humans only: groups from the IdP's claim, joined with the policy's own membership
-    # (`CompiledPolicy.groups_of(name, groups)`). A human's name is their lowercased email.
+    # (`CompiledPolicy.groups_of(name, groups)`). A human's name is their canonical principal
+    # (broker.identity.principals).
     groups: frozenset[str] = frozenset()
 
     @property
@@ -61,7 +63,7 @@ class ApiKeys:
                  humans: dict[str, str] | None = None) -> None:
         self._keys: dict[str, tuple[CallerKind, str]] = {d: ("orchestrator", n) for d, n in orchestrators.items()}
         for digest, email in (humans or {}).items():
-            self._keys[digest] = ("human", email.lower())
+            self._keys[digest] = ("human", canonical_human(email))
         if admin_sha256:
             self._keys[admin_sha256.lower()] = ("admin", "admin")
 

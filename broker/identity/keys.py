@@ -25,6 +25,7 @@ from jwt.types import Options
 
 from broker.crypto import write_secret
 from broker.errors import ConfigError, Unauthenticated
+from broker.identity.claims import MALFORMED_VALUE_ERRORS, time_claim_problem
 
 ALGORITHM = "EdDSA"
 
@@ -165,6 +166,11 @@ class KeyRing:
             raise Unauthenticated("token expired", code="token-expired") from exc
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"token rejected: {exc}") from exc
+        except MALFORMED_VALUE_ERRORS as exc:  # a time claim PyJWT could not even compare
+            raise Unauthenticated("token rejected: a time claim is not a number", code="invalid-token-claims") from exc
+        problem = time_claim_problem(claims)
+        if problem is not None:
+            raise Unauthenticated(f"token rejected: {problem}", code="invalid-token-claims")
         # A capability token must never pass as a session token, or the reverse.
         if claims.get("token_use") != token_use:
             raise Unauthenticated("token is not a " + token_use + " token")

@@ -30,7 +30,9 @@ from jwt import PyJWK, PyJWKSet
 
 from broker.errors import ConfigError, IdentityProviderUnavailable, Unauthenticated
 from broker.identity.callers import Caller
+from broker.identity.claims import MALFORMED_VALUE_ERRORS, time_claim_problem
 from broker.identity.keys import jwt_options
+from broker.identity.principals import canonical_human, group_problem, principal_problem
 
 log = logging.getLogger("broker.identity")
 
@@ -262,7 +264,7 @@ class OidcVerifier:
         if alg != key.algorithm_name:
             raise Unauthenticated("token algorithm does not match its signing key")
         try:
-            return jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key.key,
                 algorithms=[key.algorithm_name],
@@ -275,6 +277,12 @@ class OidcVerifier:
             raise Unauthenticated("token expired", code="token-expired") from exc
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"token rejected: {exc}") from exc
+        except MALFORMED_VALUE_ERRORS as exc:  # a time claim PyJWT could not even compare
+            raise Unauthenticated("token rejected: a time claim is not a number", code="invalid-token-claims") from exc
+        problem = time_claim_problem(claims)
+        if problem is not None:
+            raise Unauthenticated(f"token rejected: {problem}", code="invalid-token-claims")
+        return claims
 
     def verify(self, token: str) -> Caller:
         claims = self.claims(token)
@@ -287,11 +295,15 @@ class OidcVerifier:
             if principal is not None and claims.get("sub") != client_id:
                 raise Unauthenticated("token from an orchestrator client carries a person; orchestrators use client credentials")
             return Caller(kind="orchestrator", name=self.config.orchestrator_clients[client_id])
-        if not isinstance(principal, str) or not principal.strip():
+        if principal is None or principal == "":
             raise Unauthenticated(f"token has no {self.config.principal_claim!r} claim to name the person")
-        name = principal.strip().lower()
-        if len(name) > 320 or any(c.isspace() or not c.isprintable() for c in name):
-            raise Unauthenticated(f"token's {self.config.principal_claim!r} claim is not a principal name")
+        # Refused, never trimmed or mapped: a claim that is not already a principal in the
+        # canonical form's alphabet could be another account dressed as this one.
+        problem = principal_problem(principal)
+        if problem is not None:
+            raise Unauthenticated(f"token's {self.config.principal_claim!r} claim is not a principal: {problem}",
+                                  code="invalid-principal")
+        name = canonical_human(principal)
         # An address the IdP says it has not verified could be anyone's: the classic account
         # takeover through a self-asserted email.
         if self.config.principal_claim == "email" and claims.get("email_verified") is False:
@@ -302,19 +314,25 @@ class OidcVerifier:
         value = claim_at(claims, self.config.groups_claim)
         if value is None:
             return frozenset()
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(g, str) for g in value) or len(value) > MAX_GROUPS:
-            # Fail closed: a groups claim we cannot read grants nothing and is not silently ignored.
-            raise Unauthenticated(f"token's {self.config.groups_claim!r} claim is not a list of group names")
-        return frozenset(g.strip() for g in value if g.strip())
+        # Fail closed: a groups claim that is not a list of group names (a bare string, a list
+        # holding anything else, a name with whitespace or invisible characters) refuses the
+        # token; it is never split, trimmed or silently ignored.
+        if not isinstance(value, list) or len(value) > MAX_GROUPS:
+            raise Unauthenticated(f"token's {self.config.groups_claim!r} claim is not a list of group names",
+                                  code="invalid-groups-claim")
+        for group in value:
+            problem = group_problem(group)
+            if problem is not None:
+                raise Unauthenticated(f"token's {self.config.groups_claim!r} claim: {problem}",
+                                      code="invalid-groups-claim")
+        return frozenset(value)
 
 
 def unverified_issuer(token: str) -> str | None:
     """The `iss` a JWT claims, unverified: only to pick which verifier checks it for real."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, *MALFORMED_VALUE_ERRORS):
         return None
     iss = claims.get("iss")
     return iss if isinstance(iss, str) else None

@@ -23,6 +23,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 
 from broker.db import transaction, utcnow
+from broker.identity.claims import MALFORMED_VALUE_ERRORS, time_claim_problem
 from broker.models import DpopProofSeen
 from broker.oauth.errors import OAuthError
 
@@ -101,11 +102,17 @@ def check_proof(proof: str, *, method: str, url: str, first_use: Callable[[str, 
     jkt = thumbprint(jwk)
     try:
         key = jwt.PyJWK(jwk, algorithm=str(alg)).key
+        # The time claims are checked below, by shape first: PyJWT's own checks would meet
+        # `iat: 1e400` or `nbf: []` with a Python error, not a refusal.
         claims = jwt.decode(proof, key, algorithms=[str(alg)],
-                            options={"require": ["jti", "htm", "htu", "iat"], "verify_aud": False,
-                                     "verify_iat": False, "verify_exp": False})
-    except (jwt.PyJWTError, ValueError, TypeError):
+                            options={"require": ["jti", "htm", "htu", "iat"], "verify_signature": True,
+                                     "verify_aud": False, "verify_iat": False, "verify_exp": False,
+                                     "verify_nbf": False, "verify_iss": False})
+    except (jwt.PyJWTError, *MALFORMED_VALUE_ERRORS):
         raise _refuse("the DPoP proof's signature does not verify with its jwk") from None
+    problem = time_claim_problem(claims)
+    if problem is not None:
+        raise _refuse(f"the DPoP proof's {problem.removeprefix('the ')}", code="invalid-dpop-proof-claims")
     jti = claims.get("jti")
     if not isinstance(jti, str) or not 1 <= len(jti) <= 256:
         raise _refuse("the DPoP proof's jti must be a string of 1 to 256 characters")
@@ -114,9 +121,7 @@ def check_proof(proof: str, *, method: str, url: str, first_use: Callable[[str, 
     htu = claims.get("htu")
     if not isinstance(htu, str) or normalise_url(htu) != normalise_url(url):
         raise _refuse("the DPoP proof's htu is not this endpoint's URL")
-    iat = claims.get("iat")
-    if not isinstance(iat, int | float) or isinstance(iat, bool):
-        raise _refuse("the DPoP proof's iat must be a number")
+    iat = claims["iat"]  # a NumericDate between 1970 and 9999 (time_claim_problem)
     issued = datetime.fromtimestamp(iat, now.tzinfo)
     if issued < now - WINDOW or issued > now + FUTURE:
         raise _refuse("the DPoP proof's iat is outside the accepted window", code="dpop-proof-stale")

@@ -9,6 +9,9 @@ from broker.errors import BrokerError, Unauthenticated
 # Decision reasons that say "no such target" rather than "not you".
 TARGET_CODES = frozenset({"invalid-resource", "unknown-resource", "resource-not-found"})
 SCOPE_CODES = frozenset({"unknown-access"})
+# Decision reasons that say "the subject token's session is over": the grant itself is no longer
+# valid (RFC 6749 section 5.2, RFC 8693 section 2.2.2), so `invalid_grant` (400), not a denial.
+GRANT_CODES = frozenset({"session-ended"})
 
 
 class OAuthError(Exception):
@@ -28,7 +31,7 @@ def from_broker_error(exc: BrokerError) -> OAuthError:
     """The JSON API's refusal, said as an OAuth error; the broker's `code` rides along unchanged."""
     headers = dict(getattr(exc, "headers", None) or {})
     details = {k: v for k, v in exc.details.items() if k not in ("problems",)}
-    if isinstance(exc, Unauthenticated):
+    if isinstance(exc, Unauthenticated) or exc.code in GRANT_CODES:
         return OAuthError("invalid_grant", exc.message, code=exc.code, **details)
     if exc.code in TARGET_CODES:
         return OAuthError("invalid_target", exc.message, code=exc.code, **details)

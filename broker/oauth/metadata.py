@@ -33,7 +33,12 @@ def authorization_server(broker: Broker) -> dict[str, Any]:
         "grant_types_supported": [GRANT_TYPE],
         # No authorization endpoint: no redirect-based grant, so no response type either (RFC 8414 section 2).
         "response_types_supported": [],
+        # Exactly what each endpoint accepts (RFC 8414 section 2; an absent member would mean
+        # client_secret_basic, which nobody here has). `none`: the token endpoint's credential is
+        # the subject token, revocation's is the token itself (an optional Bearer caller aside),
+        # and introspection is open to any resource server.
         "token_endpoint_auth_methods_supported": ["none"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
         "introspection_endpoint_auth_methods_supported": ["none"],
         "authorization_details_types_supported": [DETAILS_TYPE],
         "token_exchange_subject_token_types_supported": list(SUBJECT_TOKEN_TYPES),

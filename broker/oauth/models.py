@@ -36,6 +36,7 @@ class AuthorizationServerMetadata(BaseModel):
     grant_types_supported: list[str]
     response_types_supported: list[str]
     token_endpoint_auth_methods_supported: list[str]
+    revocation_endpoint_auth_methods_supported: list[str]
     introspection_endpoint_auth_methods_supported: list[str]
     authorization_details_types_supported: list[str]
     token_exchange_subject_token_types_supported: list[str]

@@ -8,6 +8,7 @@ from broker.db import transaction
 from broker.errors import BrokerError, NotFound, Unauthenticated
 from broker.identity.callers import Caller
 from broker.leases import queries
+from broker.leases.revocation import revoke_leases
 from broker.models import Lease
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.providers.base import fingerprint
@@ -29,11 +30,19 @@ def find_capability(broker: Broker, token: str) -> str | None:
         return db.exec(select(Lease.id).where(Lease.fingerprint == fingerprint(token))).first()
 
 
-def revoke_token(broker: Broker, caller: Caller, token: str) -> str | None:
-    """Revokes what `token` grants, authorised as DELETE is. Unknown tokens are not an error (RFC 7009 2.2)."""
+def revoke_token(broker: Broker, caller: Caller | None, token: str) -> str | None:
+    """Revokes what `token` grants. Unknown tokens are not an error (RFC 7009 2.2).
+
+    A caller who authenticates is judged as DELETE judges them. A request without credentials is
+    a public client's (client authentication `none`, as discovery says): holding the token is the
+    right to end it, as holding it is the right to use it, so it is revoked for the token holder.
+    """
     capability_id = find_capability(broker, token)
     if capability_id is None:
         return None
+    if caller is None:
+        revoke_leases(broker, [capability_id], reason="revoked-by-token-holder", actor="token-holder")
+        return capability_id
     try:
         queries.revoke(broker, caller, capability_id)
     except NotFound:

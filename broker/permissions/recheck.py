@@ -75,7 +75,7 @@ def recheck_once(broker: Broker) -> RecheckReport:
         report.checked += len(claimed)
         lost: list[tuple[_Claimed, LivePermission]] = []
         for lease in claimed:
-            key = (lease.human.lower(), lease.resource, lease.access)
+            key = (lease.human, lease.resource, lease.access)
             if key not in answers:
                 answers[key] = broker.permissions.consult(policy, lease.human, lease.resource, lease.access, fresh=True)
                 report.asked += 1

@@ -93,7 +93,7 @@ class LivePermissions:
 def _key(source: str, q: PermissionQuery) -> tuple[Any, ...]:
     # Everything the answer depends on: the mapping and the identities too, so a policy reload
     # that changes them is never answered from the old entry.
-    return (source, q.human.lower(), q.resource, q.access, tuple(sorted(q.require)),
+    return (source, q.human, q.resource, q.access, tuple(sorted(q.require)),
             json.dumps(dict(q.options), sort_keys=True, default=str), tuple(sorted(q.identity.items())),
             json.dumps(dict(q.claims), sort_keys=True, default=str))
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from broker.identity.principals import canonical_human, principal_problem
 from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Grant, PolicyDocument, Tier
 from broker.policy.resources import Glob, compile_glob, is_glob
 from broker.policy.tools import CompiledTools
@@ -122,6 +123,11 @@ def tier_rank(tier: str) -> int:
     return TIER_ORDER.index(tier)
 
 
+def _key(human: str) -> str:
+    """The canonical form to look a human up by; "" (no principal, so nobody) for a name without one."""
+    return canonical_human(human) if principal_problem(human) is None else ""
+
+
 def _grants(prefix: str, grants: list[Grant]) -> tuple[GrantRule, ...]:
     return tuple(
         GrantRule(f"{prefix}.grants[{i}]", g.resource, frozenset(g.access), compile_glob(g.resource))
@@ -160,21 +166,23 @@ class CompiledPolicy:
         self.resources: tuple[ResourceRule, ...] = tuple(rules)
         self._matcher = ResourceMatcher(self.resources)
 
-        # Emails are compared case-insensitively: IdPs disagree on case, people do not.
-        self._human_keys: dict[str, str] = {email.lower(): email for email in document.humans}
+        # Humans are keyed by their canonical form (broker.identity.principals), the one way
+        # principals are compared; the models refused any name without one.
+        self._human_keys: dict[str, str] = {canonical_human(email): email for email in document.humans}
         self.human_identities: Mapping[str, Mapping[str, str]] = MappingProxyType(
-            {email.lower(): MappingProxyType(h.identity()) for email, h in document.humans.items()}
+            {canonical_human(email): MappingProxyType(h.identity()) for email, h in document.humans.items()}
         )
         self.human_grants: Mapping[str, tuple[GrantRule, ...]] = MappingProxyType(
-            {email.lower(): _grants(f"humans.{email}", h.grants) for email, h in document.humans.items()}
+            {canonical_human(email): _grants(f"humans.{email}", h.grants) for email, h in document.humans.items()}
         )
         self.group_grants: Mapping[str, tuple[GrantRule, ...]] = MappingProxyType(
             {name: _grants(f"groups.{name}", g.grants) for name, g in document.groups.items()}
         )
-        members: dict[str, set[str]] = {name: {m.lower() for m in g.members} for name, g in document.groups.items()}
+        members: dict[str, set[str]] = {name: {canonical_human(m) for m in g.members}
+                                        for name, g in document.groups.items()}
         for email, human in document.humans.items():
             for group in human.groups:
-                members.setdefault(group, set()).add(email.lower())
+                members.setdefault(group, set()).add(canonical_human(email))
         self.group_members: Mapping[str, frozenset[str]] = MappingProxyType(
             {name: frozenset(m) for name, m in members.items()}
         )
@@ -204,11 +212,15 @@ class CompiledPolicy:
 
     def human_key(self, human: str) -> str | None:
         """The `humans` key as written for this human, or None when the policy does not name them."""
-        return self._human_keys.get(human.lower())
+        return self._human_keys.get(_key(human))
 
     def identity_of(self, human: str) -> Mapping[str, str]:
         """Who the human is at live sources (github_login, openbao_entity, ...), as the policy maps them."""
-        return self.human_identities.get(human.lower(), MappingProxyType({}))
+        return self.human_identities.get(_key(human), MappingProxyType({}))
+
+    def grants_of(self, human: str) -> tuple[GrantRule, ...]:
+        """The grants the `humans` section gives this human by name (groups aside)."""
+        return self.human_grants.get(_key(human), ())
 
     def live_sources(self) -> frozenset[str]:
         """Every live permission source some rule names: the broker builds exactly these."""
@@ -220,7 +232,7 @@ class CompiledPolicy:
         Ordered as the `groups` section is written, then the rest by name, so the first matching
         grant is the same on every evaluation.
         """
-        email = human.lower()
+        email = _key(human)
         belongs = {name for name, members in self.group_members.items() if email in members} | set(extra)
         ordered = [name for name in self.document.groups if name in belongs]
         return tuple(ordered + sorted(belongs - set(ordered)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+from broker.identity.principals import same_principal
 from broker.policy.compiled import AccessRule, CompiledPolicy, ResourceRule, tier_rank
 from broker.policy.models import TIER_ORDER
 from broker.policy.resources import glob_matches, resource_problem
@@ -190,7 +191,7 @@ def human_permission(policy: CompiledPolicy, human: str, groups: frozenset[str],
     """Whether `human` (with IdP `groups`) holds `access` on `resource`: the human layer, usable
     for any human, e.g. an approver who must hold what they approve."""
     key = policy.human_key(human)
-    candidates = list(policy.human_grants.get(human.lower(), ()))
+    candidates = list(policy.grants_of(human))
     all_groups = policy.groups_of(human, groups)
     for group in all_groups:
         candidates.extend(policy.group_grants.get(group, ()))
@@ -377,13 +378,12 @@ def approval_rule(policy: CompiledPolicy, tier: str) -> ApprovalRule:
 def named_approver(policy: CompiledPolicy, approvers: tuple[str, ...] | list[str], human: str,
                    groups: frozenset[str] = frozenset()) -> str | None:
     """The approvers entry naming `human` ("group:x", "user:email" or an email), or None."""
-    email = human.lower()
-    member_of = set(policy.groups_of(email, groups))
+    member_of = set(policy.groups_of(human, groups))
     for entry in approvers:
         if entry.startswith("group:"):
             if entry.removeprefix("group:") in member_of:
                 return entry
-        elif entry.removeprefix("user:").lower() == email:
+        elif same_principal(entry.removeprefix("user:"), human):
             return entry
     return None
 

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from broker.identity.principals import canonical_human, group_problem, principal_problem
 from broker.policy.resources import canonical_pattern, pattern_problem
 
 TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
@@ -63,14 +64,40 @@ Duration = Annotated[
     ),
 ]
 
-Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320)]
-GroupName = Annotated[str, StringConstraints(pattern=r"^\S+$", max_length=256)]
+
+
+def _check_principal(value: str) -> str:
+    """A human named by the policy must already fit the canonical form: it is refused, never changed."""
+    problem = principal_problem(value)
+    if problem is not None:
+        raise ValueError(f"{value!r} is not a principal in the broker's canonical form: {problem}")
+    return value
+
+
+def _check_group(value: str) -> str:
+    problem = group_problem(value)
+    if problem is not None:
+        raise ValueError(f"{value!r} is not a group name: {problem}")
+    return value
+
+
+def _check_approver(value: str) -> str:
+    if value.startswith("group:"):
+        _check_group(value.removeprefix("group:"))
+    else:
+        _check_principal(value.removeprefix("user:"))
+    return value
+
+
+Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320), AfterValidator(_check_principal)]
+GroupName = Annotated[str, StringConstraints(pattern=r"^\S+$", max_length=256), AfterValidator(_check_group)]
 AgentName = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")]
 ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 AccessName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
 GrantedAccess = Annotated[str, StringConstraints(pattern=r"^(\*|[a-z][a-z0-9_-]{0,63})$")]
 # "group:<name>", "user:<email>" or a bare email.
-Approver = Annotated[str, StringConstraints(pattern=r"^(group:\S+|user:[^@\s]+@[^@\s]+|[^@\s:]+@[^@\s]+)$")]
+Approver = Annotated[str, StringConstraints(pattern=r"^(group:\S+|user:[^@\s]+@[^@\s]+|[^@\s:]+@[^@\s]+)$"),
+                     AfterValidator(_check_approver)]
 
 
 class Strict(BaseModel):
@@ -380,10 +407,11 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
     problems.extend(aws_account_problems(doc, None))
     seen_human: dict[str, str] = {}
     for email in doc.humans:
-        # Humans are matched case-insensitively, so two spellings would be one person.
-        if email.lower() in seen_human:
-            problems.append((("humans", email), f"{email!r} repeats {seen_human[email.lower()]!r} (emails ignore case)"))
-        seen_human.setdefault(email.lower(), email)
+        # Two spellings with one canonical form (ASCII case) would be one person.
+        key = canonical_human(email)
+        if key in seen_human:
+            problems.append((("humans", email), f"{email!r} repeats {seen_human[key]!r} (principals ignore ASCII case)"))
+        seen_human.setdefault(key, email)
     for i, tool_rule in enumerate(doc.tools.rules if doc.tools else []):
         if tool_rule.tier is not None and tool_rule.tier not in doc.tiers:
             problems.append((("tools", "rules", i, "tier"), f"tier {tool_rule.tier!r} is not defined in tiers"))

@@ -67,7 +67,7 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
     now = utcnow().replace(microsecond=0)
     session = SessionRow(
         id="ses_" + secrets.token_hex(16),
-        human=canonical_human(ask.human),  # compared case-insensitively everywhere
+        human=canonical_human(ask.human),  # the canonical form, or 400 invalid-principal; never changed to fit
         agent=ask.agent,
         task_id=ask.task_id,
         repository=ask.repository,

@@ -119,8 +119,8 @@ def test_422_schema(api: Api, body: object) -> None:
 
 def test_422_session_schema(api: Api) -> None:
     for body in (
-        {"human": "a b", "agent": "x", "task_id": "t", "ttl_seconds": 600, "scope": [{"resource": "jwt://x",
-                                                                                    "access": ["read"]}]},
+        {"human": "", "agent": "x", "task_id": "t", "ttl_seconds": 600, "scope": [{"resource": "jwt://x",
+                                                                                 "access": ["read"]}]},
         {"human": "a@b", "agent": "x", "task_id": "t", "ttl_seconds": 10, "scope": [{"resource": "jwt://x",
                                                                                    "access": ["read"]}]},
         {"human": "a@b", "agent": "x", "task_id": "t", "ttl_seconds": 600, "scope": []},
@@ -128,6 +128,13 @@ def test_422_session_schema(api: Api) -> None:
     ):
         r = api.client.post("/v1/sessions", json=body, headers=api.as_orchestrator())
         assert (r.status_code, _code(r)) == (422, "validation-failed"), body
+    # A human the schema admits (1 to 320 characters) but that has no canonical form is one answer,
+    # whatever is wrong with it: 400 invalid-principal (docs/identity.md).
+    for human in ("a b", "a\u00a0b@example.com", "\u212aate@example.com"):
+        r = api.client.post("/v1/sessions", headers=api.as_orchestrator(), json={
+            "human": human, "agent": "x", "task_id": "t", "ttl_seconds": 600,
+            "scope": [{"resource": "jwt://x", "access": ["read"]}]})
+        assert (r.status_code, _code(r)) == (400, "invalid-principal"), human
 
 
 def _block_audit(api: Api) -> None:

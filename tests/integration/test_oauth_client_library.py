@@ -99,3 +99,29 @@ def test_authlib_surfaces_the_rfc_error_for_a_denied_exchange(served: Api) -> No
         client.fetch_token(endpoint, grant_type=GRANT, subject_token="x.y.z", subject_token_type=JWT_TYPE,
                            resource="jwt://payments-api", scope="read")
     assert bad.value.error == "invalid_grant"
+
+
+def test_a_client_configured_only_from_the_metadata_exchanges_revokes_and_introspects(served: Api) -> None:
+    """RFC 8414: every auth method the client uses comes from the metadata (an absent
+    revocation member would have meant client_secret_basic); no header is added by hand."""
+    api = served
+    session = api.new_session()
+    metadata = requests.get(f"{api.base_url}/.well-known/oauth-authorization-server", timeout=10).json()
+    client = OAuth2Session(
+        client_id="claude-code",
+        token_endpoint_auth_method=metadata["token_endpoint_auth_methods_supported"][0],
+        revocation_endpoint_auth_method=metadata["revocation_endpoint_auth_methods_supported"][0],
+    )
+    token = client.fetch_token(metadata["token_endpoint"], grant_type=GRANT, subject_token=session["session_token"],
+                               subject_token_type=JWT_TYPE, resource="jwt://payments-api", scope="read")
+    capability_id = token["authorization_details"][0]["capability_id"]
+    assert client.introspect_token(metadata["introspection_endpoint"], token["access_token"]).json()["active"] is True
+
+    revoked = client.revoke_token(metadata["revocation_endpoint"], token["access_token"], token_type_hint="access_token")
+    assert revoked.status_code == 200, revoked.text
+    assert client.introspect_token(metadata["introspection_endpoint"], token["access_token"]).json() == {"active": False}
+    cap = api.client.get(f"/v1/capabilities/{capability_id}", headers=api.as_admin()).json()
+    assert cap["status"] == "revoked"
+    records = api.client.get("/v1/audit", params={"session_id": session["session_id"]}, headers=api.as_admin()).json()
+    revoked_records = [r for r in records["records"] if r["type"] == "capability.revoked"]
+    assert len(revoked_records) == 1 and "token-holder" in str(revoked_records[0])

@@ -136,8 +136,9 @@ def test_ended_session_token_is_an_invalid_grant(api: Api) -> None:
     ended = api.client.post(f"/v1/sessions/{session['session_id']}/end", headers=api.as_orchestrator())
     assert ended.status_code == 200
     r = _exchange(api, session, resource="jwt://payments-api", scope="read")
-    assert r.status_code == 403, r.text
-    assert (r.json()["error"], r.json()["code"]) == ("access_denied", "session-ended")
+    # RFC 6749 section 5.2 / RFC 8693: a subject token whose session is over is an invalid grant.
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"], r.json()["code"]) == ("invalid_grant", "session-ended")
     with Session(api.broker.engine) as db:
         assert db.exec(select(Lease)).all() == []
 

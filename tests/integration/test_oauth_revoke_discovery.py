@@ -68,9 +68,12 @@ def test_unknown_token_is_200_and_others_may_not_revoke(api: Api) -> None:
     refused = api.client.post("/v1/oauth/revoke", data={"token": token}, headers=other_agent)
     assert refused.status_code == 403
     assert (refused.json()["error"], refused.json()["code"]) == ("unauthorized_client", "not-your-token")
-    anonymous = api.client.post("/v1/oauth/revoke", data={"token": token})
-    assert anonymous.status_code == 401
-    assert "resource_metadata=" in anonymous.headers["www-authenticate"]
+    # Credentials that are sent must be good: a bad Bearer is 401, never read as "no credentials".
+    bad_caller = api.client.post("/v1/oauth/revoke", data={"token": token}, headers={"Authorization": "Bearer a.b.c"})
+    assert bad_caller.status_code == 401 and bad_caller.json()["error"] == "invalid_client"
+    assert "resource_metadata=" in bad_caller.headers["www-authenticate"]
+    # Without credentials (a public client, `none`): an unknown token is still just 200.
+    assert api.client.post("/v1/oauth/revoke", data={"token": "never-issued"}).status_code == 200
     bad_hint = api.client.post("/v1/oauth/revoke", data={"token": token, "token_type_hint": "id_token"},
                                headers=api.as_admin())
     assert bad_hint.status_code == 400 and bad_hint.json()["error"] == "unsupported_token_type"
@@ -91,7 +94,10 @@ def test_authorization_server_metadata_has_the_rfc_8414_members(api: Api) -> Non
     assert doc["issuer"] == issuer and "?" not in doc["issuer"] and "#" not in doc["issuer"]
     assert isinstance(doc["response_types_supported"], list)
     assert doc["grant_types_supported"] == [GRANT]
-    assert "none" in doc["token_endpoint_auth_methods_supported"]
+    # Exactly what the endpoints accept (an absent member would mean client_secret_basic).
+    assert doc["token_endpoint_auth_methods_supported"] == ["none"]
+    assert doc["revocation_endpoint_auth_methods_supported"] == ["none"]
+    assert doc["introspection_endpoint_auth_methods_supported"] == ["none"]
     assert doc["authorization_details_types_supported"] == ["jit-broker-capability"]
     for member, path in (("token_endpoint", "/v1/oauth/token"), ("revocation_endpoint", "/v1/oauth/revoke"),
                          ("introspection_endpoint", "/v1/introspect"), ("jwks_uri", "/.well-known/jwks.json")):

@@ -52,12 +52,25 @@ ORCHESTRATOR_NAME = "ci-orchestrator"
 UNMAPPED_CLIENT_ID = "reporting-job"
 
 # Logins at the provider -> the claims its tokens carry. Emails in mixed case on purpose: the
-# broker's principal is the lowercased address.
+# broker's principal is the canonical form (ASCII case folded) of the address.
 ACCOUNTS: dict[str, dict[str, Any]] = {
     "alice": {"email": "Alice@Example.com", "groups": ["payments-oncall"]},
     "bob": {"email": "bob@example.com", "groups": ["maintainers", "security"]},
     "mallory": {"email": "alice@example.com", "email_verified": False, "groups": []},
     "nogroups": {"email": "dave@example.com"},
+    # Principal confusion: kate, and other accounts of the same IdP whose addresses only look
+    # like hers (or become hers under Unicode case mapping, NFKC or strip()). The IdP keeps
+    # them apart; the broker must too.
+    "kate": {"email": "KATE@Example.com", "groups": []},
+    "kelvin-kate": {"email": "\u212aate@example.com", "groups": []},
+    "fullwidth-kate": {"email": "\uff4bate@example.com", "groups": []},
+    "cyrillic-kate": {"email": "k\u0430te@example.com", "groups": []},
+    "nbsp-kate": {"email": "kate@example.com\u00a0", "groups": []},
+    "zwsp-kate": {"email": "ka\u200bte@example.com", "groups": []},
+    "bidi-kate": {"email": "\u202ekate@example.com", "groups": []},
+    # A groups claim that is not a list of clean strings: the token is refused, not split.
+    "string-groups": {"email": "erin@example.com", "groups": "maintainers"},
+    "zwsp-groups": {"email": "erin@example.com", "groups": ["maintainers\u200b"]},
 }
 
 

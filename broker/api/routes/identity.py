@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1", tags=["identity"])
 
 class WhoAmI(BaseModel):
     kind: str = Field(description="agent, orchestrator, human or admin")
-    name: str = Field(description="the agent's, orchestrator's or human's name (a human's lowercased principal)")
+    name: str = Field(description="the agent's, orchestrator's or human's name (a human's canonical principal, docs/identity.md)")
     groups: list[str] = Field(description="humans: every group policy decisions use (policy membership and IdP groups)")
     idp_groups: list[str] = Field(description="humans: the groups the identity provider's token named")
     session_id: str | None = Field(default=None, description="agents: the session their token belongs to")

@@ -95,17 +95,21 @@ async def token(
         "type": "object",
         "required": ["token"],
         "properties": {"token": {"type": "string", "minLength": 1, "maxLength": 8192},
-                       "token_type_hint": {"type": "string", "maxLength": 64}},
+                       "token_type_hint": {"type": "string", "maxLength": 64},
+                       "client_id": {"type": "string", "maxLength": 2048,
+                                     "description": "a public client may name itself (RFC 7009 section 2.1); unused"}},
     }}}}},
 )
 async def revoke(
     request: Request, response: Response, broker: BrokerDep,
-    authorization: Annotated[str | None, Header(description="Bearer: the session's agent, its human, "
-                                                "its orchestrator or an admin (as DELETE on the capability)")] = None,
+    authorization: Annotated[str | None, Header(description="optional Bearer: the session's agent, its human, "
+                                                "its orchestrator or an admin (as DELETE on the capability); "
+                                                "without it, holding the token is the right to revoke it "
+                                                "(client authentication `none`)")] = None,
 ) -> Revoked | JSONResponse:
     try:
         try:
-            caller = await get_caller(request, authorization)
+            caller = None if authorization is None else await get_caller(request, authorization)
         except Unauthenticated as exc:
             raise OAuthError("invalid_client", exc.message, code=exc.code, status=401, headers={
                 "WWW-Authenticate": metadata.www_authenticate(
@@ -115,6 +119,8 @@ async def revoke(
         assert token_value is not None
         if len(token_value) > 8192:
             raise OAuthError("invalid_request", "token is too long", code="invalid-parameter")
+        if len(form.one(params, "client_id") or "") > 2048:
+            raise OAuthError("invalid_request", "client_id is too long", code="invalid-parameter")
         hint = form.one(params, "token_type_hint")
         if hint is not None and hint not in TOKEN_TYPE_HINTS:
             # RFC 7009 section 2.2.1; the hint is only a hint, but an unknown one is reported.

@@ -12,6 +12,7 @@ from broker.api.schemas import ExplainRequest, Explanation, error_responses
 from broker.db import transaction, utcnow
 from broker.errors import InvalidRequest, NotFound
 from broker.identity.access import may_manage
+from broker.identity.principals import canonical_human, same_principal
 from broker.leases.facts import bounds_lookup, session_facts
 from broker.models import SessionRow
 from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
@@ -34,12 +35,13 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> Exp
             raise InvalidRequest("give session_id, or human, agent and scope for a hypothetical session",
                                  code="explain-needs-session")
         facts = SessionFacts(
-            session_id="(hypothetical)", human=body.human, agent=body.agent, task_id=body.task_id or "(hypothetical)",
+            session_id="(hypothetical)", human=canonical_human(body.human), agent=body.agent,
+            task_id=body.task_id or "(hypothetical)",
             scope=tuple(ScopeEntry(_canonical(canonical_pattern, s.resource), tuple(s.access)) for s in body.scope),
             status="active",
             expires_at=now + timedelta(seconds=body.session_ttl_seconds),
             # A person explaining their own access: their IdP groups count, as in their sessions.
-            human_groups=caller.groups if caller.kind == "human" and body.human.lower() == caller.name else frozenset(),
+            human_groups=caller.groups if caller.kind == "human" and same_principal(body.human, caller.name) else frozenset(),
         )
     policy = broker.policies.current
     resource = _canonical(canonical_resource, body.resource)

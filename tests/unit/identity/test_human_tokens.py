@@ -1,4 +1,4 @@
-"""Local human tokens (BROKER_HUMAN_TOKENS): recognised by digest only, lowercased email,
+"""Local human tokens (BROKER_HUMAN_TOKENS): recognised by digest only, the email's canonical form,
 refused when malformed; and the CLI's choice of identity."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from broker.cli.humans import parse_ttl
 from broker.config import Settings
 from broker.errors import ConfigError, Unauthenticated
 from broker.identity.callers import ApiKeys
+from tests.unit.identity.test_principals import LOOKALIKES_OF_KATE
 
 
 def digest(token: str) -> str:
@@ -36,6 +37,20 @@ def test_human_token_gives_a_human_caller() -> None:
 def test_malformed_entries_are_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="BROKER_HUMAN_TOKENS"):
         Settings(human_tokens=value).human_token_hashes()
+
+
+@pytest.mark.parametrize("email", [name for name in LOOKALIKES_OF_KATE
+                                   if "@" in name and "," not in name and "=" not in name
+                                   and name.strip(" \t\r\n") == name])
+def test_configured_humans_must_fit_the_canonical_form(email: str) -> None:
+    """A local human named by a look-alike of kate's address is a config error, never a second kate."""
+    with pytest.raises(ConfigError, match="not a principal"):
+        Settings(human_tokens=f"{email}={digest('jbhum_a')}").human_token_hashes()
+
+
+def test_configured_humans_are_canonical() -> None:
+    hashes = Settings(human_tokens=f" KATE@Example.COM={digest('jbhum_a')} ").human_token_hashes()
+    assert hashes == {digest("jbhum_a"): "kate@example.com"}
 
 
 def test_webhook_urls_need_a_secret_and_http() -> None:

@@ -179,16 +179,31 @@ def test_claim_paths() -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [
     (None, frozenset()),
-    ("solo", frozenset({"solo"})),
-    (["a", "b", " "], frozenset({"a", "b"})),
+    ([], frozenset()),
+    (["a", "b"], frozenset({"a", "b"})),
+    (["/acme/maintainers", "Entwickler-\u00c4", "0f9e-guid"], frozenset({"/acme/maintainers", "Entwickler-\u00c4", "0f9e-guid"})),
 ])
 def test_groups_claim_shapes(value: Any, expected: frozenset[str]) -> None:
     verifier = OidcVerifier(OidcConfig(ISSUER, AUDIENCE), fetch=FakeIdP([]))
     assert verifier.groups({"groups": value} if value is not None else {}) == expected
 
 
-@pytest.mark.parametrize("value", [{"a": 1}, [1, 2], ["g"] * 1001])
+# docs/identity.md: the groups claim is a list of strings. Anything else refuses the token
+# (fail closed): never split, trimmed, or silently ignored.
+UNREADABLE_GROUPS = [
+    "solo", "maintainers security", "", {"a": 1}, 1, True, 1.5,
+    [1, 2], ["a", None], ["a", ["b"]], ["a", {"b": 1}], ["a", True], ["g"] * 1001,
+    [""], [" "], ["a", " "], [" maintainers"], ["maintainers "], ["main tainers"],
+    ["maintainers\u00a0"], ["\u3000maintainers"], ["main\u200btainers"], ["maintainers\u200d"],
+    ["\u202emaintainers"], ["maintainers\u2066"], ["\ufeffmaintainers"], ["maint\x00ainers"],
+    ["maintainers\n"], ["maintainers\t"], ["maint\u2028ainers"], ["\ue000"], ["g" * 257],
+]
+
+
+@pytest.mark.parametrize("value", UNREADABLE_GROUPS)
 def test_unreadable_groups_claim_fails_closed(value: Any) -> None:
     verifier = OidcVerifier(OidcConfig(ISSUER, AUDIENCE), fetch=FakeIdP([]))
-    with pytest.raises(Unauthenticated):
+    with pytest.raises(Unauthenticated) as refused:
         verifier.groups({"groups": value})
+    assert refused.value.code == "invalid-groups-claim"
+    assert refused.value.status == 401
