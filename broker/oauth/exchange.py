@@ -50,6 +50,12 @@ def agent_from_subject_token(request: Request, broker: Broker, token: str) -> Ca
                                       audience=broker.settings.audience)
     except Unauthenticated as exc:
         raise OAuthError("invalid_grant", f"subject_token: {exc.message}", code=exc.code) from None
+    if claims.get("wl") is not None:
+        # A session bound to a workload proves it with X-Workload-Token on the REST API; the token
+        # exchange has no place for that proof yet, so it is closed to such sessions (fail closed).
+        raise OAuthError("invalid_grant", "this session is bound to a workload: request capabilities with "
+                         "POST /v1/capabilities and the workload's token in X-Workload-Token",
+                         code="workload-token-required")
     caller = Caller(kind="agent", name=str(claims["sub"]), session_id=str(claims["sid"]))
     limiter: RateLimiter = request.app.state.rate_limiter
     try:
