@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,8 @@ class WorkloadVerifier:
 
     def __init__(self, issuers: Mapping[str, TrustedIssuer], *, leeway_seconds: int = 30,
                  refresh_cooldown_seconds: float = 30.0, max_age_seconds: float = 3600.0,
-                 timeout_seconds: float = 5.0, fetch: Fetch | None = None) -> None:
+                 timeout_seconds: float = 5.0, fetch: Fetch | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 <= leeway_seconds <= 60:
             raise ConfigError("BROKER_WORKLOAD_LEEWAY_SECONDS must be between 0 and 60")
         self.leeway_seconds = leeway_seconds
@@ -193,7 +195,7 @@ class WorkloadVerifier:
         for name, trusted in issuers.items():
             self.issuers[name] = _IssuerKeys(trusted, JwksCache(
                 self._keys_location(name), self._keys_reader(trusted),
-                cooldown=refresh_cooldown_seconds, max_age=max_age_seconds))
+                cooldown=refresh_cooldown_seconds, max_age=max_age_seconds, clock=clock))
 
     # --- where each issuer's keys come from -----------------------------------------------
 

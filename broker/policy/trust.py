@@ -18,7 +18,7 @@ Pattern syntax (one value, always matched against the whole claim, never a prefi
 
 No other character is special in a glob. A claim is read by name or by a dotted path into
 nested objects (`kubernetes.io.namespace`); only string claims match, a claim of any other
-type (or an absent one) never does.
+type (or an absent one, or a path that could mean two claims) never does.
 """
 
 from __future__ import annotations
@@ -123,16 +123,23 @@ def trust_problems(rules: Sequence[TrustRule]) -> list[tuple[tuple[str | int, ..
     return problems
 
 
+def _resolutions(value: Any, path: str, depth: int = 0) -> list[Any]:
+    if not isinstance(value, Mapping) or depth > 8:
+        return []
+    found = [value[path]] if path in value else []
+    for i, char in enumerate(path):
+        if char == "." and path[:i] in value:
+            found.extend(_resolutions(value[path[:i]], path[i + 1:], depth + 1))
+    return found
+
+
 def claim_at(claims: Mapping[str, Any], path: str) -> Any:
-    """A claim by name, or by dotted path into nested objects; a name with dots is found first."""
-    if path in claims:
-        return claims[path]
-    value: Any = claims
-    for part in path.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
+    """A claim by name, or by dotted path into nested objects, where claim names may hold dots
+    themselves (`kubernetes.io.namespace` is `namespace` inside the `kubernetes.io` object). A
+    path that reaches two values (a top-level `a.b` and a nested `a` -> `b`) reaches none: the
+    token cannot choose which one the rule reads."""
+    found = _resolutions(claims, path)
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass(frozen=True)
