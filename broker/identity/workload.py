@@ -45,8 +45,9 @@ from broker.policy.trust import CompiledTrust
 log = logging.getLogger("broker.identity.workload")
 
 # `typ` a workload token may carry: GitHub Actions and SPIRE write JWT, SPIFFE allows JOSE,
-# Kubernetes writes none.
-ACCEPTED_TYPES = frozenset({"jwt", "jose"})
+# Kubernetes writes none, an OAuth server's client-credentials access token is at+jwt (RFC 9068).
+# Other JWTs of the same issuer (logout tokens, DPoP proofs, SETs) are never a workload's proof.
+ACCEPTED_TYPES = frozenset({"jwt", "jose", "at+jwt", "application/at+jwt"})
 DEFAULT_ALGORITHMS = ("RS256",)  # what GitHub Actions, GitLab, Buildkite and Kubernetes sign with
 MAX_TOKEN = 8192
 WORKLOAD_HEADER = "X-Workload-Token"  # the agent runtime's own token, beside its session token
