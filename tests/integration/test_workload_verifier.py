@@ -69,7 +69,7 @@ def rules(github: LoopbackIssuer, kubernetes: LoopbackIssuer, stranger: Loopback
                            "job_workflow_ref": "acme/app/.github/workflows/agent.yml@refs/heads/main"}},
         {"name": "k8s-runner", "role": "orchestrator", "orchestrator": "k8s", "issuer": kubernetes.url,
          "audience": AUD, "subject_pattern": "system:serviceaccount:agents:*",
-         "claim_pattern": {"kubernetes.io.namespace": "agents"}},
+         "claim_pattern": {"kubernetes.io.namespace": "agents", "kubernetes.io.serviceaccount.name": "runner"}},
         {"name": "spiffe-agents", "role": "agent", "issuer": "spiffe://example.org", "audience": AUD,
          "subject_pattern": "spiffe://example.org/ns/agents/sa/*"},
         # The policy names this issuer; the server allowlist does not: it must count for nothing.
@@ -208,6 +208,9 @@ REFUSALS: dict[str, tuple[Case, str, str, str]] = {
                              "orchestrator", "no-matching-trust-rule", "no trust rule"),
     "k8s-other-namespace": (lambda g, k, s, d: (k.kubernetes_token(audience=AUD, namespace="agents-evil"), ""),
                             "orchestrator", "no-matching-trust-rule", "agents-evil"),
+    "k8s-other-service-account-claim": (lambda g, k, s, d: (k.sign({**k.kubernetes_claims(
+        audience=AUD, service_account="builder"), "sub": "system:serviceaccount:agents:runner"}), ""),
+        "orchestrator", "no-matching-trust-rule", "no trust rule"),
     "k8s-sa-subject-with-extra-segment": (lambda g, k, s, d: (k.kubernetes_token(
         audience=AUD, service_account="runner:x"), ""), "orchestrator", "no-matching-trust-rule", "runner:x"),
     "k8s-namespace-claim-forged-beside": (lambda g, k, s, d: (k.sign({**k.kubernetes_claims(
