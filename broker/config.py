@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     # Keys (and SPIFFE bundles) are re-read at least this often even when every kid is known.
     workload_jwks_max_age_seconds: float = Field(default=300.0, gt=0)
     workload_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Longest life (exp - iat) of a workload token the broker accepts. Platforms issue minutes to
+    # hours (GitHub Actions ~5 min to 1 h, Kubernetes 1 h by default and 48 h at most by kubelet
+    # refresh, SPIRE 5 min); a token that lives longer is a standing secret by another name.
+    workload_max_token_lifetime_seconds: int = Field(default=48 * 3600, ge=60, le=7 * 86400)
 
     # --- the approver's console (/console/) ----------------------------------------------------
     # Where people reach the broker: approval links in notifications, the console's OIDC

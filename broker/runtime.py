@@ -143,6 +143,7 @@ class Broker:
             oidc=OidcVerifier(oidc_config) if oidc_config else None,
             workload=WorkloadVerifier(
                 settings.trusted_issuer_map(), leeway_seconds=settings.workload_leeway_seconds,
+                max_lifetime_seconds=settings.workload_max_token_lifetime_seconds,
                 refresh_cooldown_seconds=settings.workload_jwks_refresh_cooldown_seconds,
                 max_age_seconds=settings.workload_jwks_max_age_seconds,
                 timeout_seconds=settings.workload_timeout_seconds,

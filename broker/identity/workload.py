@@ -69,6 +69,10 @@ class InvalidAudience(Unauthenticated, code="invalid-audience"):
     """The token was issued for another audience than any trust rule of its issuer accepts."""
 
 
+class TokenLifetimeTooLong(Unauthenticated, code="token-lifetime-too-long"):
+    """The token lives longer than the broker accepts of a workload token (a long-lived secret in disguise)."""
+
+
 class NoMatchingTrustRule(Forbidden, code="no-matching-trust-rule"):
     """A genuine token that no trust rule of the policy lets in (subject or a claim outside it)."""
 
@@ -184,12 +188,14 @@ class WorkloadVerifier:
     """Turns a workload token into a WorkloadIdentity, or refuses it with a precise code."""
 
     def __init__(self, issuers: Mapping[str, TrustedIssuer], *, leeway_seconds: int = 30,
+                 max_lifetime_seconds: int = 48 * 3600,
                  refresh_cooldown_seconds: float = 30.0, max_age_seconds: float = 3600.0,
                  timeout_seconds: float = 5.0, fetch: Fetch | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 <= leeway_seconds <= 60:
             raise ConfigError("BROKER_WORKLOAD_LEEWAY_SECONDS must be between 0 and 60")
         self.leeway_seconds = leeway_seconds
+        self.max_lifetime_seconds = max_lifetime_seconds
         self.timeout_seconds = timeout_seconds
         self._fetch = fetch or self._http_get
         self.issuers: dict[str, _IssuerKeys] = {}
@@ -272,6 +278,17 @@ class WorkloadVerifier:
         iss, sub = self.unverified(token)
         return self.issuer_of(iss, sub)
 
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """A workload token is short-lived by nature; one that lives for months is a standing
+        secret (a legacy Kubernetes token, a misconfigured expirationSeconds) and is refused."""
+        exp = claims["exp"]
+        start = claims.get("iat")
+        if not isinstance(start, int | float) or isinstance(start, bool):
+            start = time.time()  # JWT-SVIDs need no iat: what is left of its life counts
+        if exp - start > self.max_lifetime_seconds:
+            raise TokenLifetimeTooLong(f"the token lives {int(exp - start)} s; workload tokens are accepted up to "
+                                       f"{self.max_lifetime_seconds} s (BROKER_WORKLOAD_MAX_TOKEN_LIFETIME_SECONDS)")
+
     def verify(self, token: str, *, role: str, trust: CompiledTrust) -> WorkloadIdentity:
         if len(token) > MAX_TOKEN:
             raise Unauthenticated("workload token too long")
@@ -332,6 +349,7 @@ class WorkloadVerifier:
                                   f"{keys.trusted.issuer} accept") from exc
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"workload token rejected: {exc}") from exc
+        self._check_lifetime(claims)
         if spiffe_token and spiffe.trust_domain_of(str(claims.get("sub"))) != keys.trusted.issuer:
             raise UntrustedIssuer("the SVID's SPIFFE ID is of another trust domain than its bundle")
         match = trust.first(role, keys.trusted.issuer, claims)

@@ -206,6 +206,19 @@ REFUSALS: dict[str, tuple[Case, str, str, str]] = {
                        "orchestrator", "no-matching-trust-rule", "no trust rule"),
     "workflow-on-a-branch": (lambda g, k, s, d: (g.github_token(audience=AUD, ref="refs/heads/main-evil"), ""),
                              "orchestrator", "no-matching-trust-rule", "no trust rule"),
+    "k8s-year-long-projection": (lambda g, k, s, d: (k.kubernetes_token(audience=AUD,
+                                                                       expiration_seconds=365 * 86400), ""),
+                                 "orchestrator", "token-lifetime-too-long", "accepted up to"),
+    "k8s-legacy-secret-token": (lambda g, k, s, d: (k.sign({
+        "iss": "kubernetes/serviceaccount", "kubernetes.io/serviceaccount/namespace": "agents",
+        "kubernetes.io/serviceaccount/service-account.name": "runner",
+        "sub": "system:serviceaccount:agents:runner"}), ""), "orchestrator", "untrusted-issuer", "kubernetes"),
+    "k8s-legacy-shape-our-issuer": (lambda g, k, s, d: (k.sign({
+        "iss": k.url, "aud": [AUD], "sub": "system:serviceaccount:agents:runner",
+        "kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "runner"}}}), ""),
+        "orchestrator", "invalid-token", "exp"),
+    "svid-month-long": (lambda g, k, s, d: (d.svid("ns/agents/sa/x", audience=AUD, ttl=30 * 86400), ""), "agent",
+                        "token-lifetime-too-long", "accepted up to"),
     "k8s-other-namespace": (lambda g, k, s, d: (k.kubernetes_token(audience=AUD, namespace="agents-evil"), ""),
                             "orchestrator", "no-matching-trust-rule", "agents-evil"),
     "k8s-other-service-account-claim": (lambda g, k, s, d: (k.sign({**k.kubernetes_claims(
@@ -339,6 +352,29 @@ def test_spiffe_bundle_rotation_and_storm(verifier: WorkloadVerifier, trust: Com
         refused(verifier, spiffe_domain.svid("ns/agents/sa/a", audience=AUD, key=new_key("ES256", kid=f"t-{i}")),
                 trust, "agent")
     assert len(reads) == 3
+
+
+def test_spiffe_bundle_endpoint_rotation_and_storm(tmp_path: Path, trust: CompiledTrust, clock: Clock) -> None:
+    domain = SpiffeTrustDomain("example.org", tmp_path)
+    url = domain.serve()
+    try:
+        verifier = WorkloadVerifier(parse_trusted_issuers(json.dumps([
+            {"issuer": "spiffe://example.org", "algorithms": ["ES256"], "bundle": url}])),
+            refresh_cooldown_seconds=COOLDOWN, clock=clock)
+        assert verifier.verify(domain.svid("ns/agents/sa/a", audience=AUD), role="agent", trust=trust).rule == \
+            "spiffe-agents"
+        assert domain.endpoint_reads == 1
+        domain.rotate()
+        clock.now += COOLDOWN
+        assert verifier.verify(domain.svid("ns/agents/sa/a", audience=AUD), role="agent", trust=trust)
+        assert domain.endpoint_reads == 2
+        stranger = new_key("ES256")
+        for i in range(100):
+            forged = domain.svid("ns/agents/sa/a", audience=AUD, key=IssuerKey(f"e-{i}", stranger.private, "ES256"))
+            assert refused(verifier, forged, trust, "agent").code == "unknown-signing-key"
+        assert domain.endpoint_reads == 2
+    finally:
+        domain.close()
 
 
 def test_the_x509_authorities_of_a_bundle_never_verify_a_token(verifier: WorkloadVerifier, trust: CompiledTrust,

@@ -236,6 +236,36 @@ class SpiffeTrustDomain:
         self.write_bundle()
         return key
 
+    def serve(self) -> str:
+        """Serve the bundle at a SPIFFE bundle endpoint on loopback (the file's current content,
+        as `https_web` profile endpoints serve it, here over plain http); returns its URL.
+        `endpoint_reads` counts the requests."""
+        domain = self
+        self.endpoint_reads = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                domain.endpoint_reads += 1
+                data = domain.bundle_path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._endpoint = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._endpoint.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._endpoint.server_address[1]}/bundle"
+
+    def close(self) -> None:
+        endpoint = getattr(self, "_endpoint", None)
+        if endpoint is not None:
+            endpoint.shutdown()
+            endpoint.server_close()
+
     def svid(self, path: str, *, audience: str, ttl: int = 300, key: IssuerKey | None = None,
              spiffe_id: str | None = None, **extra: Any) -> str:
         now = int(time.time())
