@@ -375,3 +375,30 @@ def test_issuer_key_rotation_is_picked_up_by_the_running_broker(sqlite_machines:
             task_id=f"storm-{i}")
         assert code(r) == "unknown-signing-key"
     assert m.github.jwks_reads() == reads + 1
+
+
+def test_a_policy_reload_narrows_machines_at_the_next_request(sqlite_machines: MachineBroker, tmp_path: Path) -> None:
+    m = sqlite_machines
+    token = {"Authorization": "Bearer " + m.github.github_token(audience=AUD)}
+    assert m.provision(token, task_id="before-reload").status_code == 201
+    policy_file = Path(m.broker.settings.policy_file)
+    text = policy_file.read_text()
+    policy_file.write_text(text.replace('subject: "repo:acme/app:environment:prod"',
+                                        'subject: "repo:acme/app:environment:staging"'))
+    assert m.broker.policies.reload() is True
+    # The very same token, verified moments ago: no cached "yes" outlives the rule that gave it.
+    r = m.provision(token, task_id="after-reload")
+    assert r.status_code == 403 and code(r) == "no-matching-trust-rule"
+    # And a policy cannot widen the allowlist: naming a new issuer there lets nothing in.
+    policy_file.write_text(text + f"""\
+  - name: widened
+    role: orchestrator
+    orchestrator: widened
+    issuer: https://issuer.unknown.example
+    audience: {AUD}
+    subject_pattern: "**"
+""")
+    assert m.broker.policies.reload() is True
+    forged = m.outsider.sign({**m.outsider.github_claims(audience=AUD), "iss": "https://issuer.unknown.example"})
+    r = m.provision({"Authorization": f"Bearer {forged}"}, task_id="widened")
+    assert r.status_code == 401 and code(r) == "untrusted-issuer" and "cannot widen" in r.json()["error"]["message"]

@@ -441,3 +441,33 @@ def test_allowlist_forms() -> None:
                                              "algorithms": ["ES256", "RS256"]}]))
     assert got["spiffe://example.org"].algorithms == {"ES256", "RS256"}
     assert parse_trusted_issuers("  ") == {}
+
+
+# --- the issuer's side failing: closed, never open -----------------------------------------
+
+
+def _orchestrator_rule(issuer: str) -> CompiledTrust:
+    return CompiledTrust([TrustRule.model_validate(
+        {"name": "r", "role": "orchestrator", "orchestrator": "o", "issuer": issuer, "audience": AUD,
+         "subject_pattern": "**"})])
+
+
+def test_an_unreachable_issuer_fails_closed_with_503(github: LoopbackIssuer) -> None:
+    from tests.support.ports import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    verifier = WorkloadVerifier(parse_trusted_issuers(dead), timeout_seconds=2)
+    token = github.sign({**github.github_claims(audience=AUD), "iss": dead})
+    exc = refused(verifier, token, _orchestrator_rule(dead))
+    assert (exc.status, exc.code) == (503, "identity-provider-unavailable")
+
+
+def test_a_discovery_document_naming_another_issuer_is_not_trusted() -> None:
+    impostor = LoopbackIssuer("kubernetes", discovery_issuer="https://kubernetes.default.svc")
+    try:
+        verifier = WorkloadVerifier(parse_trusted_issuers(impostor.url))
+        exc = refused(verifier, impostor.kubernetes_token(audience=AUD), _orchestrator_rule(impostor.url))
+        assert (exc.status, exc.code) == (503, "identity-provider-unavailable")
+        assert impostor.jwks_reads() == 0  # its keys were never read
+    finally:
+        impostor.close()
