@@ -402,3 +402,29 @@ def test_a_policy_reload_narrows_machines_at_the_next_request(sqlite_machines: M
     forged = m.outsider.sign({**m.outsider.github_claims(audience=AUD), "iss": "https://issuer.unknown.example"})
     r = m.provision({"Authorization": f"Bearer {forged}"}, task_id="widened")
     assert r.status_code == 401 and code(r) == "untrusted-issuer" and "cannot widen" in r.json()["error"]["message"]
+
+
+def test_the_agent_helpers_send_the_runtimes_token_from_a_file(sqlite_machines: MachineBroker, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.cli.agent import AgentClient, HelperError
+
+    m = sqlite_machines
+    session = m.provision(m.gha(), task_id="helpers").json()
+    client = AgentClient(token=session["session_token"], base_url=m.server.base_url)
+    with pytest.raises(HelperError) as raised:
+        client.request_capability("jwt://payments-api", "read", purpose="p", tool="t")
+    assert raised.value.code == "workload-token-required"
+    token_file = tmp_path / "svid.jwt"
+    monkeypatch.setenv("BROKER_WORKLOAD_TOKEN_FILE", str(token_file))
+    token_file.write_text(m.spiffe.svid("ns/agents/sa/other", audience=AUD) + "\n")
+    with pytest.raises(HelperError) as raised:
+        client.request_capability("jwt://payments-api", "read", purpose="p", tool="t")
+    assert raised.value.code == "workload-mismatch"
+    # The platform rewrote the file (rotation): the next call reads the new token.
+    token_file.write_text(m.spiffe.svid("ns/agents/sa/claude", audience=AUD) + "\n")
+    minted = client.request_capability("jwt://payments-api", "read", purpose="p", tool="t")
+    assert minted["status"] == "active"
+    monkeypatch.setenv("BROKER_WORKLOAD_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(HelperError) as raised:
+        client.request_capability("jwt://payments-api", "read", purpose="p", tool="t")
+    assert raised.value.code == "no-workload-token"
