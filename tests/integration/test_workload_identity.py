@@ -428,3 +428,32 @@ def test_the_agent_helpers_send_the_runtimes_token_from_a_file(sqlite_machines: 
     with pytest.raises(HelperError) as raised:
         client.request_capability("jwt://payments-api", "read", purpose="p", tool="t")
     assert raised.value.code == "no-workload-token"
+
+
+def test_exec_under_a_bound_session_keeps_both_agent_tokens_from_the_child(sqlite_machines: MachineBroker,
+                                                                          tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.processes import BROKER_CLI
+
+    m = sqlite_machines
+    session = m.provision(m.gha(), task_id="exec").json()
+    out = tmp_path / "env.json"
+    script = ("import json, os, sys; json.dump({k: os.environ.get(k) for k in "
+              "('BROKER_SESSION_TOKEN', 'BROKER_WORKLOAD_TOKEN', 'BROKER_TOKEN_PAYMENTS_API')}, open(sys.argv[1], 'w'))")
+    env = {**os.environ, "BROKER_URL": m.server.base_url, "BROKER_SESSION_TOKEN": session["session_token"],
+           "BROKER_WORKLOAD_TOKEN": m.spiffe.svid("ns/agents/sa/claude", audience=AUD)}
+    done = subprocess.run([BROKER_CLI, "exec", "-c", "jwt://payments-api=read", "--", sys.executable, "-c", script,
+                           str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(out.read_text())
+    assert seen["BROKER_SESSION_TOKEN"] is None and seen["BROKER_WORKLOAD_TOKEN"] is None
+    assert seen["BROKER_TOKEN_PAYMENTS_API"]
+    # Without the runtime's token the same command gets nothing and runs nothing.
+    out.unlink()
+    env.pop("BROKER_WORKLOAD_TOKEN")
+    done = subprocess.run([BROKER_CLI, "exec", "-c", "jwt://payments-api=read", "--", sys.executable, "-c", script,
+                           str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "workload-token-required" in done.stderr and not out.exists()
