@@ -9,18 +9,12 @@ from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
 from broker.audit.events import machine_caller
-from broker.errors import BrokerError, Forbidden, IdentityProviderUnavailable
+from broker.errors import Forbidden
+from broker.identity.binding import check_session_workload, verify_workload
 from broker.identity.callers import ApiKeys, Caller, bearer, session_token_claims
 from broker.identity.oidc import unverified_issuer
 from broker.identity.ratelimit import RateLimiter
-from broker.identity.trust_audit import record_refusal
-from broker.identity.workload import (
-    WORKLOAD_HEADER,
-    WorkloadIdentity,
-    WorkloadMismatch,
-    WorkloadTokenRequired,
-    WorkloadVerifier,
-)
+from broker.identity.workload import WORKLOAD_HEADER, WorkloadIdentity
 from broker.runtime import Broker
 
 
@@ -64,43 +58,18 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
     return keys.lookup(token)
 
 
-async def _workload(broker: Broker, token: str, *, role: str, session_id: str | None = None,
-                    agent: str | None = None) -> WorkloadIdentity:
-    """Verify a workload token under the policy's trust rules; audit a refusal; mark the request."""
-    try:
-        # A thread: an unknown kid (rotation) re-reads the issuer's keys over the network.
-        identity = await run_in_threadpool(broker.workload.verify, token, role=role,
-                                           trust=broker.policies.current.trust)
-    except BrokerError as exc:
-        await _refused(broker, exc, token, role=role, session_id=session_id, agent=agent)
-        raise
-    machine_caller.set(identity.audit())
+async def _workload(broker: Broker, token: str, *, role: str) -> WorkloadIdentity:
+    # A thread: an unknown kid (rotation) re-reads the issuer's keys over the network.
+    identity = await run_in_threadpool(verify_workload, broker, token, role=role)
+    machine_caller.set(identity.audit())  # here, not in the thread: the route runs in this context
     return identity
 
 
-async def _refused(broker: Broker, exc: BrokerError, token: str | None, *, role: str, session_id: str | None,
-                   agent: str | None) -> None:
-    if isinstance(exc, IdentityProviderUnavailable):
-        return  # an outage, not a refusal: the caller retries (503)
-    iss, sub = WorkloadVerifier.unverified(token) if token else (None, None)
-    await run_in_threadpool(record_refusal, broker.engine, exc, role=role, issuer=WorkloadVerifier.issuer_of(iss, sub),
-                            subject=sub, session_id=session_id, agent=agent)
-
-
 async def _agent_workload(broker: Broker, caller: Caller, binding: object, presented: str | None) -> None:
-    """The agent runtime's own workload token beside its session token: required, and must be the
-    bound workload's, when the session was provisioned bound to one (`wl` in the session token)."""
-    if presented is None:
-        missing = WorkloadTokenRequired(f"this session is bound to a workload: send its token in {WORKLOAD_HEADER}")
-        await _refused(broker, missing, None, role="agent", session_id=caller.session_id, agent=caller.name)
-        raise missing
-    token = presented.strip()
-    identity = await _workload(broker, token, role="agent", session_id=caller.session_id, agent=caller.name)
-    if isinstance(binding, dict) and (binding.get("iss"), binding.get("sub")) != (identity.issuer, identity.subject):
-        machine_caller.set(None)
-        exc = WorkloadMismatch("the workload token is not the one this session is bound to")
-        await _refused(broker, exc, token, role="agent", session_id=caller.session_id, agent=caller.name)
-        raise exc
+    identity = await run_in_threadpool(check_session_workload, broker, session_id=caller.session_id or "",
+                                       agent=caller.name, binding=binding, presented=presented)
+    if identity is not None:
+        machine_caller.set(identity.audit())
 
 
 AnyCaller = Annotated[Caller, Depends(get_caller)]

@@ -346,15 +346,30 @@ def test_binding_needs_an_allowlisted_issuer_and_unbound_sessions_work_as_before
     assert r.status_code == 401 and code(r) == "untrusted-issuer"
 
 
-def test_token_exchange_is_closed_to_bound_sessions(sqlite_machines: MachineBroker) -> None:
+def test_token_exchange_checks_the_binding_too(sqlite_machines: MachineBroker) -> None:
     m = sqlite_machines
     session = m.provision(m.gha()).json()
-    r = m.client.post("/v1/oauth/token", data={
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "subject_token": session["session_token"],
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt", "resource": "jwt://payments-api",
-        "scope": "read"})
+
+    def exchange(workload_token: str | None) -> httpx.Response:
+        headers = {WORKLOAD_HEADER: workload_token} if workload_token else {}
+        return m.client.post("/v1/oauth/token", headers=headers, data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": session["session_token"],
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt", "resource": "jwt://payments-api",
+            "scope": "read"})
+
+    r = exchange(None)
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant", r.text
-    assert "X-Workload-Token" in r.json()["error_description"]
+    assert r.json()["code"] == "workload-token-required"
+    r = exchange(m.spiffe.svid("ns/agents/sa/other", audience=AUD))
+    assert r.status_code == 403 and r.json()["code"] == "workload-mismatch", r.text
+    r = exchange(m.spiffe.svid("ns/agents/sa/claude", audience=AUD))
+    assert r.status_code == 200, r.text
+    assert r.json()["access_token"]
+    refusals = m.records(types=["workload.refused"], session_id=session["session_id"])
+    assert [x["outcome"] for x in refusals] == ["workload-token-required", "workload-mismatch"]
+    minted = m.records(types=["capability.minted"], session_id=session["session_id"])
+    assert minted and minted[-1]["detail"]["workload"]["subject"] == AGENT_ID
 
 
 # --- acceptance 3 over HTTP: rotation without a restart ---------------------------------------
