@@ -376,7 +376,7 @@ class Settings(BaseSettings):
         if self.encryption_key is None:
             missing.append("BROKER_ENCRYPTION_KEY (32 random bytes, base64; `broker-cli init` prints one)")
         if not self.orchestrator_api_keys and not self.admin_token_sha256 and not self.oidc_issuer \
-                and not self.trusted_issuers.strip():
+                and not self.trusted_issuer_map():
             missing.append(
                 "BROKER_ORCHESTRATOR_API_KEYS, BROKER_ADMIN_TOKEN_SHA256, BROKER_OIDC_ISSUER or BROKER_TRUSTED_ISSUERS "
                 "(or nobody can call the broker)"
