@@ -14,6 +14,7 @@ active session of that task.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -237,10 +238,11 @@ def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int, caller: Ca
             # Ids older than twice the window can be forgotten: their signatures can no longer
             # be fresh (the sender's clock may be off by up to the window in either direction).
             db.execute(delete(WebhookDelivery).where(col(WebhookDelivery.received_at) < now - keep))
-            seen = db.get(WebhookDelivery, event.id)
+            ledger_id = _ledger_id(event, caller)
+            seen = db.get(WebhookDelivery, ledger_id)
             if seen is not None:
                 raise _replayed(event, seen.received_at)
-            db.add(WebhookDelivery(event_id=event.id, received_at=now))
+            db.add(WebhookDelivery(event_id=ledger_id, received_at=now))
             db.flush()  # a concurrent delivery of the same id blocks here, then fails: 409
             if not event.is_teardown:
                 append(db, _received_event(event, "ignored", signed_at, [], actor))
@@ -268,6 +270,15 @@ def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int, caller: Ca
                                             summary.receipt_list()))
     log.info("webhook %s (%s): %s, %d session(s)", event.id, event.event_type, outcome, len(result.sessions))
     return result
+
+
+def _ledger_id(event: LifecycleEvent, caller: Caller | None) -> str:
+    """The delivery's key in the replay ledger. A signed delivery's id as sent; a bearer's id is
+    its own orchestrator's, so one orchestrator cannot spend another's ids (and so block its
+    teardowns with 409s) by sending them first."""
+    if caller is None:
+        return event.id
+    return "bearer:" + hashlib.sha256(f"{caller.principal}\n{event.id}".encode()).hexdigest()
 
 
 def _replayed(event: LifecycleEvent, first: datetime | None) -> WebhookReplayed:

@@ -242,6 +242,15 @@ def test_an_orchestrator_ends_only_its_own_sessions_by_task(machines: MachineBro
     # Its own orchestrator ends it through the REST teardown too.
     r = m.client.post(f"/v1/sessions/{mine['session_id']}/end", headers=m.gha())
     assert r.status_code == 200 and r.json()["session_id"] == mine["session_id"]
+    # Event ids are each orchestrator's own: one cannot spend another's (and block its teardown).
+    other = m.provision(m.gha(), task_id="acme/app#8").json()
+    body = {"id": "evt-shared", "type": "task.completed", "task_id": "acme/app#8"}
+    r = m.client.post("/v1/webhooks/orchestrator", headers=k8s, json=body)
+    assert r.status_code == 200 and r.json()["status"] == "unmatched"
+    r = m.client.post("/v1/webhooks/orchestrator", headers=m.gha(), json=body)
+    assert r.status_code == 200 and [s["session_id"] for s in r.json()["sessions"]] == [other["session_id"]]
+    r = m.client.post("/v1/webhooks/orchestrator", headers=m.gha(), json=body)
+    assert r.status_code == 409 and code(r) == "webhook-replayed"
     # A webhook without signature or token is still refused (no secret configured means no HMAC path).
     r = m.client.post("/v1/webhooks/orchestrator", json={"id": "x", "task_id": "acme/app#7"})
     assert r.status_code == 401 and code(r) == "invalid-signature"
