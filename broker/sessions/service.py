@@ -15,6 +15,7 @@ from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
+from broker.identity import spiffe
 from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
 from broker.identity.principals import canonical_human
@@ -62,9 +63,14 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
             f"ttl_seconds exceeds the broker's maximum session length ({broker.settings.session_max_ttl_seconds})",
             code="ttl-out-of-bounds",
         )
-    if ask.workload is not None and ask.workload[0] not in broker.workload.issuers:
-        raise InvalidRequest("the session's workload issuer is not on the server allowlist (BROKER_TRUSTED_ISSUERS): "
-                             "no token of it could ever be accepted", code="untrusted-issuer")
+    if ask.workload is not None:
+        issuer, subject = ask.workload
+        if issuer not in broker.workload.issuers:
+            raise InvalidRequest("the session's workload issuer is not on the server allowlist (BROKER_TRUSTED_ISSUERS): "
+                                 "no token of it could ever be accepted", code="untrusted-issuer")
+        if issuer.startswith(spiffe.SCHEME) and spiffe.trust_domain_of(subject) != issuer:
+            raise InvalidRequest(f"the session's workload subject must be a SPIFFE ID of {issuer}",
+                                 code="invalid-workload-binding")
     for entry in ask.scope:
         # A malformed scope is a 400, not a silent no-match; stored in canonical form.
         entry["resource"] = validate_pattern(entry["resource"])

@@ -347,6 +347,10 @@ def test_binding_needs_an_allowlisted_issuer_and_unbound_sessions_work_as_before
     for subject in bad_subjects:
         r = m.provision(m.gha(), bound=subject)
         assert r.status_code == 422, (subject, r.text)
+    for subject in ("spiffe://other.org/ns/agents/sa/claude", "spiffe://example.org", "spiffe://example.org/",
+                    "spiffe://example.org/ns/../admin", "spiffe://example.org.evil/x", "https://example.org/x"):
+        r = m.provision(m.gha(), bound=subject)
+        assert r.status_code == 400 and code(r) == "invalid-workload-binding", (subject, r.text)
     unbound = m.provision(m.gha(), bound=None).json()
     assert "wl" not in jwt.decode(unbound["session_token"], options={"verify_signature": False})
     assert m.capability(unbound, None).status_code == 201
