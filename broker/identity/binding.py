@@ -20,6 +20,7 @@ from broker.identity.workload import (
     WorkloadTokenRequired,
     WorkloadVerifier,
 )
+from broker.metrics import WORKLOAD_AUTH
 
 if TYPE_CHECKING:
     from broker.runtime import Broker
@@ -29,14 +30,17 @@ def verify_workload(broker: Broker, token: str, *, role: str, session_id: str | 
                     agent: str | None = None) -> WorkloadIdentity:
     """Verify a workload token under the policy in force; audit a refusal (not an outage)."""
     try:
-        return broker.workload.verify(token, role=role, trust=broker.policies.current.trust)
+        identity = broker.workload.verify(token, role=role, trust=broker.policies.current.trust)
     except BrokerError as exc:
         refused(broker, exc, token, role=role, session_id=session_id, agent=agent)
         raise
+    WORKLOAD_AUTH.labels(role=role, outcome="accepted", trust_rule=identity.rule).inc()
+    return identity
 
 
 def refused(broker: Broker, exc: BrokerError, token: str | None, *, role: str, session_id: str | None,
             agent: str | None) -> None:
+    WORKLOAD_AUTH.labels(role=role, outcome=exc.code, trust_rule="").inc()
     if isinstance(exc, IdentityProviderUnavailable):
         return  # an outage, not a refusal: the caller retries (503)
     iss, sub = WorkloadVerifier.unverified(token) if token else (None, None)

@@ -302,6 +302,9 @@ def test_orchestrator_refusal_corpus_each_audited(sqlite_machines: MachineBroker
         iss = jwt.decode(token, options={"verify_signature": False})
         assert last["detail"]["workload"]["subject"] == iss["sub"], name
     assert len(m.records(types=["workload.refused"])) == len(ORCHESTRATOR_REFUSALS)
+    metrics = m.client.get("/metrics").text
+    assert 'broker_workload_authentications_total{outcome="no-matching-trust-rule",role="orchestrator",' \
+           'trust_rule=""}' in metrics
     # Nothing was provisioned by any of them.
     assert m.records(types=["session.created"]) == []
     r = m.client.get("/v1/sessions", headers=m.gha())
