@@ -274,10 +274,6 @@ class WorkloadVerifier:
             return spiffe.trust_domain_of(sub) or sub
         return iss
 
-    def claims_issuer(self, token: str) -> str | None:
-        iss, sub = self.unverified(token)
-        return self.issuer_of(iss, sub)
-
     def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
         """A workload token is short-lived by nature; one that lives for months is a standing
         secret (a legacy Kubernetes token, a misconfigured expirationSeconds) and is refused."""
