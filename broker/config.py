@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from broker.errors import ConfigError
 from broker.identity.oidc import OidcConfig, is_loopback, parse_orchestrator_clients
 from broker.identity.principals import canonical_human, principal_problem
+from broker.identity.workload import TrustedIssuer, parse_trusted_issuers
 
 ASCII_BLANKS = " \t\r\n"
 RECEIVER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -113,6 +114,26 @@ class Settings(BaseSettings):
     # RFC 8707 resource indicator the CLI sends, for IdPs that pick the audience by it
     # (Keycloak, oidc-provider); unset for those that pick it by scope (Okta, Entra ID).
     oidc_cli_resource: str | None = None
+
+    # --- machines through their platform's own tokens (docs/workload-identity.md) ---------------
+    # The server allowlist of workload issuers: OIDC issuers (GitHub Actions, GitLab, Buildkite,
+    # Kubernetes service-account issuers) and SPIFFE trust domains with their bundle. It lives
+    # outside the policy file on purpose: a trust rule naming an issuer not listed here lets
+    # nothing in. A comma-separated list of issuer URLs (RS256 pinned), or a JSON list of URLs and
+    # {"issuer", "algorithms", "bundle"} objects. Empty: no workload token is accepted.
+    trusted_issuers: str = ""
+    # Clock skew allowed on a workload token's exp/nbf/iat; capped at 60 s, as for humans.
+    workload_leeway_seconds: int = Field(default=30, ge=0, le=60)
+    # At most one key re-read per issuer per this interval when tokens name an unknown kid:
+    # rotation is picked up at once, a storm of made-up kids cannot turn the broker on the issuer.
+    workload_jwks_refresh_cooldown_seconds: float = Field(default=30.0, gt=0)
+    # Keys (and SPIFFE bundles) are re-read at least this often even when every kid is known.
+    workload_jwks_max_age_seconds: float = Field(default=300.0, gt=0)
+    workload_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Longest life (exp - iat) of a workload token the broker accepts. Platforms issue minutes to
+    # hours (GitHub Actions ~5 min to 1 h, Kubernetes 1 h by default and 48 h at most by kubelet
+    # refresh, SPIRE 5 min); a token that lives longer is a standing secret by another name.
+    workload_max_token_lifetime_seconds: int = Field(default=48 * 3600, ge=60, le=7 * 86400)
 
     # --- the approver's console (/console/) ----------------------------------------------------
     # Where people reach the broker: approval links in notifications, the console's OIDC
@@ -263,6 +284,15 @@ class Settings(BaseSettings):
             timeout_seconds=self.oidc_timeout_seconds,
         )
 
+    def trusted_issuer_map(self) -> dict[str, TrustedIssuer]:
+        """BROKER_TRUSTED_ISSUERS, checked; the broker's own issuer and the human IdP are never in it."""
+        issuers = parse_trusted_issuers(self.trusted_issuers)
+        for own in filter(None, (self.issuer, self.oidc_issuer)):
+            if own in issuers or own.rstrip("/") in issuers:
+                raise ConfigError(f"BROKER_TRUSTED_ISSUERS names {own!r}, the broker's own issuer or the human IdP: "
+                                  "machines from there authenticate as documented for it, not by trust rules")
+        return issuers
+
     def human_token_hashes(self) -> dict[str, str]:
         """sha256 hex -> the canonical principal (broker.identity.principals) of a local human."""
         out: dict[str, str] = {}
@@ -354,9 +384,11 @@ class Settings(BaseSettings):
             missing.append("BROKER_SIGNING_KEY_DIR (directory of Ed25519 PEM keys; `broker-cli keys rotate` makes one)")
         if self.encryption_key is None:
             missing.append("BROKER_ENCRYPTION_KEY (32 random bytes, base64; `broker-cli init` prints one)")
-        if not self.orchestrator_api_keys and not self.admin_token_sha256 and not self.oidc_issuer:
+        if not self.orchestrator_api_keys and not self.admin_token_sha256 and not self.oidc_issuer \
+                and not self.trusted_issuer_map():
             missing.append(
-                "BROKER_ORCHESTRATOR_API_KEYS, BROKER_ADMIN_TOKEN_SHA256 or BROKER_OIDC_ISSUER (or nobody can call the broker)"
+                "BROKER_ORCHESTRATOR_API_KEYS, BROKER_ADMIN_TOKEN_SHA256, BROKER_OIDC_ISSUER or BROKER_TRUSTED_ISSUERS "
+                "(or nobody can call the broker)"
             )
         if missing:
             raise ConfigError(
@@ -364,6 +396,7 @@ class Settings(BaseSettings):
             )
         self.orchestrator_key_hashes()  # validates the format
         self.oidc_config()
+        self.trusted_issuer_map()
         self.human_token_hashes()
         self.approval_webhook_url_list()
         self.security_event_receiver_list()

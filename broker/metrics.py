@@ -41,6 +41,9 @@ REVOKES = Counter("broker_revocations_total", "Revocation attempts by outcome (r
                   ["provider", "outcome"], registry=REGISTRY)
 WEBHOOKS = Counter("broker_webhooks_total", "Orchestrator webhook deliveries", ["event_type", "outcome"],
                    registry=REGISTRY)
+WORKLOAD_AUTH = Counter("broker_workload_authentications_total",
+                        "Workload tokens (machines under trust rules): accepted, by trust rule, or refused, by code",
+                        ["role", "outcome", "trust_rule"], registry=REGISTRY)
 PERMISSION_ANSWERS = Counter("broker_permission_answers_total",
                              "Live permission source answers (cached: no backend call was made)",
                              ["source", "verdict", "cached"], registry=REGISTRY)

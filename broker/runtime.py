@@ -23,6 +23,7 @@ from broker.config import Settings
 from broker.db import make_engine
 from broker.identity.keys import KeyRing
 from broker.identity.oidc import OidcVerifier
+from broker.identity.workload import WorkloadVerifier
 from broker.permissions.base import SourceContext
 from broker.permissions.registry import LivePermissions
 from broker.permissions.registry import build as build_sources
@@ -95,6 +96,8 @@ class Broker:
     sealer: crypto.Sealer
     # Humans (and client-credentials orchestrators) through the configured IdP; None without one.
     oidc: OidcVerifier | None = None
+    # Machines through workload tokens under the policy's trust rules (BROKER_TRUSTED_ISSUERS).
+    workload: WorkloadVerifier = field(default_factory=lambda: WorkloadVerifier({}))
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
     # Live permission sources the policy names (github, openbao, ...), with their answer cache.
     permissions: LivePermissions = field(default_factory=lambda: LivePermissions({}, 0))
@@ -137,6 +140,13 @@ class Broker:
             providers=providers,
             sealer=sealer,
             oidc=OidcVerifier(oidc_config) if oidc_config else None,
+            workload=WorkloadVerifier(
+                settings.trusted_issuer_map(), leeway_seconds=settings.workload_leeway_seconds,
+                max_lifetime_seconds=settings.workload_max_token_lifetime_seconds,
+                refresh_cooldown_seconds=settings.workload_jwks_refresh_cooldown_seconds,
+                max_age_seconds=settings.workload_jwks_max_age_seconds,
+                timeout_seconds=settings.workload_timeout_seconds,
+            ),
             permissions=LivePermissions(sources, settings.permission_cache_seconds),
         )
 

@@ -55,6 +55,14 @@ class ScopeItem(Strict):
         return v
 
 
+class WorkloadBinding(Strict):
+    """The agent runtime a session is bound to: its workload token's issuer (or SPIFFE trust
+    domain) and subject (or SPIFFE ID), exactly as verified."""
+
+    issuer: Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=r"^(https?|spiffe)://\S+$")]
+    subject: Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[\x21-\x7e]+$")]
+
+
 class SessionCreate(Strict):
     human: Principal
     agent: AgentName
@@ -63,6 +71,9 @@ class SessionCreate(Strict):
     scope: list[ScopeItem] = Field(min_length=1, max_length=100)
     ttl_seconds: int = Field(ge=60, le=7 * 86400)
     labels: dict[LabelKey, LabelValue] | None = Field(default=None, max_length=32)
+    # Bind the session to the agent runtime's workload: every agent request must then carry that
+    # workload's token in X-Workload-Token, beside the session token (docs/workload-identity.md).
+    workload: WorkloadBinding | None = None
 
 
 class SessionCreated(BaseModel):

@@ -8,19 +8,30 @@ policy_version, human_permission, shadow, approval, grant, rule_name, layer}` or
 ttl_seconds, capability_id, provider, expires_at, credential_fingerprint, approval_id, attempts,
 grant_id, uses}` or null, and `detail` (an object,
 possibly empty) for what only that type has. A field that does not apply is null, never
-missing: in an append-only chain a missing key cannot be added later.
+missing: in an append-only chain a missing key cannot be added later. A record a machine caused
+(a workload token under a trust rule) carries `detail.workload {issuer, subject, trust_rule,
+matched_rule, role}`.
 
 No secret value enters a record: credentials appear only as SHA-256 fingerprints.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from broker.models import AnySession, Lease, NewLease
     from broker.policy import Decision
+
+
+# The machine (workload identity) behind the request being served: issuer, subject and the
+# trust rule that let it in. Set per request by the API's caller dependency, None otherwise;
+# every record built while it is set carries it as `detail.workload`, so no code path that
+# writes a record can forget who caused it.
+machine_caller: ContextVar[Mapping[str, str] | None] = ContextVar("machine_caller", default=None)
 
 
 @dataclass(frozen=True)
@@ -121,8 +132,15 @@ class AuditEvent:
             "policy_decision": _fields(self.policy_decision) if self.policy_decision is not None else None,
             "jit_grant": _fields(self.jit_grant) if self.jit_grant is not None else None,
             "outcome": self.outcome,
-            "detail": dict(self.detail),
+            "detail": self._detail(),
         }
+
+    def _detail(self) -> dict[str, Any]:
+        detail = dict(self.detail)
+        machine = machine_caller.get()
+        if machine is not None:
+            detail.setdefault("workload", dict(machine))
+        return detail
 
 
 def _fields(part: AgentRef | RequestRef | DecisionRef | GrantRef) -> dict[str, Any]:

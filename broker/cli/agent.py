@@ -19,6 +19,12 @@ import httpx
 from broker.cli.target import broker_url
 
 SESSION_TOKEN_ENV = "BROKER_SESSION_TOKEN"
+# The agent runtime's own workload token, for sessions bound to it (docs/workload-identity.md):
+# a file (re-read on every call, since the platform rotates it: a projected service-account
+# token, a JWT-SVID written by a SPIFFE helper) or the token itself.
+WORKLOAD_TOKEN_FILE_ENV = "BROKER_WORKLOAD_TOKEN_FILE"
+WORKLOAD_TOKEN_ENV = "BROKER_WORKLOAD_TOKEN"
+WORKLOAD_HEADER = "X-Workload-Token"
 # How long a helper waits for a human to decide an approval before giving up (0: do not wait).
 APPROVAL_WAIT_ENV = "BROKER_APPROVAL_WAIT"
 
@@ -37,6 +43,18 @@ def session_token() -> str:
         raise HelperError(f"{SESSION_TOKEN_ENV} is not set: the orchestrator gives the agent its session token",
                           "no-session-token")
     return token
+
+
+def workload_token() -> str | None:
+    path = os.environ.get(WORKLOAD_TOKEN_FILE_ENV, "").strip()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip() or None
+        except OSError as exc:
+            raise HelperError(f"{WORKLOAD_TOKEN_FILE_ENV}: cannot read the workload token file "
+                              f"({exc.__class__.__name__})", "no-workload-token") from None
+    return os.environ.get(WORKLOAD_TOKEN_ENV, "").strip() or None
 
 
 def fingerprint(secret: str) -> str:
@@ -58,9 +76,13 @@ class AgentClient:
 
     def call(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
              headers: dict[str, str] | None = None, timeout: float | None = None) -> httpx.Response:
+        sent = {"Authorization": f"Bearer {self.token}", **(headers or {})}
+        workload = workload_token()
+        if workload:
+            sent[WORKLOAD_HEADER] = workload
         try:
             return httpx.request(method, self.base_url + path, json=json, params=params, timeout=timeout or self.timeout,
-                                 headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
+                                 headers=sent)
         except httpx.HTTPError as exc:
             raise HelperError(f"cannot reach the broker at {self.base_url}: {exc.__class__.__name__}",
                               "broker-unreachable") from None

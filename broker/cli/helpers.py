@@ -309,7 +309,8 @@ def exec_command(
     ttl: Annotated[int | None, typer.Option(parser=parse_duration, metavar="DURATION",
                                             help="requested lifetime of each capability, e.g. 10m")] = None,
     keep_session_token: Annotated[bool, typer.Option(
-        help="pass BROKER_SESSION_TOKEN to the command (default: it gets only the listed credentials)")] = False,
+        help="pass BROKER_SESSION_TOKEN (and BROKER_WORKLOAD_TOKEN) to the command (default: it gets only the "
+             "listed credentials)")] = False,
 ) -> None:
     """Run CMD with short-lived credentials in its environment; revoke them when it exits."""
     specs = [CapabilitySpec.parse(text) for text in capability]
@@ -319,7 +320,9 @@ def exec_command(
         _warn(exc.message)
         raise typer.Exit(EXIT_HELPER_FAILED) from None
     granted: list[dict[str, Any]] = []
-    env = {k: v for k, v in os.environ.items() if keep_session_token or k != "BROKER_SESSION_TOKEN"}
+    # The runtime's own workload token goes with the session token: neither is the child's.
+    agent_secrets = ("BROKER_SESSION_TOKEN", "BROKER_WORKLOAD_TOKEN")
+    env = {k: v for k, v in os.environ.items() if keep_session_token or k not in agent_secrets}
     status: int | None = None
     with _Forwarder() as forwarder:
         try:

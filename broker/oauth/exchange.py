@@ -11,11 +11,14 @@ from typing import Any
 
 from starlette.requests import Request
 
+from broker.audit.events import machine_caller
 from broker.db import utcnow
 from broker.errors import BrokerError, Unauthenticated
+from broker.identity.binding import check_session_workload
 from broker.identity.callers import Caller, session_token_claims
 from broker.identity.oidc import unverified_issuer
 from broker.identity.ratelimit import RateLimiter
+from broker.identity.workload import WORKLOAD_HEADER
 from broker.ids import APPROVAL_ID_PATTERN
 from broker.leases.outcomes import PendingApproval
 from broker.leases.service import request_capability
@@ -54,8 +57,13 @@ def agent_from_subject_token(request: Request, broker: Broker, token: str) -> Ca
     limiter: RateLimiter = request.app.state.rate_limiter
     try:
         limiter.check(broker.policies.current.rate_limits, session_id=caller.session_id or "", agent=caller.name)
+        # A session bound to a workload: its runtime's token in X-Workload-Token, as on the REST API.
+        runtime = check_session_workload(broker, session_id=caller.session_id or "", agent=caller.name,
+                                         binding=claims.get("wl"), presented=request.headers.get(WORKLOAD_HEADER))
     except BrokerError as exc:
         raise from_broker_error(exc) from None
+    if runtime is not None:
+        machine_caller.set(runtime.audit())  # this thread runs the whole exchange: its records carry it
     return caller
 
 

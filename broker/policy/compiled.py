@@ -13,6 +13,7 @@ from broker.identity.principals import canonical_human, principal_problem
 from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Grant, PolicyDocument, Tier
 from broker.policy.resources import Glob, compile_glob, is_glob
 from broker.policy.tools import CompiledTools
+from broker.policy.trust import CompiledTrust
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,8 @@ class CompiledPolicy:
         )
         # The tool-call gate's rules (PreToolUse hooks); an absent section asks about everything.
         self.tools = CompiledTools(document.tools)
+        # Machine callers' trust rules (workload identity); empty: no workload token is accepted.
+        self.trust = CompiledTrust(document.trust)
 
     def __repr__(self) -> str:
         return f"CompiledPolicy(source={self.source!r}, version={self.version!r})"

@@ -20,6 +20,7 @@ from pydantic import (
 
 from broker.identity.principals import canonical_human, group_problem, principal_problem
 from broker.policy.resources import canonical_pattern, pattern_problem
+from broker.policy.trust import TrustRule, trust_problems
 
 TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
 # Risk order, lowest first: an agent's max_tier admits every tier at or before it.
@@ -336,6 +337,8 @@ class PolicyDocument(Strict):
     rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
     tools: Tools | None = None
+    # Machine callers (workload tokens) and what they act as; first match wins. See policy/trust.py.
+    trust: list[TrustRule] = Field(default_factory=list)
 
 
 Path = tuple[str | int, ...]
@@ -415,6 +418,7 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
     for i, tool_rule in enumerate(doc.tools.rules if doc.tools else []):
         if tool_rule.tier is not None and tool_rule.tier not in doc.tiers:
             problems.append((("tools", "rules", i, "tier"), f"tier {tool_rule.tier!r} is not defined in tiers"))
+    problems.extend(trust_problems(doc.trust))
     # humans.X.groups may name a group with no `groups` entry: membership alone matters for
     # approvers such as "group:security", so that is not an error.
     return problems

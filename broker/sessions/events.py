@@ -14,6 +14,7 @@ active session of that task.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import Conflict, InvalidRequest
+from broker.identity.access import managed_by, may_manage
+from broker.identity.callers import Caller
 from broker.leases.receipts import RevocationReceipt
 from broker.metrics import WEBHOOKS
 from broker.models import SessionRow, WebhookDelivery
@@ -180,27 +183,33 @@ class Outcome:
         )
 
 
-def _targets(db: Session, event: LifecycleEvent) -> list[SessionRow]:
-    """Locked, in id order (the one lock order everywhere)."""
+def _targets(db: Session, event: LifecycleEvent, caller: Caller | None) -> list[SessionRow]:
+    """Locked, in id order (the one lock order everywhere). A signed delivery reaches every
+    session; a bearer caller's only the sessions it manages (the others are not found)."""
     ids: list[str] = []
-    if event.session_id and db.get(SessionRow, event.session_id) is not None:
-        ids = [event.session_id]
+    named = db.get(SessionRow, event.session_id) if event.session_id else None
+    if named is not None and (caller is None or may_manage(caller, named)):
+        ids = [named.id]
     elif event.derived_task_id:
         # The session id, if any, was the orchestrator's own: fall back to the task.
-        ids = list(db.exec(select(SessionRow.id).where(SessionRow.task_id == event.derived_task_id,
-                                                       SessionRow.status == "active")).all())
+        stmt = select(SessionRow.id).where(SessionRow.task_id == event.derived_task_id, SessionRow.status == "active")
+        scope = managed_by(caller, "lifecycle events come from orchestrators") if caller is not None else None
+        if scope is not None:
+            stmt = stmt.where(scope)
+        ids = list(db.exec(stmt).all())
     if not ids:
         return []
-    stmt = select(SessionRow).where(col(SessionRow.id).in_(ids)).order_by(SessionRow.id).with_for_update()
-    return list(db.exec(stmt).all())
+    locked = select(SessionRow).where(col(SessionRow.id).in_(ids)).order_by(SessionRow.id).with_for_update()
+    return list(db.exec(locked).all())
 
 
-def _received_event(event: LifecycleEvent, outcome: str, signed_at: int, targets: list[SessionRow]) -> AuditEvent:
+def _received_event(event: LifecycleEvent, outcome: str, signed_at: int, targets: list[SessionRow],
+                    actor: str = ACTOR) -> AuditEvent:
     one = targets[0] if len(targets) == 1 else None
     return AuditEvent(
         type="webhook.received",
         outcome=outcome,
-        actor=ACTOR,
+        actor=actor,
         human_principal=one.human if one else None,
         agent=AgentRef.of(one, task_id=event.derived_task_id),
         request=RequestRef(operation="webhook", reason=event.reason),
@@ -209,6 +218,7 @@ def _received_event(event: LifecycleEvent, outcome: str, signed_at: int, targets
             "event_type": event.event_type,
             "occurred_at": rfc3339(event.occurred_at) if event.occurred_at else None,
             "signed_at": signed_at,
+            "proof": "signature" if actor == ACTOR else "bearer",
             "session_id": event.session_id,
             "task_id": event.derived_task_id,
             "sessions": [s.id for s in targets],
@@ -216,9 +226,11 @@ def _received_event(event: LifecycleEvent, outcome: str, signed_at: int, targets
     )
 
 
-def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int) -> Outcome:
-    """Apply one verified delivery. Raises WebhookReplayed for an id already seen."""
+def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int, caller: Caller | None = None) -> Outcome:
+    """Apply one verified delivery. Raises WebhookReplayed for an id already seen. `caller`: the
+    bearer who sent it (None: a signed delivery), whose managed sessions alone it may end."""
     now = utcnow()
+    actor = caller.principal if caller is not None else ACTOR
     keep = timedelta(seconds=2 * broker.settings.webhook_tolerance_seconds)
     to_end: list[tuple[str, bool]] = []
     try:
@@ -226,37 +238,47 @@ def receive(broker: Broker, event: LifecycleEvent, *, signed_at: int) -> Outcome
             # Ids older than twice the window can be forgotten: their signatures can no longer
             # be fresh (the sender's clock may be off by up to the window in either direction).
             db.execute(delete(WebhookDelivery).where(col(WebhookDelivery.received_at) < now - keep))
-            seen = db.get(WebhookDelivery, event.id)
+            ledger_id = _ledger_id(event, caller)
+            seen = db.get(WebhookDelivery, ledger_id)
             if seen is not None:
                 raise _replayed(event, seen.received_at)
-            db.add(WebhookDelivery(event_id=event.id, received_at=now))
+            db.add(WebhookDelivery(event_id=ledger_id, received_at=now))
             db.flush()  # a concurrent delivery of the same id blocks here, then fails: 409
             if not event.is_teardown:
-                append(db, _received_event(event, "ignored", signed_at, []))
+                append(db, _received_event(event, "ignored", signed_at, [], actor))
                 WEBHOOKS.labels(event_type="unknown", outcome="ignored").inc()
                 return Outcome("ignored", event)
-            targets = _targets(db, event)
+            targets = _targets(db, event, caller)
             outcome: Literal["processed", "unmatched"] = "processed" if targets else "unmatched"
-            append(db, _received_event(event, outcome, signed_at, targets))
+            append(db, _received_event(event, outcome, signed_at, targets, actor))
             for session in targets:
                 to_end.append((session.id, session.status != "active"))
                 if session.status == "active":
                     session.status, session.ended_at, session.end_reason = "ended", now, event.end_reason[:128]
                     db.add(session)
-                    append(db, session_event(session, "session.ended", "ended", ACTOR, reason=event.end_reason,
+                    append(db, session_event(session, "session.ended", "ended", actor, reason=event.end_reason,
                                              detail={"webhook_event_id": event.id}))
-                    security_events.session_revoked(db, broker, session, reason=event.end_reason, actor=ACTOR, now=now)
+                    security_events.session_revoked(db, broker, session, reason=event.end_reason, actor=actor, now=now)
     except IntegrityError:
         raise _replayed(event, None) from None
     WEBHOOKS.labels(event_type=event.event_type, outcome=outcome).inc()
     result = Outcome(outcome, event)
     for session_id, already in to_end:
         # The session is ended already (above); this revokes what it still holds, idempotently.
-        _, summary = sessions.end(broker, session_id, reason=event.end_reason, actor=ACTOR)
+        _, summary = sessions.end(broker, session_id, reason=event.end_reason, actor=actor)
         result.sessions.append(EndedSession(session_id, already, len(summary.revoked), len(summary.pending),
                                             summary.receipt_list()))
     log.info("webhook %s (%s): %s, %d session(s)", event.id, event.event_type, outcome, len(result.sessions))
     return result
+
+
+def _ledger_id(event: LifecycleEvent, caller: Caller | None) -> str:
+    """The delivery's key in the replay ledger. A signed delivery's id as sent; a bearer's id is
+    its own orchestrator's, so one orchestrator cannot spend another's ids (and so block its
+    teardowns with 409s) by sending them first."""
+    if caller is None:
+        return event.id
+    return "bearer:" + hashlib.sha256(f"{caller.principal}\n{event.id}".encode()).hexdigest()
 
 
 def _replayed(event: LifecycleEvent, first: datetime | None) -> WebhookReplayed:

@@ -15,6 +15,7 @@ from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
+from broker.identity import spiffe
 from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
 from broker.identity.principals import canonical_human
@@ -38,6 +39,7 @@ class SessionAsk:
     ttl_seconds: int
     repository: str | None = None
     labels: dict[str, str] | None = None
+    workload: tuple[str, str] | None = None  # (issuer, subject) of the agent runtime bound to it
 
 
 def session_event(session: SessionRow, type_: str, outcome: str, actor: str, *, reason: str | None = None,
@@ -61,6 +63,14 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
             f"ttl_seconds exceeds the broker's maximum session length ({broker.settings.session_max_ttl_seconds})",
             code="ttl-out-of-bounds",
         )
+    if ask.workload is not None:
+        issuer, subject = ask.workload
+        if issuer not in broker.workload.issuers:
+            raise InvalidRequest("the session's workload issuer is not on the server allowlist (BROKER_TRUSTED_ISSUERS): "
+                                 "no token of it could ever be accepted", code="untrusted-issuer")
+        if issuer.startswith(spiffe.SCHEME) and spiffe.trust_domain_of(subject) != issuer:
+            raise InvalidRequest(f"the session's workload subject must be a SPIFFE ID of {issuer}",
+                                 code="invalid-workload-binding")
     for entry in ask.scope:
         # A malformed scope is a 400, not a silent no-match; stored in canonical form.
         entry["resource"] = validate_pattern(entry["resource"])
@@ -78,8 +88,13 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
         created_at=now,
         expires_at=now + timedelta(seconds=ask.ttl_seconds),
     )
+    claims: dict[str, Any] = {}
+    if ask.workload is not None:
+        # The binding travels in the signed session token, so checking it needs no database read.
+        claims["wl"] = {"iss": ask.workload[0], "sub": ask.workload[1]}
     token = broker.keyring.sign(
         {
+            **claims,
             "iss": broker.settings.issuer,
             "aud": broker.settings.audience,
             "sub": ask.agent,
@@ -96,7 +111,8 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
         db.flush()
         append(db, session_event(session, "session.created", "created", caller.principal,
                                  detail={"scope": ask.scope, "expires_at": rfc3339(session.expires_at),
-                                         "labels": session.labels}))
+                                         "labels": session.labels,
+                                         "workload_binding": claims.get("wl")}))
     return session, token
 
 

@@ -24,6 +24,7 @@ def create_session(body: SessionCreate, broker: BrokerDep, caller: OrchestratorC
             human=body.human, agent=body.agent, task_id=body.task_id,
             scope=[s.model_dump() for s in body.scope], ttl_seconds=body.ttl_seconds,
             repository=body.repository, labels=body.labels,
+            workload=(body.workload.issuer, body.workload.subject) if body.workload else None,
         ),
     )
     return SessionCreated(session_id=session.id, session_token=token, expires_at=session.expires_at)
