@@ -7,6 +7,7 @@ do, for how long and how many times; the binding code and the canonical JSON of 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -51,24 +52,25 @@ def _seconds(start: Any, end: Any) -> int:
     return 0
 
 
-def sentence(approval: dict[str, Any]) -> str:
+def sentence(approval: dict[str, Any], shown: Callable[[str], str] = visible) -> str:
     """'Approving lets claude-code mint one `deploy` credential for jwt://payments-api, valid at
-    most 5 min, once.' Every agent-controlled word in it is rendered visibly."""
-    agent = visible(str(approval.get("agent") or "the agent"))
-    human = visible(str(approval.get("human") or ""))
+    most 5 min, once.' Every agent-controlled word in it passes through `shown` (an HTML surface
+    passes `str` and marks the whole sentence itself)."""
+    agent = shown(str(approval.get("agent") or "the agent"))
+    human = shown(str(approval.get("human") or ""))
     on_behalf = f" (acting for {human})" if human else ""
     window = _seconds(approval.get("created_at"), approval.get("expires_at"))
     within = f"within {duration_words(window)} of approval" if window else "before the approval expires"
     if is_tool_call(approval):
-        tool = visible(str(approval.get("tool") or approval["resource"].removeprefix(TOOL_SCHEME)))
+        tool = shown(str(approval.get("tool") or approval["resource"].removeprefix(TOOL_SCHEME)))
         text = (f"Approving lets {agent}{on_behalf} run one `{tool}` tool call with exactly the input shown, "
                 f"once, {within}.")
     else:
         ttl = int(approval.get("ttl_seconds") or 0)
         valid = f"valid at most {duration_words(ttl)}" if ttl else "valid up to the tier's maximum"
         params = " with exactly the parameters shown" if approval.get("parameters") else ""
-        text = (f"Approving lets {agent}{on_behalf} mint one `{visible(str(approval['access']))}` credential for "
-                f"{visible(str(approval['resource']))}{params}, {valid}, once, {within}.")
+        text = (f"Approving lets {agent}{on_behalf} mint one `{shown(str(approval['access']))}` credential for "
+                f"{shown(str(approval['resource']))}{params}, {valid}, once, {within}.")
     needed = int(approval.get("min_approvals") or 1)
     if needed > 1:
         text += f" It needs {needed} distinct approvers."

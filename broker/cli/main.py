@@ -17,6 +17,7 @@ import typer
 
 from broker.cli import helpers, humans, login
 from broker.cli.client import call
+from broker.display import visible
 from broker.jsonbounds import dumps_stored
 
 app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agents.", no_args_is_help=True)
@@ -35,9 +36,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 def _out(data: Any, as_json: bool, human: str | None = None) -> None:
     if as_json or human is None:
-        typer.echo(dumps_stored(data, indent=None if as_json else 2, default=str))
+        # ASCII JSON (json's default, said here on purpose): hidden characters leave as \uXXXX.
+        typer.echo(dumps_stored(data, indent=None if as_json else 2, default=str, ensure_ascii=True))
     else:
-        typer.echo(human)
+        # Text lines carry agent-written fields: each line's invisible, direction-changing and
+        # control characters (terminal escapes) are shown as ⟦U+XXXX⟧ (broker.display).
+        typer.echo("\n".join(visible(line) for line in human.split("\n")))
 
 
 def _logging(level: str, log_format: str) -> None:

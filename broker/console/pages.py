@@ -96,15 +96,21 @@ def approval_page(request: Request, approval_id: str, me: Person) -> Response:
     return render(request, "approval.html", {"card": views.card(broker.settings, approval, utcnow())})
 
 
-def _decide(request: Request, me: Caller, approval_id: str, decision: str, csrf_token: str, reason: str) -> Response:
+def _decide(request: Request, me: Caller, approval_id: str, decision: str, csrf_token: str, reason: str,
+            request_hash: str) -> Response:
     if not check_csrf(browser_of(request), csrf_token):
         return _refused_form(request)
     try:
-        body = ApprovalDecide(reason=reason.strip() or None)  # the API's own bounds on a reason
+        # The API's own bounds on a reason; the hash of the request the card showed (the form
+        # always carries it; an approval posted without it approves nothing, a denial may omit it).
+        body = ApprovalDecide(reason=reason.strip() or None,
+                              request_hash=request_hash if request_hash or decision == "approve" else None)
     except ValidationError:
-        return render_error(request, 400, "invalid-reason", "A reason is at most 1,000 characters.")
+        return render_error(request, 400, "invalid-reason", "A reason is at most 1,000 characters, and the form "
+                            "must carry the request hash its card showed; reload the page and try again.")
     try:
-        result = approvals.decide(_broker(request), me, approval_id, decision, body.reason)
+        result = approvals.decide(_broker(request), me, approval_id, decision, body.reason,
+                                  shown_hash=body.request_hash)
     except BrokerError as exc:
         return render_error(request, exc.status, exc.code, exc.message)
     announce_decision(request.app.state, approval_id)
@@ -116,14 +122,14 @@ def _decide(request: Request, me: Caller, approval_id: str, decision: str, csrf_
 
 @router.post("/approvals/{approval_id}/approve")
 def approve(request: Request, approval_id: str, me: Person, csrf_token: Annotated[str, Form()] = "",
-            reason: Annotated[str, Form()] = "") -> Response:
-    return _decide(request, me, approval_id, "approve", csrf_token, reason)
+            reason: Annotated[str, Form()] = "", request_hash: Annotated[str, Form()] = "") -> Response:
+    return _decide(request, me, approval_id, "approve", csrf_token, reason, request_hash)
 
 
 @router.post("/approvals/{approval_id}/deny")
 def deny(request: Request, approval_id: str, me: Person, csrf_token: Annotated[str, Form()] = "",
-         reason: Annotated[str, Form()] = "") -> Response:
-    return _decide(request, me, approval_id, "deny", csrf_token, reason)
+         reason: Annotated[str, Form()] = "", request_hash: Annotated[str, Form()] = "") -> Response:
+    return _decide(request, me, approval_id, "deny", csrf_token, reason, request_hash)
 
 
 # --- sessions -----------------------------------------------------------------------------------
