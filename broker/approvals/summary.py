@@ -68,9 +68,10 @@ def sentence(approval: dict[str, Any], shown: Callable[[str], str] = visible) ->
     else:
         ttl = int(approval.get("ttl_seconds") or 0)
         valid = f"valid at most {duration_words(ttl)}" if ttl else "valid up to the tier's maximum"
+        tool = f" via `{shown(str(approval['tool']))}`" if approval.get("tool") else ""
         params = " with exactly the parameters shown" if approval.get("parameters") else ""
         text = (f"Approving lets {agent}{on_behalf} mint one `{shown(str(approval['access']))}` credential for "
-                f"{shown(str(approval['resource']))}{params}, {valid}, once, {within}.")
+                f"{shown(str(approval['resource']))}{tool}{params}, {valid}, once, {within}.")
     needed = int(approval.get("min_approvals") or 1)
     if needed > 1:
         text += f" It needs {needed} distinct approvers."
