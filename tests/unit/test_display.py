@@ -4,6 +4,7 @@ rendering is one-to-one (text that spells a mark is not shown as the mark)."""
 from __future__ import annotations
 
 import unicodedata
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_the_rendering_is_one_to_one() -> None:
 @pytest.mark.parametrize(("kind", "code"), ALL, ids=ids(ALL))
 def test_the_display_block_marks_every_agent_field(kind: str, code: int) -> None:
     c = chr(code)
-    approval = {
+    approval: dict[str, Any] = {
         "agent": "claude-code", "human": "alice@example.com", "task_id": f"task{c}1", "repository": f"acme/app{c}",
         "labels": {f"team{c}": f"pay{c}ments"}, "resource": f"jwt://payments{c}-api", "access": "deploy",
         "tier": "merge_deploy", "ttl_seconds": 300, "purpose": f"ship{c} it", "tool": f"deploy{c}-cli",
