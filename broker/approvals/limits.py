@@ -27,7 +27,8 @@ MAX_TEXT = {"purpose": 1000, "tool": 256, "resource": 512, "access": 64}
 
 
 class ApprovalTooLarge(InvalidRequest, status=422, code="approval-too-large"):
-    """What would be stored for approvers lies outside the bounds (`code` says which)."""
+    """What would be stored for approvers lies outside the bounds (`bound` says which:
+    `json-too-deep`, `json-too-large`, `json-string-too-long` ...; `field` and `path` where)."""
 
 
 class ApprovalBudgetExceeded(BudgetExceeded, code="approval-budget-exceeded"):
@@ -41,13 +42,13 @@ def check_request(texts: dict[str, str | None], parameters: dict[str, Any] | Non
         if value is not None and len(value) > limit:
             APPROVALS_REFUSED.labels(reason="too-large").inc()
             raise ApprovalTooLarge(f"{field} is longer than {limit} characters; no approval was opened",
-                                   code="json-string-too-long", field=field)
+                                   bound="json-string-too-long", field=field)
     if parameters is not None:
         try:
             jsonbounds.check_parameters(parameters)
         except jsonbounds.JsonBoundsError as exc:
             APPROVALS_REFUSED.labels(reason="too-large").inc()
-            raise ApprovalTooLarge(f"parameters: {exc}; no approval was opened", code=exc.code, field="parameters",
+            raise ApprovalTooLarge(f"parameters: {exc}; no approval was opened", bound=exc.code, field="parameters",
                                    path=exc.path) from None
 
 

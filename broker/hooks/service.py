@@ -109,7 +109,7 @@ def pre_tool_use(broker: Broker, caller: Caller, hook: HookInput) -> dict[str, A
                     # Claude Code lets a call through when an http hook fails.
                     assert refused is not None
                     decision, outcome = "deny", "denied"
-                    refusal_code = refused.code if isinstance(refused, ApprovalBudgetExceeded) else "approval-too-large"
+                    refusal_code = refused.code  # approval-too-large or approval-budget-exceeded
                     message = f"{verdict.message}, but no approval was opened ({refusal_code}): {refused.message}"
                 else:
                     approval_id, outcome = approval.id, "pending_approval"

@@ -125,11 +125,14 @@ def test_the_one_place_every_approval_is_created_refuses_the_same(bounded: Api, 
     now = utcnow()
     binding = approvals.Binding(session["session_id"], "jwt://payments-api", "deploy", 300, "deploy-cli",
                                 DIRECT[case])
-    with pytest.raises(ApprovalTooLarge), transaction(api.broker.engine) as db:
+    with pytest.raises(ApprovalTooLarge) as refused, transaction(api.broker.engine) as db:
         row = db.get(SessionRow, session["session_id"])
         assert row is not None
         approvals.open_request(db, api.broker, row, binding, tier="merge_deploy", reason="approval-required",
                                approvers=["group:maintainers"], granted_ttl=300, purpose="p", now=now)
+    assert refused.value.code == "approval-too-large" and refused.value.status == 422
+    assert refused.value.details["bound"] == case.replace("over-16-kib", "json-too-large").replace(
+        "too-deep", "json-too-deep").replace("integer-out-of-range", "json-number-out-of-range")
     with pytest.raises(ApprovalTooLarge), transaction(api.broker.engine) as db:
         row = db.get(SessionRow, session["session_id"])
         assert row is not None
