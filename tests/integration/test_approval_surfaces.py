@@ -30,7 +30,7 @@ from broker.models import Approval, OutboxMessage
 from tests.support.approvals import APPROVALS_POLICY
 from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
 from tests.support.console import ConsoleBrowser, csrf_of
-from tests.support.hostile_text import ALL, ids, marked
+from tests.support.hostile_text import ALL, ONE_PER_CLASS, ids, marked
 
 BOB = "bob@example.com"
 GATE = """\
@@ -242,3 +242,29 @@ def test_the_cli_approve_shows_the_request_and_sends_its_hash(surfaces: Api) -> 
     assert f"{aid}: approved" in out
     approved = api.client.get(f"/v1/approvals/{aid}", headers=api.as_admin()).json()
     assert approved["status"] == "approved" and approved["decided_by"] == BOB
+
+
+LINE_BREAKS = [(kind, code) for kind, code in ALL if code in (0x0A, 0x0D, 0x85, 0x2028, 0x2029)] + ONE_PER_CLASS
+
+
+@pytest.mark.parametrize(("kind", "code"), LINE_BREAKS, ids=ids(LINE_BREAKS))
+def test_cli_lists_keep_one_line_per_row_and_mark_the_rest(surfaces: Api, kind: str, code: int) -> None:
+    # `sessions list` and `audit tail`, where a person picks what to end or revoke: a task id or a
+    # tool name carrying a line break cannot forge a row of its own.
+    api, c, m = surfaces, chr(code), marked(code)
+    session = api.new_session(task_id=f"t{c}ses_{'0' * 32}  active fake@example.com")
+    hook = {"hook_event_name": "PreToolUse", "tool_name": f"Read{c}x", "tool_input": {"file_path": "README.md"}}
+    assert api.client.post("/v1/hooks/pre-tool-use", json=hook,
+                           headers={"Authorization": f"Bearer {session['session_token']}"}).status_code == 200
+    env = {"BROKER_URL": api.base_url, "BROKER_TOKEN": api.secrets.admin_token}
+    listed = CliRunner().invoke(cli_app, ["sessions", "list"], env=env, catch_exceptions=False)
+    assert listed.exit_code == 0, listed.output
+    rows = [line for line in listed.output.splitlines() if session["session_id"] in line]
+    assert len(rows) == 1 and f"task=t{m}ses_" in rows[0]
+    assert not any(line.startswith(f"ses_{'0' * 32}") for line in listed.output.splitlines())
+    tail = CliRunner().invoke(cli_app, ["audit", "tail", "--session", session["session_id"]], env=env,
+                              catch_exceptions=False)
+    assert tail.exit_code == 0, tail.output
+    assert f"tool://Read{m}x" in tail.output
+    if code not in LAYOUT:
+        assert c not in listed.output and c not in tail.output
