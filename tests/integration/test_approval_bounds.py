@@ -213,3 +213,24 @@ def test_the_budget_keys_default_when_the_policy_is_silent() -> None:
     compiled = load_policy_text(APPROVALS_POLICY.replace(
         "budgets: {max_issued_per_session: 50, max_active_per_session: 30}\n", ""))
     assert (compiled.max_pending_approvals_per_session, compiled.max_pending_approvals_per_approver) == (10, 50)
+
+
+def test_concurrent_sessions_cannot_overshoot_the_approver_budget(bounded: Api) -> None:
+    # One place left; six sessions ask at once, each on its own connection: exactly one gets it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    api = bounded
+    filler = [api.new_session(task_id=f"f{i}") for i in range(2)]
+    assert [_deploy(api, filler[i // 2], i).status_code for i in range(PER_APPROVER - 1)] == [202] * (PER_APPROVER - 1)
+    racers = [api.new_session(task_id=f"r{i}") for i in range(6)]
+
+    def ask(session: dict[str, Any]) -> int:
+        with httpx.Client(base_url=api.base_url, timeout=60) as client:
+            return client.post("/v1/capabilities", headers={"Authorization": f"Bearer {session['session_token']}"},
+                               json={"resource": "jwt://payments-api", "access": "deploy", "ttl_seconds": 300,
+                                     "purpose": "race", "parameters": {"n": 1}}).status_code
+
+    with ThreadPoolExecutor(len(racers)) as pool:
+        statuses = sorted(pool.map(ask, racers))
+    assert statuses == [202] + [429] * (len(racers) - 1)
+    assert len(_stored(api)[0]) == PER_APPROVER
