@@ -36,7 +36,7 @@ def task_link(settings: Settings, task_id: str | None, repository: str | None, l
     found = ISSUE_REF.match(task_id or "")
     repo, issue = (found["repo"], found["issue"]) if found else (
         repository or labels.get("repository"), labels.get("issue_number") or labels.get("issue"))
-    if repo and issue and str(issue).isdigit() and re.fullmatch(_REPO, str(repo)):
+    if repo and issue and str(issue).isascii() and str(issue).isdigit() and re.fullmatch(_REPO, str(repo), re.ASCII):
         return settings.console_issue_url_template.format(repository=repo, issue=issue)
     return None
 
