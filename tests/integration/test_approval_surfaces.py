@@ -204,9 +204,10 @@ def test_approving_binds_exactly_what_was_shown(surfaces: Api, bob: ConsoleBrows
     shown_hash = re.search(r'name="request_hash" value="(sha256:[0-9a-f]{64})"', page)
     assert shown_hash is not None
     # A form whose hash is not this approval's decides nothing (a stale or forged page).
-    for other in ("sha256:" + "0" * 64, "", "not-a-hash"):
+    for other, status, code in (("sha256:" + "0" * 64, 409, "approval-binding-mismatch"),
+                                ("", 400, "invalid-request-hash"), ("not-a-hash", 400, "invalid-request-hash")):
         r = bob.post(f"/console/approvals/{aid}/approve", csrf_token=csrf_of(page), request_hash=other)
-        assert r.status_code in (400, 409), r.text
+        assert (r.status_code, code in r.text) == (status, True), r.text
         got = api.client.get(f"/v1/approvals/{aid}", headers=api.as_admin()).json()
         assert got["status"] == "pending" and got["approvals"] == []
     r = api.client.post(f"/v1/approvals/{aid}/approve", headers=api.as_human(BOB),
