@@ -3,7 +3,8 @@
     BrokerError                      500 internal-error
     ├── InternalError                500 internal-error
     ├── InvalidRequest               400 invalid-request
-    │   └── InvalidPrincipal         400 invalid-principal (no canonical form; 401 where it is a token's claim)
+    │   ├── InvalidPrincipal         400 invalid-principal (no canonical form; 401 where it is a token's claim)
+    │   └── ApprovalTooLarge         422 approval-too-large (approvals/limits.py)
     ├── Unauthenticated              401 invalid-token
     ├── IdentityProviderUnavailable  503 identity-provider-unavailable (OIDC discovery/JWKS unreadable)
     ├── Forbidden                    403 forbidden          (who you are may not do this)
@@ -11,6 +12,7 @@
     ├── NotFound                     404 not-found
     ├── Conflict                     409 conflict
     ├── BudgetExceeded               429 budget-exceeded
+    │   └── ApprovalBudgetExceeded   429 approval-budget-exceeded (approvals/limits.py)
     ├── AuditWriteFailed             500 audit-write-failed (fail closed)
     ├── ConfigError                  --  refused at start, never served
     ├── PolicyError                  400 policy-invalid     (line-precise problems)

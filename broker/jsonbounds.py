@@ -33,6 +33,8 @@ BODY_LIMITS = JsonLimits(max_depth=32, max_string=64 * 1024, max_array=10_000, m
 # An agent's free-form `parameters`: stored in leases, approvals and the audit log, shown to
 # approvers, so tighter. Integers stay within what every JSON reader holds exactly (2**53).
 PARAMETERS_LIMITS = JsonLimits(max_depth=8, max_string=4096, max_array=256, max_keys=128, max_int=2**53)
+# ... and 16 KiB of JSON (ASCII-escaped, as `json.dumps` writes it) in all.
+PARAMETERS_MAX_BYTES = 16 * 1024
 
 
 class JsonBoundsError(ValueError):
@@ -90,6 +92,16 @@ def check(value: Any, limits: JsonLimits) -> None:
                 raise JsonBoundsError("json-number-out-of-range", "NaN and infinite numbers are not JSON", path)
         else:
             raise JsonBoundsError("invalid-json", f"not a JSON value: {type(node).__name__}", path)
+
+
+def check_parameters(value: Any) -> None:
+    """The bounds on anything stored for a person to read (`parameters`, a tool call's input):
+    `PARAMETERS_LIMITS`, then `PARAMETERS_MAX_BYTES`. Depth first: it is what would break a
+    reader (and json.dumps) later."""
+    check(value, PARAMETERS_LIMITS)
+    size = len(json.dumps(value))
+    if size > PARAMETERS_MAX_BYTES:
+        raise JsonBoundsError("json-too-large", f"{size} bytes of JSON, more than {PARAMETERS_MAX_BYTES}")
 
 
 def _refuse_constant(name: str) -> Any:

@@ -54,6 +54,9 @@ RECONCILED = Counter("broker_reconciled_total", "Leases the reconciler finished 
                      ["kind", "outcome"], registry=REGISTRY)
 APPROVALS_OPENED = Counter("broker_approvals_opened_total", "Requests that had to wait for a human's approval",
                            ["tier"], registry=REGISTRY)
+APPROVALS_REFUSED = Counter("broker_approvals_refused_total",
+                            "Approvals not opened: outside the bounds, or over a pending-approval budget",
+                            ["reason"], registry=REGISTRY)
 APPROVAL_WAIT = Histogram("broker_approval_wait_seconds",
                           "From an approval's request to its outcome: approved/denied (decided), used, expired",
                           ["tier", "outcome"], buckets=_WAITS, registry=REGISTRY)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -28,7 +27,7 @@ LabelKey = Annotated[str, StringConstraints(max_length=64)]
 LabelValue = Annotated[str, StringConstraints(max_length=256)]
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 ApprovalId = Annotated[str, StringConstraints(pattern=APPROVAL_ID_PATTERN)]
-MAX_PARAMETERS_BYTES = 16 * 1024
+MAX_PARAMETERS_BYTES = jsonbounds.PARAMETERS_MAX_BYTES
 
 __all__ = ["APPROVAL_ID_PATTERN", "CAPABILITY_ID_PATTERN", "SESSION_ID_PATTERN"]
 
@@ -133,13 +132,10 @@ class CapabilityRequest(Strict):
     def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is None:
             return v
-        # Depth first: it is what would break a reader (and json.dumps) later.
         try:
-            jsonbounds.check(v, jsonbounds.PARAMETERS_LIMITS)
+            jsonbounds.check_parameters(v)
         except jsonbounds.JsonBoundsError as exc:
             raise PydanticCustomError(exc.code, "parameters: {problem}", {"problem": str(exc)}) from None
-        if len(json.dumps(v)) > MAX_PARAMETERS_BYTES:
-            raise PydanticCustomError("json-too-large", f"parameters may not exceed {MAX_PARAMETERS_BYTES} bytes of JSON")
         return v
 
 
@@ -156,6 +152,37 @@ class HeldCapability(BaseModel):
     access: str
     tier: str
     expires_at: Timestamp
+
+
+class ApprovalDisplayVote(BaseModel):
+    approver: str
+    decision: Literal["approve", "deny"]
+    reason: str | None = None
+
+
+class ApprovalDisplay(BaseModel):
+    """The approval as a person must read it. Agent-controlled text with every invisible,
+    direction-changing or look-alike character shown as `⟦U+XXXX⟧` (the stored fields beside it
+    stay exact: they are what the request hash binds)."""
+
+    sentence: str = Field(description="what approving lets the agent do, for how long, how many times")
+    binding_code: str = Field(description="the first 8 hex digits of request_hash: the agent's screen shows the same")
+    request_hash: str = Field(description="send it back with approve/deny to decide exactly what was shown")
+    parameters_canonical: str | None = Field(
+        description="the parameters' canonical JSON (sorted keys, no spaces): the exact text the request hash covers")
+    purpose: str | None
+    tool: str | None
+    resource: str | None
+    access: str | None
+    task_id: str | None
+    agent: str | None
+    human: str | None
+    repository: str | None
+    binding_message: str | None
+    labels: dict[str, str]
+    approvals: list[ApprovalDisplayVote]
+    hidden_characters: list[str] = Field(description="each marked code point found (`U+202E`, ...); empty: none")
+    warning: str | None = Field(description="one line for the person when hidden_characters is not empty")
 
 
 class ApprovalView(BaseModel):
@@ -196,10 +223,14 @@ class ApprovalView(BaseModel):
     policy_decision: dict[str, Any] | None = Field(
         default=None, description="the decision that asked for approval: reason, matched_rule (and matched_line while "
                                   "that policy is in force), policy_version")
+    display: ApprovalDisplay = Field(description="what a person deciding is shown; every human surface renders this")
 
 
 class ApprovalDecide(Strict):
     reason: Annotated[str, StringConstraints(min_length=1, max_length=1000)] | None = None
+    request_hash: Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")] | None = Field(
+        default=None, description="the request_hash the person was shown; a different one is 409 "
+                                  "approval-binding-mismatch and nothing is recorded (the console and the CLI send it)")
 
 
 class GrantCreate(Strict):

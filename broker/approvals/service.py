@@ -17,7 +17,6 @@ Ids are no oracle: a caller who may not see an approval gets 404, as for one tha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from dataclasses import dataclass
@@ -26,8 +25,7 @@ from typing import Any
 
 from sqlmodel import Session, col, or_, select
 
-from broker.approvals import outbox
-from broker.audit.chain import canonical_json
+from broker.approvals import limits, outbox, summary
 from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
@@ -66,15 +64,9 @@ class Binding:
     parameters: dict[str, Any] | None
 
     def request_hash(self) -> str:
-        body = {"session_id": self.session_id, "resource": self.resource, "access": self.access,
-                "ttl_seconds": self.ttl_seconds, "tool": self.tool, "parameters": self.parameters}
-        return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
-
-
-def binding_code(request_hash: str) -> str:
-    """Eight hex digits of the binding, grouped: what an approver compares with the agent's screen."""
-    digits = request_hash.removeprefix("sha256:")[:8].upper()
-    return f"{digits[:4]}-{digits[4:]}"
+        return summary.request_hash({"session_id": self.session_id, "resource": self.resource, "access": self.access,
+                                     "ttl_seconds": self.ttl_seconds, "tool": self.tool,
+                                     "parameters": self.parameters})
 
 
 def binding_message(session: SessionRow, binding: Binding, tier: str, granted_ttl: int | None, purpose: str) -> str:
@@ -88,7 +80,7 @@ def binding_message(session: SessionRow, binding: Binding, tier: str, granted_tt
         if len(params) > MAX_PARAMETERS_IN_MESSAGE:
             params = params[:MAX_PARAMETERS_IN_MESSAGE] + "..."
         text += f" with {params}"
-    return f"{text}; purpose: {purpose[:200]}. Binding {binding_code(binding.request_hash())}."
+    return f"{text}; purpose: {purpose[:200]}. Binding {summary.binding_code(binding.request_hash())}."
 
 
 def effective_status(approval: Approval, session: AnySession | None, now: datetime) -> str:
@@ -242,6 +234,7 @@ def view(approval: Approval, session: SessionRow | None, decisions: list[Approva
         "capability_id": approval.capability_id,
         "used_at": approval.used_at,
     }
+    body["display"] = summary.display(body)
     if context is not None:
         body["held"] = [{"capability_id": lease.id, "resource": lease.resource, "access": lease.access,
                          "tier": lease.tier, "expires_at": lease.expires_at} for lease in context.held]
@@ -291,7 +284,13 @@ def _iso_default(value: Any) -> Any:
 def open_request(db: Session, broker: Broker, session: SessionRow, binding: Binding, *, tier: str, reason: str,
                  approvers: list[str], granted_ttl: int | None, purpose: str, now: datetime) -> tuple[Approval, bool]:
     """The approval this request waits on: the live one for the same binding, or a new one
-    (audited by the caller, announced through the outbox). Returns (approval, created)."""
+    (audited by the caller, announced through the outbox). Returns (approval, created).
+
+    Every approval is created here, so every path meets the same bounds (`limits`): agent text
+    outside them is ApprovalTooLarge (422), one approval too many is ApprovalBudgetExceeded (429);
+    either raises before anything is added to the transaction."""
+    limits.check_request({"purpose": purpose, "tool": binding.tool, "resource": binding.resource,
+                          "access": binding.access}, binding.parameters)
     request_hash = binding.request_hash()
     existing = db.exec(
         select(Approval).where(Approval.session_id == session.id, Approval.request_hash == request_hash,
@@ -300,7 +299,9 @@ def open_request(db: Session, broker: Broker, session: SessionRow, binding: Bind
     ).first()
     if existing is not None:
         return existing, False  # asking twice does not page the approvers twice
-    rule = approval_rule(broker.policies.current, tier)
+    policy = broker.policies.current
+    limits.check_budget(db, policy, session.id, approvers, now)
+    rule = approval_rule(policy, tier)
     approval = Approval(
         id="apr_" + secrets.token_hex(16),
         session_id=session.id,
@@ -400,8 +401,10 @@ def list_for(broker: Broker, caller: Caller, status: str | None, limit: int) -> 
         return [view(a, s, decisions[a.id], now, policy=policy, caller=caller, context=contexts[a.id]) for a, s in rows]
 
 
-def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reason: str | None) -> dict[str, Any]:
-    """Approve or deny. One transaction: the vote, the status, the audit record, the outbox."""
+def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reason: str | None,
+           *, shown_hash: str | None = None) -> dict[str, Any]:
+    """Approve or deny. One transaction: the vote, the status, the audit record, the outbox.
+    `shown_hash`: the request hash the person's screen showed; another one decides nothing."""
     assert decision in ("approve", "deny")
     if caller.kind != "human":
         raise Forbidden("only humans decide approvals (the local admin is not a person the policy names)",
@@ -424,6 +427,10 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
             code = "approval-expired" if status == "expired" else "approval-not-pending"
             raise Conflict(f"the approval is {status}; only a pending approval can be decided", code=code,
                            status_now=status)
+        if shown_hash is not None and shown_hash != approval.request_hash:
+            raise Conflict("the request you were shown is not this approval's request (its request_hash differs); "
+                           "reload it and read it again", code="approval-binding-mismatch",
+                           request_hash=approval.request_hash)
         votes = _decisions(db, [approval.id])[approval.id]
         if any(v.approver == caller.name for v in votes):
             raise Conflict("you already decided this approval; another approver must add theirs",

@@ -22,6 +22,7 @@ import typer
 
 from broker.cli.client import IDENTITIES, request
 from broker.cli.durations import parse_duration
+from broker.display import visible
 from broker.jsonbounds import loads_stored
 
 approvals_app = typer.Typer(help="Requests waiting for a human's approval.", no_args_is_help=True)
@@ -88,7 +89,15 @@ def _call(method: str, path: str, *, json_body: Any = None, params: dict[str, An
 
 
 def _emit(data: Any, as_json: bool, text: str) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+    # --json is ASCII: every non-ASCII character, the invisible and direction-changing ones
+    # included, leaves as a \uXXXX escape, exact for a program and visible to a person.
+    typer.echo(json.dumps(data, indent=2, default=str, ensure_ascii=True) if as_json else text)
+
+
+def _v(value: Any) -> str:
+    """Text from the broker (written by an agent, an orchestrator or a person) for the terminal:
+    invisible, direction-changing and control characters (terminal escapes too) shown as ⟦U+XXXX⟧."""
+    return visible("-" if value is None else str(value))
 
 
 def _short_time(value: str | None) -> str:
@@ -104,7 +113,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _you(a: dict[str, Any]) -> str:
     if a.get("you_may_approve"):
         return "may approve"
-    return a.get("why_not") or "-"
+    return _v(a.get("why_not") or "-")
 
 
 @approvals_app.command("list")
@@ -121,32 +130,50 @@ def approvals_list(
     if not rows:
         _emit(rows, as_json, f"no {'' if status == 'all' else status + ' '}approvals for you")
         return
-    table = [[a["approval_id"], a["status"], a["tier"], f"{a['access']} on {a['resource']}",
-              f"{a.get('agent') or '-'} for {a.get('human') or '-'}",
+    table = [[_v(a["approval_id"]), _v(a["status"]), _v(a["tier"]), f"{_v(a['access'])} on {_v(a['resource'])}",
+              f"{_v(a.get('agent'))} for {_v(a.get('human'))}",
               f"{len([v for v in a['approvals'] if v['decision'] == 'approve'])}/{a['min_approvals']}",
               _short_time(a["expires_at"]), _you(a)] for a in rows]
     _emit(rows, as_json, _table(table, ["ID", "STATUS", "TIER", "REQUEST", "AGENT", "APPROVALS", "EXPIRES", "YOU"]))
 
 
+def _display(a: dict[str, Any]) -> dict[str, Any]:
+    shown: dict[str, Any] = a.get("display") or {}
+    return shown
+
+
 def _details(a: dict[str, Any]) -> str:
-    votes = "; ".join(f"{v['decision']} by {v['approver']}" + (f" ({v['reason']})" if v.get("reason") else "")
+    """One approval as a person reads it before deciding: the sentence, the binding code and the
+    parameters' canonical JSON (what the hash binds), every agent-written field made visible."""
+    d = _display(a)
+    votes = "; ".join(f"{v['decision']} by {_v(v['approver'])}" + (f" ({_v(v['reason'])})" if v.get("reason") else "")
                       for v in a["approvals"]) or "none yet"
-    lines = [
-        f"{a['approval_id']}  {a['status'].upper()}",
-        f"  {a.get('binding_message') or ''}",
-        f"  request:    {a['access']} on {a['resource']} (tier {a['tier']}, ttl {a['ttl_seconds']}s)",
-        f"  tool:       {a.get('tool') or '-'}",
-        f"  parameters: {json.dumps(a.get('parameters'), sort_keys=True)}",
-        f"  purpose:    {a['purpose']}",
-        f"  session:    {a['session_id']} (agent {a.get('agent')}, task {a.get('task_id')}, human {a.get('human')})",
-        f"  why:        {a['reason']}",
-        f"  approvers:  {', '.join(a['approvers'])} (needs {a['min_approvals']})",
+    labels = ", ".join(f"{_v(k)}={_v(v)}" for k, v in sorted((a.get("labels") or {}).items())) or "-"
+    params = a.get("parameters")
+    canonical = d.get("parameters_canonical") if d else None
+    if canonical is None and params is not None:
+        canonical = _v(json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+    lines = [f"{_v(a['approval_id'])}  {_v(a['status']).upper()}"]
+    if d.get("warning"):
+        lines.append(f"  WARNING:    {d['warning']}")
+    lines += [
+        f"  {d.get('sentence') or _v(a.get('binding_message') or '')}",
+        f"  binding:    {d.get('binding_code') or '-'}  ({_v(a['request_hash'])})",
+        f"  parameters: {canonical if canonical is not None else 'null'}",
+        f"  request:    {_v(a['access'])} on {_v(a['resource'])} (tier {_v(a['tier'])}, ttl {a['ttl_seconds']}s)",
+        f"  tool:       {_v(a.get('tool'))}",
+        f"  purpose:    {_v(a['purpose'])}",
+        f"  session:    {_v(a['session_id'])} (agent {_v(a.get('agent'))}, task {_v(a.get('task_id'))}, "
+        f"human {_v(a.get('human'))})",
+        f"  labels:     {labels}",
+        f"  message:    {_v(a.get('binding_message'))}",
+        f"  why:        {_v(a['reason'])}",
+        f"  approvers:  {', '.join(_v(x) for x in a['approvers'])} (needs {a['min_approvals']})",
         f"  decisions:  {votes}",
         f"  expires:    {_short_time(a['expires_at'])}",
-        f"  binding:    {a['request_hash']}",
     ]
     if a.get("capability_id"):
-        lines.append(f"  used for:   {a['capability_id']} at {_short_time(a.get('used_at'))}")
+        lines.append(f"  used for:   {_v(a['capability_id'])} at {_short_time(a.get('used_at'))}")
     if a.get("you_may_approve") is not None:
         lines.append(f"  you:        {_you(a)}")
     return "\n".join(lines)
@@ -163,21 +190,38 @@ def approvals_show(
     _emit(a, as_json, _details(a))
 
 
-def _decide(approval_id: str, verb: str, reason: str | None, as_json: bool) -> None:
-    a = _call("POST", f"/v1/approvals/{approval_id}/{verb}", json_body={"reason": reason} if reason else None)
+def _decide(approval_id: str, verb: str, reason: str | None, as_json: bool, binding: str | None = None) -> None:
+    # What is decided is what is shown: read the approval, show it, send back its hash. A request
+    # that changed in between (or a --binding that differs from the agent's screen) decides nothing.
+    shown = _call("GET", f"/v1/approvals/{approval_id}")
+    code = _display(shown).get("binding_code")
+    if binding is not None and binding.strip().upper() != (code or "").upper():
+        typer.echo(f"error: binding-mismatch: this approval's binding code is {code}, not {_v(binding)}; "
+                   "nothing was decided", err=True)
+        raise typer.Exit(EXIT_REFUSED)
+    if not as_json:
+        typer.echo(_details(shown))
+    body: dict[str, Any] = {"request_hash": shown["request_hash"]}
+    if reason:
+        body["reason"] = reason
+    a = _call("POST", f"/v1/approvals/{approval_id}/{verb}", json_body=body)
     if a["status"] == "pending":
         got = len([v for v in a["approvals"] if v["decision"] == "approve"])
         text = f"{approval_id}: your approval is recorded ({got} of {a['min_approvals']}); it waits for another approver"
     else:
-        text = f"{approval_id}: {a['status']} ({a['access']} on {a['resource']} for {a.get('agent')})"
+        text = f"{approval_id}: {a['status']} ({_v(a['access'])} on {_v(a['resource'])} for {_v(a.get('agent'))})"
         if a["status"] == "approved":
             text += "; the agent may now retry its request with this approval_id"
     _emit(a, as_json, text)
 
 
-def approve(approval_id: str, reason: ReasonOpt = None, as_json: JsonOpt = False) -> None:
-    """Approve a pending request (it mints once, for exactly the request shown)."""
-    _decide(approval_id, "approve", reason, as_json)
+BindingOpt = Annotated[str | None, typer.Option(
+    "--binding", help="the binding code the agent's screen shows (e.g. 1A2B-3C4D): decide only if it matches")]
+
+
+def approve(approval_id: str, reason: ReasonOpt = None, binding: BindingOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a pending request, then approve exactly it (it mints once, for exactly the request shown)."""
+    _decide(approval_id, "approve", reason, as_json, binding)
 
 
 def deny(approval_id: str, reason: ReasonOpt = None, as_json: JsonOpt = False) -> None:
@@ -216,7 +260,7 @@ def grant(
     body = {"session_id": session, "resource": resource, "access": access, "ttl_seconds": parse_ttl(ttl),
             "uses": uses, "reason": reason}
     g = _call("POST", "/v1/grants", json_body={k: v for k, v in body.items() if v is not None})
-    _emit(g, as_json, f"{g['grant_id']}: {g['access']} on {g['resource']} pre-approved for {g['session_id']}, "
+    _emit(g, as_json, f"{g['grant_id']}: {_v(g['access'])} on {_v(g['resource'])} pre-approved for {g['session_id']}, "
                       f"{g['uses_left']} use(s), until {_short_time(g['expires_at'])}")
 
 

@@ -18,6 +18,7 @@ import typer
 from broker.cli import helpers, humans, login
 from broker.cli.client import call
 from broker.cli.durations import parse_duration
+from broker.display import visible
 from broker.jsonbounds import dumps_stored
 
 # Plain click errors (`Error: ...` under the usage line), not a drawn box: one line a script can grep.
@@ -36,11 +37,22 @@ humans.register(app)  # approvals list|show, approve, deny, grant, and --as
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
-def _out(data: Any, as_json: bool, human: str | None = None) -> None:
+def _out(data: Any, as_json: bool, human: str | None = None, *, shown: bool = False) -> None:
+    """`shown`: `human` was built from fields already passed through `visible` (so a line break
+    inside a field is a mark, not a new line); otherwise each line is made visible here."""
     if as_json or human is None:
-        typer.echo(dumps_stored(data, indent=None if as_json else 2, default=str))
-    else:
+        # ASCII JSON (json's default, said here on purpose): hidden characters leave as \uXXXX.
+        typer.echo(dumps_stored(data, indent=None if as_json else 2, default=str, ensure_ascii=True))
+    elif shown:
         typer.echo(human)
+    else:
+        # Text lines carry agent-written fields: each line's invisible, direction-changing and
+        # control characters (terminal escapes) are shown as ⟦U+XXXX⟧ (broker.display).
+        typer.echo("\n".join(visible(line) for line in human.split("\n")))
+
+
+def _v(value: Any) -> str:
+    return visible("" if value is None else str(value))
 
 
 def _logging(level: str, log_format: str) -> None:
@@ -283,8 +295,8 @@ def _receipts_text(receipts: list[dict[str, Any]]) -> str:
 @sessions_app.command("list")
 def sessions_list(status: str | None = None, as_json: JsonOpt = False) -> None:
     rows = call("GET", "/v1/sessions", params={"status": status} if status else None)
-    _out(rows, as_json, "\n".join(f"{r['session_id']}  {r['status']:<6} {r['human']} / {r['agent']}  task={r['task_id']}"
-                                  for r in rows) or "no sessions")
+    _out(rows, as_json, "\n".join(f"{_v(r['session_id'])}  {_v(r['status']):<6} {_v(r['human'])} / {_v(r['agent'])}  "
+                                  f"task={_v(r['task_id'])}" for r in rows) or "no sessions", shown=True)
 
 
 @sessions_app.command("show")
@@ -435,8 +447,8 @@ def audit_tail(
         typer.echo("no audit records" + (f" for session {session}" if session else ""))
     for r in records:
         d = r.get("policy_decision") or {}
-        _out(r, as_json, f"{r['seq']:>6} {r['timestamp']} {r['type']:<26} {r['outcome']:<16} "
-                         f"{(r.get('request') or {}).get('resource') or ''} {d.get('reason') or ''}")
+        _out(r, as_json, f"{r['seq']:>6} {_v(r['timestamp'])} {_v(r['type']):<26} {_v(r['outcome']):<16} "
+                         f"{_v((r.get('request') or {}).get('resource'))} {_v(d.get('reason'))}", shown=True)
 
 
 @audit_app.command("export")

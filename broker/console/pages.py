@@ -10,6 +10,7 @@ person may not use are shown disabled with the service's own reason.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -32,6 +33,7 @@ from broker.runtime import Broker
 from broker.sessions import service as sessions
 
 router = APIRouter(prefix="/console", include_in_schema=False)
+HASH = re.compile(r"sha256:[0-9a-f]{64}")
 RECENT_SESSIONS = 50
 TIMELINE_LIMIT = 5000
 
@@ -96,15 +98,23 @@ def approval_page(request: Request, approval_id: str, me: Person) -> Response:
     return render(request, "approval.html", {"card": views.card(broker.settings, approval, utcnow())})
 
 
-def _decide(request: Request, me: Caller, approval_id: str, decision: str, csrf_token: str, reason: str) -> Response:
+def _decide(request: Request, me: Caller, approval_id: str, decision: str, csrf_token: str, reason: str,
+            request_hash: str) -> Response:
     if not check_csrf(browser_of(request), csrf_token):
         return _refused_form(request)
+    # The hash of the request the card showed: the form always carries it, and an approval posted
+    # without it approves nothing (a denial may omit it).
+    if decision == "approve" and not HASH.fullmatch(request_hash):
+        return render_error(request, 400, "invalid-request-hash", "The form did not carry the request hash its "
+                            "card showed; reload the page, read the request and decide again.")
     try:
-        body = ApprovalDecide(reason=reason.strip() or None)  # the API's own bounds on a reason
+        body = ApprovalDecide(reason=reason.strip() or None,  # the API's own bounds on a reason
+                              request_hash=request_hash if HASH.fullmatch(request_hash) else None)
     except ValidationError:
         return render_error(request, 400, "invalid-reason", "A reason is at most 1,000 characters.")
     try:
-        result = approvals.decide(_broker(request), me, approval_id, decision, body.reason)
+        result = approvals.decide(_broker(request), me, approval_id, decision, body.reason,
+                                  shown_hash=body.request_hash)
     except BrokerError as exc:
         return render_error(request, exc.status, exc.code, exc.message)
     announce_decision(request.app.state, approval_id)
@@ -116,14 +126,14 @@ def _decide(request: Request, me: Caller, approval_id: str, decision: str, csrf_
 
 @router.post("/approvals/{approval_id}/approve")
 def approve(request: Request, approval_id: str, me: Person, csrf_token: Annotated[str, Form()] = "",
-            reason: Annotated[str, Form()] = "") -> Response:
-    return _decide(request, me, approval_id, "approve", csrf_token, reason)
+            reason: Annotated[str, Form()] = "", request_hash: Annotated[str, Form()] = "") -> Response:
+    return _decide(request, me, approval_id, "approve", csrf_token, reason, request_hash)
 
 
 @router.post("/approvals/{approval_id}/deny")
 def deny(request: Request, approval_id: str, me: Person, csrf_token: Annotated[str, Form()] = "",
-         reason: Annotated[str, Form()] = "") -> Response:
-    return _decide(request, me, approval_id, "deny", csrf_token, reason)
+         reason: Annotated[str, Form()] = "", request_hash: Annotated[str, Form()] = "") -> Response:
+    return _decide(request, me, approval_id, "deny", csrf_token, reason, request_hash)
 
 
 # --- sessions -----------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.responses import HTMLResponse
+from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.templating import Jinja2Templates
 
 from broker.console.browser import browser_of
+from broker.display import segments
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -56,6 +58,28 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
+def visible(value: Any) -> Markup:
+    """Agent-controlled text for HTML: escaped, each invisible, direction-changing or look-alike
+    character shown as a highlighted `⟦U+XXXX⟧` named in its tooltip (`broker.display`)."""
+    if value is None:
+        return Markup("")
+    parts = []
+    for seg in segments(str(value)):
+        if seg.marked:
+            parts.append(Markup('<mark class="hidden-char" title="{}">{}</mark>').format(seg.name, seg.text))
+        else:
+            parts.append(escape(seg.text))
+    return Markup("").join(parts)
+
+
+def visible_lines(value: Any) -> Markup:
+    """`visible` for preformatted JSON (`pretty`): its own line breaks are layout, kept as they are;
+    JSON escapes every control character inside a string, so no agent newline reaches here raw."""
+    return Markup("\n").join(visible(line) for line in str(value).split("\n"))
+
+
+TEMPLATES.env.filters["visible"] = visible
+TEMPLATES.env.filters["visible_lines"] = visible_lines
 TEMPLATES.env.filters["when"] = _when
 TEMPLATES.env.filters["iso"] = _iso
 TEMPLATES.env.filters["duration"] = duration

@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from broker.approvals.summary import binding_code, canonical_parameters, sentence
 from broker.audit.service import RecordCheck
 from broker.config import Settings
+from broker.display import hidden_characters
 from broker.models import AuditRecord
 
 _REPO = r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+"
-ISSUE_REF = re.compile(rf"^(?P<repo>{_REPO})#(?P<issue>\d+)$")
+ISSUE_REF = re.compile(rf"^(?P<repo>{_REPO})#(?P<issue>\d+)$", re.ASCII)
 URL_LABELS = ("task_url", "issue_url", "url")
 
 WHY = {
@@ -28,12 +30,13 @@ def task_link(settings: Settings, task_id: str | None, repository: str | None, l
     an issue number put into BROKER_CONSOLE_ISSUE_URL_TEMPLATE. Nothing else becomes a link."""
     for key in URL_LABELS:
         value = labels.get(key)
-        if isinstance(value, str) and value.startswith(("https://", "http://")) and " " not in value:
+        if (isinstance(value, str) and value.startswith(("https://", "http://")) and " " not in value
+                and not hidden_characters(value)):  # a link whose text could hide where it goes is no link
             return value
     found = ISSUE_REF.match(task_id or "")
     repo, issue = (found["repo"], found["issue"]) if found else (
         repository or labels.get("repository"), labels.get("issue_number") or labels.get("issue"))
-    if repo and issue and str(issue).isdigit() and re.fullmatch(_REPO, str(repo)):
+    if repo and issue and str(issue).isascii() and str(issue).isdigit() and re.fullmatch(_REPO, str(repo), re.ASCII):
         return settings.console_issue_url_template.format(repository=repo, issue=issue)
     return None
 
@@ -50,6 +53,7 @@ def card(settings: Settings, approval: dict[str, Any], now: datetime) -> dict[st
     """One approval as its card shows it."""
     expires = _aware(approval["expires_at"])
     decision = approval.get("policy_decision") or {}
+    display = approval.get("display") or {}
     rule = decision.get("matched_rule")
     if rule and decision.get("matched_line"):
         rule = f"{rule} (line {decision['matched_line']})"
@@ -61,13 +65,12 @@ def card(settings: Settings, approval: dict[str, Any], now: datetime) -> dict[st
         "rule": rule,
         "layer": decision.get("layer"),
         "policy_version": (decision.get("policy_version") or "")[:19],
-        "binding_code": _binding_code(approval.get("request_hash") or ""),
+        "binding_code": binding_code(approval.get("request_hash") or ""),
+        "sentence": sentence(approval, shown=str),  # marked by the template's `visible` filter
+        "parameters_canonical": canonical_parameters(approval.get("parameters")),
+        "hidden": display.get("hidden_characters") or [],
+        "warning": display.get("warning"),
     }
-
-
-def _binding_code(request_hash: str) -> str:
-    digits = request_hash.removeprefix("sha256:")[:8].upper()
-    return f"{digits[:4]}-{digits[4:]}" if digits else ""
 
 
 @dataclass

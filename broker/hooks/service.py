@@ -7,6 +7,10 @@ call whose tier needs approval opens an approval like a capability request does 
 `resource` = `tool://<tool name>`, `access` = the tier, `parameters` = the tool input, so the
 approvers see exactly what they approve); the same call made again once it is approved is
 allowed, and uses the approval up.
+
+A call whose approval cannot be opened (its input outside the approval bounds, 16 KiB / depth 8,
+or a pending-approval budget spent) is denied with that reason, audited, and nothing is stored
+for approvers: answered as `deny` with 200, because an http hook that fails lets the call through.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from broker.approvals import service as approvals
+from broker.approvals.limits import ApprovalBudgetExceeded, ApprovalTooLarge
 from broker.audit.events import AgentRef, AuditEvent, DecisionRef, GrantRef, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
-from broker.errors import Forbidden, Unauthenticated
+from broker.errors import BrokerError, Forbidden, Unauthenticated
 from broker.identity.callers import Caller
 from broker.leases.service import lock_session
 from broker.models import AnySession, Approval
@@ -80,6 +85,7 @@ def pre_tool_use(broker: Broker, caller: Caller, hook: HookInput) -> dict[str, A
         active = session.status == "active" and session.expires_at > now
         verdict = decide_tool_call(policy, agent=session.agent, session_active=active, call=call)
         decision, message, approval_id, outcome = verdict.decision, verdict.message, None, verdict.decision
+        refusal_code: str | None = None
         if verdict.needs_approval:
             binding = _binding(session.id, call, verdict.tier)
             approval = _approval_for(db, session, binding.request_hash(), now)
@@ -90,19 +96,32 @@ def pre_tool_use(broker: Broker, caller: Caller, hook: HookInput) -> dict[str, A
                 decision, outcome = "allow", "allow"
                 message = f"{verdict.message}; approved by {approval.decided_by} ({approval.id})"
             else:
+                refused: BrokerError | None = None
                 if approval is None:
-                    approval, _ = approvals.open_request(
-                        db, broker, session.row(), binding, tier=verdict.tier or "", reason=verdict.reason,
-                        approvers=list(verdict.approvers), granted_ttl=None, purpose=describe(call), now=now)
-                approval_id, outcome = approval.id, "pending_approval"
-                message = (f"{verdict.message}: approval {approval.id} is pending "
-                           f"(`broker-cli approve {approval.id}`); make the same call again once it is approved")
-        append(db, _audit(session, hook, call, verdict, decision, outcome, approval_id, policy.version))
+                    try:
+                        approval, _ = approvals.open_request(
+                            db, broker, session.row(), binding, tier=verdict.tier or "", reason=verdict.reason,
+                            approvers=list(verdict.approvers), granted_ttl=None, purpose=describe(call), now=now)
+                    except (ApprovalTooLarge, ApprovalBudgetExceeded) as exc:
+                        refused = exc
+                if approval is None:
+                    # No approval was opened. Answered as a deny (200), never as an error status:
+                    # Claude Code lets a call through when an http hook fails.
+                    assert refused is not None
+                    decision, outcome = "deny", "denied"
+                    refusal_code = refused.code  # approval-too-large or approval-budget-exceeded
+                    message = f"{verdict.message}, but no approval was opened ({refusal_code}): {refused.message}"
+                else:
+                    approval_id, outcome = approval.id, "pending_approval"
+                    message = (f"{verdict.message}: approval {approval.id} is pending "
+                               f"(`broker-cli approve {approval.id}`); make the same call again once it is approved")
+        append(db, _audit(session, hook, call, verdict, decision, outcome, approval_id, policy.version,
+                          refusal_code))
     return hook_output(decision, message)
 
 
 def _audit(session: AnySession, hook: HookInput, call: ToolCall, verdict: ToolVerdict, decision: str, outcome: str,
-           approval_id: str | None, policy_version: str) -> AuditEvent:
+           approval_id: str | None, policy_version: str, refusal_code: str | None = None) -> AuditEvent:
     # The tool input itself may hold secrets (a header in a curl, a file's content): the audit
     # keeps what was run (program, path, host) and the input's SHA-256, never the input.
     kind = {"allow": "allowed", "deny": "denied", "ask": "asked"}[decision]
@@ -115,7 +134,8 @@ def _audit(session: AnySession, hook: HookInput, call: ToolCall, verdict: ToolVe
         request=RequestRef(operation="pre-tool-use", tool=call.tool_name, resource=f"tool://{call.tool_name}",
                            tier=verdict.tier,
                            parameters={"summary": describe(call), "tool_input_sha256": call.input_sha256()}),
-        policy_decision=DecisionRef(decision, verdict.reason, verdict.matched_rule, policy_version,
+        # A call that needed approval but could not open one is denied for that reason.
+        policy_decision=DecisionRef(decision, refusal_code or verdict.reason, verdict.matched_rule, policy_version,
                                     rule_name=verdict.rule_name),
         jit_grant=GrantRef(status="pending_approval", approval_id=approval_id) if approval_id else None,
         detail={"hook_event": HOOK_EVENT, "agent_session_id": hook.agent_session_id, "tool_use_id": hook.tool_use_id,

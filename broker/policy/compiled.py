@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.identity.principals import canonical_human, principal_problem
-from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Grant, PolicyDocument, Tier
+from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Budgets, Grant, PolicyDocument, Tier
 from broker.policy.resources import Glob, compile_glob, is_glob
 from broker.policy.tools import CompiledTools
 from broker.policy.trust import CompiledTrust
@@ -197,6 +197,9 @@ class CompiledPolicy:
         budgets = document.budgets
         self.max_issued_per_session: int | None = budgets.max_issued_per_session if budgets else None
         self.max_active_per_session: int | None = budgets.max_active_per_session if budgets else None
+        budgets = budgets or Budgets()
+        self.max_pending_approvals_per_session: int = budgets.max_pending_approvals_per_session
+        self.max_pending_approvals_per_approver: int = budgets.max_pending_approvals_per_approver
         self.rate_limits = document.rate_limits
         self.escalation_tiers: frozenset[str] = frozenset(
             document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS

@@ -238,9 +238,22 @@ class Agent(Strict):
     providers: list[ProviderName] | None = None  # absent: any provider
 
 
+DEFAULT_MAX_PENDING_APPROVALS_PER_SESSION = 10
+DEFAULT_MAX_PENDING_APPROVALS_PER_APPROVER = 50
+
+
 class Budgets(Strict):
     max_issued_per_session: int | None = Field(default=None, ge=0)  # absent: unlimited
     max_active_per_session: int | None = Field(default=None, ge=0)
+    # Pending approvals are what people must read: bounded even when the policy says nothing, so
+    # no session (or set of sessions) can bury its approvers. 0 lets no approval be opened.
+    max_pending_approvals_per_session: int = Field(
+        default=DEFAULT_MAX_PENDING_APPROVALS_PER_SESSION, ge=0, le=10_000,
+        description="approvals one session may have pending at once (default 10); the next: 429 approval-budget-exceeded")
+    max_pending_approvals_per_approver: int = Field(
+        default=DEFAULT_MAX_PENDING_APPROVALS_PER_APPROVER, ge=0, le=100_000,
+        description="approvals pending at once that name one approver entry (a group, a user), across sessions "
+                    "(default 50); the next: 429 approval-budget-exceeded")
 
 
 class RateLimit(Strict):

@@ -66,7 +66,9 @@ def test_approve_from_the_cli_answers_the_agents_long_poll(dev: tuple[str, Path,
     assert listed.returncode == 0, listed.stderr
     assert aid in listed.stdout and "release on jwt://payments-api" in listed.stdout and "may approve" in listed.stdout
     shown = cli(env, cwd, "approvals", "show", aid)
-    assert '{"tag": "v2.1.0"}' in shown.stdout and "release-cli" in shown.stdout and "Binding" in shown.stdout
+    assert 'parameters: {"tag":"v2.1.0"}' in shown.stdout and "release-cli" in shown.stdout  # canonical JSON, as bound
+    assert "Approving lets claude-code (acting for alice@example.com) mint one `release` credential" in shown.stdout
+    assert f"binding:    {pending.json()['binding_message'].rsplit('Binding ', 1)[1].rstrip('.')}" in shown.stdout
     as_json = json.loads(cli(env, cwd, "approvals", "list", "--json").stdout)
     assert [a["approval_id"] for a in as_json] == [aid]
 

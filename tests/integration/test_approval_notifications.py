@@ -44,6 +44,12 @@ def test_each_event_arrives_once_signed_with_full_parameters(database_url: str, 
         assert approval["parameters"] == DEPLOY["parameters"] and approval["tool"] == "deploy-cli"
         assert approval["binding_message"] == pending["binding_message"]
         assert approval["approvers"] == ["group:maintainers"] and approval["human"] == "alice@example.com"
+        # What a receiver shows people: the sentence, the binding code, the canonical parameters.
+        shown = approval["display"]
+        assert shown["sentence"].startswith("Approving lets claude-code (acting for alice@example.com) mint one "
+                                            "`deploy` credential for jwt://payments-api via `deploy-cli`")
+        assert shown["binding_code"] in pending["binding_message"]
+        assert shown["parameters_canonical"] == '{"env":"prod","version":"1.4.2"}' and shown["warning"] is None
         r = client.post(f"/v1/approvals/{pending['approval_id']}/approve", headers=api.as_human(BOB),
                         json={"reason": "ok"})
         assert r.status_code == 200

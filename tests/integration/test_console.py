@@ -29,6 +29,11 @@ def _pending(api: Api, **session: Any) -> tuple[dict[str, Any], str]:
     return s, r.json()["approval_id"]
 
 
+def _shown_hash(api: Api, approval_id: str) -> str:
+    """The request hash the approval's card carries in its form."""
+    return str(api.client.get(f"/v1/approvals/{approval_id}", headers=api.as_admin()).json()["request_hash"])
+
+
 def _status(api: Api, approval_id: str) -> str:
     r = api.client.get(f"/v1/approvals/{approval_id}", headers=api.as_admin())
     return str(r.json()["status"])
@@ -116,12 +121,13 @@ def test_forms_without_the_session_csrf_token_change_nothing(humans_api: Api) ->
     with _browser(api, "bob@example.com") as bob, _browser(api, "mallory@example.com") as mallory:
         mine = bob.csrf()
         for forged in ({}, {"csrf_token": ""}, {"csrf_token": "x" * 43}, {"csrf_token": mallory.csrf()}):
-            r = bob.post(f"/console/approvals/{aid}/approve", **forged)
+            r = bob.post(f"/console/approvals/{aid}/approve", request_hash=_shown_hash(api, aid), **forged)
             assert r.status_code == 403 and "csrf-failed" in r.text
             assert _status(api, aid) == "pending"
         r = bob.post("/console/signout")
         assert r.status_code == 403 and bob.http.get("/console/approvals").status_code == 200
-        r = bob.post(f"/console/approvals/{aid}/approve", csrf_token=mine, reason="looked at the diff")
+        r = bob.post(f"/console/approvals/{aid}/approve", csrf_token=mine, reason="looked at the diff",
+                     request_hash=_shown_hash(api, aid))
         assert r.status_code == 303 and r.headers["location"] == f"/console/approvals/{aid}"
         assert _status(api, aid) == "approved"
         card = bob.http.get(f"/console/approvals/{aid}").text
@@ -145,7 +151,7 @@ def test_forged_posts_for_someone_elses_approval_capability_or_session_are_refus
     }
     for email, (status, code) in refused.items():
         with _browser(api, email) as b:
-            r = b.post(f"/console/approvals/{aid}/approve", csrf_token=b.csrf())
+            r = b.post(f"/console/approvals/{aid}/approve", csrf_token=b.csrf(), request_hash=_shown_hash(api, aid))
             assert (r.status_code, code in r.text) == (status, True), (email, r.text)
     assert _status(api, aid) == "pending"
     with _browser(api, "bob@example.com") as bob:  # an approver, but alice's session is not his

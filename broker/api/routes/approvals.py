@@ -55,7 +55,8 @@ async def get_approval(
 
 def _decide(approval_id: str, verdict: str, request: Request, broker: BrokerDep, caller: AnyCaller,
             body: ApprovalDecide | None) -> ApprovalView:
-    result = service.decide(broker, caller, approval_id, verdict, body.reason if body else None)
+    result = service.decide(broker, caller, approval_id, verdict, body.reason if body else None,
+                            shown_hash=body.request_hash if body else None)
     announce_decision(request.app.state, approval_id)
     return ApprovalView.model_validate(result)
 

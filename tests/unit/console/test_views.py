@@ -16,6 +16,7 @@ from broker.console.views import task_link
 from broker.db import make_engine, transaction, utcnow
 from broker.migrate import upgrade
 from broker.models import AuditRecord
+from tests.support.hostile_text import ONE_PER_CLASS, ids
 
 SETTINGS = Settings()
 
@@ -34,6 +35,20 @@ def test_only_http_links_and_well_formed_references_become_task_links(
     task_id: str, repository: str | None, labels: dict[str, str], link: str | None
 ) -> None:
     assert task_link(SETTINGS, task_id, repository, labels) == link
+
+
+@pytest.mark.parametrize(("kind", "code"), ONE_PER_CLASS, ids=ids(ONE_PER_CLASS))
+def test_no_link_from_text_carrying_a_hidden_character(kind: str, code: int) -> None:
+    c = chr(code)
+    assert task_link(SETTINGS, "PAY-1", None, {"task_url": f"https://github.com/acme/app/issues/1{c}"}) is None
+    assert task_link(SETTINGS, f"acme/app#4{c}2", None, {}) is None
+    assert task_link(SETTINGS, "PAY-1", f"acme/app{c}", {"issue_number": "7"}) is None
+
+
+@pytest.mark.parametrize("issue", ["\u0667", "\uff17", "4\u0662"])  # Arabic-Indic and full-width digits
+def test_only_ascii_digits_make_an_issue_link(issue: str) -> None:
+    assert task_link(SETTINGS, f"acme/app#{issue}", None, {}) is None
+    assert task_link(SETTINGS, "PAY-1", "acme/app", {"issue_number": issue}) is None
 
 
 @pytest.mark.parametrize(("value", "expected"), [
