@@ -22,7 +22,7 @@ from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import Denied, Forbidden, NotFound
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human
+from broker.identity.principals import same_principal
 from broker.models import JitGrant, SessionRow
 from broker.permissions import service as live_permissions
 from broker.policy import RequestFacts, approval_rule, approver_permission, evaluate, named_approver
@@ -68,7 +68,7 @@ def create(broker: Broker, caller: Caller, ask: GrantAsk) -> dict[str, Any]:
             decision = evaluate(policy, facts, RequestFacts(ask.resource, ask.access, None, now, approved=True,
                                                             live=session_live), bounds_lookup(broker))
             rule_tier = decision.tier
-        delegator = session is not None and canonical_human(caller.name) == canonical_human(session.human)
+        delegator = session is not None and same_principal(caller.name, session.human)
         rule = approval_rule(policy, rule_tier) if rule_tier else None
         entry = named_approver(policy, rule.approvers, caller.name, caller.groups) if rule else None
         if session is None or (not delegator and entry is None):

@@ -32,7 +32,7 @@ from broker.db import transaction, utcnow
 from broker.errors import BrokerError, Conflict, Denied, Forbidden, InvalidRequest, NotFound
 from broker.identity.access import human_is
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human
+from broker.identity.principals import same_principal
 from broker.metrics import APPROVALS_OPENED, observe_approval_outcome
 from broker.models import AnySession, Approval, ApprovalDecision, AuditRecord, Lease, SessionRow
 from broker.permissions.service import needs_live_answer
@@ -92,7 +92,7 @@ def effective_status(approval: Approval, session: AnySession | None, now: dateti
 
 
 def _is_delegator(caller: Caller, session: SessionRow) -> bool:
-    return caller.kind == "human" and canonical_human(caller.name) == canonical_human(session.human)
+    return caller.kind == "human" and same_principal(caller.name, session.human)
 
 
 def _named(policy: CompiledPolicy, approval: Approval, caller: Caller) -> str | None:
