@@ -117,6 +117,21 @@ def may_read(policy: CompiledPolicy, caller: Caller, approval: Approval, session
     return False
 
 
+def session_for_approver(broker: Broker, caller: Caller, session_id: str) -> SessionRow | None:
+    """The session, read-only, for a person named as an approver of one of its approvals (pending
+    or decided): whoever is asked to decide may see what the agent did in that session before."""
+    if caller.kind != "human":
+        return None
+    policy = broker.policies.current
+    with transaction(broker.engine) as db:
+        session = db.get(SessionRow, session_id)
+        if session is None:
+            return None
+        asked = db.exec(select(Approval).where(Approval.session_id == session_id)
+                        .order_by(col(Approval.created_at).desc()).limit(200)).all()
+        return session if any(_named(policy, a, caller) is not None for a in asked) else None
+
+
 def approver_live(broker: Broker, policy: CompiledPolicy, human: str, resource: str, access: str) -> LivePermission | None:
     """The live source's answer for an approver, where the resource's rule names one. Asked
     before any row is locked, like the request's own (a slow backend must not hold locks)."""

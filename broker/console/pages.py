@@ -161,14 +161,21 @@ def timeline_page(request: Request, session_id: str, me: Person) -> Response:
     broker = _broker(request)
     try:
         session, _ = sessions.get(broker, me, session_id)  # who may read it: as GET /v1/sessions/{id} and /v1/audit
+        row = _session_row(broker, me, session)
     except BrokerError as exc:
-        return render_error(request, exc.status, exc.code, exc.message)
+        # An approver asked to decide on this session's requests reads its timeline, read-only.
+        asked = approvals.session_for_approver(broker, me, session_id) if exc.status == 404 else None
+        if asked is None:
+            return render_error(request, exc.status, exc.code, exc.message)
+        session, row = asked, {"session": asked, "capabilities": [], "read_only": True, "live": None,
+                               "task_url": views.task_link(broker.settings, asked.task_id, asked.repository,
+                                                           asked.labels or {})}
     with transaction(broker.engine) as db:
         rows = audit.query(db, session_id=session_id, limit=TIMELINE_LIMIT)
         checks = {c.seq: c for c in audit.check_records(db, rows)}
     entries = [views.entry(row, checks.get(row.seq)) for row in rows]
     return render(request, "timeline.html", {
-        **_session_row(broker, me, session),
+        **row,
         "entries": entries,
         "verified": bool(entries) and all(e.verified for e in entries),
         "broken": next((e for e in entries if not e.verified), None),
@@ -183,7 +190,7 @@ def end_session(request: Request, session_id: str, me: Person, csrf_token: Annot
         _, summary = sessions.end(_broker(request), session_id, reason="console", actor=me.principal, caller=me)
     except BrokerError as exc:
         return render_error(request, exc.status, exc.code, exc.message)
-    browser_of(request).flash("warn", f"Session ended: {len(summary.revoked)} capability(ies) revoked, "
+    browser_of(request).flash("warn", f"Session ended: {views.count(len(summary.revoked), 'capability', 'capabilities')} revoked, "
                                       f"{len(summary.pending)} still being revoked (retried until the backend confirms).")
     return RedirectResponse(f"/console/sessions/{quote(session_id)}", status_code=303)
 

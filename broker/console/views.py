@@ -150,3 +150,8 @@ def entry(row: AuditRecord, check: RecordCheck | None) -> Entry:
     return Entry(seq=row.seq, timestamp=row.timestamp, type=kind, outcome=row.outcome, title=title, lines=lines,
                  actor=actor, hash=row.hash, prev_hash=row.prev_hash, verified=check.ok if check else False,
                  problem=check.problem if check else "not checked", tone=tone)
+
+
+def count(n: int, one: str, many: str) -> str:
+    """`1 capability`, `0 capabilities`, `3 capabilities`."""
+    return f"{n} {one if n == 1 else many}"
