@@ -459,6 +459,33 @@ def decide_tool_call(policy: CompiledPolicy, *, agent: str, session_active: bool
     tools = policy.tools
     if not session_active:
         return ToolVerdict("deny", "session-ended", "the broker session has ended: no more tool calls")
+    if call.command_is_malformed:
+        return ToolVerdict("deny", "command-not-a-string", "tool_input.command is not a string",
+                           matched_rule="tools")
+    if call.command is not None and call.command_bytes() > tools.max_command_bytes:
+        # Refused before it is read: the gate's work per call stays bounded.
+        return ToolVerdict("deny", "command-too-large",
+                           f"the command is {call.command_bytes()} bytes, over tools.max_command_bytes "
+                           f"({tools.max_command_bytes}); write it to a script file the user can review",
+                           matched_rule="tools.max_command_bytes")
+    verdict = _tool_rule_verdict(policy, agent, call)
+    parsed = tools.read(call)
+    if parsed is None or parsed.plain or verdict.decision == "deny":
+        return verdict
+    # A command the gate cannot read plainly is never allowed: a rule's ask (and its approval)
+    # stands, an allow becomes the policy's `unclear_command`, and `unclear_command: deny`
+    # denies whatever the rules said short of deny.
+    if verdict.decision == "ask" and tools.unclear_command == "ask":
+        return verdict
+    why = ", ".join(parsed.unclear[:3])
+    return ToolVerdict(tools.unclear_command, "command-not-understood",
+                       f"the gate cannot read this command plainly ({why}); a plain single command is "
+                       f"judged by the rules, this one is answered {tools.unclear_command}",
+                       tier=verdict.tier, matched_rule="tools.unclear_command", rule_name=verdict.rule_name)
+
+
+def _tool_rule_verdict(policy: CompiledPolicy, agent: str, call: ToolCall) -> ToolVerdict:
+    tools = policy.tools
     rule = tools.match(call)
     if rule is None:
         return ToolVerdict(tools.default, "no-tool-rule", f"no tool rule matches; the policy's default is {tools.default}",
