@@ -462,8 +462,9 @@ def decide_tool_call(policy: CompiledPolicy, *, agent: str, session_active: bool
     if call.command_is_malformed:
         return ToolVerdict("deny", "command-not-a-string", "tool_input.command is not a string",
                            matched_rule="tools")
-    if call.command is not None and call.command_bytes() > tools.max_command_bytes:
-        # Refused before it is read: the gate's work per call stays bounded.
+    if call.command is not None and tools.read(call) is None:
+        # Refused unread (and kept so: the audit summary does not read it either), so the
+        # gate's work per call stays bounded.
         return ToolVerdict("deny", "command-too-large",
                            f"the command is {call.command_bytes()} bytes, over tools.max_command_bytes "
                            f"({tools.max_command_bytes}); write it to a script file the user can review",

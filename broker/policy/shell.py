@@ -27,6 +27,7 @@ Pure: no I/O, importing nothing from the broker.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 SUBSTITUTION = "$(…)"
@@ -191,6 +192,8 @@ class _Scanner:
             self.steps += 1
             c = text[i]
             nxt = text[i + 1] if i + 1 < n else ""
+            if (c < " " and c not in "\t\n\r") or (c >= "\x7f" and _invisible(c)):
+                self.flag("control or invisible character")
             if state == "s":
                 if c == "'":
                     state = "u"
@@ -374,6 +377,8 @@ class _Scanner:
         if frame.program_quoted and k == 0:
             self.flag("quoted or escaped command name")
         program = words[k].rsplit("/", 1)[-1]
+        if not program.isascii():
+            self.flag("non-ASCII command name")
         if not program or program in RUNNERS:
             self.flag(f"`{program[:32]}` runs another command or changes what runs")
             return
@@ -391,6 +396,12 @@ class _Scanner:
                                                                          "--exec=", "--config-env="))
                                       for w in words[k + 1:]):
             self.flag("git option that runs a command")
+
+
+def _invisible(c: str) -> bool:
+    """DEL, C1 controls, bidi and zero-width format characters, unusual spaces (NBSP ...), private
+    use and unassigned code points: what makes the text a human reads differ from what runs."""
+    return c == "\x7f" or unicodedata.category(c) in ("Cc", "Cf", "Co", "Cn", "Cs", "Zs", "Zl", "Zp")
 
 
 def _is_assignment(word: str) -> bool:

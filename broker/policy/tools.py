@@ -42,7 +42,7 @@ _REROUTE_OPTIONS = ("--connect-to", "--resolve", "-x", "--proxy", "--preproxy", 
 # No command is read past this, whatever the policy says (the request body's own bound is lower).
 HARD_MAX_COMMAND_BYTES = 1 << 20
 UNKNOWN_HOST = "?"  # a destination the gate cannot read; never on an allowlist
-PATH_FIELDS = ("file_path", "path", "notebook_path")
+PATH_FIELDS = ("file_path", "path", "notebook_path", "glob")  # Grep's glob picks the files it reads
 # Programs whose second word is a subcommand worth keeping in the audit (`git push`); for any
 # other program the second word may be data (`echo hunter2`), so only the program is kept.
 _SUBCOMMAND_CLIS = frozenset({
