@@ -25,6 +25,7 @@ from broker.db import make_engine
 from broker.identity.keys import KeyRing
 from broker.identity.oidc import OidcVerifier
 from broker.permissions.base import SourceContext
+from broker.permissions.budget import LiveCheckBudget
 from broker.permissions.registry import LivePermissions
 from broker.permissions.registry import build as build_sources
 from broker.policy import PolicyStore
@@ -138,7 +139,8 @@ class Broker:
             providers=providers,
             sealer=sealer,
             oidc=OidcVerifier(oidc_config) if oidc_config else None,
-            permissions=LivePermissions(sources, settings.permission_cache_seconds),
+            permissions=LivePermissions(sources, settings.permission_cache_seconds,
+                                        LiveCheckBudget(settings.live_check_budget, settings.live_check_budget_seconds)),
         )
 
     def provider(self, name: str) -> Provider:
