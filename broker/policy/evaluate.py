@@ -18,7 +18,7 @@ from typing import Any
 from broker.policy.compiled import AccessRule, CompiledPolicy, ResourceRule, tier_rank
 from broker.policy.models import TIER_ORDER
 from broker.policy.resources import glob_matches, resource_problem
-from broker.policy.tools import ToolCall, ToolVerdict
+from broker.policy.tools import CompiledToolRule, ToolCall, ToolVerdict
 from broker.times import rfc3339
 
 log = logging.getLogger("broker.policy")
@@ -469,14 +469,17 @@ def decide_tool_call(policy: CompiledPolicy, *, agent: str, session_active: bool
                            f"the command is {call.command_bytes()} bytes, over tools.max_command_bytes "
                            f"({tools.max_command_bytes}); write it to a script file the user can review",
                            matched_rule="tools.max_command_bytes")
-    verdict = _tool_rule_verdict(policy, agent, call)
     parsed = tools.read(call)
-    if parsed is None or parsed.plain or verdict.decision == "deny":
-        return verdict
-    # A command the gate cannot read plainly is never allowed: a rule's ask (and its approval)
-    # stands, an allow becomes the policy's `unclear_command`, and `unclear_command: deny`
-    # denies whatever the rules said short of deny.
-    if verdict.decision == "ask" and tools.unclear_command == "ask":
+    if parsed is None or parsed.plain:
+        return _tool_rule_verdict(policy, agent, tools.match(call))  # first match wins
+    # A command the gate cannot read plainly: every rule that matches any part of it has its say,
+    # and so does `default` (some part may match no rule), and the most severe answer wins (file
+    # order breaks ties): `git push origin main && curl evil.example` is denied by fetch-outside
+    # even though push-protected comes first. Then it is never allowed: an allow becomes the
+    # policy's `unclear_command`, and `unclear_command: deny` denies whatever the rules said.
+    verdicts = [_tool_rule_verdict(policy, agent, rule) for rule in tools.matching(call)]
+    verdict = max([*verdicts, _tool_rule_verdict(policy, agent, None)], key=_severity)
+    if verdict.decision == "deny" or (verdict.decision == "ask" and tools.unclear_command == "ask"):
         return verdict
     why = ", ".join(parsed.unclear[:3])
     return ToolVerdict(tools.unclear_command, "command-not-understood",
@@ -485,9 +488,12 @@ def decide_tool_call(policy: CompiledPolicy, *, agent: str, session_active: bool
                        tier=verdict.tier, matched_rule="tools.unclear_command", rule_name=verdict.rule_name)
 
 
-def _tool_rule_verdict(policy: CompiledPolicy, agent: str, call: ToolCall) -> ToolVerdict:
+def _severity(verdict: ToolVerdict) -> int:
+    return {"deny": 3, "ask": 1 + verdict.needs_approval}.get(verdict.decision, 0)
+
+
+def _tool_rule_verdict(policy: CompiledPolicy, agent: str, rule: CompiledToolRule | None) -> ToolVerdict:
     tools = policy.tools
-    rule = tools.match(call)
     if rule is None:
         return ToolVerdict(tools.default, "no-tool-rule", f"no tool rule matches; the policy's default is {tools.default}",
                            matched_rule="tools.default")

@@ -246,8 +246,11 @@ class CompiledTools:
         return call.parsed(self.max_command_bytes)
 
     def match(self, call: ToolCall) -> CompiledToolRule | None:
+        """The first rule that matches (file order)."""
         parsed = self.read(call)
-        for rule in self.rules:
-            if rule.matches(call, parsed, self.allowed_hosts):
-                return rule
-        return None
+        return next((rule for rule in self.rules if rule.matches(call, parsed, self.allowed_hosts)), None)
+
+    def matching(self, call: ToolCall) -> list[CompiledToolRule]:
+        """Every rule that matches, in file order (for a command that is not plainly simple)."""
+        parsed = self.read(call)
+        return [rule for rule in self.rules if rule.matches(call, parsed, self.allowed_hosts)]

@@ -288,6 +288,32 @@ def test_example_rules(command: str, decision: str, reason: str, rule: str) -> N
     assert (verdict.decision, verdict.reason, verdict.rule_name) == (decision, reason, rule), verdict
 
 
+# --- an unclear command: every matching rule has its say, the most severe wins -------------------
+@pytest.mark.parametrize(("command", "decision", "reason", "rule"), [
+    ("git push origin main && curl https://evil.example", "deny", "tool-rule-deny", "fetch-outside"),
+    ("git push origin main; cat .env", "deny", "agent-ceiling", "secret-files-shell"),
+    ("gh pr merge 1 && git push origin main", "ask", "approval-required", "push-protected"),  # a tie: file order
+    ("ls | curl -T - https://github.com", "deny", "tool-rule-deny", "send-file"),
+    ("curl https://github.com/x && rm -rf /", "deny", "agent-ceiling", "rm-root"),
+    ("echo ok\ngit push --force origin x", "deny", "agent-ceiling", "force-push"),
+])
+def test_in_an_unclear_command_the_most_severe_rule_wins(command: str, decision: str, reason: str, rule: str) -> None:
+    verdict = decide(bash(command))
+    assert (verdict.decision, verdict.reason, verdict.rule_name) == (decision, reason, rule), verdict
+
+
+def test_in_an_unclear_command_the_default_has_its_say() -> None:
+    """`ls` is allowed by a rule, `rm x` by no rule under `default: deny`: together they are denied."""
+    policy = load_policy_text(EXAMPLE_TEXT.replace("  default: allow ", "  default: deny  ").replace(
+        "  rules:                    # first match", "  rules:\n    - {tool: Bash, command: '^ls$', decision: allow}\n"
+        "                            # first match"))
+    assert decide(bash("ls"), policy).decision == "allow"
+    assert decide(bash("rm x"), policy).reason == "no-tool-rule"
+    for command in ("ls && rm x", "ls; rm x", "ls | rm x", "$(rm x); ls"):
+        verdict = decide(bash(command), policy)
+        assert (verdict.decision, verdict.reason, verdict.matched_rule) == ("deny", "no-tool-rule", "tools.default")
+
+
 # --- bounded cost: one linear read per call, and a size cap ---------------------------------------
 def _nested(depth_bytes: int) -> str:
     """`bash -c "bash -c \\"... $(echo $(... ls ...)) ...\\""`: every kind of nesting at once, ~depth_bytes long."""
