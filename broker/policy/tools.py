@@ -25,20 +25,50 @@ from broker.policy.shell import ParsedCommand, Segment, parse_command, strip_wra
 _URL_HOST = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^/\s'\"@]*@)?(\[[0-9A-Fa-f:.]+\]|[^/\s:'\"?#]+)(?::(\d+))?")
 # A bare word a network client would take for a destination: `evil.example`, `10.0.0.1:8080/x`.
 _BARE_HOST = re.compile(r"^(?:[^/\s:@]+@)?((?:[A-Za-z0-9-]+\.)+[A-Za-z0-9-]+|localhost|\[[0-9A-Fa-f:.]+\])"
-                        r"(?::(\d+))?(?:[/?#].*)?$")
-# Options of curl/wget/xh whose value is not a destination: skipped when looking for bare hosts.
-_VALUE_OPTIONS = frozenset({
-    "-o", "--output", "-O", "--output-document", "-H", "--header", "-A", "--user-agent", "--referer", "-w",
-    "--write-out", "-X", "--request", "-u", "--user", "-d", "--data", "--data-raw", "--data-binary",
-    "--data-urlencode", "--data-ascii", "--json", "-F", "--form", "-m", "--max-time", "--connect-timeout",
-    "--retry", "-r", "--range", "-P", "--directory-prefix", "-b", "--cookie", "-c", "--cookie-jar", "-D",
-    "--dump-header", "-a", "--append-output", "-t", "--tries", "-T", "--timeout", "-U", "--cacert", "--cert",
-    "--key", "-E",
-})
-# Options that send the traffic somewhere else than the URL says: the destination is unknown.
-_REROUTE_OPTIONS = ("--connect-to", "--resolve", "-x", "--proxy", "--preproxy", "--socks4", "--socks4a", "--socks5",
-                    "--socks5-hostname", "--unix-socket", "--abstract-unix-socket", "--doh-url", "-e",
-                    "--execute", "--url", "-i", "--input-file", "-K", "--config")
+                        r"(?::(\d+))?(?:[:/?#].*)?$")  # `host:path` too (scp, git over ssh)
+
+
+@dataclass(frozen=True)
+class _ClientOptions:
+    """A network client family's options: which take a value that is not a destination (skipped
+    when looking for bare hosts), and which send the traffic elsewhere than the words say (then
+    the destination is unknown)."""
+
+    values: frozenset[str]
+    reroutes: frozenset[str]
+
+
+_CURL = _ClientOptions(
+    values=frozenset({
+        "-o", "--output", "-H", "--header", "-A", "--user-agent", "-e", "--referer", "-w", "--write-out", "-X",
+        "--request", "-u", "--user", "-d", "--data", "--data-raw", "--data-binary", "--data-urlencode",
+        "--data-ascii", "--json", "-F", "--form", "-m", "--max-time", "--connect-timeout", "--retry", "-r",
+        "--range", "-b", "--cookie", "-c", "--cookie-jar", "-D", "--dump-header", "-T", "--upload-file",
+        "--cacert", "--cert", "--key", "-E", "--output-dir", "-C", "--continue-at", "-Y", "-y", "-z",
+    }),
+    reroutes=frozenset({"--connect-to", "--resolve", "-x", "--proxy", "--preproxy", "--socks4", "--socks4a",
+                        "--socks5", "--socks5-hostname", "--unix-socket", "--abstract-unix-socket", "--doh-url",
+                        "--url", "-K", "--config", "--proxy1.0", "--haproxy-clientip"}),
+)
+_WGET = _ClientOptions(
+    values=frozenset({
+        "-O", "--output-document", "-o", "--output-file", "-a", "--append-output", "-P", "--directory-prefix",
+        "-U", "--user-agent", "--header", "-t", "--tries", "-T", "--timeout", "--user", "--password",
+        "--post-data", "--body-data", "--post-file", "--body-file", "-w", "--wait", "-Q", "--quota",
+        "--ca-certificate", "--certificate", "--private-key",
+    }),
+    reroutes=frozenset({"-e", "--execute", "-i", "--input-file", "-B", "--base", "--config", "--bind-address"}),
+)
+_SSH = _ClientOptions(
+    values=frozenset({
+        "-p", "-P", "-i", "-l", "-E", "-c", "-m", "-b", "-O", "-Q", "-B", "-w", "-I", "--port", "--exclude",
+        "--include", "--filter", "-f", "--chmod", "--chown", "--log-file", "--partial-dir", "--temp-dir",
+        "--compare-dest", "--link-dest", "--files-from", "--exclude-from", "--include-from",
+    }),
+    reroutes=frozenset({"-J", "-o", "-F", "-W", "-L", "-R", "-D", "-S", "-e", "--rsh", "--rsync-path",
+                        "--proxy", "-X", "--connect-program"}),
+)
+_CLIENTS = {"wget": _WGET, "ssh": _SSH, "scp": _SSH, "sftp": _SSH, "rsync": _SSH, "ftp": _SSH, "tftp": _SSH}
 # No command is read past this, whatever the policy says (the request body's own bound is lower).
 HARD_MAX_COMMAND_BYTES = 1 << 20
 UNKNOWN_HOST = "?"  # a destination the gate cannot read; never on an allowlist
@@ -118,6 +148,7 @@ def destinations(words: tuple[str, ...] | list[str]) -> list[str]:
     looks like a host (`curl https://github.com evil.example` goes to both), and UNKNOWN_HOST
     when an option reroutes the traffic (`--connect-to`, `--proxy`) or no destination is seen."""
     hosts: list[str] = []
+    client = _CLIENTS.get(words[0].rsplit("/", 1)[-1], _CURL) if words else _CURL
     skip = False
     for word in words[1:]:
         if skip:
@@ -125,9 +156,9 @@ def destinations(words: tuple[str, ...] | list[str]) -> list[str]:
             continue
         if word.startswith("-"):
             name = word.split("=", 1)[0]
-            if name in _REROUTE_OPTIONS or any(name.startswith(o) for o in _REROUTE_OPTIONS if o.startswith("--")):
+            if name in client.reroutes:
                 hosts.append(UNKNOWN_HOST)
-            skip = "=" not in word and name in _VALUE_OPTIONS
+            skip = "=" not in word and (name in client.values or name in client.reroutes)
             continue
         found = url_hosts(word)
         if found:
