@@ -85,6 +85,25 @@ def test_explain_for_another_human_is_refused_for_humans_and_reveals_nothing(liv
         assert gh.calls(PERMISSION_ENDPOINT) == 0
 
 
+def test_broker_cli_policy_explain_for_another_human_is_refused(live_broker, gh, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from broker.cli.main import app as cli
+
+    with live_broker() as api:
+        monkeypatch.setenv("BROKER_URL", api.base_url)
+        monkeypatch.setenv("BROKER_TOKEN", api.secrets.human_tokens["bob@example.com"])
+        args = ["policy", "explain", "--resource", "github://acme/widgets", "--access", "merge",
+                "--agent", "claude-code", "--scope", "github://acme/**=*"]
+        other = CliRunner().invoke(cli, [*args, "--human", "alice@example.com"])
+        assert other.exit_code == 1
+        assert "error: explain-other-human-forbidden" in other.output and "maintain" not in other.output
+        own = CliRunner().invoke(cli, [*args, "--human", "bob@example.com"])
+        assert own.exit_code == 0, own.output
+        assert "live source github: deny" in own.output and "bob-gh has role read" in own.output
+        assert gh.calls(PERMISSION_ENDPOINT) == 1
+
+
 def test_explain_for_oneself_and_by_admins_still_works(live_broker, gh) -> None:
     with live_broker() as api:
         for who in ("bob@example.com", "BOB@example.com"):  # bob himself, however he writes it
