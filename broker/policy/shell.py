@@ -27,8 +27,10 @@ Pure: no I/O, importing nothing from the broker.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 
 SUBSTITUTION = "$(…)"
 BACKTICKS = "`…`"
@@ -68,7 +70,13 @@ _INLINE_CODE: dict[str, frozenset[str]] = {
 _LONG_INLINE = frozenset({"--eval", "--print", "--command", "--exec"})
 # `git -c core.pager='sh -c ...'` and friends run whatever they are given.
 _GIT_RUNS = ("-c", "--config-env", "--upload-pack", "--receive-pack", "--exec", "-u")
-MAX_UNCLEAR = 8  # reasons kept: enough to explain, bounded however hostile the text
+# Characters that mean nothing special unquoted (ASCII only: anything else goes the slow way,
+# where invisible and control characters are noticed).
+_ORDINARY = re.compile(r"[A-Za-z0-9_./:=,+@-]+")
+MAX_UNCLEAR = 8
+# Distinct simple commands the rules look at one by one. Past it the command is unclear (never
+# allowed) and the rules still search its whole text, so the work per rule stays bounded.
+MAX_MATCHED = 256  # reasons kept: enough to explain, bounded however hostile the text
 
 
 def _is_name_start(c: str) -> bool:
@@ -81,20 +89,16 @@ class Segment:
     tell), its redirections, and the text the policy's regexes are searched in."""
 
     words: tuple[str, ...]
-    redirects: tuple[str, ...] = ()
+    redirects: tuple[str, ...]
+    stripped: tuple[str, ...]  # the words without leading assignments and wrappers (`sudo`, `env` ...)
+    text: str  # `FOO=1 sudo /usr/bin/git  push origin main > log` -> `git push origin main > log`
 
-    @property
-    def program(self) -> str:
-        stripped = strip_wrappers(list(self.words))
-        return stripped[0].rsplit("/", 1)[-1] if stripped else ""
-
-    @property
-    def text(self) -> str:
-        """`FOO=1 sudo /usr/bin/git  push origin main > log` -> `git push origin main > log`."""
-        stripped = strip_wrappers(list(self.words))
-        if stripped:
-            stripped[0] = stripped[0].rsplit("/", 1)[-1]
-        return " ".join([*stripped, *self.redirects])
+    @classmethod
+    def of(cls, words: tuple[str, ...], redirects: tuple[str, ...] = ()) -> Segment:
+        """Computed once here: every rule reads the same `text`."""
+        stripped = strip_wrappers(list(words))
+        shown = [stripped[0].rsplit("/", 1)[-1], *stripped[1:]] if stripped else []
+        return cls(words, redirects, tuple(stripped), " ".join([*shown, *redirects]))
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,17 @@ class ParsedCommand:
     @property
     def plain(self) -> bool:
         return not self.unclear
+
+    @cached_property
+    def distinct(self) -> tuple[Segment, ...]:
+        """The segments rules are matched against: one per distinct text, at most MAX_MATCHED
+        (a command with more is unclear anyway; the rules also search its whole text)."""
+        seen: dict[str, Segment] = {}
+        for segment in self.segments:
+            seen.setdefault(segment.text, segment)
+            if len(seen) >= MAX_MATCHED:
+                break
+        return tuple(seen.values())
 
 
 @dataclass
@@ -170,7 +185,7 @@ class _Scanner:
             frame.pending_redirect = None
         if frame.words or frame.redirects:
             self._judge(frame)
-            self.segments.append(Segment(tuple(frame.words), tuple(frame.redirects)))
+            self.segments.append(Segment.of(tuple(frame.words), tuple(frame.redirects)))
         frame.words, frame.redirects, frame.program_quoted = [], [], False
 
     def open_frame(self, closer: str, resume: str, placeholder: str, reason: str) -> None:
@@ -225,6 +240,13 @@ class _Scanner:
                     i += 1
                 continue
             # unquoted
+            plain = _ORDINARY.match(text, i)
+            if plain is not None:  # a run of characters with no meaning to the shell, taken at once
+                run = plain.group()
+                self.add(run)
+                self.steps += len(run) - 1
+                i += len(run)
+                continue
             if c in " \t":
                 self.end_word()
                 i += 1
@@ -292,6 +314,8 @@ class _Scanner:
         while len(self.frames) > 1:
             self.close_frame()
         self.end_segment()
+        if len(self.segments) > MAX_MATCHED:
+            self.flag(f"more than {MAX_MATCHED} simple commands")
         if "/dev/tcp/" in text or "/dev/udp/" in text:
             self.flag("/dev/tcp or /dev/udp")
         return ParsedCommand(self.text, tuple(self.segments), tuple(self.unclear), self.steps)

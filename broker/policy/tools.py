@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.policy.models import Tools
-from broker.policy.shell import ParsedCommand, Segment, parse_command, strip_wrappers
+from broker.policy.shell import ParsedCommand, Segment, parse_command
 
 _URL_HOST = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^/\s'\"@]*@)?(\[[0-9A-Fa-f:.]+\]|[^/\s:'\"?#]+)(?::(\d+))?")
 # A bare word a network client would take for a destination: `evil.example`, `10.0.0.1:8080/x`.
@@ -236,7 +236,7 @@ class CompiledToolRule:
                 return False
             # Each simple command's text, then the whole command as written (a rule looking for
             # `.env` anywhere sees it inside `bash -c '...'` too). Both are bounded by the size cap.
-            hits = [s for s in parsed.segments if self.command.search(s.text)] if parsed is not None else []
+            hits = [s for s in parsed.distinct if self.command.search(s.text)] if parsed is not None else []
             if not hits and not self.command.search(call.command):
                 return False
         if self.path is not None and not any(self.path.search(p) for p in call.paths()):
@@ -245,7 +245,7 @@ class CompiledToolRule:
             return False
         if self.outside_allowlist:
             if hits:
-                hosts = [h for s in hits for h in destinations(strip_wrappers(list(s.words)))]
+                hosts = [h for s in hits for h in destinations(s.stripped)]
             else:
                 hosts = [h for t in (call.command, call.url) if t is not None for h in url_hosts(t)] or [UNKNOWN_HOST]
             # No host to be seen (`curl $TARGET`) is as good as an unknown one: fail closed.

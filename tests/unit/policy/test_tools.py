@@ -58,7 +58,8 @@ def test_other_tools_and_layers() -> None:
     assert (ended.decision, ended.reason) == ("deny", "session-ended")
     push = decide_tool_call(POLICY, agent="claude-code", session_active=True, call=bash("git push origin main"))
     assert push.needs_approval and push.approvers == ("group:maintainers",)
-    assert (push.rule_name, push.matched_rule) == ("push-protected", "tools.rules[7]")
+    index = next(r.index for r in POLICY.tools.rules if r.name == "push-protected")
+    assert (push.rule_name, push.matched_rule) == ("push-protected", f"tools.rules[{index}]")
 
 
 def test_without_a_tools_section_everything_asks() -> None:
