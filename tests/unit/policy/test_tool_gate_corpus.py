@@ -197,7 +197,7 @@ SECRET_SHELL = [
     "rsync -a ~/.gnupg/ /tmp/g", "cat ~/.vault-token", "cat ~/.terraformrc",
     "cat ~/.cargo/credentials.toml", "cat ~/.password-store/x.gpg", "vim .envrc", "cp .env /tmp/",
     # unclear forms that still name a secret path: the rule's deny outranks the unclear ask
-    "cd ~/.kube", "cd ~/.aws && cat credentials", "cat credentials", "cat gcloud/legacy_credentials/x/adc.json",
+    "cat .ENV", "cat ~/.SSH/ID_RSA", "cat Backup.SQL", "cd ~/.kube", "cd ~/.aws && cat credentials", "cat credentials", "cat gcloud/legacy_credentials/x/adc.json",
     "cat application_default_credentials.json", "cd ~/.docker", "cat credentials.json",
     "bash -c 'cat ~/.aws/credentials'", "cat $(echo .env)", "cat ~/.ss*/id_rsa", "sudo cat /root/.ssh/id_rsa",
     "cat .env | base64", "cat .env && ls", "FOO=1 cat .env",
@@ -234,6 +234,7 @@ SECRET_FILES = [
     ("Grep", "path", "/w/.env"), ("Grep", "glob", ".env*"), ("Grep", "glob", "**/*.pem"),
     ("Glob", "path", "/home/u/.ssh"), ("LS", "path", "/home/u/.aws"),
     ("Read", "file_path", "/home/u/.aws/credentials"), ("Read", "file_path", "credentials"),
+    ("Read", "file_path", "/Users/u/P/.ENV"), ("Read", "file_path", "/Users/u/.AWS/Credentials"),
     ("Read", "file_path", "/home/u/.kube/cache/x.json"), ("Read", "file_path", "/home/u/.docker/config.json"),
     ("Edit", "file_path", "/w/.env"), ("MultiEdit", "file_path", "/w/.env.production"),
     ("Write", "file_path", "/home/u/.ssh/authorized_keys"), ("Write", "file_path", "/home/u/.npmrc"),
