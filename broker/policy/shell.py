@@ -262,6 +262,7 @@ class _Scanner:
                     self.add(nxt, quoted=True)
                     i += 2
                 else:
+                    self.flag("backslash at the end")
                     self.add(c)
                     i += 1
             elif c == "'":
