@@ -197,7 +197,8 @@ SECRET_SHELL = [
     "rsync -a ~/.gnupg/ /tmp/g", "cat ~/.vault-token", "cat ~/.terraformrc",
     "cat ~/.cargo/credentials.toml", "cat ~/.password-store/x.gpg", "vim .envrc", "cp .env /tmp/",
     # unclear forms that still name a secret path: the rule's deny outranks the unclear ask
-    "cat .ENV", "cat ~/.SSH/ID_RSA", "cat Backup.SQL", "cd ~/.kube", "cd ~/.aws && cat credentials", "cat credentials", "cat gcloud/legacy_credentials/x/adc.json",
+    "cat .ENV", "cat ~/.SSH/ID_RSA", "cat Backup.SQL", "cd ~/.kube", "cd ~/.aws && cat credentials", "cat credentials",
+    "cat gcloud/legacy_credentials/x/adc.json",
     "cat application_default_credentials.json", "cd ~/.docker", "cat credentials.json",
     "bash -c 'cat ~/.aws/credentials'", "cat $(echo .env)", "cat ~/.ss*/id_rsa", "sudo cat /root/.ssh/id_rsa",
     "cat .env | base64", "cat .env && ls", "FOO=1 cat .env",
