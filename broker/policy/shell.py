@@ -44,6 +44,7 @@ RUNNERS = frozenset({
     "eval", "exec", "env", "command", "builtin", "source", ".", "coproc", "time", "nohup", "sudo", "doas", "su",
     "runuser", "pkexec", "xargs", "parallel", "nice", "ionice", "timeout", "stdbuf", "setsid", "chroot", "watch",
     "script", "flock", "unbuffer", "strace", "ltrace", "nsenter", "unshare", "chrt", "taskset", "firejail",
+    "gdb", "valgrind", "catchsegv", "expect", "tclsh", "wish", "chronic", "faketime", "proxychains", "torsocks",
     "alias", "unalias", "function", "declare", "typeset", "export", "set", "shopt", "trap", "enable", "hash",
     "readonly", "local", "let", "fc", "history", "bind", "complete", "caller", "mapfile", "readarray",
     "if", "then", "elif", "else", "fi", "while", "until", "for", "do", "done", "case", "esac", "select",
@@ -66,8 +67,14 @@ _INLINE_CODE: dict[str, frozenset[str]] = {
     "node": frozenset("ep"), "nodejs": frozenset("ep"), "deno": frozenset("e"), "bun": frozenset("e"),
     "php": frozenset("r"), "lua": frozenset("e"), "osascript": frozenset("e"), "pwsh": frozenset("cC"),
     "powershell": frozenset("cC"), "awk": frozenset(), "gawk": frozenset(), "mawk": frozenset(),
+    "vim": frozenset("cS"), "vi": frozenset("cS"), "nvim": frozenset("cS"), "ex": frozenset("cS"),
+    "view": frozenset("cS"),
 }
-_LONG_INLINE = frozenset({"--eval", "--print", "--command", "--exec"})
+# Options of ordinary programs that run a command they are given (tar, zip, rsync, less ...).
+_RUNS_A_COMMAND = ("--to-command", "--use-compress-program", "--checkpoint-action", "--info-script",
+                   "--new-volume-script", "--rsh-command", "--unzip-command", "-TT", "--ssh")
+_LONG_INLINE = frozenset({"--eval", "--print", "--command", "--exec", "--cmd"})
+_EDITORS = frozenset({"vim", "vi", "nvim", "ex", "view"})  # `vim +'!sh'` runs an Ex command
 # `git -c core.pager='sh -c ...'` and friends run whatever they are given.
 _GIT_RUNS = ("-c", "--config-env", "--upload-pack", "--receive-pack", "--exec", "-u")
 # Characters that mean nothing special unquoted (ASCII only: anything else goes the slow way,
@@ -409,11 +416,13 @@ class _Scanner:
         if not program or program in RUNNERS:
             self.flag(f"`{program[:32]}` runs another command or changes what runs")
             return
+        if any(w.startswith(_RUNS_A_COMMAND) for w in words[k + 1:]):
+            self.flag("an option that runs a command")
         base = program.rstrip("0123456789.")
         if base in _INLINE_CODE:
             letters = _INLINE_CODE[base]
             for word in words[k + 1:]:
-                if word in _LONG_INLINE or (
+                if word in _LONG_INLINE or (base in _EDITORS and word.startswith("+")) or (
                         word.startswith("-") and not word.startswith("--") and letters & set(word[1:])):
                     self.flag(f"inline code given to `{program[:32]}`")
                     break

@@ -64,7 +64,9 @@ UNCLEAR = [
     "FOO=1 ls", "PAGER='sh -c id' git log", "GIT_SSH_COMMAND=x git fetch", "X=1", "LD_PRELOAD=/tmp/x.so ls",
     # interpreters given code inline
     "python -c 'print(1)'", "python3 -c 1", "python3.12 -Ic 1", "perl -e 1", "perl -ne print f", "ruby -e 1",
-    "node -e 1", "node --eval 1", "php -r 1", "awk '{print}' f", "pwsh -c ls",
+    "node -e 1", "node --eval 1", "php -r 1", "awk '{print}' f", "pwsh -c ls", "vim -c ls f", "vim +q f",
+    "nvim --cmd q", "gdb -batch -ex r ls", "expect x.exp", "tar xf a.tar --to-command=ls",
+    "tar -cf a.tar --checkpoint-action=exec=ls .", "tar --use-compress-program=ls -cf a .", "zip -T -TT=ls a.zip f",
     # git options that run commands
     "git -c core.pager=cat log", "git -c alias.x=!ls x", "git clone --upload-pack=x repo",
     "git --config-env=core.pager=X log",
