@@ -32,62 +32,19 @@ import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from broker.policy.shellwords import command_problems, is_name_start, strip_wrappers
+
 SUBSTITUTION = "$(…)"
 BACKTICKS = "`…`"
 PROCESS_SUBSTITUTION = "<(…)"
 
-# Words that run the command after them (or change how later ones run): the gate cannot see
-# what is run, so a command starting with one of them is unclear. The matcher still strips the
-# common ones (`sudo rm -rf /` is matched as `rm -rf /`) so a deny rule keeps its say.
-RUNNERS = frozenset({
-    "sh", "bash", "zsh", "dash", "ksh", "mksh", "fish", "csh", "tcsh", "busybox",
-    "eval", "exec", "env", "command", "builtin", "source", ".", "coproc", "time", "nohup", "sudo", "doas", "su",
-    "runuser", "pkexec", "xargs", "parallel", "nice", "ionice", "timeout", "stdbuf", "setsid", "chroot", "watch",
-    "script", "flock", "unbuffer", "strace", "ltrace", "nsenter", "unshare", "chrt", "taskset", "firejail",
-    "gdb", "valgrind", "catchsegv", "expect", "tclsh", "wish", "chronic", "faketime", "proxychains", "torsocks",
-    "alias", "unalias", "function", "declare", "typeset", "export", "set", "shopt", "trap", "enable", "hash",
-    "readonly", "local", "let", "fc", "history", "bind", "complete", "caller", "mapfile", "readarray",
-    "if", "then", "elif", "else", "fi", "while", "until", "for", "do", "done", "case", "esac", "select",
-    "[[", "]]", "{", "}", "!",
-})
-# Wrappers `strip_wrappers` looks through for matching, with their options that take a value.
-WRAPPERS: dict[str, frozenset[str]] = {
-    "sudo": frozenset({"-u", "-g", "-C", "-D", "-h", "-p", "-r", "-t", "-U", "-T"}),
-    "doas": frozenset({"-u", "-C"}),
-    "env": frozenset({"-u", "-C", "-S"}),
-    "nice": frozenset({"-n"}),
-    "timeout": frozenset({"-s", "-k", "--signal", "--kill-after"}),
-    "command": frozenset(), "exec": frozenset({"-a"}), "nohup": frozenset(), "time": frozenset({"-f", "-o"}),
-    "builtin": frozenset(), "stdbuf": frozenset({"-i", "-o", "-e"}), "setsid": frozenset(), "xargs": frozenset(
-        {"-a", "-d", "-E", "-I", "-L", "-n", "-P", "-s"}),
-}
-# Interpreters and the options that hand them code on the command line.
-_INLINE_CODE: dict[str, frozenset[str]] = {
-    "python": frozenset("c"), "pypy": frozenset("c"), "perl": frozenset("eE"), "ruby": frozenset("e"),
-    "node": frozenset("ep"), "nodejs": frozenset("ep"), "deno": frozenset("e"), "bun": frozenset("e"),
-    "php": frozenset("r"), "lua": frozenset("e"), "osascript": frozenset("e"), "pwsh": frozenset("cC"),
-    "powershell": frozenset("cC"), "awk": frozenset(), "gawk": frozenset(), "mawk": frozenset(),
-    "vim": frozenset("cS"), "vi": frozenset("cS"), "nvim": frozenset("cS"), "ex": frozenset("cS"),
-    "view": frozenset("cS"),
-}
-# Options of ordinary programs that run a command they are given (tar, zip, rsync, less ...).
-_RUNS_A_COMMAND = ("--to-command", "--use-compress-program", "--checkpoint-action", "--info-script",
-                   "--new-volume-script", "--rsh-command", "--unzip-command", "-TT", "--ssh")
-_LONG_INLINE = frozenset({"--eval", "--print", "--command", "--exec", "--cmd"})
-_EDITORS = frozenset({"vim", "vi", "nvim", "ex", "view"})  # `vim +'!sh'` runs an Ex command
-# `git -c core.pager='sh -c ...'` and friends run whatever they are given.
-_GIT_RUNS = ("-c", "--config-env", "--upload-pack", "--receive-pack", "--exec", "-u")
 # Characters that mean nothing special unquoted (ASCII only: anything else goes the slow way,
 # where invisible and control characters are noticed).
 _ORDINARY = re.compile(r"[A-Za-z0-9_./:=,+@-]+")
-MAX_UNCLEAR = 8
+MAX_UNCLEAR = 8  # reasons kept: enough to explain, bounded however hostile the text
 # Distinct simple commands the rules look at one by one. Past it the command is unclear (never
 # allowed) and the rules still search its whole text, so the work per rule stays bounded.
-MAX_MATCHED = 256  # reasons kept: enough to explain, bounded however hostile the text
-
-
-def _is_name_start(c: str) -> bool:
-    return c.isalpha() or c == "_"
+MAX_MATCHED = 256
 
 
 @dataclass(frozen=True)
@@ -348,7 +305,7 @@ class _Scanner:
             self.flag("ANSI-C quoting `$'`" if nxt == "'" else "locale quoting `$\"`")
             self.add("", quoted=True)
             return ("s" if nxt == "'" else "d"), i + 2
-        if nxt and (_is_name_start(nxt) or nxt.isdigit() or nxt in "@*#?$!-"):
+        if nxt and (is_name_start(nxt) or nxt.isdigit() or nxt in "@*#?$!-"):
             self.flag("variable expansion `$`")
         self.add("$")
         return state, i + 1
@@ -398,40 +355,10 @@ class _Scanner:
 
     def _judge(self, frame: _Frame) -> None:
         """What makes one segment's words unclear, beyond what the scan saw."""
-        words = frame.words
-        if any("/dev/tcp/" in w or "/dev/udp/" in w for w in (*words, *frame.redirects)):
+        if any("/dev/tcp/" in w or "/dev/udp/" in w for w in (*frame.words, *frame.redirects)):
             self.flag("/dev/tcp or /dev/udp")
-        k = 0
-        while k < len(words) and _is_assignment(words[k]):
-            k += 1
-        if k:
-            self.flag("variable assignment before the command")
-        if k == len(words):
-            return
-        if frame.program_quoted and k == 0:
-            self.flag("quoted or escaped command name")
-        program = words[k].rsplit("/", 1)[-1]
-        if not program.isascii():
-            self.flag("non-ASCII command name")
-        if not program or program in RUNNERS:
-            self.flag(f"`{program[:32]}` runs another command or changes what runs")
-            return
-        if any(w.startswith(_RUNS_A_COMMAND) for w in words[k + 1:]):
-            self.flag("an option that runs a command")
-        base = program.rstrip("0123456789.")
-        if base in _INLINE_CODE:
-            letters = _INLINE_CODE[base]
-            for word in words[k + 1:]:
-                if word in _LONG_INLINE or (base in _EDITORS and word.startswith("+")) or (
-                        word.startswith("-") and not word.startswith("--") and letters & set(word[1:])):
-                    self.flag(f"inline code given to `{program[:32]}`")
-                    break
-            if not letters:  # awk: the program text itself is code that can run commands
-                self.flag(f"inline code given to `{program[:32]}`")
-        elif program == "git" and any(w in _GIT_RUNS or w.startswith(("--upload-pack=", "--receive-pack=",
-                                                                         "--exec=", "--config-env="))
-                                      for w in words[k + 1:]):
-            self.flag("git option that runs a command")
+        for problem in command_problems(frame.words, program_quoted=frame.program_quoted):
+            self.flag(problem)
 
 
 def _suspicious(c: str) -> bool:
@@ -442,33 +369,6 @@ def _invisible(c: str) -> bool:
     """DEL, C1 controls, bidi and zero-width format characters, unusual spaces (NBSP ...), private
     use and unassigned code points: what makes the text a human reads differ from what runs."""
     return c == "\x7f" or unicodedata.category(c) in ("Cc", "Cf", "Co", "Cn", "Cs", "Zs", "Zl", "Zp")
-
-
-def _is_assignment(word: str) -> bool:
-    name, eq, _ = word.partition("=")
-    return bool(eq) and bool(name) and _is_name_start(name[0]) and all(ch.isalnum() or ch == "_" for ch in name)
-
-
-def strip_wrappers(words: list[str]) -> list[str]:
-    """Drop leading `VAR=value`s and wrappers with their options: `sudo -u root env X=1 git push` -> `git push`.
-    For matching only: a command that needed this is already unclear."""
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if _is_assignment(word):
-            i += 1
-        elif word.rsplit("/", 1)[-1] in WRAPPERS:
-            takes_value = WRAPPERS[word.rsplit("/", 1)[-1]]
-            i += 1
-            while i < len(words) and words[i].startswith("-") and words[i] != "--":
-                i += 2 if words[i] in takes_value else 1
-            if i < len(words) and words[i] == "--":
-                i += 1
-            if word.rsplit("/", 1)[-1] == "timeout" and i < len(words) and words[i][:1].isdigit():
-                i += 1  # the duration
-        else:
-            break
-    return words[i:]
 
 
 def parse_command(text: str) -> ParsedCommand:

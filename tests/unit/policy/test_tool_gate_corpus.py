@@ -69,7 +69,7 @@ UNCLEAR = [
     "tar -cf a.tar --checkpoint-action=exec=ls .", "tar --use-compress-program=ls -cf a .", "zip -T -TT=ls a.zip f",
     # git options that run commands
     "git -c core.pager=cat log", "git -c alias.x=!ls x", "git clone --upload-pack=x repo",
-    "git --config-env=core.pager=X log",
+    "git --config-env=core.pager=X log", "git clone -u x repo", "git fetch --upload-pack x origin",
     # shell keywords
     "if true; then ls; fi", "for f in a; do ls; done", "while false; do ls; done", "until true; do ls; done",
     "case x in x) ls;; esac", "[[ -f x ]]", "select x in a; do ls; done",
@@ -277,7 +277,7 @@ ORDINARY = [
     "curl -fsSL https://raw.githubusercontent.com/a/b/main/x.sh -o x.sh", "pip install -e .", "uv sync",
     "docker ps", "kubectl get pods", "terraform plan", "gh pr view 3", "git -C sub status", "wc -l src/app.py",
     "sed -n 1,20p src/app.py", "find src -name x.py", "tree -L 2", "echo ~", "ls ~/src", "node app.js",
-    "git push origin v1.2.3", "git fetch origin", "git pull --rebase origin feature/x",
+    "git push origin v1.2.3", "git push -u origin feature/x", "git fetch origin", "git pull --rebase origin feature/x",
     "git clone https://github.com/acme/widgets", "git remote add upstream git@github.com:acme/widgets.git",
     "ssh -T git@github.com", "rsync -a ./src/ ./build/", "scp a.txt b.txt", "cat src/credentials.py",
     "cat .dockerignore", "docker build -t x .", "kubectl get pods -n x", "gh api repos/a/b/pulls",
