@@ -210,6 +210,12 @@ class Settings(BaseSettings):
     # the cache, and revoked where the human lost the permission since mint. A check per
     # distinct (human, resource, access) per interval: five minutes keeps GitHub's rate limit far.
     permission_recheck_seconds: float = Field(default=300.0, gt=0)
+    # Backend calls one caller (an agent session, or a human on `policy explain`) may cause:
+    # a bucket of this many, refilled at this many per `live_check_budget_seconds`. Cached
+    # answers are free. Past it: 429 live-check-budget-exceeded. A GitHub App has about 5000
+    # calls an hour for everyone; 20 a minute keeps one caller to a fraction of it. 0: no budget.
+    live_check_budget: int = Field(default=20, ge=0)
+    live_check_budget_seconds: float = Field(default=60.0, gt=0)
 
     # --- providers ------------------------------------------------------------------------------
     # No backend call may hang a request: every SDK gets this timeout.

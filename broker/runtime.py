@@ -25,6 +25,7 @@ from broker.identity.keys import KeyRing
 from broker.identity.oidc import OidcVerifier
 from broker.identity.workload import WorkloadVerifier
 from broker.permissions.base import SourceContext
+from broker.permissions.budget import LiveCheckBudget
 from broker.permissions.registry import LivePermissions
 from broker.permissions.registry import build as build_sources
 from broker.policy import PolicyStore
@@ -147,7 +148,8 @@ class Broker:
                 max_age_seconds=settings.workload_jwks_max_age_seconds,
                 timeout_seconds=settings.workload_timeout_seconds,
             ),
-            permissions=LivePermissions(sources, settings.permission_cache_seconds),
+            permissions=LivePermissions(sources, settings.permission_cache_seconds,
+                                        LiveCheckBudget(settings.live_check_budget, settings.live_check_budget_seconds)),
         )
 
     def provider(self, name: str) -> Provider:

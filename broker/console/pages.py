@@ -190,7 +190,8 @@ def end_session(request: Request, session_id: str, me: Person, csrf_token: Annot
         _, summary = sessions.end(_broker(request), session_id, reason="console", actor=me.principal, caller=me)
     except BrokerError as exc:
         return render_error(request, exc.status, exc.code, exc.message)
-    browser_of(request).flash("warn", f"Session ended: {views.count(len(summary.revoked), 'capability', 'capabilities')} revoked, "
+    revoked = views.count(len(summary.revoked), "capability", "capabilities")
+    browser_of(request).flash("warn", f"Session ended: {revoked} revoked, "
                                       f"{len(summary.pending)} still being revoked (retried until the backend confirms).")
     return RedirectResponse(f"/console/sessions/{quote(session_id)}", status_code=303)
 

@@ -37,9 +37,13 @@ class AnswerCache:
         self._flights: dict[Hashable, _Flight] = {}
 
     def get_or_fetch(self, key: Hashable, fetch: Callable[[], SourceAnswer], *,
-                     fresh: bool = False) -> tuple[SourceAnswer, bool]:
+                     fresh: bool = False, admit: Callable[[], None] | None = None) -> tuple[SourceAnswer, bool]:
         """(answer, came_from_cache). `fresh` skips a kept answer (the re-check wants the truth now),
-        but still joins a call already in flight: that one is as fresh as a new one."""
+        but still joins a call already in flight: that one is as fresh as a new one.
+
+        `admit` is called only when this caller is about to make the backend call itself (not on
+        a hit, not when joining a flight); it may raise (a spent budget), and then no flight is
+        opened, so nobody waits on a call that will not happen."""
         with self._lock:
             if not fresh:
                 hit = self._entries.get(key)
@@ -48,12 +52,16 @@ class AnswerCache:
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
+                if admit is not None:
+                    admit()
                 flight = self._flights[key] = _Flight()
             else:
                 flight.waiters += 1
         if not leader:
             if flight.done.wait(MAX_WAIT_SECONDS) and flight.answer is not None:
                 return flight.answer, True  # shared: this caller made no backend call
+            if admit is not None:
+                admit()  # asking itself after all: that call is this caller's
             return fetch(), False
         answer: SourceAnswer | None = None
         try:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from broker.metrics import PERMISSION_ANSWERS
 from broker.permissions.base import UNKNOWN, PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth
+from broker.permissions.budget import LiveCheckBudget
 from broker.permissions.cache import AnswerCache
 from broker.plugins import build_named
 from broker.policy import CompiledPolicy, LivePermission
@@ -58,13 +59,19 @@ def build(names: set[str] | frozenset[str], ctx: SourceContext, *, tolerate_miss
 class LivePermissions:
     """The built sources and their shared answer cache."""
 
-    def __init__(self, sources: Mapping[str, PermissionSource], cache_seconds: float) -> None:
+    def __init__(self, sources: Mapping[str, PermissionSource], cache_seconds: float,
+                 budget: LiveCheckBudget | None = None) -> None:
         self.sources = dict(sources)
         self.cache = AnswerCache(cache_seconds)
+        self.budget = budget or LiveCheckBudget(0, 60.0)  # none: unbudgeted (tests, tools)
 
     def consult(self, policy: CompiledPolicy, human: str, resource: str, access: str, *, fresh: bool = False,
-                claims: Mapping[str, Any] | None = None) -> LivePermission | None:
-        """The live answer for this request, or None when its rule names no live source."""
+                claims: Mapping[str, Any] | None = None, caller: str | None = None) -> LivePermission | None:
+        """The live answer for this request, or None when its rule names no live source.
+
+        `caller` ("session:<id>", "human:<email>" ...) pays for a backend call out of its budget
+        (broker/permissions/budget.py) and gets LiveCheckBudgetExceeded when it is spent; the
+        broker's own re-check passes none (it is bounded by its interval)."""
         rule = policy.match_resource(resource)
         if rule is None or rule.human_permission is None or access not in rule.access:
             return None
@@ -77,8 +84,10 @@ class LivePermissions:
             human=human, resource=resource, access=access, require=live.require.get(access, frozenset()),
             options=live.options, identity=policy.identity_of(human), claims=dict(claims or {}),
         )
+        budget = self.budget
+        admit = (lambda: budget.take(caller)) if caller is not None and budget.enabled else None
         answer, cached = self.cache.get_or_fetch(_key(live.source, query), lambda: _ask(source, live.source, query),
-                                                 fresh=fresh)
+                                                 fresh=fresh, admit=admit)
         PERMISSION_ANSWERS.labels(live.source, answer.verdict, "true" if cached else "false").inc()
         return LivePermission(live.source, answer.verdict, dict(answer.evidence), cached)
 

@@ -28,4 +28,5 @@ def for_session(broker: Broker, policy: CompiledPolicy, session_id: str, resourc
         human = db.exec(select(SessionRow.human).where(SessionRow.id == session_id)).first()
     if human is None:
         return None  # the decision refuses the missing session itself
-    return broker.permissions.consult(policy, human, resource, access)
+    # The session pays for its backend calls: one agent cannot spend the source's quota.
+    return broker.permissions.consult(policy, human, resource, access, caller=f"session:{session_id}")

@@ -331,6 +331,12 @@ class Tools(Strict):
     # What a call whose tier needs approval is answered while no approval is granted: "ask" lets
     # Claude Code ask its user too; "deny" leaves the broker's approvers as the only way.
     approval_answer: Literal["ask", "deny"] = "ask"
+    # A Bash command the gate cannot read plainly (compound, substitutions, wrappers ...:
+    # broker/policy/shell.py) is never allowed: what it gets instead of allow (a rule's deny stays).
+    unclear_command: Literal["ask", "deny"] = "ask"
+    # A Bash command longer than this (UTF-8 bytes) is denied unread (`command-too-large`): the
+    # gate's work stays bounded per call, and a real command is far shorter.
+    max_command_bytes: int = Field(default=16_384, ge=256, le=1 << 20)
     allowed_hosts: list[HostPattern] = Field(default_factory=list)
     rules: list[ToolRule] = Field(default_factory=list)
 

@@ -15,26 +15,64 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker.policy.models import Tools
+from broker.policy.shell import ParsedCommand, Segment, parse_command
 
-_PUNCTUATION = frozenset(";&|()")
-# Words that run the command after them: `sudo git push` is a git push.
-_WRAPPERS: dict[str, frozenset[str]] = {  # wrapper -> its options that take a value
-    "sudo": frozenset({"-u", "-g", "-C", "-D", "-h", "-p", "-r", "-t", "-U", "-T"}),
-    "doas": frozenset({"-u", "-C"}),
-    "env": frozenset({"-u", "-C", "-S"}),
-    "nice": frozenset({"-n"}),
-    "command": frozenset(), "exec": frozenset({"-a"}), "nohup": frozenset(), "time": frozenset({"-f", "-o"}),
-}
-_SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh"})
-_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _URL_HOST = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^/\s'\"@]*@)?(\[[0-9A-Fa-f:.]+\]|[^/\s:'\"?#]+)(?::(\d+))?")
-PATH_FIELDS = ("file_path", "path", "notebook_path")
+# A bare word a network client would take for a destination: `evil.example`, `10.0.0.1:8080/x`.
+_BARE_HOST = re.compile(r"^(?:[^/\s:@]+@)?((?:[A-Za-z0-9-]+\.)+[A-Za-z0-9-]+|localhost|\[[0-9A-Fa-f:.]+\])"
+                        r"(?::(\d+))?(?:[:/?#].*)?$")  # `host:path` too (scp, git over ssh)
+
+
+@dataclass(frozen=True)
+class _ClientOptions:
+    """A network client family's options: which take a value that is not a destination (skipped
+    when looking for bare hosts), and which send the traffic elsewhere than the words say (then
+    the destination is unknown)."""
+
+    values: frozenset[str]
+    reroutes: frozenset[str]
+
+
+_CURL = _ClientOptions(
+    values=frozenset({
+        "-o", "--output", "-H", "--header", "-A", "--user-agent", "-e", "--referer", "-w", "--write-out", "-X",
+        "--request", "-u", "--user", "-d", "--data", "--data-raw", "--data-binary", "--data-urlencode",
+        "--data-ascii", "--json", "-F", "--form", "-m", "--max-time", "--connect-timeout", "--retry", "-r",
+        "--range", "-b", "--cookie", "-c", "--cookie-jar", "-D", "--dump-header", "-T", "--upload-file",
+        "--cacert", "--cert", "--key", "-E", "--output-dir", "-C", "--continue-at", "-Y", "-y", "-z",
+    }),
+    reroutes=frozenset({"--connect-to", "--resolve", "-x", "--proxy", "--preproxy", "--socks4", "--socks4a",
+                        "--socks5", "--socks5-hostname", "--unix-socket", "--abstract-unix-socket", "--doh-url",
+                        "--url", "-K", "--config", "--proxy1.0", "--haproxy-clientip"}),
+)
+_WGET = _ClientOptions(
+    values=frozenset({
+        "-O", "--output-document", "-o", "--output-file", "-a", "--append-output", "-P", "--directory-prefix",
+        "-U", "--user-agent", "--header", "-t", "--tries", "-T", "--timeout", "--user", "--password",
+        "--post-data", "--body-data", "--post-file", "--body-file", "-w", "--wait", "-Q", "--quota",
+        "--ca-certificate", "--certificate", "--private-key",
+    }),
+    reroutes=frozenset({"-e", "--execute", "-i", "--input-file", "-B", "--base", "--config", "--bind-address"}),
+)
+_SSH = _ClientOptions(
+    values=frozenset({
+        "-p", "-P", "-i", "-l", "-E", "-c", "-m", "-b", "-O", "-Q", "-B", "-w", "-I", "--port", "--exclude",
+        "--include", "--filter", "-f", "--chmod", "--chown", "--log-file", "--partial-dir", "--temp-dir",
+        "--compare-dest", "--link-dest", "--files-from", "--exclude-from", "--include-from",
+    }),
+    reroutes=frozenset({"-J", "-o", "-F", "-W", "-L", "-R", "-D", "-S", "-e", "--rsh", "--rsync-path",
+                        "--proxy", "-X", "--connect-program"}),
+)
+_CLIENTS = {"wget": _WGET, "ssh": _SSH, "scp": _SSH, "sftp": _SSH, "rsync": _SSH, "ftp": _SSH, "tftp": _SSH}
+# No command is read past this, whatever the policy says (the request body's own bound is lower).
+HARD_MAX_COMMAND_BYTES = 1 << 20
+UNKNOWN_HOST = "?"  # a destination the gate cannot read; never on an allowlist
+PATH_FIELDS = ("file_path", "path", "notebook_path", "glob")  # Grep's glob picks the files it reads
 # Programs whose second word is a subcommand worth keeping in the audit (`git push`); for any
 # other program the second word may be data (`echo hunter2`), so only the program is kept.
 _SUBCOMMAND_CLIS = frozenset({
@@ -43,15 +81,33 @@ _SUBCOMMAND_CLIS = frozenset({
 })
 
 
-@dataclass(frozen=True)
+@dataclass
 class ToolCall:
     tool_name: str
     tool_input: Mapping[str, Any]
+    # The command, read at most once however many rules look at it (see `parsed`).
+    _reading: dict[str, ParsedCommand | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def command(self) -> str | None:
         value = self.tool_input.get("command")
         return value if isinstance(value, str) else None
+
+    @property
+    def command_is_malformed(self) -> bool:
+        """A `command` that is there but not a string: nothing a shell would run as written."""
+        return "command" in self.tool_input and not isinstance(self.tool_input["command"], str)
+
+    def command_bytes(self) -> int:
+        return len(self.command.encode("utf-8", "surrogatepass")) if self.command is not None else 0
+
+    def parsed(self, max_bytes: int = HARD_MAX_COMMAND_BYTES) -> ParsedCommand | None:
+        """The command read once and kept; None when there is none or it is over `max_bytes`
+        (then it is never read, by this call or a later one: the first answer is kept)."""
+        if "command" not in self._reading:
+            over = self.command is None or self.command_bytes() > max_bytes
+            self._reading["command"] = None if over else parse_command(self.command or "")
+        return self._reading["command"]
 
     def paths(self) -> list[str]:
         return [v for k in PATH_FIELDS if isinstance(v := self.tool_input.get(k), str)]
@@ -81,73 +137,35 @@ class ToolVerdict:
 # --- reading a shell command ---------------------------------------------------------------------
 
 
-def _lex(line: str) -> list[str]:
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|()")
-    lexer.whitespace_split = True
-    lexer.commenters = ""
-    return list(lexer)
+def simple_commands(command: str) -> list[str]:
+    """`cd x && FOO=1 sudo git  push "origin" main` -> ["cd x", "git push origin main"]: each simple
+    command's normalised text (broker/policy/shell.py), in one pass over the command."""
+    return [segment.text for segment in parse_command(command).segments]
 
 
-def simple_commands(command: str, _depth: int = 0) -> list[str]:
-    """`cd x && FOO=1 sudo git  push "origin" main` -> ["cd x", "git push origin main"].
-
-    Split at ; & | ( ) and newlines, quotes resolved, variable assignments and wrappers such as
-    sudo dropped, words joined by one space; `bash -c '...'` and `eval ...` are read inside too.
-    A command that cannot be lexed is kept as written.
-    """
-    try:
-        tokens: list[str] = []
-        for line in command.splitlines():
-            tokens += [*_lex(line), ";"]
-    except ValueError:  # a quote spanning lines, or unbalanced: try as one piece, else give up
-        try:
-            tokens = _lex(command)
-        except ValueError:
-            return [command]
-    out: list[str] = []
-    current: list[str] = []
-    for token in [*tokens, ";"]:
-        if not (token and set(token) <= _PUNCTUATION):
-            current.append(token)
+def destinations(words: tuple[str, ...] | list[str]) -> list[str]:
+    """Where a network client's words send it: the host of every URL, of every bare word that
+    looks like a host (`curl https://github.com evil.example` goes to both), and UNKNOWN_HOST
+    when an option reroutes the traffic (`--connect-to`, `--proxy`) or no destination is seen."""
+    hosts: list[str] = []
+    client = _CLIENTS.get(words[0].rsplit("/", 1)[-1], _CURL) if words else _CURL
+    skip = False
+    for word in words[1:]:
+        if skip:
+            skip = False
             continue
-        current = _strip_wrappers(current)
-        if current:
-            out.append(" ".join(current))
-            if _depth < 3:
-                out += simple_commands(inner, _depth + 1) if (inner := _inner_script(current)) else []
-        current = []
-    return out
-
-
-def _strip_wrappers(words: list[str]) -> list[str]:
-    """Drop leading `VAR=value`s and wrappers with their options: `sudo -u root env X=1 git push` -> `git push`."""
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if _ASSIGNMENT.match(word):
-            i += 1
-        elif word in _WRAPPERS:
-            takes_value = _WRAPPERS[word]
-            i += 1
-            while i < len(words) and words[i].startswith("-") and words[i] != "--":
-                i += 2 if words[i] in takes_value else 1
-            if i < len(words) and words[i] == "--":
-                i += 1
-        else:
-            break
-    return words[i:]
-
-
-def _inner_script(words: list[str]) -> str | None:
-    """The script a shell is told to run: `bash -c 'x'`, `sh -lc 'x'`, `eval x y`."""
-    program = words[0].rsplit("/", 1)[-1]
-    if program == "eval" and len(words) > 1:
-        return " ".join(words[1:])
-    if program in _SHELLS:
-        for i, word in enumerate(words[1:-1], start=1):
-            if word.startswith("-") and not word.startswith("--") and "c" in word:
-                return words[i + 1]
-    return None
+        if word.startswith("-"):
+            name = word.split("=", 1)[0]
+            if name in client.reroutes:
+                hosts.append(UNKNOWN_HOST)
+            skip = "=" not in word and (name in client.values or name in client.reroutes)
+            continue
+        found = url_hosts(word)
+        if found:
+            hosts += found
+        elif bare := _BARE_HOST.match(word):
+            hosts.append(f"{bare.group(1).lower()}:{bare.group(2)}" if bare.group(2) else bare.group(1).lower())
+    return hosts or [UNKNOWN_HOST]
 
 
 def url_hosts(text: str) -> list[str]:
@@ -172,9 +190,12 @@ def describe(call: ToolCall) -> str:
     """What the audit keeps of a call: program and subcommand, a path or a host; never the full input."""
     if call.command is not None:
         words = []
-        for simple in simple_commands(call.command)[:8]:
-            parts = simple.split(" ")
-            head = parts[0].rsplit("/", 1)[-1]
+        parsed = call.parsed()
+        if parsed is None:
+            return f"{call.tool_name}: (a command of {call.command_bytes()} bytes, not read)"
+        for segment in parsed.segments[:8]:
+            parts = segment.text.split(" ")
+            head = parts[0]
             if head in _SUBCOMMAND_CLIS and len(parts) > 1 and re.fullmatch(r"[a-z][a-z0-9-]{0,30}", parts[1]):
                 head += " " + parts[1]
             words.append(head[:64])
@@ -206,27 +227,29 @@ class CompiledToolRule:
     def rule(self) -> str:
         return f"tools.rules[{self.index}]"
 
-    def matches(self, call: ToolCall, allowed_hosts: list[str]) -> bool:
+    def matches(self, call: ToolCall, parsed: ParsedCommand | None, allowed_hosts: list[str]) -> bool:
         if not self.tool.fullmatch(call.tool_name):
             return False
-        texts: list[str] = []  # where URLs are looked for
+        hits: list[Segment] = []
         if self.command is not None:
             if call.command is None:
                 return False
-            hits = [s for s in simple_commands(call.command) if self.command.search(s)]
+            # Each simple command's text, then the whole command as written (a rule looking for
+            # `.env` anywhere sees it inside `bash -c '...'` too). Both are bounded by the size cap.
+            hits = [s for s in parsed.distinct if self.command.search(s.text)] if parsed is not None else []
             if not hits and not self.command.search(call.command):
                 return False
-            texts += hits or [call.command]
         if self.path is not None and not any(self.path.search(p) for p in call.paths()):
             return False
         if self.url is not None and not (call.url is not None and self.url.search(call.url)):
             return False
         if self.outside_allowlist:
-            if not texts:
-                texts = [t for t in (call.command, call.url) if t is not None]
-            hosts = [h for t in texts for h in url_hosts(t)]
+            if hits:
+                hosts = [h for s in hits for h in destinations(s.stripped)]
+            else:
+                hosts = [h for t in (call.command, call.url) if t is not None for h in url_hosts(t)] or [UNKNOWN_HOST]
             # No host to be seen (`curl $TARGET`) is as good as an unknown one: fail closed.
-            if hosts and all(host_allowed(h, allowed_hosts) for h in hosts):
+            if all(host_allowed(h, allowed_hosts) for h in hosts):
                 return False
         return True
 
@@ -237,6 +260,8 @@ class CompiledTools:
         tools = tools or Tools()
         self.default = tools.default
         self.approval_answer = tools.approval_answer
+        self.unclear_command = tools.unclear_command
+        self.max_command_bytes = tools.max_command_bytes
         self.allowed_hosts = list(tools.allowed_hosts)
         self.rules = tuple(
             CompiledToolRule(
@@ -247,8 +272,16 @@ class CompiledTools:
             for i, r in enumerate(tools.rules)
         )
 
+    def read(self, call: ToolCall) -> ParsedCommand | None:
+        """The call's command, read once under this policy's size cap (None: no command, or too big)."""
+        return call.parsed(self.max_command_bytes)
+
     def match(self, call: ToolCall) -> CompiledToolRule | None:
-        for rule in self.rules:
-            if rule.matches(call, self.allowed_hosts):
-                return rule
-        return None
+        """The first rule that matches (file order)."""
+        parsed = self.read(call)
+        return next((rule for rule in self.rules if rule.matches(call, parsed, self.allowed_hosts)), None)
+
+    def matching(self, call: ToolCall) -> list[CompiledToolRule]:
+        """Every rule that matches, in file order (for a command that is not plainly simple)."""
+        parsed = self.read(call)
+        return [rule for rule in self.rules if rule.matches(call, parsed, self.allowed_hosts)]

@@ -105,10 +105,13 @@ def test_groups_claim_is_configurable_and_absent_groups_are_none(tmp_path: Path,
 def test_idp_groups_count_in_the_humans_own_policy_decisions(oidc_provider: OidcProvider,
                                                              oidc_broker: OidcBroker) -> None:
     """`security` has no members in the policy; bob is in it by his IdP's groups claim alone."""
-    def explain(token: str, human: str) -> dict[str, Any]:
-        r = oidc_broker.client.post("/v1/policy/explain", headers={"Authorization": f"Bearer {token}"}, json={
+    def ask(token: str, human: str) -> httpx.Response:
+        return oidc_broker.client.post("/v1/policy/explain", headers={"Authorization": f"Bearer {token}"}, json={
             "human": human, "agent": "claude-code", "scope": [{"resource": "jwt://svc/*", "access": ["read"]}],
             "resource": "jwt://svc/ledger", "access": "read"})
+
+    def explain(token: str, human: str) -> dict[str, Any]:
+        r = ask(token, human)
         assert r.status_code == 200, r.text
         return {layer["layer"]: layer["verdict"] for layer in r.json()["decision"]["layers"]}
 
@@ -116,8 +119,9 @@ def test_idp_groups_count_in_the_humans_own_policy_decisions(oidc_provider: Oidc
     dave = oidc_provider.device_login("nogroups")["access_token"]
     assert explain(bob, "bob@example.com")["human"] == "allow"
     assert explain(dave, "dave@example.com")["human"] == "deny"
-    # Bob's groups are his own: explaining for someone else does not lend them.
-    assert explain(bob, "dave@example.com")["human"] == "deny"
+    # Explaining for someone else is for admins (and never lends bob's groups).
+    other = ask(bob, "dave@example.com")
+    assert other.status_code == 403 and other.json()["error"]["code"] == "explain-other-human-forbidden"
 
 
 def test_refreshed_access_token_is_accepted(oidc_provider: OidcProvider, oidc_broker: OidcBroker) -> None:

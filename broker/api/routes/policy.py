@@ -10,8 +10,9 @@ from fastapi import APIRouter
 from broker.api.deps import BrokerDep, HumanCaller
 from broker.api.schemas import ExplainRequest, Explanation, error_responses
 from broker.db import transaction, utcnow
-from broker.errors import InvalidRequest, NotFound
+from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.access import may_manage
+from broker.identity.callers import Caller
 from broker.identity.principals import canonical_human, same_principal
 from broker.leases.facts import bounds_lookup, session_facts
 from broker.models import SessionRow
@@ -34,6 +35,11 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> Exp
         if not (body.human and body.agent and body.scope):
             raise InvalidRequest("give session_id, or human, agent and scope for a hypothetical session",
                                  code="explain-needs-session")
+        if caller.kind != "admin" and not _is_self(caller, body.human):
+            # Explain asks the live source for real: for another person it would tell the caller
+            # that person's backend role (and spend the source's quota on their behalf).
+            raise Forbidden("explaining another human's access is for admins; explain your own "
+                            "(human: you) or a session you manage (session_id)", code="explain-other-human-forbidden")
         facts = SessionFacts(
             session_id="(hypothetical)", human=canonical_human(body.human), agent=body.agent,
             task_id=body.task_id or "(hypothetical)",
@@ -41,18 +47,24 @@ def explain(body: ExplainRequest, broker: BrokerDep, caller: HumanCaller) -> Exp
             status="active",
             expires_at=now + timedelta(seconds=body.session_ttl_seconds),
             # A person explaining their own access: their IdP groups count, as in their sessions.
-            human_groups=caller.groups if caller.kind == "human" and same_principal(body.human, caller.name) else frozenset(),
+            human_groups=caller.groups if _is_self(caller, body.human) else frozenset(),
         )
     policy = broker.policies.current
     resource = _canonical(canonical_resource, body.resource)
     # The live layer is asked for real (through the cache), so explain shows what a request would meet.
-    live = broker.permissions.consult(policy, facts.human, resource, body.access)
+    # The caller pays for a backend call out of its own budget (429 live-check-budget-exceeded).
+    live = broker.permissions.consult(policy, facts.human, resource, body.access, caller=caller.principal)
     decision, shadow = evaluate_with_shadow(
         policy, broker.policies.shadow, facts,
         RequestFacts(resource=resource, access=body.access, ttl_seconds=body.ttl_seconds, now=now, live=live),
         bounds_lookup(broker),
     )
     return Explanation(decision=decision.to_dict(), shadow=shadow.to_dict() if shadow else None)
+
+
+def _is_self(caller: Caller, human: str) -> bool:
+    """Whether a person explains their own access (a name with no canonical form is nobody's own)."""
+    return caller.kind == "human" and same_principal(human, caller.name)
 
 
 def _canonical(parse: Callable[[str], str], text: str) -> str:

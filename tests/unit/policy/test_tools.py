@@ -22,7 +22,7 @@ def bash(command: str) -> ToolCall:
 @pytest.mark.parametrize(("command", "decision", "reason", "rule"), [
     ("git push origin main", "ask", "approval-required", "push-protected"),
     ("cd repo && FOO=1 git  push 'origin' HEAD:main", "ask", "approval-required", "push-protected"),
-    ("bash -c 'git push origin release/2.1'", "ask", "approval-required", "push-protected"),
+    ("bash -c 'git push origin release/2.1'", "ask", "command-not-understood", None),  # not read inside
     ("git push origin feature/login", "allow", "no-tool-rule", None),
     ("git push --force origin feature/login", "deny", "agent-ceiling", "force-push"),
     ("gh pr merge 42 --squash", "ask", "approval-required", "pr-merge"),
@@ -57,7 +57,9 @@ def test_other_tools_and_layers() -> None:
     ended = decide_tool_call(POLICY, agent="claude-code", session_active=False, call=bash("ls"))
     assert (ended.decision, ended.reason) == ("deny", "session-ended")
     push = decide_tool_call(POLICY, agent="claude-code", session_active=True, call=bash("git push origin main"))
-    assert push.needs_approval and push.approvers == ("group:maintainers",) and push.matched_rule == "tools.rules[0]"
+    assert push.needs_approval and push.approvers == ("group:maintainers",)
+    index = next(r.index for r in POLICY.tools.rules if r.name == "push-protected")
+    assert (push.rule_name, push.matched_rule) == ("push-protected", f"tools.rules[{index}]")
 
 
 def test_without_a_tools_section_everything_asks() -> None:
@@ -76,8 +78,9 @@ def test_approval_answer_deny() -> None:
 def test_reading_commands() -> None:
     assert simple_commands("cd x && FOO=1 sudo git  push \"origin\" main; ls | wc -l") == [
         "cd x", "git push origin main", "ls", "wc -l"]
-    assert simple_commands("sh -c 'a && b'") == ["sh -c a && b", "a", "b"]
-    assert simple_commands("echo 'unbalanced") == ["echo 'unbalanced"]
+    assert simple_commands("sh -c 'a && b'") == ["sh -c a && b"]  # one pass: the script is one word
+    assert simple_commands("echo $(cat x | base64)") == ["cat x", "base64", "echo $(…)"]
+    assert simple_commands("echo 'unbalanced") == ["echo unbalanced"]
     assert url_hosts("curl https://User@API.GitHub.com:8443/x http://[::1]:80/") == ["api.github.com:8443", "[::1]:80"]
     assert host_allowed("api.github.com", ["*.github.com"]) and not host_allowed("github.com", ["*.github.com"])
     assert host_allowed("pypi.org:443", ["pypi.org"]) and not host_allowed("pypi.org:8080", ["pypi.org:443"])
