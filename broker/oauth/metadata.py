@@ -30,10 +30,15 @@ def authorization_server(broker: Broker) -> dict[str, Any]:
         "revocation_endpoint": f"{base}/v1/oauth/revoke",
         "introspection_endpoint": f"{base}/v1/introspect",
         "jwks_uri": f"{base}/.well-known/jwks.json",
-        "grant_types_supported": [GRANT_TYPE],
-        # No authorization endpoint: no redirect-based grant, so no response type either (RFC 8414 section 2).
-        "response_types_supported": [],
-        "token_endpoint_auth_methods_supported": ["none"],
+        "authorization_endpoint": f"{base}/v1/oauth/authorize",
+        "grant_types_supported": [GRANT_TYPE, "authorization_code", "refresh_token"],
+        "response_types_supported": ["code"],
+        # PKCE is required, and plain is not accepted (MCP authorization; OAuth 2.1).
+        "code_challenge_methods_supported": ["S256"],
+        "authorization_response_iss_parameter_supported": True,
+        "client_id_metadata_document_supported": True,
+        # none: public clients (PKCE) and token exchange; the secrets: pre-registered confidential clients.
+        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": ["none"],
         "authorization_details_types_supported": [DETAILS_TYPE],
         "token_exchange_subject_token_types_supported": list(SUBJECT_TOKEN_TYPES),
