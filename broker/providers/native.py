@@ -41,11 +41,7 @@ class NativeProvider(Provider):
         return cls(ctx.keyring, ctx.settings.issuer, ctx.settings.audience)
 
     def audience_for(self, grant: Grant) -> str:
-        default = grant.resource_path
-        if grant.resource.startswith(("https://", "http://")):
-            # An MCP server (or any resource named by its URL): RFC 8707's resource is the one audience.
-            default = grant.resource
-        audience = str(grant.options.get("audience") or default)
+        audience = str(grant.options.get("audience") or grant.resource_path)
         if audience == self._broker_audience:
             # A capability token with the broker's own audience could pose as a session token.
             raise ProviderMisconfigured("a native resource may not use the broker's own audience")

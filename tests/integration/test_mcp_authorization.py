@@ -1,0 +1,215 @@
+"""The broker as the authorization server of MCP servers, end to end with the official MCP Python
+SDK on both sides: its OAuth client provider drives authorization code + PKCE against a served
+broker (the person's consent through the non-interactive consent API, with their own bearer
+token), then calls a tool on an SDK MCP server that checks the broker's tokens. On SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import httpx2
+import jwt
+import pytest
+from mcp import Client
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from sqlmodel import select
+
+from broker.db import transaction
+from broker.models import Lease, OutboxMessage
+from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.mcp_servers import McpServer
+from tests.support.ports import free_port
+
+CLIENT_ID = "mcp-test-client"
+ALICE = "alice@example.com"
+
+
+def mcp_policy(first: str, second: str) -> str:
+    return STANDARD_TIERS + f"""\
+resources:
+  - match: "{first}"
+    provider: native
+    access:
+      tools: {{tier: read, scope: "tools:read"}}
+      admin: {{tier: merge_deploy, scope: "tools:read tools:admin"}}
+  - match: "{second}"
+    provider: native
+    access:
+      tools: {{tier: read, scope: "tools:read"}}
+  - match: "jwt://payments-api"
+    provider: native
+    access:
+      read: {{tier: read}}
+humans:
+  {ALICE}:
+    grants:
+      - {{resource: "{first}", access: [tools, admin]}}
+      - {{resource: "{second}", access: [tools]}}
+      - {{resource: "jwt://payments-api", access: [read]}}
+agents:
+  mcp-client: {{max_tier: merge_deploy}}
+  claude-code: {{max_tier: merge_deploy}}
+"""
+
+
+@dataclass
+class World:
+    api: Api
+    first: McpServer
+    second: McpServer
+    redirect_uri: str
+
+
+@pytest.fixture
+def world(database_url: str, tmp_path: Path) -> Iterator[World]:
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}"
+    redirect_uri = f"http://127.0.0.1:{free_port()}/callback"
+    with McpServer("files", issuer, ["tools:read"]) as first, McpServer("tickets", issuer, ["tools:read"]) as second:
+        secrets_ = BrokerSecrets()
+        clients = {CLIENT_ID: {"redirect_uris": [redirect_uri], "client_name": "SDK test client"}}
+        broker = build_broker(tmp_path, database_url, secrets_, mcp_policy(first.url, second.url), issuer=issuer,
+                              oauth_clients=json.dumps(clients), security_event_receivers=json.dumps(
+                                  [{"name": "siem", "url": f"http://127.0.0.1:{free_port()}/set", "audience": "siem"}]))
+        with LiveServer(broker, port=port) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+            yield World(Api(server.base_url, secrets_, broker, client), first, second, redirect_uri)
+
+
+class Storage:
+    def __init__(self, client_info: OAuthClientInformationFull) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client_info: OAuthClientInformationFull | None = client_info
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client_info
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client_info = client_info
+
+
+class Person:
+    """The person's side of the flow without a browser: follow the authorization redirect to the
+    consent page, read what is asked, approve it with their own bearer token, hand the redirect back."""
+
+    def __init__(self, world: World, human: str = ALICE) -> None:
+        self.world, self.human = world, human
+        self.asked: list[dict[str, Any]] = []
+        self.redirect: str | None = None
+
+    async def redirect_handler(self, url: str) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.get(url)
+            assert r.status_code == 303, r.text
+            consent = r.headers["location"]
+            assert consent.startswith(self.world.api.base_url + "/console/oauth/authorize/az_")
+            authz_id = consent.rsplit("/", 1)[1]
+            headers = self.world.api.as_human(self.human)
+            ask = await http.get(f"{self.world.api.base_url}/v1/oauth/authorizations/{authz_id}", headers=headers)
+            assert ask.status_code == 200, ask.text
+            self.asked.append(ask.json())
+            answer = await http.post(f"{self.world.api.base_url}/v1/oauth/authorizations/{authz_id}/decision",
+                                     json={"decision": "approve"}, headers=headers)
+            assert answer.status_code == 200, answer.text
+            self.redirect = answer.json()["redirect_to"]
+
+    async def callback_handler(self) -> AuthorizationCodeResult:
+        assert self.redirect is not None
+        assert self.redirect.startswith(self.world.redirect_uri + "?")
+        query = parse_qs(urlsplit(self.redirect).query)
+        return AuthorizationCodeResult(code=query["code"][0], state=query["state"][0], iss=query["iss"][0])
+
+
+async def _call_tool(world: World, server: McpServer, person: Person, storage: Storage) -> str:
+    metadata = OAuthClientMetadata(redirect_uris=[world.redirect_uri], grant_types=["authorization_code", "refresh_token"],
+                                   response_types=["code"], token_endpoint_auth_method="none", client_name="SDK test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        provider = OAuthClientProvider(server.url, metadata, storage, redirect_handler=person.redirect_handler,
+                                       callback_handler=person.callback_handler)
+    async with httpx2.AsyncClient(auth=provider, timeout=30) as http, \
+            Client(streamable_http_client(server.url, http_client=http)) as client:
+        result = await client.call_tool("whoami", {})
+        return " ".join(getattr(c, "text", "") for c in result.content)
+
+
+def _registered() -> OAuthClientInformationFull:
+    return OAuthClientInformationFull(client_id=CLIENT_ID, redirect_uris=None, token_endpoint_auth_method="none")
+
+
+def _raw_tool_call(server: McpServer, token: str) -> httpx.Response:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
+    return httpx.post(server.url, json=body, timeout=30, headers={
+        "Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"})
+
+
+def test_sdk_client_completes_the_flow_and_calls_the_tool_with_a_token_for_that_server_only(world: World) -> None:
+    storage = Storage(_registered())
+    storage.client_info.redirect_uris = [world.redirect_uri]  # type: ignore[union-attr]
+    person = Person(world)
+    text = asyncio.run(_call_tool(world, world.first, person, storage))
+    assert text == "files: ok" and world.first.calls == ["files"]
+    # The person saw what was asked: this client, this MCP server, the narrowest access covering the scope.
+    [asked] = person.asked
+    assert (asked["client_id"], asked["resource"], asked["access"], asked["scope"], asked["tier"]) == \
+        (CLIENT_ID, world.first.url, "tools", "tools:read", "read")
+    assert storage.tokens is not None and storage.tokens.refresh_token
+    token = storage.tokens.access_token
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["aud"] == world.first.url  # exactly that MCP server, one string, nothing else
+    assert claims["sub"] == ALICE and claims["act"] == {"sub": "mcp-client"} and claims["scope"] == "tools:read"
+    # The same token at the second MCP server: refused by its audience check.
+    refused = _raw_tool_call(world.second, token)
+    assert refused.status_code == 401 and world.second.calls == []
+    assert _raw_tool_call(world.first, token).status_code == 200
+    # The token is a lease of a session, in the audit like any capability.
+    with transaction(world.api.broker.engine) as db:
+        lease = db.get(Lease, claims["jti"])
+        assert lease is not None and lease.session_id == claims["sid"] and lease.status == "active"
+    audit = world.api.client.get("/v1/audit", params={"session_id": claims["sid"]}, headers=world.api.as_admin())
+    assert "capability.minted" in {r["type"] for r in audit.json()["records"]}
+
+
+def test_ending_the_session_revokes_every_mcp_token_and_its_refresh_token(world: World) -> None:
+    storage = Storage(_registered())
+    storage.client_info.redirect_uris = [world.redirect_uri]  # type: ignore[union-attr]
+    asyncio.run(_call_tool(world, world.first, Person(world), storage))
+    assert storage.tokens is not None
+    token, refresh_token = storage.tokens.access_token, storage.tokens.refresh_token
+    sid = jwt.decode(token, options={"verify_signature": False})["sid"]
+    # A refresh: rotated, a new decision, a second lease of the same session.
+    r = world.api.client.post("/v1/oauth/token", data={"grant_type": "refresh_token", "refresh_token": refresh_token,
+                                                       "client_id": CLIENT_ID})
+    assert r.status_code == 200, r.text
+    refreshed = r.json()
+    assert refreshed["refresh_token"] != refresh_token and refreshed["scope"] == "tools:read"
+    assert jwt.decode(refreshed["access_token"], options={"verify_signature": False})["sid"] == sid
+    ended = world.api.client.post(f"/v1/sessions/{sid}/end", json={"reason": "done"}, headers=world.api.as_admin())
+    assert ended.status_code == 200, ended.text
+    for access_token in (token, refreshed["access_token"]):
+        assert world.api.client.post("/v1/introspect", data={"token": access_token}).json() == {"active": False}
+        assert _raw_tool_call(world.first, access_token).status_code == 401
+    again = world.api.client.post("/v1/oauth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
+                                                           "refresh_token": refreshed["refresh_token"]})
+    assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+    with transaction(world.api.broker.engine) as db:
+        sets = db.exec(select(OutboxMessage).where(OutboxMessage.kind == "set")).all()
+        kinds = [m.type for m in sets]
+    assert kinds.count("session-revoked") == 1 and kinds.count("credential-change") == 2
