@@ -60,9 +60,17 @@ class OAuthClient:
 
     def redirect_allowed(self, uri: str) -> bool:
         """Exact match, except that a loopback http redirect may use any port (RFC 8252 section 7.3)."""
+        if "#" in uri or len(uri) > 2048:
+            return False  # RFC 6749 section 3.1.2: a redirection endpoint has no fragment
         if uri in self.redirect_uris:
             return True
-        asked = urlsplit(uri)
+        try:
+            asked = urlsplit(uri)
+            asked_port = asked.port
+        except ValueError:
+            return False
+        if asked.username is not None or asked.password is not None or asked_port is None:
+            return False
         if asked.scheme != "http" or asked.hostname not in ("127.0.0.1", "::1"):
             return False
         for known in self.redirect_uris:
