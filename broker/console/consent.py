@@ -43,4 +43,7 @@ async def consent_answer(request: Request, authz_id: str, me: Person, csrf_token
         answer = await run_in_threadpool(authorize.decide, broker, me, authz_id, decision == "approve")
     except OAuthError as exc:
         return render_error(request, exc.status, exc.code, exc.description)
+    if isinstance(answer, authorize.Waiting):
+        ask = await run_in_threadpool(authorize.describe, broker, authz_id)
+        return render(request, "oauth_consent.html", {"ask": ask, "me": me.name, "waiting": answer}, status_code=202)
     return RedirectResponse(answer.location, status_code=303)

@@ -29,19 +29,20 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from sqlmodel import select
 
+from broker.approvals.service import effective_status
 from broker.db import transaction, utcnow
 from broker.errors import BrokerError
 from broker.identity.callers import Caller
 from broker.leases.outcomes import PendingApproval
 from broker.leases.service import request_capability
 from broker.leases.vocabulary import CapabilityAsk
-from broker.models import OAuthAuthorization, OAuthRefreshToken, SessionRow
+from broker.models import Approval, OAuthAuthorization, OAuthRefreshToken, SessionRow
 from broker.oauth.clients import ClientDirectory, OAuthClient
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.oauth.form import one
@@ -202,40 +203,111 @@ def describe(broker: Broker, authz_id: str) -> dict[str, Any]:
             "expires_at": rfc3339(row.expires_at)}
 
 
-def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redirect:
-    """The person's answer; approving opens the session the client's tokens are keyed to."""
+@dataclass(frozen=True)
+class Waiting:
+    """The access needs a person's approval first (its tier's control): ask again once approved."""
+
+    approval_id: str
+    approvers: list[str]
+    expires_at: str
+
+
+def _tier(broker: Broker, resource: str, access: str) -> str | None:
+    rule = broker.policies.current.match_resource(resource)
+    return rule.access[access].tier if rule is not None and access in rule.access else None
+
+
+def _code_for(broker: Broker, authz_id: str, now: datetime, *, session_id: str | None = None,
+              approval_id: str | None = None) -> Redirect:
+    code = "jbc_" + secrets.token_urlsafe(32)
+    with transaction(broker.engine) as db:
+        row = _load(db, authz_id, lock=True)
+        if session_id is not None:
+            row.session_id = session_id
+        row.status, row.code_hash, row.approval_id = "approved", _digest(code), approval_id
+        row.expires_at = now + timedelta(seconds=broker.settings.oauth_code_ttl_seconds)
+        db.add(row)
+    return Redirect(_with_query(row.redirect_uri, {"code": code, "state": row.state, "iss": issuer(broker)}))
+
+
+def _denied(broker: Broker, row: OAuthAuthorization, description: str) -> Redirect:
+    return Redirect(_with_query(row.redirect_uri, {"error": "access_denied", "error_description": description,
+                                                   "state": row.state, "iss": issuer(broker)}))
+
+
+def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redirect | Waiting:
+    """The person's answer; approving opens the session the client's tokens are keyed to. Where
+    the access's tier needs an approval, the request waits for it exactly as `POST
+    /v1/capabilities` does (the same approval, the same approvers); the person asks again, and
+    once approved the code is issued, bound to that approval."""
     if person.kind != "human":
         raise OAuthError("access_denied", "only a person signed in as a human may consent", code="forbidden",
                          status=403)
     now = utcnow().replace(microsecond=0)
     with transaction(broker.engine) as db:
         row = _load(db, authz_id, lock=True)
-        if row.status != "pending" or row.expires_at <= now:
+        if row.status == "waiting" and row.human == person.name and row.expires_at > now:
+            approval = db.get(Approval, row.approval_id) if row.approval_id else None
+            session = db.get(SessionRow, row.session_id) if row.session_id else None
+            status = effective_status(approval, session, now) if approval is not None else "expired"
+            if not approve or status in ("denied", "expired", "used", "cancelled"):
+                row.status = "denied"
+                db.add(row)
+                return _denied(broker, row, "the person denied the request" if not approve
+                               else f"the approval was {status}")
+            if status != "approved":
+                assert approval is not None
+                return Waiting(approval.id, list(approval.approvers or []), rfc3339(approval.expires_at))
+            approved = True
+        elif row.status != "pending" or row.expires_at <= now:
             raise OAuthError("invalid_request", "this authorization request was already answered or has expired",
                              code="authorization-closed", status=409)
-        row.human = person.name
-        if not approve:
-            row.status = "denied"
+        else:
+            approved = False
+            row.human = person.name
+            row.status = "approving" if approve else "denied"
             db.add(row)
-            return Redirect(_with_query(row.redirect_uri, {"error": "access_denied", "error_description":
-                                                           "the person denied the request", "state": row.state,
-                                                           "iss": issuer(broker)}))
-        row.status = "approving"
-        db.add(row)
+            if not approve:
+                return _denied(broker, row, "the person denied the request")
+    if approved:
+        return _code_for(broker, authz_id, now, approval_id=row.approval_id)
     # The session: one task = this client's access to this MCP server for this person.
     session, _ = sessions.create(broker, Caller(kind="orchestrator", name="oauth-authorize"), sessions.SessionAsk(
         human=person.name, agent=row.agent, task_id=f"oauth:{row.id}",
         scope=[{"resource": row.resource, "access": [row.access]}],
         ttl_seconds=min(broker.settings.mcp_session_ttl_seconds, broker.settings.session_max_ttl_seconds),
         labels={"oauth_client": row.client_id[:200]}))
-    code = "jbc_" + secrets.token_urlsafe(32)
+    tier = _tier(broker, row.resource, row.access)
+    policy_tier = broker.policies.current.tiers.get(tier) if tier is not None else None
+    if policy_tier is None or policy_tier.control != "approval":
+        return _code_for(broker, authz_id, now, session_id=session.id)
+    # Asked now, through the one decision path: a refusal by any other layer is said at once, and
+    # an approval opens for the tier's approvers. Nothing is minted while it waits.
+    caller = Caller(kind="agent", name=session.agent, session_id=session.id)
+    try:
+        outcome = request_capability(broker, caller, _ask(row.resource, row.access, row.client_id), None)
+    except BrokerError as exc:
+        sessions.end(broker, session.id, reason="authorization-refused", actor="oauth-authorize")
+        with transaction(broker.engine) as db:
+            row = _load(db, authz_id, lock=True)
+            row.status = "denied"
+            db.add(row)
+        return _denied(broker, row, f"refused by policy: {exc.code}")
+    if not isinstance(outcome, PendingApproval):
+        # A standing grant covered it: issued at once. The code mints again through the same path.
+        return _code_for(broker, authz_id, now, session_id=session.id)
     with transaction(broker.engine) as db:
         row = _load(db, authz_id, lock=True)
-        row.session_id, row.status = session.id, "approved"
-        row.code_hash = _digest(code)
-        row.expires_at = now + timedelta(seconds=broker.settings.oauth_code_ttl_seconds)
+        row.session_id, row.approval_id, row.status = session.id, outcome.approval_id, "waiting"
         db.add(row)
-    return Redirect(_with_query(row.redirect_uri, {"code": code, "state": row.state, "iss": issuer(broker)}))
+    expires = outcome.expires_at
+    return Waiting(outcome.approval_id, outcome.approvers, rfc3339(expires) if isinstance(expires, datetime)
+                   else str(expires))
+
+
+def _ask(resource: str, access: str, client_id: str, approval_id: str | None = None) -> CapabilityAsk:
+    return CapabilityAsk(resource=resource, access=access, purpose=f"MCP client {client_id}"[:1000],
+                         approval_id=approval_id)
 
 
 def _digest(value: str) -> str:
@@ -251,13 +323,13 @@ def _end(broker: Broker, session_id: str | None, reason: str) -> None:
         sessions.end(broker, session_id, reason=reason, actor="oauth-authorize")
 
 
-def _mint(broker: Broker, session: SessionRow | None, resource: str, access: str, client_id: str) -> dict[str, Any]:
+def _mint(broker: Broker, session: SessionRow | None, resource: str, access: str, client_id: str,
+          approval_id: str | None = None) -> dict[str, Any]:
     if session is None or session.status != "active":
         raise OAuthError("invalid_grant", "the session behind this grant has ended", code="session-ended")
     caller = Caller(kind="agent", name=session.agent, session_id=session.id)
-    ask = CapabilityAsk(resource=resource, access=access, purpose=f"MCP client {client_id}"[:1000])
     try:
-        outcome = request_capability(broker, caller, ask, None)
+        outcome = request_capability(broker, caller, _ask(resource, access, client_id, approval_id), None)
     except BrokerError as exc:
         raise from_broker_error(exc) from None
     if isinstance(outcome, PendingApproval):
@@ -347,7 +419,7 @@ def redeem_code(broker: Broker, client: OAuthClient, params: dict[str, list[str]
                          code="resource-mismatch")
     with transaction(broker.engine) as db:
         session = db.get(SessionRow, row.session_id)
-    minted = _mint(broker, session, row.resource, row.access, client.client_id)
+    minted = _mint(broker, session, row.resource, row.access, client.client_id, row.approval_id)
     assert session is not None
     with transaction(broker.engine) as db:
         refresh_token = _new_refresh(db, broker, session, client.client_id, row.resource, row.access, row.scope)

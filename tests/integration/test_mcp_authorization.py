@@ -57,6 +57,12 @@ humans:
       - {{resource: "{first}", access: [tools, admin]}}
       - {{resource: "{second}", access: [tools]}}
       - {{resource: "jwt://payments-api", access: [read]}}
+  bob@example.com:
+    groups: [maintainers]
+groups:
+  maintainers:
+    grants:
+      - {{resource: "{first}", access: [tools, admin]}}
 agents:
   mcp-client: {{max_tier: merge_deploy}}
   claude-code: {{max_tier: merge_deploy}}
@@ -76,7 +82,8 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"
     redirect_uri = f"http://127.0.0.1:{free_port()}/callback"
-    with McpServer("files", issuer, ["tools:read"]) as first, McpServer("tickets", issuer, ["tools:read"]) as second:
+    with McpServer("files", issuer, ["tools:read"], admin_scopes="tools:read tools:admin") as first, \
+            McpServer("tickets", issuer, ["tools:read"]) as second:
         secrets_ = BrokerSecrets()
         clients = {CLIENT_ID: {"redirect_uris": [redirect_uri], "client_name": "SDK test client"}}
         broker = build_broker(tmp_path, database_url, secrets_, mcp_policy(first.url, second.url), issuer=issuer,
@@ -106,26 +113,40 @@ class Storage:
 
 class Person:
     """The person's side of the flow without a browser: follow the authorization redirect to the
-    consent page, read what is asked, approve it with their own bearer token, hand the redirect back."""
+    consent page, read what is asked, approve it with their own bearer token, hand the redirect back.
+    Where the access waits for an approval, `approver` (another person) approves it in between."""
 
-    def __init__(self, world: World, human: str = ALICE) -> None:
-        self.world, self.human = world, human
+    def __init__(self, world: World, human: str = ALICE, approver: str | None = None) -> None:
+        self.world, self.human, self.approver = world, human, approver
         self.asked: list[dict[str, Any]] = []
+        self.waited: list[str] = []
         self.redirect: str | None = None
 
     async def redirect_handler(self, url: str) -> None:
+        api = self.world.api
         async with httpx.AsyncClient(timeout=30) as http:
             r = await http.get(url)
             assert r.status_code == 303, r.text
             consent = r.headers["location"]
-            assert consent.startswith(self.world.api.base_url + "/console/oauth/authorize/az_")
+            assert consent.startswith(api.base_url + "/console/oauth/authorize/az_")
             authz_id = consent.rsplit("/", 1)[1]
-            headers = self.world.api.as_human(self.human)
-            ask = await http.get(f"{self.world.api.base_url}/v1/oauth/authorizations/{authz_id}", headers=headers)
+            headers = api.as_human(self.human)
+            ask = await http.get(f"{api.base_url}/v1/oauth/authorizations/{authz_id}", headers=headers)
             assert ask.status_code == 200, ask.text
             self.asked.append(ask.json())
-            answer = await http.post(f"{self.world.api.base_url}/v1/oauth/authorizations/{authz_id}/decision",
-                                     json={"decision": "approve"}, headers=headers)
+            decision = f"{api.base_url}/v1/oauth/authorizations/{authz_id}/decision"
+            answer = await http.post(decision, json={"decision": "approve"}, headers=headers)
+            if answer.status_code == 202:
+                approval_id = answer.json()["approval_id"]
+                self.waited.append(approval_id)
+                # Still waiting until a person decides: asking again changes nothing.
+                again = await http.post(decision, json={"decision": "approve"}, headers=headers)
+                assert again.status_code == 202 and again.json()["approval_id"] == approval_id
+                assert self.approver is not None, "nobody to approve"
+                approved = await http.post(f"{api.base_url}/v1/approvals/{approval_id}/approve", json={},
+                                           headers=api.as_human(self.approver))
+                assert approved.status_code == 200, approved.text
+                answer = await http.post(decision, json={"decision": "approve"}, headers=headers)
             assert answer.status_code == 200, answer.text
             self.redirect = answer.json()["redirect_to"]
 
@@ -136,17 +157,25 @@ class Person:
         return AuthorizationCodeResult(code=query["code"][0], state=query["state"][0], iss=query["iss"][0])
 
 
-async def _call_tool(world: World, server: McpServer, person: Person, storage: Storage) -> str:
+async def _call_tools(world: World, server: McpServer, person: Person, storage: Storage, *tools: str) -> list[str]:
     metadata = OAuthClientMetadata(redirect_uris=[world.redirect_uri], grant_types=["authorization_code", "refresh_token"],
                                    response_types=["code"], token_endpoint_auth_method="none", client_name="SDK test")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         provider = OAuthClientProvider(server.url, metadata, storage, redirect_handler=person.redirect_handler,
                                        callback_handler=person.callback_handler)
+    texts = []
     async with httpx2.AsyncClient(auth=provider, timeout=30) as http, \
             Client(streamable_http_client(server.url, http_client=http)) as client:
-        result = await client.call_tool("whoami", {})
-        return " ".join(getattr(c, "text", "") for c in result.content)
+        for tool in tools:
+            result = await client.call_tool(tool, {})
+            texts.append(" ".join(getattr(c, "text", "") for c in result.content))
+    return texts
+
+
+async def _call_tool(world: World, server: McpServer, person: Person, storage: Storage) -> str:
+    [text] = await _call_tools(world, server, person, storage, "whoami")
+    return text
 
 
 def _registered() -> OAuthClientInformationFull:
@@ -213,3 +242,26 @@ def test_ending_the_session_revokes_every_mcp_token_and_its_refresh_token(world:
         sets = db.exec(select(OutboxMessage).where(OutboxMessage.kind == "set")).all()
         kinds = [m.type for m in sets]
     assert kinds.count("session-revoked") == 1 and kinds.count("credential-change") == 2
+
+
+def test_scope_step_up_through_an_approval_tier_waits_for_a_person_then_works_once(world: World) -> None:
+    storage = Storage(_registered())
+    storage.client_info.redirect_uris = [world.redirect_uri]  # type: ignore[union-attr]
+    person = Person(world, approver="bob@example.com")
+    texts = asyncio.run(_call_tools(world, world.first, person, storage, "whoami", "admin"))
+    assert texts == ["files: ok", "files: admin ok"] and world.first.calls == ["files", "files:admin"]
+    # Two consents: the auto tier at once, then the scope challenge's wider scope (the SDK asks for the
+    # union), which the broker maps to the narrowest access covering it, of an approval tier.
+    assert [(a["access"], a["scope"], a["tier"]) for a in person.asked] == [
+        ("tools", "tools:read", "read"), ("admin", "tools:admin tools:read", "merge_deploy")]
+    [approval_id] = person.waited
+    assert storage.tokens is not None
+    claims = jwt.decode(storage.tokens.access_token, options={"verify_signature": False})
+    assert set(claims["scope"].split()) == {"tools:admin", "tools:read"} and claims["aud"] == world.first.url
+    # Once: the approval is spent by that token; a refresh of the wider grant waits for a new one.
+    approval = world.api.client.get(f"/v1/approvals/{approval_id}", headers=world.api.as_admin()).json()
+    assert approval["status"] == "used"
+    r = world.api.client.post("/v1/oauth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
+                                                       "refresh_token": storage.tokens.refresh_token})
+    assert r.status_code == 400 and r.json()["error"] == "authorization_pending", r.text
+    assert r.json()["approval_id"] != approval_id

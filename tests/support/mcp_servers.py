@@ -3,22 +3,74 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
+from typing import Any
 
 import uvicorn
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
+from starlette.concurrency import run_in_threadpool
 
 from broker.mcp.verifier import BrokerTokenVerifier
 from tests.support.ports import free_port
 
 
-class McpServer:
-    """One MCP server with one tool, `whoami`, which answers the token's subject and scopes."""
+class ScopeChallenge:
+    """What an MCP server does for a tool that needs more than the token carries (MCP authorization,
+    "Scope challenge handling"): 403 with `error="insufficient_scope"` and the scopes it needs, so
+    the client asks the authorization server again."""
 
-    def __init__(self, name: str, broker_issuer: str, required_scopes: list[str]) -> None:
+    def __init__(self, app: Any, verifier: BrokerTokenVerifier, tool: str, scopes: str, metadata_url: str) -> None:
+        self.app, self.verifier, self.tool, self.scopes, self.metadata_url = app, verifier, tool, scopes, metadata_url
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            rpc = json.loads(body)
+        except ValueError:
+            rpc = None
+        if isinstance(rpc, dict) and rpc.get("method") == "tools/call" and (rpc.get("params") or {}).get("name") == self.tool:
+            headers = dict(scope["headers"])
+            token = headers.get(b"authorization", b"").decode().removeprefix("Bearer ")
+            claims = await run_in_threadpool(self.verifier.check, token)
+            held = set(str((claims or {}).get("scope") or "").split())
+            if claims is not None and not set(self.scopes.split()) <= held:
+                challenge = (f'Bearer error="insufficient_scope", scope="{self.scopes}", '
+                             f'resource_metadata="{self.metadata_url}", error_description="{self.tool} needs {self.scopes}"')
+                await send({"type": "http.response.start", "status": 403, "headers": [
+                    (b"www-authenticate", challenge.encode()), (b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": b'{"error": "insufficient_scope"}'})
+                return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class McpServer:
+    """An MCP server with a tool `whoami` (the server's required scopes) and, when `admin_scopes`
+    is given, a tool `admin` that needs those scopes (a scope challenge below them)."""
+
+    def __init__(self, name: str, broker_issuer: str, required_scopes: list[str],
+                 admin_scopes: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self.calls: list[str] = []
@@ -34,7 +86,15 @@ class McpServer:
             self.calls.append(name)
             return f"{name}: ok"
 
-        app = server.streamable_http_app(host="127.0.0.1")
+        @server.tool()
+        def admin() -> str:
+            self.calls.append(name + ":admin")
+            return f"{name}: admin ok"
+
+        app: Any = server.streamable_http_app(host="127.0.0.1")
+        if admin_scopes is not None:
+            metadata_url = f"http://127.0.0.1:{self.port}/.well-known/oauth-protected-resource/mcp"
+            app = ScopeChallenge(app, verifier, "admin", admin_scopes, metadata_url)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

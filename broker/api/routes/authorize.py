@@ -54,6 +54,15 @@ class ConsentAnswer(BaseModel):
                                          "code, state and iss, or with error=access_denied")
 
 
+class ConsentWaiting(BaseModel):
+    """202: the access's tier needs an approval first; answer `approve` again once it is approved."""
+
+    status: Literal["pending_approval"] = "pending_approval"
+    approval_id: str
+    approvers: list[str]
+    expires_at: str
+
+
 def directory(request: Request) -> ClientDirectory:
     clients: ClientDirectory = request.app.state.oauth_clients
     return clients
@@ -99,7 +108,8 @@ async def authorization_ask(authorization_id: str, broker: BrokerDep, _: HumanCa
     "/v1/oauth/authorizations/{authorization_id}/decision",
     summary="The person's consent without a browser: approve or deny, with their own bearer token",
     response_model=ConsentAnswer,
-    responses={s: {**_ERR, "description": "OAuth error"} for s in (401, 403, 404, 409)},
+    responses={202: {"model": ConsentWaiting, "description": "waits for an approval of the access's tier"},
+               **{s: {**_ERR, "description": "OAuth error"} for s in (401, 403, 404, 409)}},
 )
 async def authorization_decision(authorization_id: str, body: ConsentDecision, broker: BrokerDep,
                                  person: HumanCaller) -> ConsentAnswer | JSONResponse:
@@ -108,5 +118,9 @@ async def authorization_decision(authorization_id: str, body: ConsentDecision, b
                                          body.decision == "approve")
     except OAuthError as exc:
         return _oauth_error(exc)
+    if isinstance(answer, authorize.Waiting):
+        waiting = ConsentWaiting(approval_id=answer.approval_id, approvers=answer.approvers,
+                                 expires_at=answer.expires_at)
+        return JSONResponse(waiting.model_dump(), status_code=202, headers=NO_STORE)
     return ConsentAnswer(redirect_to=answer.location)
 
