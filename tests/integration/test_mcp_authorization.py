@@ -265,3 +265,35 @@ def test_scope_step_up_through_an_approval_tier_waits_for_a_person_then_works_on
                                                        "refresh_token": storage.tokens.refresh_token})
     assert r.status_code == 400 and r.json()["error"] == "authorization_pending", r.text
     assert r.json()["approval_id"] != approval_id
+
+
+def test_an_agent_exchanges_its_session_token_for_an_mcp_token_and_loses_it_at_session_end(world: World) -> None:
+    api = world.api
+    session = api.new_session(agent="claude-code", scope=[{"resource": world.first.url, "access": ["tools"]}])
+    form = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "subject_token": session["session_token"],
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt", "resource": world.first.url,
+            "scope": "tools"}
+    r = api.client.post("/v1/oauth/token", data=form)
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["aud"] == world.first.url and claims["act"] == {"sub": "claude-code"}
+    assert claims["sid"] == session["session_id"]
+
+    async def call() -> str:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=30) as http, \
+                Client(streamable_http_client(world.first.url, http_client=http)) as client:
+            result = await client.call_tool("whoami", {})
+            return " ".join(getattr(c, "text", "") for c in result.content)
+
+    assert asyncio.run(call()) == "files: ok"
+    # The same decision path: outside the task's scope (another MCP server) is refused, nothing minted.
+    other = api.client.post("/v1/oauth/token", data={**form, "resource": world.second.url})
+    assert other.status_code == 403 and other.json()["code"] == "outside-task-scope"
+    ended = api.client.post(f"/v1/sessions/{session['session_id']}/end", json={"reason": "done"},
+                            headers=api.as_orchestrator())
+    assert ended.status_code == 200
+    assert _raw_tool_call(world.first, token).status_code == 401
+    with pytest.raises(ExceptionGroup):  # the SDK client cannot even initialise with the revoked token
+        asyncio.run(call())
