@@ -52,6 +52,7 @@ from broker.lifecycle.sweeper import sweeper as sweeper_loop
 from broker.logs import RequestIdMiddleware, configure_logging
 from broker.metrics import REGISTRY, DatabaseCollector
 from broker.oauth.clients import ClientDirectory
+from broker.oauth.idjag import IdJagVerifier
 from broker.oauth.metadata import challenge
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
         console.start(app, broker)
         app.state.oauth_clients = getattr(app.state, "oauth_clients", None) or oauth_clients(broker)
+        app.state.idjag = getattr(app.state, "idjag", None) or IdJagVerifier(broker.settings)
         _COLLECTOR.broker = broker
         record_policy_loaded(broker, "start")
 
@@ -186,6 +188,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         app.state.rate_limiter = RateLimiter()
         console.start(app, broker)
         app.state.oauth_clients = oauth_clients(broker)
+        app.state.idjag = IdJagVerifier(broker.settings)
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:

@@ -116,15 +116,19 @@ def choose_access(policy: CompiledPolicy, resource: str, scope: str | None) -> t
     return name, " ".join(sorted(granted))
 
 
-def _resource(params: dict[str, list[str]], error: type[OAuthError] = OAuthError) -> str:
+def resource_of(value: str) -> str:
+    try:
+        return canonical_resource(value)
+    except BrokerError as exc:
+        raise OAuthError("invalid_target", exc.message, code="invalid-resource") from None
+
+
+def _resource(params: dict[str, list[str]]) -> str:
     resources = [r for r in params.get("resource", []) if r]
     if len(resources) != 1:
-        raise error("invalid_target", "exactly one resource (RFC 8707), the MCP server's URL, is required",
-                    code="one-resource-per-request")
-    try:
-        return canonical_resource(resources[0])
-    except BrokerError as exc:
-        raise error("invalid_target", exc.message, code="invalid-resource") from None
+        raise OAuthError("invalid_target", "exactly one resource (RFC 8707), the MCP server's URL, is required",
+                         code="one-resource-per-request")
+    return resource_of(resources[0])
 
 
 def start(broker: Broker, clients: ClientDirectory, params: dict[str, list[str]]) -> Redirect:
@@ -344,6 +348,12 @@ def _mint(broker: Broker, session: SessionRow | None, resource: str, access: str
             "expires_at": body["expires_at"]}
 
 
+def mint_for_session(broker: Broker, session_id: str, resource: str, access: str, client_id: str) -> dict[str, Any]:
+    with transaction(broker.engine) as db:
+        session = db.get(SessionRow, session_id)
+    return _mint(broker, session, resource, access, client_id)
+
+
 def _new_refresh(db: Any, broker: Broker, session: SessionRow, client_id: str, resource: str, access: str,
                  scope: str, family: str | None = None) -> str:
     token = REFRESH_TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -372,7 +382,7 @@ def authenticate_client(clients: ClientDirectory, params: dict[str, list[str]],
     return client
 
 
-def _answer(minted: dict[str, Any], scope: str, refresh_token: str | None) -> dict[str, Any]:
+def answer(minted: dict[str, Any], scope: str, refresh_token: str | None) -> dict[str, Any]:
     from broker.oauth.exchange import _expires_in  # one clock rule for every grant
 
     answer = {"access_token": minted["access_token"], "token_type": minted["token_type"],
@@ -423,7 +433,7 @@ def redeem_code(broker: Broker, client: OAuthClient, params: dict[str, list[str]
     assert session is not None
     with transaction(broker.engine) as db:
         refresh_token = _new_refresh(db, broker, session, client.client_id, row.resource, row.access, row.scope)
-    return _answer(minted, row.scope, refresh_token)
+    return answer(minted, row.scope, refresh_token)
 
 
 def refresh(broker: Broker, client: OAuthClient, params: dict[str, list[str]]) -> dict[str, Any]:
@@ -458,7 +468,7 @@ def refresh(broker: Broker, client: OAuthClient, params: dict[str, list[str]]) -
     with transaction(broker.engine) as db:
         new_token = _new_refresh(db, broker, session, client.client_id, row.resource, row.access, row.scope,
                                  family=row.family)
-    return _answer(minted, row.scope, new_token)
+    return answer(minted, row.scope, new_token)
 
 
 def revoke_refresh_token(broker: Broker, client: OAuthClient, token: str) -> None:

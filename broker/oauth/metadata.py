@@ -9,6 +9,7 @@ from broker.oauth import dpop
 from broker.oauth.exchange import DETAILS_TYPE, GRANT_TYPE, SUBJECT_TOKEN_TYPES
 from broker.runtime import Broker
 
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 AS_METADATA_PATH = "/.well-known/oauth-authorization-server"
 RESOURCE_METADATA_PATH = "/.well-known/oauth-protected-resource"
 
@@ -24,6 +25,9 @@ def issuer(broker: Broker) -> str:
 
 def authorization_server(broker: Broker) -> dict[str, Any]:
     base = base_url(broker)
+    grants = [GRANT_TYPE, "authorization_code", "refresh_token"]
+    if broker.settings.idjag_issuers.strip():
+        grants.append(JWT_BEARER)  # enterprise-managed authorization (ID-JAG), where an IdP is trusted
     return {
         "issuer": issuer(broker),
         "token_endpoint": f"{base}/v1/oauth/token",
@@ -31,7 +35,7 @@ def authorization_server(broker: Broker) -> dict[str, Any]:
         "introspection_endpoint": f"{base}/v1/introspect",
         "jwks_uri": f"{base}/.well-known/jwks.json",
         "authorization_endpoint": f"{base}/v1/oauth/authorize",
-        "grant_types_supported": [GRANT_TYPE, "authorization_code", "refresh_token"],
+        "grant_types_supported": grants,
         "response_types_supported": ["code"],
         # PKCE is required, and plain is not accepted (MCP authorization; OAuth 2.1).
         "code_challenge_methods_supported": ["S256"],

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.api.deps import BrokerDep, get_caller
 from broker.errors import BrokerError, Unauthenticated
 from broker.identity.callers import Caller
-from broker.oauth import authorize, exchange, form, metadata
+from broker.oauth import authorize, exchange, form, idjag, metadata
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.oauth.models import AuthorizationServerMetadata, ProtectedResourceMetadata, Revoked, TokenResponse
 from broker.oauth.revoke import TOKEN_TYPE_HINTS, revoke_token
@@ -48,7 +48,8 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
 
 @router.post(
     "/v1/oauth/token",
-    summary="Tokens: RFC 8693 exchange of a session token, authorization_code + PKCE, refresh_token (rotated)",
+    summary="Tokens: RFC 8693 exchange of a session token, authorization_code + PKCE, refresh_token (rotated), "
+            "jwt-bearer with an ID-JAG",
     response_model=TokenResponse,
     response_model_exclude_none=True,
     responses={200: {"description": "issued"},
@@ -58,7 +59,8 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
         "required": ["grant_type"],
         "properties": {
             "grant_type": {"type": "string", "enum": [exchange.GRANT_TYPE, authorize.AUTHORIZATION_CODE,
-                                                      authorize.REFRESH_TOKEN]},
+                                                      authorize.REFRESH_TOKEN, idjag.GRANT_TYPE]},
+            "assertion": _STR,
             "subject_token": _STR,
             "subject_token_type": {"type": "string", "enum": list(exchange.SUBJECT_TOKEN_TYPES)},
             "code": _STR,
@@ -89,7 +91,7 @@ async def token(
         params = form.parse(await request.body(), request.headers.get("content-type", ""),
                             repeatable=frozenset({"resource"}))
         grant_type = form.one(params, "grant_type", required=True)
-        if grant_type in (authorize.AUTHORIZATION_CODE, authorize.REFRESH_TOKEN):
+        if grant_type in (authorize.AUTHORIZATION_CODE, authorize.REFRESH_TOKEN, idjag.GRANT_TYPE):
             answer = await run_in_threadpool(_authorization_grant, request, broker, params, grant_type)
         else:
             answer = await run_in_threadpool(exchange.exchange, request, broker, params, idempotency_key)
@@ -135,6 +137,8 @@ def _authorization_grant(request: Request, broker: BrokerDep, params: dict[str, 
     client = authorize.authenticate_client(request.app.state.oauth_clients, params, _basic(request))
     if grant_type == authorize.AUTHORIZATION_CODE:
         return authorize.redeem_code(broker, client, params)
+    if grant_type == idjag.GRANT_TYPE:
+        return idjag.exchange(broker, request.app.state.idjag, client, params)
     return authorize.refresh(broker, client, params)
 
 
