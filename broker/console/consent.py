@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from broker.console.browser import browser_of, check_csrf
@@ -46,4 +46,13 @@ async def consent_answer(request: Request, authz_id: str, me: Person, csrf_token
     if isinstance(answer, authorize.Waiting):
         ask = await run_in_threadpool(authorize.describe, broker, authz_id)
         return render(request, "oauth_consent.html", {"ask": ask, "me": me.name, "waiting": answer}, status_code=202)
-    return RedirectResponse(answer.location, status_code=303)
+    # Not a 303: the console's CSP says form-action 'self', which browsers apply to a form's
+    # redirects too, so the way back to the client (another origin) is a page that navigates.
+    client = await run_in_threadpool(ask_name, broker, authz_id)
+    return render(request, "oauth_continue.html", {"location": answer.location, "me": me.name, "client": client,
+                                                   "heading": "Approved" if answer.code_issued else "Denied"})
+
+
+def ask_name(broker: Broker, authz_id: str) -> str:
+    ask = authorize.describe(broker, authz_id)
+    return str(ask["client_name"] or ask["client_id"])

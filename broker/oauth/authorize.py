@@ -73,6 +73,7 @@ class Redirect:
     """Where the browser goes next."""
 
     location: str
+    code_issued: bool = False
 
 
 def _with_query(uri: str, params: dict[str, str | None]) -> str:
@@ -231,7 +232,8 @@ def _code_for(broker: Broker, authz_id: str, now: datetime, *, session_id: str |
         row.status, row.code_hash, row.approval_id = "approved", _digest(code), approval_id
         row.expires_at = now + timedelta(seconds=broker.settings.oauth_code_ttl_seconds)
         db.add(row)
-    return Redirect(_with_query(row.redirect_uri, {"code": code, "state": row.state, "iss": issuer(broker)}))
+    return Redirect(_with_query(row.redirect_uri, {"code": code, "state": row.state, "iss": issuer(broker)}),
+                    code_issued=True)
 
 
 def _denied(broker: Broker, row: OAuthAuthorization, description: str) -> Redirect:
