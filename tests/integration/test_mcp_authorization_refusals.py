@@ -322,3 +322,22 @@ def test_authorize_parameters_repeated_are_refused(world: World) -> None:
     query = urlencode([("client_id", CLIENT_ID), ("client_id", CLIENT_ID), ("response_type", "code")])
     r = world.api.client.get("/v1/oauth/authorize?" + query)
     assert r.status_code == 400 and r.json()["code"] == "repeated-parameter"
+
+
+def test_a_client_revokes_its_refresh_token_and_the_grant_ends(world: World) -> None:
+    issued, verifier = _code(world)
+    body = _redeem(world, issued, verifier).json()
+    # A client the broker does not know is refused (RFC 7009 section 2.1: the client authenticates).
+    other = world.api.client.post("/v1/oauth/revoke", data={"token": body["refresh_token"], "client_id": "nobody"})
+    assert other.status_code == 401 and other.json()["error"] == "invalid_client"
+    r = world.api.client.post("/v1/oauth/revoke", data={"token": body["refresh_token"], "client_id": CLIENT_ID,
+                                                        "token_type_hint": "refresh_token"})
+    assert r.status_code == 200 and r.json() == {}
+    # The access token minted under the same grant is revoked with it (section 2.1), the refresh token is dead.
+    assert world.api.client.post("/v1/introspect", data={"token": body["access_token"]}).json() == {"active": False}
+    again = world.api.client.post("/v1/oauth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
+                                                           "refresh_token": body["refresh_token"]})
+    assert again.status_code == 400 and again.json()["code"] == "invalid-refresh-token"
+    # An unknown refresh-shaped token is not an error.
+    unknown = world.api.client.post("/v1/oauth/revoke", data={"token": "jbr_" + "x" * 43, "client_id": CLIENT_ID})
+    assert unknown.status_code == 200
