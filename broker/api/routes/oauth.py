@@ -53,7 +53,9 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
     response_model=TokenResponse,
     response_model_exclude_none=True,
     responses={200: {"description": "issued"},
-               **{s: {**_ERR, "description": "OAuth error"} for s in (400, 403, 409, 429, 500, 502, 503)}},
+               **{s: {**_ERR, "description": "OAuth error"} for s in (400, 403, 409, 429, 500, 502, 503)},
+               401: {**_ERR, "description": "invalid_client: the client's authentication failed (RFC 6749 section 5.2)",
+                     "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}}},
     openapi_extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
         "type": "object",
         "required": ["grant_type"],
