@@ -167,6 +167,11 @@ CASES = [
     # RFC 7009: authorised as DELETE on the capability; a real token someone else may not revoke is refused.
     Case("oauth revoke", "POST", "/v1/oauth/revoke", _row(401, 200, 403, 200, 403, 200, 403, 403, 200),
          form=lambda w, caller: {"token": w.capability_token}),
+    # MCP consent: a person's own bearer token; an id nobody opened is 404 to every person, never a hint.
+    Case("mcp authorization ask", "GET", "/v1/oauth/authorizations/az_00000000000000000000000000000000",
+         _row(401, 403, 403, 403, 403, 404, 404, 404, 404)),
+    Case("mcp consent decision", "POST", "/v1/oauth/authorizations/az_00000000000000000000000000000000/decision",
+         _row(401, 403, 403, 403, 403, 404, 404, 404, 403), body=lambda w: {"decision": "approve"}),
     Case("orchestrator webhook (unsigned)", "POST", "/v1/webhooks/orchestrator",
          _row(401, 401, 401, 401, 401, 401, 401, 401, 401),
          body=lambda w: {"id": secrets.token_hex(8), "type": "session.ended", "session_id": w.session}),
