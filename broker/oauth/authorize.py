@@ -36,6 +36,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from sqlmodel import select
 
 from broker.approvals.service import effective_status
+from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import BrokerError
 from broker.identity.callers import Caller
@@ -283,6 +284,12 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
         scope=[{"resource": row.resource, "access": [row.access]}],
         ttl_seconds=min(broker.settings.mcp_session_ttl_seconds, broker.settings.session_max_ttl_seconds),
         labels={"oauth_client": row.client_id[:200]}))
+    with transaction(broker.engine) as db:
+        # The consent itself, in the session's chain: who let which client at which MCP server, and how far.
+        append(db, sessions.session_event(session, "oauth.consented", "consented", person.principal, detail={
+            "client_id": row.client_id, "client": row.client_name, "via": "cimd" if row.client_id.startswith(
+                ("https://", "http://")) else "registered", "redirect_uri": row.redirect_uri,
+            "resource": row.resource, "access": row.access, "scope": row.scope}))
     tier = _tier(broker, row.resource, row.access)
     policy_tier = broker.policies.current.tiers.get(tier) if tier is not None else None
     if policy_tier is None or policy_tier.control != "approval":

@@ -213,7 +213,12 @@ def test_sdk_client_completes_the_flow_and_calls_the_tool_with_a_token_for_that_
         lease = db.get(Lease, claims["jti"])
         assert lease is not None and lease.session_id == claims["sid"] and lease.status == "active"
     audit = world.api.client.get("/v1/audit", params={"session_id": claims["sid"]}, headers=world.api.as_admin())
-    assert "capability.minted" in {r["type"] for r in audit.json()["records"]}
+    records = audit.json()["records"]
+    assert {"session.created", "oauth.consented", "capability.minted"} <= {r["type"] for r in records}
+    [consent] = [r for r in records if r["type"] == "oauth.consented"]
+    assert consent["actor"] == f"human:{ALICE}" and consent["human_principal"] == ALICE
+    assert (consent["detail"]["client_id"], consent["detail"]["resource"], consent["detail"]["access"]) == \
+        (CLIENT_ID, world.first.url, "tools")
 
 
 def test_ending_the_session_revokes_every_mcp_token_and_its_refresh_token(world: World) -> None:
