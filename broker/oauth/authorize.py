@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from sqlmodel import select
+from sqlmodel import col, delete, select
 
 from broker.approvals.service import effective_status
 from broker.audit.service import append
@@ -57,6 +57,7 @@ AUTHORIZATION_CODE = "authorization_code"
 REFRESH_TOKEN = "refresh_token"
 CONSENT_PATH = "/console/oauth/authorize"
 REFRESH_TOKEN_PREFIX = "jbr_"
+KEEP_ANSWERED = timedelta(hours=1)
 _CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 _AUTHZ_ID = re.compile(r"^az_[0-9a-f]{32}$")
@@ -180,6 +181,9 @@ def start(broker: Broker, clients: ClientDirectory, params: dict[str, list[str]]
         scope=granted, status="pending", created_at=now,
         expires_at=now + timedelta(seconds=broker.settings.oauth_authorization_ttl_seconds))
     with transaction(broker.engine) as db:
+        # Rows past their time are deleted as new ones come (a spent code is kept a while longer, so
+        # its replay is still recognised as one and ends its session).
+        db.exec(delete(OAuthAuthorization).where(col(OAuthAuthorization.expires_at) < now - KEEP_ANSWERED))
         db.add(row)
     return Redirect(f"{broker.settings.public_base_url()}{CONSENT_PATH}/{row.id}")
 
@@ -367,6 +371,7 @@ def _new_refresh(db: Any, broker: Broker, session: SessionRow, client_id: str, r
                  scope: str, family: str | None = None) -> str:
     token = REFRESH_TOKEN_PREFIX + secrets.token_urlsafe(32)
     now = utcnow().replace(microsecond=0)
+    db.exec(delete(OAuthRefreshToken).where(col(OAuthRefreshToken.expires_at) < now))  # their sessions are over
     db.add(OAuthRefreshToken(token_hash=_digest(token), family=family or "rtf_" + secrets.token_hex(16),
                              session_id=session.id, client_id=client_id, resource=resource, access=access,
                              scope=scope, status="active", created_at=now, expires_at=session.expires_at))

@@ -341,3 +341,23 @@ def test_a_client_revokes_its_refresh_token_and_the_grant_ends(world: World) -> 
     # An unknown refresh-shaped token is not an error.
     unknown = world.api.client.post("/v1/oauth/revoke", data={"token": "jbr_" + "x" * 43, "client_id": CLIENT_ID})
     assert unknown.status_code == 200
+
+
+def test_authorization_requests_past_their_time_are_deleted_as_new_ones_come(world: World) -> None:
+    from datetime import timedelta
+
+    from broker.db import utcnow
+    from broker.models import OAuthAuthorization
+
+    old = _authorize(world).headers["location"].rsplit("/", 1)[1]
+    with transaction(world.api.broker.engine) as db:
+        row = db.get(OAuthAuthorization, old)
+        assert row is not None
+        row.expires_at = utcnow() - timedelta(hours=2)
+        db.add(row)
+    new = _authorize(world).headers["location"].rsplit("/", 1)[1]
+    with transaction(world.api.broker.engine) as db:
+        assert [r.id for r in db.exec(select(OAuthAuthorization)).all()] == [new]
+    # The old consent page is gone: 404, never an answer for a request nobody can finish.
+    r = world.api.client.get(f"/v1/oauth/authorizations/{old}", headers=world.api.as_human(ALICE))
+    assert r.status_code == 404 and r.json()["code"] == "authorization-not-found"
