@@ -41,12 +41,14 @@ from broker.db import transaction, utcnow
 from broker.errors import BrokerError
 from broker.identity.callers import Caller
 from broker.leases.outcomes import PendingApproval
+from broker.leases.revocation import revoke_leases
 from broker.leases.service import request_capability
 from broker.leases.vocabulary import CapabilityAsk
-from broker.models import Approval, OAuthAuthorization, OAuthRefreshToken, SessionRow
+from broker.models import Approval, Lease, OAuthAuthorization, OAuthRefreshToken, SessionRow
 from broker.oauth.clients import ClientDirectory, OAuthClient
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.oauth.form import one
+from broker.oauth.revoke import find_capability
 from broker.policy import CompiledPolicy, canonical_resource
 from broker.policy.compiled import tier_rank
 from broker.runtime import Broker
@@ -287,7 +289,7 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
         human=person.name, agent=row.agent, task_id=f"oauth:{row.id}",
         scope=[{"resource": row.resource, "access": [row.access]}],
         ttl_seconds=min(broker.settings.mcp_session_ttl_seconds, broker.settings.session_max_ttl_seconds),
-        labels={"oauth_client": row.client_id[:200]}))
+        labels={"oauth_client": client_label(row.client_id)}))
     with transaction(broker.engine) as db:
         # The consent itself, in the session's chain: who let which client at which MCP server, and how far.
         append(db, sessions.session_event(session, "oauth.consented", "consented", person.principal, detail={
@@ -325,6 +327,11 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
 def _ask(resource: str, access: str, client_id: str, approval_id: str | None = None) -> CapabilityAsk:
     return CapabilityAsk(resource=resource, access=access, purpose=f"MCP client {client_id}"[:1000],
                          approval_id=approval_id)
+
+
+def client_label(client_id: str) -> str:
+    """The session label naming the client its tokens were issued to (labels are short; ids may not be)."""
+    return client_id if len(client_id) <= 200 else "sha256:" + _digest(client_id)
 
 
 def _digest(value: str) -> str:
@@ -485,16 +492,34 @@ def refresh(broker: Broker, client: OAuthClient, params: dict[str, list[str]]) -
     return answer(minted, row.scope, new_token)
 
 
-def revoke_refresh_token(broker: Broker, client: OAuthClient, token: str) -> None:
-    """RFC 7009 for a refresh token: the grant behind it ends, its session with it, so every
-    access token it minted is revoked too (section 2.1). Unknown tokens, or another client's,
-    change nothing (section 2.2)."""
+def revoke_for_client(broker: Broker, client: OAuthClient, token: str) -> None:
+    """RFC 7009 for a client's own tokens. A refresh token ends its grant, and so its session and
+    every access token minted under it (section 2.1); an access token is revoked alone. A token
+    the broker does not know changes nothing (section 2.2); one issued to another client is refused."""
+    if token.startswith(REFRESH_TOKEN_PREFIX):
+        with transaction(broker.engine) as db:
+            row = db.get(OAuthRefreshToken, _digest(token))
+            if row is None:
+                return
+            if row.client_id != client.client_id:
+                raise _not_yours()
+            for sibling in db.exec(select(OAuthRefreshToken).where(OAuthRefreshToken.family == row.family)).all():
+                sibling.status = "revoked"
+                db.add(sibling)
+            session_id = row.session_id
+        _end(broker, session_id, "refresh-token-revoked")
+        return
+    capability_id = find_capability(broker, token)
+    if capability_id is None:
+        return
     with transaction(broker.engine) as db:
-        row = db.get(OAuthRefreshToken, _digest(token))
-        if row is None or row.client_id != client.client_id:
-            return
-        for sibling in db.exec(select(OAuthRefreshToken).where(OAuthRefreshToken.family == row.family)).all():
-            sibling.status = "revoked"
-            db.add(sibling)
-        session_id = row.session_id
-    _end(broker, session_id, "refresh-token-revoked")
+        lease = db.get(Lease, capability_id)
+        session = db.get(SessionRow, lease.session_id) if lease is not None else None
+    if session is None or (session.labels or {}).get("oauth_client") != client_label(client.client_id):
+        raise _not_yours()
+    revoke_leases(broker, [capability_id], reason="revoked-by-client", actor=f"oauth-client:{client.client_id}"[:200])
+
+
+def _not_yours() -> OAuthError:
+    return OAuthError("unauthorized_client", "this token was not issued to this client", code="not-your-token",
+                      status=403)

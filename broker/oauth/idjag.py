@@ -157,6 +157,6 @@ def exchange(broker: Broker, verifier: IdJagVerifier, client: OAuthClient, param
         human=human, agent=client.agent, task_id=f"id-jag:{str(claims['jti'])[:100]}",
         scope=[{"resource": resource, "access": [access]}],
         ttl_seconds=min(broker.settings.mcp_session_ttl_seconds, broker.settings.session_max_ttl_seconds),
-        labels={"oauth_client": client.client_id[:200], "idp": str(claims["iss"])[:200]}))
+        labels={"oauth_client": authorize.client_label(client.client_id), "idp": str(claims["iss"])[:200]}))
     minted = authorize.mint_for_session(broker, session.id, resource, access, client.client_id)
     return authorize.answer(minted, scope_granted, None)

@@ -77,7 +77,8 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
     redirect_uri = "http://127.0.0.1:9/callback"
     secrets_ = BrokerSecrets()
     broker = build_broker(tmp_path, database_url, secrets_, mcp_policy(MCP, OTHER), issuer=f"http://127.0.0.1:{port}",
-                          oauth_clients=json.dumps({CLIENT_ID: {"redirect_uris": [redirect_uri]}}),
+                          oauth_clients=json.dumps({CLIENT_ID: {"redirect_uris": [redirect_uri]},
+                                                    "other-client": {"redirect_uris": [redirect_uri]}}),
                           cimd_allow_loopback=True)
     try:
         with LiveServer(broker, port=port) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
@@ -327,11 +328,17 @@ def test_authorize_parameters_repeated_are_refused(world: World) -> None:
 def test_a_client_revokes_its_refresh_token_and_the_grant_ends(world: World) -> None:
     issued, verifier = _code(world)
     body = _redeem(world, issued, verifier).json()
-    # A client the broker does not know is refused (RFC 7009 section 2.1: the client authenticates).
-    other = world.api.client.post("/v1/oauth/revoke", data={"token": body["refresh_token"], "client_id": "nobody"})
-    assert other.status_code == 401 and other.json()["error"] == "invalid_client"
-    r = world.api.client.post("/v1/oauth/revoke", data={"token": body["refresh_token"], "client_id": CLIENT_ID,
-                                                        "token_type_hint": "refresh_token"})
+    revoke = "/v1/oauth/revoke"
+    # A client the broker does not know is refused (RFC 7009 section 2.1: the client authenticates);
+    # another client may not revoke this one's tokens. Neither changes anything.
+    unknown = world.api.client.post(revoke, data={"token": body["refresh_token"], "client_id": "nobody"})
+    assert unknown.status_code == 401 and unknown.json()["error"] == "invalid_client"
+    for token in (body["refresh_token"], body["access_token"]):
+        other = world.api.client.post(revoke, data={"token": token, "client_id": "other-client"})
+        assert other.status_code == 403 and other.json()["code"] == "not-your-token"
+    assert world.api.client.post("/v1/introspect", data={"token": body["access_token"]}).json()["active"] is True
+    r = world.api.client.post(revoke, data={"token": body["refresh_token"], "client_id": CLIENT_ID,
+                                            "token_type_hint": "refresh_token"})
     assert r.status_code == 200 and r.json() == {}
     # The access token minted under the same grant is revoked with it (section 2.1), the refresh token is dead.
     assert world.api.client.post("/v1/introspect", data={"token": body["access_token"]}).json() == {"active": False}
@@ -339,8 +346,18 @@ def test_a_client_revokes_its_refresh_token_and_the_grant_ends(world: World) -> 
                                                            "refresh_token": body["refresh_token"]})
     assert again.status_code == 400 and again.json()["code"] == "invalid-refresh-token"
     # An unknown refresh-shaped token is not an error.
-    unknown = world.api.client.post("/v1/oauth/revoke", data={"token": "jbr_" + "x" * 43, "client_id": CLIENT_ID})
-    assert unknown.status_code == 200
+    assert world.api.client.post(revoke, data={"token": "jbr_" + "x" * 43, "client_id": CLIENT_ID}).status_code == 200
+
+
+def test_a_client_revokes_one_access_token_and_keeps_its_grant(world: World) -> None:
+    issued, verifier = _code(world)
+    body = _redeem(world, issued, verifier).json()
+    r = world.api.client.post("/v1/oauth/revoke", data={"token": body["access_token"], "client_id": CLIENT_ID})
+    assert r.status_code == 200
+    assert world.api.client.post("/v1/introspect", data={"token": body["access_token"]}).json() == {"active": False}
+    refreshed = world.api.client.post("/v1/oauth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
+                                                               "refresh_token": body["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
 
 
 def test_authorization_requests_past_their_time_are_deleted_as_new_ones_come(world: World) -> None:

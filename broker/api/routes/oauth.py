@@ -105,14 +105,13 @@ async def token(
     return TokenResponse.model_validate(answer)
 
 
-def _refresh_revocation(raw: bytes) -> bool:
-    """A body revoking one of the broker's refresh tokens, which clients revoke without a bearer token."""
+def _client_revocation(raw: bytes) -> bool:
+    """A revocation by an OAuth client (it sends client_id, RFC 7009 section 2.1), not by a bearer."""
     try:
         params = form.parse(raw, "application/x-www-form-urlencoded")
     except OAuthError:
         return False
-    value = form.one(params, "token")
-    return value is not None and value.startswith(authorize.REFRESH_TOKEN_PREFIX)
+    return form.one(params, "client_id") is not None
 
 
 def _basic(request: Request) -> tuple[str, str] | None:
@@ -165,7 +164,7 @@ async def revoke(
     try:
         caller: Caller | None = None
         try:
-            if authorization is not None or not _refresh_revocation(await request.body()):
+            if authorization is not None or not _client_revocation(await request.body()):
                 caller = await get_caller(request, authorization)
         except Unauthenticated as exc:
             raise OAuthError("invalid_client", exc.message, code=exc.code, status=401, headers={
@@ -182,9 +181,10 @@ async def revoke(
             raise OAuthError("unsupported_token_type", "token_type_hint must be access_token or refresh_token",
                              code="unsupported-token-type")
         if caller is None:
-            # A refresh token, revoked by the client it was issued to (RFC 7009 section 2.1).
+            # An OAuth client revoking a token issued to it (RFC 7009 section 2.1): it names itself
+            # (public) or proves its secret (confidential) instead of presenting a bearer token.
             client = authorize.authenticate_client(request.app.state.oauth_clients, params, None)
-            await run_in_threadpool(authorize.revoke_refresh_token, broker, client, token_value)
+            await run_in_threadpool(authorize.revoke_for_client, broker, client, token_value)
         else:
             await run_in_threadpool(revoke_token, broker, caller, token_value)
     except OAuthError as exc:
