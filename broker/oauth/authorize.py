@@ -369,9 +369,14 @@ def _mint(broker: Broker, session: SessionRow | None, resource: str, access: str
 
 
 def mint_for_session(broker: Broker, session_id: str, resource: str, access: str, client_id: str) -> dict[str, Any]:
+    """The one token of a session nothing else will ask through (an ID-JAG's): refused, the session ends."""
     with transaction(broker.engine) as db:
         session = db.get(SessionRow, session_id)
-    return _mint(broker, session, resource, access, client_id)
+    try:
+        return _mint(broker, session, resource, access, client_id)
+    except OAuthError:
+        _end(broker, session_id, "token-refused")
+        raise
 
 
 def _new_refresh(db: Any, broker: Broker, session: SessionRow, client_id: str, resource: str, access: str,
@@ -450,7 +455,13 @@ def redeem_code(broker: Broker, client: OAuthClient, params: dict[str, list[str]
                          code="resource-mismatch")
     with transaction(broker.engine) as db:
         session = db.get(SessionRow, row.session_id)
-    minted = _mint(broker, session, row.resource, row.access, client.client_id, row.approval_id)
+    try:
+        minted = _mint(broker, session, row.resource, row.access, client.client_id, row.approval_id)
+    except OAuthError:
+        # Refused (the person lost the permission since consenting, a budget...): the code is spent
+        # and nothing else can use its session, so it ends rather than idles to its deadline.
+        _end(broker, row.session_id if session is not None and session.status == "active" else None, "token-refused")
+        raise
     assert session is not None
     with transaction(broker.engine) as db:
         refresh_token = _new_refresh(db, broker, session, client.client_id, row.resource, row.access, row.scope)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import select
 
 from broker.db import transaction
-from broker.models import Lease
+from broker.models import Lease, SessionRow
 from tests.integration.test_mcp_authorization import ALICE, mcp_policy
 from tests.integration.test_mcp_authorization_refusals import MCP, OTHER, Documents
 from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
@@ -92,6 +92,8 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
 def _nothing_minted(world: World) -> None:
     with transaction(world.api.broker.engine) as db:
         assert db.exec(select(Lease)).all() == []
+        # A session opened for an assertion whose token was then refused does not linger.
+        assert [s.id for s in db.exec(select(SessionRow).where(SessionRow.status == "active")).all()] == []
 
 
 def test_an_id_jag_from_the_trusted_idp_is_traded_for_an_mcp_token_once(world: World) -> None:
