@@ -378,3 +378,44 @@ def test_authorization_requests_past_their_time_are_deleted_as_new_ones_come(wor
     # The old consent page is gone: 404, never an answer for a request nobody can finish.
     r = world.api.client.get(f"/v1/oauth/authorizations/{old}", headers=world.api.as_human(ALICE))
     assert r.status_code == 404 and r.json()["code"] == "authorization-not-found"
+
+
+HOSTILE = ["", "jbr_", "jbr_" + "\u202e" * 10, "jbr_\x00abc", "' OR 1=1 --", "$(rm -rf /)", "jbr_" + "A" * 9000,
+           "{\"a\": 1}", "jbr_%ED%A0%80 (raw)", "jbr_%00", "\u0000", "jbr_../../etc/passwd", "az_" + "0" * 32]
+
+
+@pytest.mark.parametrize("token", HOSTILE)
+def test_hostile_refresh_tokens_are_refused_without_a_trace(world: World, token: str) -> None:
+    if token.endswith(" (raw)"):  # a lone surrogate's UTF-8 bytes: no client library would send them
+        r = world.api.client.post("/v1/oauth/token", headers={"Content-Type": "application/x-www-form-urlencoded"},
+                                  content=f"grant_type=refresh_token&client_id={CLIENT_ID}&refresh_token="
+                                          + token.removesuffix(" (raw)"))
+    else:
+        r = world.api.client.post("/v1/oauth/token", data={"grant_type": "refresh_token", "client_id": CLIENT_ID,
+                                                           "refresh_token": token})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error in ("invalid_grant", "invalid_request") or error["code"] in ("nul-byte", "invalid-unicode")
+    _nothing_minted(world)
+
+
+@pytest.mark.parametrize("authz_id", ["az_" + "0" * 32, "..%2F..%2Fv1%2Fsessions", "az_" + "\u202e" * 32, "az_%00",
+                                      "AZ_" + "A" * 32, "az_" + "0" * 33, "' OR 1=1 --", "az_" + "g" * 32])
+def test_hostile_authorization_ids_are_not_found(world: World, authz_id: str) -> None:
+    headers = world.api.as_human(ALICE)
+    read = world.api.client.get(f"/v1/oauth/authorizations/{authz_id}", headers=headers)
+    decide = world.api.client.post(f"/v1/oauth/authorizations/{authz_id}/decision", json={"decision": "approve"},
+                                   headers=headers)
+    for r in (read, decide):
+        assert r.status_code in (400, 404), r.text
+    _nothing_minted(world)
+
+
+@pytest.mark.parametrize("decision", ["yes", "APPROVE", "approve\u200b", "", None, 1, ["approve"], {"a": 1}])
+def test_a_decision_that_is_not_approve_or_deny_is_refused(world: World, decision: object) -> None:
+    authz_id = _authorize(world).headers["location"].rsplit("/", 1)[1]
+    r = world.api.client.post(f"/v1/oauth/authorizations/{authz_id}/decision", json={"decision": decision},
+                              headers=world.api.as_human(ALICE))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation-failed"
+    assert world.api.client.get(f"/v1/oauth/authorizations/{authz_id}",
+                                headers=world.api.as_human(ALICE)).json()["status"] == "pending"
