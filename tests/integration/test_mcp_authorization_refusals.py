@@ -36,15 +36,28 @@ class Documents(ThreadingHTTPServer):
 
     def __init__(self) -> None:
         self.bodies: dict[str, bytes] = {}
+        self.hits: dict[str, int] = {}
+        self.redirects: dict[str, str] = {}
+        self.delays: dict[str, float] = {}
         docs = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                docs.hits[self.path] = docs.hits.get(self.path, 0) + 1
+                if self.path in docs.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", docs.redirects[self.path])
+                    self.end_headers()
+                    return
                 body = docs.bodies.get(self.path)
                 if body is None:
                     self.send_response(404)
                     self.end_headers()
                     return
+                if self.path in docs.delays:
+                    import time
+
+                    time.sleep(docs.delays[self.path])
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
