@@ -257,6 +257,7 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
         raise OAuthError("access_denied", "only a person signed in as a human may consent", code="forbidden",
                          status=403)
     now = utcnow().replace(microsecond=0)
+    closed: Redirect | None = None  # a waiting request that ends here without a code
     with transaction(broker.engine) as db:
         row = _load(db, authz_id, lock=True)
         if row.status == "waiting" and row.human == person.name and row.expires_at > now:
@@ -266,9 +267,9 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
             if not approve or status in ("denied", "expired", "used", "cancelled"):
                 row.status = "denied"
                 db.add(row)
-                return _denied(broker, row, "the person denied the request" if not approve
-                               else f"the approval was {status}")
-            if status != "approved":
+                closed = _denied(broker, row, "the person denied the request" if not approve
+                                 else f"the approval was {status}")
+            elif status != "approved":
                 assert approval is not None
                 return Waiting(approval.id, list(approval.approvers or []), rfc3339(approval.expires_at))
             approved = True
@@ -283,6 +284,9 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
             if not approve:
                 return _denied(broker, row, "the person denied the request")
     if approved:
+        if closed is not None:
+            _end(broker, row.session_id, "authorization-denied")  # nothing will ever be minted in it
+            return closed
         return _code_for(broker, authz_id, now, approval_id=row.approval_id)
     # The session: one task = this client's access to this MCP server for this person.
     session, _ = sessions.create(broker, Caller(kind="orchestrator", name="oauth-authorize"), sessions.SessionAsk(
@@ -313,7 +317,9 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
             db.add(row)
         return _denied(broker, row, f"refused by policy: {exc.code}")
     if not isinstance(outcome, PendingApproval):
-        # A standing grant covered it: issued at once. The code mints again through the same path.
+        # A standing grant covered it and a credential was minted here, which nobody receives: it is
+        # revoked at once, and the code mints through the same path when it is redeemed.
+        revoke_leases(broker, [outcome.capability_id], reason="not-handed-out", actor="oauth-authorize")
         return _code_for(broker, authz_id, now, session_id=session.id)
     with transaction(broker.engine) as db:
         row = _load(db, authz_id, lock=True)

@@ -432,3 +432,23 @@ def test_a_decision_that_is_not_approve_or_deny_is_refused(world: World, decisio
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation-failed"
     assert world.api.client.get(f"/v1/oauth/authorizations/{authz_id}",
                                 headers=world.api.as_human(ALICE)).json()["status"] == "pending"
+
+
+def test_denying_while_an_approval_waits_ends_the_session_and_mints_nothing(world: World) -> None:
+    authz_id = _authorize(world, scope="tools:admin").headers["location"].rsplit("/", 1)[1]
+    decision = f"/v1/oauth/authorizations/{authz_id}/decision"
+    waiting = world.api.client.post(decision, json={"decision": "approve"}, headers=world.api.as_human(ALICE))
+    assert waiting.status_code == 202 and waiting.json()["status"] == "pending_approval"
+    assert waiting.json()["approvers"] == ["group:maintainers"]
+    # Only the person who consented continues; another person is refused and changes nothing.
+    other = world.api.client.post(decision, json={"decision": "approve"}, headers=world.api.as_human("bob@example.com"))
+    assert other.status_code == 409
+    denied = world.api.client.post(decision, json={"decision": "deny"}, headers=world.api.as_human(ALICE))
+    assert denied.status_code == 200
+    query = parse_qs(urlsplit(denied.json()["redirect_to"]).query)
+    assert query["error"] == ["access_denied"] and "code" not in query
+    _nothing_minted(world)
+    with transaction(world.api.broker.engine) as db:
+        assert [s.status for s in db.exec(select(SessionRow)).all()] == ["ended"]
+    approval = world.api.client.get(f"/v1/approvals/{waiting.json()['approval_id']}", headers=world.api.as_admin())
+    assert approval.json()["status"] != "pending"
