@@ -22,6 +22,7 @@ from broker.api.guard import RequestGuard, declare_guard_responses
 from broker.api.routes import (
     approvals,
     audit,
+    authorize,
     capabilities,
     grants,
     health,
@@ -50,6 +51,8 @@ from broker.lifecycle.reconciler import reconcile_at_start
 from broker.lifecycle.sweeper import sweeper as sweeper_loop
 from broker.logs import RequestIdMiddleware, configure_logging
 from broker.metrics import REGISTRY, DatabaseCollector
+from broker.oauth.clients import ClientDirectory
+from broker.oauth.idjag import IdJagVerifier
 from broker.oauth.metadata import challenge
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
@@ -94,6 +97,13 @@ def record_policy_loaded(broker: Broker, trigger: str) -> bool:
     return True
 
 
+def oauth_clients(broker: Broker) -> ClientDirectory:
+    if broker.settings.cimd_allow_loopback:
+        log.warning("BROKER_CIMD_ALLOW_LOOPBACK is set: client metadata documents may be fetched over plain http "
+                    "from loopback. This is for tests only, never for production.")
+    return ClientDirectory(broker.settings)
+
+
 def create_app(settings: Settings | None = None, *, broker: Broker | None = None, sweeper: bool = True,
                outbox: bool | None = None) -> FastAPI:
     """`outbox` (default: as `sweeper`) runs the outbox's delivery loop (approval notifications,
@@ -108,6 +118,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                                      broker.settings.human_token_hashes())
         app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
         console.start(app, broker)
+        app.state.oauth_clients = getattr(app.state, "oauth_clients", None) or oauth_clients(broker)
+        app.state.idjag = getattr(app.state, "idjag", None) or IdJagVerifier(broker.settings)
         _COLLECTOR.broker = broker
         record_policy_loaded(broker, "start")
 
@@ -175,6 +187,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                                      broker.settings.human_token_hashes())
         app.state.rate_limiter = RateLimiter()
         console.start(app, broker)
+        app.state.oauth_clients = oauth_clients(broker)
+        app.state.idjag = IdJagVerifier(broker.settings)
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
@@ -211,7 +225,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.approval_signals = ApprovalSignals()
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
                    webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router,
-                   oauth.router):
+                   oauth.router, authorize.router):
         app.include_router(router)
     console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(RequestGuard)

@@ -158,6 +158,36 @@ class Settings(BaseSettings):
     # "owner/repo#42", or labels repository + issue_number); labels task_url/issue_url win.
     console_issue_url_template: str = "https://github.com/{repository}/issues/{issue}"
 
+    # --- the broker as the authorization server of MCP servers (docs/mcp.md) -----------------------
+    # Pre-registered OAuth clients, a JSON object: {"<client_id>": {"redirect_uris": [...],
+    # "client_secret_sha256"?: "<hex>", "client_name"?: "...", "agent"?: "<policy agent>"}}. A
+    # client without a secret is public (PKCE alone); with one it is confidential, which the
+    # ID-JAG grant requires. Empty: only Client ID Metadata Documents identify clients.
+    oauth_clients: str = ""
+    # The policy's agent name a client acts as in the sessions its authorizations open, unless its
+    # pre-registration names another: the agent layer's ceiling applies to MCP clients too.
+    mcp_agent: str = "mcp-client"
+    # The session an authorization (a person's consent, or an ID-JAG) opens lives this long; its
+    # refresh tokens die with it. A working day, as a console sign-in.
+    mcp_session_ttl_seconds: int = Field(default=8 * 3600, ge=300, le=7 * 86400)
+    # An authorization request waits this long for the person; a code must be redeemed this fast.
+    oauth_authorization_ttl_seconds: int = Field(default=600, ge=60, le=3600)
+    oauth_code_ttl_seconds: int = Field(default=60, ge=10, le=600)
+    # Client ID Metadata Documents: fetched with these bounds (a client's document is small), and
+    # cached this long, at most this many, so a burst of authorizations is one fetch.
+    cimd_max_bytes: int = Field(default=5 * 1024, ge=512, le=64 * 1024)
+    cimd_timeout_seconds: float = Field(default=3.0, gt=0, le=30)
+    cimd_cache_seconds: int = Field(default=300, ge=0, le=86400)
+    cimd_cache_entries: int = Field(default=256, ge=1, le=100_000)
+    # TESTS ONLY: allow http:// and loopback client_id URLs (never private or link-local ones).
+    # The broker warns at start when it is set.
+    cimd_allow_loopback: bool = False
+    # IdPs whose Identity Assertion JWT Authorization Grants (ID-JAG) the token endpoint accepts,
+    # a JSON object {"<issuer>": "<jwks_uri>"}; and the claim naming the person (the policy's
+    # `humans:` keys are emails). Empty: the jwt-bearer grant is refused.
+    idjag_issuers: str = ""
+    idjag_principal_claim: str = "email"
+
     # --- lifecycle ---------------------------------------------------------------------------
     # A task that runs longer than a working day should ask again.
     session_max_ttl_seconds: int = Field(default=86400, ge=60)

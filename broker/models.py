@@ -384,3 +384,48 @@ class DpopProofSeen(SQLModel, table=True):
 
     jti_hash: str = Field(primary_key=True, max_length=64)
     expires_at: datetime = _ts(index=True)
+
+
+class OAuthAuthorization(SQLModel, table=True):
+    """One authorization request of an MCP client (authorization code + PKCE), from the redirect
+    to the code's single redemption: pending -> approved (a code exists) -> redeemed, or denied.
+    The code is kept as its SHA-256 only."""
+
+    __tablename__ = "oauth_authorizations"
+
+    id: str = Field(primary_key=True, max_length=40)  # "az_" + 32 hex, in the consent URL
+    client_id: str = Field(max_length=2048)
+    client_name: str | None = Field(default=None, max_length=256)
+    agent: str = Field(max_length=128)
+    redirect_uri: str = Field(max_length=2048)
+    state: str | None = Field(default=None, max_length=1024)
+    code_challenge: str = Field(max_length=128)
+    resource: str = Field(max_length=512)
+    access: str = Field(max_length=64)
+    scope: str = Field(max_length=1024)  # the scope asked for, as asked
+    status: str = Field(max_length=16, index=True)
+    human: str | None = Field(default=None, max_length=320)
+    session_id: str | None = Field(default=None, max_length=40)
+    approval_id: str | None = Field(default=None, max_length=40)
+    code_hash: str | None = Field(default=None, max_length=64, unique=True)
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts(index=True)
+
+
+class OAuthRefreshToken(SQLModel, table=True):
+    """A refresh token (SHA-256 only), bound to its session, client, resource and access.
+    Rotated on each use: the old one becomes `rotated`, and presenting a rotated one again
+    revokes the whole family (RFC 9700 section 4.14.2)."""
+
+    __tablename__ = "oauth_refresh_tokens"
+
+    token_hash: str = Field(primary_key=True, max_length=64)
+    family: str = Field(max_length=40, index=True)
+    session_id: str = Field(max_length=40, index=True)
+    client_id: str = Field(max_length=2048)
+    resource: str = Field(max_length=512)
+    access: str = Field(max_length=64)
+    scope: str = Field(max_length=1024)
+    status: str = Field(max_length=16)  # active | rotated | revoked
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()

@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from broker.console import pages, signin
+from broker.console import consent, pages, signin
 from broker.console.browser import ConsoleMiddleware
 from broker.runtime import Broker
 
@@ -18,6 +18,7 @@ def install(app: FastAPI) -> None:
     """Add /console/ to `app` (not in the OpenAPI document: it is for people, not programs)."""
     app.include_router(signin.router)
     app.include_router(pages.router)
+    app.include_router(consent.router)
     app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
     app.add_exception_handler(pages.SignInRequired, pages.sign_in_redirect)
     app.add_middleware(ConsoleMiddleware)

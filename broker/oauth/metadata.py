@@ -9,6 +9,7 @@ from broker.oauth import dpop
 from broker.oauth.exchange import DETAILS_TYPE, GRANT_TYPE, SUBJECT_TOKEN_TYPES
 from broker.runtime import Broker
 
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 AS_METADATA_PATH = "/.well-known/oauth-authorization-server"
 RESOURCE_METADATA_PATH = "/.well-known/oauth-protected-resource"
 
@@ -24,21 +25,28 @@ def issuer(broker: Broker) -> str:
 
 def authorization_server(broker: Broker) -> dict[str, Any]:
     base = base_url(broker)
+    grants = [GRANT_TYPE, "authorization_code", "refresh_token"]
+    if broker.settings.idjag_issuers.strip():
+        grants.append(JWT_BEARER)  # enterprise-managed authorization (ID-JAG), where an IdP is trusted
     return {
         "issuer": issuer(broker),
         "token_endpoint": f"{base}/v1/oauth/token",
         "revocation_endpoint": f"{base}/v1/oauth/revoke",
         "introspection_endpoint": f"{base}/v1/introspect",
         "jwks_uri": f"{base}/.well-known/jwks.json",
-        "grant_types_supported": [GRANT_TYPE],
-        # No authorization endpoint: no redirect-based grant, so no response type either (RFC 8414 section 2).
-        "response_types_supported": [],
-        # Exactly what each endpoint accepts (RFC 8414 section 2; an absent member would mean
-        # client_secret_basic, which nobody here has). `none`: the token endpoint's credential is
-        # the subject token, revocation's is the token itself (an optional Bearer caller aside),
-        # and introspection is open to any resource server.
-        "token_endpoint_auth_methods_supported": ["none"],
-        "revocation_endpoint_auth_methods_supported": ["none"],
+        "authorization_endpoint": f"{base}/v1/oauth/authorize",
+        "grant_types_supported": grants,
+        "response_types_supported": ["code"],
+        # PKCE is required, and plain is not accepted (MCP authorization; OAuth 2.1).
+        "code_challenge_methods_supported": ["S256"],
+        "authorization_response_iss_parameter_supported": True,
+        "client_id_metadata_document_supported": True,
+        # none: public clients (PKCE) and token exchange; the secrets: pre-registered confidential clients.
+        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
+        # Revocation (RFC 8414 section 2; an absent member would mean client_secret_basic): `none`,
+        # holding the token is the right to revoke it (an optional Bearer caller aside); a confidential
+        # client revoking what was issued to it proves its secret in the form.
+        "revocation_endpoint_auth_methods_supported": ["none", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": ["none"],
         "authorization_details_types_supported": [DETAILS_TYPE],
         "token_exchange_subject_token_types_supported": list(SUBJECT_TOKEN_TYPES),

@@ -8,14 +8,17 @@ from pydantic import BaseModel, Field
 
 
 class TokenResponse(BaseModel):
-    """RFC 8693 section 2.2.1, with the granted RFC 9396 authorization details."""
+    """RFC 6749 section 5.1; for a token exchange RFC 8693 section 2.2.1, with the granted RFC 9396
+    authorization details."""
 
     access_token: str
-    issued_token_type: str
+    issued_token_type: str | None = Field(default=None, description="token exchange only")
     token_type: str
     expires_in: int
     scope: str | None = None
-    authorization_details: list[dict[str, Any]]
+    refresh_token: str | None = Field(default=None, description="authorization_code and refresh_token grants; "
+                                                                "rotated on every use")
+    authorization_details: list[dict[str, Any]] | None = Field(default=None, description="token exchange only")
     broker_credential: dict[str, Any] | None = Field(
         default=None, description="the full credential where it is not one bearer string (AWS, Vault secrets) "
                                   "or needs an address (Vault, GitHub)")
@@ -41,6 +44,10 @@ class AuthorizationServerMetadata(BaseModel):
     authorization_details_types_supported: list[str]
     token_exchange_subject_token_types_supported: list[str]
     dpop_signing_alg_values_supported: list[str]
+    authorization_endpoint: str | None = None
+    code_challenge_methods_supported: list[str] | None = None
+    authorization_response_iss_parameter_supported: bool | None = None  # RFC 9207
+    client_id_metadata_document_supported: bool | None = None  # draft-ietf-oauth-client-id-metadata-document
 
 
 class ProtectedResourceMetadata(BaseModel):

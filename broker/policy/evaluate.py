@@ -180,8 +180,10 @@ def _resource_layer(policy: CompiledPolicy, request: RequestFacts) -> tuple[Laye
         return _deny("resource", "unknown-access", rule.rule, detail), None
     options = dict(access.options)
     if rule.provider == "native" and "audience" not in options:
-        # A native token is for the service the jwt:// URI names unless the policy says otherwise.
-        options["audience"] = request.resource.split("://", 1)[1]
+        # A native token is for the service the jwt:// URI names unless the policy says otherwise;
+        # a resource named by its URL (an MCP server) is its own audience (RFC 8707).
+        web = request.resource.startswith(("https://", "http://"))
+        options["audience"] = request.resource if web else request.resource.split("://", 1)[1]
     detail = f"{rule.match} via provider {rule.provider}, tier {access.tier}"
     return _allow("resource", access.rule, detail), _Target(rule, access, options)
 

@@ -174,6 +174,11 @@ CASES = [
     # anonymous caller's 200 is that token's revocation, recorded as `revoked-by-token-holder`.
     Case("oauth revoke", "POST", "/v1/oauth/revoke", _row(200, 200, 403, 200, 403, 200, 403, 403, 200),
          form=lambda w, caller: {"token": w.capability_token}),
+    # MCP consent: a person's own bearer token; an id nobody opened is 404 to every person, never a hint.
+    Case("mcp authorization ask", "GET", "/v1/oauth/authorizations/az_00000000000000000000000000000000",
+         _row(401, 403, 403, 403, 403, 404, 404, 404, 404)),
+    Case("mcp consent decision", "POST", "/v1/oauth/authorizations/az_00000000000000000000000000000000/decision",
+         _row(401, 403, 403, 403, 403, 404, 404, 404, 403), body=lambda w: {"decision": "approve"}),
     # Without a signature the bearer is the sender: orchestrators and admin only. Another
     # orchestrator's delivery is answered (200 "unmatched") and ends nothing of the world's:
     # tests/integration/test_workload_identity.py checks that state.

@@ -93,10 +93,15 @@ def test_authorization_server_metadata_has_the_rfc_8414_members(api: Api) -> Non
     # response_types_supported are REQUIRED; token_endpoint is required where a grant uses it.
     assert doc["issuer"] == issuer and "?" not in doc["issuer"] and "#" not in doc["issuer"]
     assert isinstance(doc["response_types_supported"], list)
-    assert doc["grant_types_supported"] == [GRANT]
+    assert doc["grant_types_supported"] == [GRANT, "authorization_code", "refresh_token"]
+    # The MCP authorization profile: authorization code with PKCE S256 only, RFC 9207 iss, CIMD clients.
+    assert doc["response_types_supported"] == ["code"] and doc["code_challenge_methods_supported"] == ["S256"]
+    assert doc["authorization_endpoint"] == api.broker.settings.public_base_url() + "/v1/oauth/authorize"
+    assert doc["authorization_response_iss_parameter_supported"] is True
+    assert doc["client_id_metadata_document_supported"] is True
     # Exactly what the endpoints accept (an absent member would mean client_secret_basic).
-    assert doc["token_endpoint_auth_methods_supported"] == ["none"]
-    assert doc["revocation_endpoint_auth_methods_supported"] == ["none"]
+    assert doc["token_endpoint_auth_methods_supported"] == ["none", "client_secret_basic", "client_secret_post"]
+    assert doc["revocation_endpoint_auth_methods_supported"] == ["none", "client_secret_post"]
     assert doc["introspection_endpoint_auth_methods_supported"] == ["none"]
     assert doc["authorization_details_types_supported"] == ["jit-broker-capability"]
     for member, path in (("token_endpoint", "/v1/oauth/token"), ("revocation_endpoint", "/v1/oauth/revoke"),

@@ -7,7 +7,9 @@ JSON API's own service functions. See docs/oauth.md.
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Any
+from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import BrokerDep, get_caller
 from broker.errors import BrokerError, Unauthenticated
-from broker.oauth import exchange, form, metadata
+from broker.identity.callers import Caller
+from broker.oauth import authorize, exchange, form, idjag, metadata
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.oauth.models import AuthorizationServerMetadata, ProtectedResourceMetadata, Revoked, TokenResponse
 from broker.oauth.revoke import TOKEN_TYPE_HINTS, revoke_token
@@ -45,18 +48,29 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
 
 @router.post(
     "/v1/oauth/token",
-    summary="RFC 8693 token exchange: a session token for one capability",
+    summary="Tokens: RFC 8693 exchange of a session token, authorization_code + PKCE, refresh_token (rotated), "
+            "jwt-bearer with an ID-JAG",
     response_model=TokenResponse,
     response_model_exclude_none=True,
     responses={200: {"description": "issued"},
-               **{s: {**_ERR, "description": "OAuth error"} for s in (400, 403, 409, 429, 500, 502, 503)}},
+               **{s: {**_ERR, "description": "OAuth error"} for s in (400, 403, 409, 429, 500, 502, 503)},
+               401: {**_ERR, "description": "invalid_client: the client's authentication failed (RFC 6749 section 5.2)",
+                     "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}}},
     openapi_extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
         "type": "object",
-        "required": ["grant_type", "subject_token", "subject_token_type"],
+        "required": ["grant_type"],
         "properties": {
-            "grant_type": {"type": "string", "enum": [exchange.GRANT_TYPE]},
+            "grant_type": {"type": "string", "enum": [exchange.GRANT_TYPE, authorize.AUTHORIZATION_CODE,
+                                                      authorize.REFRESH_TOKEN, idjag.GRANT_TYPE]},
+            "assertion": _STR,
             "subject_token": _STR,
             "subject_token_type": {"type": "string", "enum": list(exchange.SUBJECT_TOKEN_TYPES)},
+            "code": _STR,
+            "code_verifier": _STR,
+            "redirect_uri": _STR,
+            "refresh_token": _STR,
+            "client_id": _STR,
+            "client_secret": _STR,
             "resource": _STR,
             "scope": _STR,
             "authorization_details": _STR,
@@ -78,11 +92,55 @@ async def token(
     try:
         params = form.parse(await request.body(), request.headers.get("content-type", ""),
                             repeatable=frozenset({"resource"}))
-        answer = await run_in_threadpool(exchange.exchange, request, broker, params, idempotency_key)
+        grant_type = form.one(params, "grant_type", required=True)
+        if grant_type in (authorize.AUTHORIZATION_CODE, authorize.REFRESH_TOKEN, idjag.GRANT_TYPE):
+            answer = await run_in_threadpool(_authorization_grant, request, broker, params, grant_type)
+        else:
+            answer = await run_in_threadpool(exchange.exchange, request, broker, params, idempotency_key)
     except OAuthError as exc:
+        if exc.status == 401:
+            exc.headers.setdefault("WWW-Authenticate", 'Basic realm="jit-broker"')  # RFC 6749 section 5.2
         return _oauth_error(exc)
     response.headers.update(NO_STORE)
     return TokenResponse.model_validate(answer)
+
+
+def _client_revocation(raw: bytes) -> bool:
+    """A revocation by an OAuth client (it sends client_id, RFC 7009 section 2.1), not by a bearer."""
+    try:
+        params = form.parse(raw, "application/x-www-form-urlencoded")
+    except OAuthError:
+        return False
+    return form.one(params, "client_id") is not None
+
+
+def _basic(request: Request) -> tuple[str, str] | None:
+    """RFC 6749 section 2.3.1: client_secret_basic, both parts form-urlencoded."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise OAuthError("invalid_client", "client authentication is Basic or in the form", code="invalid-client",
+                         status=401)
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise OAuthError("invalid_client", "the Basic credentials cannot be read", code="invalid-client",
+                         status=401) from None
+    if not sep:
+        raise OAuthError("invalid_client", "the Basic credentials cannot be read", code="invalid-client", status=401)
+    return unquote_plus(user), unquote_plus(password)
+
+
+def _authorization_grant(request: Request, broker: BrokerDep, params: dict[str, list[str]],
+                         grant_type: str) -> dict[str, Any]:
+    client = authorize.authenticate_client(request.app.state.oauth_clients, params, _basic(request))
+    if grant_type == authorize.AUTHORIZATION_CODE:
+        return authorize.redeem_code(broker, client, params)
+    if grant_type == idjag.GRANT_TYPE:
+        return idjag.exchange(broker, request.app.state.idjag, client, params)
+    return authorize.refresh(broker, client, params)
 
 
 @router.post(
@@ -108,6 +166,7 @@ async def revoke(
                                                 "(client authentication `none`)")] = None,
 ) -> Revoked | JSONResponse:
     try:
+        caller: Caller | None = None
         try:
             caller = None if authorization is None else await get_caller(request, authorization)
         except Unauthenticated as exc:
@@ -126,6 +185,19 @@ async def revoke(
             # RFC 7009 section 2.2.1; the hint is only a hint, but an unknown one is reported.
             raise OAuthError("unsupported_token_type", "token_type_hint must be access_token or refresh_token",
                              code="unsupported-token-type")
+        if caller is None and _client_revocation(await request.body()):
+            # An OAuth client revoking a token issued to it (RFC 7009 section 2.1): it names itself
+            # (public) or proves its secret (confidential). A client_id the broker does not know
+            # (authlib sends one with `none`) falls back to the holder's right below.
+            try:
+                client = authorize.authenticate_client(request.app.state.oauth_clients, params, None)
+            except OAuthError:
+                client = None
+            if client is not None:
+                await run_in_threadpool(authorize.revoke_for_client, broker, client, token_value)
+                response.headers.update(NO_STORE)
+                return Revoked()
+        # With a Bearer caller: as DELETE on the capability. Without: holding the token is the right.
         await run_in_threadpool(revoke_token, broker, caller, token_value)
     except OAuthError as exc:
         return _oauth_error(exc)
