@@ -160,7 +160,12 @@ def test_forged_posts_for_someone_elses_approval_capability_or_session_are_refus
         assert r.status_code == 404 and "capability-not-found" in r.text
         r = bob.post(f"/console/sessions/{session['session_id']}/end", csrf_token=token)
         assert r.status_code == 404 and "session-not-found" in r.text
-        assert bob.http.get(f"/console/sessions/{session['session_id']}").status_code == 404
+        # He may read its timeline, being asked to decide on its request, but it offers him no action.
+        timeline = bob.http.get(f"/console/sessions/{session['session_id']}")
+        assert timeline.status_code == 200 and "asked to decide on its requests" in timeline.text
+        assert "/end" not in timeline.text and "/revoke" not in timeline.text
+    with _browser(api, "mallory@example.com") as mallory:  # named nowhere: the session does not exist for her
+        assert mallory.http.get(f"/console/sessions/{session['session_id']}").status_code == 404
     got = api.client.get(f"/v1/sessions/{session['session_id']}", headers=api.as_admin()).json()
     assert got["status"] == "active" and [c["status"] for c in got["capabilities"]] == ["active"]
 

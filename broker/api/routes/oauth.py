@@ -187,11 +187,14 @@ async def revoke(
                              code="unsupported-token-type")
         if caller is None and _client_revocation(await request.body()):
             # An OAuth client revoking a token issued to it (RFC 7009 section 2.1): it names itself
-            # (public) or proves its secret (confidential). A client_id the broker does not know
-            # (authlib sends one with `none`) falls back to the holder's right below.
+            # (public) or proves its secret (confidential). A refresh token is only ever its client's
+            # to revoke; for an access token, a client_id the broker does not know (authlib sends one
+            # with `none`) falls back to the holder's right below.
             try:
                 client = authorize.authenticate_client(request.app.state.oauth_clients, params, None)
             except OAuthError:
+                if token_value.startswith(authorize.REFRESH_TOKEN_PREFIX):
+                    raise
                 client = None
             if client is not None:
                 await run_in_threadpool(authorize.revoke_for_client, broker, client, token_value)
