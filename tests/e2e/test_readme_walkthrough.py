@@ -190,6 +190,12 @@ def markdown_files() -> list[Path]:
     return [README, ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
+def anchors(page: Path) -> set[str]:
+    """The heading anchors GitHub makes for a Markdown page (lowercase, punctuation dropped, spaces to -)."""
+    prose = re.sub(r"^```.*?^```$", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", prose, flags=re.M)}
+
+
 @pytest.mark.parametrize("page", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_links_stay_inside_the_repository_and_resolve(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
@@ -200,11 +206,17 @@ def test_docs_links_stay_inside_the_repository_and_resolve(page: Path) -> None:
     for target in re.findall(r"\]\(([^)\s]+)\)", prose):
         if re.match(r"[a-z]+:", target) or target.startswith("#"):
             continue
-        path = (page.parent / target.split("#", 1)[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve()
         if not path.is_relative_to(ROOT):
             broken.append(f"{target} (outside the repository)")
         elif not path.exists():
             broken.append(target)
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            broken.append(f"{target} (no such heading)")
+    for anchor in re.findall(r"\]\(#([^)\s]+)\)", prose):
+        if anchor not in anchors(page):
+            broken.append(f"#{anchor} (no such heading)")
     assert broken == [], f"{page.name}: links to nothing: {broken}"
 
 
