@@ -199,6 +199,7 @@ def anchors(page: Path) -> set[str]:
 @pytest.mark.parametrize("page", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_links_stay_inside_the_repository_and_resolve(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
+    assert text.startswith("# "), f"{page.name} opens with its title"
     outside = [m.group(0) for m in re.finditer(r"\.\./shared|DESIGN\.md|/work/|contract file", text)]
     assert outside == [], f"{page.name} names something outside the repository: {outside}"
     prose = re.sub(r"^```.*?^```$", "", text, flags=re.S | re.M)
