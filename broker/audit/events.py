@@ -1,4 +1,4 @@
-"""The audit record's shape (DESIGN.md section 9), one typed builder for every event type.
+"""The audit record's shape, one typed builder for every event type.
 
 Every record carries the same fields, whatever its type: `type`, `outcome`, `actor` (who
 caused it: `agent:<name>`, `orchestrator:<name>`, `admin:admin`, `broker:sweeper`, ...),

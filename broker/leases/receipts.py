@@ -1,4 +1,4 @@
-"""Revocation receipts: per capability, what a revocation really achieved (DESIGN.md section 7).
+"""Revocation receipts: per capability, what a revocation really achieved.
 
 Every revocation answer (session end, DELETE, the kill switch, the webhook) carries one
 receipt per capability, and the audit record of that revocation carries the same receipt
