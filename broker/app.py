@@ -40,6 +40,7 @@ from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.linker import link_all
 from broker.audit.linker import linker as audit_linker
 from broker.audit.service import append, ensure_head, last_policy_loaded, lock_head
+from broker.audit.witness import witness_loop as audit_witness_loop
 from broker.config import Settings
 from broker.console import app as console
 from broker.db import transaction
@@ -138,6 +139,10 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             except Exception:  # the linker's rounds run the same queries
                 log.exception("audit linking at start failed; the linker will carry on")
             linker.start()
+        # Beside the linker: the newest checkpoint to the witnesses (checked here: a bad list fails the start).
+        cosigning = audit_witness_loop(broker) if sweeper and broker.settings.audit_witness_list() else None
+        if cosigning:
+            cosigning.start()
         # Beside the sweeper: live capabilities whose human lost the permission at the source.
         recheck = permission_rechecker(broker) if sweeper else None
         if recheck:
@@ -157,6 +162,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                 delivery.stop()
             if recheck:
                 recheck.stop()
+            if cosigning:
+                cosigning.stop()
             if linker:
                 linker.stop()
             if background:

@@ -24,6 +24,19 @@ RECEIVER_FIELDS = {"name", "url", "audience"}
 
 
 @dataclass(frozen=True)
+class AuditWitness:
+    """A C2SP tlog-witness the broker submits its checkpoints to (docs/audit.md)."""
+
+    url: str  # the submission prefix: the broker POSTs <url>/add-checkpoint
+    vkey: str  # its cosignature/v1 verifier key, <name>+<hex key id>+<base64 key>
+
+    @property
+    def label(self) -> str:
+        """<name>+<hex key id>: names the witness in tables, metrics, logs and the audit."""
+        return "+".join(self.vkey.split("+", 2)[:2])
+
+
+@dataclass(frozen=True)
 class SecurityEventReceiver:
     """Where Security Event Tokens are pushed (RFC 8935), and the `aud` they carry there."""
 
@@ -143,6 +156,14 @@ class Settings(BaseSettings):
     audit_link_interval_seconds: float = Field(default=0.2, gt=0)
     audit_link_batch: int = Field(default=1000, ge=1, le=100_000)
     audit_checkpoint_interval_seconds: float = Field(default=10.0, ge=0)
+    # Witnesses (C2SP tlog-witness) that cosign the checkpoints: a JSON list of {"url", "vkey"}
+    # objects, vkey the witness's cosignature/v1 verifier key. Empty: checkpoints are only signed.
+    audit_witnesses: str = ""
+    # How often the newest checkpoint goes to the witnesses that have not cosigned it (a
+    # checkpoint is signed at most every audit_checkpoint_interval_seconds anyway), and how long
+    # one witness may take to answer: it must never hold up the next one.
+    audit_witness_interval_seconds: float = Field(default=10.0, gt=0)
+    audit_witness_timeout_seconds: float = Field(default=10.0, gt=0)
     # Bounded batches keep each sweep short and its cost proportional to what expires.
     sweep_batch_size: int = Field(default=500, ge=1)
     # A replica that claimed rows and died releases them after this long.
@@ -316,6 +337,37 @@ class Settings(BaseSettings):
                               f"{', '.join(sorted(tokens))}")
         return receivers
 
+    def audit_witness_list(self) -> list[AuditWitness]:
+        """The configured witnesses, checked (each vkey parses as a cosignature/v1 key)."""
+        from broker.audit.note import COSIGNATURE_V1, NoteError, parse_vkey
+
+        what = "BROKER_AUDIT_WITNESSES"
+        if not self.audit_witnesses.strip():
+            return []
+        try:
+            parsed = json.loads(self.audit_witnesses)
+        except ValueError:
+            raise ConfigError(f'{what} must be a JSON list of {{"url", "vkey"}} objects') from None
+        if not isinstance(parsed, list):
+            raise ConfigError(f'{what} must be a JSON list of {{"url", "vkey"}} objects')
+        out: list[AuditWitness] = []
+        for i, entry in enumerate(parsed):
+            if not isinstance(entry, dict) or set(entry) != {"url", "vkey"} or \
+                    not all(isinstance(v, str) and v.strip() for v in entry.values()):
+                raise ConfigError(f'{what}[{i}] must have exactly "url" and "vkey", each a non-empty string')
+            url = entry["url"].strip().rstrip("/")
+            if not url.startswith(("https://", "http://")) or len(url) > 2048:
+                raise ConfigError(f"{what}[{i}]: {url!r} is not an http(s) URL")
+            try:
+                parse_vkey(entry["vkey"], types=(COSIGNATURE_V1,))
+            except NoteError as exc:
+                raise ConfigError(f"{what}[{i}]: {exc}") from None
+            witness = AuditWitness(url=url, vkey=entry["vkey"].strip())
+            if any(w.label == witness.label for w in out):
+                raise ConfigError(f"{what}: the witness {witness.label} is listed twice")
+            out.append(witness)
+        return out
+
     def _receiver_tokens(self) -> dict[str, str]:
         raw = self.security_event_receiver_tokens.get_secret_value() if self.security_event_receiver_tokens else ""
         out: dict[str, str] = {}
@@ -358,6 +410,7 @@ class Settings(BaseSettings):
         self.human_token_hashes()
         self.approval_webhook_url_list()
         self.security_event_receiver_list()
+        self.audit_witness_list()
         self.check_console()
 
     def check_console(self) -> None:

@@ -351,6 +351,31 @@ class AuditCheckpoint(SQLModel, table=True):
     note: str = Field(sa_column=Column(Text, nullable=False))
 
 
+class AuditCosignature(SQLModel, table=True):
+    """A witness's verified cosignature/v1 line on one checkpoint (C2SP tlog-cosignature)."""
+
+    __tablename__ = "audit_cosignatures"
+
+    tree_size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    witness: str = Field(primary_key=True, max_length=300)  # <name>+<hex key id>
+    timestamp: int = Field(sa_type=BigInteger)  # the witness's, from the cosignature
+    line: str = Field(sa_column=Column(Text, nullable=False))  # the signature line, without its newline
+    received_at: datetime = _ts()
+
+
+class AuditWitnessState(SQLModel, table=True):
+    """What the broker knows of one configured witness: the largest tree size it cosigned, and
+    the last checkpoint it refused (and why), so a refusal is reported once, not every round."""
+
+    __tablename__ = "audit_witness_state"
+
+    witness: str = Field(primary_key=True, max_length=300)
+    cosigned_size: int = Field(default=0, sa_type=BigInteger)
+    refused_size: int | None = Field(default=None, sa_type=BigInteger)
+    refused_reason: str | None = Field(default=None, max_length=512)
+    updated_at: datetime = _ts()
+
+
 class WebhookDelivery(SQLModel, table=True):
     """Event ids already processed: a replayed delivery is refused, a duplicate is a no-op."""
 
