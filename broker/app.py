@@ -31,6 +31,7 @@ from broker.api.routes import (
     policy,
     revocations,
     sessions,
+    ssf,
     tokens,
     webhooks,
 )
@@ -54,12 +55,14 @@ from broker.metrics import REGISTRY, DatabaseCollector
 from broker.oauth.metadata import challenge
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
+from broker.ssf import streams as ssf_streams
 
 log = logging.getLogger("broker")
 
 # Who sends each kind of outbox message (broker/outbox.py).
 OUTBOX_SENDERS: dict[str, outbox_core.Sender] = {approval_outbox.KIND: approval_outbox.deliver,
-                                                 security_events.KIND: security_events.deliver}
+                                                 security_events.KIND: security_events.deliver,
+                                                 ssf_streams.KIND: ssf_streams.deliver}
 
 _STATUS_CODES = {400: "invalid-request", 401: "invalid-token", 403: "forbidden", 404: "not-found",
                  405: "method-not-allowed", 409: "conflict", 413: "payload-too-large", 415: "unsupported-media-type"}
@@ -151,7 +154,9 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         # Checked here also for the embedded default: a bad receiver list fails the start, not a teardown.
         receivers = broker.settings.security_event_receiver_list()
         delivery = None
-        if (sweeper if outbox is None else outbox) and (broker.settings.approval_webhook_url_list() or receivers):
+        ssf_receivers = broker.settings.ssf_receiver_hashes()
+        if (sweeper if outbox is None else outbox) and (broker.settings.approval_webhook_url_list() or receivers
+                                                         or ssf_receivers):
             delivery = outbox_core.outbox_delivery(broker, OUTBOX_SENDERS)
             delivery.start()
         app.state.outbox = delivery
@@ -218,7 +223,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.approval_signals = ApprovalSignals()
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
                    webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router,
-                   oauth.router):
+                   oauth.router, ssf.router):
         app.include_router(router)
     console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(RequestGuard)

@@ -196,6 +196,13 @@ class Settings(BaseSettings):
     # "name=token" entries, comma separated: the bearer token a named receiver wants. A secret,
     # kept apart from the list above so the list can sit in plain configuration.
     security_event_receiver_tokens: SecretStr | None = None
+    # OpenID SSF 1.0 receivers that manage their own streams (docs/security-events.md): "name=<sha256
+    # hex of its bearer token>" entries, comma separated. Hashed, as orchestrator keys are: a copy
+    # of the configuration lets nobody act as a receiver. Empty: the stream endpoints answer 401.
+    ssf_receiver_tokens: SecretStr | None = None
+    # A receiver's streams are rows and their events wait in a table: both bounded per receiver.
+    ssf_max_streams_per_receiver: int = Field(default=10, ge=1, le=1000)
+    ssf_max_queued_events_per_stream: int = Field(default=10_000, ge=1)
 
     # --- live permission sources ----------------------------------------------------------------
     # How long a live source's allow/deny is reused: a burst costs one backend call, and a human
@@ -368,6 +375,22 @@ class Settings(BaseSettings):
             out.append(witness)
         return out
 
+    def ssf_receiver_hashes(self) -> dict[str, str]:
+        """sha256 hex of a receiver's bearer token -> its name."""
+        raw = self.ssf_receiver_tokens.get_secret_value() if self.ssf_receiver_tokens else ""
+        out: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in raw.split(","))):
+            name, sep, digest = entry.partition("=")
+            name, digest = name.strip(), digest.strip().removeprefix("sha256:").lower()
+            if not sep or not RECEIVER_NAME.match(name) or len(digest) != 64 or \
+                    any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError("BROKER_SSF_RECEIVER_TOKENS entries must look like name=<64 hex chars of "
+                                  "sha256(token)>, the name lowercase letters, digits and dashes")
+            if name in out.values():
+                raise ConfigError(f"BROKER_SSF_RECEIVER_TOKENS: the name {name!r} is used twice")
+            out[digest] = name
+        return out
+
     def _receiver_tokens(self) -> dict[str, str]:
         raw = self.security_event_receiver_tokens.get_secret_value() if self.security_event_receiver_tokens else ""
         out: dict[str, str] = {}
@@ -411,6 +434,7 @@ class Settings(BaseSettings):
         self.approval_webhook_url_list()
         self.security_event_receiver_list()
         self.audit_witness_list()
+        self.ssf_receiver_hashes()
         self.check_console()
 
     def check_console(self) -> None:

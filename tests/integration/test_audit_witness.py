@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from broker.audit import checkpoint as checkpoints
 from broker.audit import note as notes
-from broker.audit import witness as witnesses
+from broker.audit import witness as cosigning
 from broker.audit.linker import link_all, origin
 from broker.metrics import REGISTRY
 from tests.integration.test_audit_tree import _rewrite_history, as_dba
@@ -42,8 +42,8 @@ class Witnessed:
             assert self.api.request(session, {"resource": f"jwt://svc/g{i}", "access": "read"}).status_code == 201
         link_all(self.api.broker, wait=120)
 
-    def submit(self) -> dict[str, witnesses.Submission]:
-        return {s.witness: s for s in witnesses.submit_newest(self.api.broker)}
+    def submit(self) -> dict[str, cosigning.Submission]:
+        return {s.witness: s for s in cosigning.submit_newest(self.api.broker)}
 
 
 def _label(w: TestWitness) -> str:
@@ -81,7 +81,7 @@ def _refusals(witness: str, reason: str) -> float:
 def _witness_records(api: Api) -> list[dict[str, Any]]:
     r = api.client.get("/v1/audit", params={"type": "audit.witness-refused", "limit": 100}, headers=api.as_admin())
     assert r.status_code == 200
-    return r.json()["records"]  # type: ignore[no-any-return]
+    return list(r.json()["records"])
 
 
 def test_each_checkpoint_is_cosigned_with_a_proof_the_witness_checks_and_served_in_the_note(
@@ -184,7 +184,7 @@ def test_a_witness_that_does_not_know_the_log_refuses_with_403_or_404(
             else:
                 w.trust("another.example/log", _broker_vkey(api))
             link_all(broker, wait=120)
-            (o,) = witnesses.submit_newest(broker)
+            (o,) = cosigning.submit_newest(broker)
             assert o.outcome == "refused" and o.reason == case, o
             assert w.answers[-1][0] == (403 if case == "untrusted-key" else 404)
             assert _refusals(o.witness, case) >= 1
