@@ -266,3 +266,38 @@ def test_audit_verify_with_a_witness_policy(witnessed: Witnessed, tmp_path: Path
         usage = _cli(api, tmp_path, "verify", "--checkpoint", str(good), *args)
         assert usage.returncode == 2, (args, usage.stdout, usage.stderr)
     assert _cli(api, tmp_path, "verify", "--witness", v1).returncode == 2
+
+
+def test_the_background_loop_cosigns_and_an_unreachable_witness_is_only_retried(
+        database_url: str, tmp_path: Path) -> None:
+    import time
+
+    from tests.support.ports import free_port
+
+    down = TestWitness("witness.example/down", tmp_path / "down.json")  # never started: nothing listens
+    down_url = f"http://127.0.0.1:{free_port()}"
+    with TestWitness("witness.example/up", tmp_path / "up.json") as up:
+        setting = (f'[{{"url": "{up.url}", "vkey": "{up.vkey}"}}, '
+                   f'{{"url": "{down_url}", "vkey": "{down.vkey}"}}]')
+        secrets_ = BrokerSecrets()
+        broker = build_broker(tmp_path, database_url, secrets_, audit_witnesses=setting,
+                              audit_witness_interval_seconds=0.2, audit_checkpoint_interval_seconds=0,
+                              audit_witness_timeout_seconds=2)
+        up.trust(origin(broker), checkpoints.vkey(broker.keyring.active.kid, broker.keyring.active.public))
+        with LiveServer(broker, sweeper=True) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+            api = Api(server.base_url, secrets_, broker, client)
+            session = api.new_session()
+            assert api.request(session, {"resource": "jwt://svc/a", "access": "read"}).status_code == 201
+            deadline, body = time.monotonic() + 30, {}
+            while time.monotonic() < deadline:
+                body = client.get("/v1/audit/checkpoint", headers=api.as_admin()).json()
+                if body.get("cosignatures"):
+                    break
+                time.sleep(0.2)
+            assert [c["witness"] for c in body["cosignatures"]] == [_label(up)], body
+            assert notes.check_quorum(body["note"], [notes.parse_vkey(up.vkey)], 1).ok
+            failed = REGISTRY.get_sample_value("broker_audit_witness_submissions_total",
+                                               {"witness": _label(down), "outcome": "failed"}) or 0.0
+            assert failed >= 1
+            assert _refusals(_label(down), "conflict") == _refusals(_label(down), "not-consistent") == 0
+            assert _witness_records(api) == []  # an outage is not a refusal: nothing audited
