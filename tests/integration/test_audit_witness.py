@@ -5,9 +5,11 @@ rewritten history, and the broker says so loudly (metric, error log, audit recor
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,17 @@ from sqlalchemy import text
 
 from broker.audit import checkpoint as checkpoints
 from broker.audit import note as notes
+from broker.audit import service as audit_service
 from broker.audit import witness as cosigning
 from broker.audit.linker import link_all, origin
+from broker.audit.merkle import consistency_proof
+from broker.db import transaction
 from broker.metrics import REGISTRY
 from tests.integration.test_audit_tree import _rewrite_history, as_dba
 from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.ports import free_port
 from tests.support.processes import BROKER_CLI
-from tests.support.witness import TestWitness
+from tests.support.witness import TestWitness, WitnessError
 
 
 @dataclass
@@ -98,7 +104,7 @@ def test_each_checkpoint_is_cosigned_with_a_proof_the_witness_checks_and_served_
         for w in ws:
             held = w.state()[origin(api.broker)]
             assert held["size"] == body["tree_size"]
-            assert bytes.fromhex(body["root_hash"]) == __import__("base64").b64decode(held["root"])
+            assert bytes.fromhex(body["root_hash"]) == base64.b64decode(held["root"])
         text_, signatures = notes.split(body["note"])
         assert [s.name for s in signatures] == [body["key_name"], *sorted(w.name for w in ws)]
         assert sorted(c["witness"] for c in body["cosignatures"]) == sorted(_label(w) for w in ws)
@@ -270,10 +276,6 @@ def test_audit_verify_with_a_witness_policy(witnessed: Witnessed, tmp_path: Path
 
 def test_the_background_loop_cosigns_and_an_unreachable_witness_is_only_retried(
         database_url: str, tmp_path: Path) -> None:
-    import time
-
-    from tests.support.ports import free_port
-
     down = TestWitness("witness.example/down", tmp_path / "down.json")  # never started: nothing listens
     down_url = f"http://127.0.0.1:{free_port()}"
     with TestWitness("witness.example/up", tmp_path / "up.json") as up:
@@ -301,3 +303,50 @@ def test_the_background_loop_cosigns_and_an_unreachable_witness_is_only_retried(
             assert failed >= 1
             assert _refusals(_label(down), "conflict") == _refusals(_label(down), "not-consistent") == 0
             assert _witness_records(api) == []  # an outage is not a refusal: nothing audited
+
+
+def test_the_test_witness_keeps_to_the_spec(witnessed: Witnessed) -> None:
+    """The reference the broker is tested against: restarted it remembers, and it refuses what the
+    spec says it must (so the cosignatures above are not a witness that signs anything)."""
+    api, w = witnessed.api, witnessed.witnesses[0]
+    witnessed.grow(3)
+    assert {o.outcome for o in witnessed.submit().values()} == {"cosigned"}
+    small = witnesses_checkpoint(api)
+    witnessed.grow(5)
+    big = witnesses_checkpoint(api)
+    restarted = TestWitness(w.name, w.state_file, key=w.key)
+    restarted.trust(origin(api.broker), _broker_vkey(api))
+    with transaction(api.broker.engine) as db:
+        leaves = audit_service.leaf_hashes(db, big["tree_size"])
+    proof = consistency_proof(small["tree_size"], leaves)
+    flipped = [bytes([proof[0][0] ^ 1]) + proof[0][1:], *proof[1:]]
+    other_origin = big["note"].replace(origin(api.broker), "another.example/log", 1)
+    cases = [
+        (cosigning.body(0, [], big["note"]), 409),  # restarted, it still holds the small tree
+        (cosigning.body(small["tree_size"], flipped, big["note"]), 422),
+        (cosigning.body(small["tree_size"], proof[:-1], big["note"]), 422),
+        (cosigning.body(big["tree_size"] + 1, [], big["note"]), 400),
+        (cosigning.body(small["tree_size"], proof, other_origin), 404),
+        (cosigning.body(small["tree_size"], proof, big["note"].replace("\n\n", "\nextra\n\n", 1)), 403),
+        (b"old 01\n\n" + big["note"].encode(), 400),
+        (b"\xff\xfe", 400),
+        (b"old 0\n" + big["note"].encode(), 400),
+    ]
+    for request, status in cases:
+        with pytest.raises(WitnessError) as caught:
+            restarted.add_checkpoint(request)
+        assert caught.value.status == status, (request[:40], caught.value)
+    assert restarted.state()[origin(api.broker)]["size"] == small["tree_size"]  # nothing refused moved it
+    line = restarted.add_checkpoint(cosigning.body(small["tree_size"], proof, big["note"]))
+    text_, _ = notes.split(big["note"])
+    assert notes.verify_cosignature(text_, notes.parse_signature(line.rstrip("\n")),
+                                    notes.parse_vkey(w.vkey)) > 0
+
+
+def witnesses_checkpoint(api: Api) -> dict[str, Any]:
+    link_all(api.broker, wait=120)
+    body = api.client.get("/v1/audit/checkpoint", headers=api.as_admin()).json()
+    # The broker's own note, without cosignatures: what it submits.
+    keep = notes.split(body["note"])[1][0].line
+    body["note"] = notes.split(body["note"])[0] + "\n" + keep + "\n"
+    return dict(body)

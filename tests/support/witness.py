@@ -85,9 +85,10 @@ class TestWitness:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, name: str, state_file: Path, logs: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, name: str, state_file: Path, logs: dict[str, list[str]] | None = None, *,
+                 key: Ed25519PrivateKey | None = None) -> None:
         self.name = name
-        self.key = Ed25519PrivateKey.generate()
+        self.key = key or Ed25519PrivateKey.generate()  # the same key and state file: the same witness, restarted
         raw = _raw(self.key.public_key())
         self.key_id = _key_id(name, 0x04, raw)
         encoded = base64.b64encode(b"\x04" + raw).decode()
