@@ -392,6 +392,7 @@ class SsfStream(SQLModel, table=True):
     events_delivered: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     status: str = Field(default="enabled", max_length=16)  # enabled | paused | disabled
     status_reason: str | None = Field(default=None, max_length=256)
+    verified_at: datetime | None = _ts(default=None)  # the last verification request: min_verification_interval
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
 

@@ -20,6 +20,7 @@ outbox. A disabled stream gets nothing.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,8 +31,11 @@ from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
 from broker import outbox
+from broker.audit import service as audit
+from broker.audit.events import AuditEvent, RequestRef
 from broker.db import transaction, utcnow
 from broker.errors import Conflict, InvalidRequest, NotFound
+from broker.identity.ratelimit import RateLimited
 from broker.models import OutboxMessage, SsfEvent, SsfStream, SsfSubject
 
 if TYPE_CHECKING:
@@ -76,6 +80,16 @@ class StreamUpdate:
     authorization_header: str | None = None
 
 
+def _audit(db: Session, receiver: str, what: str, stream: SsfStream, **detail: Any) -> None:
+    """Who receives security events, and how, is recorded like any other grant of information."""
+    audit.append(db, AuditEvent(
+        type=f"ssf.stream-{what}", outcome=what, actor=f"ssf-receiver:{receiver}",
+        request=RequestRef(operation=f"ssf.stream.{what}"),
+        detail={"stream_id": stream.id, "delivery_method": stream.delivery_method,
+                "endpoint_url": stream.endpoint_url, "events_delivered": stream.events_delivered,
+                "status": stream.status, **detail}))
+
+
 def _get(db: Session, receiver: str, stream_id: str, *, lock: bool = False) -> SsfStream:
     stmt = select(SsfStream).where(SsfStream.id == stream_id, SsfStream.receiver == receiver)
     row = db.exec(stmt.with_for_update() if lock else stmt).first()
@@ -106,6 +120,7 @@ def create(broker: Broker, receiver: str, *, method: str, endpoint_url: str | No
             events_requested=list(dict.fromkeys(events_requested)), events_delivered=delivered(events_requested),
             status="enabled", created_at=now, updated_at=now)
         db.add(row)
+        _audit(db, receiver, "created", row)
     return row
 
 
@@ -138,6 +153,7 @@ def update(broker: Broker, receiver: str, stream_id: str, change: StreamUpdate) 
             row.authorization_header = broker.sealer.seal(change.authorization_header, row.id)
         row.updated_at = utcnow()
         db.add(row)
+        _audit(db, receiver, "updated", row, authorization_changed=change.authorization_header is not None)
         return row
 
 
@@ -146,6 +162,7 @@ def remove(broker: Broker, receiver: str, stream_id: str) -> None:
         row = _get(db, receiver, stream_id, lock=True)
         db.exec(delete(SsfSubject).where(col(SsfSubject.stream_id) == row.id))
         db.exec(delete(SsfEvent).where(col(SsfEvent.stream_id) == row.id))
+        _audit(db, receiver, "deleted", row)
         db.delete(row)
 
 
@@ -159,6 +176,8 @@ def set_status(broker: Broker, receiver: str, stream_id: str, status: str, reaso
             _release_held(db, row)
         if status == "disabled":  # SSF: a disabled stream's events are not kept
             db.exec(delete(SsfEvent).where(col(SsfEvent.stream_id) == row.id))
+        if was != status:
+            _audit(db, receiver, "status", row, previous=was, reason=reason)
         return row
 
 
@@ -196,6 +215,13 @@ def verify(broker: Broker, receiver: str, stream_id: str, state: str | None) -> 
         row = _get(db, receiver, stream_id, lock=True)
         if row.status == "disabled":
             raise Conflict("the stream is disabled", code="stream-disabled")
+        if row.verified_at is not None:
+            wait = MIN_VERIFICATION_INTERVAL - (now - row.verified_at).total_seconds()
+            if wait > 0:
+                raise RateLimited(f"at most one verification request per {MIN_VERIFICATION_INTERVAL} s",
+                                  retry_after=max(1, math.ceil(wait)), scope="ssf-verification")
+        row.verified_at = now
+        db.add(row)
         event: dict[str, Any] = {"state": state} if state is not None else {}
         _deliver_to(db, broker, row, VERIFICATION, event, {"format": "opaque", "id": row.id}, None, now)
 

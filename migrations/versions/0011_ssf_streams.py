@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column('events_delivered', sa.JSON(), nullable=False),
         sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
         sa.Column('status_reason', sqlmodel.sql.sqltypes.AutoString(length=256), nullable=True),
+        sa.Column('verified_at', UTCDateTime(timezone=True), nullable=True),
         sa.Column('created_at', UTCDateTime(timezone=True), nullable=False),
         sa.Column('updated_at', UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('id'))

@@ -110,6 +110,9 @@ def test_push_stream_lifecycle(ssf: Ssf, set_receivers: list[SetReceiver]) -> No
     (first,) = receiver.wait_for(1)
     assert _event(first["claims"]) == (VERIFICATION, {"state": state})
     assert first["claims"]["sub_id"] == {"format": "opaque", "id": sid}
+    too_soon = ssf.call("siem", "POST", "/v1/ssf/verify", json={"stream_id": sid})
+    assert too_soon.status_code == 429 and too_soon.json()["error"]["code"] == "rate-limited"
+    assert 1 <= int(too_soon.headers["Retry-After"]) <= stream["min_verification_interval"]
 
     session, cap_id = _revoke_and_end(api)
     got = receiver.wait_for(3)
@@ -134,6 +137,12 @@ def test_push_stream_lifecycle(ssf: Ssf, set_receivers: list[SetReceiver]) -> No
     before = receiver.requests
     _revoke_and_end(api)
     assert receiver.wait_for_requests(before + 1, timeout=2) == before  # nothing more after deletion
+    # Who was told what, and how, is in the audit log.
+    records = api.client.get("/v1/audit", params={"limit": 1000}, headers=api.as_admin()).json()["records"]
+    mine = [r for r in records if r["type"].startswith("ssf.") and r["detail"]["stream_id"] == sid]
+    assert [r["type"] for r in mine] == ["ssf.stream-created", "ssf.stream-updated", "ssf.stream-deleted"]
+    assert {r["actor"] for r in mine} == {"ssf-receiver:siem"}
+    assert all(receiver.token not in str(r) for r in mine)  # the authorization header never
 
 
 def test_poll_stream_lifecycle(ssf: Ssf) -> None:

@@ -277,7 +277,7 @@ def remove_subject(broker: BrokerDep, receiver: ReceiverCaller, body: SubjectIn)
     return Response(status_code=204)
 
 
-@router.post("/v1/ssf/verify", status_code=204, responses=ERRORS)
+@router.post("/v1/ssf/verify", status_code=204, responses=error_responses(400, 401, 404, 409, 422, 429))
 def verify_stream(broker: BrokerDep, receiver: ReceiverCaller, body: VerifyIn) -> Response:
     """Send a verification event (with `state`, if given) down the stream."""
     streams.verify(broker, receiver, body.stream_id, body.state)
