@@ -162,6 +162,9 @@ def remove(broker: Broker, receiver: str, stream_id: str) -> None:
         row = _get(db, receiver, stream_id, lock=True)
         db.exec(delete(SsfSubject).where(col(SsfSubject.stream_id) == row.id))
         db.exec(delete(SsfEvent).where(col(SsfEvent.stream_id) == row.id))
+        # Its pushes not yet sent go too: nobody is listening for them any more.
+        db.exec(delete(OutboxMessage).where(col(OutboxMessage.kind) == KIND, col(OutboxMessage.receiver) == row.id,
+                                            col(OutboxMessage.status) == "pending"))
         _audit(db, receiver, "deleted", row)
         db.delete(row)
 

@@ -14,7 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import select
 
+from broker.db import transaction
+from broker.models import OutboxMessage
 from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
 from tests.support.set_receiver import SetReceiver
 
@@ -131,7 +134,14 @@ def test_push_stream_lifecycle(ssf: Ssf, set_receivers: list[SetReceiver]) -> No
     got = receiver.wait_for(4)
     assert [next(iter(g["claims"]["events"])) for g in got[3:]] == [SESSION_REVOKED]
 
+    receiver.fail_next = 1000  # down: a SET waits in the outbox when the stream is deleted
+    _revoke_and_end(api)
     assert ssf.call("siem", "DELETE", "/v1/ssf/streams", params={"stream_id": sid}).status_code == 204
+    receiver.fail_next = 0
+    with transaction(api.broker.engine) as db:
+        left = db.exec(select(OutboxMessage).where(OutboxMessage.receiver == sid,
+                                                   OutboxMessage.status == "pending")).all()
+    assert left == []
     gone = ssf.call("siem", "GET", "/v1/ssf/streams", params={"stream_id": sid})
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "stream-not-found"
     before = receiver.requests
