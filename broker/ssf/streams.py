@@ -20,6 +20,7 @@ outbox. A disabled stream gets nothing.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from broker.models import OutboxMessage, SsfEvent, SsfStream, SsfSubject
 
 if TYPE_CHECKING:
     from broker.runtime import Broker
+
+log = logging.getLogger("broker.ssf")
 
 KIND = "ssf"
 PUSH = "urn:ietf:rfc:8935"
@@ -318,6 +321,9 @@ def poll(broker: Broker, receiver: str, stream_id: str, *, max_events: int, ack:
         row = _get(db, receiver, stream_id)
         if row.delivery_method != POLL:
             raise InvalidRequest("this stream is delivered by push", code="invalid-delivery")
+        for jti, error in set_errs.items():  # RFC 8936 2.4.3: the receiver could not take these; not resent
+            log.warning("SSF receiver %s reported SET %s of stream %s as %s", receiver, jti, row.id,
+                        error.get("err"))
         done = list(dict.fromkeys([*ack, *set_errs]))
         if done:
             db.exec(delete(SsfEvent).where(col(SsfEvent.stream_id) == row.id,

@@ -6,6 +6,7 @@ it; another receiver can neither read nor change it (404, as for a stream that d
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -328,3 +329,13 @@ def test_hostile_subjects_are_refused(ssf: Ssf, subject: Any) -> None:
     r = ssf.call("gateway", "POST", "/v1/ssf/subjects:add", json={"stream_id": sid, "subject": subject})
     expected = (400, "invalid-subject") if isinstance(subject, dict) else (422, "validation-failed")
     assert (r.status_code, r.json()["error"]["code"]) == expected, r.text
+
+
+def test_poll_errors_are_dropped_and_logged(ssf: Ssf, caplog: pytest.LogCaptureFixture) -> None:
+    sid = ssf.poll_stream("gateway")
+    assert ssf.call("gateway", "POST", "/v1/ssf/verify", json={"stream_id": sid}).status_code == 204
+    (jti,) = ssf.poll("gateway", sid)["sets"]
+    with caplog.at_level(logging.WARNING, logger="broker.ssf"):
+        answer = ssf.poll("gateway", sid, setErrs={jti: {"err": "invalid_key", "description": "cannot verify"}})
+    assert answer == {"sets": {}, "moreAvailable": False}
+    assert any(jti in r.getMessage() and "invalid_key" in r.getMessage() for r in caplog.records)
