@@ -32,6 +32,7 @@ from broker.api.routes import (
     policy,
     revocations,
     sessions,
+    ssf,
     tokens,
     webhooks,
 )
@@ -41,6 +42,7 @@ from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.linker import link_all
 from broker.audit.linker import linker as audit_linker
 from broker.audit.service import append, ensure_head, last_policy_loaded, lock_head
+from broker.audit.witness import witness_loop as audit_witness_loop
 from broker.config import Settings
 from broker.console import app as console
 from broker.db import transaction
@@ -56,12 +58,14 @@ from broker.oauth.idjag import IdJagVerifier
 from broker.oauth.metadata import challenge
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
+from broker.ssf import streams as ssf_streams
 
 log = logging.getLogger("broker")
 
 # Who sends each kind of outbox message (broker/outbox.py).
 OUTBOX_SENDERS: dict[str, outbox_core.Sender] = {approval_outbox.KIND: approval_outbox.deliver,
-                                                 security_events.KIND: security_events.deliver}
+                                                 security_events.KIND: security_events.deliver,
+                                                 ssf_streams.KIND: ssf_streams.deliver}
 
 _STATUS_CODES = {400: "invalid-request", 401: "invalid-token", 403: "forbidden", 404: "not-found",
                  405: "method-not-allowed", 409: "conflict", 413: "payload-too-large", 415: "unsupported-media-type"}
@@ -150,6 +154,10 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             except Exception:  # the linker's rounds run the same queries
                 log.exception("audit linking at start failed; the linker will carry on")
             linker.start()
+        # Beside the linker: the newest checkpoint to the witnesses (checked here: a bad list fails the start).
+        cosigning = audit_witness_loop(broker) if sweeper and broker.settings.audit_witness_list() else None
+        if cosigning:
+            cosigning.start()
         # Beside the sweeper: live capabilities whose human lost the permission at the source.
         recheck = permission_rechecker(broker) if sweeper else None
         if recheck:
@@ -158,7 +166,9 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         # Checked here also for the embedded default: a bad receiver list fails the start, not a teardown.
         receivers = broker.settings.security_event_receiver_list()
         delivery = None
-        if (sweeper if outbox is None else outbox) and (broker.settings.approval_webhook_url_list() or receivers):
+        ssf_receivers = broker.settings.ssf_receiver_hashes()
+        if (sweeper if outbox is None else outbox) and (broker.settings.approval_webhook_url_list() or receivers
+                                                         or ssf_receivers):
             delivery = outbox_core.outbox_delivery(broker, OUTBOX_SENDERS)
             delivery.start()
         app.state.outbox = delivery
@@ -169,6 +179,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                 delivery.stop()
             if recheck:
                 recheck.stop()
+            if cosigning:
+                cosigning.stop()
             if linker:
                 linker.stop()
             if background:
@@ -225,7 +237,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.approval_signals = ApprovalSignals()
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
                    webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router,
-                   oauth.router, authorize.router):
+                   oauth.router, authorize.router, ssf.router):
         app.include_router(router)
     console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(RequestGuard)

@@ -27,6 +27,19 @@ RECEIVER_FIELDS = {"name", "url", "audience"}
 
 
 @dataclass(frozen=True)
+class AuditWitness:
+    """A C2SP tlog-witness the broker submits its checkpoints to (docs/audit.md)."""
+
+    url: str  # the submission prefix: the broker POSTs <url>/add-checkpoint
+    vkey: str  # its cosignature/v1 verifier key, <name>+<hex key id>+<base64 key>
+
+    @property
+    def label(self) -> str:
+        """<name>+<hex key id>: names the witness in tables, metrics, logs and the audit."""
+        return "+".join(self.vkey.split("+", 2)[:2])
+
+
+@dataclass(frozen=True)
 class SecurityEventReceiver:
     """Where Security Event Tokens are pushed (RFC 8935), and the `aud` they carry there."""
 
@@ -198,6 +211,14 @@ class Settings(BaseSettings):
     audit_link_interval_seconds: float = Field(default=0.2, gt=0)
     audit_link_batch: int = Field(default=1000, ge=1, le=100_000)
     audit_checkpoint_interval_seconds: float = Field(default=10.0, ge=0)
+    # Witnesses (C2SP tlog-witness) that cosign the checkpoints: a JSON list of {"url", "vkey"}
+    # objects, vkey the witness's cosignature/v1 verifier key. Empty: checkpoints are only signed.
+    audit_witnesses: str = ""
+    # How often the newest checkpoint goes to the witnesses that have not cosigned it (a
+    # checkpoint is signed at most every audit_checkpoint_interval_seconds anyway), and how long
+    # one witness may take to answer: it must never hold up the next one.
+    audit_witness_interval_seconds: float = Field(default=10.0, gt=0)
+    audit_witness_timeout_seconds: float = Field(default=10.0, gt=0)
     # Bounded batches keep each sweep short and its cost proportional to what expires.
     sweep_batch_size: int = Field(default=500, ge=1)
     # A replica that claimed rows and died releases them after this long.
@@ -230,6 +251,13 @@ class Settings(BaseSettings):
     # "name=token" entries, comma separated: the bearer token a named receiver wants. A secret,
     # kept apart from the list above so the list can sit in plain configuration.
     security_event_receiver_tokens: SecretStr | None = None
+    # OpenID SSF 1.0 receivers that manage their own streams (docs/security-events.md): "name=<sha256
+    # hex of its bearer token>" entries, comma separated. Hashed, as orchestrator keys are: a copy
+    # of the configuration lets nobody act as a receiver. Empty: the stream endpoints answer 401.
+    ssf_receiver_tokens: SecretStr | None = None
+    # A receiver's streams are rows and their events wait in a table: both bounded per receiver.
+    ssf_max_streams_per_receiver: int = Field(default=10, ge=1, le=1000)
+    ssf_max_queued_events_per_stream: int = Field(default=10_000, ge=1)
 
     # --- live permission sources ----------------------------------------------------------------
     # How long a live source's allow/deny is reused: a burst costs one backend call, and a human
@@ -391,6 +419,53 @@ class Settings(BaseSettings):
                               f"{', '.join(sorted(tokens))}")
         return receivers
 
+    def audit_witness_list(self) -> list[AuditWitness]:
+        """The configured witnesses, checked (each vkey parses as a cosignature/v1 key)."""
+        from broker.audit.note import COSIGNATURE_V1, NoteError, parse_vkey
+
+        what = "BROKER_AUDIT_WITNESSES"
+        if not self.audit_witnesses.strip():
+            return []
+        try:
+            parsed = json.loads(self.audit_witnesses)
+        except ValueError:
+            raise ConfigError(f'{what} must be a JSON list of {{"url", "vkey"}} objects') from None
+        if not isinstance(parsed, list):
+            raise ConfigError(f'{what} must be a JSON list of {{"url", "vkey"}} objects')
+        out: list[AuditWitness] = []
+        for i, entry in enumerate(parsed):
+            if not isinstance(entry, dict) or set(entry) != {"url", "vkey"} or \
+                    not all(isinstance(v, str) and v.strip() for v in entry.values()):
+                raise ConfigError(f'{what}[{i}] must have exactly "url" and "vkey", each a non-empty string')
+            url = entry["url"].strip().rstrip("/")
+            if not url.startswith(("https://", "http://")) or len(url) > 2048:
+                raise ConfigError(f"{what}[{i}]: {url!r} is not an http(s) URL")
+            try:
+                parse_vkey(entry["vkey"], types=(COSIGNATURE_V1,))
+            except NoteError as exc:
+                raise ConfigError(f"{what}[{i}]: {exc}") from None
+            witness = AuditWitness(url=url, vkey=entry["vkey"].strip())
+            if any(w.label == witness.label for w in out):
+                raise ConfigError(f"{what}: the witness {witness.label} is listed twice")
+            out.append(witness)
+        return out
+
+    def ssf_receiver_hashes(self) -> dict[str, str]:
+        """sha256 hex of a receiver's bearer token -> its name."""
+        raw = self.ssf_receiver_tokens.get_secret_value() if self.ssf_receiver_tokens else ""
+        out: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in raw.split(","))):
+            name, sep, digest = entry.partition("=")
+            name, digest = name.strip(), digest.strip().removeprefix("sha256:").lower()
+            if not sep or not RECEIVER_NAME.match(name) or len(digest) != 64 or \
+                    any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError("BROKER_SSF_RECEIVER_TOKENS entries must look like name=<64 hex chars of "
+                                  "sha256(token)>, the name lowercase letters, digits and dashes")
+            if name in out.values():
+                raise ConfigError(f"BROKER_SSF_RECEIVER_TOKENS: the name {name!r} is used twice")
+            out[digest] = name
+        return out
+
     def _receiver_tokens(self) -> dict[str, str]:
         raw = self.security_event_receiver_tokens.get_secret_value() if self.security_event_receiver_tokens else ""
         out: dict[str, str] = {}
@@ -436,6 +511,8 @@ class Settings(BaseSettings):
         self.human_token_hashes()
         self.approval_webhook_url_list()
         self.security_event_receiver_list()
+        self.audit_witness_list()
+        self.ssf_receiver_hashes()
         self.check_console()
 
     def check_console(self) -> None:

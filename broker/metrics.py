@@ -68,6 +68,14 @@ OUTBOX_DELIVERIES = Counter("broker_outbox_deliveries_total",
 SECURITY_EVENTS = Counter("broker_security_events_total",
                           "Security Event Tokens written to the outbox, one per receiver, by event "
                           "(session-revoked, credential-change)", ["event"], registry=REGISTRY)
+WITNESS_SUBMISSIONS = Counter("broker_audit_witness_submissions_total",
+                              "Checkpoints submitted to a witness (C2SP tlog-witness), by outcome (cosigned; "
+                              "refused: the witness said no, see the log and the audit; failed: unreachable, retried)",
+                              ["witness", "outcome"], registry=REGISTRY)
+WITNESS_REFUSALS = Counter("broker_audit_witness_refusals_total",
+                           "Checkpoints a witness refused, by reason (not-consistent: a rewritten or forked "
+                           "history; conflict; untrusted-key; unknown-origin; bad-request; bad-cosignature)",
+                           ["witness", "reason"], registry=REGISTRY)
 SWEEP_SECONDS = Histogram("broker_sweep_seconds", "Duration of one sweeper pass", buckets=_LATENCY, registry=REGISTRY)
 SWEEP_LAST = Gauge("broker_sweep_last_success_timestamp_seconds", "Unix time of this process's last complete sweep",
                    registry=REGISTRY)

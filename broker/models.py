@@ -351,6 +351,76 @@ class AuditCheckpoint(SQLModel, table=True):
     note: str = Field(sa_column=Column(Text, nullable=False))
 
 
+class AuditCosignature(SQLModel, table=True):
+    """A witness's verified cosignature/v1 line on one checkpoint (C2SP tlog-cosignature)."""
+
+    __tablename__ = "audit_cosignatures"
+
+    tree_size: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    witness: str = Field(primary_key=True, max_length=300)  # <name>+<hex key id>
+    timestamp: int = Field(sa_type=BigInteger)  # the witness's, from the cosignature
+    line: str = Field(sa_column=Column(Text, nullable=False))  # the signature line, without its newline
+    received_at: datetime = _ts()
+
+
+class AuditWitnessState(SQLModel, table=True):
+    """What the broker knows of one configured witness: the largest tree size it cosigned, and
+    the last checkpoint it refused (and why), so a refusal is reported once, not every round."""
+
+    __tablename__ = "audit_witness_state"
+
+    witness: str = Field(primary_key=True, max_length=300)
+    cosigned_size: int = Field(default=0, sa_type=BigInteger)
+    refused_size: int | None = Field(default=None, sa_type=BigInteger)
+    refused_reason: str | None = Field(default=None, max_length=512)
+    updated_at: datetime = _ts()
+
+
+class SsfStream(SQLModel, table=True):
+    """An OpenID SSF 1.0 stream a receiver created: where and how its SETs go (broker/ssf/)."""
+
+    __tablename__ = "ssf_streams"
+
+    id: str = Field(primary_key=True, max_length=64)
+    receiver: str = Field(max_length=63, index=True)  # the authenticated receiver that owns it
+    audience: str = Field(max_length=255)
+    description: str | None = Field(default=None, max_length=255)
+    delivery_method: str = Field(max_length=64)  # urn:ietf:rfc:8935 (push) | urn:ietf:rfc:8936 (poll)
+    endpoint_url: str | None = Field(default=None, max_length=2048)  # push only: the receiver's
+    authorization_header: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # sealed
+    events_requested: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    events_delivered: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="enabled", max_length=16)  # enabled | paused | disabled
+    status_reason: str | None = Field(default=None, max_length=256)
+    verified_at: datetime | None = _ts(default=None)  # the last verification request: min_verification_interval
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class SsfSubject(SQLModel, table=True):
+    """A subject a receiver added to its stream: only events about added subjects go to it."""
+
+    __tablename__ = "ssf_subjects"
+    __table_args__ = (UniqueConstraint("stream_id", "subject_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    stream_id: str = Field(max_length=64, index=True)
+    subject_key: str = Field(max_length=1100)  # canonical JSON of the subject
+    added_at: datetime = _ts()
+
+
+class SsfEvent(SQLModel, table=True):
+    """A SET waiting for its stream: a poll stream's until acknowledged (RFC 8936), a paused
+    push stream's until it is enabled again. The claims; signed when handed out."""
+
+    __tablename__ = "ssf_events"
+
+    jti: str = Field(primary_key=True, max_length=64)
+    stream_id: str = Field(max_length=64, index=True)
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _ts(index=True)
+
+
 class WebhookDelivery(SQLModel, table=True):
     """Event ids already processed: a replayed delivery is refused, a duplicate is a no-op."""
 

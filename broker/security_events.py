@@ -43,6 +43,7 @@ from broker.config import SecurityEventReceiver
 from broker.metrics import SECURITY_EVENTS
 from broker.models import Lease, OutboxMessage, SessionRow
 from broker.runtime import Broker
+from broker.ssf import streams as ssf_streams
 
 log = logging.getLogger("broker.security_events")
 
@@ -145,6 +146,8 @@ def capability_revoked(db: Session, broker: Broker, session: SessionRow | None, 
 
 def _enqueue(db: Session, broker: Broker, short: str, uri: str, event: dict[str, Any], subject: dict[str, Any],
              txn: str, now: datetime) -> None:
+    # Streams receivers manage themselves (SSF 1.0), then the receivers in the configuration.
+    ssf_streams.fan_out(db, broker, uri, event, subject, txn, now)
     receivers = broker.settings.security_event_receiver_list()
     if not receivers:
         return

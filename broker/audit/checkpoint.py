@@ -20,6 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from broker.audit import note as notes
+
 _DASH = "\u2014"
 
 
@@ -47,6 +49,11 @@ def _raw(public: Ed25519PublicKey) -> bytes:
 
 def key_id(name: str, public: Ed25519PublicKey) -> bytes:
     return hashlib.sha256(name.encode() + b"\n\x01" + _raw(public)).digest()[:4]
+
+
+def vkey(name: str, public: Ed25519PublicKey) -> str:
+    """The C2SP verifier key of a checkpoint signing key: what a witness trusts the log by."""
+    return notes.vkey(name, notes.ED25519, public)
 
 
 def body(origin: str, size: int, root_hash: bytes, timestamp: str) -> str:

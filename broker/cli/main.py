@@ -360,10 +360,17 @@ def audit_verify(
     as_json: JsonOpt = False,
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", help="a checkpoint saved earlier (`audit checkpoint`): prove the log today extends it")] = None,
+    witness: Annotated[list[str] | None, typer.Option(
+        "--witness", help="a witness's cosignature/v1 verifier key (<name>+<hex key id>+<base64>); repeat for more")] = None,
+    witnesses_required: Annotated[int | None, typer.Option(
+        "--witnesses-required", min=1,
+        help="how many of the --witness keys must have cosigned the saved checkpoint (default: all)")] = None,
 ) -> None:
     """Walk every chain and the Merkle tree; name the first broken record or checkpoint. With
     --checkpoint, also prove (RFC 6962 consistency proof, checked here, not by the broker) that
-    today's log extends the saved checkpoint. Exit 1 if anything does not hold."""
+    today's log extends the saved checkpoint; with --witness (and --witnesses-required N), that
+    N of those witnesses cosigned it. Exit 1 if anything does not hold."""
+    policy = _witness_policy(checkpoint, witness or [], witnesses_required)
     r = call("GET", "/v1/audit/verify")
     if not r["ok"]:
         where = (f"checkpoint of size {r['bad_checkpoint']}" if r.get("bad_checkpoint") is not None
@@ -372,6 +379,12 @@ def audit_verify(
         raise typer.Exit(1)
     text = (f"audit chain intact: {r['checked']} records in {r.get('chains')} chains; "
             f"tree of {r.get('tree_size')} leaves, root {r.get('root_hash')}, {r.get('unlinked')} not yet linked")
+    if checkpoint is not None and policy is not None:
+        r["witnesses"] = _check_witnesses(checkpoint, *policy)
+        if not r["witnesses"]["ok"]:
+            _out(r, as_json, f"CHECKPOINT {checkpoint} IS NOT WITNESSED: {r['witnesses']['problem']}")
+            raise typer.Exit(1)
+        text += f"\nwitnessed: {r['witnesses']['problem']}"
     if checkpoint is not None:
         r["checkpoint"] = _prove_extends(checkpoint)
         if not r["checkpoint"]["ok"]:
@@ -379,6 +392,42 @@ def audit_verify(
             raise typer.Exit(1)
         text += f"\nextends {r['checkpoint']['name']} (consistency proof to size {r['checkpoint']['current_size']})"
     _out(r, as_json, text)
+
+
+def _witness_policy(checkpoint: Path | None, keys: list[str], required: int | None) -> tuple[list[Any], int] | None:
+    """The witness policy ("N of these keys") from the options, checked before anything is read."""
+    from broker.audit import note as notes
+
+    if not keys:
+        if required is not None:
+            typer.echo("error: --witnesses-required needs --witness keys", err=True)
+            raise typer.Exit(2)
+        return None
+    if checkpoint is None:
+        typer.echo("error: --witness needs --checkpoint (the saved checkpoint whose cosignatures are checked)", err=True)
+        raise typer.Exit(2)
+    try:
+        verifiers = [notes.parse_vkey(k, types=(notes.COSIGNATURE_V1,)) for k in keys]
+    except notes.NoteError as exc:
+        typer.echo(f"error: --witness: {exc}", err=True)
+        raise typer.Exit(2) from None
+    wanted = len(verifiers) if required is None else required
+    if wanted > len(verifiers) or len({v.vkey for v in verifiers}) != len(verifiers):
+        typer.echo(f"error: cannot require {wanted} of {len({v.vkey for v in verifiers})} distinct witness keys",
+                   err=True)
+        raise typer.Exit(2)
+    return verifiers, wanted
+
+
+def _check_witnesses(path: Path, verifiers: list[Any], required: int) -> dict[str, Any]:
+    from broker.audit import note as notes
+
+    try:
+        result = notes.check_quorum(path.read_text(), verifiers, required)
+    except (OSError, UnicodeDecodeError, notes.NoteError) as exc:
+        return {"ok": False, "problem": f"the saved checkpoint is not usable: {exc}", "valid": [], "required": required}
+    return {"ok": result.ok, "problem": result.reason(), "valid": result.valid, "required": required,
+            "invalid": result.problems}
 
 
 def _prove_extends(path: Path) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 The broker runs in process (ASGI) on a real, migrated SQLite database with the test policy.
 Each operation is called anonymously and with a valid credential of each kind: an agent's
-session token, an orchestrator API key, the admin token and a local human token. Every response must be declared
-(status, content type, body schema, headers) and none may be a 5xx. The number of examples is
-bounded so the whole run stays within about two minutes on CI's two cores.
+session token, an orchestrator API key, the admin token, a local human token and an SSF
+receiver's token. Every response must be declared (status, content type, body schema, headers)
+and none may be a 5xx. The number of examples is bounded so the whole run stays within about
+two minutes on CI's two cores.
 
 PostgreSQL-only failure modes (NUL bytes) are covered by tests/integration/test_input_bounds.py
 on both databases.
@@ -12,7 +13,9 @@ on both databases.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,13 +69,15 @@ APP = _App()
 schema = schemathesis.openapi.from_path(ROOT / "openapi.yaml", config=CONFIG)
 schema.app = APP  # before parametrize: its operations keep the app they were built with
 
-CALLERS = ("anonymous", "agent", "orchestrator", "admin", "human")
+CALLERS = ("anonymous", "agent", "orchestrator", "admin", "human", "receiver")
 
 
 class Served:
     def __init__(self, directory: Path) -> None:
         self.secrets = BrokerSecrets()
-        self.broker = build_broker(directory, f"sqlite:///{directory}/broker.db", self.secrets)
+        receiver_token = "ssf-" + secrets.token_urlsafe(24)  # an SSF receiver (BROKER_SSF_RECEIVER_TOKENS)
+        self.broker = build_broker(directory, f"sqlite:///{directory}/broker.db", self.secrets,
+                                   ssf_receiver_tokens=f"fuzz={hashlib.sha256(receiver_token.encode()).hexdigest()}")
         self.app = create_app(broker=self.broker, sweeper=False)
         APP.target = self.app
         self.headers: dict[str, dict[str, str]] = {
@@ -80,6 +85,7 @@ class Served:
             "orchestrator": {"Authorization": f"Bearer {self.secrets.orchestrator_key}"},
             "admin": {"Authorization": f"Bearer {self.secrets.admin_token}"},
             "human": {"Authorization": f"Bearer {self.secrets.human_tokens['alice@example.com']}"},  # local human token
+            "receiver": {"Authorization": f"Bearer {receiver_token}"},
         }
         # The orchestrator's step, through the service the route calls, without an HTTP client.
         _, token = sessions.create(self.broker, Caller(kind="orchestrator", name="orch"), SessionAsk(

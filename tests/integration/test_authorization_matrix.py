@@ -187,7 +187,8 @@ CASES = [
          body=lambda w: {"id": secrets.token_hex(8), "type": "session.ended", "session_id": w.session}),
 ]
 PUBLIC = ["/healthz", "/readyz", "/.well-known/jwks.json", "/metrics", "/v1/login",
-          "/.well-known/oauth-authorization-server", "/.well-known/oauth-protected-resource"]
+          "/.well-known/oauth-authorization-server", "/.well-known/oauth-protected-resource",
+          "/.well-known/ssf-configuration"]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 
 from broker.api.routes.identity import LoginConfig, WhoAmI
 from broker.api.routes.revocations import RevocationResponse
+from broker.api.routes.ssf import PollOut, SsfConfiguration, StatusOut, StreamOut
 from broker.api.schemas import (
     ApprovalView,
     AuditCheckpoint,
@@ -89,6 +90,22 @@ def linked(w: World) -> int:
 def bob(w: World) -> dict[str, str]:
     """A maintainer who holds deploy: may approve, deny and grant."""
     return w.api.as_human("bob@example.com")
+
+
+def receiver(w: World) -> dict[str, str]:
+    """The SSF receiver every test broker knows (BrokerSecrets.ssf_receiver_token)."""
+    return {"Authorization": f"Bearer {w.api.secrets.ssf_receiver_token}"}
+
+
+def ssf_stream(w: World) -> str:
+    """A poll stream of that receiver, with one waiting SET (its verification event)."""
+    r = w.api.client.post("/v1/ssf/streams", headers=receiver(w), json={
+        "delivery": {"method": "urn:ietf:rfc:8936"},
+        "events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]})
+    assert r.status_code == 201, r.text
+    stream_id = str(r.json()["stream_id"])
+    assert w.api.client.post("/v1/ssf/verify", headers=receiver(w), json={"stream_id": stream_id}).status_code == 204
+    return stream_id
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,22 @@ ROWS = [
         "/.well-known/oauth-authorization-server"), 200, AuthorizationServerMetadata),
     Row("GET /.well-known/oauth-protected-resource", lambda w: w.api.client.get(
         "/.well-known/oauth-protected-resource"), 200, ProtectedResourceMetadata),
+    Row("GET /.well-known/ssf-configuration", lambda w: w.api.client.get("/.well-known/ssf-configuration"), 200,
+        SsfConfiguration),
+    Row("POST /v1/ssf/streams", lambda w: w.api.client.post("/v1/ssf/streams", headers=receiver(w), json={
+        "delivery": {"method": "urn:ietf:rfc:8936"}, "description": "shape"}), 201, StreamOut),
+    Row("GET /v1/ssf/streams", lambda w: w.api.client.get(
+        "/v1/ssf/streams", params={"stream_id": ssf_stream(w)}, headers=receiver(w)), 200, StreamOut),
+    Row("GET /v1/ssf/streams", lambda w: (ssf_stream(w), w.api.client.get(
+        "/v1/ssf/streams", headers=receiver(w)))[1], 200, list[StreamOut]),
+    Row("PATCH /v1/ssf/streams", lambda w: w.api.client.patch("/v1/ssf/streams", headers=receiver(w), json={
+        "stream_id": ssf_stream(w), "description": "changed"}), 200, StreamOut),
+    Row("GET /v1/ssf/status", lambda w: w.api.client.get(
+        "/v1/ssf/status", params={"stream_id": ssf_stream(w)}, headers=receiver(w)), 200, StatusOut),
+    Row("POST /v1/ssf/status", lambda w: w.api.client.post("/v1/ssf/status", headers=receiver(w), json={
+        "stream_id": ssf_stream(w), "status": "paused"}), 200, StatusOut),
+    Row("POST /v1/ssf/poll", lambda w: w.api.client.post(
+        "/v1/ssf/poll", params={"stream_id": ssf_stream(w)}, headers=receiver(w), json={}), 200, PollOut),
     Row("GET /healthz", lambda w: w.api.client.get("/healthz"), 200, Liveness),
     Row("GET /readyz", lambda w: w.api.client.get("/readyz"), 200, Readiness),
 ]
@@ -206,4 +239,6 @@ def test_the_table_covers_every_json_route() -> None:
                 for method in item}
     tested = {r.route for r in ROWS}
     assert tested <= declared
-    assert declared - tested <= {"GET /metrics"}  # Prometheus text, not JSON
+    # Prometheus text, and the SSF operations SSF 1.0 answers with no body (204, or an empty 200).
+    assert declared - tested <= {"GET /metrics", "DELETE /v1/ssf/streams", "POST /v1/ssf/subjects:add",
+                                 "POST /v1/ssf/subjects:remove", "POST /v1/ssf/verify"}

@@ -78,6 +78,8 @@ class BrokerSecrets:
     # Local human tokens (BROKER_HUMAN_TOKENS): the humans the test policies name.
     human_tokens: dict[str, str] = field(default_factory=lambda: {
         email: "jbhum_" + secrets.token_urlsafe(24) for email in TEST_HUMANS})
+    # One OpenID SSF receiver, "receiver" (BROKER_SSF_RECEIVER_TOKENS), that may manage its own streams.
+    ssf_receiver_token: str = field(default_factory=lambda: "jbssf_" + secrets.token_urlsafe(24))
 
     def env(self, directory: Path, database_url: str, policy: str = TEST_POLICY, **extra: str) -> dict[str, str]:
         policy_file = directory / "policy.yaml"
@@ -96,6 +98,7 @@ class BrokerSecrets:
             "BROKER_WEBHOOK_SECRETS": self.webhook_secret,
             "BROKER_HUMAN_TOKENS": ",".join(f"{email}={hashlib.sha256(tok.encode()).hexdigest()}"
                                             for email, tok in self.human_tokens.items()),
+            "BROKER_SSF_RECEIVER_TOKENS": f"receiver={hashlib.sha256(self.ssf_receiver_token.encode()).hexdigest()}",
         }
         env.update(extra)
         return env

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
@@ -13,12 +13,15 @@ from broker.api.schemas import (
     SESSION_ID_PATTERN,
     AuditCheckpoint,
     AuditConsistency,
+    AuditCosignatureOut,
     AuditPage,
     AuditVerification,
+    AuditWitnessStatus,
     error_responses,
 )
 from broker.audit import checkpoint as checkpoints
 from broker.audit import service as audit
+from broker.audit import witness as witnesses
 from broker.audit.linker import latest_checkpoint
 from broker.audit.merkle import consistency_proof
 from broker.db import transaction
@@ -76,12 +79,20 @@ def read_checkpoint(broker: BrokerDep, caller: AnyCaller) -> AuditCheckpoint:
     if cp is None:
         raise NotFound("no checkpoint has been signed yet", code="checkpoint-not-found")
     keys = {k.kid: k.public for k in broker.keyring.published()}
+    note, rows = witnesses.cosigned_note(broker, cp)
+    extra: dict[str, Any] = {
+        "note": note,
+        "cosignatures": [AuditCosignatureOut(witness=r.witness, timestamp=r.timestamp) for r in rows],
+        "witnesses": [AuditWitnessStatus.model_validate(s, from_attributes=True) for s in witnesses.states(broker)],
+    }
     try:
-        return AuditCheckpoint.model_validate(checkpoints.parse(cp.note, keys).to_dict())
+        parsed = checkpoints.parse(cp.note, keys)
     except checkpoints.CheckpointError:  # signed by a key since retired: still the newest
         return AuditCheckpoint(origin=cp.note.split("\n", 1)[0], tree_size=cp.tree_size, root_hash=cp.root_hash,
-                               timestamp=cp.timestamp, key_name=cp.note.rsplit("\n\u2014 ", 1)[-1].split(" ")[0],
-                               note=cp.note)
+                               timestamp=cp.timestamp, key_name=cp.note.split("\n\n", 1)[-1].split(" ")[1],
+                               **extra)
+    return AuditCheckpoint.model_validate({**parsed.to_dict(), **extra,
+                                           "verifier_key": checkpoints.vkey(parsed.key_name, keys[parsed.key_name])})
 
 
 @router.get("/consistency", response_model=AuditConsistency, responses=error_responses(400, 401, 403, 404, 422))
