@@ -53,6 +53,7 @@ from broker.metrics import REGISTRY, DatabaseCollector
 from broker.oauth.metadata import challenge
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
+from broker.store import open_store
 
 log = logging.getLogger("broker")
 
@@ -150,9 +151,14 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             delivery = outbox_core.outbox_delivery(broker, OUTBOX_SENDERS)
             delivery.start()
         app.state.outbox = delivery
+        # The request path's store, on this event loop (PostgreSQL: an async pool, no thread hop).
+        store = broker.store = await open_store(broker.engine)
         try:
             yield
         finally:
+            if broker.store is store:
+                broker.store = None
+            await store.close()
             if delivery:
                 delivery.stop()
             if recheck:

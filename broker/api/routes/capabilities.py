@@ -10,7 +10,7 @@ from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
 from broker.api.schemas import SESSION_ID_PATTERN, CapabilityRequest, error_responses
 from broker.leases import queries
 from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, PendingApproval
-from broker.leases.service import request_capability
+from broker.leases.service import request_capability_async
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus
 
 router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
@@ -27,7 +27,7 @@ _NO_STORE = {"Cache-Control": "no-store"}
     response_model=CapabilityIssued | PendingApproval,
     responses={201: {"model": CapabilityIssued}, 202: {"model": PendingApproval}, **ERRORS},
 )
-def create_capability(
+async def create_capability(
     body: CapabilityRequest,
     broker: BrokerDep,
     caller: AgentCaller,
@@ -37,7 +37,9 @@ def create_capability(
         resource=body.resource, access=body.access, purpose=body.purpose, ttl_seconds=body.ttl_seconds,
         tool=body.tool, parameters=body.parameters, approval_id=body.approval_id,
     )
-    outcome = request_capability(broker, caller, ask, idempotency_key)
+    # async: a capability minted here is one store call on the event loop; the rest of the
+    # request path hops into a worker thread itself (leases/service.py).
+    outcome = await request_capability_async(broker, caller, ask, idempotency_key)
     # The model writes its own JSON: `response_model` (the schema, for OpenAPI) would only have
     # FastAPI validate and serialise the same object again, on the busiest route.
     return Response(outcome.model_dump_json(), status_code=202 if isinstance(outcome, PendingApproval) else 201,

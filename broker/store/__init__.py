@@ -1,0 +1,20 @@
+"""The storage seam (`base.py`) and its two implementations; `open_store` picks by database."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from broker.store.base import Issue, IssueResult, SessionCache, Store
+
+
+async def open_store(engine: Engine, *, pool_size: int = 10) -> Store:
+    if engine.dialect.name == "postgresql":
+        from broker.store.postgres import PostgresStore
+
+        return await PostgresStore.open(engine, size=pool_size)
+    from broker.store.sqlite import SQLiteStore
+
+    return SQLiteStore(engine)
+
+
+__all__ = ["Issue", "IssueResult", "SessionCache", "Store", "open_store"]
