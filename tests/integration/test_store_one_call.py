@@ -73,7 +73,7 @@ def _session(client: TestClient, secrets_: BrokerSecrets, **extra: Any) -> dict[
             "scope": [{"resource": "jwt://**", "access": ["*"]}], **extra}
     r = client.post("/v1/sessions", json=body, headers={"Authorization": f"Bearer {secrets_.orchestrator_key}"})
     assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return dict(r.json())
 
 
 def _ask(client: TestClient, session: dict[str, Any], resource: str = "jwt://svc/a", key: str | None = None) -> Any:
@@ -90,9 +90,10 @@ def test_postgres_native_capability_is_one_round_trip(postgres_url: str, tmp_pat
     trace = WireTrace(tmp_path)
     with TestClient(create_app(broker=broker, sweeper=False)) as client:
         # The lifespan's store, swapped for one whose single connection is traced.
-        assert isinstance(broker.store, PostgresStore)
-        client.portal.call(broker.store.close)
-        broker.store = client.portal.call(lambda: PostgresStore.open(broker.engine, size=1, configure=trace.configure))
+        assert isinstance(broker.store, PostgresStore) and client.portal is not None
+        portal = client.portal
+        portal.call(broker.store.close)
+        broker.store = portal.call(lambda: PostgresStore.open(broker.engine, size=1, configure=trace.configure))
         statements = Statements(broker)
         session = _session(client, secrets_)
         assert _ask(client, session, key="warm-up").status_code == 201  # reads the session; prepares the call
@@ -109,7 +110,7 @@ def test_postgres_native_capability_is_one_round_trip(postgres_url: str, tmp_pat
         # A replay is the full path's (the store wrote nothing, and said why): same answer.
         first = _ask(client, session, "jwt://svc/k0", key="key-0")
         assert first.status_code == 201 and statements.seen
-        client.portal.call(broker.store.close)
+        portal.call(broker.store.close)
         broker.store = None
     with transaction(broker.engine) as db:
         assert db.execute(text("SELECT count(*) FROM leases WHERE status = 'active'")).scalar_one() == 7
