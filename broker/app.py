@@ -114,6 +114,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
         def reload() -> None:
             if broker.policies.reload():
+                for provider in broker.providers.values():
+                    provider.policy_reloaded()
                 record_policy_loaded(broker, "reload")
                 log.info("policy reloaded: %s", broker.policies.current.version)
             else:
