@@ -117,6 +117,16 @@ def new_ticket(broker: Broker, session_id: str, key: str, request_hash: str, now
                   expires_at=now + timedelta(seconds=broker.settings.idempotency_ttl_seconds))
 
 
+def held_row(ticket: Ticket) -> dict[str, Any]:
+    """`INSERT`'s parameters for a key held `in_progress` while a remote backend mints."""
+    return _row(ticket, "in_progress")
+
+
+def sealed_outcome(broker: Broker, ticket: Ticket, outcome: CapabilityOutcome | BrokerError) -> tuple[int, str]:
+    """What a held key stores when its request is answered: (HTTP status, sealed body)."""
+    return _sealed(broker, ticket, outcome)
+
+
 def row_of(params: dict[str, Any]) -> dict[str, Any]:
     """`finished_row`'s parameters as the row's columns, for a store that writes the row itself."""
     return {name.removeprefix("key_"): value for name, value in params.items()}

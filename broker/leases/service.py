@@ -14,7 +14,6 @@ from dataclasses import fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-import anyio
 from sqlalchemy import bindparam, insert, update
 from sqlmodel import Session, select
 
@@ -22,7 +21,7 @@ from broker.approvals import grants
 from broker.approvals import service as approvals
 from broker.approvals.service import Binding
 from broker.audit.events import AuditEvent, DecisionRef, GrantRef
-from broker.audit.service import append, record_template
+from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import (
     BrokerError,
@@ -33,7 +32,7 @@ from broker.errors import (
 )
 from broker.identity.callers import Caller
 from broker.leases import idempotency, records
-from broker.leases.facts import bounds_lookup, session_facts, unchanging_facts
+from broker.leases.facts import bounds_lookup, session_facts
 from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
 from broker.leases.revocation import finish_revocation
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus, new_capability_id
@@ -45,13 +44,11 @@ from broker.policy import (
     LivePermission,
     RequestFacts,
     approval_rule,
-    evaluate,
     evaluate_with_shadow,
 )
 from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget
 from broker.runtime import Broker
-from broker.store import Issue
 from broker.times import rfc3339
 
 log = logging.getLogger("broker.leases")
@@ -158,74 +155,6 @@ def request_capability(
             raise
 
 
-async def request_capability_async(
-    broker: Broker, caller: Caller, ask: CapabilityAsk, idempotency_key: str | None
-) -> CapabilityOutcome:
-    """The request path on the event loop. A capability minted here whose decision rests on the
-    session's unchanging facts is decided, minted and written in one store call (one round trip
-    on PostgreSQL); everything else takes the full path (`request_capability`) in a worker thread."""
-    issued = await _issue_in_one_call(broker, caller, ask, idempotency_key)
-    if issued is not None:
-        return issued
-    return await anyio.to_thread.run_sync(request_capability, broker, caller, ask, idempotency_key)
-
-
-async def _issue_in_one_call(
-    broker: Broker, caller: Caller, ask: CapabilityAsk, idem_key: str | None
-) -> CapabilityIssued | None:
-    """decide -> mint -> one `Store.issue` (reserve and activate at once: the credential leaves the
-    broker only after it commits). None: the full path decides, and records what it decides.
-
-    The decision here sees the session as active, with no lease issued or live; the store call
-    checks exactly those facts under the session's row lock (status, the issued and live
-    budgets, a live escalation tier, the idempotency key) and writes nothing if any of them would
-    change an allow. Approvals, denials, remote backends, live permission sources and a shadow
-    policy go the full path: their decisions need the locked row or a call before it."""
-    store, policy = broker.store, broker.policies.current
-    if (store is None or caller.kind != "agent" or caller.session_id is None or ask.approval_id is not None
-            or broker.policies.shadow is not None):
-        return None
-    try:
-        ask = replace(ask, resource=canonical_resource(ask.resource))
-        if idem_key is not None:
-            idempotency.check_key(idem_key)
-    except BrokerError:
-        return None  # the full path refuses it
-    if live_permissions.needs_live_answer(policy, ask.resource, ask.access):
-        return None
-    session = await broker.sessions.get(store, caller.session_id)
-    if session is None:
-        return None
-    now = utcnow()
-    decision = evaluate(policy, unchanging_facts(session), RequestFacts(
-        resource=ask.resource, access=ask.access, ttl_seconds=ask.ttl_seconds, now=now), bounds_lookup(broker))
-    if decision.result != "allow" or not broker.provider(decision.provider or "").mints_locally:
-        return None
-    provider = broker.provider(decision.provider or "")
-    lease = _new_lease(session, ask, decision, now)
-    grant = _grant(session, ask, decision, lease, ask.confirmation_jkt)
-    try:
-        with MINTS.labels(provider.name).time():
-            minted = provider.mint(grant)
-    except BrokerError:
-        return None  # the full path records the failed mint
-    issued = _activated(broker, lease, minted)
-    key_row = None
-    if idem_key is not None:
-        ticket = idempotency.new_ticket(broker, session.id, idem_key, ask.idempotency_hash(session.id), now)
-        key_row = idempotency.row_of(idempotency.finished_row(broker, ticket, issued))
-    escalation = tuple(sorted(policy.escalation_tiers)) if lease.tier in policy.escalation_tiers else ()
-    result = await store.issue(Issue(
-        lease=lease, key_row=key_row, now=now, max_issued=policy.max_issued_per_session,
-        max_active=policy.max_active_per_session, escalation=escalation,
-        audit=record_template(_minted_event(session, ask, lease, grant, DecisionRef.of(decision)), now=utcnow()),
-    ))
-    if result != "issued":
-        return None  # what changed is the full path's to decide and record; this credential is dropped unseen
-    DECISIONS.labels(result=decision.result, tier=decision.tier or "none", reason=decision.reason).inc()
-    return issued
-
-
 def _decide_and_mint(
     broker: Broker, session_id: str, ask: CapabilityAsk, idem_key: str | None
 ) -> CapabilityOutcome:
@@ -267,12 +196,12 @@ def _decide_and_mint(
         else:
             assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
             provider = broker.provider(decision.provider)
-            lease = _new_lease(session, ask, decision, now)
+            lease = new_lease(session, ask, decision, now)
             if approval is not None:
                 approvals.mark_used(db, approval, lease.id, now)  # single use, in the lease's transaction
             if grant_used is not None:
                 grants.consume(db, grant_used)
-            grant = _grant(session, ask, decision, lease, ask.confirmation_jkt)
+            grant = grant_for(session, ask, decision, lease, ask.confirmation_jkt)
             if provider.mints_locally:
                 # Nothing outside this database learns of the credential before COMMIT, so
                 # reserving, minting and activating are one transaction: a crash leaves nothing.
@@ -297,7 +226,7 @@ def _decide_and_mint(
     return _mint(broker, session, ask, grant, provider.name, record, idem_key)
 
 
-def _new_lease(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, now: datetime) -> NewLease:
+def new_lease(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, now: datetime) -> NewLease:
     """The lease an allowed decision reserves: `minting` until its credential exists."""
     assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
     return NewLease(
@@ -308,7 +237,7 @@ def _new_lease(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision,
     )
 
 
-def _grant(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, lease: NewLease,
+def grant_for(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, lease: NewLease,
            confirmation_jkt: str | None) -> Grant:
     """What the provider is asked to mint for `lease`."""
     assert decision.tier is not None and decision.ttl_seconds is not None
@@ -346,18 +275,18 @@ def _activate(db: Session, broker: Broker, session: SessionSnapshot, ask: Capabi
               ticket: idempotency.Ticket | None) -> CapabilityIssued:
     """Lease active, audit record, idempotent outcome: all in the caller's transaction. A
     NewLease (minted locally) is issued here, complete; a remote mint's `minting` row is updated."""
-    issued = _activated(broker, lease, minted)
+    issued = activated(broker, lease, minted)
     if isinstance(lease, NewLease):
         _issue(db, lease, None if ticket is None else idempotency.finished_row(broker, ticket, issued))
     else:
         db.add(lease)
         idempotency.finish(db, broker, ticket, issued)
     # Last, so the session's chain tip is held for the least time.
-    append(db, _minted_event(session, ask, lease, grant, record))
+    append(db, minted_event(session, ask, lease, grant, record))
     return issued
 
 
-def _activated(broker: Broker, lease: Lease | NewLease, minted: Minted) -> CapabilityIssued:
+def activated(broker: Broker, lease: Lease | NewLease, minted: Minted) -> CapabilityIssued:
     """`lease` active with what the provider minted; the answer the caller gets."""
     lease.status = LeaseStatus.ACTIVE
     lease.minted_at = utcnow()
@@ -371,7 +300,7 @@ def _activated(broker: Broker, lease: Lease | NewLease, minted: Minted) -> Capab
                             expires_at=lease.expires_at, credential=minted.credential)
 
 
-def _minted_event(session: SessionSnapshot, ask: CapabilityAsk, lease: Lease | NewLease, grant: Grant,
+def minted_event(session: SessionSnapshot, ask: CapabilityAsk, lease: Lease | NewLease, grant: Grant,
                   record: DecisionRef) -> AuditEvent:
     return records.capability_event(session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
                                     grant=GrantRef.of(lease, expires_at=rfc3339(lease.expires_at)))
@@ -395,14 +324,7 @@ def _mint(
         failure = ProviderError(f"provider {provider_name} failed: {exc.__class__.__name__}")
     if failure is not None or minted is None:
         assert failure is not None
-        with transaction(broker.engine) as db:
-            lease = db.get(Lease, grant.capability_id, with_for_update=True)
-            assert lease is not None
-            lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, failure.code, utcnow()
-            db.add(lease)
-            if failure.status < 500:
-                idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure)
-            append(db, records.mint_failed_event(session, ask, grant, provider_name, record, failure))
+        record_failed_mint(broker, session, ask, grant, provider_name, record, idem_key, failure)
         raise failure
     try:
         with transaction(broker.engine) as db:
@@ -414,11 +336,25 @@ def _mint(
             return _activate(db, broker, session, ask, lease, grant, provider_name, minted, record,
                              idempotency.reload(db, session.id, idem_key))
     except BaseException:
-        _revoke_unrecorded(broker, provider, grant, minted)
+        revoke_unrecorded(broker, provider, grant, minted)
         raise
 
 
-def _revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted: Minted) -> None:
+def record_failed_mint(broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, grant: Grant, provider_name: str,
+                       record: DecisionRef, idem_key: str | None, failure: BrokerError) -> None:
+    """The backend refused or failed: the `minting` lease fails, with its record (and, for a
+    refusal, the key's stored answer)."""
+    with transaction(broker.engine) as db:
+        lease = db.get(Lease, grant.capability_id, with_for_update=True)
+        assert lease is not None
+        lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, failure.code, utcnow()
+        db.add(lease)
+        if failure.status < 500:
+            idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure)
+        append(db, records.mint_failed_event(session, ask, grant, provider_name, record, failure))
+
+
+def revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted: Minted) -> None:
     """The credential exists but its activation did not commit: kill it before anyone uses it."""
     target = RevokeTarget(
         capability_id=grant.capability_id, session_id=grant.session_id, resource=grant.resource,

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Engine
 
-from broker.store.base import Issue, IssueResult, SessionCache, Store
+from broker.store.base import (
+    ActivateResult,
+    Activation,
+    HeldKey,
+    Issue,
+    IssueResult,
+    Reservation,
+    SessionCache,
+    Store,
+)
 
 
 async def open_store(engine: Engine, *, pool_size: int = 10) -> Store:
@@ -17,4 +26,5 @@ async def open_store(engine: Engine, *, pool_size: int = 10) -> Store:
     return SQLiteStore(engine)
 
 
-__all__ = ["Issue", "IssueResult", "SessionCache", "Store", "open_store"]
+__all__ = ["ActivateResult", "Activation", "HeldKey", "Issue", "IssueResult", "Reservation", "SessionCache", "Store",
+           "open_store"]

@@ -5,37 +5,66 @@ against the session's unchanging facts (who, what task, which scope, until when)
 one call, `issue`, that re-checks under the session's row lock what could have changed (the
 session ended, a budget filled, an escalation tier went live, the idempotency key was used) and
 writes nothing if it did: the caller then takes the full path, which records the refusal. On
-PostgreSQL the call is one round trip (migration 0010's function, `postgres.py`); on SQLite the
-same steps in one transaction (`sqlite.py`).
+PostgreSQL the call is one round trip (migration 0010's functions, `postgres.py`); on SQLite the
+same steps in one transaction (`sqlite.py`). A remote backend's capability is two calls around
+the backend's: `reserve` (the `minting` lease, committed first: crash-safe) and `activate`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from broker.audit.service import RecordTemplate
 from broker.models import NewLease, SessionSnapshot
 
-# What `issue` answered: written, or why nothing was (the full path then decides again).
-IssueResult = Literal["issued", "no-session", "session-ended", "key-exists", "budget-exceeded", "escalation"]
+# What `issue` or `reserve` answered: written, or why nothing was (the full path then decides again).
+IssueResult = Literal["issued", "reserved", "no-session", "session-ended", "key-exists", "budget-exceeded",
+                      "escalation"]
+# What `activate` answered: `not-minting` when the lease was torn down while it was being minted.
+ActivateResult = Literal["activated", "not-minting"]
 
 
 @dataclass(frozen=True)
-class Issue:
-    """A capability minted locally, ready to be written with what the policy's budgets allow."""
+class Reservation:
+    """A new lease and what must still hold, under the session's row lock, to write it."""
 
-    lease: NewLease  # complete and active: minted before the call
-    key_row: dict[str, Any] | None  # the idempotency key's row with its sealed outcome (column -> value)
-    audit: RecordTemplate  # the capability.minted record, but for its chain position and seq
+    lease: NewLease
+    key_row: dict[str, Any] | None  # the idempotency key's row (column -> value)
     max_issued: int | None
     max_active: int | None
     # The policy's escalation tiers when the lease's tier is one of them (a live lease of any of
     # them would have asked for approval); empty otherwise.
     escalation: tuple[str, ...]
-    now: datetime
+
+
+@dataclass(frozen=True)
+class Issue:
+    """A capability minted locally: its reservation (the lease already active, the key with its
+    sealed outcome) and its `capability.minted` record, written at once."""
+
+    reservation: Reservation
+    audit: RecordTemplate
+
+
+@dataclass(frozen=True)
+class HeldKey:
+    """An idempotency key held `in_progress` by a reservation, and the outcome it now stores."""
+
+    session_id: str
+    key: str
+    status: int
+    sealed: str
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A remote mint's lease, now holding what the backend minted, with its key and record."""
+
+    lease: NewLease
+    key: HeldKey | None
+    audit: RecordTemplate
 
 
 class Store(Protocol):
@@ -43,7 +72,14 @@ class Store(Protocol):
         """The session's row as it is now, unlocked: the caller keeps only its unchanging facts."""
 
     async def issue(self, issue: Issue) -> IssueResult:
-        """Write `issue` in one transaction if the locked session row still allows it."""
+        """Reserve and record in one transaction, if the locked session row still allows it."""
+
+    async def reserve(self, reservation: Reservation) -> IssueResult:
+        """Write the `minting` lease (and the held key) in one transaction, if the locked session
+        row still allows it: committed before the backend is called."""
+
+    async def activate(self, activation: Activation) -> ActivateResult:
+        """The lease active (if still `minting`), the key's outcome, the record: one transaction."""
 
     async def close(self) -> None: ...
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -19,16 +18,19 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import Engine
 
+from broker.audit.service import RecordTemplate
 from broker.errors import AuditWriteFailed
 from broker.models import SessionSnapshot
-from broker.store.base import Issue, IssueResult
+from broker.store.base import ActivateResult, Activation, Issue, IssueResult, Reservation
 
 log = logging.getLogger("broker.store")
 
 _SESSION = ("SELECT id, human, agent, task_id, repository, scope, labels, status, created_by, created_at, expires_at, "
             "ended_at, end_reason, issued_count FROM sessions WHERE id = %s")
-_ISSUE = ("SELECT broker_issue_capability(%s, %s, %s, %s::text[], %s::jsonb, %s::jsonb, %s, %s::text[], "
-          "%s, %s, %s, %s, %s)")
+_AUDIT = "%s, %s, %s, %s, %s, %s, %s, %s, %s"  # chain, three pieces, event id, timestamp, type, human, outcome
+_ISSUE = f"SELECT broker_issue_capability(%s, %s, %s, %s::text[], %s::jsonb, %s::jsonb, {_AUDIT})"
+_RESERVE = "SELECT broker_reserve_capability(%s, %s, %s, %s::text[], %s::jsonb, %s::jsonb)"
+_ACTIVATE = f"SELECT broker_activate_capability(%s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, {_AUDIT})"
 
 
 def _json(row: dict[str, Any]) -> str:
@@ -72,20 +74,37 @@ class PostgresStore:
         return SessionSnapshot(**row)
 
     async def issue(self, issue: Issue) -> IssueResult:
-        lease, audit = issue.lease, issue.audit
-        params = (
-            lease.session_id, issue.max_issued, issue.max_active, list(issue.escalation),
-            _json(asdict(lease)), None if issue.key_row is None else _json(issue.key_row),
-            audit.chain_id, list(audit.pieces), audit.event_id, audit.timestamp, audit.type,
-            audit.human_principal, audit.outcome,
-        )
+        return cast(IssueResult, await self._call(_ISSUE, (*_reservation(issue.reservation), *_audit(issue.audit)),
+                                                  issue.reservation.lease.id))
+
+    async def reserve(self, reservation: Reservation) -> IssueResult:
+        return cast(IssueResult, await self._call(_RESERVE, _reservation(reservation), reservation.lease.id))
+
+    async def activate(self, activation: Activation) -> ActivateResult:
+        lease, key = activation.lease, activation.key
+        params = (lease.id, lease.minted_at, lease.backend_expires_at,
+                  None if lease.handle is None else json.dumps(lease.handle), lease.fingerprint, lease.sealed_secret,
+                  lease.session_id, None if key is None else key.key, None if key is None else key.status,
+                  None if key is None else key.sealed, *_audit(activation.audit))
+        return cast(ActivateResult, await self._call(_ACTIVATE, params, lease.id))
+
+    async def _call(self, statement: str, params: tuple[Any, ...], lease_id: str) -> str:
         try:
             async with self._pool.connection() as conn:
-                cur = await conn.execute(_ISSUE, params)
+                cur = await conn.execute(statement, params)
                 row = await cur.fetchone()
         except psycopg.Error as exc:
-            # Nothing was written (the function is one transaction): fail closed, as an append does.
-            log.error("issuing %s failed: %s", lease.id, exc.__class__.__name__)
+            # Nothing was written (each function is one transaction): fail closed, as an append does.
+            log.error("writing %s failed: %s", lease_id, exc.__class__.__name__)
             raise AuditWriteFailed("the capability could not be recorded; nothing was issued") from exc
         assert row is not None
-        return cast(IssueResult, row[0])
+        return str(row[0])
+
+
+def _reservation(r: Reservation) -> tuple[Any, ...]:
+    return (r.lease.session_id, r.max_issued, r.max_active, list(r.escalation) or None, _json(vars(r.lease)),
+            None if r.key_row is None else _json(r.key_row))
+
+
+def _audit(t: RecordTemplate) -> tuple[Any, ...]:
+    return (t.chain_id, *t.pieces, t.event_id, t.timestamp, t.type, t.human_principal, t.outcome)

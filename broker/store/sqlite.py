@@ -4,17 +4,20 @@ writers are serialised by `BEGIN IMMEDIATE` (broker/db.py), which stands in for 
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+import functools
+from dataclasses import fields
 from typing import Any
 
 import anyio
 from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from broker.audit.service import append_template
+from broker.audit.service import RecordTemplate, append_template
 from broker.db import transaction
+from broker.errors import AuditWriteFailed
 from broker.models import IdempotencyRecord, Lease, SessionRow, SessionSnapshot
-from broker.store.base import Issue, IssueResult, refusal_of
+from broker.store.base import ActivateResult, Activation, Issue, IssueResult, Reservation, refusal_of
 
 _SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
 _LEASES = Lease.__table__  # type: ignore[attr-defined]
@@ -29,8 +32,18 @@ _COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("s"))
                  .values(issued_count=_SESSIONS.c.issued_count + 1))
 
 
-def _escalated(tiers: tuple[str, ...]) -> Any:
-    names = ", ".join(f":t{i}" for i in range(len(tiers)))
+_STATUS = select(_SESSIONS.c.status, _SESSIONS.c.issued_count).where(_SESSIONS.c.id == bindparam("s"))
+_ACTIVATE = (update(_LEASES).where((_LEASES.c.id == bindparam("id")) & (_LEASES.c.status == "minting"))
+             .values(status="active", minted_at=bindparam("minted_at"),
+                     backend_expires_at=bindparam("backend_expires_at"), handle=bindparam("handle"),
+                     fingerprint=bindparam("fingerprint"), sealed_secret=bindparam("sealed_secret")))
+_FINISH_KEY = (update(_KEYS).where((_KEYS.c.session_id == bindparam("s")) & (_KEYS.c.key == bindparam("k")))
+               .values(state="done", response_status=bindparam("status"), sealed_response=bindparam("sealed")))
+
+
+@functools.lru_cache(maxsize=16)
+def _escalated(tiers: int) -> Any:
+    names = ", ".join(f":t{i}" for i in range(tiers))
     return text(f"SELECT EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier IN ({names}) "
                 "AND status IN ('minting', 'active', 'revoke_pending'))")
 
@@ -46,35 +59,66 @@ class SQLiteStore:
         return await anyio.to_thread.run_sync(self._session, session_id)
 
     async def issue(self, issue: Issue) -> IssueResult:
-        return await anyio.to_thread.run_sync(self._issue, issue)
+        return await anyio.to_thread.run_sync(self._write, issue.reservation, issue.audit)
+
+    async def reserve(self, reservation: Reservation) -> IssueResult:
+        return await anyio.to_thread.run_sync(self._write, reservation, None)
+
+    async def activate(self, activation: Activation) -> ActivateResult:
+        return await anyio.to_thread.run_sync(self._activate, activation)
 
     def _session(self, session_id: str) -> SessionSnapshot | None:
         with self._engine.connect() as conn:
             row = conn.execute(_SESSION, {"s": session_id}).first()
         return None if row is None else SessionSnapshot(**row._mapping)
 
-    def _issue(self, issue: Issue) -> IssueResult:
-        sid = issue.lease.session_id
-        with transaction(self._engine) as db:
-            conn = db.connection()
-            row = conn.execute(select(_SESSIONS.c.status, _SESSIONS.c.issued_count)
-                               .where(_SESSIONS.c.id == bindparam("s")), {"s": sid}).first()
-            if row is None:
-                return "no-session"
-            key_taken = issue.key_row is not None and conn.execute(
-                _KEY_TAKEN, {"s": sid, "k": issue.key_row["key"]}).first() is not None
-            live = conn.execute(_FOLD, {"s": sid}).scalar_one()
-            conn.execute(_CLEAR, {"s": sid})
-            escalated = bool(issue.escalation) and bool(conn.execute(
-                _escalated(issue.escalation), {"s": sid, **{f"t{i}": t for i, t in enumerate(issue.escalation)}},
-            ).scalar_one())
-            refused = refusal_of(status=row.status, key_taken=key_taken, issued=row.issued_count, live=live,
-                                 max_issued=issue.max_issued, max_active=issue.max_active, escalated=escalated)
-            if refused is not None:
-                return refused
-            conn.execute(insert(_LEASES), [asdict(issue.lease)])
-            conn.execute(_COUNT_ISSUED, {"s": sid})
-            if issue.key_row is not None:
-                conn.execute(insert(_KEYS), [issue.key_row])
-            append_template(db, issue.audit)
-        return "issued"
+    def _write(self, r: Reservation, audit: RecordTemplate | None) -> IssueResult:
+        """Migration 0010's broker_reserve_capability, and with `audit` its issue."""
+        sid = r.lease.session_id
+        try:
+            with transaction(self._engine) as db:
+                conn = db.connection()
+                row = conn.execute(_STATUS, {"s": sid}).first()
+                if row is None:
+                    return "no-session"
+                key_taken = r.key_row is not None and conn.execute(
+                    _KEY_TAKEN, {"s": sid, "k": r.key_row["key"]}).first() is not None
+                live = conn.execute(_FOLD, {"s": sid}).scalar_one()
+                conn.execute(_CLEAR, {"s": sid})
+                escalated = bool(r.escalation) and bool(conn.execute(
+                    _escalated(len(r.escalation)), {"s": sid, **{f"t{i}": t for i, t in enumerate(r.escalation)}},
+                ).scalar_one())
+                refused = refusal_of(status=row.status, key_taken=key_taken, issued=row.issued_count, live=live,
+                                     max_issued=r.max_issued, max_active=r.max_active, escalated=escalated)
+                if refused is not None:
+                    return refused
+                conn.execute(insert(_LEASES), [vars(r.lease)])
+                conn.execute(_COUNT_ISSUED, {"s": sid})
+                if r.key_row is not None:
+                    conn.execute(insert(_KEYS), [r.key_row])
+                if audit is None:
+                    return "reserved"
+                append_template(db, audit)
+            return "issued"
+        except SQLAlchemyError as exc:
+            raise AuditWriteFailed("the capability could not be recorded; nothing was issued") from exc
+
+    def _activate(self, a: Activation) -> ActivateResult:
+        """Migration 0010's broker_activate_capability."""
+        lease = a.lease
+        try:
+            with transaction(self._engine) as db:
+                conn = db.connection()
+                changed = conn.execute(_ACTIVATE, {
+                    "id": lease.id, "minted_at": lease.minted_at, "backend_expires_at": lease.backend_expires_at,
+                    "handle": lease.handle, "fingerprint": lease.fingerprint, "sealed_secret": lease.sealed_secret,
+                }).rowcount
+                if changed != 1:
+                    return "not-minting"
+                if a.key is not None:
+                    conn.execute(_FINISH_KEY, {"s": a.key.session_id, "k": a.key.key, "status": a.key.status,
+                                               "sealed": a.key.sealed})
+                append_template(db, a.audit)
+            return "activated"
+        except SQLAlchemyError as exc:
+            raise AuditWriteFailed("the capability could not be recorded; nothing was issued") from exc

@@ -21,7 +21,11 @@ from broker.audit.service import verify
 from broker.db import transaction
 from broker.runtime import Broker
 from broker.store.postgres import PostgresStore
+from tests.integration.test_least_privilege import API_KEY
+from tests.integration.test_least_privilege import POLICY as VAULT_POLICY
+from tests.integration.test_least_privilege import SCOPE as VAULT_SCOPE
 from tests.support.brokers import BrokerSecrets, build_broker
+from tests.support.openbao import VaultSetup
 
 
 class WireTrace:
@@ -76,11 +80,12 @@ def _session(client: TestClient, secrets_: BrokerSecrets, **extra: Any) -> dict[
     return dict(r.json())
 
 
-def _ask(client: TestClient, session: dict[str, Any], resource: str = "jwt://svc/a", key: str | None = None) -> Any:
+def _ask(client: TestClient, session: dict[str, Any], resource: str = "jwt://svc/a", key: str | None = None,
+         access: str = "read") -> Any:
     headers = {"Authorization": f"Bearer {session['session_token']}"}
     if key is not None:
         headers["Idempotency-Key"] = key
-    return client.post("/v1/capabilities", json={"resource": resource, "access": "read", "purpose": "t"},
+    return client.post("/v1/capabilities", json={"resource": resource, "access": access, "purpose": "t"},
                        headers=headers)
 
 
@@ -115,6 +120,42 @@ def test_postgres_native_capability_is_one_round_trip(postgres_url: str, tmp_pat
     with transaction(broker.engine) as db:
         assert db.execute(text("SELECT count(*) FROM leases WHERE status = 'active'")).scalar_one() == 7
         assert db.execute(text("SELECT issued_count FROM sessions")).scalar_one() == 7
+        assert verify(db).ok
+    broker.engine.dispose()
+
+
+def test_postgres_vault_capability_is_two_round_trips_around_the_backend(
+        postgres_url: str, tmp_path: Path, vault_setup: VaultSetup) -> None:
+    """Reserve (the `minting` lease commits first), the OpenBao call, activate: two round trips
+    to PostgreSQL, nothing through SQLAlchemy; the record verifies."""
+    secrets_ = BrokerSecrets()
+    broker = build_broker(tmp_path, postgres_url, secrets_, VAULT_POLICY, vault_addr=vault_setup.server.addr,
+                          vault_token=vault_setup.broker_token, vault_token_role=vault_setup.token_role)
+    trace = WireTrace(tmp_path)
+    with TestClient(create_app(broker=broker, sweeper=False)) as client:
+        assert isinstance(broker.store, PostgresStore) and client.portal is not None
+        portal = client.portal
+        portal.call(broker.store.close)
+        broker.store = portal.call(lambda: PostgresStore.open(broker.engine, size=1, configure=trace.configure))
+        statements = Statements(broker)
+        session = _session(client, secrets_, scope=VAULT_SCOPE)
+        assert _ask(client, session, API_KEY, key="warm-up").status_code == 201
+        statements.reset()
+        before = trace.round_trips()
+        tokens = []
+        for i in range(3):
+            r = _ask(client, session, API_KEY, key=f"v{i}")
+            assert r.status_code == 201, r.text
+            tokens.append(r.json()["credential"]["token"])
+        assert trace.round_trips() - before == 6
+        assert statements.seen == []
+        assert len(set(tokens)) == 3
+        portal.call(broker.store.close)
+        broker.store = None
+    with transaction(broker.engine) as db:
+        assert db.execute(text("SELECT count(*) FROM leases WHERE status = 'active' AND provider = 'vault'")
+                          ).scalar_one() == 4
+        assert db.execute(text("SELECT count(*) FROM idempotency_keys WHERE state = 'done'")).scalar_one() == 4
         assert verify(db).ok
     broker.engine.dispose()
 

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Header, Query, Response
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
 from broker.api.schemas import SESSION_ID_PATTERN, CapabilityRequest, error_responses
 from broker.leases import queries
+from broker.leases.on_loop import request_capability_async
 from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, PendingApproval
-from broker.leases.service import request_capability_async
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus
 
 router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
@@ -37,8 +37,8 @@ async def create_capability(
         resource=body.resource, access=body.access, purpose=body.purpose, ttl_seconds=body.ttl_seconds,
         tool=body.tool, parameters=body.parameters, approval_id=body.approval_id,
     )
-    # async: a capability minted here is one store call on the event loop; the rest of the
-    # request path hops into a worker thread itself (leases/service.py).
+    # async: the request path runs on the event loop (leases/on_loop.py); what it cannot do
+    # there, it hands to a worker thread itself.
     outcome = await request_capability_async(broker, caller, ask, idempotency_key)
     # The model writes its own JSON: `response_model` (the schema, for OpenAPI) would only have
     # FastAPI validate and serialise the same object again, on the busiest route.
