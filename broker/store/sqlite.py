@@ -5,6 +5,7 @@ writers are serialised by `BEGIN IMMEDIATE` (broker/db.py), which stands in for 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import fields
 from typing import Any
 
@@ -18,6 +19,8 @@ from broker.db import transaction
 from broker.errors import AuditWriteFailed
 from broker.models import IdempotencyRecord, Lease, SessionRow, SessionSnapshot
 from broker.store.base import ActivateResult, Activation, Issue, IssueResult, Reservation, refusal_of
+
+log = logging.getLogger("broker.store")
 
 _SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
 _LEASES = Lease.__table__  # type: ignore[attr-defined]
@@ -33,12 +36,12 @@ _COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("s"))
 
 
 _STATUS = select(_SESSIONS.c.status, _SESSIONS.c.issued_count).where(_SESSIONS.c.id == bindparam("s"))
-_ACTIVATE = (update(_LEASES).where((_LEASES.c.id == bindparam("id")) & (_LEASES.c.status == "minting"))
-             .values(status="active", minted_at=bindparam("minted_at"),
-                     backend_expires_at=bindparam("backend_expires_at"), handle=bindparam("handle"),
-                     fingerprint=bindparam("fingerprint"), sealed_secret=bindparam("sealed_secret")))
+_ACTIVATED = ("minted_at", "backend_expires_at", "handle", "fingerprint", "sealed_secret")
+# Parameters named like a column of the UPDATE would be taken for values to SET: `v_<column>`.
+_ACTIVATE = (update(_LEASES).where((_LEASES.c.id == bindparam("v_id")) & (_LEASES.c.status == "minting"))
+             .values(status="active", **{c: bindparam("v_" + c, type_=_LEASES.c[c].type) for c in _ACTIVATED}))
 _FINISH_KEY = (update(_KEYS).where((_KEYS.c.session_id == bindparam("s")) & (_KEYS.c.key == bindparam("k")))
-               .values(state="done", response_status=bindparam("status"), sealed_response=bindparam("sealed")))
+               .values(state="done", response_status=bindparam("v_status"), sealed_response=bindparam("v_sealed")))
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,7 +77,7 @@ class SQLiteStore:
 
     def _write(self, r: Reservation, audit: RecordTemplate | None) -> IssueResult:
         """Migration 0010's broker_reserve_capability, and with `audit` its issue."""
-        sid = r.lease.session_id
+        sid, lease = r.lease.session_id, r.lease
         try:
             with transaction(self._engine) as db:
                 conn = db.connection()
@@ -101,6 +104,7 @@ class SQLiteStore:
                 append_template(db, audit)
             return "issued"
         except SQLAlchemyError as exc:
+            log.error("writing %s failed: %s", lease.id, exc.__class__.__name__)
             raise AuditWriteFailed("the capability could not be recorded; nothing was issued") from exc
 
     def _activate(self, a: Activation) -> ActivateResult:
@@ -109,16 +113,15 @@ class SQLiteStore:
         try:
             with transaction(self._engine) as db:
                 conn = db.connection()
-                changed = conn.execute(_ACTIVATE, {
-                    "id": lease.id, "minted_at": lease.minted_at, "backend_expires_at": lease.backend_expires_at,
-                    "handle": lease.handle, "fingerprint": lease.fingerprint, "sealed_secret": lease.sealed_secret,
-                }).rowcount
+                changed = conn.execute(_ACTIVATE, {"v_id": lease.id, **{"v_" + c: getattr(lease, c) for c in _ACTIVATED}
+                                                   }).rowcount
                 if changed != 1:
                     return "not-minting"
                 if a.key is not None:
-                    conn.execute(_FINISH_KEY, {"s": a.key.session_id, "k": a.key.key, "status": a.key.status,
-                                               "sealed": a.key.sealed})
+                    conn.execute(_FINISH_KEY, {"s": a.key.session_id, "k": a.key.key, "v_status": a.key.status,
+                                               "v_sealed": a.key.sealed})
                 append_template(db, a.audit)
             return "activated"
         except SQLAlchemyError as exc:
+            log.error("writing %s failed: %s", lease.id, exc.__class__.__name__)
             raise AuditWriteFailed("the capability could not be recorded; nothing was issued") from exc
