@@ -117,7 +117,11 @@ async def _on_loop(broker: Broker, caller: Caller, ask: CapabilityAsk, key: str 
     if await store.reserve(reservation(held)) != "reserved":
         return None
     _count(decision)
-    return await _mint_and_activate(broker, store, session, ask, decision, provider, lease, grant, ticket)
+    # Shielded: once the lease is reserved, a cancelled request must still end it as the full
+    # path would (activated and recorded, failed, or revoked), not leave it to the reconciler.
+    with anyio.CancelScope(shield=True):
+        issued = await _mint_and_activate(broker, store, session, ask, decision, provider, lease, grant, ticket)
+    return issued
 
 
 async def _mint_and_activate(broker: Broker, store: Store, session: SessionSnapshot, ask: CapabilityAsk,
@@ -164,9 +168,7 @@ def _mint(provider: Provider, grant: Grant) -> Minted:
 
 
 async def _revoke(broker: Broker, provider: Provider, grant: Grant, minted: Minted) -> None:
-    # Shielded: a cancelled request must still kill the credential it will never hand out.
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(revoke_unrecorded, broker, provider, grant, minted)
+    await anyio.to_thread.run_sync(revoke_unrecorded, broker, provider, grant, minted)
 
 
 def _count(decision: Decision) -> None:
