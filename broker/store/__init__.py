@@ -16,7 +16,14 @@ from broker.store.base import (
 )
 
 
-async def open_store(engine: Engine, *, pool_size: int = 10) -> Store:
+# Connections of the request path's pool (PostgreSQL): as many as SQLAlchemy's pool may open
+# (10 + 20 overflow). A request holds one for a single round trip, so this is how many commits
+# can be in flight at once, which PostgreSQL groups into one WAL flush: with 10, a busy broker
+# queued on the pool (measured: 64 connections gave x0.67 the throughput of the thread pool's 30).
+REQUEST_POOL_SIZE = 30
+
+
+async def open_store(engine: Engine, *, pool_size: int = REQUEST_POOL_SIZE) -> Store:
     if engine.dialect.name == "postgresql":
         from broker.store.postgres import PostgresStore
 
