@@ -15,7 +15,6 @@ from broker.store.base import (
     Store,
 )
 
-
 # Connections of the request path's pool (PostgreSQL): as many as SQLAlchemy's pool may open
 # (10 + 20 overflow). A request holds one for a single round trip, so this is how many commits
 # can be in flight at once, which PostgreSQL groups into one WAL flush: with 10, a busy broker
