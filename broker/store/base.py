@@ -106,7 +106,7 @@ class SessionCache:
     end); bounded, least recently used out first. Status and counters in a cached snapshot are
     stale by design: `Store.issue` reads those under the row lock."""
 
-    def __init__(self, size: int = 65_536) -> None:
+    def __init__(self, size: int = 16_384) -> None:
         self._size = size
         self._sessions: OrderedDict[str, SessionSnapshot] = OrderedDict()
 
