@@ -59,6 +59,7 @@ from broker.oauth.metadata import challenge
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
 from broker.ssf import streams as ssf_streams
+from broker.store import open_store
 
 log = logging.getLogger("broker")
 
@@ -129,6 +130,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
         def reload() -> None:
             if broker.policies.reload():
+                for provider in broker.providers.values():
+                    provider.policy_reloaded()
                 record_policy_loaded(broker, "reload")
                 log.info("policy reloaded: %s", broker.policies.current.version)
             else:
@@ -172,9 +175,14 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             delivery = outbox_core.outbox_delivery(broker, OUTBOX_SENDERS)
             delivery.start()
         app.state.outbox = delivery
+        # The request path's store, on this event loop (PostgreSQL: an async pool, no thread hop).
+        store = broker.store = await open_store(broker.engine)
         try:
             yield
         finally:
+            if broker.store is store:
+                broker.store = None
+            await store.close()
             if delivery:
                 delivery.stop()
             if recheck:

@@ -31,6 +31,7 @@ from broker.permissions.registry import build as build_sources
 from broker.policy import PolicyStore
 from broker.providers.base import Provider, ProviderContext
 from broker.providers.registry import build as build_providers
+from broker.store import SessionCache, Store
 
 log = logging.getLogger("broker")
 
@@ -102,6 +103,10 @@ class Broker:
     replica_id: str = field(default_factory=lambda: "r-" + secrets.token_hex(4))
     # Live permission sources the policy names (github, openbao, ...), with their answer cache.
     permissions: LivePermissions = field(default_factory=lambda: LivePermissions({}, 0))
+    # The request path's store, opened on the event loop by the app's lifespan (None before: the
+    # full path alone), and the sessions it has read.
+    store: Store | None = None
+    sessions: SessionCache = field(default_factory=SessionCache)
 
     @classmethod
     def build(cls, settings: Settings, *, engine: Engine | None = None) -> Broker:

@@ -119,6 +119,57 @@ def append_many(db: Session, events: list[AuditEvent], *, now: datetime | None =
     log.debug("audit %d record(s) up to seq=%d", len(events), seqs[-1])
 
 
+@dataclass(frozen=True)
+class RecordTemplate:
+    """One record whose chain position and seq only the database will know: its canonical JSON
+    in three pieces, `pieces[0] + str(chain_pos) + pieces[1] + str(seq) + pieces[2]`, and the
+    columns copied out of it. The store joins and hashes it where it takes the chain's tip
+    (`chain_hash`, byte for byte: migration 0013 on PostgreSQL)."""
+
+    chain_id: str
+    pieces: tuple[str, str, str]
+    event_id: str
+    timestamp: str
+    type: str
+    session_id: str | None
+    human_principal: str | None
+    outcome: str
+
+    def record(self, chain_pos: int, seq: int) -> str:
+        return f"{self.pieces[0]}{chain_pos}{self.pieces[1]}{seq}{self.pieces[2]}"
+
+
+def record_template(event: AuditEvent, *, now: datetime | None = None) -> RecordTemplate:
+    """`event` as a session chain's next record will hold it, but for its position and seq."""
+    assert event.agent.session_id, "a template is for a session's chain"
+    chain = chain_of(event.agent.session_id, 0)
+    marker = uuid.uuid4().hex  # stands in for the two numbers; never inside a record otherwise
+    body = _body(event, 0, now or utcnow())
+    body["seq"], body["chain_id"], body["chain_pos"] = f"seq-{marker}", chain, f"pos-{marker}"
+    canonical = canonical_json(body)
+    head, rest = canonical.split(f'"pos-{marker}"')
+    middle, tail = rest.split(f'"seq-{marker}"')
+    return RecordTemplate(chain, (head, middle, tail), body["event_id"], body["timestamp"], event.type,
+                          event.agent.session_id, event.human_principal, event.outcome)
+
+
+def append_template(db: Session, template: RecordTemplate) -> None:
+    """`append` for a template (the SQLite store; PostgreSQL does this in migration 0013's
+    function): take the chain's tip, write the record and the new tip."""
+    conn = db.connection()
+    length, prev_hash = conn.execute(_ADVANCE, {"c": template.chain_id, "n": 1, "g": GENESIS}).one()
+    seq = conn.execute(_MAX_SEQ).scalar_one() + 1
+    record = template.record(length, seq)
+    digest = chain_hash(prev_hash, record)
+    conn.execute(_RECORDS.insert(), [{
+        "seq": seq, "event_id": template.event_id, "timestamp": template.timestamp, "type": template.type,
+        "session_id": template.session_id, "human_principal": template.human_principal, "outcome": template.outcome,
+        "record": record, "prev_hash": prev_hash, "hash": digest, "chain_id": template.chain_id,
+        "chain_pos": length, "txid": None,
+    }])
+    conn.execute(_SET_TIP, [{"c": template.chain_id, "h": digest}])
+
+
 def _body(event: AuditEvent, seq: int, now: datetime) -> dict[str, Any]:
     return {"event_id": str(uuid.uuid4()), "seq": seq, "timestamp": rfc3339_precise(now), **event.fields()}
 

@@ -57,6 +57,17 @@ def session_facts(db: Session, session: AnySession, policies: Sequence[CompiledP
     )
 
 
+def unchanging_facts(session: AnySession) -> SessionFacts:
+    """The session as the one-call path decides on it: its facts that never change (who, the
+    task, the scope, the end), as active with nothing issued or live. `Store.issue` checks the
+    rest under the session's row lock, and writes nothing where they would change the answer."""
+    return SessionFacts(
+        session_id=session.id, human=session.human, agent=session.agent, task_id=session.task_id,
+        scope=tuple(ScopeEntry(s["resource"], tuple(s["access"])) for s in session.scope),
+        status="active", expires_at=session.expires_at,
+    )
+
+
 _LIVE_STATUSES = ", ".join(f"'{status}'" for status in LIVE)
 # The session's deltas are deleted and added to its count in the statement that reads it. A
 # delta of a transaction still running is not visible, and neither is its lease's new status: it

@@ -102,14 +102,34 @@ def claim(db: Session, broker: Broker, session_id: str, key: str, request_hash: 
         conn.execute(_DELETE, {"s": session_id, "k": key})  # an expired key is free again
         row = None
     if row is None:
-        return Ticket(session_id=session_id, key=key, request_hash=request_hash, created_at=now,
-                      expires_at=now + timedelta(seconds=broker.settings.idempotency_ttl_seconds))
+        return new_ticket(broker, session_id, key, request_hash, now)
     if row.request_hash != request_hash:
         raise Conflict("this Idempotency-Key was used with a different request", code="idempotency-key-reused")
     replay = _replay(broker, session_id, key, row.state, row.response_status, row.sealed_response)
     if replay is None:
         raise InProgress
     return replay
+
+
+def new_ticket(broker: Broker, session_id: str, key: str, request_hash: str, now: datetime) -> Ticket:
+    """A key no row holds yet, as its first request owns it."""
+    return Ticket(session_id=session_id, key=key, request_hash=request_hash, created_at=now,
+                  expires_at=now + timedelta(seconds=broker.settings.idempotency_ttl_seconds))
+
+
+def held_row(ticket: Ticket) -> dict[str, Any]:
+    """`INSERT`'s parameters for a key held `in_progress` while a remote backend mints."""
+    return _row(ticket, "in_progress")
+
+
+def sealed_outcome(broker: Broker, ticket: Ticket, outcome: CapabilityOutcome | BrokerError) -> tuple[int, str]:
+    """What a held key stores when its request is answered: (HTTP status, sealed body)."""
+    return _sealed(broker, ticket, outcome)
+
+
+def row_of(params: dict[str, Any]) -> dict[str, Any]:
+    """`finished_row`'s parameters as the row's columns, for a store that writes the row itself."""
+    return {name.removeprefix("key_"): value for name, value in params.items()}
 
 
 def _row(ticket: Ticket, state: str, status: int | None = None, sealed: str | None = None) -> dict[str, Any]:

@@ -416,6 +416,13 @@ def ended_among(broker: Broker, provider: str, capability_ids: Sequence[str]) ->
     return sorted(ended)
 
 
+def live_handles(broker: Broker, provider: str) -> list[dict[str, Any]]:
+    """The backend handles of `provider`'s live leases (a `minting` lease has none yet)."""
+    with transaction(broker.engine) as db:
+        rows = db.exec(select(Lease.handle).where(Lease.provider == provider, col(Lease.status).in_(LIVE))).all()
+    return [dict(h) for h in rows if h]
+
+
 def _ids(broker: Broker, stmt: SelectOfScalar[str]) -> list[str]:
     with transaction(broker.engine) as db:
         return list(db.exec(stmt).all())

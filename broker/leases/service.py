@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 from broker.approvals import grants
 from broker.approvals import service as approvals
 from broker.approvals.service import Binding
-from broker.audit.events import DecisionRef, GrantRef
+from broker.audit.events import AuditEvent, DecisionRef, GrantRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import (
@@ -196,38 +196,12 @@ def _decide_and_mint(
         else:
             assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
             provider = broker.provider(decision.provider)
-            lease = NewLease(
-                id=new_capability_id(),
-                session_id=session.id,
-                resource=ask.resource,
-                access=ask.access,
-                tier=decision.tier,
-                provider=decision.provider,
-                status=LeaseStatus.MINTING,
-                ttl_seconds=decision.ttl_seconds,
-                purpose=ask.purpose,
-                tool=ask.tool,
-                parameters=ask.parameters,
-                created_at=now,
-                expires_at=now + timedelta(seconds=decision.ttl_seconds),
-            )
+            lease = new_lease(session, ask, decision, now)
             if approval is not None:
                 approvals.mark_used(db, approval, lease.id, now)  # single use, in the lease's transaction
             if grant_used is not None:
                 grants.consume(db, grant_used)
-            grant = Grant(
-                capability_id=lease.id,
-                session_id=session.id,
-                task_id=session.task_id,
-                human=session.human,
-                agent=session.agent,
-                resource=ask.resource,
-                access=ask.access,
-                tier=decision.tier,
-                ttl_seconds=decision.ttl_seconds,
-                options=dict(decision.options),
-                confirmation_jkt=ask.confirmation_jkt,
-            )
+            grant = grant_for(session, ask, decision, lease, ask.confirmation_jkt)
             if provider.mints_locally:
                 # Nothing outside this database learns of the credential before COMMIT, so
                 # reserving, minting and activating are one transaction: a crash leaves nothing.
@@ -250,6 +224,28 @@ def _decide_and_mint(
     if refusal is not None:
         raise refusal
     return _mint(broker, session, ask, grant, provider.name, record, idem_key)
+
+
+def new_lease(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, now: datetime) -> NewLease:
+    """The lease an allowed decision reserves: `minting` until its credential exists."""
+    assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
+    return NewLease(
+        id=new_capability_id(), session_id=session.id, resource=ask.resource, access=ask.access,
+        tier=decision.tier, provider=decision.provider, status=LeaseStatus.MINTING,
+        ttl_seconds=decision.ttl_seconds, purpose=ask.purpose, tool=ask.tool, parameters=ask.parameters,
+        created_at=now, expires_at=now + timedelta(seconds=decision.ttl_seconds),
+    )
+
+
+def grant_for(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, lease: NewLease,
+           confirmation_jkt: str | None) -> Grant:
+    """What the provider is asked to mint for `lease`."""
+    assert decision.tier is not None and decision.ttl_seconds is not None
+    return Grant(
+        capability_id=lease.id, session_id=session.id, task_id=session.task_id, human=session.human,
+        agent=session.agent, resource=ask.resource, access=ask.access, tier=decision.tier,
+        ttl_seconds=decision.ttl_seconds, options=dict(decision.options), confirmation_jkt=confirmation_jkt,
+    )
 
 
 def _pending(db: Session, broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, decision: Decision,
@@ -279,6 +275,19 @@ def _activate(db: Session, broker: Broker, session: SessionSnapshot, ask: Capabi
               ticket: idempotency.Ticket | None) -> CapabilityIssued:
     """Lease active, audit record, idempotent outcome: all in the caller's transaction. A
     NewLease (minted locally) is issued here, complete; a remote mint's `minting` row is updated."""
+    issued = activated(broker, lease, minted)
+    if isinstance(lease, NewLease):
+        _issue(db, lease, None if ticket is None else idempotency.finished_row(broker, ticket, issued))
+    else:
+        db.add(lease)
+        idempotency.finish(db, broker, ticket, issued)
+    # Last, so the session's chain tip is held for the least time.
+    append(db, minted_event(session, ask, lease, grant, record))
+    return issued
+
+
+def activated(broker: Broker, lease: Lease | NewLease, minted: Minted) -> CapabilityIssued:
+    """`lease` active with what the provider minted; the answer the caller gets."""
     lease.status = LeaseStatus.ACTIVE
     lease.minted_at = utcnow()
     lease.backend_expires_at = minted.expires_at
@@ -286,23 +295,15 @@ def _activate(db: Session, broker: Broker, session: SessionSnapshot, ask: Capabi
     lease.fingerprint = minted.fingerprint
     if minted.revocation_secret is not None:
         lease.sealed_secret = broker.sealer.seal(minted.revocation_secret, lease.id)
-    issued = CapabilityIssued(capability_id=lease.id, session_id=session.id, resource=lease.resource,
-                              access=lease.access, tier=lease.tier, provider=lease.provider,
-                              expires_at=lease.expires_at, credential=minted.credential)
-    if isinstance(lease, NewLease):
-        _issue(db, lease, None if ticket is None else idempotency.finished_row(broker, ticket, issued))
-    else:
-        db.add(lease)
-        idempotency.finish(db, broker, ticket, issued)
-    # Last, so the audit head (one row every request serialises on) is held for the least time.
-    append(
-        db,
-        records.capability_event(
-            session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
-            grant=GrantRef.of(lease, expires_at=rfc3339(lease.expires_at)),
-        ),
-    )
-    return issued
+    return CapabilityIssued(capability_id=lease.id, session_id=lease.session_id, resource=lease.resource,
+                            access=lease.access, tier=lease.tier, provider=lease.provider,
+                            expires_at=lease.expires_at, credential=minted.credential)
+
+
+def minted_event(session: SessionSnapshot, ask: CapabilityAsk, lease: Lease | NewLease, grant: Grant,
+                  record: DecisionRef) -> AuditEvent:
+    return records.capability_event(session, ask, "capability.minted", "minted", tier=grant.tier, decision=record,
+                                    grant=GrantRef.of(lease, expires_at=rfc3339(lease.expires_at)))
 
 
 def _mint(
@@ -323,14 +324,7 @@ def _mint(
         failure = ProviderError(f"provider {provider_name} failed: {exc.__class__.__name__}")
     if failure is not None or minted is None:
         assert failure is not None
-        with transaction(broker.engine) as db:
-            lease = db.get(Lease, grant.capability_id, with_for_update=True)
-            assert lease is not None
-            lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, failure.code, utcnow()
-            db.add(lease)
-            if failure.status < 500:
-                idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure)
-            append(db, records.mint_failed_event(session, ask, grant, provider_name, record, failure))
+        record_failed_mint(broker, session, ask, grant, provider_name, record, idem_key, failure)
         raise failure
     try:
         with transaction(broker.engine) as db:
@@ -342,11 +336,25 @@ def _mint(
             return _activate(db, broker, session, ask, lease, grant, provider_name, minted, record,
                              idempotency.reload(db, session.id, idem_key))
     except BaseException:
-        _revoke_unrecorded(broker, provider, grant, minted)
+        revoke_unrecorded(broker, provider, grant, minted)
         raise
 
 
-def _revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted: Minted) -> None:
+def record_failed_mint(broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, grant: Grant, provider_name: str,
+                       record: DecisionRef, idem_key: str | None, failure: BrokerError) -> None:
+    """The backend refused or failed: the `minting` lease fails, with its record (and, for a
+    refusal, the key's stored answer)."""
+    with transaction(broker.engine) as db:
+        lease = db.get(Lease, grant.capability_id, with_for_update=True)
+        assert lease is not None
+        lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, failure.code, utcnow()
+        db.add(lease)
+        if failure.status < 500:
+            idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure)
+        append(db, records.mint_failed_event(session, ask, grant, provider_name, record, failure))
+
+
+def revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted: Minted) -> None:
     """The credential exists but its activation did not commit: kill it before anyone uses it."""
     target = RevokeTarget(
         capability_id=grant.capability_id, session_id=grant.session_id, resource=grant.resource,

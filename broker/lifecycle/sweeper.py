@@ -17,6 +17,7 @@ from broker.leases.revocation import (
     RevokeSummary,
     due_for_expiry,
     due_for_retry,
+    live_handles,
     recently_revoked_resources,
     revoke_leases,
 )
@@ -51,6 +52,21 @@ def prune_revocations(broker: Broker, now: datetime) -> int:
     if removed:
         log.info("pruned %d revocation entries whose credentials have expired", removed)
     removed += release_leftovers(broker).released  # Vault: narrowed policies of ended capabilities
+    removed += collect_shared(broker)  # Vault: shared narrowed policies no live capability carries
+    return removed
+
+
+def collect_shared(broker: Broker) -> int:
+    """Let every provider remove state shared between capabilities that no live one uses."""
+    removed = 0
+    for name, provider in sorted(broker.providers.items()):
+        try:
+            removed += provider.collect_shared(live_handles(broker, name))
+        except Exception as exc:  # one backend's trouble must not stop the sweep; the next pass retries
+            log.warning("collecting unused shared state of provider %s failed: %s", name,
+                        getattr(exc, "message", type(exc).__name__))
+    if removed:
+        log.info("removed %d pieces of shared backend state no live capability uses", removed)
     return removed
 
 

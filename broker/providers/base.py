@@ -180,6 +180,16 @@ class Provider(ABC):
         success, a failure raises (and is retried on the next pass)."""
         return None
 
+    def collect_shared(self, live_handles: Iterable[dict[str, Any]]) -> int:
+        """Remove backend state shared between capabilities (Vault: narrowed policies named by
+        what they grant) that none of `live_handles` (the handles of this provider's live
+        leases) names any more; the sweeper calls this periodically. Returns how many went."""
+        return 0
+
+    def policy_reloaded(self) -> None:
+        """The broker's policy was (re)loaded: drop what was cached about what its rules grant."""
+        return None
+
     def close(self) -> None:
         """Release connections at shutdown."""
         return None

@@ -9,15 +9,20 @@ Two kinds of access, picked by the access entry's options:
   agent, human and task, so OpenBao's audit log ties every use to a person. Revoked with
   `auth/token/revoke-accessor`; the handle is the accessor, never the token.
 
-  By default the token is *narrowed* to the requested path: it carries only the policy
-  `jit-<capability id>` (`vault_acl.py`), written just before the token is created, granting
+  By default the token is *narrowed* to the requested path: it carries only one policy granting
   exactly that path with the access's `capabilities` (default: whatever the rule's policies
-  grant there). It never exceeds the rule's `policies`: what they grant on the path is asked of
-  OpenBao itself, through a short-lived probe token minted with those policies through the same
-  role (`sys/capabilities-accessor`), and a capability they do not grant is refused. The policy
-  is deleted after the token is revoked; one left behind (a failed delete, a crash) is found by
-  `leftover_capabilities` and removed by the sweeper once its lease has ended. `narrow: false`
-  on the access keeps the old behaviour: the token carries the rule's policies whole.
+  grant there), named by what it grants (`jit-cap_acl-<hash>`, `vault_acl.py`), so every
+  capability for the same path and capabilities shares it: written once, then reused (rewritten
+  at most every POLICY_REFRESH_SECONDS). It never exceeds the rule's `policies`: what they grant
+  on the path is asked of OpenBao itself, through a short-lived probe token minted with those
+  policies through the same role (`sys/capabilities-accessor`), and a capability they do not
+  grant is refused. That answer is kept per (policies, path) for CEILING_TTL_SECONDS and dropped
+  when the broker's policy is reloaded. So a mint in the steady state is one OpenBao call (the
+  token), and a revocation is one (revoke the accessor). A shared policy no live capability
+  carries is deleted by the sweeper (`collect_shared`) once it has been unused for
+  SHARED_POLICY_GRACE_SECONDS. Tokens minted before carry a policy of their own, `jit-<capability
+  id>`, deleted after the token is revoked (or by `leftover_capabilities` once its lease has
+  ended). `narrow: false` on the access: the token carries the rule's policies whole.
 - otherwise -> a *dynamic secret*: `read <path>` (e.g. `database/creds/ledger-test`). If the
   lease is longer than the grant, it is shortened with `sys/leases/renew` (the increment counts
   from now, so a smaller increment shortens it; OpenBao then also moves PostgreSQL's
@@ -57,6 +62,7 @@ from urllib.parse import quote, unquote, urlsplit
 import hvac
 import hvac.exceptions as hx
 import requests
+from requests.adapters import HTTPAdapter
 
 from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.policy.resources import parse_resource
@@ -68,9 +74,11 @@ from broker.providers.vault_acl import (
     bootstrap_token_role,
     broker_policy_hcl,
     capability_of_policy,
+    is_shared_policy,
     narrowable_path,
     narrowed_policy,
     narrowed_policy_name,
+    shared_policy_name,
 )
 from broker.times import rfc3339
 
@@ -81,6 +89,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PROBE_TTL = "30s"  # the probe token that asks what a rule's policies grant: one use, revoked at once
+# What a rule's policies grant on a path, as OpenBao answered the probe, is reused this long: an
+# operator's change to those OpenBao policies reaches new mints within it (a reload of the
+# broker's policy at once).
+CEILING_TTL_SECONDS = 30.0
+# A shared narrowed policy this replica wrote is taken to exist this long before it is written
+# again; below the collector's grace, so a policy another replica collected comes back.
+POLICY_REFRESH_SECONDS = 30.0
+# A shared policy no live capability carries is deleted once it has been seen unused for this
+# long (and not used here meanwhile): a mint under way, not yet activated, is never caught.
+SHARED_POLICY_GRACE_SECONDS = 120.0
+# Connections kept open to OpenBao: as many as the request path's worker threads may use at once.
+HTTP_POOL_SIZE = 64
 
 # The backend said no: the request itself is wrong or not allowed. Nothing was created.
 _REJECTED = (hx.InvalidRequest, hx.Unauthorized, hx.Forbidden, hx.InvalidPath, hx.UnsupportedOperation,
@@ -121,6 +141,17 @@ class VaultProvider(Provider):
         self._role_id, self._secret_id, self._approle_mount = role_id, secret_id, approle_mount
         # Explicit: every call bounded by the timeout, TLS verified (requests' default, stated).
         self._client = hvac.Client(url=self.addr, namespace=namespace, timeout=timeout, verify=True)
+        # Kept-alive connections for every worker thread (requests' default pool keeps 10 and
+        # opens, then drops, one per call beyond them).
+        for scheme in ("http://", "https://"):
+            self._client.adapter.session.mount(scheme, HTTPAdapter(pool_connections=1, pool_maxsize=HTTP_POOL_SIZE))
+        self._cache_lock = threading.Lock()
+        self._ceilings: dict[tuple[tuple[str, ...], str], tuple[float, frozenset[str]]] = {}
+        self._written: dict[str, float] = {}  # shared policy -> when this replica last wrote it (monotonic)
+        self._used: dict[str, float] = {}  # shared policy -> when this replica last minted with it
+        self._unused_since: dict[str, float] = {}  # shared policy -> first seen carried by no live capability
+        self.ceiling_ttl_seconds = CEILING_TTL_SECONDS
+        self.shared_policy_grace_seconds = SHARED_POLICY_GRACE_SECONDS
         self._auth_lock = threading.Lock()
         self._authenticated = False
         self._renew_at: float | None = None  # monotonic; None = never (root or unrenewable)
@@ -190,7 +221,9 @@ class VaultProvider(Provider):
                 detail = "OpenBao/Vault no longer knows the token's accessor: revoked before, or expired"
             # A known but already revoked accessor answers 200 "No token found": also success.
             policy = target.handle.get("policy")
-            if policy:  # the token is gone: its narrowed policy goes next, never anything else
+            # A shared policy stays for the capabilities that carry it (`collect_shared` removes it
+            # once none does); a capability's own policy goes with its token, never anything else.
+            if policy and not is_shared_policy(policy):
                 if policy != narrowed_policy_name(target.capability_id):
                     raise ProviderMisconfigured(f"vault: handle names policy {policy!r}, not this capability's")
                 self._delete_policy_quietly(policy)
@@ -265,8 +298,11 @@ class VaultProvider(Provider):
             if cap in wanted and data.get("role") == self.token_role:
                 found[cap] = {"kind": "token", "accessor": accessor, "expires_at": data.get("expire_time"),
                               "meta": data.get("meta")}
-                if narrowed_policy_name(cap) in (data.get("policies") or []):
+                carried = data.get("policies") or []
+                if narrowed_policy_name(cap) in carried:
                     found[cap]["policy"] = narrowed_policy_name(cap)
+                elif len(carried) == 1 and is_shared_policy(carried[0]):
+                    found[cap]["policy"] = carried[0]
                 if len(found) == len(wanted):
                     break
         return found
@@ -278,6 +314,39 @@ class VaultProvider(Provider):
         listing = self._call("list policies", lambda c: c.sys.list_acl_policies())
         names = ((listing or {}).get("data") or {}).get("keys") or []
         return sorted(cap for cap in map(capability_of_policy, names) if cap is not None)
+
+    def collect_shared(self, live_handles: Iterable[dict[str, Any]]) -> int:
+        """Delete the shared narrowed policies no live capability's handle names, once seen
+        unused for `shared_policy_grace_seconds` (and not minted with here meanwhile). One LIST
+        of the ACL policies, one DELETE per policy removed; returns how many went."""
+        in_use = {h.get("policy") for h in live_handles if h}
+        listing = self._call("list policies", lambda c: c.sys.list_acl_policies())
+        names = [n for n in ((listing or {}).get("data") or {}).get("keys") or [] if is_shared_policy(n)]
+        now, grace, removed = time.monotonic(), self.shared_policy_grace_seconds, 0
+        for name in names:
+            if name in in_use:
+                self._unused_since.pop(name, None)
+                continue
+            first = self._unused_since.setdefault(name, now)
+            if now - first < grace or now - self._used.get(name, -1e18) < grace:
+                continue
+            try:
+                self._call("delete shared policy", functools.partial(_delete_policy, name=name))
+            except ProviderRejected as exc:
+                log.warning("vault: could not delete unused policy %s (%s); retried on the next pass", name, exc.code)
+                continue
+            with self._cache_lock:
+                self._unused_since.pop(name, None)
+                self._written.pop(name, None)
+            removed += 1
+        for gone in set(self._unused_since) - set(names):
+            self._unused_since.pop(gone, None)
+        return removed
+
+    def policy_reloaded(self) -> None:
+        """The broker's policy changed: what its rules' policies grant is asked of OpenBao again."""
+        with self._cache_lock:
+            self._ceilings.clear()
 
     def release(self, capability_id: str) -> None:
         """Delete the narrowed policy of an ended capability (gone already is success)."""
@@ -300,8 +369,7 @@ class VaultProvider(Provider):
             return self._create_token(grant, rule_policies)
 
         path = narrowable_path(path.split("/"))
-        name = narrowed_policy_name(grant.capability_id)
-        granted_by_rule = self._ceiling(grant, rule_policies, path)
+        granted_by_rule = self._cached_ceiling(grant, rule_policies, path)
         asked = grant.options.get("capabilities")
         if asked is None:
             capabilities = sorted(c for c in granted_by_rule if c in NARROWABLE)
@@ -317,12 +385,40 @@ class VaultProvider(Provider):
             raise ProviderRejected(f"vault: the rule's policies {rule_policies} grant nothing on {path} that a "
                                    f"narrowed token can carry (they grant {sorted(granted_by_rule) or 'nothing'})")
         document = narrowed_policy(path, capabilities)
-        self._call("write narrowed policy", lambda c: c.sys.create_or_update_acl_policy(name, document))
+        name = shared_policy_name(document)
+        self._ensure_policy(name, document)
         try:
             return self._create_token(grant, [name], narrowed_to={"path": path, "capabilities": capabilities})
         except BaseException:
-            self._delete_policy_quietly(name)
+            with self._cache_lock:  # written again on the next mint, in case that is why it failed
+                self._written.pop(name, None)
             raise
+
+    def _ensure_policy(self, name: str, document: str) -> None:
+        """Write the shared policy unless this replica wrote it within POLICY_REFRESH_SECONDS."""
+        now = time.monotonic()
+        with self._cache_lock:
+            fresh = now - self._written.get(name, -1e18) < POLICY_REFRESH_SECONDS
+            self._used[name] = now
+        if fresh:
+            return
+        self._call("write narrowed policy", lambda c: c.sys.create_or_update_acl_policy(name, document))
+        with self._cache_lock:
+            self._written[name] = now
+
+    def _cached_ceiling(self, grant: Grant, policies: list[str], path: str) -> set[str]:
+        """`_ceiling`, kept per (policies, path) for `ceiling_ttl_seconds`."""
+        key, now = (tuple(policies), path), time.monotonic()
+        with self._cache_lock:
+            cached = self._ceilings.get(key)
+        if cached is not None and now - cached[0] < self.ceiling_ttl_seconds:
+            return set(cached[1])
+        granted = self._ceiling(grant, policies, path)
+        with self._cache_lock:
+            if len(self._ceilings) >= 4096:
+                self._ceilings.clear()  # bounded; rebuilt by the next mints
+            self._ceilings[key] = (now, frozenset(granted))
+        return granted
 
     def _ceiling(self, grant: Grant, policies: list[str], path: str) -> set[str]:
         """What `policies` grant on `path`, as OpenBao itself evaluates them (globs, `+`, deny,
@@ -541,6 +637,10 @@ class VaultProvider(Provider):
         if isinstance(exc, _UNAVAILABLE):
             return ProviderUnavailable(f"vault {op}: {type(exc).__name__}")
         return ProviderUnavailable(f"vault {op}: unexpected {type(exc).__name__}")
+
+
+def _delete_policy(client: hvac.Client, *, name: str) -> Any:
+    return client.sys.delete_acl_policy(name)
 
 
 def _lookup_accessor(client: hvac.Client, *, accessor: str) -> Any:

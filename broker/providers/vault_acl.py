@@ -1,7 +1,11 @@
-"""What the vault provider writes into OpenBao's ACL: narrowed per-capability policies, the token role, its own policy.
+"""What the vault provider writes into OpenBao's ACL: narrowed policies, the token role, its own policy.
 
-A *narrowed* token carries one policy made for its capability, `jit-<capability id>` (e.g.
-`jit-cap_3f9c...`), granting the requested path and nothing else. That policy is built here,
+A *narrowed* token carries one policy granting the requested path and nothing else. The policy
+is named by what it grants, `jit-cap_acl-<sha-256 of its document>`: every capability for the
+same path and capabilities carries the same one, written once and reused (the name stays inside
+the `jit-cap_*` glob the token role and the broker's own policy already allow). Capabilities
+minted before that carry one policy each, `jit-<capability id>` (e.g. `jit-cap_3f9c...`),
+deleted when they end. A policy is built here,
 from the canonical path segments the resource grammar produced (never from the raw request), as
 JSON through `json.dumps`, so no character of a path can close a string or open a block. Two
 more checks keep the path meaning only itself in OpenBao's ACL language, where `*` at the end is
@@ -13,6 +17,7 @@ and `deny`, which a single-path policy cannot carry meaningfully.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -34,6 +39,20 @@ _CAPABILITY_ID = re.compile(r"cap_[A-Za-z0-9_-]{1,96}")
 NARROWABLE = ("create", "read", "update", "patch", "delete")
 
 
+# A policy named by its content: this prefix + the first 40 hex digits of its document's SHA-256.
+SHARED_POLICY_PREFIX = "jit-cap_acl-"
+_SHARED = re.compile(re.escape(SHARED_POLICY_PREFIX) + r"[0-9a-f]{40}")
+
+
+def shared_policy_name(document: str) -> str:
+    """The name of a narrowed policy: what it grants, hashed. Same grant, same name."""
+    return SHARED_POLICY_PREFIX + hashlib.sha256(document.encode()).hexdigest()[:40]
+
+
+def is_shared_policy(name: str) -> bool:
+    return _SHARED.fullmatch(name) is not None
+
+
 def narrowed_policy_name(capability_id: str) -> str:
     """`jit-<capability id>`: derived, so nothing needs storing to find it again."""
     if _CAPABILITY_ID.fullmatch(capability_id) is None:
@@ -42,8 +61,9 @@ def narrowed_policy_name(capability_id: str) -> str:
 
 
 def capability_of_policy(name: str) -> str | None:
-    """The capability id a narrowed policy was made for; None for any other policy."""
-    if not name.startswith(NARROWED_POLICY_PREFIX):
+    """The capability id a per-capability narrowed policy was made for; None for any other
+    policy, a shared one included."""
+    if not name.startswith(NARROWED_POLICY_PREFIX) or is_shared_policy(name):
         return None
     capability_id = name[len(NARROWED_POLICY_PREFIX):]
     return capability_id if _CAPABILITY_ID.fullmatch(capability_id) else None

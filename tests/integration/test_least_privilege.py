@@ -29,15 +29,18 @@ import httpx
 import hvac
 import hvac.exceptions as hx
 import pytest
+from sqlalchemy import text
 from sqlmodel import select
 
 from broker.db import transaction, utcnow
 from broker.errors import InvalidRequest
 from broker.lifecycle.reconciler import reconcile_at_start, release_leftovers
+from broker.lifecycle.sweeper import collect_shared
 from broker.metrics import REGISTRY
 from broker.models import Lease
 from broker.providers.base import Grant
 from broker.providers.vault import VaultProvider, broker_policy_hcl
+from broker.providers.vault_acl import narrowed_policy, shared_policy_name
 from tests.integration.test_resource_escapes import ATTACKS, PROD
 from tests.support.aws_moto import MOTO_ACCOUNT, MOTO_REGION, MotoServer, trust_policy
 from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
@@ -166,7 +169,9 @@ def test_the_minted_token_reads_the_requested_path_and_is_refused_its_sibling(ap
     r = api.request(session, {"resource": API_KEY, "access": "read", "ttl_seconds": 300})
     assert r.status_code == 201, r.text
     cap = r.json()
-    cred, name = cap["credential"], narrowed(cap["capability_id"])
+    cred = cap["credential"]
+    # Named by what it grants (path and capabilities), shared by every capability for it.
+    name = shared_policy_name(narrowed_policy("secret/data/payments/api-key", ["read"]))
     assert cred["policies"] == [name] and cred["path"] == "secret/data/payments/api-key"
     assert cred["capabilities"] == ["read"]
 
@@ -189,13 +194,17 @@ def test_the_minted_token_reads_the_requested_path_and_is_refused_its_sibling(ap
     assert read_kv(vault_setup, broad.json()["credential"]["token"], "payments/db-password") == {
         "value": vault_setup.secret_values["payments/db-password"]}
 
-    # Revoked: the token is dead and its policy is gone from sys/policies/acl.
+    # Revoked: the token is dead (one call); the shared policy goes once no live capability carries it.
     gone = api.client.delete(f"/v1/capabilities/{cap['capability_id']}", headers=bearer(session["session_token"]))
     assert gone.status_code == 200 and gone.json()["status"] == "revoked", gone.text
     with pytest.raises(hx.Forbidden):
         read_kv(vault_setup, token, "payments/api-key")
-    assert name not in acl_policies(root)
     assert tokens_naming(root, cap["capability_id"]) == []
+    vault = api.broker.providers["vault"]
+    assert isinstance(vault, VaultProvider)
+    vault.shared_policy_grace_seconds = 0.0
+    collect_shared(api.broker)
+    assert name not in acl_policies(root)
 
 
 def test_without_capabilities_the_token_gets_what_the_rules_policies_grant_on_that_path(
@@ -297,41 +306,48 @@ def released(outcome: str) -> float:
     return REGISTRY.get_sample_value("broker_leftovers_total", {"provider": "vault", "outcome": outcome}) or 0.0
 
 
-def test_a_failed_policy_delete_leaves_the_token_revoked_and_the_sweeper_removes_the_policy(
+def test_a_failed_policy_delete_is_retried_and_only_unused_policies_go(
         database_url: str, tmp_path: Path, vault_setup: VaultSetup) -> None:
     root = vault_setup.server.client()
     token = no_delete_token(vault_setup)
     with served(database_url, tmp_path, vault_setup, vault_token=token) as api:
+        vault = api.broker.providers["vault"]
+        assert isinstance(vault, VaultProvider)
+        vault.shared_policy_grace_seconds = 0.0
         session = api.new_session(scope=SCOPE)
         ended = api.request(session, {"resource": API_KEY, "access": "read"}).json()
-        live = api.request(session, {"resource": API_KEY, "access": "read"}).json()
-        name = narrowed(ended["capability_id"])
+        live = api.request(session, {"resource": "vault://secret/data/payments/db-password", "access": "any"}).json()
+        unused, carried = ended["credential"]["policies"][0], live["credential"]["policies"][0]
+        assert unused != carried
 
         r = api.client.delete(f"/v1/capabilities/{ended['capability_id']}", headers=bearer(session["session_token"]))
-        # The token is gone, so the capability is revoked: the policy left behind grants nothing.
         assert r.status_code == 200 and r.json()["status"] == "revoked", r.text
         with pytest.raises(hx.Forbidden):
             read_kv(vault_setup, ended["credential"]["token"], "payments/api-key")
-        assert name in acl_policies(root)
 
-        # An id this broker never minted (another deployment on the same OpenBao) is left alone.
+        # A per-capability policy of an older mint whose lease ended, and one of an id this broker
+        # never minted (another deployment on the same OpenBao).
+        legacy = plant_minting_lease(api, session["session_id"])
+        with transaction(api.broker.engine) as db:
+            db.execute(text("UPDATE leases SET status = 'revoked' WHERE id = :id"), {"id": legacy})
+        root.sys.create_or_update_acl_policy(narrowed(legacy), '{"path": {"secret/data/x": {"capabilities": ["read"]}}}')
         stranger = narrowed("cap_" + secrets.token_hex(16))
         root.sys.create_or_update_acl_policy(stranger, '{"path": {"secret/data/allowed": {"capabilities": ["read"]}}}')
 
         failed = released("failed")
-        out = release_leftovers(api.broker)  # the broker's token still may not delete: visible, retried
-        assert (out.released, out.failed) == (0, 1) and out.kept >= 2
-        assert released("failed") == failed + 1 and name in acl_policies(root)
+        out = release_leftovers(api.broker)  # the broker's token may not delete: visible, retried
+        assert (out.released, out.failed) == (0, 1) and released("failed") == failed + 1
+        assert collect_shared(api.broker) == 0
+        assert {unused, carried, narrowed(legacy)} <= acl_policies(root)
 
         root.sys.create_or_update_policy("jit-broker-no-delete", broker_policy_hcl(vault_setup.token_role, ()))
-        done = released("released")
-        out = release_leftovers(api.broker)
-        assert (out.released, out.failed) == (1, 0) and released("released") == done + 1
+        assert release_leftovers(api.broker).released == 1
+        assert collect_shared(api.broker) >= 1
         policies = acl_policies(root)
-        assert name not in policies
-        assert narrowed(live["capability_id"]) in policies  # its lease is active
+        assert unused not in policies and narrowed(legacy) not in policies
+        assert carried in policies  # a live capability carries it
         assert stranger in policies  # not ours to remove
-        assert read_kv(vault_setup, live["credential"]["token"], "payments/api-key")
+        assert read_kv(vault_setup, live["credential"]["token"], "payments/db-password")
         root.sys.delete_acl_policy(stranger)
 
 
@@ -362,18 +378,18 @@ def test_a_crash_mid_mint_leaves_no_policy_after_the_start_reconciliation(api: A
         Grant(capability_id=token_too, session_id=sid, task_id="task-1", human="alice@example.com",
               agent="claude-code", resource=API_KEY, access="read", tier="read", ttl_seconds=600,
               options={"policies": ["kv-payments-read"], "capabilities": ["read"]}))
-    assert {narrowed(policy_only), narrowed(token_too)} <= acl_policies(root)
+    assert {narrowed(policy_only), minted.handle["policy"]} <= acl_policies(root)
 
     report = reconcile_at_start(api.broker)
     with transaction(api.broker.engine) as db:
         leases = {lease.id: lease for lease in db.exec(select(Lease).where(Lease.session_id == sid)).all()}
     assert leases[policy_only].status == "expired"  # no token found at OpenBao
-    assert leases[token_too].status == "revoked"  # found by meta.capability, revoked, its policy with it
-    assert leases[token_too].handle["policy"] == narrowed(token_too)
+    assert leases[token_too].status == "revoked"  # found by meta.capability and revoked
+    assert leases[token_too].handle["policy"] == minted.handle["policy"]  # shared: the collector's
     with pytest.raises(hx.Forbidden):
         read_kv(vault_setup, minted.credential["token"], "payments/api-key")
     assert report.leftovers.released >= 1
-    assert not {narrowed(policy_only), narrowed(token_too)} & acl_policies(root)
+    assert narrowed(policy_only) not in acl_policies(root)
 
 
 # --- AWS: a wildcard of roles assumes only the requested one -----------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget, fingerprint
 from broker.providers.vault import VaultProvider
+from broker.providers.vault_acl import bootstrap_token_role, is_shared_policy, narrowed_policy, shared_policy_name
 from tests.support.databases import admin_dsn
 from tests.support.openbao import OpenBaoServer, VaultDatabase, VaultSetup, configure_vault
 
@@ -60,9 +61,10 @@ def test_minted_token_reads_allowed_and_nothing_else(provider: VaultProvider, va
     g = grant(ttl=120)
     minted = provider.mint(g)
     cred = minted.credential
-    narrowed = f"jit-{g.capability_id}"
+    # Named by what it grants: the rule's kv-allowed is the ceiling, not what the token carries.
+    narrowed = shared_policy_name(narrowed_policy("secret/data/allowed", ["read"]))
     assert cred["type"] == "vault_token" and cred["vault_addr"] == vault_setup.server.addr
-    assert cred["policies"] == [narrowed]  # the rule's kv-allowed is the ceiling, not what the token carries
+    assert cred["policies"] == [narrowed]
     assert cred["path"] == "secret/data/allowed" and cred["capabilities"] == ["read"]
     assert minted.handle == {"kind": "token", "accessor": cred["accessor"], "policy": narrowed}
     assert "token" not in minted.handle and minted.fingerprint == fingerprint(cred["token"])
@@ -352,7 +354,7 @@ def test_find_by_capability(provider: VaultProvider) -> None:
     found = provider.find_by_capability(g2.capability_id, g2.resource)
     assert found is not None
     assert found["kind"] == "token" and found["accessor"] == m2.credential["accessor"]
-    assert found["policy"] == f"jit-{g2.capability_id}"  # so revoking the found token deletes its policy too
+    assert found["policy"] == m2.handle["policy"]  # the shared policy it carries (left for the collector)
     assert found["meta"]["session"] == "ses_123"
     assert provider.find_by_capabilities([g1.capability_id, g2.capability_id]).keys() == {
         g1.capability_id, g2.capability_id}
@@ -375,3 +377,106 @@ def test_the_provider_refuses_a_path_openbao_would_read_differently(vault_setup:
     with pytest.raises(InvalidRequest) as caught:
         vault_setup.provider().mint(grant(resource, options={}))
     assert caught.value.code == "invalid-resource"
+
+
+# --- (i) narrowed policies are named by what they grant, and shared ----------------------------------
+
+
+def acl_policies(server: OpenBaoServer) -> set[str]:
+    return set(server.client().sys.list_acl_policies()["data"]["keys"])
+
+
+def test_two_capabilities_for_one_path_share_one_policy_and_outlive_each_other(
+        provider: VaultProvider, vault_setup: VaultSetup) -> None:
+    server = vault_setup.server
+    g1, g2 = grant(), grant()
+    m1, m2 = provider.mint(g1), provider.mint(g2)
+    name = m1.handle["policy"]
+    assert is_shared_policy(name) and m2.handle["policy"] == name
+    assert m1.credential["policies"] == m2.credential["policies"] == [name]
+    assert m1.credential["accessor"] != m2.credential["accessor"]
+    stored = server.client().sys.read_acl_policy(name)["data"]["policy"]
+    assert shared_policy_name(stored) == name  # the name is the content's hash
+
+    provider.revoke(target(g1, m1))
+    with pytest.raises(hx.Forbidden):
+        read_kv(server, m1.credential["token"], "allowed")
+    assert name in acl_policies(server)  # the other capability still carries it
+    assert read_kv(server, m2.credential["token"], "allowed") == {"value": vault_setup.secret_values["allowed"]}
+    provider.revoke(target(g2, m2))
+
+
+def test_the_collector_removes_a_policy_no_live_token_carries(provider: VaultProvider,
+                                                              vault_setup: VaultSetup) -> None:
+    server = vault_setup.server
+    kept, dropped = grant(options={**TOKEN_ACCESS, "capabilities": ["read"]}), grant(
+        resource="vault://secret/data/payments/api-key", options={"policies": ["kv-payments-read"]})
+    m_kept, m_dropped = provider.mint(kept), provider.mint(dropped)
+    live, unused = m_kept.handle["policy"], m_dropped.handle["policy"]
+    assert live != unused and {live, unused} <= acl_policies(server)
+    provider.revoke(target(dropped, m_dropped))
+
+    # Within the grace period nothing goes, even what no live capability names.
+    assert provider.collect_shared([m_kept.handle]) == 0
+    assert {live, unused} <= acl_policies(server)
+    provider.shared_policy_grace_seconds = 0.0
+    assert provider.collect_shared([m_kept.handle]) >= 1
+    policies = acl_policies(server)
+    assert unused not in policies and live in policies
+    assert read_kv(server, m_kept.credential["token"], "allowed")  # the live token still works
+    # Collected, then needed again: the next mint writes it back.
+    again = grant(resource="vault://secret/data/payments/api-key", options={"policies": ["kv-payments-read"]})
+    m_again = provider.mint(again)
+    assert m_again.handle["policy"] == unused and unused in acl_policies(server)
+    assert read_kv(server, m_again.credential["token"], "payments/api-key")
+    provider.revoke(target(again, m_again))
+    provider.revoke(target(kept, m_kept))
+
+
+def test_a_policy_reload_drops_the_cached_ceilings(provider: VaultProvider, vault_setup: VaultSetup) -> None:
+    """What a rule's policies grant on a path is asked once and kept; the broker's policy reload
+    forgets it, so what OpenBao says now decides the next mint."""
+    root = vault_setup.server.client()
+    rule_policy = f"kv-reload-{secrets.token_hex(4)}"
+    root.sys.create_or_update_policy(rule_policy, 'path "secret/data/allowed" { capabilities = ["read"] }')
+    bootstrap_token_role(root, vault_setup.token_role, ["kv-allowed", "kv-payments-read", rule_policy],
+                         explicit_max_ttl_seconds=3600)
+    options = {"policies": [rule_policy]}
+    try:
+        first = provider.mint(grant(options=options))
+        assert first.credential["capabilities"] == ["read"]
+        # The operator takes the grant away in OpenBao: the cached ceiling still says read ...
+        root.sys.create_or_update_policy(rule_policy, 'path "secret/data/other" { capabilities = ["read"] }')
+        cached = provider.mint(grant(options=options))
+        assert cached.credential["capabilities"] == ["read"]
+        # ... until the broker's policy is reloaded: asked again, the rule grants nothing there.
+        provider.policy_reloaded()
+        with pytest.raises(ProviderRejected, match="grant nothing"):
+            provider.mint(grant(options=options))
+    finally:
+        bootstrap_token_role(root, vault_setup.token_role, ["kv-allowed", "kv-payments-read"],
+                             explicit_max_ttl_seconds=3600)
+        root.sys.delete_policy(rule_policy)
+
+
+def test_a_steady_state_mint_is_one_openbao_call(provider: VaultProvider, vault_setup: VaultSetup,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ceiling cached, policy written: the token create is the only request sent to OpenBao."""
+    warm = provider.mint(grant())
+    sent: list[str] = []
+    session = provider._client.adapter.session
+    real = session.request
+
+    def counting(method: str, url: str, *args: object, **kwargs: object) -> object:
+        sent.append(f"{method.upper()} {url.split('/v1/', 1)[-1]}")
+        return real(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(session, "request", counting)
+    g = grant()
+    minted = provider.mint(g)
+    assert sent == [f"POST auth/token/create/{vault_setup.token_role}"]
+    sent.clear()
+    provider.revoke(target(g, minted))
+    assert sent == ["POST auth/token/revoke-accessor"]  # revocation stays one call
+    monkeypatch.undo()
+    provider.revoke(target(grant(), warm))

@@ -23,6 +23,8 @@ ABOVE = {
     "broker.leases": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle", "broker.sessions"),
     "broker.sessions": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle"),
     "broker.identity": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle", "broker.sessions", "broker.leases"),
+    "broker.store": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle", "broker.sessions", "broker.leases",
+                     "broker.runtime"),
     "broker.audit": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle", "broker.sessions", "broker.leases"),
 }
 

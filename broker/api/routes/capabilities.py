@@ -9,8 +9,8 @@ from fastapi import APIRouter, Header, Query, Response
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
 from broker.api.schemas import SESSION_ID_PATTERN, CapabilityRequest, error_responses
 from broker.leases import queries
+from broker.leases.on_loop import request_capability_async
 from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, PendingApproval
-from broker.leases.service import request_capability
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus
 
 router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
@@ -27,7 +27,7 @@ _NO_STORE = {"Cache-Control": "no-store"}
     response_model=CapabilityIssued | PendingApproval,
     responses={201: {"model": CapabilityIssued}, 202: {"model": PendingApproval}, **ERRORS},
 )
-def create_capability(
+async def create_capability(
     body: CapabilityRequest,
     broker: BrokerDep,
     caller: AgentCaller,
@@ -37,7 +37,9 @@ def create_capability(
         resource=body.resource, access=body.access, purpose=body.purpose, ttl_seconds=body.ttl_seconds,
         tool=body.tool, parameters=body.parameters, approval_id=body.approval_id,
     )
-    outcome = request_capability(broker, caller, ask, idempotency_key)
+    # async: the request path runs on the event loop (leases/on_loop.py); what it cannot do
+    # there, it hands to a worker thread itself.
+    outcome = await request_capability_async(broker, caller, ask, idempotency_key)
     # The model writes its own JSON: `response_model` (the schema, for OpenAPI) would only have
     # FastAPI validate and serialise the same object again, on the busiest route.
     return Response(outcome.model_dump_json(), status_code=202 if isinstance(outcome, PendingApproval) else 201,

@@ -12,9 +12,11 @@ from broker.providers.vault_acl import (
     NARROWED_POLICY_GLOB,
     broker_policy_hcl,
     capability_of_policy,
+    is_shared_policy,
     narrowable_path,
     narrowed_policy,
     narrowed_policy_name,
+    shared_policy_name,
 )
 
 # Every character the resource grammar lets into a segment, and the shapes KV paths take.
@@ -58,6 +60,18 @@ def test_policy_names_come_from_capability_ids_and_back() -> None:
     for bad in ("cap_", "ses_123", "cap_../../x", 'cap_a"b', "cap_a/b"):
         with pytest.raises(ProviderMisconfigured):
             narrowed_policy_name(bad)
+
+
+@pytest.mark.parametrize("path", ["secret/data/a", "secret/data/ünï", "kv/x/\"y", "a/b c/d", "a/{{x}}"])
+def test_a_shared_policy_is_named_by_what_it_grants(path: str) -> None:
+    read, write = narrowed_policy(path, ["read"]), narrowed_policy(path, ["read", "update"])
+    name = shared_policy_name(read)
+    assert name == shared_policy_name(narrowed_policy(path, ["read", "read"]))  # same grant, same name
+    assert name != shared_policy_name(write) and name != shared_policy_name(narrowed_policy(path + "x", ["read"]))
+    assert is_shared_policy(name) and name.startswith("jit-cap_")  # inside the role's jit-cap_* glob
+    assert capability_of_policy(name) is None  # never taken for one capability's leftover
+    for other in ("jit-cap_acl-", "jit-cap_acl-" + "0" * 39, "jit-cap_acl-" + "G" * 40, "jit-cap_" + "0" * 32):
+        assert not is_shared_policy(other)
 
 
 def test_the_broker_may_write_and_delete_only_narrowed_policies() -> None:
