@@ -309,6 +309,7 @@ def test_every_value_is_documented(chart: Any) -> None:
 NOT_FROM_THE_CHART = {
     "state_dir": "embedded default only",
     "embedded": "`broker-cli dev` only; never in a cluster",
+    "cimd_allow_loopback": "tests only: lets the MCP tests serve client metadata over loopback; never in a cluster",
 }
 
 

@@ -193,10 +193,14 @@ def test_a_session_a_kill_switch_and_an_explain_never_name_a_lookalike(oidc_prov
             "human": name, "agent": "claude-code", "task_id": "t", "ttl_seconds": 600,
             "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})
         kill = broker.client.post("/v1/revocations", headers=broker.admin, json={"human": name})
-        explain = broker.client.post("/v1/policy/explain", headers=kate, json={
-            "human": name, "agent": "claude-code", "scope": [{"resource": "jwt://payments-api", "access": ["deploy"]}],
-            "resource": "jwt://payments-api", "access": "deploy"})
+        ask = {"human": name, "agent": "claude-code", "scope": [{"resource": "jwt://payments-api", "access": ["deploy"]}],
+               "resource": "jwt://payments-api", "access": "deploy"}
+        explain = broker.client.post("/v1/policy/explain", headers=broker.admin, json=ask)
         outcomes[name] = {(r.status_code, error_code(r)) for r in (provision, kill, explain)}
+        # kate explaining a look-alike of herself is explaining another human: refused before the name is read.
+        as_kate = broker.client.post("/v1/policy/explain", headers=kate, json=ask)
+        assert (as_kate.status_code, error_code(as_kate)) in (
+            (403, "explain-other-human-forbidden"), (400, "nul-byte")), (name, as_kate.text)
     # A NUL never reaches the service: the request guard refuses it in any JSON body (nul-byte).
     wrong = {name: o for name, o in outcomes.items()
              if o != {(400, "nul-byte" if "\x00" in name else "invalid-principal")}}

@@ -239,6 +239,11 @@ def test_the_table_covers_every_json_route() -> None:
                 for method in item}
     tested = {r.route for r in ROWS}
     assert tested <= declared
-    # Prometheus text, and the SSF operations SSF 1.0 answers with no body (204, or an empty 200).
+    # Prometheus text, the SSF operations SSF 1.0 answers with no body (204, or an empty 200), the
+    # MCP authorization endpoint (a redirect or an HTML page, never JSON), and the consent ask and
+    # decision, whose answers tests/integration/test_mcp_authorization*.py read field by field
+    # (they need a configured OAuth client this table's broker does not have).
     assert declared - tested <= {"GET /metrics", "DELETE /v1/ssf/streams", "POST /v1/ssf/subjects:add",
-                                 "POST /v1/ssf/subjects:remove", "POST /v1/ssf/verify"}
+                                 "POST /v1/ssf/subjects:remove", "POST /v1/ssf/verify", "GET /v1/oauth/authorize",
+                                 "GET /v1/oauth/authorizations/{authorization_id}",
+                                 "POST /v1/oauth/authorizations/{authorization_id}/decision"}
