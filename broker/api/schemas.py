@@ -276,6 +276,10 @@ class Explanation(BaseModel):
                                                  "matched_line, policy_version, tier, provider, options, ttl_seconds, "
                                                  "approvers, layers (each layer's verdict), human_permission")
     shadow: dict[str, Any] | None
+    grant: dict[str, Any] | None = Field(
+        default=None, description="for a session: the grant that stands in for the approval the decision would "
+                                  "wait for (grant_id, granted_by, uses_left, expires_at), exactly as a real "
+                                  "request would use it; the decision is then the one made under it")
 
 
 class AuditPage(BaseModel):

@@ -107,14 +107,14 @@ def create(broker: Broker, caller: Caller, ask: GrantAsk) -> dict[str, Any]:
         return view(grant)
 
 
-def find_usable(db: Session, session_id: str, resource: str, access: str, now: datetime) -> JitGrant | None:
-    """An active grant with uses left for exactly this (session, resource, access), locked."""
-    return db.exec(
-        select(JitGrant).where(JitGrant.session_id == session_id, JitGrant.resource == resource,
-                               JitGrant.access == access, JitGrant.status == "active", JitGrant.uses_left > 0,
-                               col(JitGrant.expires_at) > now)
-        .order_by(col(JitGrant.expires_at)).with_for_update()
-    ).first()
+def find_usable(db: Session, session_id: str, resource: str, access: str, now: datetime,
+                *, lock: bool = True) -> JitGrant | None:
+    """An active grant with uses left for exactly this (session, resource, access), locked
+    (`lock=False`: only looked at, as `policy explain` does)."""
+    stmt = select(JitGrant).where(JitGrant.session_id == session_id, JitGrant.resource == resource,
+                                  JitGrant.access == access, JitGrant.status == "active", JitGrant.uses_left > 0,
+                                  col(JitGrant.expires_at) > now).order_by(col(JitGrant.expires_at))
+    return db.exec(stmt.with_for_update() if lock else stmt).first()
 
 
 def consume(db: Session, grant: JitGrant) -> None:

@@ -101,7 +101,8 @@ def _v(value: Any) -> str:
 
 
 def _short_time(value: str | None) -> str:
-    return (value or "-").replace("T", " ")[:19]
+    """A time as the broker sent it: RFC 3339 in UTC with its `Z`, so nobody reads it as local time."""
+    return value or "-"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -261,7 +262,7 @@ def grant(
             "uses": uses, "reason": reason}
     g = _call("POST", "/v1/grants", json_body={k: v for k, v in body.items() if v is not None})
     _emit(g, as_json, f"{g['grant_id']}: {_v(g['access'])} on {_v(g['resource'])} pre-approved for {g['session_id']}, "
-                      f"{g['uses_left']} use(s), until {_short_time(g['expires_at'])}")
+                      f"{g['uses_left']} {'use' if g['uses_left'] == 1 else 'uses'}, until {_short_time(g['expires_at'])}")
 
 
 def register(app: typer.Typer) -> None:

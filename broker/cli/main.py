@@ -262,6 +262,10 @@ def policy_explain(
     if live:
         cached = ", cached" if live.get("cached") else ""
         lines.append(f"live source {live['source']}: {live['verdict']}{cached}: {live['evidence'].get('summary', '')}")
+    if result.get("grant"):
+        g = result["grant"]
+        lines.append(f"grant {g['grant_id']} by {visible(g['granted_by'])} stands in for the approval "
+                     f"({g['uses_left']} {'use' if g['uses_left'] == 1 else 'uses'} left, until {g['expires_at']})")
     if result.get("shadow"):
         s = result["shadow"]
         lines.append(f"shadow would: {s['result']} ({s['reason']})")

@@ -43,6 +43,7 @@ from broker.policy import (
     Decision,
     LivePermission,
     RequestFacts,
+    SessionFacts,
     approval_rule,
     evaluate_with_shadow,
 )
@@ -103,23 +104,33 @@ def lock_session(db: Session, session_id: str) -> SessionSnapshot | None:
 def _evaluate(broker: Broker, db: Session, session: SessionSnapshot, ask: CapabilityAsk, now: datetime,
               approval: Approval | None, live: LivePermission | None) -> tuple[Decision, Decision | None, JitGrant | None]:
     """The decision; where it waits for approval, a matching grant stands in for one."""
+    facts = session_facts(db, session, (broker.policies.current, broker.policies.shadow))
+    return decide(broker, db, facts, ask.resource, ask.access, ask.ttl_seconds, now, approved=approval is not None,
+                  live=live)
+
+
+def decide(broker: Broker, db: Session, facts: SessionFacts, resource: str, access: str, ttl_seconds: int | None,
+           now: datetime, *, approved: bool, live: LivePermission | None,
+           lock_grant: bool = True) -> tuple[Decision, Decision | None, JitGrant | None]:
+    """The evaluator's decision for this session, and where it waits for an approval, the grant
+    that stands in for one (with the decision re-made as approved, within the grant's time).
+    The request path and `policy explain` both decide here, so they tell the same story."""
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
-    facts = session_facts(db, session, (policy, shadow_policy))
 
     def run(ttl: int | None, approved: bool) -> tuple[Decision, Decision | None]:
-        request = RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ttl, now=now, approved=approved,
+        request = RequestFacts(resource=resource, access=access, ttl_seconds=ttl, now=now, approved=approved,
                                live=live)
         return evaluate_with_shadow(policy, shadow_policy, facts, request, bounds_lookup(broker))
 
-    decision, shadow = run(ask.ttl_seconds, approval is not None)
-    if decision.result != "approval_required" or approval is not None or decision.tier is None:
+    decision, shadow = run(ttl_seconds, approved)
+    if decision.result != "approval_required" or approved or decision.tier is None:
         return decision, shadow, None
-    grant = grants.find_usable(db, session.id, ask.resource, ask.access, now)
+    grant = grants.find_usable(db, facts.session_id, resource, access, now, lock=lock_grant)
     if grant is None or approval_rule(policy, decision.tier).min_approvals > 1:
         return decision, shadow, None
     # Nothing minted under a grant outlives it.
     left = math.floor((grant.expires_at - now).total_seconds())
-    granted, granted_shadow = run(min(ask.ttl_seconds or left, left), True)
+    granted, granted_shadow = run(min(ttl_seconds or left, left), True)
     if granted.result != "allow":
         return decision, shadow, None
     return granted, granted_shadow, grant
