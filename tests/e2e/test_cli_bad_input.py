@@ -13,6 +13,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -175,3 +176,38 @@ def test_whoami_says_what_the_local_admin_token_is(dev: tuple[str, Path]) -> Non
     assert r.returncode == OK
     assert r.stdout.startswith("admin (admin)")
     assert "admin-token" in r.stdout and "--as human" in r.stdout
+
+
+def _leaf_commands() -> list[tuple[str, ...]]:
+    """Every verb broker-cli has, as the words that name it (`audit tail`, `approve`...)."""
+    import typer.main
+
+    from broker.cli.main import app
+
+    found: list[tuple[str, ...]] = []
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        if hasattr(command, "commands"):  # a group (typer carries its own click: no isinstance)
+            for name, sub in command.commands.items():
+                walk(sub, (*path, name))
+        else:
+            found.append(path)
+
+    walk(typer.main.get_command(app), ())
+    return found
+
+
+VERBS = _leaf_commands()
+
+
+def test_the_verb_list_is_the_whole_cli() -> None:
+    names = {" ".join(v) for v in VERBS}
+    assert {"serve", "dev", "init", "login", "whoami", "approve", "grant", "audit tail", "git-credential",
+            "hook pre-tool-use", "exec", "policy explain", "sessions end"} <= names, names
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=[" ".join(v) for v in VERBS])
+def test_every_verb_refuses_an_unknown_option_in_one_line(tmp_path: Path, verb: tuple[str, ...]) -> None:
+    """No broker needed: click refuses before the verb runs; exit 2, never a traceback."""
+    r = run(f"http://127.0.0.1:{free_port()}", tmp_path, *verb, "--no-such-option")
+    assert_clear(r, USAGE, "no such option")
