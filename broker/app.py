@@ -198,7 +198,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app = FastAPI(
         title="jit-broker",
         version=__version__,
-        description="Just-in-time credentials for AI coding agents. Contract: DESIGN.md.",
+        description="Just-in-time credentials for AI coding agents. The contract: this document, and docs/ in the repository.",
         lifespan=lifespan,
     )
     if broker is not None:  # tests that build the broker themselves can use the app at once

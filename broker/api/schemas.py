@@ -283,7 +283,7 @@ class Explanation(BaseModel):
 
 
 class AuditPage(BaseModel):
-    records: list[dict[str, Any]] = Field(description="records in seq order (DESIGN.md section 9), each with "
+    records: list[dict[str, Any]] = Field(description="records in seq order (docs/audit.md), each with "
                                                       "prev_hash and hash")
     next_since: int = Field(description="give as `since` for the next page")
 

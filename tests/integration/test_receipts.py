@@ -1,4 +1,4 @@
-"""Revocation receipts (DESIGN.md section 7): every revocation answer (session end, DELETE, the
+"""Revocation receipts (docs/lifecycle.md): every revocation answer (session end, DELETE, the
 kill switch, the webhook) says per capability what really happened to its credential, and the
 audit record of that revocation holds the same receipt. Real backends: OpenBao (a dedicated,
 restartable one where it is taken down), moto, the GitHub stand-in; SQLite and PostgreSQL.

@@ -25,7 +25,7 @@ from broker.migrate import upgrade
 from broker.runtime import Broker
 from tests.support.ports import free_port
 
-# The tiers of DESIGN.md section 3, shared by every test policy.
+# The standard tiers (docs/decisions.md), shared by every test policy.
 STANDARD_TIERS = """\
 version: 1
 tiers:
