@@ -31,7 +31,7 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.identity.callers import Caller
-from broker.leases import idempotency, records
+from broker.leases import deviation, idempotency, records
 from broker.leases.facts import bounds_lookup, session_facts
 from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
 from broker.leases.revocation import finish_revocation
@@ -163,6 +163,7 @@ def _decide_and_mint(
     # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
     live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
+    tripped: str | None = None
     with transaction(broker.engine) as db:
         session = lock_session(db, session_id)
         if session is None:
@@ -191,6 +192,8 @@ def _decide_and_mint(
             idempotency.finish(db, broker, ticket, refusal)
             append(db, records.capability_event(session, ask, "capability.denied", "denied", tier=decision.tier,
                                                 decision=record))
+            # Deviation (broker/leases/deviation.py): count scope/tier/escalation refusals; the Nth trips.
+            tripped = deviation.note_refusal(db, broker, session, ask, decision, now)
         elif decision.result == "approval_required":
             return _pending(db, broker, session, ask, decision, record, ticket, now)
         else:
@@ -248,6 +251,7 @@ def _decide_and_mint(
                 if ticket is not None:
                     idempotency.hold(db, ticket)
     if refusal is not None:
+        deviation.end_tripped(broker, session_id, tripped)  # a tripwire whose action is `end`
         raise refusal
     return _mint(broker, session, ask, grant, provider.name, record, idem_key)
 

@@ -24,6 +24,7 @@ from broker.lifecycle.reconciler import Every, reconcile_periodic, release_lefto
 from broker.metrics import SWEEP_LAST, SWEEP_SECONDS
 from broker.periodic import Periodic
 from broker.runtime import Broker
+from broker.sessions import liveness
 from broker.sessions import service as sessions
 
 log = logging.getLogger("broker.sweeper")
@@ -61,6 +62,8 @@ def sweep_once(broker: Broker, *, now: datetime | None = None) -> RevokeSummary:
     for session_id in sessions.past_deadline(broker, now, batch):
         _, summary = sessions.end(broker, session_id, reason="deadline", actor="broker:sweeper")
         total.merge(summary)
+    # Stall (broker/sessions/liveness.py): sessions silent past their idle timeout end as if torn down.
+    total.merge(liveness.end_stalled(broker, now, batch))
     while True:
         due = due_for_expiry(broker, now, batch)
         if not due:

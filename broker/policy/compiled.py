@@ -204,6 +204,9 @@ class CompiledPolicy:
         self.escalation_tiers: frozenset[str] = frozenset(
             document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS
         )
+        # Stall and deviation (broker/sessions/liveness.py, deviation.py); absent: neither applies.
+        self.liveness = document.liveness
+        self.deviation = document.deviation
         # The tool-call gate's rules (PreToolUse hooks); an absent section asks about everything.
         self.tools = CompiledTools(document.tools)
         # Machine callers' trust rules (workload identity); empty: no workload token is accepted.

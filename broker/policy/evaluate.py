@@ -64,6 +64,8 @@ class SessionFacts:
     issued_count: int = 0  # capabilities minted in this session so far, any status
     active_count: int = 0
     active_tiers: frozenset[str] = frozenset()
+    suspended: bool = False  # held by the deviation tripwire until a human resumes it
+    idle_until: datetime | None = None  # past it, the session has stalled (the sweeper ends it)
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,12 @@ def _session_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict
         return _deny("session", "session-ended", "session.status", f"session is {session.status}")
     if request.now >= session.expires_at:
         return _deny("session", "session-ended", "session.expires_at", f"session expired at {rfc3339(session.expires_at)}")
+    if session.suspended:
+        return _deny("session", "session-suspended", "deviation",
+                     "the deviation tripwire suspended this session until a human resumes it")
+    if session.idle_until is not None and request.now >= session.idle_until:
+        return _deny("session", "session-stalled", "liveness.idle_timeout",
+                     f"the session was silent past its idle timeout ({rfc3339(session.idle_until)})")
     return _allow("session", None, f"active until {rfc3339(session.expires_at)}")
 
 

@@ -274,6 +274,33 @@ class Escalation(Strict):
     tiers: list[TierName] = Field(default_factory=lambda: list(DEFAULT_ESCALATION_TIERS))
 
 
+class Liveness(Strict):
+    """Stall: a session whose agent is silent (no request with its session token, no heartbeat)
+    longer than its idle timeout is ended, everything revoked (docs/lifecycle.md)."""
+
+    idle_timeout: Duration | None = Field(
+        default=None, description="the idle timeout of a session provisioned without one (absent: none)")
+    max_idle_timeout: Duration | None = Field(
+        default=None, description="the longest idle timeout a session may ask for at provision "
+                                  "(absent: idle_timeout, or no bound if that is absent too)")
+
+    @model_validator(mode="after")
+    def _default_within_bound(self) -> Liveness:
+        if self.idle_timeout is not None and self.max_idle_timeout is not None \
+                and self.idle_timeout > self.max_idle_timeout:
+            raise ValueError("idle_timeout is longer than max_idle_timeout")
+        return self
+
+
+class Deviation(Strict):
+    """The deviation tripwire: `refusals` refusals of scope, tier or escalation within `window`
+    suspend the session (no new capability until a human resumes it) or end it."""
+
+    refusals: int = Field(ge=1, le=1000, description="refusals within the window that trip it (the Nth trips)")
+    window: Duration = Field(le=7 * 86400, description="the sliding window the refusals are counted in")
+    action: Literal["suspend", "end"] = "suspend"
+
+
 HookDecision = Literal["allow", "ask", "deny"]
 
 
@@ -355,6 +382,8 @@ class PolicyDocument(Strict):
     budgets: Budgets | None = None
     rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
+    liveness: Liveness | None = None
+    deviation: Deviation | None = None
     tools: Tools | None = None
     # Machine callers (workload tokens) and what they act as; first match wins. See policy/trust.py.
     trust: list[TrustRule] = Field(default_factory=list)
