@@ -311,6 +311,14 @@ def sessions_end(session_id: str, reason: str = "api_teardown", as_json: JsonOpt
                      + _receipts_text(r.get("receipts", [])))
 
 
+@sessions_app.command("resume")
+def sessions_resume(session_id: str, reason: Annotated[str | None, typer.Option(help="why it may go on")] = None,
+                    as_json: JsonOpt = False) -> None:
+    """Lift a suspension by the deviation tripwire (the session's human or an admin)."""
+    r = call("POST", f"/v1/sessions/{session_id}/resume", json={"reason": reason} if reason else {})
+    _out(r, as_json, f"{_v(r['session_id'])} resumed: new capabilities may be issued again", shown=True)
+
+
 @caps_app.command("list")
 def capabilities_list(session: str | None = None, status: str | None = None, as_json: JsonOpt = False) -> None:
     params = {k: v for k, v in {"session_id": session, "status": status}.items() if v}

@@ -65,6 +65,7 @@ TABLE: list[tuple[tuple[str, ...], int, str]] = [
     # missing arguments
     (("sessions", "show"), USAGE, "missing argument"),
     (("sessions", "end"), USAGE, "missing argument"),
+    (("sessions", "resume"), USAGE, "missing argument"),
     (("capabilities", "revoke"), USAGE, "missing argument"),
     (("approvals", "show"), USAGE, "missing argument"),
     (("approve",), USAGE, "missing argument"),
@@ -102,6 +103,7 @@ TABLE: list[tuple[tuple[str, ...], int, str]] = [
     # well-formed but unknown
     (("sessions", "show", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),
     (("sessions", "end", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),
+    (("sessions", "resume", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),
     (("capabilities", "list", "--session", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),
     (("capabilities", "revoke", UNKNOWN_CAPABILITY), NOT_FOUND, "not-found"),
     (("audit", "tail", "--session", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),

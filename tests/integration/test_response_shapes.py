@@ -34,12 +34,15 @@ from broker.api.schemas import (
     Readiness,
     SessionCreated,
     SessionEnded,
+    SessionHeartbeat,
     SessionView,
 )
 from broker.app import create_app
 from broker.audit.linker import link_all
+from broker.db import transaction, utcnow
 from broker.identity.webhooks import HEADER, sign
 from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, Introspection, PendingApproval
+from broker.models import SessionRow
 from broker.oauth.exchange import GRANT_TYPE
 from broker.oauth.models import AuthorizationServerMetadata, ProtectedResourceMetadata, Revoked, TokenResponse
 from broker.sessions.events import WebhookOutcome
@@ -91,6 +94,17 @@ def bob(w: World) -> dict[str, str]:
     return w.api.as_human("bob@example.com")
 
 
+def resume_suspended(w: World) -> httpx.Response:
+    """Suspend the world's session as the deviation tripwire would, then lift it as an admin."""
+    sid = w.session["session_id"]
+    with transaction(w.api.broker.engine) as db:
+        row = db.get(SessionRow, sid)
+        assert row is not None
+        row.suspended_at, row.suspend_reason = utcnow(), "deviation"
+        db.add(row)
+    return w.api.client.post(f"/v1/sessions/{sid}/resume", headers=w.api.as_admin(), json={"reason": "checked"})
+
+
 @dataclass(frozen=True)
 class Row:
     route: str  # "METHOD /path" as the app declares it
@@ -109,6 +123,9 @@ ROWS = [
         f"/v1/sessions/{w.session['session_id']}", headers=w.api.as_orchestrator()), 200, SessionView),
     Row("POST /v1/sessions/{session_id}/end", lambda w: w.api.client.post(
         f"/v1/sessions/{w.session['session_id']}/end", headers=w.api.as_orchestrator()), 200, SessionEnded),
+    Row("POST /v1/sessions/{session_id}/heartbeat", lambda w: w.api.client.post(
+        f"/v1/sessions/{w.session['session_id']}/heartbeat", headers=w.agent()), 200, SessionHeartbeat),
+    Row("POST /v1/sessions/{session_id}/resume", resume_suspended, 200, SessionView),
     Row("POST /v1/capabilities", lambda w: w.api.request(
         w.session, {"resource": "jwt://payments-api", "access": "write"}), 201, CapabilityIssued),
     Row("POST /v1/capabilities", lambda w: w.api.request(

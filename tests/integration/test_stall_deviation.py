@@ -17,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlmodel import select
+from typer.testing import CliRunner
 
 from broker.audit.service import query, verify
+from broker.cli.main import app as cli
 from broker.db import transaction, utcnow
 from broker.lifecycle.sweeper import sweep_once
 from broker.models import Lease, OutboxMessage, SessionRefusal, SessionRow
@@ -343,6 +345,22 @@ def test_the_end_action_ends_the_session_with_receipts(tmp_path: Path, database_
         types = [r["type"] for r in records(api, sid)]
         assert types.count("session.deviation-tripped") == 1 and types.count("session.ended") == 1
         assert types.index("session.deviation-tripped") < types.index("session.ended")
+
+
+def test_broker_cli_sessions_resume_lifts_the_suspension(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = api.new_session(scope=SCOPE)
+    sid = session["session_id"]
+    for _ in range(3):
+        refuse(api, session)
+    assert session_row(api, sid).suspended_at is not None
+    monkeypatch.setenv("BROKER_URL", api.base_url)
+    monkeypatch.setenv("BROKER_TOKEN", api.secrets.admin_token)
+    out = CliRunner().invoke(cli, ["sessions", "resume", sid, "--reason", "checked"])
+    assert out.exit_code == 0, out.output
+    assert f"{sid} resumed" in out.output
+    assert session_row(api, sid).suspended_at is None
+    again = CliRunner().invoke(cli, ["sessions", "resume", sid])
+    assert again.exit_code != 0 and "session-not-suspended" in again.output
 
 
 @pytest.mark.parametrize(("kind", "code"), ALL, ids=ids(ALL))
