@@ -220,8 +220,38 @@ class Approval(SQLModel, table=True):
     decision_reason: str | None = Field(default=None, sa_column=Column(Text))  # the deny's (or last approve's) reason
     used_at: datetime | None = _ts(default=None)
     capability_id: str | None = Field(default=None, max_length=64)  # the capability it was used for
+    justification: str | None = Field(default=None, sa_column=Column(Text))  # break-glass: the agent's written reason (0010)
 
     __table_args__ = (Index("ix_approvals_status", "status", "expires_at"),)
+
+
+class BreakGlassReview(SQLModel, table=True):
+    """The post-review of one break-glass use (broker/breakglass/): opened at the mint, closed by
+    a reviewer with a verdict; open past `due_at` it is overdue (metric, audit)."""
+
+    __tablename__ = "breakglass_reviews"
+
+    id: str = Field(primary_key=True, max_length=64)
+    session_id: str = Field(max_length=64, index=True)
+    approval_id: str = Field(max_length=64)
+    capability_id: str = Field(max_length=64)
+    human: str = Field(max_length=320)
+    agent: str = Field(max_length=128)
+    resource: str = Field(max_length=512)
+    access: str = Field(max_length=64)
+    justification: str = Field(sa_column=Column(Text, nullable=False))
+    approved_by: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    reviewers: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="open", max_length=16)  # open | closed
+    used_at: datetime = _ts()
+    due_at: datetime = _ts()
+    overdue_noted_at: datetime | None = _ts(default=None)  # when the audit was told it is overdue
+    verdict: str | None = Field(default=None, max_length=32)  # appropriate | inappropriate
+    note: str | None = Field(default=None, sa_column=Column(Text))
+    closed_by: str | None = Field(default=None, max_length=320)
+    closed_at: datetime | None = _ts(default=None)
+
+    __table_args__ = (Index("ix_breakglass_reviews_status_due", "status", "due_at"),)
 
 
 class ApprovalDecision(SQLModel, table=True):

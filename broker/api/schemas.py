@@ -148,6 +148,8 @@ class CapabilityRequest(Strict):
     tool: Annotated[str, StringConstraints(max_length=128)] | None = None
     parameters: dict[str, Any] | None = None
     approval_id: ApprovalId | None = None
+    # Break-glass (docs/approvals.md#break-glass): the written reason an access marked break_glass needs.
+    justification: Annotated[str, StringConstraints(min_length=20, max_length=2000)] | None = None
 
     @field_validator("parameters")
     @classmethod
@@ -201,6 +203,7 @@ class ApprovalDisplay(BaseModel):
     human: str | None
     repository: str | None
     binding_message: str | None
+    justification: str | None = None
     labels: dict[str, str]
     approvals: list[ApprovalDisplayVote]
     hidden_characters: list[str] = Field(description="each marked code point found (`U+202E`, ...); empty: none")
@@ -228,6 +231,7 @@ class ApprovalView(BaseModel):
     min_approvals: int
     approvals: list[ApprovalVote]
     binding_message: str | None
+    justification: str | None = Field(default=None, description="break-glass: the agent's written reason")
     request_hash: str
     created_at: Timestamp
     expires_at: Timestamp
@@ -386,3 +390,32 @@ class ErrorResponse(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` entry for the errors a route may answer with."""
     return {status: {"model": ErrorResponse} for status in statuses}
+
+
+class ReviewView(BaseModel):
+    """The post-review of one break-glass use (docs/approvals.md#break-glass)."""
+
+    review_id: str
+    status: Literal["open", "closed"]
+    overdue: bool = Field(description="open past due_at")
+    session_id: str
+    approval_id: str
+    capability_id: str
+    human: str
+    agent: str
+    resource: str
+    access: str
+    justification: str
+    approved_by: list[str]
+    reviewers: list[str]
+    used_at: Timestamp
+    due_at: Timestamp
+    verdict: Literal["appropriate", "inappropriate"] | None
+    note: str | None
+    closed_by: str | None
+    closed_at: Timestamp | None
+
+
+class ReviewClose(Strict):
+    verdict: Literal["appropriate", "inappropriate"]
+    note: Annotated[str, StringConstraints(min_length=1, max_length=4000)] | None = None

@@ -22,6 +22,7 @@ from broker.approvals import service as approvals
 from broker.approvals.service import Binding
 from broker.audit.events import DecisionRef, GrantRef
 from broker.audit.service import append
+from broker.breakglass import service as breakglass
 from broker.db import transaction, utcnow
 from broker.errors import (
     BrokerError,
@@ -108,7 +109,7 @@ def _evaluate(broker: Broker, db: Session, session: SessionSnapshot, ask: Capabi
 
     def run(ttl: int | None, approved: bool) -> tuple[Decision, Decision | None]:
         request = RequestFacts(resource=ask.resource, access=ask.access, ttl_seconds=ttl, now=now, approved=approved,
-                               live=live)
+                               live=live, justified=ask.justification is not None)
         return evaluate_with_shadow(policy, shadow_policy, facts, request, bounds_lookup(broker))
 
     decision, shadow = run(ask.ttl_seconds, approval is not None)
@@ -216,6 +217,8 @@ def _decide_and_mint(
             )
             if approval is not None:
                 approvals.mark_used(db, approval, lease.id, now)  # single use, in the lease's transaction
+                if breakglass.is_break_glass(approval):  # break-glass (broker/breakglass/): opens its post-review
+                    breakglass.used(db, broker, session.row(), approval, lease.id, now)
             if grant_used is not None:
                 grants.consume(db, grant_used)
             grant = Grant(
@@ -261,6 +264,7 @@ def _pending(db: Session, broker: Broker, session: SessionSnapshot, ask: Capabil
     approval, _ = approvals.open_request(
         db, broker, session.row(), binding(ask, session.id), tier=decision.tier or "", reason=decision.reason,
         approvers=list(decision.approvers), granted_ttl=decision.ttl_seconds, purpose=ask.purpose, now=now,
+        justification=ask.justification,
     )
     pending = PendingApproval(
         approval_id=approval.id, expires_at=approval.expires_at, reason=decision.reason,

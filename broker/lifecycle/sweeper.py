@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from broker.breakglass import service as breakglass
 from broker.db import utcnow
 from broker.leases.revocation import (
     RevokeSummary,
@@ -77,6 +78,7 @@ def sweep_once(broker: Broker, *, now: datetime | None = None) -> RevokeSummary:
         total.merge(revoke_leases(broker, retry, reason="retry", actor="broker:sweeper", use_lease_reason=True))
     total.merge(reconcile_periodic(broker, now, batch))  # teardowns a dead replica cut short
     prune_revocations(broker, now)
+    breakglass.note_overdue(broker, now, batch)  # break-glass post-reviews past due: audited once
     return total
 
 

@@ -10,7 +10,15 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.identity.principals import canonical_human, principal_problem
-from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Budgets, Grant, PolicyDocument, Tier
+from broker.policy.models import (
+    DEFAULT_ESCALATION_TIERS,
+    TIER_ORDER,
+    BreakGlass,
+    Budgets,
+    Grant,
+    PolicyDocument,
+    Tier,
+)
 from broker.policy.resources import Glob, compile_glob, is_glob
 from broker.policy.tools import CompiledTools
 from broker.policy.trust import CompiledTrust
@@ -24,6 +32,7 @@ class AccessRule:
     tier: str
     options: Mapping[str, Any]  # the provider fields that were set, `options` merged in
     rule: str  # "resources[i].access.<name>"
+    break_glass: BreakGlass | None = None  # opt-in break-glass (broker/breakglass/)
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,8 @@ class CompiledPolicy:
         rules = []
         for i, r in enumerate(document.resources):
             access = {
-                name: AccessRule(name, a.tier, MappingProxyType(a.provider_options()), f"resources[{i}].access.{name}")
+                name: AccessRule(name, a.tier, MappingProxyType(a.provider_options()), f"resources[{i}].access.{name}",
+                                 a.break_glass)
                 for name, a in r.access.items()
             }
             live = None

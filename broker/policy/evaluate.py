@@ -88,6 +88,7 @@ class RequestFacts:
     ttl_seconds: int | None
     now: datetime
     approved: bool = False  # an approval for this exact request exists
+    justified: bool = False  # the request carries a written justification (break-glass)
     live: LivePermission | None = None  # the rule's live source's answer; None: not consulted
 
 
@@ -283,6 +284,15 @@ def _tier_layer(policy: CompiledPolicy, request: RequestFacts, target: _Target |
     name = target.access.tier
     tier = policy.tiers[name]
     rule = f"tiers.{name}"
+    if target.access.break_glass is not None:  # opt-in, whatever the tier's control says
+        glass = f"{target.access.rule}.break_glass"
+        if request.approved:
+            return _allow("tier", glass, "break-glass approved")
+        if not request.justified:
+            return _deny("tier", "break-glass-justification-required", glass,
+                         "break-glass only: the request must carry a written justification")
+        return LayerVerdict("tier", APPROVAL, "break-glass-required", glass,
+                            f"break-glass: {target.access.break_glass.min_approvals} distinct approvers")
     if tier.control == "deny":
         return _deny("tier", "tier-denied", rule, f"tier {name} is denied")
     if tier.control == "approval" and not request.approved:
@@ -325,6 +335,8 @@ def _time_layer(
         return _skipped("time"), None
     name = target.access.tier
     max_ttl = policy.tiers[name].max_ttl
+    if target.access.break_glass is not None:  # never longer than break-glass allows
+        max_ttl = min(max_ttl or target.access.break_glass.max_ttl, target.access.break_glass.max_ttl)
     if max_ttl is None:
         return _skipped("time", f"tier {name} has no max_ttl"), None
     limits = bounds(target.rule.provider, request.resource, dict(target.options))
@@ -433,7 +445,8 @@ def evaluate(
         provider=target.rule.provider if target else None,
         options=target.options if target else {},
         ttl_seconds=granted if result != DENY else None,
-        approvers=_approvers(policy, tier) if result == APPROVAL else (),
+        approvers=(tuple(target.access.break_glass.approvers) if target and target.access.break_glass
+                   else _approvers(policy, tier)) if result == APPROVAL else (),
         layers=layers,
         live=live,
     )

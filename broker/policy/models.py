@@ -139,6 +139,25 @@ ResourcePattern = Annotated[
 ]
 
 
+BREAK_GLASS_MAX_TTL = 900  # DESIGN.md section 4: a break-glass capability lives at most 15 minutes
+
+
+class BreakGlass(Strict):
+    """Break-glass for one access (docs/approvals.md#break-glass): the only way to it is a
+    written justification, `min_approvals` distinct approvers (or one member of `group`), never
+    the delegator; single use, at most `max_ttl`; each use opens a post-review item."""
+
+    approvers: list[Approver] = Field(min_length=1, description="who may approve (group:<name> or a user)")
+    min_approvals: int = Field(default=2, ge=2, le=10, description="distinct approvers needed (at least 2)")
+    group: GroupName | None = Field(default=None, description="a break-glass group: one approval by a member suffices")
+    max_ttl: Duration = Field(default=BREAK_GLASS_MAX_TTL, le=BREAK_GLASS_MAX_TTL,
+                              description="the capability's longest life (at most 15m)")
+    reviewers: list[Approver] = Field(default_factory=list,
+                                      description="who closes the post-review of each use (absent: the approvers)")
+    review_within: Duration = Field(default=86400, le=30 * 86400,
+                                    description="a review still open this long after the use is overdue")
+
+
 class Access(Strict):
     """What one access on a resource means: its tier, and the provider fields for minting."""
 
@@ -156,6 +175,7 @@ class Access(Strict):
     audience: str | None = None  # native; default: the path of the jwt:// resource
     dpop: Literal["required", "optional"] | None = None  # native (RFC 9449); unset = optional
     options: dict[str, JsonValue] | None = None  # free-form, for third-party providers
+    break_glass: BreakGlass | None = None  # opt-in: this access only by break-glass (any tier, destructive too)
 
     @field_validator("options")
     @classmethod
@@ -168,7 +188,7 @@ class Access(Strict):
 
     def provider_options(self) -> dict[str, Any]:
         """The provider fields that were set, with `options` merged in."""
-        fields = self.model_dump(exclude={"tier", "options"}, exclude_none=True)
+        fields = self.model_dump(exclude={"tier", "options", "break_glass"}, exclude_none=True)
         return {**fields, **(self.options or {})}
 
 

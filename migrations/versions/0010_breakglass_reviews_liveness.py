@@ -39,9 +39,39 @@ def upgrade() -> None:
         sa.Column('at', broker.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('id'))
     op.create_index('ix_session_refusals_session_at', 'session_refusals', ['session_id', 'at'], unique=False)
+    op.add_column('approvals', sa.Column('justification', sa.Text(), nullable=True))
+    op.create_table(
+        'breakglass_reviews',
+        sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column('session_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column('approval_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column('capability_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column('human', sqlmodel.sql.sqltypes.AutoString(length=320), nullable=False),
+        sa.Column('agent', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column('resource', sqlmodel.sql.sqltypes.AutoString(length=512), nullable=False),
+        sa.Column('access', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column('justification', sa.Text(), nullable=False),
+        sa.Column('approved_by', sa.JSON(), nullable=False),
+        sa.Column('reviewers', sa.JSON(), nullable=False),
+        sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column('used_at', broker.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column('due_at', broker.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column('overdue_noted_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column('verdict', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=True),
+        sa.Column('note', sa.Text(), nullable=True),
+        sa.Column('closed_by', sqlmodel.sql.sqltypes.AutoString(length=320), nullable=True),
+        sa.Column('closed_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint('id'))
+    op.create_index('ix_breakglass_reviews_session_id', 'breakglass_reviews', ['session_id'], unique=False)
+    op.create_index('ix_breakglass_reviews_status_due', 'breakglass_reviews', ['status', 'due_at'], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index('ix_breakglass_reviews_status_due', table_name='breakglass_reviews')
+    op.drop_index('ix_breakglass_reviews_session_id', table_name='breakglass_reviews')
+    op.drop_table('breakglass_reviews')
+    with op.batch_alter_table('approvals', schema=None) as batch_op:
+        batch_op.drop_column('justification')
     op.drop_index('ix_session_refusals_session_at', table_name='session_refusals')
     op.drop_table('session_refusals')
     op.drop_index('ix_sessions_status_idle', table_name='sessions')

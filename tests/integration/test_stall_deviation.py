@@ -111,7 +111,8 @@ def test_the_idle_timeout_is_the_policys_default_or_the_sessions_own_within_its_
             "human": "alice@example.com", "agent": "claude-code", "task_id": "t", "ttl_seconds": 7200,
             "scope": SCOPE, "idle_timeout_seconds": too_long})
         assert r.status_code == 400 and r.json()["error"]["code"] == "idle-timeout-out-of-bounds", r.text
-    for bad in (0, -1, 4, "ten", None.__class__.__name__, 1.5, [], {}):
+    bad: object
+    for bad in (0, -1, 4, "ten", "NoneType", 1.5, [], {}):
         r = api.client.post("/v1/sessions", headers=api.as_orchestrator(), json={
             "human": "alice@example.com", "agent": "claude-code", "task_id": "t", "ttl_seconds": 7200,
             "scope": SCOPE, "idle_timeout_seconds": bad})

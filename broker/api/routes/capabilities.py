@@ -35,7 +35,7 @@ def create_capability(
 ) -> Response:
     ask = CapabilityAsk(
         resource=body.resource, access=body.access, purpose=body.purpose, ttl_seconds=body.ttl_seconds,
-        tool=body.tool, parameters=body.parameters, approval_id=body.approval_id,
+        tool=body.tool, parameters=body.parameters, approval_id=body.approval_id, justification=body.justification,
     )
     outcome = request_capability(broker, caller, ask, idempotency_key)
     # The model writes its own JSON: `response_model` (the schema, for OpenAPI) would only have
