@@ -1,7 +1,7 @@
 """Deviation: an agent that keeps asking for what is outside its task is stopped.
 
 The policy's `deviation: {refusals: N, window: 10m, action: suspend|end}` counts the session's
-refusals whose reason is one of `COUNTED` (scope, tier, escalation) over a sliding window. The
+refusals whose reason is one of `COUNTED` (scope, tier) over a sliding window. The
 Nth within the window trips it, in the transaction of that refusal:
 
 This module is the tripwire, called from the request path; lifting a suspension is
@@ -40,9 +40,11 @@ from broker.times import rfc3339
 
 log = logging.getLogger("broker.sessions.deviation")
 
-# The refusals that count: the agent asked outside its task's scope, above its tier ceiling or for
-# a denied tier. Budget, ttl and human-permission refusals are the broker's limits, not deviation.
-COUNTED = frozenset({"outside-task-scope", "tier-denied", "agent-ceiling", "escalation-denied"})
+# The refusals that count: the agent asked outside its task's scope, above its tier ceiling, for a
+# denied tier, or for a break-glass access without a justification. Budget, ttl and
+# human-permission refusals are the broker's limits, not deviation. Escalation does not refuse (it
+# asks for approval); a human's denial of an escalation approval is not counted yet.
+COUNTED = frozenset({"outside-task-scope", "tier-denied", "agent-ceiling", "break-glass-justification-required"})
 END_REASON = "deviation"
 
 

@@ -116,7 +116,7 @@ def _evaluate(broker: Broker, db: Session, session: SessionSnapshot, ask: Capabi
     if decision.result != "approval_required" or approval is not None or decision.tier is None:
         return decision, shadow, None
     grant = grants.find_usable(db, session.id, ask.resource, ask.access, now)
-    if grant is None or approval_rule(policy, decision.tier).min_approvals > 1:
+    if grant is None or approval_rule(policy, decision.tier).min_approvals > 1 or decision.reason == breakglass.REASON:
         return decision, shadow, None
     # Nothing minted under a grant outlives it.
     left = math.floor((grant.expires_at - now).total_seconds())

@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlmodel import select
+from typer.testing import CliRunner
 
 from broker.audit.service import query
+from broker.cli.main import app as cli
 from broker.db import transaction, utcnow
 from broker.lifecycle.sweeper import sweep_once
 from broker.models import Approval, BreakGlassReview, Lease, OutboxMessage
@@ -134,6 +136,16 @@ def test_two_distinct_approvers_never_the_delegator_single_use_review_opened(api
     assert r.status_code == 409 and r.json()["error"]["code"] == "approval-used", r.text
 
 
+def test_a_break_glass_access_is_never_pre_approved_by_a_grant(api: Api) -> None:
+    s = session(api)
+    for who in ("alice@example.com", "bob@example.com", "dave@example.com"):
+        r = api.client.post("/v1/grants", headers=api.as_human(who), json={
+            "session_id": s["session_id"], **DROP, "ttl_seconds": 300, "uses": 1})
+        assert r.status_code in (403, 404), (who, r.text)
+    r = api.request(s, {**DROP, "justification": WHY})
+    assert r.status_code == 202, r.text  # still waits for its approvers
+
+
 def test_one_member_of_the_break_glass_group_suffices(api: Api) -> None:
     s = session(api)
     approval_id = pending(api, s)
@@ -192,6 +204,26 @@ def test_reviews_are_listed_for_and_closed_by_named_reviewers_and_overdue_ones_s
     reviewed = audit_of(api, s["session_id"], "breakglass.reviewed")
     assert len(reviewed) == 1 and reviewed[0]["detail"]["verdict"] == "appropriate"
     assert "broker_breakglass_reviews_overdue 0.0" in api.client.get("/metrics").text
+
+
+def test_broker_cli_reviews_list_and_close(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = session(api)
+    approval_id = pending(api, s)
+    decide(api, approval_id, "dave@example.com")
+    cap = use(api, s, approval_id).json()
+    monkeypatch.setenv("BROKER_URL", api.base_url)
+    monkeypatch.setenv("BROKER_TOKEN", api.secrets.human_tokens["erin@example.com"])
+    out = CliRunner().invoke(cli, ["reviews", "list"])
+    assert out.exit_code == 0, out.output
+    assert "jwt://svc/staging drop" in out.output and WHY in out.output and "dave@example.com" in out.output
+    listed = json.loads(CliRunner().invoke(cli, ["reviews", "list", "--json"]).output)
+    assert [r["capability_id"] for r in listed] == [cap["capability_id"]]
+    review_id = listed[0]["review_id"]
+    bad = CliRunner().invoke(cli, ["reviews", "close", review_id, "--verdict", "meh"])
+    assert bad.exit_code != 0
+    out = CliRunner().invoke(cli, ["reviews", "close", review_id, "--verdict", "inappropriate", "--note", "not needed"])
+    assert out.exit_code == 0 and f"{review_id} closed: inappropriate" in out.output, out.output
+    assert "no reviews" in CliRunner().invoke(cli, ["reviews", "list"]).output
 
 
 @pytest.mark.parametrize(("kind", "code"), ALL, ids=ids(ALL))
