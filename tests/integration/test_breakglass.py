@@ -5,6 +5,7 @@ overdue one shows in /metrics and the audit. Real broker over HTTP, SQLite and P
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,6 +23,7 @@ from broker.db import transaction, utcnow
 from broker.lifecycle.sweeper import sweep_once
 from broker.models import Approval, BreakGlassReview, Lease, OutboxMessage
 from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.console import ConsoleBrowser
 from tests.support.hostile_text import ALL, ids, marked
 
 POLICY = STANDARD_TIERS + """\
@@ -224,6 +226,32 @@ def test_broker_cli_reviews_list_and_close(api: Api, monkeypatch: pytest.MonkeyP
     out = CliRunner().invoke(cli, ["reviews", "close", review_id, "--verdict", "inappropriate", "--note", "not needed"])
     assert out.exit_code == 0 and f"{review_id} closed: inappropriate" in out.output, out.output
     assert "no reviews" in CliRunner().invoke(cli, ["reviews", "list"]).output
+
+
+def test_the_console_shows_the_justification_and_closes_reviews(api: Api) -> None:
+    s = session(api)
+    approval_id = pending(api, s)
+    with ConsoleBrowser(api.base_url) as bob:
+        bob.sign_in_with_token(api.secrets.human_tokens["bob@example.com"])
+        card = bob.http.get(f"/console/approvals/{approval_id}")
+        assert card.status_code == 200 and WHY in html.unescape(card.text) and "Break-glass justification" in card.text
+    decide(api, approval_id, "dave@example.com")
+    cap = use(api, s, approval_id).json()
+    with ConsoleBrowser(api.base_url) as erin:
+        erin.sign_in_with_token(api.secrets.human_tokens["erin@example.com"])
+        page = erin.http.get("/console/reviews")
+        assert page.status_code == 200 and cap["capability_id"] in page.text and WHY in html.unescape(page.text)
+        review_id = api.client.get("/v1/reviews", headers=api.as_human("erin@example.com")).json()[0]["review_id"]
+        r = erin.post(f"/console/reviews/{review_id}/close", csrf_token=erin.csrf("/console/reviews"), verdict="")
+        assert r.status_code == 400  # a verdict is required
+        r = erin.post(f"/console/reviews/{review_id}/close", csrf_token="forged", verdict="appropriate")
+        assert r.status_code == 403
+        r = erin.post(f"/console/reviews/{review_id}/close", csrf_token=erin.csrf("/console/reviews"),
+                      verdict="appropriate", note="fine")
+        assert r.status_code == 303, r.text
+        assert "No open reviews for you." in erin.http.get("/console/reviews").text
+    assert api.client.get("/v1/reviews?status=closed", headers=api.as_human("erin@example.com")).json()[0][
+        "verdict"] == "appropriate"
 
 
 @pytest.mark.parametrize(("kind", "code"), ALL, ids=ids(ALL))

@@ -25,6 +25,7 @@ from broker.db import transaction, utcnow
 from broker.lifecycle.sweeper import sweep_once
 from broker.models import Lease, OutboxMessage, SessionRefusal, SessionRow
 from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.console import ConsoleBrowser
 from tests.support.hostile_text import ALL, ids
 
 RESOURCES = """\
@@ -346,6 +347,25 @@ def test_the_end_action_ends_the_session_with_receipts(tmp_path: Path, database_
         types = [r["type"] for r in records(api, sid)]
         assert types.count("session.deviation-tripped") == 1 and types.count("session.ended") == 1
         assert types.index("session.deviation-tripped") < types.index("session.ended")
+
+
+def test_the_console_timeline_shows_the_suspension_and_its_human_resumes_it(api: Api) -> None:
+    session = api.new_session(scope=SCOPE)
+    sid = session["session_id"]
+    for _ in range(3):
+        refuse(api, session)
+    with ConsoleBrowser(api.base_url) as alice:
+        alice.sign_in_with_token(api.secrets.human_tokens["alice@example.com"])
+        page = alice.http.get(f"/console/sessions/{sid}")
+        assert page.status_code == 200 and 'id="suspended"' in page.text and "session.suspended" in page.text
+        r = alice.post(f"/console/sessions/{sid}/resume", csrf_token="forged")
+        assert r.status_code == 403 and session_row(api, sid).suspended_at is not None
+        r = alice.post(f"/console/sessions/{sid}/resume", csrf_token=alice.csrf(f"/console/sessions/{sid}"),
+                       reason="checked")
+        assert r.status_code == 303, r.text
+        page = alice.http.get(f"/console/sessions/{sid}")
+        assert 'id="suspended"' not in page.text and "session.resumed" in page.text
+    assert session_row(api, sid).suspended_at is None
 
 
 def test_broker_cli_sessions_resume_lifts_the_suspension(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
