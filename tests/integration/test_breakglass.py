@@ -55,7 +55,8 @@ DROP = {"resource": "jwt://svc/staging", "access": "drop"}
 @pytest.fixture
 def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
     secrets_ = BrokerSecrets()
-    broker = build_broker(tmp_path, database_url, secrets_, POLICY,
+    receivers = json.dumps([{"name": "siem", "url": "http://127.0.0.1:9/events", "audience": "https://siem.test"}])
+    broker = build_broker(tmp_path, database_url, secrets_, POLICY, security_event_receivers=receivers,
                           approval_webhook_urls="http://127.0.0.1:9/approvals", approval_webhook_secret="s" * 32)
     with LiveServer(broker, outbox=False) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
         yield Api(server.base_url, secrets_, broker, client)
@@ -127,7 +128,14 @@ def test_two_distinct_approvers_never_the_delegator_single_use_review_opened(api
         lease = db.get(Lease, cap["capability_id"])
         assert lease is not None and lease.ttl_seconds <= 600  # max_ttl 10m, under the 15m ceiling
         reviews = db.exec(select(BreakGlassReview).where(BreakGlassReview.session_id == sid)).all()
-        notes = {m.type for m in db.exec(select(OutboxMessage)).all()}
+        notes = {m.type for m in db.exec(select(OutboxMessage).where(OutboxMessage.kind == "approval")).all()}
+        sets = [json.loads(m.body) for m in db.exec(select(OutboxMessage).where(OutboxMessage.kind == "set")).all()]
+    glass = [c["events"]["https://jit-broker.dev/secevent/breakglass"] for c in sets
+             if "https://jit-broker.dev/secevent/breakglass" in c["events"]]
+    assert sorted(e["stage"] for e in glass) == ["approved", "requested", "used"], glass
+    used_set = next(e for e in glass if e["stage"] == "used")
+    assert used_set["capability_id"] == cap["capability_id"] and used_set["review_id"] == reviews[0].id
+    assert all(c["aud"] == "https://siem.test" for c in sets)
     assert len(reviews) == 1 and reviews[0].capability_id == cap["capability_id"]
     assert reviews[0].approved_by == ["bob@example.com", "carol@example.com"] and reviews[0].justification == WHY
     assert {"breakglass.requested", "breakglass.approved", "breakglass.used"} <= notes
