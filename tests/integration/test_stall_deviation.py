@@ -188,6 +188,20 @@ def test_any_request_with_the_session_token_counts_as_a_sign_of_life(api: Api) -
     assert session_row(api, sid).idle_until == later
 
 
+def test_a_token_exchange_with_the_session_token_counts_as_a_sign_of_life(api: Api) -> None:
+    session = api.new_session(scope=SCOPE)
+    sid = session["session_id"]
+    first = session_row(api, sid).idle_until
+    time.sleep(1.1)
+    r = api.client.post("/v1/oauth/token", data={
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "subject_token": session["session_token"],
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt", "resource": "jwt://svc/ledger",
+        "scope": "read"})
+    assert r.status_code == 200, r.text
+    later = session_row(api, sid).idle_until
+    assert first is not None and later is not None and later > first
+
+
 def test_heartbeat_is_for_the_sessions_own_agent_only(api: Api) -> None:
     mine, other = api.new_session(scope=SCOPE), api.new_session(scope=SCOPE)
     for headers in (agent(other), api.as_orchestrator(), api.as_human("alice@example.com"), api.as_admin()):
