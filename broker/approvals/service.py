@@ -156,9 +156,10 @@ def approve_refusal(policy: CompiledPolicy, caller: Caller, approval: Approval, 
                          code="not-an-approver")
     # Break-glass: never the delegator, whatever the tier says (broker/breakglass/).
     if _is_delegator(caller, session) and (not rule.allow_self_approval or breakglass.is_break_glass(approval)):
-        return Forbidden("the delegating human may not approve their own agent's request "
-                         f"(tier {approval.tier} does not set allow_self_approval); ask another approver",
-                         code="self-approval-forbidden")
+        why = ("break-glass is never approved by the delegator" if breakglass.is_break_glass(approval)
+               else f"tier {approval.tier} does not set allow_self_approval")
+        return Forbidden(f"the delegating human may not approve their own agent's request ({why}); "
+                         "ask another approver", code="self-approval-forbidden")
     held = (approver_permission(policy, caller.name, caller.groups, approval.resource, approval.access, live)
             if ask_live else human_permission(policy, caller.name, caller.groups, approval.resource, approval.access))
     if held.verdict != "allow":
