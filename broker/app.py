@@ -30,6 +30,7 @@ from broker.api.routes import (
     identity,
     oauth,
     policy,
+    reviews,
     revocations,
     sessions,
     ssf,
@@ -245,7 +246,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.approval_signals = ApprovalSignals()
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
                    webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router,
-                   oauth.router, authorize.router, ssf.router):
+                   oauth.router, authorize.router, ssf.router, reviews.router):
         app.include_router(router)
     console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(RequestGuard)

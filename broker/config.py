@@ -219,6 +219,10 @@ class Settings(BaseSettings):
     # one witness may take to answer: it must never hold up the next one.
     audit_witness_interval_seconds: float = Field(default=10.0, gt=0)
     audit_witness_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Stall (docs/lifecycle.md): a session's liveness is written at most once per this many
+    # seconds per replica (a quarter of its idle timeout if that is shorter), so requests do not
+    # each cost a write; a stalled session ends up to this much later than its timeout.
+    liveness_granularity_seconds: int = Field(default=15, ge=1, le=3600)
     # Bounded batches keep each sweep short and its cost proportional to what expires.
     sweep_batch_size: int = Field(default=500, ge=1)
     # A replica that claimed rows and died releases them after this long.

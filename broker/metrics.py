@@ -16,11 +16,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func
+from sqlalchemy import case, func
 from sqlmodel import col, select
 
 from broker.db import transaction, utcnow
-from broker.models import Approval, Lease
+from broker.models import Approval, BreakGlassReview, Lease
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -115,6 +115,10 @@ class DatabaseCollector:
                               .group_by(Approval.tier)).all()
             overdue = db.exec(select(func.min(Lease.expires_at))
                               .where(Lease.status == "active", Lease.expires_at <= now)).first()
+            # Break-glass post-reviews (broker/breakglass/): open, and open past their due time.
+            reviews_open, reviews_overdue = db.exec(
+                select(func.count(), func.coalesce(func.sum(case((col(BreakGlassReview.due_at) <= now, 1), else_=0)), 0))
+                .where(BreakGlassReview.status == "open")).one()
         for status, provider, count in rows:
             leases.add_metric([status, provider], count)
         first_asked = None
@@ -123,7 +127,12 @@ class DatabaseCollector:
             first_asked = created if first_asked is None else min(first_asked, created)
         oldest.add_metric([], _age(now, first_asked))
         lag.add_metric([], _age(now, overdue))
-        yield from (leases, pending, oldest, lag)
+        open_reviews = GaugeMetricFamily("broker_breakglass_reviews_open", "Break-glass uses whose post-review is open")
+        open_reviews.add_metric([], int(reviews_open or 0))
+        overdue_reviews = GaugeMetricFamily("broker_breakglass_reviews_overdue",
+                                            "Break-glass post-reviews still open past their due time")
+        overdue_reviews.add_metric([], int(reviews_overdue or 0))
+        yield from (leases, pending, oldest, lag, open_reviews, overdue_reviews)
 
     def describe(self) -> list[Any]:
         return []

@@ -40,8 +40,19 @@ class SessionRow(SQLModel, table=True):
     # Live leases (minting, active, revoke_pending), as of the last fold: the exact count is this
     # plus the session's rows in session_live_deltas (written by triggers on leases, 0009).
     live_count: int = 0
+    # Stall (0010, broker/sessions/liveness.py): the idle timeout fixed at provision (None: none),
+    # and the moment past which a silent session is ended. Moved forward by requests with the
+    # session token at most once per granularity per replica, and by heartbeats.
+    idle_timeout_seconds: int | None = None
+    idle_until: datetime | None = _ts(default=None)
+    last_seen_at: datetime | None = _ts(default=None)
+    # Deviation (0010, broker/sessions/deviation.py): set while the tripwire holds the session;
+    # no new capability is issued until a human resumes it.
+    suspended_at: datetime | None = _ts(default=None)
+    suspend_reason: str | None = Field(default=None, max_length=128)
 
-    __table_args__ = (Index("ix_sessions_status_expires", "status", "expires_at"),)
+    __table_args__ = (Index("ix_sessions_status_expires", "status", "expires_at"),
+                      Index("ix_sessions_status_idle", "status", "idle_until"))
 
 
 class SessionLiveDelta(SQLModel, table=True):
@@ -79,6 +90,11 @@ class SessionSnapshot:
     ended_at: datetime | None
     end_reason: str | None
     issued_count: int
+    idle_timeout_seconds: int | None = None
+    idle_until: datetime | None = None
+    last_seen_at: datetime | None = None
+    suspended_at: datetime | None = None
+    suspend_reason: str | None = None
 
     def row(self) -> SessionRow:
         return SessionRow(**vars(self))
@@ -86,6 +102,22 @@ class SessionSnapshot:
 
 # What only reads a session takes either: the ORM row, or the request path's snapshot.
 AnySession = SessionRow | SessionSnapshot
+
+
+class SessionRefusal(SQLModel, table=True):
+    """One refusal that counts toward a session's deviation tripwire (scope, tier, escalation),
+    written in the refusal's transaction. Counted over the policy's window; pruned with it."""
+
+    __tablename__ = "session_refusals"
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(max_length=64)
+    reason: str = Field(max_length=64)
+    resource: str = Field(max_length=512)
+    access: str = Field(max_length=64)
+    at: datetime = _ts()
+
+    __table_args__ = (Index("ix_session_refusals_session_at", "session_id", "at"),)
 
 
 class Lease(SQLModel, table=True):
@@ -188,8 +220,38 @@ class Approval(SQLModel, table=True):
     decision_reason: str | None = Field(default=None, sa_column=Column(Text))  # the deny's (or last approve's) reason
     used_at: datetime | None = _ts(default=None)
     capability_id: str | None = Field(default=None, max_length=64)  # the capability it was used for
+    justification: str | None = Field(default=None, sa_column=Column(Text))  # break-glass: the agent's written reason (0010)
 
     __table_args__ = (Index("ix_approvals_status", "status", "expires_at"),)
+
+
+class BreakGlassReview(SQLModel, table=True):
+    """The post-review of one break-glass use (broker/breakglass/): opened at the mint, closed by
+    a reviewer with a verdict; open past `due_at` it is overdue (metric, audit)."""
+
+    __tablename__ = "breakglass_reviews"
+
+    id: str = Field(primary_key=True, max_length=64)
+    session_id: str = Field(max_length=64, index=True)
+    approval_id: str = Field(max_length=64)
+    capability_id: str = Field(max_length=64)
+    human: str = Field(max_length=320)
+    agent: str = Field(max_length=128)
+    resource: str = Field(max_length=512)
+    access: str = Field(max_length=64)
+    justification: str = Field(sa_column=Column(Text, nullable=False))
+    approved_by: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    reviewers: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="open", max_length=16)  # open | closed
+    used_at: datetime = _ts()
+    due_at: datetime = _ts()
+    overdue_noted_at: datetime | None = _ts(default=None)  # when the audit was told it is overdue
+    verdict: str | None = Field(default=None, max_length=32)  # appropriate | inappropriate
+    note: str | None = Field(default=None, sa_column=Column(Text))
+    closed_by: str | None = Field(default=None, max_length=320)
+    closed_at: datetime | None = _ts(default=None)
+
+    __table_args__ = (Index("ix_breakglass_reviews_status_due", "status", "due_at"),)
 
 
 class ApprovalDecision(SQLModel, table=True):

@@ -144,6 +144,18 @@ def capability_revoked(db: Session, broker: Broker, session: SessionRow | None, 
              credential_subject(broker.settings.issuer, lease, session), txn, now)
 
 
+BREAKGLASS = "https://jit-broker.dev/secevent/breakglass"  # the broker's own event type (SSF allows any URI)
+
+
+def breakglass(db: Session, broker: Broker, session: SessionRow, *, stage: str, detail: dict[str, Any],
+               now: datetime) -> None:
+    """A break-glass request or use (`stage`: requested | used), loud: one SET per receiver."""
+    event = {"event_timestamp": int(now.timestamp()), "stage": stage, "agent": session.agent,
+             "task_id": session.task_id, **detail}
+    _enqueue(db, broker, f"breakglass-{stage}", BREAKGLASS, event, session_subject(session.id, session),
+             session_txn(session.id), now)
+
+
 def _enqueue(db: Session, broker: Broker, short: str, uri: str, event: dict[str, Any], subject: dict[str, Any],
              txn: str, now: datetime) -> None:
     # Streams receivers manage themselves (SSF 1.0), then the receivers in the configuration.

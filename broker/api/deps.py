@@ -16,6 +16,7 @@ from broker.identity.oidc import unverified_issuer
 from broker.identity.ratelimit import RateLimiter
 from broker.identity.workload import WORKLOAD_HEADER, WorkloadIdentity
 from broker.runtime import Broker
+from broker.sessions import liveness
 
 
 async def get_broker(request: Request) -> Broker:
@@ -53,6 +54,11 @@ async def get_caller(request: Request, authorization: Annotated[str | None, Head
         binding, presented = claims.get("wl"), request.headers.get(WORKLOAD_HEADER)
         if binding is not None or presented is not None:
             await _agent_workload(broker, caller, binding, presented)
+        # Stall (broker/sessions/liveness.py): a request with the session token is a sign of life,
+        # written at most once per granularity per session on this replica.
+        idle = claims.get(liveness.CLAIM)
+        if liveness.touch_due(broker, caller.session_id or "", idle):
+            await run_in_threadpool(liveness.touch, broker, caller.session_id or "", int(idle))  # type: ignore[call-overload]
         return caller
     keys: ApiKeys = request.app.state.api_keys
     return keys.lookup(token)

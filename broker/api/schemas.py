@@ -73,6 +73,9 @@ class SessionCreate(Strict):
     # Bind the session to the agent runtime's workload: every agent request must then carry that
     # workload's token in X-Workload-Token, beside the session token (docs/workload-identity.md).
     workload: WorkloadBinding | None = None
+    # Stall (docs/lifecycle.md): the session ends itself after this long without a request with
+    # its token. Absent: the policy's liveness.idle_timeout; never above its max_idle_timeout.
+    idle_timeout_seconds: int | None = Field(default=None, ge=5, le=7 * 86400)
 
 
 class SessionCreated(BaseModel):
@@ -94,6 +97,12 @@ class SessionView(BaseModel):
     expires_at: Timestamp
     ended_at: Timestamp | None
     end_reason: str | None
+    idle_timeout_seconds: int | None = Field(default=None, description="stall: none if null")
+    idle_until: Timestamp | None = Field(
+        default=None, description="stall: silent past this, the session is ended (moves with requests and heartbeats)")
+    suspended_at: Timestamp | None = Field(
+        default=None, description="deviation: set while the tripwire holds the session (no new capabilities)")
+    suspend_reason: str | None = None
     capabilities: list[CapabilityView] = Field(default_factory=list, description="live ones (GET one session only)")
 
     @classmethod
@@ -102,8 +111,21 @@ class SessionView(BaseModel):
             session_id=session.id, human=session.human, agent=session.agent, task_id=session.task_id,
             repository=session.repository, scope=session.scope, labels=session.labels, status=session.status,
             created_at=session.created_at, expires_at=session.expires_at, ended_at=session.ended_at,
-            end_reason=session.end_reason, capabilities=[CapabilityView.of(lease) for lease in leases],
+            end_reason=session.end_reason, idle_timeout_seconds=session.idle_timeout_seconds,
+            idle_until=session.idle_until, suspended_at=session.suspended_at, suspend_reason=session.suspend_reason,
+            capabilities=[CapabilityView.of(lease) for lease in leases],
         )
+
+
+class SessionHeartbeat(BaseModel):
+    session_id: str
+    status: str
+    idle_timeout_seconds: int | None = Field(description="null: the session has no idle timeout")
+    idle_until: Timestamp | None
+
+
+class SessionResume(Strict):
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)] | None = None
 
 
 class SessionEnd(Strict):
@@ -126,6 +148,8 @@ class CapabilityRequest(Strict):
     tool: Annotated[str, StringConstraints(max_length=128)] | None = None
     parameters: dict[str, Any] | None = None
     approval_id: ApprovalId | None = None
+    # Break-glass (docs/approvals.md#break-glass): the written reason an access marked break_glass needs.
+    justification: Annotated[str, StringConstraints(min_length=20, max_length=2000)] | None = None
 
     @field_validator("parameters")
     @classmethod
@@ -179,6 +203,7 @@ class ApprovalDisplay(BaseModel):
     human: str | None
     repository: str | None
     binding_message: str | None
+    justification: str | None = None
     labels: dict[str, str]
     approvals: list[ApprovalDisplayVote]
     hidden_characters: list[str] = Field(description="each marked code point found (`U+202E`, ...); empty: none")
@@ -206,6 +231,7 @@ class ApprovalView(BaseModel):
     min_approvals: int
     approvals: list[ApprovalVote]
     binding_message: str | None
+    justification: str | None = Field(default=None, description="break-glass: the agent's written reason")
     request_hash: str
     created_at: Timestamp
     expires_at: Timestamp
@@ -388,3 +414,32 @@ class ErrorResponse(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` entry for the errors a route may answer with."""
     return {status: {"model": ErrorResponse} for status in statuses}
+
+
+class ReviewView(BaseModel):
+    """The post-review of one break-glass use (docs/approvals.md#break-glass)."""
+
+    review_id: str
+    status: Literal["open", "closed"]
+    overdue: bool = Field(description="open past due_at")
+    session_id: str
+    approval_id: str
+    capability_id: str
+    human: str
+    agent: str
+    resource: str
+    access: str
+    justification: str
+    approved_by: list[str]
+    reviewers: list[str]
+    used_at: Timestamp
+    due_at: Timestamp
+    verdict: Literal["appropriate", "inappropriate"] | None
+    note: str | None
+    closed_by: str | None
+    closed_at: Timestamp | None
+
+
+class ReviewClose(Strict):
+    verdict: Literal["appropriate", "inappropriate"]
+    note: Annotated[str, StringConstraints(min_length=1, max_length=4000)] | None = None

@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 
 from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append
+from broker.breakglass import service as breakglass
 from broker.db import transaction, utcnow
 from broker.errors import Denied, Forbidden, NotFound
 from broker.identity.callers import Caller
@@ -78,6 +79,9 @@ def create(broker: Broker, caller: Caller, ask: GrantAsk) -> dict[str, Any]:
         if decision.result == "deny":
             raise Denied(f"this capability would be denied anyway ({decision.reason}); a grant cannot change that",
                          code=decision.reason, decision=decision.to_dict())
+        if breakglass.rule_for(policy, ask.resource, ask.access) is not None:
+            raise Forbidden("a break-glass access is never pre-approved: each use needs its own justification and "
+                            "approvers", code="break-glass-not-grantable")
         if entry is None:
             raise Forbidden(f"{caller.name} is not among the approvers of tier {rule_tier} "
                             f"({', '.join(rule.approvers) or 'none'})", code="not-an-approver")

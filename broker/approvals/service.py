@@ -28,6 +28,7 @@ from sqlmodel import Session, col, or_, select
 from broker.approvals import limits, outbox, summary
 from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append
+from broker.breakglass import service as breakglass
 from broker.db import transaction, utcnow
 from broker.errors import BrokerError, Conflict, Denied, Forbidden, InvalidRequest, NotFound
 from broker.identity.access import human_is
@@ -102,7 +103,9 @@ def _named(policy: CompiledPolicy, approval: Approval, caller: Caller) -> str | 
     shown = named_approver(policy, approval.approvers, caller.name, caller.groups)
     if shown is None:
         return None
-    return named_approver(policy, approval_rule(policy, approval.tier).approvers, caller.name, caller.groups)
+    glass = breakglass.rule_for(policy, approval.resource, approval.access) if breakglass.is_break_glass(approval) else None
+    today = tuple(glass.approvers) if glass is not None else approval_rule(policy, approval.tier).approvers
+    return named_approver(policy, today, caller.name, caller.groups)
 
 
 def may_read(policy: CompiledPolicy, caller: Caller, approval: Approval, session: SessionRow) -> bool:
@@ -151,10 +154,12 @@ def approve_refusal(policy: CompiledPolicy, caller: Caller, approval: Approval, 
     if entry is None:
         return Forbidden(f"{caller.name} is not among the approvers ({', '.join(approval.approvers)})",
                          code="not-an-approver")
-    if _is_delegator(caller, session) and not rule.allow_self_approval:
-        return Forbidden("the delegating human may not approve their own agent's request "
-                         f"(tier {approval.tier} does not set allow_self_approval); ask another approver",
-                         code="self-approval-forbidden")
+    # Break-glass: never the delegator, whatever the tier says (broker/breakglass/).
+    if _is_delegator(caller, session) and (not rule.allow_self_approval or breakglass.is_break_glass(approval)):
+        why = ("break-glass is never approved by the delegator" if breakglass.is_break_glass(approval)
+               else f"tier {approval.tier} does not set allow_self_approval")
+        return Forbidden(f"the delegating human may not approve their own agent's request ({why}); "
+                         "ask another approver", code="self-approval-forbidden")
     held = (approver_permission(policy, caller.name, caller.groups, approval.resource, approval.access, live)
             if ask_live else human_permission(policy, caller.name, caller.groups, approval.resource, approval.access))
     if held.verdict != "allow":
@@ -240,6 +245,7 @@ def view(approval: Approval, session: SessionRow | None, decisions: list[Approva
         "approvals": [{"approver": d.approver, "decision": d.decision, "reason": d.reason,
                        "decided_at": d.decided_at} for d in decisions],
         "binding_message": approval.binding_message,
+        "justification": approval.justification,
         "request_hash": approval.request_hash,
         "created_at": approval.created_at,
         "expires_at": approval.expires_at,
@@ -297,7 +303,8 @@ def _iso_default(value: Any) -> Any:
 # --- the request side: called from the capability path, inside its transaction ---------------
 
 def open_request(db: Session, broker: Broker, session: SessionRow, binding: Binding, *, tier: str, reason: str,
-                 approvers: list[str], granted_ttl: int | None, purpose: str, now: datetime) -> tuple[Approval, bool]:
+                 approvers: list[str], granted_ttl: int | None, purpose: str, now: datetime,
+                 justification: str | None = None) -> tuple[Approval, bool]:
     """The approval this request waits on: the live one for the same binding, or a new one
     (audited by the caller, announced through the outbox). Returns (approval, created).
 
@@ -317,6 +324,7 @@ def open_request(db: Session, broker: Broker, session: SessionRow, binding: Bind
     policy = broker.policies.current
     limits.check_budget(db, policy, session.id, approvers, now)
     rule = approval_rule(policy, tier)
+    glass = breakglass.rule_for(policy, binding.resource, binding.access) if reason == breakglass.REASON else None
     approval = Approval(
         id="apr_" + secrets.token_hex(16),
         session_id=session.id,
@@ -331,7 +339,8 @@ def open_request(db: Session, broker: Broker, session: SessionRow, binding: Bind
         parameters=binding.parameters,
         reason=reason,
         approvers=list(approvers),
-        min_approvals=rule.min_approvals,
+        min_approvals=glass.min_approvals if glass is not None else rule.min_approvals,
+        justification=justification if glass is not None else None,
         binding_message=binding_message(session, binding, tier, granted_ttl, purpose),
         created_at=now,
         expires_at=min(now + timedelta(seconds=broker.settings.approval_ttl_seconds), session.expires_at),
@@ -339,6 +348,8 @@ def open_request(db: Session, broker: Broker, session: SessionRow, binding: Bind
     db.add(approval)
     APPROVALS_OPENED.labels(tier=approval.tier or "none").inc()
     outbox.enqueue(db, broker, "approval.requested", notification(broker, approval, session, [], now), now)
+    if glass is not None:
+        breakglass.requested(db, broker, session, approval, now)  # loud: audit, outbox, SET
     return approval, True
 
 
@@ -460,6 +471,10 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
         votes.append(vote)
         approvals = sum(1 for v in votes if v.decision == "approve")
         required = max(approval.min_approvals, approval_rule(policy, approval.tier).min_approvals)
+        if breakglass.is_break_glass(approval):  # one member of the break-glass group suffices
+            required = breakglass.required_votes(
+                policy, approval, [(v.approver, caller.groups if v.approver == caller.name else frozenset())
+                                   for v in votes if v.decision == "approve"], required)
         if decision == "deny":
             approval.status, outcome = "denied", "denied"
         elif approvals >= required:
@@ -479,5 +494,8 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
         }))
         if approval.status != "pending":
             outbox.enqueue(db, broker, "approval.decided", notification(broker, approval, session, votes, now), now)
+        if approval.status == "approved" and breakglass.is_break_glass(approval):
+            breakglass.approved(db, broker, session, approval, [v.approver for v in votes if v.decision == "approve"],
+                                now)
         return view(approval, session, votes, now, policy=policy, caller=caller,
                     context=_contexts(db, policy, [approval], now)[approval.id])

@@ -79,7 +79,8 @@ def sentence(approval: dict[str, Any], shown: Callable[[str], str] = visible) ->
 
 
 # Fields an agent or orchestrator wrote: each is rendered visibly and scanned for hidden characters.
-AGENT_TEXT = ("purpose", "tool", "resource", "access", "task_id", "agent", "human", "repository", "binding_message")
+AGENT_TEXT = ("purpose", "tool", "resource", "access", "task_id", "agent", "human", "repository", "binding_message",
+              "justification")
 
 
 def display(approval: dict[str, Any]) -> dict[str, Any]:

@@ -26,11 +26,12 @@ app = typer.Typer(help="jit-broker: just-in-time credentials for AI coding agent
                   rich_markup_mode=None, pretty_exceptions_enable=False)
 policy_app = typer.Typer(help="Check and explain policies.", no_args_is_help=True)
 sessions_app = typer.Typer(help="Sessions (task runs).", no_args_is_help=True)
+reviews_app = typer.Typer(help="Post-reviews of break-glass uses.", no_args_is_help=True)
 caps_app = typer.Typer(help="Capabilities (leases).", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 keys_app = typer.Typer(help="The broker's signing keys.", no_args_is_help=True)
-for sub, name in ((policy_app, "policy"), (sessions_app, "sessions"), (caps_app, "capabilities"),
-                  (audit_app, "audit"), (keys_app, "keys")):
+for sub, name in ((policy_app, "policy"), (sessions_app, "sessions"), (reviews_app, "reviews"),
+                  (caps_app, "capabilities"), (audit_app, "audit"), (keys_app, "keys")):
     app.add_typer(sub, name=name)
 humans.register(app)  # approvals list|show, approve, deny, grant, and --as
 
@@ -313,6 +314,39 @@ def sessions_end(session_id: str, reason: str = "api_teardown", as_json: JsonOpt
     r = call("POST", f"/v1/sessions/{session_id}/end", json={"reason": reason})
     _out(r, as_json, f"{r['session_id']} {r['status']}: {r['revoked']} finished, {r['revoke_pending']} pending"
                      + _receipts_text(r.get("receipts", [])))
+
+
+@sessions_app.command("resume")
+def sessions_resume(session_id: str, reason: Annotated[str | None, typer.Option(help="why it may go on")] = None,
+                    as_json: JsonOpt = False) -> None:
+    """Lift a suspension by the deviation tripwire (the session's human or an admin)."""
+    r = call("POST", f"/v1/sessions/{session_id}/resume", json={"reason": reason} if reason else {})
+    _out(r, as_json, f"{_v(r['session_id'])} resumed: new capabilities may be issued again", shown=True)
+
+
+@reviews_app.command("list")
+def reviews_list(status: Annotated[str | None, typer.Option(help="open | closed")] = "open",
+                 as_json: JsonOpt = False) -> None:
+    """The break-glass uses you are named to review (admins: all), soonest due first."""
+    rows = call("GET", "/v1/reviews", params={"status": status} if status else None)
+    _out(rows, as_json, "\n".join(
+        f"{_v(r['review_id'])}  {_v(r['status'])}{' OVERDUE' if r['overdue'] else ''}  due {_v(r['due_at'])}  "
+        f"{_v(r['resource'])} {_v(r['access'])}  by {_v(r['agent'])} for {_v(r['human'])}\n"
+        f"      justification: {_v(r['justification'])}\n      approved by: {_v(', '.join(r['approved_by']))}"
+        for r in rows) or "no reviews", shown=True)
+
+
+@reviews_app.command("close")
+def reviews_close(review_id: str,
+                  verdict: Annotated[str, typer.Option(help="appropriate | inappropriate")],
+                  note: Annotated[str | None, typer.Option(help="what the reviewer found")] = None,
+                  as_json: JsonOpt = False) -> None:
+    """Close one review with a verdict."""
+    body: dict[str, Any] = {"verdict": verdict}
+    if note:
+        body["note"] = note
+    r = call("POST", f"/v1/reviews/{review_id}/close", json=body)
+    _out(r, as_json, f"{_v(r['review_id'])} closed: {_v(r['verdict'])}", shown=True)
 
 
 @caps_app.command("list")

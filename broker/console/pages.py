@@ -22,6 +22,7 @@ from broker.api.schemas import ApprovalDecide
 from broker.approvals import service as approvals
 from broker.approvals.signals import announce_decision
 from broker.audit import service as audit
+from broker.breakglass import service as breakglass
 from broker.console import views
 from broker.console.browser import browser_of, check_csrf
 from broker.console.render import render, render_error
@@ -30,6 +31,7 @@ from broker.errors import BrokerError
 from broker.identity.callers import Caller
 from broker.leases import queries
 from broker.runtime import Broker
+from broker.sessions import deviation
 from broker.sessions import service as sessions
 
 router = APIRouter(prefix="/console", include_in_schema=False)
@@ -194,6 +196,54 @@ def end_session(request: Request, session_id: str, me: Person, csrf_token: Annot
     browser_of(request).flash("warn", f"Session ended: {revoked} revoked, "
                                       f"{len(summary.pending)} still being revoked (retried until the backend confirms).")
     return RedirectResponse(f"/console/sessions/{quote(session_id)}", status_code=303)
+
+
+@router.post("/sessions/{session_id}/resume")
+def resume_session(request: Request, session_id: str, me: Person, csrf_token: Annotated[str, Form()] = "",
+                   reason: Annotated[str, Form()] = "") -> Response:
+    """Lift a deviation suspension: as `POST /v1/sessions/{id}/resume`."""
+    if not check_csrf(browser_of(request), csrf_token):
+        return _refused_form(request)
+    if len(reason) > 500:
+        return render_error(request, 400, "invalid-reason", "A reason is at most 500 characters.")
+    try:
+        deviation.resume(_broker(request), me, session_id, reason=reason.strip() or None)
+    except BrokerError as exc:
+        return render_error(request, exc.status, exc.code, exc.message)
+    browser_of(request).flash("good", "Session resumed: new capabilities may be issued again.")
+    return RedirectResponse(f"/console/sessions/{quote(session_id)}", status_code=303)
+
+
+# --- break-glass post-reviews -------------------------------------------------------------------
+
+@router.get("/reviews")
+def reviews_page(request: Request, me: Person) -> Response:
+    """As `GET /v1/reviews`: the break-glass uses this person is named to review."""
+    broker = _broker(request)
+    try:
+        open_ = breakglass.list_reviews(broker, me, "open", 200)
+        closed = breakglass.list_reviews(broker, me, "closed", 30)
+    except BrokerError as exc:
+        return render_error(request, exc.status, exc.code, exc.message)
+    return render(request, "reviews.html", {"open": open_, "closed": closed})
+
+
+@router.post("/reviews/{review_id}/close")
+def close_review(request: Request, review_id: str, me: Person, csrf_token: Annotated[str, Form()] = "",
+                 verdict: Annotated[str, Form()] = "", note: Annotated[str, Form()] = "") -> Response:
+    """As `POST /v1/reviews/{id}/close`."""
+    if not check_csrf(browser_of(request), csrf_token):
+        return _refused_form(request)
+    if verdict not in breakglass.VERDICTS:
+        return render_error(request, 400, "invalid-verdict", "Choose a verdict: appropriate or inappropriate.")
+    if len(note) > 4000:
+        return render_error(request, 400, "invalid-note", "A note is at most 4,000 characters.")
+    try:
+        breakglass.close(_broker(request), me, review_id, verdict=verdict, note=note.strip() or None)
+    except BrokerError as exc:
+        return render_error(request, exc.status, exc.code, exc.message)
+    browser_of(request).flash("good", f"Review closed: {verdict}.")
+    return RedirectResponse("/console/reviews", status_code=303)
 
 
 @router.post("/capabilities/{capability_id}/revoke")

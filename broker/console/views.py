@@ -22,6 +22,7 @@ URL_LABELS = ("task_url", "issue_url", "url")
 WHY = {
     "approval-required": "the tier needs a person's approval",
     "escalation-requires-approval": "escalation: the session already holds a merge_deploy or secret capability",
+    "break-glass-required": "break-glass: a destructive access, single use, reviewed after use",
 }
 
 

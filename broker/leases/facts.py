@@ -54,6 +54,8 @@ def session_facts(db: Session, session: AnySession, policies: Sequence[CompiledP
         issued_count=session.issued_count,
         active_count=active_count,
         active_tiers=active_tiers,
+        suspended=session.suspended_at is not None,  # stall and deviation: broker/sessions/liveness.py, deviation.py
+        idle_until=session.idle_until,
     )
 
 

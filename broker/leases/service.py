@@ -22,6 +22,7 @@ from broker.approvals import service as approvals
 from broker.approvals.service import Binding
 from broker.audit.events import AuditEvent, DecisionRef, GrantRef
 from broker.audit.service import append
+from broker.breakglass import service as breakglass
 from broker.db import transaction, utcnow
 from broker.errors import (
     BrokerError,
@@ -31,7 +32,7 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.identity.callers import Caller
-from broker.leases import idempotency, records
+from broker.leases import deviation, idempotency, records
 from broker.leases.facts import bounds_lookup, session_facts
 from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
 from broker.leases.revocation import finish_revocation
@@ -106,27 +107,29 @@ def _evaluate(broker: Broker, db: Session, session: SessionSnapshot, ask: Capabi
     """The decision; where it waits for approval, a matching grant stands in for one."""
     facts = session_facts(db, session, (broker.policies.current, broker.policies.shadow))
     return decide(broker, db, facts, ask.resource, ask.access, ask.ttl_seconds, now, approved=approval is not None,
-                  live=live)
+                  live=live, justified=ask.justification is not None)
 
 
 def decide(broker: Broker, db: Session, facts: SessionFacts, resource: str, access: str, ttl_seconds: int | None,
-           now: datetime, *, approved: bool, live: LivePermission | None,
+           now: datetime, *, approved: bool, live: LivePermission | None, justified: bool = False,
            lock_grant: bool = True) -> tuple[Decision, Decision | None, JitGrant | None]:
     """The evaluator's decision for this session, and where it waits for an approval, the grant
     that stands in for one (with the decision re-made as approved, within the grant's time).
-    The request path and `policy explain` both decide here, so they tell the same story."""
+    The request path and `policy explain` both decide here, so they tell the same story.
+    A break-glass decision is never stood in for by a grant (`justified`: the request carries
+    its written justification)."""
     policy, shadow_policy = broker.policies.current, broker.policies.shadow
 
     def run(ttl: int | None, approved: bool) -> tuple[Decision, Decision | None]:
         request = RequestFacts(resource=resource, access=access, ttl_seconds=ttl, now=now, approved=approved,
-                               live=live)
+                               live=live, justified=justified)
         return evaluate_with_shadow(policy, shadow_policy, facts, request, bounds_lookup(broker))
 
     decision, shadow = run(ttl_seconds, approved)
     if decision.result != "approval_required" or approved or decision.tier is None:
         return decision, shadow, None
     grant = grants.find_usable(db, facts.session_id, resource, access, now, lock=lock_grant)
-    if grant is None or approval_rule(policy, decision.tier).min_approvals > 1:
+    if grant is None or approval_rule(policy, decision.tier).min_approvals > 1 or decision.reason == breakglass.REASON:
         return decision, shadow, None
     # Nothing minted under a grant outlives it.
     left = math.floor((grant.expires_at - now).total_seconds())
@@ -174,6 +177,7 @@ def _decide_and_mint(
     # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
     live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
+    tripped: str | None = None
     with transaction(broker.engine) as db:
         session = lock_session(db, session_id)
         if session is None:
@@ -202,6 +206,8 @@ def _decide_and_mint(
             idempotency.finish(db, broker, ticket, refusal)
             append(db, records.capability_event(session, ask, "capability.denied", "denied", tier=decision.tier,
                                                 decision=record))
+            # Deviation (broker/leases/deviation.py): count scope/tier/escalation refusals; the Nth trips.
+            tripped = deviation.note_refusal(db, broker, session, ask, decision, now)
         elif decision.result == "approval_required":
             return _pending(db, broker, session, ask, decision, record, ticket, now)
         else:
@@ -210,6 +216,8 @@ def _decide_and_mint(
             lease = new_lease(session, ask, decision, now)
             if approval is not None:
                 approvals.mark_used(db, approval, lease.id, now)  # single use, in the lease's transaction
+                if breakglass.is_break_glass(approval):  # break-glass (broker/breakglass/): opens its post-review
+                    breakglass.used(db, broker, session.row(), approval, lease.id, now)
             if grant_used is not None:
                 grants.consume(db, grant_used)
             grant = grant_for(session, ask, decision, lease, ask.confirmation_jkt)
@@ -233,6 +241,7 @@ def _decide_and_mint(
                 if ticket is not None:
                     idempotency.hold(db, ticket)
     if refusal is not None:
+        deviation.end_tripped(broker, session_id, tripped)  # a tripwire whose action is `end`
         raise refusal
     return _mint(broker, session, ask, grant, provider.name, record, idem_key)
 
@@ -264,6 +273,7 @@ def _pending(db: Session, broker: Broker, session: SessionSnapshot, ask: Capabil
     approval, _ = approvals.open_request(
         db, broker, session.row(), binding(ask, session.id), tier=decision.tier or "", reason=decision.reason,
         approvers=list(decision.approvers), granted_ttl=decision.ttl_seconds, purpose=ask.purpose, now=now,
+        justification=ask.justification,
     )
     pending = PendingApproval(
         approval_id=approval.id, expires_at=approval.expires_at, reason=decision.reason,

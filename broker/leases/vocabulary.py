@@ -49,10 +49,13 @@ class CapabilityAsk:
     approval_id: str | None = None
     # RFC 9449: the DPoP key thumbprint the token endpoint checked; not part of what is approved.
     confirmation_jkt: str | None = None
+    justification: str | None = None  # break-glass: the agent's written reason (broker/breakglass/)
 
     def idempotency_hash(self, session_id: str) -> str:
         """What an Idempotency-Key is bound to: the whole ask."""
         body = {**asdict(self), "session_id": session_id}
         if body["confirmation_jkt"] is None:
             del body["confirmation_jkt"]  # hashes of requests without DPoP stay as they were
+        if body["justification"] is None:
+            del body["justification"]  # nor those without a break-glass justification
         return _digest(body)

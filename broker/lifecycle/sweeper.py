@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from broker.breakglass import service as breakglass
 from broker.db import utcnow
 from broker.leases.revocation import (
     RevokeSummary,
@@ -25,6 +26,7 @@ from broker.lifecycle.reconciler import Every, reconcile_periodic, release_lefto
 from broker.metrics import SWEEP_LAST, SWEEP_SECONDS
 from broker.periodic import Periodic
 from broker.runtime import Broker
+from broker.sessions import liveness
 from broker.sessions import service as sessions
 
 log = logging.getLogger("broker.sweeper")
@@ -77,6 +79,8 @@ def sweep_once(broker: Broker, *, now: datetime | None = None) -> RevokeSummary:
     for session_id in sessions.past_deadline(broker, now, batch):
         _, summary = sessions.end(broker, session_id, reason="deadline", actor="broker:sweeper")
         total.merge(summary)
+    # Stall (broker/sessions/liveness.py): sessions silent past their idle timeout end as if torn down.
+    total.merge(liveness.end_stalled(broker, now, batch))
     while True:
         due = due_for_expiry(broker, now, batch)
         if not due:
@@ -90,6 +94,7 @@ def sweep_once(broker: Broker, *, now: datetime | None = None) -> RevokeSummary:
         total.merge(revoke_leases(broker, retry, reason="retry", actor="broker:sweeper", use_lease_reason=True))
     total.merge(reconcile_periodic(broker, now, batch))  # teardowns a dead replica cut short
     prune_revocations(broker, now)
+    breakglass.note_overdue(broker, now, batch)  # break-glass post-reviews past due: audited once
     return total
 
 

@@ -27,6 +27,7 @@ from broker.oauth import dpop
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.oauth.form import one
 from broker.runtime import Broker
+from broker.sessions import liveness
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TT_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
@@ -64,6 +65,9 @@ def agent_from_subject_token(request: Request, broker: Broker, token: str) -> Ca
         raise from_broker_error(exc) from None
     if runtime is not None:
         machine_caller.set(runtime.audit())  # this thread runs the whole exchange: its records carry it
+    idle = claims.get(liveness.CLAIM)  # stall: the session token presented here is a sign of life too
+    if liveness.touch_due(broker, caller.session_id or "", idle):
+        liveness.touch(broker, caller.session_id or "", int(idle))  # type: ignore[call-overload]
     return caller
 
 

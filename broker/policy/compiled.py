@@ -10,7 +10,15 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.identity.principals import canonical_human, principal_problem
-from broker.policy.models import DEFAULT_ESCALATION_TIERS, TIER_ORDER, Budgets, Grant, PolicyDocument, Tier
+from broker.policy.models import (
+    DEFAULT_ESCALATION_TIERS,
+    TIER_ORDER,
+    BreakGlass,
+    Budgets,
+    Grant,
+    PolicyDocument,
+    Tier,
+)
 from broker.policy.resources import Glob, compile_glob, is_glob
 from broker.policy.tools import CompiledTools
 from broker.policy.trust import CompiledTrust
@@ -24,6 +32,7 @@ class AccessRule:
     tier: str
     options: Mapping[str, Any]  # the provider fields that were set, `options` merged in
     rule: str  # "resources[i].access.<name>"
+    break_glass: BreakGlass | None = None  # opt-in break-glass (broker/breakglass/)
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,8 @@ class CompiledPolicy:
         rules = []
         for i, r in enumerate(document.resources):
             access = {
-                name: AccessRule(name, a.tier, MappingProxyType(a.provider_options()), f"resources[{i}].access.{name}")
+                name: AccessRule(name, a.tier, MappingProxyType(a.provider_options()), f"resources[{i}].access.{name}",
+                                 a.break_glass)
                 for name, a in r.access.items()
             }
             live = None
@@ -204,6 +214,9 @@ class CompiledPolicy:
         self.escalation_tiers: frozenset[str] = frozenset(
             document.escalation.tiers if document.escalation else DEFAULT_ESCALATION_TIERS
         )
+        # Stall and deviation (broker/sessions/liveness.py, deviation.py); absent: neither applies.
+        self.liveness = document.liveness
+        self.deviation = document.deviation
         # The tool-call gate's rules (PreToolUse hooks); an absent section asks about everything.
         self.tools = CompiledTools(document.tools)
         # Machine callers' trust rules (workload identity); empty: no workload token is accepted.

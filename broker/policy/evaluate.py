@@ -64,6 +64,8 @@ class SessionFacts:
     issued_count: int = 0  # capabilities minted in this session so far, any status
     active_count: int = 0
     active_tiers: frozenset[str] = frozenset()
+    suspended: bool = False  # held by the deviation tripwire until a human resumes it
+    idle_until: datetime | None = None  # past it, the session has stalled (the sweeper ends it)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class RequestFacts:
     ttl_seconds: int | None
     now: datetime
     approved: bool = False  # an approval for this exact request exists
+    justified: bool = False  # the request carries a written justification (break-glass)
     live: LivePermission | None = None  # the rule's live source's answer; None: not consulted
 
 
@@ -162,6 +165,12 @@ def _session_layer(session: SessionFacts, request: RequestFacts) -> LayerVerdict
         return _deny("session", "session-ended", "session.status", f"session is {session.status}")
     if request.now >= session.expires_at:
         return _deny("session", "session-ended", "session.expires_at", f"session expired at {rfc3339(session.expires_at)}")
+    if session.suspended:
+        return _deny("session", "session-suspended", "deviation",
+                     "the deviation tripwire suspended this session until a human resumes it")
+    if session.idle_until is not None and request.now >= session.idle_until:
+        return _deny("session", "session-stalled", "liveness.idle_timeout",
+                     f"the session was silent past its idle timeout ({rfc3339(session.idle_until)})")
     return _allow("session", None, f"active until {rfc3339(session.expires_at)}")
 
 
@@ -277,6 +286,15 @@ def _tier_layer(policy: CompiledPolicy, request: RequestFacts, target: _Target |
     name = target.access.tier
     tier = policy.tiers[name]
     rule = f"tiers.{name}"
+    if target.access.break_glass is not None:  # opt-in, whatever the tier's control says
+        glass = f"{target.access.rule}.break_glass"
+        if request.approved:
+            return _allow("tier", glass, "break-glass approved")
+        if not request.justified:
+            return _deny("tier", "break-glass-justification-required", glass,
+                         "break-glass only: the request must carry a written justification")
+        return LayerVerdict("tier", APPROVAL, "break-glass-required", glass,
+                            f"break-glass: {target.access.break_glass.min_approvals} distinct approvers")
     if tier.control == "deny":
         return _deny("tier", "tier-denied", rule, f"tier {name} is denied")
     if tier.control == "approval" and not request.approved:
@@ -319,6 +337,8 @@ def _time_layer(
         return _skipped("time"), None
     name = target.access.tier
     max_ttl = policy.tiers[name].max_ttl
+    if target.access.break_glass is not None:  # never longer than break-glass allows
+        max_ttl = min(max_ttl or target.access.break_glass.max_ttl, target.access.break_glass.max_ttl)
     if max_ttl is None:
         return _skipped("time", f"tier {name} has no max_ttl"), None
     limits = bounds(target.rule.provider, request.resource, dict(target.options))
@@ -427,7 +447,8 @@ def evaluate(
         provider=target.rule.provider if target else None,
         options=target.options if target else {},
         ttl_seconds=granted if result != DENY else None,
-        approvers=_approvers(policy, tier) if result == APPROVAL else (),
+        approvers=(tuple(target.access.break_glass.approvers) if target and target.access.break_glass
+                   else _approvers(policy, tier)) if result == APPROVAL else (),
         layers=layers,
         live=live,
     )

@@ -139,6 +139,25 @@ ResourcePattern = Annotated[
 ]
 
 
+BREAK_GLASS_MAX_TTL = 900  # DESIGN.md section 4: a break-glass capability lives at most 15 minutes
+
+
+class BreakGlass(Strict):
+    """Break-glass for one access (docs/approvals.md#break-glass): the only way to it is a
+    written justification, `min_approvals` distinct approvers (or one member of `group`), never
+    the delegator; single use, at most `max_ttl`; each use opens a post-review item."""
+
+    approvers: list[Approver] = Field(min_length=1, description="who may approve (group:<name> or a user)")
+    min_approvals: int = Field(default=2, ge=2, le=10, description="distinct approvers needed (at least 2)")
+    group: GroupName | None = Field(default=None, description="a break-glass group: one approval by a member suffices")
+    max_ttl: Duration = Field(default=BREAK_GLASS_MAX_TTL, le=BREAK_GLASS_MAX_TTL,
+                              description="the capability's longest life (at most 15m)")
+    reviewers: list[Approver] = Field(default_factory=list,
+                                      description="who closes the post-review of each use (absent: the approvers)")
+    review_within: Duration = Field(default=86400, le=30 * 86400,
+                                    description="a review still open this long after the use is overdue")
+
+
 class Access(Strict):
     """What one access on a resource means: its tier, and the provider fields for minting."""
 
@@ -156,6 +175,7 @@ class Access(Strict):
     audience: str | None = None  # native; default: the path of the jwt:// resource
     dpop: Literal["required", "optional"] | None = None  # native (RFC 9449); unset = optional
     options: dict[str, JsonValue] | None = None  # free-form, for third-party providers
+    break_glass: BreakGlass | None = None  # opt-in: this access only by break-glass (any tier, destructive too)
 
     @field_validator("options")
     @classmethod
@@ -168,7 +188,7 @@ class Access(Strict):
 
     def provider_options(self) -> dict[str, Any]:
         """The provider fields that were set, with `options` merged in."""
-        fields = self.model_dump(exclude={"tier", "options"}, exclude_none=True)
+        fields = self.model_dump(exclude={"tier", "options", "break_glass"}, exclude_none=True)
         return {**fields, **(self.options or {})}
 
 
@@ -274,6 +294,33 @@ class Escalation(Strict):
     tiers: list[TierName] = Field(default_factory=lambda: list(DEFAULT_ESCALATION_TIERS))
 
 
+class Liveness(Strict):
+    """Stall: a session whose agent is silent (no request with its session token, no heartbeat)
+    longer than its idle timeout is ended, everything revoked (docs/lifecycle.md)."""
+
+    idle_timeout: Duration | None = Field(
+        default=None, description="the idle timeout of a session provisioned without one (absent: none)")
+    max_idle_timeout: Duration | None = Field(
+        default=None, description="the longest idle timeout a session may ask for at provision "
+                                  "(absent: idle_timeout, or no bound if that is absent too)")
+
+    @model_validator(mode="after")
+    def _default_within_bound(self) -> Liveness:
+        if self.idle_timeout is not None and self.max_idle_timeout is not None \
+                and self.idle_timeout > self.max_idle_timeout:
+            raise ValueError("idle_timeout is longer than max_idle_timeout")
+        return self
+
+
+class Deviation(Strict):
+    """The deviation tripwire: `refusals` refusals of scope, tier or escalation within `window`
+    suspend the session (no new capability until a human resumes it) or end it."""
+
+    refusals: int = Field(ge=1, le=1000, description="refusals within the window that trip it (the Nth trips)")
+    window: Duration = Field(le=7 * 86400, description="the sliding window the refusals are counted in")
+    action: Literal["suspend", "end"] = "suspend"
+
+
 HookDecision = Literal["allow", "ask", "deny"]
 
 
@@ -355,6 +402,8 @@ class PolicyDocument(Strict):
     budgets: Budgets | None = None
     rate_limits: RateLimits | None = None
     escalation: Escalation | None = None
+    liveness: Liveness | None = None
+    deviation: Deviation | None = None
     tools: Tools | None = None
     # Machine callers (workload tokens) and what they act as; first match wins. See policy/trust.py.
     trust: list[TrustRule] = Field(default_factory=list)

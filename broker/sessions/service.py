@@ -10,8 +10,6 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from broker import security_events
-from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
@@ -20,14 +18,18 @@ from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
 from broker.identity.principals import canonical_human
 from broker.ids import is_session_id
-from broker.leases.revocation import RevokeSummary, revoke_leases
+from broker.leases.teardown import end, session_event
 from broker.leases.vocabulary import LIVE
 from broker.models import Lease, SessionRow
 from broker.policy import validate_pattern
 from broker.runtime import Broker
+from broker.sessions.idle import CLAIM as IDLE_CLAIM
+from broker.sessions.idle import idle_timeout_for
 from broker.times import rfc3339
 
 log = logging.getLogger("broker.sessions")
+
+__all__ = ["SessionAsk", "create", "end", "get", "list_sessions", "past_deadline", "session_event"]
 
 
 @dataclass(frozen=True)
@@ -40,19 +42,7 @@ class SessionAsk:
     repository: str | None = None
     labels: dict[str, str] | None = None
     workload: tuple[str, str] | None = None  # (issuer, subject) of the agent runtime bound to it
-
-
-def session_event(session: SessionRow, type_: str, outcome: str, actor: str, *, reason: str | None = None,
-                  detail: dict[str, Any] | None = None) -> AuditEvent:
-    return AuditEvent(
-        type=type_,
-        outcome=outcome,
-        actor=actor,
-        human_principal=session.human,
-        agent=AgentRef.of(session),
-        request=RequestRef(operation=type_, resource=session.repository, reason=reason),
-        detail=dict(detail or {}),
-    )
+    idle_timeout_seconds: int | None = None  # stall: the session's own, within the policy's bound
 
 
 def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow, str]:
@@ -74,6 +64,8 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
     for entry in ask.scope:
         # A malformed scope is a 400, not a silent no-match; stored in canonical form.
         entry["resource"] = validate_pattern(entry["resource"])
+    # Stall (broker/sessions/liveness.py): fixed now, bounded by the policy in force now.
+    idle = idle_timeout_for(broker.policies.current, ask.idle_timeout_seconds)
     now = utcnow().replace(microsecond=0)
     session = SessionRow(
         id="ses_" + secrets.token_hex(16),
@@ -87,8 +79,12 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
         created_by=caller.name,
         created_at=now,
         expires_at=now + timedelta(seconds=ask.ttl_seconds),
+        idle_timeout_seconds=idle,
+        idle_until=None if idle is None else now + timedelta(seconds=idle),
     )
     claims: dict[str, Any] = {}
+    if idle is not None:
+        claims[IDLE_CLAIM] = idle  # so noting a request needs no read of the session
     if ask.workload is not None:
         # The binding travels in the signed session token, so checking it needs no database read.
         claims["wl"] = {"iss": ask.workload[0], "sub": ask.workload[1]}
@@ -111,7 +107,7 @@ def create(broker: Broker, caller: Caller, ask: SessionAsk) -> tuple[SessionRow,
         db.flush()
         append(db, session_event(session, "session.created", "created", caller.principal,
                                  detail={"scope": ask.scope, "expires_at": rfc3339(session.expires_at),
-                                         "labels": session.labels,
+                                         "labels": session.labels, "idle_timeout_seconds": idle,
                                          "workload_binding": claims.get("wl")}))
     return session, token
 
@@ -139,27 +135,6 @@ def list_sessions(broker: Broker, caller: Caller, status: str | None, limit: int
         if scope is not None:
             stmt = stmt.where(scope)
         return list(db.exec(stmt.order_by(col(SessionRow.created_at).desc()).limit(limit)).all())
-
-
-def end(
-    broker: Broker, session_id: str, *, reason: str, actor: str, caller: Caller | None = None
-) -> tuple[SessionRow, RevokeSummary]:
-    """Idempotent: ending an ended session revokes whatever is still live and changes nothing else."""
-    if not is_session_id(session_id):
-        raise NotFound("no such session", code="session-not-found")
-    now = utcnow()
-    with transaction(broker.engine) as db:
-        session = db.exec(select(SessionRow).where(SessionRow.id == session_id).with_for_update()).first()
-        if session is None or (caller is not None and not may_manage(caller, session)):
-            raise NotFound("no such session", code="session-not-found")
-        if session.status == "active":
-            session.status, session.ended_at, session.end_reason = "ended", now, reason[:128]
-            db.add(session)
-            append(db, session_event(session, "session.ended", "ended", actor, reason=reason))
-            security_events.session_revoked(db, broker, session, reason=reason, actor=actor, now=now)
-        live = list(db.exec(select(Lease.id).where(Lease.session_id == session_id, col(Lease.status).in_(LIVE))).all())
-    summary = revoke_leases(broker, live, reason=f"session-ended:{reason}", actor=actor)
-    return session, summary
 
 
 def past_deadline(broker: Broker, now: datetime, limit: int) -> list[str]:

@@ -85,10 +85,11 @@ class Store(Protocol):
 
 
 def refusal_of(*, status: str, key_taken: bool, issued: int, live: int, max_issued: int | None,
-               max_active: int | None, escalated: bool) -> IssueResult | None:
+               max_active: int | None, escalated: bool, held: bool = False) -> IssueResult | None:
     """The same checks, in the same order, as migration 0013's function: for the stores that
-    make them in Python."""
-    if status != "active":
+    make them in Python. `held`: suspended by the deviation tripwire or silent past its idle
+    timeout, which the full path decides like an ended session's request."""
+    if status != "active" or held:
         return "session-ended"
     if key_taken:
         return "key-exists"

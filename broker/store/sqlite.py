@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.audit.service import RecordTemplate, append_template
-from broker.db import transaction
+from broker.db import transaction, utcnow
 from broker.errors import AuditWriteFailed
 from broker.models import IdempotencyRecord, Lease, SessionRow, SessionSnapshot
 from broker.store.base import ActivateResult, Activation, Issue, IssueResult, Reservation, refusal_of
@@ -35,7 +35,8 @@ _COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("s"))
                  .values(issued_count=_SESSIONS.c.issued_count + 1))
 
 
-_STATUS = select(_SESSIONS.c.status, _SESSIONS.c.issued_count).where(_SESSIONS.c.id == bindparam("s"))
+_STATUS = select(_SESSIONS.c.status, _SESSIONS.c.issued_count, _SESSIONS.c.suspended_at,
+                 _SESSIONS.c.idle_until).where(_SESSIONS.c.id == bindparam("s"))
 _ACTIVATED = ("minted_at", "backend_expires_at", "handle", "fingerprint", "sealed_secret")
 # Parameters named like a column of the UPDATE would be taken for values to SET: `v_<column>`.
 _ACTIVATE = (update(_LEASES).where((_LEASES.c.id == bindparam("v_id")) & (_LEASES.c.status == "minting"))
@@ -91,8 +92,9 @@ class SQLiteStore:
                 escalated = bool(r.escalation) and bool(conn.execute(
                     _escalated(len(r.escalation)), {"s": sid, **{f"t{i}": t for i, t in enumerate(r.escalation)}},
                 ).scalar_one())
+                held = row.suspended_at is not None or (row.idle_until is not None and row.idle_until <= utcnow())
                 refused = refusal_of(status=row.status, key_taken=key_taken, issued=row.issued_count, live=live,
-                                     max_issued=r.max_issued, max_active=r.max_active, escalated=escalated)
+                                     max_issued=r.max_issued, max_active=r.max_active, escalated=escalated, held=held)
                 if refused is not None:
                     return refused
                 conn.execute(insert(_LEASES), [vars(r.lease)])

@@ -43,11 +43,16 @@ CREATE OR REPLACE FUNCTION broker_reserve_capability(
     p_key jsonb                -- the idempotency key's row, or NULL
 ) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
-    s_status text; s_issued integer; s_live integer;
+    s_status text; s_issued integer; s_live integer; s_suspended timestamptz; s_idle timestamptz;
 BEGIN
-    SELECT status, issued_count INTO s_status, s_issued FROM sessions WHERE id = p_session FOR UPDATE;
+    SELECT status, issued_count, suspended_at, idle_until INTO s_status, s_issued, s_suspended, s_idle
+        FROM sessions WHERE id = p_session FOR UPDATE;
     IF NOT FOUND THEN RETURN 'no-session'; END IF;
-    IF s_status <> 'active' THEN RETURN 'session-ended'; END IF;
+    -- Ended, suspended by the deviation tripwire, or silent past its idle timeout (0014): the
+    -- full path decides, names the reason and counts it.
+    IF s_status <> 'active' OR s_suspended IS NOT NULL OR (s_idle IS NOT NULL AND s_idle <= now()) THEN
+        RETURN 'session-ended';
+    END IF;
     IF p_key IS NOT NULL AND EXISTS (SELECT 1 FROM idempotency_keys
                                      WHERE session_id = p_session AND key = p_key->>'key') THEN
         RETURN 'key-exists';

@@ -66,6 +66,8 @@ TABLE: list[tuple[tuple[str, ...], int, str]] = [
     # missing arguments
     (("sessions", "show"), USAGE, "missing argument"),
     (("sessions", "end"), USAGE, "missing argument"),
+    (("sessions", "resume"), USAGE, "missing argument"),
+    (("reviews", "close"), USAGE, "missing argument"),
     (("capabilities", "revoke"), USAGE, "missing argument"),
     (("approvals", "show"), USAGE, "missing argument"),
     (("approve",), USAGE, "missing argument"),
@@ -103,6 +105,8 @@ TABLE: list[tuple[tuple[str, ...], int, str]] = [
     # well-formed but unknown
     (("sessions", "show", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),
     (("sessions", "end", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),
+    (("sessions", "resume", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),
+    (("reviews", "close", "rev_" + "0" * 32, "--verdict", "appropriate"), NOT_FOUND, "review-not-found"),
     (("capabilities", "list", "--session", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),
     (("capabilities", "revoke", UNKNOWN_CAPABILITY), NOT_FOUND, "not-found"),
     (("audit", "tail", "--session", UNKNOWN_SESSION), NOT_FOUND, "session-not-found"),

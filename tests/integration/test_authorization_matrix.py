@@ -133,6 +133,15 @@ CASES = [
          visible_to=OWN - {"agent"}, sees=_sees("session", "session_id")),
     Case("read session", "GET", "/v1/sessions/{session}", _row(401, 200, 404, 200, 404, 200, 404, 404, 200)),
     Case("end session", "POST", "/v1/sessions/{session}/end", _row(401, 200, 404, 200, 404, 200, 404, 404, 200)),
+    # Stall: only the session's own agent keeps it alive.
+    Case("heartbeat", "POST", "/v1/sessions/{session}/heartbeat", _row(401, 200, 404, 403, 403, 403, 403, 403, 403)),
+    # Deviation: only its human or an admin lifts a suspension (the world's session is not suspended: 409).
+    Case("resume session", "POST", "/v1/sessions/{session}/resume", _row(401, 404, 404, 404, 404, 409, 404, 404, 409),
+         body=lambda w: {}),
+    # Break-glass post-reviews: people only; a review nobody may see is 404 like a missing one.
+    Case("list reviews", "GET", "/v1/reviews", _row(401, 403, 403, 403, 403, 200, 200, 200, 200)),
+    Case("close review", "POST", "/v1/reviews/rev_00000000000000000000000000000000/close",
+         _row(401, 403, 403, 403, 403, 404, 404, 404, 404), body=lambda w: {"verdict": "appropriate"}),
     Case("request capability", "POST", "/v1/capabilities", _row(401, 201, 201, 403, 403, 403, 403, 403, 403),
          body=lambda w: {"resource": "jwt://payments-api", "access": "read", "purpose": "m"}),
     Case("list capabilities", "GET", "/v1/capabilities", _row(401, 200, 200, 200, 200, 200, 200, 200, 200),

@@ -12,6 +12,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -33,14 +34,18 @@ from broker.api.schemas import (
     Liveness,
     PreToolUseOutput,
     Readiness,
+    ReviewView,
     SessionCreated,
     SessionEnded,
+    SessionHeartbeat,
     SessionView,
 )
 from broker.app import create_app
 from broker.audit.linker import link_all
+from broker.db import transaction, utcnow
 from broker.identity.webhooks import HEADER, sign
 from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, Introspection, PendingApproval
+from broker.models import BreakGlassReview, SessionRow
 from broker.oauth.exchange import GRANT_TYPE
 from broker.oauth.models import AuthorizationServerMetadata, ProtectedResourceMetadata, Revoked, TokenResponse
 from broker.sessions.events import WebhookOutcome
@@ -108,6 +113,31 @@ def ssf_stream(w: World) -> str:
     return stream_id
 
 
+def resume_suspended(w: World) -> httpx.Response:
+    """Suspend the world's session as the deviation tripwire would, then lift it as an admin."""
+    sid = w.session["session_id"]
+    with transaction(w.api.broker.engine) as db:
+        row = db.get(SessionRow, sid)
+        assert row is not None
+        row.suspended_at, row.suspend_reason = utcnow(), "deviation"
+        db.add(row)
+    return w.api.client.post(f"/v1/sessions/{sid}/resume", headers=w.api.as_admin(), json={"reason": "checked"})
+
+
+def a_review(w: World) -> str:
+    """A break-glass post-review as a use opens it (the world's policy has no break-glass access)."""
+    now = utcnow()
+    review = BreakGlassReview(
+        id="rev_" + uuid.uuid4().hex, session_id=w.session["session_id"], approval_id=w.pending["approval_id"],
+        capability_id=w.issued["capability_id"], human="alice@example.com", agent="claude-code",
+        resource="jwt://payments-api", access="read", justification="a written reason for the use",
+        approved_by=["bob@example.com", "carol@example.com"], reviewers=["group:security"], used_at=now,
+        due_at=now + timedelta(hours=1))
+    with transaction(w.api.broker.engine) as db:
+        db.add(review)
+    return review.id
+
+
 @dataclass(frozen=True)
 class Row:
     route: str  # "METHOD /path" as the app declares it
@@ -126,6 +156,14 @@ ROWS = [
         f"/v1/sessions/{w.session['session_id']}", headers=w.api.as_orchestrator()), 200, SessionView),
     Row("POST /v1/sessions/{session_id}/end", lambda w: w.api.client.post(
         f"/v1/sessions/{w.session['session_id']}/end", headers=w.api.as_orchestrator()), 200, SessionEnded),
+    Row("POST /v1/sessions/{session_id}/heartbeat", lambda w: w.api.client.post(
+        f"/v1/sessions/{w.session['session_id']}/heartbeat", headers=w.agent()), 200, SessionHeartbeat),
+    Row("POST /v1/sessions/{session_id}/resume", resume_suspended, 200, SessionView),
+    Row("GET /v1/reviews", lambda w: (a_review(w), w.api.client.get("/v1/reviews", headers=w.api.as_admin()))[1],
+        200, list[ReviewView]),
+    Row("POST /v1/reviews/{review_id}/close", lambda w: w.api.client.post(
+        f"/v1/reviews/{a_review(w)}/close", headers=w.api.as_admin(), json={"verdict": "appropriate", "note": "ok"}),
+        200, ReviewView),
     Row("POST /v1/capabilities", lambda w: w.api.request(
         w.session, {"resource": "jwt://payments-api", "access": "write"}), 201, CapabilityIssued),
     Row("POST /v1/capabilities", lambda w: w.api.request(

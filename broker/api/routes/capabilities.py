@@ -35,7 +35,7 @@ async def create_capability(
 ) -> Response:
     ask = CapabilityAsk(
         resource=body.resource, access=body.access, purpose=body.purpose, ttl_seconds=body.ttl_seconds,
-        tool=body.tool, parameters=body.parameters, approval_id=body.approval_id,
+        tool=body.tool, parameters=body.parameters, approval_id=body.approval_id, justification=body.justification,
     )
     # async: the request path runs on the event loop (leases/on_loop.py); what it cannot do
     # there, it hands to a worker thread itself.

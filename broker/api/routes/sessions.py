@@ -6,9 +6,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from broker.api.deps import AnyCaller, BrokerDep, OrchestratorCaller
-from broker.api.schemas import SessionCreate, SessionCreated, SessionEnd, SessionEnded, SessionView, error_responses
-from broker.sessions import service
+from broker.api.deps import AgentCaller, AnyCaller, BrokerDep, OrchestratorCaller
+from broker.api.schemas import (
+    SessionCreate,
+    SessionCreated,
+    SessionEnd,
+    SessionEnded,
+    SessionHeartbeat,
+    SessionResume,
+    SessionView,
+    error_responses,
+)
+from broker.sessions import deviation, liveness, service
 from broker.sessions.service import SessionAsk
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -25,6 +34,7 @@ def create_session(body: SessionCreate, broker: BrokerDep, caller: OrchestratorC
             scope=[s.model_dump() for s in body.scope], ttl_seconds=body.ttl_seconds,
             repository=body.repository, labels=body.labels,
             workload=(body.workload.issuer, body.workload.subject) if body.workload else None,
+            idle_timeout_seconds=body.idle_timeout_seconds,
         ),
     )
     return SessionCreated(session_id=session.id, session_token=token, expires_at=session.expires_at)
@@ -51,3 +61,18 @@ def end_session(session_id: str, broker: BrokerDep, caller: AnyCaller, body: Ses
     session, summary = service.end(broker, session_id, reason=reason, actor=caller.principal, caller=caller)
     return SessionEnded(session_id=session.id, status=session.status, revoked=len(summary.revoked),
                         revoke_pending=len(summary.pending), receipts=summary.receipt_list())
+
+
+@router.post("/{session_id}/heartbeat", response_model=SessionHeartbeat, responses=ERRORS)
+def heartbeat(session_id: str, broker: BrokerDep, caller: AgentCaller) -> SessionHeartbeat:
+    """The session's agent: a sign of life that keeps a long, quiet step from being taken for a stall."""
+    session = liveness.heartbeat(broker, caller, session_id)
+    return SessionHeartbeat(session_id=session.id, status=session.status,
+                            idle_timeout_seconds=session.idle_timeout_seconds, idle_until=session.idle_until)
+
+
+@router.post("/{session_id}/resume", response_model=SessionView, responses=error_responses(400, 401, 403, 404, 409, 422))
+def resume(session_id: str, broker: BrokerDep, caller: AnyCaller, body: SessionResume | None = None) -> SessionView:
+    """Its human or an admin: lift a suspension by the deviation tripwire."""
+    session = deviation.resume(broker, caller, session_id, reason=body.reason if body else None)
+    return SessionView.of(session, [])
