@@ -22,6 +22,8 @@ from sqlalchemy import text
 
 from broker.audit.linker import link_all
 from broker.audit.service import verify
+from broker.cli.agent import AgentClient
+from broker.cli.client import call as cli_call
 from broker.db import transaction
 from tests.support.brokers import STANDARD_TIERS, BrokerSecrets, LiveServer, build_broker
 from tests.support.databases import PgServer, ThrowawayPostgres, create_database
@@ -222,3 +224,50 @@ def test_postgres_restarted_under_load_loses_and_doubles_nothing(
     assert result.tree_size == records and result.unlinked == 0, result
     assert issued == len(answered)
     print(f"restart under load: {dict(statuses)}, {len(answered)} capabilities, {records} audit records")
+
+
+def test_the_helper_and_the_cli_wait_out_a_restart_and_say_what_for(
+        own_postgres: OwnPostgres, live: tuple[LiveServer, BrokerSecrets], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    server, s = live
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        session = new_session(client, s)
+    monkeypatch.setenv("BROKER_URL", server.base_url)
+    monkeypatch.setenv("BROKER_TOKEN", s.orchestrator_key)
+    monkeypatch.setenv("BROKER_RETRY_SECONDS", "120")  # a bound on a busy machine; it returns once PostgreSQL does
+    helper = AgentClient(token=session["session_token"], base_url=server.base_url)
+
+    def leases() -> int:
+        with server.broker.engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM leases")).scalar_one())
+
+    for attempt in ("helper", "cli"):
+        got: dict[str, Any] = {}
+
+        def use(attempt: str = attempt, got: dict[str, Any] = got) -> None:
+            try:
+                if attempt == "helper":
+                    got["answer"] = helper.request_capability("jwt://svc/orders", "read", purpose="outage", tool="test")
+                else:
+                    got["answer"] = cli_call("GET", f"/v1/sessions/{session['session_id']}")
+            except BaseException as exc:  # typer.Exit included: reported below
+                got["error"] = exc
+
+        own_postgres.throwaway.halt("fast")
+        user = threading.Thread(target=use)
+        user.start()
+        try:
+            time.sleep(2.0)  # the outage the client waits out
+        finally:
+            own_postgres.throwaway.resume()  # from this thread: the server dies with the thread that started it
+        user.join(150)
+        assert not user.is_alive() and "error" not in got, got
+        if attempt == "helper":
+            assert got["answer"]["capability_id"] and got["answer"]["credential"]
+        else:
+            assert got["answer"]["session_id"] == session["session_id"]
+        err = capsys.readouterr().err
+        prefix = "broker helper" if attempt == "helper" else "broker-cli"
+        assert f"{prefix}: waiting for the broker's database (database-unavailable" in err, err
+        assert "BROKER_RETRY_SECONDS" in err
+    assert leases() == 1  # the helper's one Idempotency-Key, however many tries: one capability

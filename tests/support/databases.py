@@ -155,7 +155,8 @@ class ThrowawayPostgres:
             self.proc.wait(timeout=30)
 
     def resume(self, timeout: float = 60.0) -> PgServer:
-        """Start the halted server again, same port, same data."""
+        """Start the halted server again, same port, same data. Call it from a thread that outlives
+        the server (the test's own): the server gets SIGTERM when the thread that started it ends."""
         return self._launch(timeout)
 
     def stop(self) -> None:
