@@ -87,7 +87,9 @@ def sample_database(url: str) -> dict[str, Any]:
                  for t in TABLES if conn.execute("SELECT to_regclass(%s)", (t,)).fetchone()[0] is not None}  # type: ignore[index]
         leases = dict(conn.execute("SELECT status, count(*) FROM leases GROUP BY status").fetchall())
         keys = conn.execute("SELECT count(*) FROM idempotency_keys").fetchone()
-    return {"db_connections": connections[0] if connections else 0, "table_mb": sizes, "leases": leases,
+        autovacuum = conn.execute("SHOW autovacuum").fetchone()
+    return {"autovacuum": autovacuum[0] if autovacuum else "?",
+            "db_connections": connections[0] if connections else 0, "table_mb": sizes, "leases": leases,
             "idempotency_keys": keys[0] if keys else 0}
 
 
@@ -163,6 +165,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
                                "summary": summary})
 
 
+def _leases(by_status: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} {status}" for status, n in sorted(by_status.items()))
+
+
 def markdown(report: Report) -> str:
     r = report.results
     s = r["summary"]
@@ -170,14 +176,18 @@ def markdown(report: Report) -> str:
              f"Run {report.started}: {r['capabilities']:,} native capabilities over {r['sessions']} sessions, "
              f"{r['connections']} connections, ttl {r['ttl_seconds']} s (the sweeper expires them), "
              f"windows of {r['window_seconds']} s. Command: `{report.command}`.", "",
-             "| t (s) | issued | per s | non-2xx | RSS MB | open files | threads | PG conns | leases (by status) "
-             "| leases MB | audit MB | idempotency keys |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"PostgreSQL autovacuum: {r['windows'][0].get('autovacuum')} (table sizes are bytes on disk; with "
+             "autovacuum off nothing reclaims deleted rows, so a pruned table's bytes still grow while its rows level off).",
+             "",
+             "| t (s) | issued | per s | non-2xx | RSS MB | open files | threads | PG conns | leases "
+             "| leases MB | audit MB | idempotency keys (rows) | keys MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in r["windows"]:
         t = w["table_mb"]
         lines.append(f"| {w['t_s']} | {w['issued']:,} | {w['per_s']} | {w['non_2xx']} | {w['rss_mb']} | {w['open_files']} "
-                     f"| {w['threads']} | {w['db_connections']} | {w['leases']} | {t.get('leases')} "
-                     f"| {round((t.get('audit_records') or 0) + (t.get('audit_leaves') or 0), 2)} | {w['idempotency_keys']:,} |")
+                     f"| {w['threads']} | {w['db_connections']} | {_leases(w['leases'])} | {t.get('leases')} "
+                     f"| {round((t.get('audit_records') or 0) + (t.get('audit_leaves') or 0), 2)} | {w['idempotency_keys']:,} "
+                     f"| {t.get('idempotency_keys')} |")
     lines += ["", f"RSS after warm-up ({s['warmup_windows']} window(s)): {s['rss_after_warmup_mb']} MB -> "
               f"{s['rss_end_mb']} MB at the end ({s['rss_growth_after_warmup'] * 100:+.1f}%; range "
               f"{s['rss_min_max_after_warmup_mb']}), within 5%: **{'yes' if s['within_bound'] else 'no'}**.",
