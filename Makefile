@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint install install-test oidc-provider openapi bench screenshots clean
+.PHONY: run test lint install install-test oidc-provider openapi bench soak screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,14 @@ bench: install-test
 	scripts/ensure-postgres
 	scripts/ensure-bench-tools
 	$(BIN)/python bench/suite.py --write BENCHMARKS.md --json bench/results/latest.json $(BENCH_ARGS)
+	$(MAKE) soak
+
+## The soak (BENCHMARKS.md, `make soak` block): 500,000 native capabilities over 64 sessions, the
+## sweeper expiring them, RSS / files / threads / connections / table sizes sampled. About 1-2 h.
+soak: install-test
+	scripts/ensure-postgres
+	scripts/ensure-bench-tools
+	$(BIN)/python bench/soak.py --write BENCHMARKS.md --json bench/results/soak.json $(SOAK_ARGS)
 
 openapi: install
 	$(BIN)/python -m broker.api.openapi > openapi.yaml

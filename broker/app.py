@@ -57,6 +57,8 @@ from broker.metrics import REGISTRY, DatabaseCollector
 from broker.oauth.clients import ClientDirectory
 from broker.oauth.idjag import IdJagVerifier
 from broker.oauth.metadata import challenge
+from broker.outages import FAMILIES as OUTAGE_FAMILIES
+from broker.outages import outage
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
 from broker.ssf import streams as ssf_streams
@@ -213,8 +215,11 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
+        if exc.status >= 500 and exc.status != 503 and (cause := outage(exc)) is not None:
+            log.warning("%s during an outage: answered as %s", exc.code, cause.code)
+            exc = cause  # e.g. an audit write that failed because the database went away
         headers = challenge(getattr(request.app.state, "broker", None), exc)
-        headers.update(getattr(exc, "headers", None) or {})  # e.g. Retry-After of a rate limit
+        headers.update(exc.headers)  # e.g. Retry-After of a rate limit or an outage
         return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
@@ -238,8 +243,22 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
                             headers=headers or None)
 
+    async def outage_error(request: Request, exc: Exception) -> JSONResponse:
+        """A driver's or SDK's error that reached the app: 503 when it is an outage, else a bug."""
+        cause = outage(exc)
+        if cause is None:
+            raise exc  # to `unexpected`: logged with its traceback, answered 500
+        log.warning("%s %s: %s (%s)", request.method, request.url.path, cause.code, type(exc).__name__)
+        return JSONResponse(cause.to_body(), status_code=cause.status, headers=cause.headers)
+
+    for family in OUTAGE_FAMILIES:  # handled inside the app, so the connection is answered and kept
+        app.add_exception_handler(family, outage_error)
+
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if (cause := outage(exc)) is not None:  # an outage wrapped in something else: still a 503
+            log.warning("%s %s: %s (%s)", request.method, request.url.path, cause.code, type(exc).__name__)
+            return JSONResponse(cause.to_body(), status_code=cause.status, headers=cause.headers)
         log.exception("unhandled error")
         return JSONResponse({"error": {"code": "internal-error", "message": "internal error"}}, status_code=500)
 

@@ -13,13 +13,18 @@
     ├── Conflict                     409 conflict
     ├── BudgetExceeded               429 budget-exceeded
     │   └── ApprovalBudgetExceeded   429 approval-budget-exceeded (approvals/limits.py)
-    ├── AuditWriteFailed             500 audit-write-failed (fail closed)
+    ├── DatabaseUnavailable          503 database-unavailable (connection lost, pool timeout, read-only failover)
+    ├── AuditWriteFailed             500 audit-write-failed (fail closed; 503 when the database is the cause)
     ├── ConfigError                  --  refused at start, never served
     ├── PolicyError                  400 policy-invalid     (line-precise problems)
     └── ProviderError                502 provider-error
         ├── ProviderRejected         502 provider-rejected  (the backend said no)
         ├── ProviderUnavailable      503 provider-unavailable (unreachable, timed out, 5xx)
         └── ProviderMisconfigured    500 provider-misconfigured
+
+Every 503 carries `Retry-After` (the class's `retry_after`, in seconds): an outage, not a fault
+of the broker or the caller. broker/outages.py recognises outages the code did not translate (a
+driver's connection error reaching the app's handler) and answers them as the two 503s above.
 
 Codes are kebab-case and stable: clients branch on `code`, never on `message`. A body that
 does not match the schema is answered by the app's validation handler (422 validation-failed).
@@ -36,6 +41,7 @@ class BrokerError(Exception):
 
     status: int = 500
     code: str = "internal-error"
+    retry_after: int | None = None  # seconds, for the Retry-After header of an outage (503)
 
     def __init_subclass__(cls, *, status: int | None = None, code: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -52,6 +58,7 @@ class BrokerError(Exception):
         if status is not None:
             self.status = status
         self.details = details
+        self.headers: dict[str, str] = {"Retry-After": str(self.retry_after)} if self.retry_after else {}
 
     def to_body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
@@ -80,6 +87,8 @@ class Forbidden(BrokerError, status=403, code="forbidden"):
 class IdentityProviderUnavailable(BrokerError, status=503, code="identity-provider-unavailable"):
     """The OIDC issuer's discovery document or keys cannot be read: no token can be checked."""
 
+    retry_after = 2
+
 
 class Denied(BrokerError, status=403, code="denied"):
     """The policy denied the request; `code` is the decision's reason."""
@@ -95,6 +104,13 @@ class Conflict(BrokerError, status=409, code="conflict"):
 
 class BudgetExceeded(BrokerError, status=429, code="budget-exceeded"):
     """A per-session budget is spent."""
+
+
+class DatabaseUnavailable(BrokerError, status=503, code="database-unavailable"):
+    """The database cannot be reached or cannot take writes just now (restart, failover, pool
+    exhausted): nothing was carried out, and the same request (same Idempotency-Key) may be sent again."""
+
+    retry_after = 1  # a restart or failover is back within seconds; clients back off from here
 
 
 class AuditWriteFailed(BrokerError, status=500, code="audit-write-failed"):
@@ -123,6 +139,8 @@ class ProviderRejected(ProviderError, status=502, code="provider-rejected"):
 
 class ProviderUnavailable(ProviderError, status=503, code="provider-unavailable"):
     """The backend could not be reached, timed out or answered 5xx: worth retrying."""
+
+    retry_after = 2
 
 
 class ProviderMisconfigured(ProviderError, status=500, code="provider-misconfigured"):

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from broker.cli import retry
 from broker.cli.target import broker_url
 
 SESSION_TOKEN_ENV = "BROKER_SESSION_TOKEN"
@@ -76,13 +78,19 @@ class AgentClient:
 
     def call(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
              headers: dict[str, str] | None = None, timeout: float | None = None) -> httpx.Response:
-        sent = {"Authorization": f"Bearer {self.token}", **(headers or {})}
-        workload = workload_token()
-        if workload:
-            sent[WORKLOAD_HEADER] = workload
+        """One request, an outage's 503 (or a refused connection) retried with the same headers,
+        Idempotency-Key included, for up to BROKER_RETRY_SECONDS (broker/cli/retry.py)."""
+
+        def attempt() -> httpx.Response:
+            sent = {"Authorization": f"Bearer {self.token}", **(headers or {})}
+            workload = workload_token()  # re-read each time: the platform rotates it
+            if workload:
+                sent[WORKLOAD_HEADER] = workload
+            return httpx.request(method, self.base_url + path, json=json, params=params,
+                                 timeout=timeout or self.timeout, headers=sent)
+
         try:
-            return httpx.request(method, self.base_url + path, json=json, params=params, timeout=timeout or self.timeout,
-                                 headers=sent)
+            return retry.send(attempt, base_url=self.base_url, say=_say)
         except httpx.HTTPError as exc:
             raise HelperError(f"cannot reach the broker at {self.base_url}: {exc.__class__.__name__}",
                               "broker-unreachable") from None
@@ -136,6 +144,11 @@ class AgentClient:
         if response.status_code != 200:
             raise _error(response, "listing capabilities")
         return response.json()
+
+
+def _say(line: str) -> None:
+    # stderr: git shows it to the person, the AWS SDKs pass it through, exec's child keeps stdout.
+    print(f"broker helper: {line}", file=sys.stderr, flush=True)
 
 
 def _error(response: httpx.Response, what: str) -> HelperError:

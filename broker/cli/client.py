@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import typer
 
+from broker.cli import retry
 from broker.cli.exits import EXIT_USAGE, exit_for_status, fail
 from broker.cli.target import broker_url, state_dir
 from broker.jsonbounds import loads_stored
@@ -67,13 +68,16 @@ def token(prefer: str | None = None) -> str | None:
 
 def request(method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
             identity: str | None = None, timeout: float = 30) -> httpx.Response:
-    """One request; exits 2 (with the reason) if the broker cannot be reached."""
+    """One request, an outage's 503 retried (broker/cli/retry.py); exits 2 (with the reason) if the
+    broker cannot be reached."""
     headers = {}
     tok = token(identity)
     if tok:
         headers["Authorization"] = f"Bearer {tok}"
     try:
-        return httpx.request(method, broker_url() + path, json=json, params=params, headers=headers, timeout=timeout)
+        return retry.send(lambda: httpx.request(method, broker_url() + path, json=json, params=params,
+                                                headers=headers, timeout=timeout),
+                          base_url=broker_url(), refused=False, say=lambda line: typer.echo(f"broker-cli: {line}", err=True))
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         fail(f"cannot reach the broker at {broker_url()}: {exc}", EXIT_USAGE,
              "is it running? (`broker-cli dev`, or set BROKER_URL to where it runs)")

@@ -4,7 +4,7 @@ Each pass reads only what is due (index on status + expiry, bounded batches), so
 follows what expires, not what is active. Several replicas may sweep at once: claims make
 each lease revoked once. Once a minute it also lets providers prune revocation state their
 credentials have outlived (AWS deny entries) and release what was made for ended capabilities
-(Vault narrowed policies).
+(Vault narrowed policies), and deletes expired Idempotency-Keys (lifecycle/keys.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from broker.leases.revocation import (
     recently_revoked_resources,
     revoke_leases,
 )
+from broker.lifecycle.keys import prune_expired_keys
 from broker.lifecycle.reconciler import Every, reconcile_periodic, release_leftovers
 from broker.metrics import SWEEP_LAST, SWEEP_SECONDS
 from broker.periodic import Periodic
@@ -95,6 +96,7 @@ def sweep_once(broker: Broker, *, now: datetime | None = None) -> RevokeSummary:
     total.merge(reconcile_periodic(broker, now, batch))  # teardowns a dead replica cut short
     prune_revocations(broker, now)
     breakglass.note_overdue(broker, now, batch)  # break-glass post-reviews past due: audited once
+    prune_expired_keys(broker, now, batch)
     return total
 
 

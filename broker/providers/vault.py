@@ -108,6 +108,9 @@ _REJECTED = (hx.InvalidRequest, hx.Unauthorized, hx.Forbidden, hx.InvalidPath, h
 # The backend could not answer: down, sealed, overloaded, or unreachable. Worth retrying.
 _UNAVAILABLE = (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.VaultNotInitialized,
                 hx.RateLimitExceeded, hx.UnexpectedError, requests.RequestException)
+# A 4xx that is no refusal: the request was cut off (the server sealing or shutting down cancels
+# what is in flight, e.g. "failed to persist accessor index entry: context canceled"). Worth retrying.
+_INTERRUPTED = ("context canceled", "context deadline exceeded", "vault is sealed", "shutting down")
 # Service (s.), batch (b.), recovery (r.) and legacy hvs./hvb. tokens, wherever they hide.
 _MULTI_ERROR = re.compile(r"\d+ errors? occurred:")
 # Characters a path segment may carry that neither quote() escapes nor OpenBao's router reads
@@ -632,7 +635,8 @@ class VaultProvider(Provider):
             return ProviderUnavailable(f"vault {op}: cannot reach {self.addr} ({type(exc).__name__})")
         if isinstance(exc, hx.VaultError):
             detail = _scrub(_vault_errors(exc), self._known_secrets())[:300] or type(exc).__name__
-            cls = ProviderRejected if isinstance(exc, _REJECTED) else ProviderUnavailable
+            interrupted = any(marker in detail.lower() for marker in _INTERRUPTED)
+            cls = ProviderRejected if isinstance(exc, _REJECTED) and not interrupted else ProviderUnavailable
             return cls(f"vault {op}: {detail}")
         if isinstance(exc, _UNAVAILABLE):
             return ProviderUnavailable(f"vault {op}: {type(exc).__name__}")

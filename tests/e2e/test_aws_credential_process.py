@@ -97,6 +97,8 @@ def test_refusal_is_on_stderr_without_secrets(aws_broker: Api, aws_role: AwsRole
         boto3.Session(profile_name="agent").get_credentials()
 
     monkeypatch.setenv("BROKER_URL", "http://127.0.0.1:9")  # nobody listens on the discard port
+    monkeypatch.setenv("BROKER_RETRY_SECONDS", "1")  # a helper waits for a restarting broker; not long here
     down = subprocess.run([BROKER_CLI, "aws-credential-process", "--resource", aws_role.resource, "--access", "read"],
                           capture_output=True, text=True, timeout=60)
     assert down.returncode != 0 and "cannot reach the broker" in down.stderr
+    assert "waiting for the broker at http://127.0.0.1:9" in down.stderr

@@ -124,11 +124,15 @@ class ThrowawayPostgres:
         subprocess.run([str(self.bin / "initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8",
                         "--no-sync", "-U", "postgres"], check=True, stdout=log, stderr=subprocess.STDOUT,
                        user=self.user, timeout=timeout)
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> PgServer:
+        """postgres on the data directory and port this throwaway keeps across restarts."""
         self.proc = subprocess.Popen(
             [str(self.bin / "postgres"), "-D", str(self.pgdata), "-h", "127.0.0.1", "-p", str(self.port),
              "-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "full_page_writes=off",
              "-c", "synchronous_commit=off", "-c", "max_connections=200"],
-            stdout=(self.base / "server.log").open("wb"), stderr=subprocess.STDOUT, user=self.user,
+            stdout=(self.base / "server.log").open("ab"), stderr=subprocess.STDOUT, user=self.user,
             preexec_fn=die_with_parent(signal.SIGTERM),
         )
         server = PgServer(host="127.0.0.1", port=self.port, user="postgres", admin_dbname="postgres", origin="pgserver")
@@ -142,6 +146,18 @@ class ThrowawayPostgres:
                 self.stop()
                 raise RuntimeError(f"pgserver's PostgreSQL did not start ({problem}):\n{tail}")
             time.sleep(0.2)
+
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server but keep its data, for `resume()`: `fast` (SIGINT) disconnects every
+        client and shuts down cleanly, `immediate` (SIGQUIT) is a crash that recovers at start."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT if mode == "fast" else signal.SIGQUIT)
+            self.proc.wait(timeout=30)
+
+    def resume(self, timeout: float = 60.0) -> PgServer:
+        """Start the halted server again, same port, same data. Call it from a thread that outlives
+        the server (the test's own): the server gets SIGTERM when the thread that started it ends."""
+        return self._launch(timeout)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

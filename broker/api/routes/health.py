@@ -65,6 +65,8 @@ def readyz(broker: BrokerDep, response: Response) -> Readiness:
     checks["permission_sources"] = live_sources
     ready = checks["database"]["ok"] and all(p["ok"] for p in providers.values() if p["required"])
     response.status_code = 200 if ready else 503
+    if not ready:  # an outage: a load balancer or a client polling this may back off for as long
+        response.headers["Retry-After"] = "1"
     return Readiness(ready=ready, checks=checks)
 
 
