@@ -218,32 +218,32 @@ def test_secret_paths_via_the_shell(command: str) -> None:
 
 
 SECRET_FILES = [
-    ("Read", "file_path", "/home/u/p/.env"), ("Read", "file_path", "/home/u/p/.env.local"),
-    ("Read", "file_path", "~/.aws/credentials"), ("Read", "file_path", "/home/u/.ssh/id_rsa"),
-    ("Read", "file_path", "/home/u/.ssh/config"),
-    ("Read", "file_path", "/home/u/.config/gcloud/application_default_credentials.json"),
-    ("Read", "file_path", "/home/u/.azure/msal_token_cache.json"), ("Read", "file_path", "/home/u/.kube/config"),
-    ("Read", "file_path", "/etc/rancher/k3s/kubeconfig"), ("Read", "file_path", "/home/u/.docker/config.json"),
-    ("Read", "file_path", "/home/u/.netrc"), ("Read", "file_path", "/home/u/.git-credentials"),
-    ("Read", "file_path", "/home/u/.npmrc"), ("Read", "file_path", "/home/u/.pypirc"),
-    ("Read", "file_path", "/home/u/.bash_history"), ("Read", "file_path", "/home/u/.zsh_history"),
-    ("Read", "file_path", "/home/u/.mozilla/firefox/x.default/logins.json"),
+    ("Read", "file_path", "/Users/u/p/.env"), ("Read", "file_path", "/Users/u/p/.env.local"),
+    ("Read", "file_path", "~/.aws/credentials"), ("Read", "file_path", "/Users/u/.ssh/id_rsa"),
+    ("Read", "file_path", "/Users/u/.ssh/config"),
+    ("Read", "file_path", "/Users/u/.config/gcloud/application_default_credentials.json"),
+    ("Read", "file_path", "/Users/u/.azure/msal_token_cache.json"), ("Read", "file_path", "/Users/u/.kube/config"),
+    ("Read", "file_path", "/etc/rancher/k3s/kubeconfig"), ("Read", "file_path", "/Users/u/.docker/config.json"),
+    ("Read", "file_path", "/Users/u/.netrc"), ("Read", "file_path", "/Users/u/.git-credentials"),
+    ("Read", "file_path", "/Users/u/.npmrc"), ("Read", "file_path", "/Users/u/.pypirc"),
+    ("Read", "file_path", "/Users/u/.bash_history"), ("Read", "file_path", "/Users/u/.zsh_history"),
+    ("Read", "file_path", "/Users/u/.mozilla/firefox/x.default/logins.json"),
     ("Read", "file_path", "/Users/u/Library/Application Support/Google/Chrome/Default/Cookies"),
-    ("Read", "file_path", "/home/u/.config/chromium/Default/Login Data"),
+    ("Read", "file_path", "/Users/u/.config/chromium/Default/Login Data"),
     ("Read", "file_path", "/tmp/passwords.csv"), ("Read", "file_path", "/tmp/export.kdbx"),
     ("Read", "file_path", "/tmp/1password-export.1pux"), ("Read", "file_path", "/srv/backup/prod.sql"),
     ("Read", "file_path", "/srv/backup/prod.sql.gz"), ("Read", "file_path", "/srv/prod.dump"),
     ("Read", "file_path", "/etc/ssl/private/server.key"), ("Read", "file_path", "/w/certs/tls.pem"),
-    ("Read", "file_path", "/proc/self/environ"), ("Read", "file_path", "/home/u/.ssh/id_ed25519"),
+    ("Read", "file_path", "/proc/self/environ"), ("Read", "file_path", "/Users/u/.ssh/id_ed25519"),
     ("Read", "file_path", ".env"), ("Read", "file_path", "C:/Users/u/.aws/credentials"),
     ("Grep", "path", "/w/.env"), ("Grep", "glob", ".env*"), ("Grep", "glob", "**/*.pem"),
-    ("Glob", "path", "/home/u/.ssh"), ("LS", "path", "/home/u/.aws"),
-    ("Read", "file_path", "/home/u/.aws/credentials"), ("Read", "file_path", "credentials"),
+    ("Glob", "path", "/Users/u/.ssh"), ("LS", "path", "/Users/u/.aws"),
+    ("Read", "file_path", "/Users/u/.aws/credentials"), ("Read", "file_path", "credentials"),
     ("Read", "file_path", "/Users/u/P/.ENV"), ("Read", "file_path", "/Users/u/.AWS/Credentials"),
-    ("Read", "file_path", "/home/u/.kube/cache/x.json"), ("Read", "file_path", "/home/u/.docker/config.json"),
+    ("Read", "file_path", "/Users/u/.kube/cache/x.json"), ("Read", "file_path", "/Users/u/.docker/config.json"),
     ("Edit", "file_path", "/w/.env"), ("MultiEdit", "file_path", "/w/.env.production"),
-    ("Write", "file_path", "/home/u/.ssh/authorized_keys"), ("Write", "file_path", "/home/u/.npmrc"),
-    ("NotebookEdit", "notebook_path", "/home/u/.aws/nb.ipynb"),
+    ("Write", "file_path", "/Users/u/.ssh/authorized_keys"), ("Write", "file_path", "/Users/u/.npmrc"),
+    ("NotebookEdit", "notebook_path", "/Users/u/.aws/nb.ipynb"),
 ]
 
 
@@ -257,7 +257,7 @@ def test_secret_paths_via_file_tools(tool: str, field: str, path: str) -> None:
 def test_a_secret_read_asks_for_approval_where_the_agent_may_reach_the_tier() -> None:
     raised = load_policy_text(EXAMPLE_TEXT.replace("claude-code: {max_tier: merge_deploy}",
                                                    "claude-code: {max_tier: secret}"))
-    for call in (bash("cat .env"), ToolCall("Read", {"file_path": "/home/u/.ssh/id_rsa"})):
+    for call in (bash("cat .env"), ToolCall("Read", {"file_path": "/Users/u/.ssh/id_rsa"})):
         verdict = decide(call, raised)
         assert (verdict.decision, verdict.reason, verdict.needs_approval, verdict.approvers) == (
             "ask", "approval-required", True, ("group:security",))
