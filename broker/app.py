@@ -18,7 +18,9 @@ from starlette.routing import Match
 
 from broker import __version__, security_events
 from broker import outbox as outbox_core
+from broker.api import answers
 from broker.api.guard import RequestGuard, declare_guard_responses
+from broker.api.lane import CapabilityLane
 from broker.api.routes import (
     approvals,
     audit,
@@ -56,9 +58,7 @@ from broker.logs import RequestIdMiddleware, configure_logging
 from broker.metrics import REGISTRY, DatabaseCollector
 from broker.oauth.clients import ClientDirectory
 from broker.oauth.idjag import IdJagVerifier
-from broker.oauth.metadata import challenge
 from broker.outages import FAMILIES as OUTAGE_FAMILIES
-from broker.outages import outage
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
 from broker.ssf import streams as ssf_streams
@@ -215,12 +215,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
-        if exc.status >= 500 and exc.status != 503 and (cause := outage(exc)) is not None:
-            log.warning("%s during an outage: answered as %s", exc.code, cause.code)
-            exc = cause  # e.g. an audit write that failed because the database went away
-        headers = challenge(getattr(request.app.state, "broker", None), exc)
-        headers.update(exc.headers)  # e.g. Retry-After of a rate limit or an outage
-        return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers or None)
+        return answers.broker_error(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -245,22 +240,17 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
     async def outage_error(request: Request, exc: Exception) -> JSONResponse:
         """A driver's or SDK's error that reached the app: 503 when it is an outage, else a bug."""
-        cause = outage(exc)
-        if cause is None:
+        answer = answers.outage_error(request, exc)
+        if answer is None:
             raise exc  # to `unexpected`: logged with its traceback, answered 500
-        log.warning("%s %s: %s (%s)", request.method, request.url.path, cause.code, type(exc).__name__)
-        return JSONResponse(cause.to_body(), status_code=cause.status, headers=cause.headers)
+        return answer
 
     for family in OUTAGE_FAMILIES:  # handled inside the app, so the connection is answered and kept
         app.add_exception_handler(family, outage_error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if (cause := outage(exc)) is not None:  # an outage wrapped in something else: still a 503
-            log.warning("%s %s: %s (%s)", request.method, request.url.path, cause.code, type(exc).__name__)
-            return JSONResponse(cause.to_body(), status_code=cause.status, headers=cause.headers)
-        log.exception("unhandled error")
-        return JSONResponse({"error": {"code": "internal-error", "message": "internal error"}}, status_code=500)
+        return answers.unexpected_error(request, exc)
 
     app.state.approval_signals = ApprovalSignals()
     for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
@@ -268,6 +258,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                    oauth.router, authorize.router, ssf.router, reviews.router):
         app.include_router(router)
     console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
+    app.add_middleware(CapabilityLane)  # inside the guard: the busiest route, past FastAPI's routing
     app.add_middleware(RequestGuard)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a refused body gets an id and a log line
 

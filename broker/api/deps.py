@@ -85,12 +85,15 @@ def _require(*kinds: str) -> Callable[..., Coroutine[Any, Any, Caller]]:
     # One dependency that authenticates and checks, not a check over `AnyCaller`: each level of
     # dependencies costs FastAPI work on every request, and these guard the busiest routes.
     async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
-        caller = await get_caller(request, authorization)
-        if caller.kind not in kinds:
-            raise Forbidden(f"this endpoint is for {', '.join(kinds)} callers, not {caller.kind}")
-        return caller
+        return require_kind(await get_caller(request, authorization), kinds)
 
     return check
+
+
+def require_kind(caller: Caller, kinds: tuple[str, ...]) -> Caller:
+    if caller.kind not in kinds:
+        raise Forbidden(f"this endpoint is for {', '.join(kinds)} callers, not {caller.kind}")
+    return caller
 
 
 AgentCaller = Annotated[Caller, Depends(_require("agent"))]

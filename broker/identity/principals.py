@@ -26,6 +26,7 @@ any printable character except whitespace, control and format characters.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 import idna
@@ -65,6 +66,11 @@ def principal_problem(value: object) -> str | None:
     """Why `value` cannot be a principal, or None when it can (then `canonical_human` maps it)."""
     if not isinstance(value, str):
         return "a principal is a string"
+    return _string_problem(value)
+
+
+@functools.lru_cache(maxsize=4096)  # every decision asks it of the same few humans
+def _string_problem(value: str) -> str | None:
     if not 1 <= len(value) <= MAX_LENGTH:
         return f"a principal is 1 to {MAX_LENGTH} characters"
     for char in value:

@@ -8,17 +8,19 @@ from fastapi import APIRouter, Header, Query, Response
 
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
 from broker.api.schemas import SESSION_ID_PATTERN, CapabilityRequest, error_responses
+from broker.identity.callers import Caller
 from broker.leases import queries
 from broker.leases.on_loop import request_capability_async
 from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, PendingApproval
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus
+from broker.runtime import Broker
 
 router = APIRouter(prefix="/v1/capabilities", tags=["capabilities"])
 ERRORS = error_responses(400, 401, 403, 404, 409, 422, 429, 502, 503)
 
 
 # A credential, or the way to one: never cached (the guard adds Pragma for HTTP/1.0 caches).
-_NO_STORE = {"Cache-Control": "no-store"}
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 @router.post(
@@ -33,6 +35,13 @@ async def create_capability(
     caller: AgentCaller,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> Response:
+    # The capability lane (broker/api/lane.py) answers most of these requests before FastAPI's
+    # routing; what it does not take comes here, and both end in `answer`.
+    return await answer(broker, caller, body, idempotency_key)
+
+
+async def answer(broker: Broker, caller: Caller, body: CapabilityRequest, idempotency_key: str | None) -> Response:
+    """The agent's capability, or its pending approval; a refusal is raised (BrokerError)."""
     ask = CapabilityAsk(
         resource=body.resource, access=body.access, purpose=body.purpose, ttl_seconds=body.ttl_seconds,
         tool=body.tool, parameters=body.parameters, approval_id=body.approval_id, justification=body.justification,
@@ -43,7 +52,7 @@ async def create_capability(
     # The model writes its own JSON: `response_model` (the schema, for OpenAPI) would only have
     # FastAPI validate and serialise the same object again, on the busiest route.
     return Response(outcome.model_dump_json(), status_code=202 if isinstance(outcome, PendingApproval) else 201,
-                    media_type="application/json", headers=_NO_STORE)
+                    media_type="application/json", headers=NO_STORE)
 
 
 @router.get("", response_model=list[CapabilityView], responses=ERRORS)
