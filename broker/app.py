@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -59,6 +60,7 @@ from broker.metrics import REGISTRY, DatabaseCollector
 from broker.oauth.clients import ClientDirectory
 from broker.oauth.idjag import IdJagVerifier
 from broker.outages import FAMILIES as OUTAGE_FAMILIES
+from broker.periodic import Periodic
 from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
 from broker.ssf import streams as ssf_streams
@@ -112,72 +114,118 @@ def oauth_clients(broker: Broker) -> ClientDirectory:
     return ClientDirectory(broker.settings)
 
 
-def create_app(settings: Settings | None = None, *, broker: Broker | None = None, sweeper: bool = True,
-               outbox: bool | None = None) -> FastAPI:
-    """`outbox` (default: as `sweeper`) runs the outbox's delivery loop (approval notifications,
-    Security Event Tokens)."""
+@dataclass(frozen=True)
+class Loop:
+    """A background loop of the app, by name: built from the broker (None: nothing to do here),
+    after `catch_up` ran once at start (what a crash left behind, before any request)."""
+
+    name: str
+    build: Callable[[Broker], Periodic | None]
+    catch_up: Callable[[Broker], object] | None = None
+
+
+def _witness(broker: Broker) -> Periodic | None:
+    # Checked here: a bad witness list fails the start.
+    return audit_witness_loop(broker) if broker.settings.audit_witness_list() else None
+
+
+def _outbox(broker: Broker) -> Periodic | None:
+    settings = broker.settings
+    if settings.approval_webhook_url_list() or settings.security_event_receiver_list() or settings.ssf_receiver_hashes():
+        return outbox_core.outbox_delivery(broker, OUTBOX_SENDERS)
+    return None
+
+
+# In start order; stopped in reverse.
+LOOPS = (
+    Loop("sweeper", sweeper_loop, catch_up=reconcile_at_start),  # expiry, revocation retries, ended sessions
+    Loop("audit-linker", audit_linker, catch_up=link_all),  # records into the Merkle tree
+    Loop("audit-witness", _witness),  # the newest checkpoint to the witnesses
+    Loop("permission-recheck", permission_rechecker),  # live leases whose human lost the permission at the source
+    Loop("outbox", _outbox),  # approval notifications, Security Event Tokens, SSF
+)
+BACKGROUND = frozenset(loop.name for loop in LOOPS)
+
+ROUTERS = (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router, webhooks.router,
+           policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router, oauth.router,
+           authorize.router, ssf.router, reviews.router)
+
+
+def _background(switch: bool | Iterable[str]) -> frozenset[str]:
+    if switch is True:
+        return BACKGROUND
+    if switch is False:
+        return frozenset()
+    chosen = frozenset(switch)
+    if unknown := chosen - BACKGROUND:
+        raise ValueError(f"unknown background loops {sorted(unknown)}; known: {sorted(BACKGROUND)}")
+    return chosen
+
+
+def _wire(app: FastAPI, broker: Broker) -> None:
+    """The app's state for `broker`; what a test set before is kept."""
+    app.state.broker = broker
+    app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
+                                 broker.settings.human_token_hashes())
+    app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
+    console.start(app, broker)
+    app.state.oauth_clients = getattr(app.state, "oauth_clients", None) or oauth_clients(broker)
+    app.state.idjag = getattr(app.state, "idjag", None) or IdJagVerifier(broker.settings)
+
+
+def _reloader(broker: Broker) -> Callable[[], None]:
+    def reload() -> None:
+        if broker.policies.reload():
+            for provider in broker.providers.values():
+                provider.policy_reloaded()
+            record_policy_loaded(broker, "reload")
+            log.info("policy reloaded: %s", broker.policies.current.version)
+        else:
+            log.error("policy reload refused; keeping %s", broker.policies.current.version)
+
+    return reload
+
+
+async def _start_loops(broker: Broker, names: frozenset[str]) -> list[Periodic]:
+    started: list[Periodic] = []
+    for loop in LOOPS:
+        if loop.name not in names or (periodic := loop.build(broker)) is None:
+            continue
+        if loop.catch_up is not None:
+            try:
+                await asyncio.to_thread(loop.catch_up, broker)
+            except Exception:  # noqa: BLE001  # the loop's passes run the same queries: delayed, not lost
+                log.exception("%s: catching up at start failed; its loop will carry on", loop.name)
+        periodic.start()
+        started.append(periodic)
+    return started
+
+
+def create_app(settings: Settings | None = None, *, broker: Broker | None = None,
+               background: bool | Iterable[str] = True) -> FastAPI:
+    """The broker's app. `background` says which background loops run in its lifespan: True (all
+    of `BACKGROUND`: sweeper, audit-linker, audit-witness, permission-recheck, outbox), False
+    (none: tests that drive the broker's time themselves), or the names of some of them. A loop
+    with nothing configured (no witnesses, no receivers) does not start either way."""
+    loops = _background(background)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal broker
         if broker is None:
             broker = Broker.build(settings or Settings())
-        app.state.broker = broker
-        app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
-                                     broker.settings.human_token_hashes())
-        app.state.rate_limiter = getattr(app.state, "rate_limiter", None) or RateLimiter()
-        console.start(app, broker)
-        app.state.oauth_clients = getattr(app.state, "oauth_clients", None) or oauth_clients(broker)
-        app.state.idjag = getattr(app.state, "idjag", None) or IdJagVerifier(broker.settings)
+        _wire(app, broker)
+        # Checked at every start, loops or not: a bad receiver list fails the start, not a delivery.
+        broker.settings.security_event_receiver_list()
+        broker.settings.ssf_receiver_hashes()
         _COLLECTOR.broker = broker
         record_policy_loaded(broker, "start")
-
-        def reload() -> None:
-            if broker.policies.reload():
-                for provider in broker.providers.values():
-                    provider.policy_reloaded()
-                record_policy_loaded(broker, "reload")
-                log.info("policy reloaded: %s", broker.policies.current.version)
-            else:
-                log.error("policy reload refused; keeping %s", broker.policies.current.version)
-
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reloader(broker))
         except (NotImplementedError, RuntimeError, ValueError):
             log.info("SIGHUP reload unavailable here (not the main thread)")
-        background = sweeper_loop(broker) if sweeper else None
-        if background:
-            # What a crash left behind is finished before the sweeper starts and before requests.
-            try:
-                await asyncio.to_thread(reconcile_at_start, broker)
-            except Exception:  # the sweeper runs the same queries: recovery is delayed, not lost
-                log.exception("reconciliation at start failed; the sweeper will carry on")
-            background.start()
-        # Beside the sweeper too: the audit linker. What a crash left unlinked goes in first.
-        linker = audit_linker(broker) if sweeper else None
-        if linker:
-            try:
-                await asyncio.to_thread(link_all, broker)
-            except Exception:  # the linker's rounds run the same queries
-                log.exception("audit linking at start failed; the linker will carry on")
-            linker.start()
-        # Beside the linker: the newest checkpoint to the witnesses (checked here: a bad list fails the start).
-        cosigning = audit_witness_loop(broker) if sweeper and broker.settings.audit_witness_list() else None
-        if cosigning:
-            cosigning.start()
-        # Beside the sweeper: live capabilities whose human lost the permission at the source.
-        recheck = permission_rechecker(broker) if sweeper else None
-        if recheck:
-            recheck.start()
-        # Beside the sweeper too: the outbox, approval notifications and Security Event Tokens.
-        # Checked here also for the embedded default: a bad receiver list fails the start, not a teardown.
-        receivers = broker.settings.security_event_receiver_list()
-        delivery = None
-        ssf_receivers = broker.settings.ssf_receiver_hashes()
-        if (sweeper if outbox is None else outbox) and (broker.settings.approval_webhook_url_list() or receivers
-                                                         or ssf_receivers):
-            delivery = outbox_core.outbox_delivery(broker, OUTBOX_SENDERS)
-            delivery.start()
-        app.state.outbox = delivery
+        running = await _start_loops(broker, loops)
+        app.state.outbox = next((p for p in running if p.name == "broker-outbox"), None)
         # The request path's store, on this event loop (PostgreSQL: an async pool, no thread hop).
         store = broker.store = await open_store(broker.engine)
         try:
@@ -186,16 +234,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             if broker.store is store:
                 broker.store = None
             await store.close()
-            if delivery:
-                delivery.stop()
-            if recheck:
-                recheck.stop()
-            if cosigning:
-                cosigning.stop()
-            if linker:
-                linker.stop()
-            if background:
-                background.stop()
+            for periodic in reversed(running):
+                periodic.stop()
             broker.permissions.close()
 
     app = FastAPI(
@@ -205,13 +245,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         lifespan=lifespan,
     )
     if broker is not None:  # tests that build the broker themselves can use the app at once
-        app.state.broker = broker
-        app.state.api_keys = ApiKeys(broker.settings.orchestrator_key_hashes(), broker.settings.admin_token_sha256,
-                                     broker.settings.human_token_hashes())
-        app.state.rate_limiter = RateLimiter()
-        console.start(app, broker)
-        app.state.oauth_clients = oauth_clients(broker)
-        app.state.idjag = IdJagVerifier(broker.settings)
+        _wire(app, broker)
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
@@ -253,9 +287,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         return answers.unexpected_error(request, exc)
 
     app.state.approval_signals = ApprovalSignals()
-    for router in (sessions.router, capabilities.router, approvals.router, grants.router, revocations.router,
-                   webhooks.router, policy.router, audit.router, tokens.router, health.router, identity.router, hooks.router,
-                   oauth.router, authorize.router, ssf.router, reviews.router):
+    for router in ROUTERS:
         app.include_router(router)
     console.install(app)  # the approver's console: HTML pages under /console/, outside the OpenAPI document
     app.add_middleware(CapabilityLane)  # inside the guard: the busiest route, past FastAPI's routing

@@ -78,7 +78,7 @@ class Served:
         receiver_token = "ssf-" + secrets.token_urlsafe(24)  # an SSF receiver (BROKER_SSF_RECEIVER_TOKENS)
         self.broker = build_broker(directory, f"sqlite:///{directory}/broker.db", self.secrets,
                                    ssf_receiver_tokens=f"fuzz={hashlib.sha256(receiver_token.encode()).hexdigest()}")
-        self.app = create_app(broker=self.broker, sweeper=False)
+        self.app = create_app(broker=self.broker, background=False)
         APP.target = self.app
         self.headers: dict[str, dict[str, str]] = {
             "anonymous": {},

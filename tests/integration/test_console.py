@@ -108,7 +108,7 @@ def test_security_headers_on_every_console_answer(humans_api: Api) -> None:
 
 def test_cookie_is_secure_outside_loopback(tmp_path: Path, database_url: str) -> None:
     broker, secrets_ = open_broker(tmp_path, database_url, public_url="https://broker.example.com")
-    with TestClient(create_app(broker=broker, sweeper=False), base_url="https://broker.example.com") as client:
+    with TestClient(create_app(broker=broker, background=False), base_url="https://broker.example.com") as client:
         r = client.get("/console/signin")
         cookie = r.headers["set-cookie"]
         assert cookie.startswith("__Host-jitb_console=") and "; Secure" in cookie and "HttpOnly" in cookie
@@ -199,7 +199,7 @@ def test_cards_show_the_request_and_say_why_a_button_is_disabled(humans_api: Api
 def test_the_approval_notification_links_to_its_card(tmp_path: Path, database_url: str) -> None:
     broker, secrets_ = open_broker(tmp_path, database_url, public_url="https://broker.example.com/",
                                    approval_webhook_urls="http://127.0.0.1:9/hook", approval_webhook_secret="s3cret")
-    with TestClient(create_app(broker=broker, sweeper=False)) as client:
+    with TestClient(create_app(broker=broker, background=False)) as client:
         api = Api(str(client.base_url), secrets_, broker, client)  # type: ignore[arg-type]
         _, aid = _pending(api)
         with transaction(broker.engine) as db:

@@ -67,7 +67,7 @@ class Statements:
 def in_process(database_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, Broker, BrokerSecrets]]:
     secrets_ = BrokerSecrets()
     broker = build_broker(tmp_path, database_url, secrets_)
-    with TestClient(create_app(broker=broker, sweeper=False)) as client:
+    with TestClient(create_app(broker=broker, background=False)) as client:
         yield client, broker, secrets_
     broker.engine.dispose()
 
@@ -93,7 +93,7 @@ def test_postgres_native_capability_is_one_round_trip(postgres_url: str, tmp_pat
     secrets_ = BrokerSecrets()
     broker = build_broker(tmp_path, postgres_url, secrets_)
     trace = WireTrace(tmp_path)
-    with TestClient(create_app(broker=broker, sweeper=False)) as client:
+    with TestClient(create_app(broker=broker, background=False)) as client:
         # The lifespan's store, swapped for one whose single connection is traced.
         assert isinstance(broker.store, PostgresStore) and client.portal is not None
         portal = client.portal
@@ -132,7 +132,7 @@ def test_postgres_vault_capability_is_two_round_trips_around_the_backend(
     broker = build_broker(tmp_path, postgres_url, secrets_, VAULT_POLICY, vault_addr=vault_setup.server.addr,
                           vault_token=vault_setup.broker_token, vault_token_role=vault_setup.token_role)
     trace = WireTrace(tmp_path)
-    with TestClient(create_app(broker=broker, sweeper=False)) as client:
+    with TestClient(create_app(broker=broker, background=False)) as client:
         assert isinstance(broker.store, PostgresStore) and client.portal is not None
         portal = client.portal
         portal.call(broker.store.close)
@@ -163,7 +163,7 @@ def test_postgres_vault_capability_is_two_round_trips_around_the_backend(
 def test_sqlite_native_capability_is_one_transaction(tmp_path: Path) -> None:
     secrets_ = BrokerSecrets()
     broker = build_broker(tmp_path, f"sqlite:///{tmp_path / 'broker.db'}", secrets_)
-    with TestClient(create_app(broker=broker, sweeper=False)) as client:
+    with TestClient(create_app(broker=broker, background=False)) as client:
         statements = Statements(broker)
         session = _session(client, secrets_)
         assert _ask(client, session).status_code == 201

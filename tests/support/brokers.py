@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from broker.app import create_app
+from broker.app import BACKGROUND, create_app
 from broker.config import Settings
 from broker.identity.keys import rotate
 from broker.migrate import upgrade
@@ -120,7 +120,11 @@ class LiveServer:
         self.broker = broker
         self.port = port or free_port()  # given when the broker's settings must name it (BROKER_PUBLIC_URL)
         self.base_url = f"http://127.0.0.1:{self.port}"
-        app = create_app(broker=broker, sweeper=sweeper, outbox=outbox)
+        # sweeper: every background loop; outbox (default: as sweeper) adds or removes the outbox's.
+        loops = set(BACKGROUND) if sweeper else set()
+        if outbox is not None:
+            loops = loops | {"outbox"} if outbox else loops - {"outbox"}
+        app = create_app(broker=broker, background=loops)
         self.app = app
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                 log_level="warning", access_log=False)
