@@ -50,6 +50,7 @@ from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
 from broker.identity.ratelimit import RateLimiter
+from broker.lifecycle.recheck import permission_rechecker
 from broker.lifecycle.reconciler import reconcile_at_start
 from broker.lifecycle.sweeper import sweeper as sweeper_loop
 from broker.logs import RequestIdMiddleware, configure_logging
@@ -59,7 +60,6 @@ from broker.oauth.idjag import IdJagVerifier
 from broker.oauth.metadata import challenge
 from broker.outages import FAMILIES as OUTAGE_FAMILIES
 from broker.outages import outage
-from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
 from broker.ssf import streams as ssf_streams
 from broker.store import open_store

@@ -17,6 +17,9 @@ from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from packaging.version import Version
 
 from broker.config import Settings
+from broker.providers.aws.settings import AwsSettings
+from broker.providers.github.settings import GitHubSettings
+from broker.providers.vault.settings import VaultSettings
 from broker.errors import ConfigError
 from broker.identity.keys import KeyRing, rotate
 from broker.policy import load_policy
@@ -305,6 +308,7 @@ def test_every_value_is_documented(chart: Any) -> None:
     chart.validate_schema(PRODUCTION)
 
 
+PROVIDER_SETTINGS = (AwsSettings, GitHubSettings, VaultSettings)
 # Settings the chart does not expose as values, and why (the rest must reach the pod).
 NOT_FROM_THE_CHART = {
     "state_dir": "embedded default only",
@@ -324,7 +328,9 @@ def test_every_broker_setting_reaches_the_pod(chart: Any) -> None:
         "policy": {"shadowContent": chart.values["policy"]["content"]}}
     docs = render(chart, everything)
     env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
-    expected = {f"BROKER_{name.upper()}" for name in Settings.model_fields if name not in NOT_FROM_THE_CHART}
+    # Core settings, and every installed provider's own (its settings model in its package).
+    fields = set(Settings.model_fields) | {name for model in PROVIDER_SETTINGS for name in model.model_fields}
+    expected = {f"BROKER_{name.upper()}" for name in fields if name not in NOT_FROM_THE_CHART}
     assert expected - env == set()
     assert_secrets_referenced(docs)
 

@@ -40,7 +40,7 @@ from broker.metrics import REGISTRY
 from broker.models import Lease
 from broker.providers.base import Grant
 from broker.providers.vault import VaultProvider, broker_policy_hcl
-from broker.providers.vault_acl import narrowed_policy, shared_policy_name
+from broker.providers.vault.acl import narrowed_policy, shared_policy_name
 from tests.integration.test_resource_escapes import ATTACKS, PROD
 from tests.support.aws_moto import MOTO_ACCOUNT, MOTO_REGION, MotoServer, trust_policy
 from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from broker.permissions.base import ALLOW, DENY, UNKNOWN, PermissionQuery
-from broker.permissions.openbao import OpenBaoPermissionSource, openbao_source_policy_hcl
 from broker.providers.vault import VaultProvider
-from broker.providers.vault_acl import is_shared_policy
+from broker.providers.vault.acl import is_shared_policy
+from broker.providers.vault.source import OpenBaoPermissionSource, openbao_source_policy_hcl
 from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
 from tests.support.openbao import OpenBaoServer, VaultSetup
 from tests.support.ports import free_port

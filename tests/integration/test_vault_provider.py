@@ -14,7 +14,7 @@ import pytest
 from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget, fingerprint
 from broker.providers.vault import VaultProvider
-from broker.providers.vault_acl import bootstrap_token_role, is_shared_policy, narrowed_policy, shared_policy_name
+from broker.providers.vault.acl import bootstrap_token_role, is_shared_policy, narrowed_policy, shared_policy_name
 from tests.support.databases import admin_dsn
 from tests.support.openbao import OpenBaoServer, VaultDatabase, VaultSetup, configure_vault
 

@@ -24,8 +24,9 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from broker.config import Settings
-from broker.errors import Denied, Forbidden, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.errors import Denied, Forbidden, ProviderError, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.grammar import ResourceGrammar, RuleCheck
+from broker.providers.aws.grammar import GRAMMAR, own_account_check
 from broker.providers.aws.names import (
     CHAINED_MAX_DURATION,
     CLOCK_GRACE_SECONDS,
@@ -44,6 +45,7 @@ from broker.providers.aws.names import (
     tag_value_for,
 )
 from broker.providers.aws.revocations import RevocationPolicy
+from broker.providers.aws.settings import AwsSettings
 from broker.providers.base import (
     Grant,
     Minted,
@@ -143,14 +145,17 @@ class AwsProvider(Provider):
     name: ClassVar[str] = "aws"
     searchable: ClassVar[bool] = True  # the session name is the capability id
 
-    def __init__(self, settings: Settings, *, session: boto3.session.Session | None = None) -> None:
+    grammar: ClassVar[ResourceGrammar] = GRAMMAR
+
+    def __init__(self, settings: AwsSettings, *, timeout_seconds: float = 10.0,
+                 session: boto3.session.Session | None = None) -> None:
         self._settings = settings
         self._partition = _partition(settings.aws_region)
         session = session or boto3.session.Session(region_name=settings.aws_region)
         config = Config(
             region_name=settings.aws_region,
-            connect_timeout=settings.provider_timeout_seconds,
-            read_timeout=settings.provider_timeout_seconds,
+            connect_timeout=timeout_seconds,
+            read_timeout=timeout_seconds,
             # One retry: bounded at twice the timeout. A retried AssumeRole may mint a second
             # session under the same name; the per-name deny covers both.
             retries={"mode": "standard", "total_max_attempts": 2},
@@ -166,14 +171,29 @@ class AwsProvider(Provider):
 
     @classmethod
     def from_context(cls, ctx: ProviderContext) -> AwsProvider:
-        session = boto3.session.Session(region_name=ctx.settings.aws_region)
+        settings = ctx.settings_for(AwsSettings)
+        session = boto3.session.Session(region_name=settings.aws_region)
         # Refuse at start rather than at the first request: a provider that cannot sign
         # anything is misconfigured, and readiness should not probe AWS to find that out.
         if session.get_credentials() is None:
             raise ProviderMisconfigured(
                 "aws: no AWS credentials found for the broker (environment, shared config, web identity or instance role)"
             )
-        return cls(ctx.settings, session=session)
+        return cls(settings, timeout_seconds=ctx.settings.provider_timeout_seconds, session=session)
+
+    def policy_check(self) -> RuleCheck | None:
+        """Rules must be for the broker's own account: BROKER_AWS_ACCOUNT_ID, else STS (asked now).
+
+        Unknown (STS unreachable at start) leaves the request-time check alone in force, with a warning."""
+        account = self._settings.aws_account_id
+        if account is None:
+            try:
+                account = self.account_id()
+            except ProviderError as exc:
+                log.warning("aws: cannot learn the broker's own account at start (%s); set BROKER_AWS_ACCOUNT_ID so "
+                            "policies with rules for other accounts are refused when they load", exc.code)
+                return None
+        return own_account_check(account)
 
     # --- bounds ----------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.grammar import ResourceGrammar
 from broker.policy.resources import resource_problem as grammar_problem
 from broker.providers.base import (
     Grant,
@@ -63,6 +64,8 @@ from broker.providers.base import (
     TtlBounds,
     fingerprint,
 )
+from broker.providers.github.grammar import GRAMMAR
+from broker.providers.github.settings import GitHubSettings
 from broker.times import rfc3339
 
 log = logging.getLogger(__name__)
@@ -125,10 +128,17 @@ class GitHubProvider(Provider):
         if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
             log.warning("BROKER_GITHUB_API_URL is not https (%s): tokens would cross the network in clear", api_url)
 
+    grammar: ClassVar[ResourceGrammar] = GRAMMAR
+
     @classmethod
     def from_context(cls, ctx: ProviderContext) -> GitHubProvider:
+        """One per context (the github permission source asks through the same App client)."""
+        return ctx.shared("github", lambda: cls.from_settings(ctx.settings_for(GitHubSettings),
+                                                              ctx.settings.provider_timeout_seconds))
+
+    @classmethod
+    def from_settings(cls, s: GitHubSettings, timeout_seconds: float) -> GitHubProvider:
         """Build from settings; refuse at start, naming what to set, if the App is not configured."""
-        s = ctx.settings
         missing = []
         if not s.github_app_id:
             missing.append("BROKER_GITHUB_APP_ID (the App's id or client id, from its settings page)")
@@ -140,7 +150,7 @@ class GitHubProvider(Provider):
             api_url=s.github_api_url,
             app_id=str(s.github_app_id).strip(),
             private_key=_load_private_key(Path(s.github_private_key_file)),
-            timeout_seconds=s.provider_timeout_seconds,
+            timeout_seconds=timeout_seconds,
         )
 
     def close(self) -> None:

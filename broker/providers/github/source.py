@@ -27,9 +27,8 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from broker.errors import BrokerError, InvalidRequest
-from broker.permissions.base import PermissionQuery, SourceAnswer, SourceContext, SourceHealth, judge
-from broker.providers.base import ProviderContext
-from broker.providers.github import GitHubProvider, parse_resource
+from broker.permissions.base import PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth, judge
+from broker.providers.github.provider import GitHubProvider, parse_resource
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ TOKEN_MARGIN_SECONDS = 300
 _LOGIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
 
 
-class GitHubPermissionSource:
+class GitHubPermissionSource(PermissionSource):
     name: ClassVar[str] = "github"
 
     def __init__(self, app: GitHubProvider) -> None:
@@ -51,7 +50,7 @@ class GitHubPermissionSource:
     @classmethod
     def from_context(cls, ctx: SourceContext) -> GitHubPermissionSource:
         # The same App settings as the github provider (BROKER_GITHUB_*); refused at start if missing.
-        return cls(GitHubProvider.from_context(ProviderContext(settings=ctx.settings)))
+        return cls(GitHubProvider.from_context(ctx))
 
     def check(self, query: PermissionQuery) -> SourceAnswer:
         try:

@@ -25,9 +25,8 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from broker.errors import BrokerError
-from broker.permissions.base import PermissionQuery, SourceAnswer, SourceContext, SourceHealth, judge
-from broker.providers.base import ProviderContext
-from broker.providers.vault import VaultProvider
+from broker.permissions.base import PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth, judge
+from broker.providers.vault.provider import VaultProvider
 
 MAX_GROUPS = 100  # an entity in more groups than this is refused rather than read without end
 _GROUP_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -41,7 +40,7 @@ def openbao_source_policy_hcl(identity_mount: str = "identity") -> str:
     return "".join(f'path "{p}" {{\n  capabilities = ["read"]\n}}\n' for p in paths)
 
 
-class OpenBaoPermissionSource:
+class OpenBaoPermissionSource(PermissionSource):
     name: ClassVar[str] = "openbao"
 
     def __init__(self, client: VaultProvider) -> None:
@@ -49,7 +48,8 @@ class OpenBaoPermissionSource:
 
     @classmethod
     def from_context(cls, ctx: SourceContext) -> OpenBaoPermissionSource:
-        return cls(VaultProvider.from_context(ProviderContext(settings=ctx.settings)))
+        # The vault provider's settings (BROKER_VAULT_*) and, when it runs too, its client.
+        return cls(VaultProvider.from_context(ctx))
 
     def check(self, query: PermissionQuery) -> SourceAnswer:
         entity_name = query.identity.get("openbao_entity")

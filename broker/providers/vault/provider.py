@@ -65,9 +65,20 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.grammar import ResourceGrammar
 from broker.policy.resources import parse_resource
-from broker.providers.base import Grant, Minted, Provider, ProviderHealth, Revoked, RevokeTarget, TtlBounds, fingerprint
-from broker.providers.vault_acl import (
+from broker.providers.base import (
+    Grant,
+    Minted,
+    Provider,
+    ProviderContext,
+    ProviderHealth,
+    Revoked,
+    RevokeTarget,
+    TtlBounds,
+    fingerprint,
+)
+from broker.providers.vault.acl import (
     DEFAULT_MAX_TTL_SECONDS,
     NARROWABLE,
     TOKEN_MOUNT,
@@ -80,6 +91,7 @@ from broker.providers.vault_acl import (
     narrowed_policy_name,
     shared_policy_name,
 )
+from broker.providers.vault.settings import VaultSettings
 from broker.times import rfc3339
 
 if TYPE_CHECKING:
@@ -165,9 +177,16 @@ class VaultProvider(Provider):
         if self.addr.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("vault: %s is plain HTTP to a non-loopback host; tokens cross the wire in clear", self.addr)
 
+    grammar: ClassVar[ResourceGrammar] = ResourceGrammar("vault")  # any non-empty run of segments, as written
+
     @classmethod
     def from_context(cls, ctx: ProviderContext) -> VaultProvider:
-        s = ctx.settings
+        """One per context: the openbao permission source reads through the same client (one login)."""
+        return ctx.shared("vault", lambda: cls.from_settings(ctx.settings_for(VaultSettings),
+                                                             ctx.settings.provider_timeout_seconds))
+
+    @classmethod
+    def from_settings(cls, s: VaultSettings, timeout: float) -> VaultProvider:
         return cls(
             addr=s.vault_addr or "",
             token=s.vault_token.get_secret_value() if s.vault_token else None,
@@ -176,7 +195,7 @@ class VaultProvider(Provider):
             approle_mount=s.vault_approle_mount,
             namespace=s.vault_namespace,
             token_role=s.vault_token_role,
-            timeout=s.provider_timeout_seconds,
+            timeout=timeout,
         )
 
     def close(self) -> None:
