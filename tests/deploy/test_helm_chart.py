@@ -17,12 +17,12 @@ from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from packaging.version import Version
 
 from broker.config import Settings
-from broker.providers.aws.settings import AwsSettings
-from broker.providers.github.settings import GitHubSettings
-from broker.providers.vault.settings import VaultSettings
 from broker.errors import ConfigError
 from broker.identity.keys import KeyRing, rotate
 from broker.policy import load_policy
+from broker.providers.aws.settings import AwsSettings
+from broker.providers.github.settings import GitHubSettings
+from broker.providers.vault.settings import VaultSettings
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "jit-broker"
 PRODUCTION = yaml.safe_load((CHART / "values-production.yaml").read_text())

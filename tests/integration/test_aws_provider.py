@@ -24,10 +24,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from broker.config import Settings
-from broker.plugins import PluginContext
-from broker.providers.aws.settings import AwsSettings
 from broker.errors import Denied, Forbidden, InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.lifecycle import sweeper
+from broker.plugins import PluginContext
 from broker.providers.aws import (
     INLINE_POLICY_MAX_CHARS,
     REVOCATION_POLICY_NAME,
@@ -36,6 +35,7 @@ from broker.providers.aws import (
     source_identity_for,
     tag_value_for,
 )
+from broker.providers.aws.settings import AwsSettings
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds, fingerprint
 from tests.support.aws_moto import (
     DUMMY_SECRET_ACCESS_KEY,
