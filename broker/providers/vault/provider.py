@@ -51,18 +51,14 @@ import functools
 import json
 import logging
 import posixpath
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any, ClassVar
+from urllib.parse import quote, unquote
 
 import hvac
-import hvac.exceptions as hx
-import requests
-from requests.adapters import HTTPAdapter
 
 from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.grammar import ResourceGrammar
@@ -91,14 +87,11 @@ from broker.providers.vault.acl import (
     narrowed_policy_name,
     shared_policy_name,
 )
+from broker.providers.vault.client import OpenBaoClient
 from broker.providers.vault.settings import VaultSettings
 from broker.times import rfc3339
 
-if TYPE_CHECKING:
-    from broker.providers.base import ProviderContext
-
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PROBE_TTL = "30s"  # the probe token that asks what a rule's policies grant: one use, revoked at once
 # What a rule's policies grant on a path, as OpenBao answered the probe, is reused this long: an
@@ -111,24 +104,9 @@ POLICY_REFRESH_SECONDS = 30.0
 # A shared policy no live capability carries is deleted once it has been seen unused for this
 # long (and not used here meanwhile): a mint under way, not yet activated, is never caught.
 SHARED_POLICY_GRACE_SECONDS = 120.0
-# Connections kept open to OpenBao: as many as the request path's worker threads may use at once.
-HTTP_POOL_SIZE = 64
-
-# The backend said no: the request itself is wrong or not allowed. Nothing was created.
-_REJECTED = (hx.InvalidRequest, hx.Unauthorized, hx.Forbidden, hx.InvalidPath, hx.UnsupportedOperation,
-             hx.PreconditionFailed, hx.ParamValidationError)
-# The backend could not answer: down, sealed, overloaded, or unreachable. Worth retrying.
-_UNAVAILABLE = (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.VaultNotInitialized,
-                hx.RateLimitExceeded, hx.UnexpectedError, requests.RequestException)
-# A 4xx that is no refusal: the request was cut off (the server sealing or shutting down cancels
-# what is in flight, e.g. "failed to persist accessor index entry: context canceled"). Worth retrying.
-_INTERRUPTED = ("context canceled", "context deadline exceeded", "vault is sealed", "shutting down")
-# Service (s.), batch (b.), recovery (r.) and legacy hvs./hvb. tokens, wherever they hide.
-_MULTI_ERROR = re.compile(r"\d+ errors? occurred:")
 # Characters a path segment may carry that neither quote() escapes nor OpenBao's router reads
 # as anything but themselves (the resource grammar's segment set, minus the alphanumerics).
 _PATH_SAFE = "._~@+=,:-"
-_TOKEN_SHAPE = re.compile(r"\b(?:hv)?[sbr]\.[A-Za-z0-9_-]{16,}")
 
 
 def _now() -> datetime:
@@ -139,27 +117,11 @@ class VaultProvider(Provider):
     name: ClassVar[str] = "vault"
     searchable: ClassVar[bool] = True  # by the token's `meta.capability`
 
-    def __init__(self, *, addr: str, token: str | None = None, role_id: str | None = None,
-                 secret_id: str | None = None, approle_mount: str = "approle", namespace: str | None = None,
-                 token_role: str = "jit-broker", timeout: float = 10.0) -> None:
-        if not addr:
-            raise ProviderMisconfigured("vault: set BROKER_VAULT_ADDR")
-        if not token and not (role_id and secret_id):
-            raise ProviderMisconfigured(
-                "vault: set BROKER_VAULT_TOKEN, or BROKER_VAULT_ROLE_ID and BROKER_VAULT_SECRET_ID for AppRole")
+    def __init__(self, client: OpenBaoClient, *, token_role: str = "jit-broker") -> None:
         if not token_role:
             raise ProviderMisconfigured("vault: set BROKER_VAULT_TOKEN_ROLE")
-        self.addr = addr.rstrip("/")
-        self.namespace = namespace
+        self.client = client
         self.token_role = token_role
-        self._static_token = token
-        self._role_id, self._secret_id, self._approle_mount = role_id, secret_id, approle_mount
-        # Explicit: every call bounded by the timeout, TLS verified (requests' default, stated).
-        self._client = hvac.Client(url=self.addr, namespace=namespace, timeout=timeout, verify=True)
-        # Kept-alive connections for every worker thread (requests' default pool keeps 10 and
-        # opens, then drops, one per call beyond them).
-        for scheme in ("http://", "https://"):
-            self._client.adapter.session.mount(scheme, HTTPAdapter(pool_connections=1, pool_maxsize=HTTP_POOL_SIZE))
         self._cache_lock = threading.Lock()
         self._ceilings: dict[tuple[tuple[str, ...], str], tuple[float, frozenset[str]]] = {}
         self._written: dict[str, float] = {}  # shared policy -> when this replica last wrote it (monotonic)
@@ -167,39 +129,17 @@ class VaultProvider(Provider):
         self._unused_since: dict[str, float] = {}  # shared policy -> first seen carried by no live capability
         self.ceiling_ttl_seconds = CEILING_TTL_SECONDS
         self.shared_policy_grace_seconds = SHARED_POLICY_GRACE_SECONDS
-        self._auth_lock = threading.Lock()
-        self._authenticated = False
-        self._renew_at: float | None = None  # monotonic; None = never (root or unrenewable)
-        self._full_ttl = 0
         self._role_max_ttl: int | None = None
         self._role_read_failed_at = -1e9  # monotonic; an unreachable Vault is asked again a minute later
-        host = urlsplit(self.addr).hostname or ""
-        if self.addr.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("vault: %s is plain HTTP to a non-loopback host; tokens cross the wire in clear", self.addr)
 
     grammar: ClassVar[ResourceGrammar] = ResourceGrammar("vault")  # any non-empty run of segments, as written
 
     @classmethod
     def from_context(cls, ctx: ProviderContext) -> VaultProvider:
-        """One per context: the openbao permission source reads through the same client (one login)."""
-        return ctx.shared("vault", lambda: cls.from_settings(ctx.settings_for(VaultSettings),
-                                                             ctx.settings.provider_timeout_seconds))
-
-    @classmethod
-    def from_settings(cls, s: VaultSettings, timeout: float) -> VaultProvider:
-        return cls(
-            addr=s.vault_addr or "",
-            token=s.vault_token.get_secret_value() if s.vault_token else None,
-            role_id=s.vault_role_id,
-            secret_id=s.vault_secret_id.get_secret_value() if s.vault_secret_id else None,
-            approle_mount=s.vault_approle_mount,
-            namespace=s.vault_namespace,
-            token_role=s.vault_token_role,
-            timeout=timeout,
-        )
+        return cls(openbao_client(ctx), token_role=ctx.settings_for(VaultSettings).vault_token_role)
 
     def close(self) -> None:
-        self._client.adapter.close()
+        self.client.close()
 
     # --- the Provider protocol ------------------------------------------------------------
 
@@ -209,7 +149,7 @@ class VaultProvider(Provider):
         if "policies" in options:
             if self._role_max_ttl is None and time.monotonic() - self._role_read_failed_at > 60:
                 try:
-                    role = self._call("read token role", lambda c: c.auth.token.read_role(self.token_role,
+                    role = self.client.call("read token role", lambda c: c.auth.token.read_role(self.token_role,
                                                                                           mount_point=TOKEN_MOUNT))
                     data = role["data"]
                     self._role_max_ttl = int(data.get("token_explicit_max_ttl") or data.get("explicit_max_ttl") or 0)
@@ -236,7 +176,7 @@ class VaultProvider(Provider):
                 raise ProviderMisconfigured("vault: token handle without an accessor cannot be revoked")
             detail = "OpenBao/Vault confirmed: auth/token/revoke-accessor succeeded"
             try:
-                self._call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
+                self.client.call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
             except ProviderRejected as exc:
                 if not _gone(exc, "invalid accessor"):
                     raise
@@ -255,7 +195,7 @@ class VaultProvider(Provider):
             if not lease_id:
                 raise ProviderMisconfigured("vault: lease handle without a lease_id cannot be revoked")
             try:
-                self._call("revoke lease", lambda c: c.sys.revoke_lease(lease_id))
+                self.client.call("revoke lease", lambda c: c.sys.revoke_lease(lease_id))
             except ProviderRejected as exc:
                 if not _gone(exc, "invalid lease"):
                     raise
@@ -264,31 +204,7 @@ class VaultProvider(Provider):
         raise ProviderMisconfigured(f"vault: unknown handle kind {kind!r}")
 
     def health(self) -> ProviderHealth:
-        try:
-            status = self._client.sys.read_health_status(method="GET", standby_ok=True)
-            if isinstance(status, requests.Response):  # hvac hands back non-200 answers (sealed: 503) raw
-                try:
-                    status = status.json()
-                except ValueError:
-                    return ProviderHealth(False, f"sys/health answered HTTP {status.status_code}")
-            if not status.get("initialized", False):
-                return ProviderHealth(False, "vault is not initialized")
-            if status.get("sealed", True):
-                return ProviderHealth(False, "vault is sealed")
-            me = self._call("lookup-self", lambda c: c.auth.token.lookup_self())["data"]
-            ttl = int(me.get("ttl") or 0)
-            return ProviderHealth(True, f"vault {status.get('version', '?')}; broker token ttl "
-                                        f"{'none' if ttl == 0 else f'{ttl}s'}")
-        except Exception as exc:  # health never raises: it reports
-            return ProviderHealth(False, _scrub(str(getattr(exc, "message", None) or type(exc).__name__),
-                                                self._known_secrets()))
-
-    # --- the broker's own reads -------------------------------------------------------------
-
-    def read(self, path: str) -> dict[str, Any] | None:
-        """GET <path> with the broker's own token (None where nothing is there). For the broker's
-        own questions, e.g. the openbao permission source reading the identity store."""
-        return self._call(f"read {path}", lambda c: c.read(path))
+        return self.client.health()
 
     # --- crash recovery ---------------------------------------------------------------------
 
@@ -308,10 +224,10 @@ class VaultProvider(Provider):
         found: dict[str, dict[str, Any]] = {}
         if not wanted:
             return found
-        listing = self._call("list accessors", lambda c: c.auth.token.list_accessors(mount_point=TOKEN_MOUNT))
+        listing = self.client.call("list accessors", lambda c: c.auth.token.list_accessors(mount_point=TOKEN_MOUNT))
         for accessor in (listing or {}).get("data", {}).get("keys", []):
             try:
-                info = self._call("lookup accessor", functools.partial(_lookup_accessor, accessor=accessor))
+                info = self.client.call("lookup accessor", functools.partial(_lookup_accessor, accessor=accessor))
             except ProviderRejected:
                 continue  # revoked or expired while we walked the list
             data = info.get("data") or {}
@@ -333,7 +249,7 @@ class VaultProvider(Provider):
 
     def leftover_capabilities(self) -> list[str]:
         """Capabilities whose narrowed policy `jit-<id>` still exists (one LIST of the ACL policies)."""
-        listing = self._call("list policies", lambda c: c.sys.list_acl_policies())
+        listing = self.client.call("list policies", lambda c: c.sys.list_acl_policies())
         names = ((listing or {}).get("data") or {}).get("keys") or []
         return sorted(cap for cap in map(capability_of_policy, names) if cap is not None)
 
@@ -342,7 +258,7 @@ class VaultProvider(Provider):
         unused for `shared_policy_grace_seconds` (and not minted with here meanwhile). One LIST
         of the ACL policies, one DELETE per policy removed; returns how many went."""
         in_use = {h.get("policy") for h in live_handles if h}
-        listing = self._call("list policies", lambda c: c.sys.list_acl_policies())
+        listing = self.client.call("list policies", lambda c: c.sys.list_acl_policies())
         names = [n for n in ((listing or {}).get("data") or {}).get("keys") or [] if is_shared_policy(n)]
         now, grace, removed = time.monotonic(), self.shared_policy_grace_seconds, 0
         for name in names:
@@ -353,7 +269,7 @@ class VaultProvider(Provider):
             if now - first < grace or now - self._used.get(name, -1e18) < grace:
                 continue
             try:
-                self._call("delete shared policy", functools.partial(_delete_policy, name=name))
+                self.client.call("delete shared policy", functools.partial(_delete_policy, name=name))
             except ProviderRejected as exc:
                 log.warning("vault: could not delete unused policy %s (%s); retried on the next pass", name, exc.code)
                 continue
@@ -373,7 +289,7 @@ class VaultProvider(Provider):
     def release(self, capability_id: str) -> None:
         """Delete the narrowed policy of an ended capability (gone already is success)."""
         name = narrowed_policy_name(capability_id)
-        self._call("delete narrowed policy", lambda c: c.sys.delete_acl_policy(name))
+        self.client.call("delete narrowed policy", lambda c: c.sys.delete_acl_policy(name))
 
     # --- minting ---------------------------------------------------------------------------
 
@@ -424,7 +340,7 @@ class VaultProvider(Provider):
             self._used[name] = now
         if fresh:
             return
-        self._call("write narrowed policy", lambda c: c.sys.create_or_update_acl_policy(name, document))
+        self.client.call("write narrowed policy", lambda c: c.sys.create_or_update_acl_policy(name, document))
         with self._cache_lock:
             self._written[name] = now
 
@@ -448,7 +364,7 @@ class VaultProvider(Provider):
         role (so its `allowed_policies` still bound the rule), asked about with
         `sys/capabilities-accessor` and revoked at once. The probe's secret never leaves this
         method; it can be used once and dies after PROBE_TTL whatever happens."""
-        out = self._call("create probe token", lambda c: c.auth.token.create(
+        out = self.client.call("create probe token", lambda c: c.auth.token.create(
             role_name=self.token_role, policies=policies, no_default_policy=True, meta={"probe_for": grant.capability_id},
             ttl=PROBE_TTL, explicit_max_ttl=PROBE_TTL, renewable=False, num_uses=1,
             display_name=f"probe-{grant.capability_id}", mount_point=TOKEN_MOUNT))
@@ -462,7 +378,7 @@ class VaultProvider(Provider):
             if carried != policies:
                 raise ProviderMisconfigured(f"vault: token role {self.token_role} issued policies {carried}, asked "
                                             f"{policies}; check the role's settings")
-            answer = self._call("read capabilities", lambda c: c.sys.get_capabilities(paths=[path], accessor=accessor))
+            answer = self.client.call("read capabilities", lambda c: c.sys.get_capabilities(paths=[path], accessor=accessor))
         finally:
             self._revoke_quietly(accessor)
         granted = (answer.get("data") or {}).get(path) if isinstance(answer, dict) else None
@@ -476,7 +392,7 @@ class VaultProvider(Provider):
                 "human": grant.human, "task": grant.task_id}
         ttl = f"{grant.ttl_seconds}s"
         started = _now()
-        out = self._call("create token", lambda c: c.auth.token.create(
+        out = self.client.call("create token", lambda c: c.auth.token.create(
             role_name=self.token_role, policies=policies, no_default_policy=True, meta=meta,
             ttl=ttl, explicit_max_ttl=ttl, renewable=False, display_name=grant.capability_id,
             mount_point=TOKEN_MOUNT))
@@ -494,19 +410,19 @@ class VaultProvider(Provider):
                 f"vault: token role {self.token_role} issued policies {granted} for {lease}s, asked "
                 f"{policies} for {grant.ttl_seconds}s; revoked it. Check the role's settings.")
         expires_at = started + timedelta(seconds=lease)
-        credential: dict[str, Any] = {"type": "vault_token", "token": token, "vault_addr": self.addr,
+        credential: dict[str, Any] = {"type": "vault_token", "token": token, "vault_addr": self.client.addr,
                                       "policies": granted, "accessor": accessor, "expires_at": rfc3339(expires_at)}
         handle: dict[str, Any] = {"kind": "token", "accessor": accessor}
         if narrowed_to is not None:
             credential.update(narrowed_to)  # path and capabilities: what the token may do, all of it
             handle["policy"] = policies[0]
-        if self.namespace:
-            credential["vault_namespace"] = self.namespace
+        if self.client.namespace:
+            credential["vault_namespace"] = self.client.namespace
         return Minted(credential=credential, handle=handle, expires_at=expires_at, fingerprint=fingerprint(token))
 
     def _mint_dynamic(self, grant: Grant, path: str) -> Minted:
         started = _now()
-        out = self._call("read secret", lambda c: c.read(path))
+        out = self.client.call("read secret", lambda c: c.read(path))
         if not out:
             raise ProviderRejected(f"vault: nothing at {path}")
         lease_id, lease = out.get("lease_id") or "", int(out.get("lease_duration") or 0)
@@ -533,7 +449,7 @@ class VaultProvider(Provider):
     def _shorten(self, lease_id: str, ttl: int, lease: int) -> int:
         """Bring a dynamic lease down to the grant's TTL; on failure keep it (the sweeper revokes)."""
         try:
-            out = self._call("shorten lease", lambda c: c.sys.renew_lease(lease_id, increment=ttl))
+            out = self.client.call("shorten lease", lambda c: c.sys.renew_lease(lease_id, increment=ttl))
             return int(out.get("lease_duration") or lease)
         except (ProviderRejected, ProviderUnavailable) as exc:
             log.warning("vault: could not shorten lease on %s to %ss (%s); the broker revokes it at the "
@@ -542,7 +458,7 @@ class VaultProvider(Provider):
 
     def _revoke_quietly(self, accessor: str) -> None:
         try:
-            self._call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
+            self.client.call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
         except Exception as exc:
             log.error("vault: could not revoke a token just minted (accessor %s): %s", accessor, exc)
 
@@ -550,116 +466,19 @@ class VaultProvider(Provider):
         """After the token is gone (or was never made): a policy nobody carries grants nothing,
         so a failed delete only leaves a name behind, which `leftover_capabilities` finds."""
         try:
-            self._call("delete narrowed policy", lambda c: c.sys.delete_acl_policy(name))
+            self.client.call("delete narrowed policy", lambda c: c.sys.delete_acl_policy(name))
         except Exception as exc:
             log.warning("vault: narrowed policy %s is left behind (%s); the sweeper removes it once its lease has ended",
                         name, getattr(exc, "code", type(exc).__name__))
 
     def _revoke_lease_quietly(self, lease_id: str) -> None:
         try:
-            self._call("revoke lease", lambda c: c.sys.revoke_lease(lease_id))
+            self.client.call("revoke lease", lambda c: c.sys.revoke_lease(lease_id))
         except Exception as exc:
             log.error("vault: could not revoke a lease just read (%s): %s", lease_id, exc)
 
     # --- the broker's own token and the error boundary ---------------------------------------
 
-    def _call(self, op: str, fn: Callable[[hvac.Client], T]) -> T:
-        """Run one Vault call with a fresh-enough broker token; translate every error."""
-        try:
-            self._ensure_auth()
-            used = self._client.token
-            try:
-                return fn(self._client)
-            except (hx.Forbidden, hx.Unauthorized):
-                if not self._relogin_if_token_dead(used):
-                    raise
-                return fn(self._client)  # a 403 created nothing, so one retry is safe
-        except (ProviderRejected, ProviderUnavailable, ProviderMisconfigured):
-            raise
-        except Exception as exc:
-            raise self._translate(op, exc) from None  # the cause may carry response bodies
-
-    def _ensure_auth(self) -> None:
-        with self._auth_lock:
-            try:
-                if not self._authenticated:
-                    self._login()
-                elif self._renew_at is not None and time.monotonic() >= self._renew_at:
-                    self._renew()
-            except (hx.Forbidden, hx.Unauthorized, hx.InvalidRequest) as exc:
-                detail = _scrub(_vault_errors(exc), self._known_secrets())[:200]
-                raise ProviderRejected(f"vault login: the broker's own credentials were refused ({detail})") from None
-
-    def _login(self) -> None:
-        if self._role_id and self._secret_id:
-            auth = self._client.auth.approle.login(self._role_id, self._secret_id, use_token=True,
-                                                   mount_point=self._approle_mount)["auth"]
-            self._schedule(int(auth.get("lease_duration") or 0), int(auth.get("lease_duration") or 0),
-                           bool(auth.get("renewable")))
-        else:
-            self._client.token = self._static_token
-            me = self._client.auth.token.lookup_self()["data"]
-            self._schedule(int(me.get("ttl") or 0), int(me.get("creation_ttl") or me.get("ttl") or 0),
-                           bool(me.get("renewable")))
-        self._authenticated = True
-
-    def _schedule(self, ttl: int, full_ttl: int, renewable: bool) -> None:
-        """Renew (or log in again) once less than a third of the token's TTL remains."""
-        if ttl <= 0:
-            self._renew_at = None  # root or periodic-less token without expiry
-        elif not renewable and not self._role_id:
-            self._renew_at = None  # nothing we can do; it expires, then calls fail as rejected
-            log.warning("vault: the broker's token is not renewable and expires in %ss", ttl)
-        else:
-            self._renew_at = time.monotonic() + max(0.0, ttl - full_ttl / 3)
-        self._full_ttl = full_ttl
-
-    def _renew(self) -> None:
-        try:
-            auth = self._client.auth.token.renew_self()["auth"]
-            ttl = int(auth.get("lease_duration") or 0)
-            if ttl > self._full_ttl / 3:
-                self._schedule(ttl, self._full_ttl, bool(auth.get("renewable")))
-                return
-            reason = f"renewal capped at {ttl}s (max TTL)"
-        except hx.VaultError as exc:  # refused: not renewable, or already dead
-            reason = f"renewal refused ({type(exc).__name__})"
-        # Unreachable (requests errors) propagates: this call fails as unavailable, the next retries.
-        if self._role_id and self._secret_id:
-            log.info("vault: broker token %s; logging in again with AppRole", reason)
-            self._login()
-        else:
-            log.warning("vault: broker token %s and no AppRole to fall back to", reason)
-            self._renew_at = None
-
-    def _relogin_if_token_dead(self, used: str | None) -> bool:
-        """After a 403: if our own token is dead and AppRole can replace it, do so."""
-        if not (self._role_id and self._secret_id):
-            return False
-        with self._auth_lock:
-            if self._client.token != used:
-                return True  # another thread logged in again meanwhile
-            try:
-                self._client.auth.token.lookup_self()
-                return False  # our token is fine: the 403 is a real refusal
-            except (hx.Forbidden, hx.Unauthorized):
-                self._login()
-                return True
-
-    def _known_secrets(self) -> list[str]:
-        return [s for s in (self._static_token, self._secret_id, self._client.token) if s]
-
-    def _translate(self, op: str, exc: Exception) -> Exception:
-        if isinstance(exc, requests.RequestException):
-            return ProviderUnavailable(f"vault {op}: cannot reach {self.addr} ({type(exc).__name__})")
-        if isinstance(exc, hx.VaultError):
-            detail = _scrub(_vault_errors(exc), self._known_secrets())[:300] or type(exc).__name__
-            interrupted = any(marker in detail.lower() for marker in _INTERRUPTED)
-            cls = ProviderRejected if isinstance(exc, _REJECTED) and not interrupted else ProviderUnavailable
-            return cls(f"vault {op}: {detail}")
-        if isinstance(exc, _UNAVAILABLE):
-            return ProviderUnavailable(f"vault {op}: {type(exc).__name__}")
-        return ProviderUnavailable(f"vault {op}: unexpected {type(exc).__name__}")
 
 
 def _delete_policy(client: hvac.Client, *, name: str) -> Any:
@@ -693,19 +512,6 @@ def vault_path(resource: str) -> str:
     return path
 
 
-def _vault_errors(exc: hx.VaultError) -> str:
-    """OpenBao's error list as one line: "1 error occurred:\\n\\t* permission denied" -> "permission denied"."""
-    errors = exc.errors or ([exc.args[0]] if exc.args and exc.args[0] else [])
-    parts = (p.strip(" \t*") for e in errors for p in _MULTI_ERROR.sub("", str(e)).split("\n"))
-    return "; ".join(p for p in parts if p)
-
-
-def _scrub(text: str, secrets: Iterable[str]) -> str:
-    for s in secrets:
-        text = text.replace(s, "[redacted]")
-    return _TOKEN_SHAPE.sub("[redacted]", text)
-
-
 def _gone(exc: ProviderRejected, marker: str) -> bool:
     """Revoking what is already gone is success; OpenBao says so with a 400 and these words."""
     text = exc.message.lower()
@@ -713,3 +519,9 @@ def _gone(exc: ProviderRejected, marker: str) -> bool:
 
 
 __all__ = ["PROBE_TTL", "TOKEN_MOUNT", "VaultProvider", "bootstrap_token_role", "broker_policy_hcl", "vault_path"]
+
+
+def openbao_client(ctx: ProviderContext) -> OpenBaoClient:
+    """This broker's OpenBao client, one for the vault provider and the openbao source (BROKER_VAULT_*)."""
+    return ctx.shared("vault", lambda: OpenBaoClient.from_settings(ctx.settings_for(VaultSettings),
+                                                                   ctx.settings.provider_timeout_seconds))

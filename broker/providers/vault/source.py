@@ -26,7 +26,8 @@ from urllib.parse import quote
 
 from broker.errors import BrokerError
 from broker.permissions.base import PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth, judge
-from broker.providers.vault.provider import VaultProvider
+from broker.providers.vault.client import OpenBaoClient
+from broker.providers.vault.provider import openbao_client
 
 MAX_GROUPS = 100  # an entity in more groups than this is refused rather than read without end
 _GROUP_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -43,13 +44,13 @@ def openbao_source_policy_hcl(identity_mount: str = "identity") -> str:
 class OpenBaoPermissionSource(PermissionSource):
     name: ClassVar[str] = "openbao"
 
-    def __init__(self, client: VaultProvider) -> None:
+    def __init__(self, client: OpenBaoClient) -> None:
         self._client = client
 
     @classmethod
     def from_context(cls, ctx: SourceContext) -> OpenBaoPermissionSource:
         # The vault provider's settings (BROKER_VAULT_*) and, when it runs too, its client.
-        return cls(VaultProvider.from_context(ctx))
+        return cls(openbao_client(ctx))
 
     def check(self, query: PermissionQuery) -> SourceAnswer:
         entity_name = query.identity.get("openbao_entity")
@@ -87,8 +88,7 @@ class OpenBaoPermissionSource(PermissionSource):
                      entity_id=entity.get("id"), groups=sorted(groups), policies=sorted(policies))
 
     def health(self) -> SourceHealth:
-        status = self._client.health()
-        return SourceHealth(status.ok, status.detail)
+        return self._client.health()
 
     def close(self) -> None:
         self._client.close()
