@@ -85,6 +85,10 @@ class Plugin(ABC):
     #: The resource scheme this plugin defines (providers only); None: the generic grammar.
     grammar: ClassVar[ResourceGrammar | None] = None
 
+    #: The plugin's own settings model (BROKER_* variables), read with `ctx.settings_for(...)`;
+    #: declared so tools (the helm chart's check) can list every setting. None: it has none.
+    settings_model: ClassVar[type[BaseSettings] | None] = None
+
     @classmethod
     @abstractmethod
     def from_context(cls: type[P], ctx: PluginContext) -> P:
@@ -166,6 +170,18 @@ def grammars() -> dict[str, ResourceGrammar]:
                     found[ep.name] = target.grammar
             _grammars = found
         return _grammars
+
+
+def installed_settings_models() -> list[type[BaseSettings]]:
+    """The settings models the installed plugins declare (each once), for tools that list settings."""
+    models: list[type[BaseSettings]] = []
+    for group in (PROVIDERS, PERMISSION_SOURCES):
+        for ep in entry_points(group=group):
+            target = ep.load()
+            if isinstance(target, type) and issubclass(target, Plugin) and target.settings_model is not None \
+                    and target.settings_model not in models:
+                models.append(target.settings_model)
+    return models
 
 
 def refresh_grammars() -> None:

@@ -19,10 +19,8 @@ from packaging.version import Version
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.identity.keys import KeyRing, rotate
+from broker.plugins import installed_settings_models
 from broker.policy import load_policy
-from broker.providers.aws.settings import AwsSettings
-from broker.providers.github.settings import GitHubSettings
-from broker.providers.vault.settings import VaultSettings
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "jit-broker"
 PRODUCTION = yaml.safe_load((CHART / "values-production.yaml").read_text())
@@ -308,7 +306,6 @@ def test_every_value_is_documented(chart: Any) -> None:
     chart.validate_schema(PRODUCTION)
 
 
-PROVIDER_SETTINGS = (AwsSettings, GitHubSettings, VaultSettings)
 # Settings the chart does not expose as values, and why (the rest must reach the pod).
 NOT_FROM_THE_CHART = {
     "state_dir": "embedded default only",
@@ -328,8 +325,10 @@ def test_every_broker_setting_reaches_the_pod(chart: Any) -> None:
         "policy": {"shadowContent": chart.values["policy"]["content"]}}
     docs = render(chart, everything)
     env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
-    # Core settings, and every installed provider's own (its settings model in its package).
-    fields = set(Settings.model_fields) | {name for model in PROVIDER_SETTINGS for name in model.model_fields}
+    # Core settings, and every installed plugin's own (the settings model its package declares).
+    plugin_models = installed_settings_models()
+    assert {m.__name__ for m in plugin_models} >= {"AwsSettings", "GitHubSettings", "VaultSettings"}
+    fields = set(Settings.model_fields) | {name for model in plugin_models for name in model.model_fields}
     expected = {f"BROKER_{name.upper()}" for name in fields if name not in NOT_FROM_THE_CHART}
     assert expected - env == set()
     assert_secrets_referenced(docs)

@@ -40,6 +40,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+from pydantic_settings import BaseSettings
+
 from broker.errors import InvalidRequest, ProviderMisconfigured
 from broker.grammar import ResourceGrammar
 from broker.policy.resources import resource_problem as grammar_problem
@@ -76,6 +78,7 @@ class GitHubProvider(Provider):
 
     name: ClassVar[str] = "github"
     grammar: ClassVar[ResourceGrammar] = GRAMMAR
+    settings_model: ClassVar[type[BaseSettings]] = GitHubSettings
 
     def __init__(self, client: GitHubClient) -> None:
         self.client = client

@@ -27,10 +27,13 @@ import time
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from pydantic_settings import BaseSettings
+
 from broker.errors import BrokerError, InvalidRequest
 from broker.permissions.base import PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth, judge
 from broker.providers.github.client import GitHubClient
 from broker.providers.github.provider import github_client, parse_resource
+from broker.providers.github.settings import GitHubSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ _LOGIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
 
 
 class GitHubPermissionSource(PermissionSource):
+    settings_model: ClassVar[type[BaseSettings]] = GitHubSettings
     name: ClassVar[str] = "github"
 
     def __init__(self, app: GitHubClient) -> None:

@@ -24,10 +24,13 @@ import re
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from pydantic_settings import BaseSettings
+
 from broker.errors import BrokerError
 from broker.permissions.base import PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth, judge
 from broker.providers.vault.client import OpenBaoClient
 from broker.providers.vault.provider import openbao_client
+from broker.providers.vault.settings import VaultSettings
 
 MAX_GROUPS = 100  # an entity in more groups than this is refused rather than read without end
 _GROUP_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -42,6 +45,7 @@ def openbao_source_policy_hcl(identity_mount: str = "identity") -> str:
 
 
 class OpenBaoPermissionSource(PermissionSource):
+    settings_model: ClassVar[type[BaseSettings]] = VaultSettings
     name: ClassVar[str] = "openbao"
 
     def __init__(self, client: OpenBaoClient) -> None:

@@ -38,6 +38,7 @@ class TicketerSettings(BaseSettings):
 class TicketerProvider(Provider):
     name: ClassVar[str] = "ticketer"
     grammar: ClassVar[ResourceGrammar] = ResourceGrammar("ticket", canonical, case_insensitive=True)
+    settings_model: ClassVar[type[BaseSettings]] = TicketerSettings
 
     def __init__(self, settings: TicketerSettings, secret: str) -> None:
         self.settings, self._secret = settings, secret
