@@ -168,7 +168,7 @@ class Access(Strict):
     max_duration: Duration | None = None  # aws
     policies: list[str] | None = None  # vault token policies: the ceiling of a narrowed token
     # vault: what a narrowed token may do on the requested path (default: what `policies` grant there);
-    # the words are vault_acl.NARROWABLE, spelled out because policy/ never imports providers/
+    # the words are vault.acl.NARROWABLE, spelled out because policy/ never imports providers/
     capabilities: list[Literal["create", "read", "update", "patch", "delete"]] | None = Field(default=None, min_length=1)
     narrow: bool | None = None  # vault: false = the token carries `policies` whole (default: narrowed)
     scope: str | None = None  # native

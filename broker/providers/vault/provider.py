@@ -11,7 +11,7 @@ Two kinds of access, picked by the access entry's options:
 
   By default the token is *narrowed* to the requested path: it carries only one policy granting
   exactly that path with the access's `capabilities` (default: whatever the rule's policies
-  grant there), named by what it grants (`jit-cap_acl-<hash>`, `vault_acl.py`), so every
+  grant there), named by what it grants (`jit-cap_acl-<hash>`, `acl.py`), so every
   capability for the same path and capabilities shares it: written once, then reused (rewritten
   at most every POLICY_REFRESH_SECONDS). It never exceeds the rule's `policies`: what they grant
   on the path is asked of OpenBao itself, through a short-lived probe token minted with those
