@@ -140,8 +140,8 @@ def build(group: str, base: type, names: Iterable[str], ctx: PluginContext,
             plugin: Plugin = target.from_context(ctx)
             out[name] = plugin
         except (BrokerError, ImportError) as exc:
-            if placeholder is None or isinstance(exc, ConfigError):
-                raise exc if isinstance(exc, ConfigError) else ConfigError(f"{what} {name!r} cannot start: {exc}") from exc
+            if placeholder is None:
+                raise ConfigError(f"{what} {name!r} cannot start: {exc}") from exc
             log.warning("%s %s is not configured (%s); it fails closed", what, name, exc)
             out[name] = placeholder(name, str(exc))
     return out
