@@ -94,7 +94,7 @@ class AwsProvider(Provider):
         account = self._settings.aws_account_id
         if account is None:
             try:
-                account = self.account_id()
+                account = self.client.account_id()
             except ProviderError as exc:
                 log.warning("aws: cannot learn the broker's own account at start (%s); set BROKER_AWS_ACCOUNT_ID so "
                             "policies with rules for other accounts are refused when they load", exc.code)
@@ -341,10 +341,6 @@ class AwsProvider(Provider):
 
     def health(self) -> ProviderHealth:
         return self.client.health()
-
-    def account_id(self) -> str:
-        """The account of the broker's own AWS identity (STS GetCallerIdentity, asked once)."""
-        return self.client.account_id()
 
     # --- lookups -------------------------------------------------------------------------------
 
