@@ -13,7 +13,7 @@ for vault, a sample of the minted tokens is looked up by accessor in OpenBao: ea
 With vault, the floor OpenBao itself sets is timed too (not through the broker): revoking as
 many tokens by accessor one call after the other, and with 8 calls in flight.
 
-Vault runs need broker/providers/vault.py and tests/support/openbao.py (an OpenBao dev server
+Vault runs need broker/providers/vault/ and tests/support/openbao.py (an OpenBao dev server
 started here, `bao` from the test extra); without them only native runs.
 """
 
@@ -54,7 +54,7 @@ TARGETS = {"native": 2.0, "vault": 5.0}
 
 def vault_available() -> str | None:
     """None when the vault pieces exist, else why not."""
-    for path in ("broker/providers/vault.py", "tests/support/openbao.py"):
+    for path in ("broker/providers/vault/", "tests/support/openbao.py"):
         if not (REPO / path).exists():
             return f"{path} does not exist"
     try:

@@ -53,6 +53,7 @@ from broker.db import transaction
 from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
 from broker.identity.ratelimit import RateLimiter
+from broker.lifecycle.recheck import permission_rechecker
 from broker.lifecycle.reconciler import reconcile_at_start
 from broker.lifecycle.sweeper import sweeper as sweeper_loop
 from broker.logs import RequestIdMiddleware, configure_logging
@@ -61,7 +62,6 @@ from broker.oauth.clients import ClientDirectory
 from broker.oauth.idjag import IdJagVerifier
 from broker.outages import FAMILIES as OUTAGE_FAMILIES
 from broker.periodic import Periodic
-from broker.permissions.recheck import permission_rechecker
 from broker.runtime import Broker
 from broker.ssf import streams as ssf_streams
 from broker.store import open_store

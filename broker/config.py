@@ -50,7 +50,9 @@ class SecurityEventReceiver:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore", case_sensitive=False)
+    # extra="allow": a provider's setting given here by name (tests, tools) is kept for the
+    # provider's own settings model (broker.plugins.PluginContext.settings_for).
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="allow", case_sensitive=False)
 
     # --- where state lives -------------------------------------------------------------
     # SQLite keeps the embedded default free of outside services; set a postgresql+psycopg://
@@ -283,27 +285,8 @@ class Settings(BaseSettings):
     # No backend call may hang a request: every SDK gets this timeout.
     provider_timeout_seconds: float = Field(default=10.0, gt=0)
 
-    vault_addr: str | None = None
-    vault_namespace: str | None = None
-    vault_token: SecretStr | None = None  # the broker's own Vault token, or use AppRole below
-    vault_role_id: str | None = None
-    vault_secret_id: SecretStr | None = None
-    vault_approle_mount: str = "approle"
-    # Token role the broker creates capability tokens through: orphan tokens, so they do not
-    # die with the broker's own token, with the role's allowed policies as a second ceiling.
-    vault_token_role: str = "jit-broker"
-
-    aws_region: str = "us-east-1"
-    # The account the broker's AWS identity lives in. Policy rules for roles of any other account
-    # are refused when the policy loads (the broker can only revoke on its own account's roles).
-    # None: asked of STS (GetCallerIdentity) at start when the policy uses the aws provider.
-    aws_account_id: str | None = Field(default=None, pattern=r"^\d{12}$")
-    # Set for a local STS/IAM (moto) or a VPC endpoint; None means AWS's public endpoints.
-    aws_endpoint_url: str | None = None
-
-    github_api_url: str = "https://api.github.com"  # GitHub Enterprise: https://HOST/api/v3
-    github_app_id: str | None = None
-    github_private_key_file: Path | None = None
+    # Each provider's own settings (BROKER_VAULT_*, BROKER_AWS_*, BROKER_GITHUB_* ...) live in its
+    # package (broker/providers/<name>/settings.py), read when the policy names it.
 
     # --- serving ---------------------------------------------------------------------------------
     host: str = "127.0.0.1"  # loopback unless told otherwise

@@ -24,13 +24,12 @@ from broker.db import make_engine
 from broker.identity.keys import KeyRing
 from broker.identity.oidc import OidcVerifier
 from broker.identity.workload import WorkloadVerifier
-from broker.permissions.base import SourceContext
 from broker.permissions.budget import LiveCheckBudget
-from broker.permissions.registry import LivePermissions
-from broker.permissions.registry import build as build_sources
+from broker.permissions.registry import LivePermissions, build_sources
+from broker.plugins import PluginContext, refresh_grammars
 from broker.policy import PolicyStore
-from broker.providers.base import Provider, ProviderContext
-from broker.providers.registry import build as build_providers
+from broker.providers.base import Provider
+from broker.providers.registry import build_providers
 from broker.store import SessionCache, Store
 
 log = logging.getLogger("broker")
@@ -114,6 +113,7 @@ class Broker:
             settings = prepare_embedded(settings)
             log.warning(EMBEDDED_WARNING, settings.state_dir.resolve())
         settings.check_for_production()
+        refresh_grammars()  # resource grammars of the providers installed now
         assert settings.policy_file is not None and settings.signing_key_dir is not None
         assert settings.encryption_key is not None
         policies = PolicyStore(settings.policy_file, settings.shadow_policy_file)
@@ -128,16 +128,16 @@ class Broker:
         if policies.shadow is not None:
             names |= {r.provider for r in policies.shadow.resources}
         names.add("native")
-        providers = build_providers(
-            names, ProviderContext(settings=settings, keyring=keyring), tolerate_missing=settings.embedded
-        )
-        account = _own_aws_account(settings, providers)
-        if account is not None:
-            policies.adopt_aws_account(account)  # PolicyError: refused at start like any bad file
+        # One context for every plugin: a provider and a source of one backend share its client.
+        context = PluginContext(settings=settings, keyring=keyring)
+        providers = build_providers(names, context, tolerate_missing=settings.embedded)
+        checks = {name: check for name, provider in providers.items() if (check := provider.policy_check()) is not None}
+        if checks:
+            policies.adopt_checks(checks)  # PolicyError: refused at start like any bad file
         source_names = set(policies.current.live_sources())
         if policies.shadow is not None:
             source_names |= policies.shadow.live_sources()
-        sources = build_sources(source_names, SourceContext(settings=settings), tolerate_missing=settings.embedded)
+        sources = build_sources(source_names, context, tolerate_missing=settings.embedded)
         return cls(
             settings=settings,
             engine=engine or make_engine(settings.database_url),
@@ -164,26 +164,3 @@ class Broker:
             return self.providers[name]
         except KeyError:
             raise ProviderMisconfigured(f"provider {name!r} was not built; reload the broker after adding it") from None
-
-
-def _own_aws_account(settings: Settings, providers: dict[str, Provider]) -> str | None:
-    """The broker's own AWS account: BROKER_AWS_ACCOUNT_ID, else STS when the aws provider runs.
-
-    Unknown (STS unreachable at start) leaves the request-time check alone in force, with a warning.
-    """
-    if settings.aws_account_id:
-        return settings.aws_account_id
-    provider = providers.get("aws")
-    if provider is None:
-        return None
-    from broker.errors import ProviderError
-    from broker.providers.aws import AwsProvider
-
-    if not isinstance(provider, AwsProvider):
-        return None
-    try:
-        return provider.account_id()
-    except ProviderError as exc:
-        log.warning("aws: cannot learn the broker's own account at start (%s); set BROKER_AWS_ACCOUNT_ID so "
-                    "policies with rules for other accounts are refused when they load", exc.code)
-        return None

@@ -58,7 +58,8 @@ def create(broker: Broker, caller: Caller, ask: GrantAsk) -> dict[str, Any]:
     ask = replace(ask, resource=canonical_resource(ask.resource))
     policy = broker.policies.current
     # Live sources (the session's human, and the granter) are asked before any lock is taken.
-    session_live = live_permissions.for_session(broker, policy, ask.session_id, ask.resource, ask.access)
+    session_live = live_permissions.for_session(broker.engine, broker.permissions, policy, ask.session_id,
+                                                ask.resource, ask.access)
     granter_live = approver_live(broker, policy, caller.name, ask.resource, ask.access)
     now = utcnow()
     with transaction(broker.engine) as db:

@@ -175,7 +175,7 @@ def _decide_and_mint(
     now = utcnow()
     policy = broker.policies.current
     # The human's live permission (GitHub, OpenBao ...), asked before the session lock is taken.
-    live = live_permissions.for_session(broker, policy, session_id, ask.resource, ask.access)
+    live = live_permissions.for_session(broker.engine, broker.permissions, policy, session_id, ask.resource, ask.access)
     refusal: BrokerError | None = None
     tripped: str | None = None
     with transaction(broker.engine) as db:

@@ -19,18 +19,21 @@ audit record and `policy explain`; it never holds a secret. A source only reads:
 changes anything at the backend and never hands a credential to anyone.
 
 A deployment adds a source by installing a package with an entry point in the
-`jit_broker.permission_sources` group whose target has `from_context(SourceContext)`.
-Every method a source may have is declared here; nothing else is ever looked up on it.
+`jit_broker.permission_sources` group whose target subclasses `PermissionSource`: a plugin like
+every provider (broker/plugins.py: built by `from_context(PluginContext)`, with its settings, a
+client shared with its backend's provider, `health` and `close`). The sources shipped live in
+their backend's provider package (broker/providers/github/source.py, vault/source.py).
+Every method a source may have is declared here and on `Plugin`; nothing else is ever looked up on it.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any
 
-if TYPE_CHECKING:
-    from broker.config import Settings
+from broker.plugins import Plugin, PluginContext, PluginHealth
 
 ALLOW, DENY, UNKNOWN = "allow", "deny", "unknown"
 
@@ -73,37 +76,15 @@ def judge(held: Iterable[str], query: PermissionQuery, summary: str, **evidence:
     return SourceAnswer(verdict, {"summary": summary, **evidence, "held": sorted(have), "matched": matched})
 
 
-@dataclass(frozen=True)
-class SourceHealth:
-    ok: bool
-    detail: str = ""
+# One build context and one health for every plugin; the source contract uses these names.
+SourceContext = PluginContext
+SourceHealth = PluginHealth
 
 
-@runtime_checkable
-class PermissionSource(Protocol):
-    name: ClassVar[str]
+class PermissionSource(Plugin):
+    """A live source of what a human may do at a backend."""
 
+    @abstractmethod
     def check(self, query: PermissionQuery) -> SourceAnswer:
         """Ask the backend. A backend that cannot answer is `unknown` with the error as evidence;
         raising is also read as `unknown` (fail closed), but answering is clearer."""
-        ...
-
-    def health(self) -> SourceHealth: ...
-
-    def close(self) -> None:
-        """Release connections and anything the source holds for itself (tokens it minted)."""
-        ...
-
-
-@dataclass
-class SourceContext:
-    """What the factory hands every source when it is built."""
-
-    settings: Settings
-
-
-class SourceFactory(Protocol):
-    """Entry point target: a class with `from_context(ctx) -> PermissionSource`."""
-
-    @classmethod
-    def from_context(cls, ctx: SourceContext) -> PermissionSource: ...

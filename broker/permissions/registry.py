@@ -13,47 +13,36 @@ import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from broker.errors import ConfigError
 from broker.metrics import PERMISSION_ANSWERS
-from broker.permissions.base import UNKNOWN, PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth
+from broker.permissions.base import UNKNOWN, PermissionQuery, PermissionSource, SourceAnswer
 from broker.permissions.budget import LiveCheckBudget
 from broker.permissions.cache import AnswerCache
-from broker.plugins import build_named
+from broker.plugins import PERMISSION_SOURCES, PluginContext, Unconfigured, build
 from broker.policy import CompiledPolicy, LivePermission
 
 log = logging.getLogger("broker.permissions")
-GROUP = "jit_broker.permission_sources"
 MAX_EVIDENCE_TEXT = 500  # characters of one string a backend said
 MAX_EVIDENCE_ITEMS = 50  # entries of one list or mapping (policies, groups)
 
 
-class UnconfiguredSource:
-    """Stands in (embedded default only) for a source whose config is missing: every answer is
+class UnconfiguredSource(Unconfigured, PermissionSource):
+    """The placeholder for a source that cannot start (embedded default only): every answer is
     `unknown` with the reason, so rules that name it fail closed."""
 
     name: ClassVar[str] = "unconfigured"
 
-    def __init__(self, name: str, reason: str) -> None:
-        self.source_name, self.reason = name, reason
+    @classmethod
+    def from_context(cls, ctx: PluginContext) -> UnconfiguredSource:
+        raise ConfigError("the placeholder source is built by the registry, not from an entry point")
 
     def check(self, query: PermissionQuery) -> SourceAnswer:
-        return SourceAnswer.unknown(f"source {self.source_name} is not configured: {self.reason}")
-
-    def health(self) -> SourceHealth:
-        return SourceHealth(False, f"not configured: {self.reason}")
-
-    def close(self) -> None:
-        pass
+        return SourceAnswer.unknown(f"source {self.plugin_name} is not configured: {self.reason}")
 
 
-def build(names: set[str] | frozenset[str], ctx: SourceContext, *, tolerate_missing: bool) -> dict[str, PermissionSource]:
-    def make(name: str, factory: Any) -> PermissionSource:
-        source: PermissionSource = factory.from_context(ctx)
-        return source
-
-    def placeholder(name: str, exc: Exception) -> PermissionSource:
-        return UnconfiguredSource(name, str(exc))
-
-    return build_named(GROUP, "permission source", names, make, placeholder if tolerate_missing else None)
+def build_sources(names: set[str] | frozenset[str], ctx: PluginContext, *,
+                  tolerate_missing: bool) -> dict[str, PermissionSource]:
+    return build(PERMISSION_SOURCES, PermissionSource, names, ctx, UnconfiguredSource if tolerate_missing else None)
 
 
 class LivePermissions:

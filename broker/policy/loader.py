@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -11,9 +13,12 @@ from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from broker.errors import PolicyError
+from broker.grammar import RuleCheck
+from broker.plugins import grammars
 from broker.policy import models
 from broker.policy.compiled import CompiledPolicy
-from broker.policy.models import PolicyDocument, aws_account_problems, cross_check
+from broker.policy.models import Path as FieldPath
+from broker.policy.models import PolicyDocument, cross_check
 
 DataPath = tuple[Any, ...]
 Lines = dict[DataPath, tuple[int, int]]  # path -> (line, column), both 1-based
@@ -190,46 +195,63 @@ def _validation_problems(exc: ValidationError, lines: Lines) -> list[dict[str, A
     return problems
 
 
-def load_document(text: str, source: str = "<policy>", *, aws_account: str | None = None) -> tuple[PolicyDocument, Lines]:
+# Checks running plugins add to every load, by provider name (Plugin.policy_check).
+RuleChecks = Mapping[str, RuleCheck]
+
+
+def rule_problems(document: PolicyDocument, checks: RuleChecks = MappingProxyType({})) -> list[tuple[FieldPath, str]]:
+    """What the providers say of the rules naming them: their grammar's static `rule_problem`,
+    and the `checks` of running providers (the aws provider: the broker's own account)."""
+    static = {name: grammar.rule_problem for name, grammar in grammars().items()}
+    problems: list[tuple[FieldPath, str]] = []
+    for i, rule in enumerate(document.resources):
+        for check in (static.get(rule.provider), checks.get(rule.provider)):
+            problem = check(rule.match) if check is not None else None
+            if problem is not None and (("resources", i, "match"), problem) not in problems:
+                problems.append((("resources", i, "match"), problem))
+    return problems
+
+
+def load_document(text: str, source: str = "<policy>", *,
+                  checks: RuleChecks = MappingProxyType({})) -> tuple[PolicyDocument, Lines]:
     """Parse and validate; raise PolicyError listing every problem found at once.
 
-    `aws_account`: the broker's own AWS account, when known; aws rules for others are refused."""
+    `checks`: what running providers add (Plugin.policy_check), by provider name."""
     data, lines = parse_yaml(text, source)
     try:
         document = PolicyDocument.model_validate(data)
     except ValidationError as exc:
         raise _refuse(source, _validation_problems(exc, lines)) from None
     cross = cross_check(document)
-    if aws_account is not None:
-        cross += [p for p in aws_account_problems(document, aws_account) if p not in cross]
+    cross += [p for p in rule_problems(document, checks) if p not in cross]
     if cross:
         raise _refuse(source, [_problem(*_locate(lines, path), path, message) for path, message in cross])
     return document, lines
 
 
-def load_policy_bytes(raw: bytes, source: str = "<policy>", *, aws_account: str | None = None) -> CompiledPolicy:
+def load_policy_bytes(raw: bytes, source: str = "<policy>", *, checks: RuleChecks = MappingProxyType({})) -> CompiledPolicy:
     """The exact bytes are hashed for `version`, so a policy is named by its file content."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _refuse(source, [_problem(1, 1, (), f"not UTF-8: {exc.reason} at byte {exc.start}")]) from None
-    document, lines = load_document(text, source, aws_account=aws_account)
+    document, lines = load_document(text, source, checks=checks)
     return CompiledPolicy(document, raw=raw, lines={format_path(p): line for p, (line, _) in lines.items()}, source=source)
 
 
-def load_policy_text(text: str, source: str = "<policy>", *, aws_account: str | None = None) -> CompiledPolicy:
-    return load_policy_bytes(text.encode("utf-8"), source, aws_account=aws_account)
+def load_policy_text(text: str, source: str = "<policy>", *, checks: RuleChecks = MappingProxyType({})) -> CompiledPolicy:
+    return load_policy_bytes(text.encode("utf-8"), source, checks=checks)
 
 
-def check_aws_account(policy: CompiledPolicy, aws_account: str) -> None:
-    """Refuse an already compiled policy whose aws rules name another account (line-precise)."""
-    problems = aws_account_problems(policy.document, aws_account)
+def check_rules(policy: CompiledPolicy, checks: RuleChecks) -> None:
+    """Refuse an already compiled policy that running providers' checks refuse (line-precise)."""
+    problems = rule_problems(policy.document, checks)
     if problems:
         raise _refuse(policy.source, [
             _problem(policy.line_of(format_path(path)) or 1, 1, path, message) for path, message in problems])
 
 
-def load_policy(path: Path | str, *, aws_account: str | None = None) -> CompiledPolicy:
+def load_policy(path: Path | str, *, checks: RuleChecks = MappingProxyType({})) -> CompiledPolicy:
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -238,4 +260,4 @@ def load_policy(path: Path | str, *, aws_account: str | None = None) -> Compiled
             f"{path}: cannot read policy: {exc.strerror or exc}",
             problems=[_problem(1, 1, (), f"cannot read: {exc.strerror or exc}")],
         ) from None
-    return load_policy_bytes(raw, str(path), aws_account=aws_account)
+    return load_policy_bytes(raw, str(path), checks=checks)

@@ -168,7 +168,7 @@ class Access(Strict):
     max_duration: Duration | None = None  # aws
     policies: list[str] | None = None  # vault token policies: the ceiling of a narrowed token
     # vault: what a narrowed token may do on the requested path (default: what `policies` grant there);
-    # the words are vault_acl.NARROWABLE, spelled out because policy/ never imports providers/
+    # the words are vault.acl.NARROWABLE, spelled out because policy/ never imports providers/
     capabilities: list[Literal["create", "read", "update", "patch", "delete"]] | None = Field(default=None, min_length=1)
     narrow: bool | None = None  # vault: false = the token carries `policies` whole (default: narrowed)
     scope: str | None = None  # native
@@ -412,25 +412,6 @@ class PolicyDocument(Strict):
 Path = tuple[str | int, ...]
 
 
-def aws_account_problems(doc: PolicyDocument, account: str | None) -> list[tuple[Path, str]]:
-    """aws resource rules must name one account literally, and (when known) the broker's own:
-    it can only revoke (PutRolePolicy) on roles of its own account, so it never mints elsewhere."""
-    problems: list[tuple[Path, str]] = []
-    for i, rule in enumerate(doc.resources):
-        if rule.provider != "aws":
-            continue
-        scheme, _, path = rule.match.partition("://")
-        rule_account = path.split("/", 1)[0]
-        if scheme != "aws" or not (len(rule_account) == 12 and rule_account.isdigit()):
-            problems.append((("resources", i, "match"),
-                             f"aws rule {rule.match!r} must name one account: aws://<12-digit account>/role/..."))
-        elif account is not None and rule_account != account:
-            problems.append((("resources", i, "match"),
-                             f"aws rule {rule.match!r} is for account {rule_account}, not the broker's own account "
-                             f"{account}: roles of other accounts cannot be revoked, so they are never minted"))
-    return problems
-
-
 def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
     """Problems no single field can see: references between sections, rules that can never apply."""
     problems: list[tuple[Path, str]] = []
@@ -475,7 +456,6 @@ def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
                 if not answers:
                     problems.append((("resources", i, "human_permission", "require", access_name),
                                      "an empty list would deny this access always; remove the access instead"))
-    problems.extend(aws_account_problems(doc, None))
     seen_human: dict[str, str] = {}
     for email in doc.humans:
         # Two spellings with one canonical form (ASCII case) would be one person.

@@ -17,19 +17,16 @@ trailing `/`), control characters and NUL, whitespace, `\\`, `?`, `#` and every 
 character outside the set above, non-ASCII text (and text that is not NFC), and a trailing
 newline (every match here is anchored at the very end, `\\Z`, never `$`).
 
-Per scheme, on top of that:
-
-| scheme   | form                                   | canonical                         |
-|----------|----------------------------------------|-----------------------------------|
-| github   | `github://<owner>/<repo>`              | lower-cased (GitHub names are case-insensitive) |
-| aws      | `aws://<12-digit account>/role/[<path>/]<name>` | as written                |
-| vault    | `vault://<path>` (one or more segments) | as written                       |
-| jwt      | `jwt://<name>[/<name>...]`             | as written                        |
-| other    | `<scheme>://<segment>[/<segment>...]`  | as written                        |
+Per scheme, on top of that, the scheme's own grammar: each provider package declares the scheme
+it defines (`Provider.grammar`, broker/grammar.py), and this module asks the installed plugins
+for it (broker/plugins.py), so the rules of `github://`, `aws://` ... live in their provider's
+package (docs/providers/*.md name them). A scheme no installed provider declares takes the
+generic grammar alone: `<scheme>://<segment>[/<segment>...]`, as written.
 
 Patterns (policy rules, grants, task scopes, kill-switch filters) follow the same grammar with
 `*` allowed inside segments: `*` matches within one segment, `**` across segments. Their
-literal text is canonicalised the same way (lower-cased for github).
+literal text is canonicalised the same way (lower-cased where the scheme's grammar is
+case-insensitive).
 """
 
 from __future__ import annotations
@@ -41,6 +38,8 @@ from functools import lru_cache
 from typing import NamedTuple, TypeVar
 
 from broker.errors import InvalidRequest
+from broker.grammar import ResourceGrammar, ResourceRefused
+from broker.plugins import grammars
 
 T = TypeVar("T")
 
@@ -54,11 +53,13 @@ _SEGMENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 # the problem.
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]*")
 _SEGMENT = re.compile(r"[A-Za-z0-9._~@+=,:-]+")
-_GITHUB_OWNER = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}")
-_GITHUB_REPO = re.compile(r"[A-Za-z0-9._-]{1,100}")
-_AWS_ACCOUNT = re.compile(r"\d{12}")
-_AWS_NAME = re.compile(r"[A-Za-z0-9_+=,.@-]+")
-_CASE_INSENSITIVE_SCHEMES = frozenset({"github"})
+
+
+def _grammar(scheme: str) -> ResourceGrammar | None:
+    for grammar in grammars().values():
+        if grammar.scheme == scheme:
+            return grammar
+    return None
 
 
 class Resource(NamedTuple):
@@ -76,8 +77,7 @@ class Resource(NamedTuple):
         return f"{self.scheme}://{self.path}"
 
 
-class _Refused(ValueError):
-    """Why a string is not a resource (or pattern); the message completes "resource 'x' ..."."""
+_Refused = ResourceRefused
 
 
 def _characters(uri: object) -> str:
@@ -130,39 +130,12 @@ def _split(uri: str, *, pattern: bool) -> tuple[str, list[str]]:
     return scheme, segments
 
 
-def _github(segments: list[str]) -> list[str]:
-    if len(segments) != 2:
-        raise _Refused("is not a GitHub repository: expected github://<owner>/<repo>")
-    owner, repo = segments
-    if _GITHUB_OWNER.fullmatch(owner) is None:
-        raise _Refused("has an invalid GitHub owner (letters, digits and single hyphens, at most 39)")
-    if _GITHUB_REPO.fullmatch(repo) is None:
-        raise _Refused("has an invalid GitHub repository name ([A-Za-z0-9._-], at most 100)")
-    return [owner.lower(), repo.lower()]
-
-
-def _aws(segments: list[str]) -> list[str]:
-    if len(segments) < 3 or _AWS_ACCOUNT.fullmatch(segments[0]) is None or segments[1] != "role":
-        raise _Refused("is not an AWS role: expected aws://<12-digit account>/role/[<path>/]<name>")
-    role = segments[2:]
-    if not all(_AWS_NAME.fullmatch(s) for s in role):
-        raise _Refused("has an invalid IAM role name or path ([A-Za-z0-9_+=,.@-])")
-    if len(role[-1]) > 64 or len("/" + "".join(s + "/" for s in role[:-1])) > 512:
-        raise _Refused("has an IAM role name over 64 or a role path over 512 characters")
-    return segments
-
-
-# One parser per scheme: segments in, canonical segments out. Unknown schemes take the generic
-# grammar alone; vault and jwt need nothing beyond it (any non-empty run of segments).
-_SCHEME_RULES = {"github": _github, "aws": _aws}
-
-
 def _parse(uri: object) -> Resource:
     text = _characters(uri)
     scheme, segments = _split(text, pattern=False)
-    rule = _SCHEME_RULES.get(scheme)
-    if rule is not None:
-        segments = rule(segments)
+    grammar = _grammar(scheme)
+    if grammar is not None:
+        segments = grammar.canonical(segments)
     return Resource(scheme, "/".join(segments))
 
 
@@ -171,7 +144,8 @@ def _parse_pattern(pattern: object) -> str:
     scheme, segments = _split(text, pattern=True)
     if "*" not in text:
         return _parse(text).uri  # a concrete resource: the scheme's own rule applies in full
-    if scheme in _CASE_INSENSITIVE_SCHEMES:
+    grammar = _grammar(scheme)
+    if grammar is not None and grammar.case_insensitive:
         segments = [s.lower() for s in segments]
     return f"{scheme}://{'/'.join(segments)}"
 

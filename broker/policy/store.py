@@ -7,8 +7,9 @@ import threading
 from pathlib import Path
 
 from broker.errors import PolicyError
+from broker.grammar import RuleCheck
 from broker.policy.compiled import CompiledPolicy
-from broker.policy.loader import check_aws_account, load_policy, load_policy_text
+from broker.policy.loader import RuleChecks, check_rules, load_policy, load_policy_text
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +22,15 @@ class PolicyStore:
     """
 
     def __init__(self, path: Path | str | None, shadow_path: Path | str | None = None, *,
-                 aws_account: str | None = None) -> None:
+                 checks: RuleChecks | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.shadow_path = Path(shadow_path) if shadow_path is not None else None
-        self.aws_account = aws_account  # the broker's own AWS account, once known
+        self.checks: dict[str, RuleCheck] = dict(checks or {})  # what running providers add, by name
         self._lock = threading.Lock()
         self._current: CompiledPolicy | None = (
-            load_policy(self.path, aws_account=aws_account) if self.path is not None else None)
+            load_policy(self.path, checks=self.checks) if self.path is not None else None)
         self._shadow: CompiledPolicy | None = (
-            load_policy(self.shadow_path, aws_account=aws_account) if self.shadow_path is not None else None)
+            load_policy(self.shadow_path, checks=self.checks) if self.shadow_path is not None else None)
 
     @classmethod
     def from_text(cls, text: str, shadow_text: str | None = None, source: str = "<policy>") -> PolicyStore:
@@ -39,14 +40,16 @@ class PolicyStore:
         store._shadow = load_policy_text(shadow_text, f"{source} (shadow)") if shadow_text is not None else None
         return store
 
-    def adopt_aws_account(self, account: str) -> None:
-        """Learn the broker's own AWS account (config or STS, at start) and check the policies in
-        force against it: a rule for another account raises PolicyError, as a bad file would."""
+    def adopt_checks(self, checks: RuleChecks) -> None:
+        """Add the checks of providers now running (Plugin.policy_check, at start) and apply them
+        to the policies in force: a rule they refuse raises PolicyError, as a bad file would.
+        Every later reload applies them too."""
         with self._lock:
+            merged = {**self.checks, **checks}
             for policy in (self._current, self._shadow):
                 if policy is not None:
-                    check_aws_account(policy, account)
-            self.aws_account = account
+                    check_rules(policy, merged)
+            self.checks = merged
 
     @property
     def current(self) -> CompiledPolicy:
@@ -62,19 +65,19 @@ class PolicyStore:
         with self._lock:  # two reloads at once could otherwise install the older file last
             ok = True
             if self.path is not None:
-                policy = self._try_load(self.path, self._current, self.aws_account)
+                policy = self._try_load(self.path, self._current, self.checks)
                 ok = ok and policy is not None
                 self._current = policy or self._current
             if self.shadow_path is not None:
-                shadow = self._try_load(self.shadow_path, self._shadow, self.aws_account)
+                shadow = self._try_load(self.shadow_path, self._shadow, self.checks)
                 ok = ok and shadow is not None
                 self._shadow = shadow or self._shadow
             return ok
 
     @staticmethod
-    def _try_load(path: Path, last_good: CompiledPolicy | None, aws_account: str | None) -> CompiledPolicy | None:
+    def _try_load(path: Path, last_good: CompiledPolicy | None, checks: RuleChecks) -> CompiledPolicy | None:
         try:
-            policy = load_policy(path, aws_account=aws_account)
+            policy = load_policy(path, checks=checks)
         except PolicyError as exc:
             kept = last_good.version if last_good is not None else "none"
             log.error("policy %s refused, keeping %s: %s", path, kept, exc.message)

@@ -7,23 +7,27 @@ with AES-256-GCM before it touches the database). Providers translate their SDK'
 `broker.errors.ProviderError` subclasses at this boundary; nothing else leaks out.
 
 A deployment adds a backend by subclassing `Provider` and declaring an entry point in the
-`jit_broker.providers` group (see `registry.py`).
+`jit_broker.providers` group; what every plugin is (its build context, its settings, its
+resource grammar, its health) is `broker.plugins.Plugin`. A provider is a package
+(`broker/providers/<name>/`): its settings model, its resource grammar, its client, its
+provider and, where the backend can say what a human may do, its permission source.
 """
 
 from __future__ import annotations
 
 import hashlib
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from broker.plugins import Plugin, PluginContext, PluginHealth
 from broker.policy.evaluate import TtlBounds
 
-if TYPE_CHECKING:
-    from broker.config import Settings
-    from broker.identity.keys import KeyRing
+# One build context and one health for every plugin; the provider contract uses these names.
+ProviderContext = PluginContext
+ProviderHealth = PluginHealth
 
 
 def fingerprint(secret: str) -> str:
@@ -93,29 +97,14 @@ class Revoked:
     valid_until: datetime | None = None
 
 
-@dataclass(frozen=True)
-class ProviderHealth:
-    ok: bool
-    detail: str = ""
-
-
-@dataclass
-class ProviderContext:
-    """What the registry hands every provider when it is built."""
-
-    settings: Settings
-    keyring: KeyRing | None = None
-
-
-class Provider(ABC):
+class Provider(Plugin):
     """Everything a provider is and may do. A new backend subclasses this and reads nothing else.
 
-    Required: `name`, `from_context`, `mint`, `revoke`. Everything below those has a default
+    Required: `name`, `from_context`, `mint`, `revoke`. `grammar` (the resource scheme it
+    defines), `health`, `policy_check` and `close` come from `Plugin`. Everything below has a default
     that is right for a backend without the feature; override only what the backend has.
     The rest of the broker calls these methods and attributes directly, never probing.
     """
-
-    name: ClassVar[str]  # the policy's `provider:` value and the entry point's name
 
     #: Minting calls nothing outside the broker (native signing): the lease service may then
     #: reserve, mint and activate in one transaction, and revocation needs no backend call.
@@ -124,11 +113,6 @@ class Provider(ABC):
     #: `find_by_capability` can search the backend. Leave False where it cannot (GitHub): a
     #: lease whose handle was lost then ends at the backend's own upper bound (`ttl_bounds`).
     searchable: ClassVar[bool] = False
-
-    @classmethod
-    @abstractmethod
-    def from_context(cls, ctx: ProviderContext) -> Provider:
-        """The entry point's target: build from settings, or raise ProviderMisconfigured."""
 
     @abstractmethod
     def mint(self, grant: Grant) -> Minted:
@@ -146,10 +130,6 @@ class Provider(ABC):
     def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
         """What the backend can issue for this resource (the policy's time layer clamps to it)."""
         return TtlBounds()
-
-    def health(self) -> ProviderHealth:
-        """For readiness: cheap, never raises, reports."""
-        return ProviderHealth(True, "no health check")
 
     def find_by_capability(self, capability_id: str, resource: str) -> dict[str, Any] | None:
         """The handle of what was minted for `capability_id` (on `resource`), or None if the
@@ -188,10 +168,6 @@ class Provider(ABC):
 
     def policy_reloaded(self) -> None:
         """The broker's policy was (re)loaded: drop what was cached about what its rules grant."""
-        return None
-
-    def close(self) -> None:
-        """Release connections at shutdown."""
         return None
 
 

@@ -19,6 +19,7 @@ from packaging.version import Version
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.identity.keys import KeyRing, rotate
+from broker.plugins import installed_settings_models
 from broker.policy import load_policy
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "jit-broker"
@@ -324,7 +325,11 @@ def test_every_broker_setting_reaches_the_pod(chart: Any) -> None:
         "policy": {"shadowContent": chart.values["policy"]["content"]}}
     docs = render(chart, everything)
     env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
-    expected = {f"BROKER_{name.upper()}" for name in Settings.model_fields if name not in NOT_FROM_THE_CHART}
+    # Core settings, and every installed plugin's own (the settings model its package declares).
+    plugin_models = installed_settings_models()
+    assert {m.__name__ for m in plugin_models} >= {"AwsSettings", "GitHubSettings", "VaultSettings"}
+    fields = set(Settings.model_fields) | {name for model in plugin_models for name in model.model_fields}
+    expected = {f"BROKER_{name.upper()}" for name in fields if name not in NOT_FROM_THE_CHART}
     assert expected - env == set()
     assert_secrets_referenced(docs)
 

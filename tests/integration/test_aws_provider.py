@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError
 from broker.config import Settings
 from broker.errors import Denied, Forbidden, InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.lifecycle import sweeper
+from broker.plugins import PluginContext
 from broker.providers.aws import (
     INLINE_POLICY_MAX_CHARS,
     REVOCATION_POLICY_NAME,
@@ -34,6 +35,7 @@ from broker.providers.aws import (
     source_identity_for,
     tag_value_for,
 )
+from broker.providers.aws.settings import AwsSettings
 from broker.providers.base import Grant, Minted, RevokeTarget, TtlBounds, fingerprint
 from tests.support.aws_moto import (
     DUMMY_SECRET_ACCESS_KEY,
@@ -58,9 +60,15 @@ def settings_for(endpoint: str, **overrides: Any) -> Settings:
     return Settings(**(values | overrides))
 
 
+def aws_provider(settings: Settings, session: Any = None) -> AwsProvider:
+    """The provider with its own settings (AwsSettings) read as the broker would read them."""
+    return AwsProvider(PluginContext(settings=settings).settings_for(AwsSettings),
+                       timeout_seconds=settings.provider_timeout_seconds, session=session)
+
+
 @pytest.fixture
 def provider(aws_endpoint: str) -> AwsProvider:
-    return AwsProvider(settings_for(aws_endpoint))
+    return aws_provider(settings_for(aws_endpoint))
 
 
 def make_grant(role: AwsRole, *, ttl: int = 900, options: dict | None = None, **fields: str) -> Grant:
@@ -252,7 +260,7 @@ def test_role_chaining_caps_the_max_at_one_hour(
             aws_session_token=broker_creds["session_token"],
             region_name=MOTO_REGION,
         )
-        chained = AwsProvider(settings_for(aws_endpoint), session=as_role)
+        chained = aws_provider(settings_for(aws_endpoint), session=as_role)
         assert chained.ttl_bounds(resource, {}) == TtlBounds(900, 3600)
     finally:
         iam_client.delete_role(RoleName=long_role["RoleName"])
@@ -417,7 +425,7 @@ def test_a_stale_iam_read_does_not_lose_an_earlier_revocation(
             raise ClientError({"Error": {"Code": "NoSuchEntity", "Message": "not yet visible"}}, "GetRolePolicy")
 
     session.events.register("before-call.iam.GetRolePolicy", stale)
-    provider = AwsProvider(settings_for(aws_endpoint), session=session)
+    provider = aws_provider(settings_for(aws_endpoint), session=session)
     first, second = make_grant(aws_role), make_grant(aws_role)
     m1, m2 = provider.mint(first), provider.mint(second)
     provider.revoke(target_for(first, m1))
@@ -450,7 +458,7 @@ def test_crash_recovery_handle_revokes_the_session(
 ) -> None:
     grant = make_grant(aws_role)
     provider.mint(grant)  # ...and the broker died before storing the handle
-    fresh = AwsProvider(settings_for(aws_endpoint))
+    fresh = aws_provider(settings_for(aws_endpoint))
     handle = fresh.find_by_capability(grant.capability_id, grant.resource)
     assert handle["assumed_role_id"] == f"{aws_role.role_id}:{grant.capability_id}"
     assert handle["role_arn"] == aws_role.arn and handle["session_name"] == grant.capability_id
@@ -494,7 +502,7 @@ def test_prune_drops_expired_entries_and_then_the_policy(
     assert denied_userids(revocation_doc(iam_client, aws_role)) == [f"{aws_role.role_id}:{long.capability_id}"]
 
     # After a restart the process has no memory of the role: the lease service names it.
-    restarted = AwsProvider(settings_for(aws_endpoint))
+    restarted = aws_provider(settings_for(aws_endpoint))
     assert restarted.prune_revocations(now + timedelta(days=1)) == 0
     assert restarted.prune_revocations(now + timedelta(days=1), resources=[aws_role.resource]) == 1
     assert revocation_doc(iam_client, aws_role) is None  # empty: the policy itself is gone
@@ -579,7 +587,7 @@ def test_iam_limit_exceeded_falls_back_too(aws_endpoint: str, aws_role: AwsRole,
             )
 
     session.events.register("before-call.iam.PutRolePolicy", refuse_first_put)
-    provider = AwsProvider(settings_for(aws_endpoint), session=session)
+    provider = aws_provider(settings_for(aws_endpoint), session=session)
     grant = make_grant(aws_role)
     provider.revoke(target_for(grant, provider.mint(grant)))
     assert refusals == [1]
@@ -591,7 +599,7 @@ def test_iam_limit_exceeded_falls_back_too(aws_endpoint: str, aws_role: AwsRole,
 
 
 def test_unreachable_endpoint_is_unavailable_and_leaks_nothing(provider: AwsProvider, aws_role: AwsRole) -> None:
-    dead = AwsProvider(settings_for(f"http://127.0.0.1:{free_port()}", provider_timeout_seconds=1.0))
+    dead = aws_provider(settings_for(f"http://127.0.0.1:{free_port()}", provider_timeout_seconds=1.0))
     grant = make_grant(aws_role)
     with pytest.raises(ProviderUnavailable) as on_mint:
         dead.mint(grant)
@@ -612,7 +620,7 @@ def test_unreachable_endpoint_is_unavailable_and_leaks_nothing(provider: AwsProv
 def test_no_credentials_is_misconfigured(aws_endpoint: str, aws_role: AwsRole, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    bare = AwsProvider(settings_for(aws_endpoint))
+    bare = aws_provider(settings_for(aws_endpoint))
     with pytest.raises(ProviderMisconfigured, match="no AWS credentials"):
         bare.mint(make_grant(aws_role))
     health = bare.health()
@@ -625,7 +633,7 @@ def test_no_credentials_is_misconfigured(aws_endpoint: str, aws_role: AwsRole, m
 def test_health(provider: AwsProvider) -> None:
     health = provider.health()
     assert health.ok and f":{MOTO_ACCOUNT}:" in health.detail
-    dead = AwsProvider(settings_for(f"http://127.0.0.1:{free_port()}", provider_timeout_seconds=1.0)).health()
+    dead = aws_provider(settings_for(f"http://127.0.0.1:{free_port()}", provider_timeout_seconds=1.0)).health()
     assert not dead.ok and dead.detail
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from broker.config import Settings
 from broker.permissions.base import ALLOW, DENY, UNKNOWN, PermissionQuery, SourceContext
-from broker.permissions.github import GitHubPermissionSource
+from broker.providers.github.source import GitHubPermissionSource
 from tests.support.github_standin import GitHubStandIn
 
 PERMISSION_ENDPOINT = "GET /repos/{owner}/{repo}/collaborators/{username}/permission"

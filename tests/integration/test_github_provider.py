@@ -140,12 +140,12 @@ def test_installation_and_app_jwt_are_cached(provider: GitHubProvider, gh: GitHu
 def test_jwt_is_renewed_before_it_expires(gh: GitHubStandIn) -> None:
     now = [time.time()]
     p = GitHubProvider.from_context(ProviderContext(settings=settings_for(gh)))
-    p._clock = lambda: now[0]
-    first = p._app_jwt()
+    p.client._clock = lambda: now[0]
+    first = p.client._app_jwt()
     now[0] += 470  # more than a minute left: reused
-    assert p._app_jwt() == first
+    assert p.client._app_jwt() == first
     now[0] += 20  # under a minute left: a new one
-    assert p._app_jwt() != first
+    assert p.client._app_jwt() != first
     p.close()
 
 

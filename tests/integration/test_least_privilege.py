@@ -40,7 +40,8 @@ from broker.metrics import REGISTRY
 from broker.models import Lease
 from broker.providers.base import Grant
 from broker.providers.vault import VaultProvider, broker_policy_hcl
-from broker.providers.vault_acl import narrowed_policy, shared_policy_name
+from broker.providers.vault.acl import narrowed_policy, shared_policy_name
+from broker.providers.vault.client import OpenBaoClient
 from tests.integration.test_resource_escapes import ATTACKS, PROD
 from tests.support.aws_moto import MOTO_ACCOUNT, MOTO_REGION, MotoServer, trust_policy
 from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
@@ -373,7 +374,7 @@ def test_a_crash_mid_mint_leaves_no_policy_after_the_start_reconciliation(api: A
         narrowed(policy_only), '{"path": {"secret/data/payments/api-key": {"capabilities": ["read"]}}}')
     # Died after creating the token: policy and token exist, the lease has no handle.
     token_too = plant_minting_lease(api, sid)
-    minted = VaultProvider(addr=vault_setup.server.addr, token=vault_setup.broker_token,
+    minted = VaultProvider(OpenBaoClient(addr=vault_setup.server.addr, token=vault_setup.broker_token),
                            token_role=vault_setup.token_role).mint(
         Grant(capability_id=token_too, session_id=sid, task_id="task-1", human="alice@example.com",
               agent="claude-code", resource=API_KEY, access="read", tier="read", ttl_seconds=600,

@@ -39,6 +39,7 @@ from broker.migrate import upgrade
 from broker.models import Lease, SessionRow
 from broker.providers.base import Grant
 from broker.providers.vault import VaultProvider
+from broker.providers.vault.client import OpenBaoClient
 from broker.runtime import Broker
 from tests.support.brokers import STANDARD_TIERS, BrokerSecrets, LiveServer
 from tests.support.openbao import OpenBaoServer, VaultSetup, configure_vault
@@ -178,7 +179,7 @@ def test_kill_9_then_restart_after_expiry_finishes_every_lease(
         # What the dead broker also left behind: mints cut short after and before the backend call.
         sid = session["session_id"]
         orphan_vault = plant_minting_lease(engine, sid, "vault", VAULT)
-        provider = VaultProvider(addr=vault_setup.server.addr, token=vault_setup.broker_token,
+        provider = VaultProvider(OpenBaoClient(addr=vault_setup.server.addr, token=vault_setup.broker_token),
                                  token_role=vault_setup.token_role)
         minted = provider.mint(Grant(capability_id=orphan_vault, session_id=sid, task_id="task",
                                      human="alice@example.com", agent="claude-code", resource=VAULT, access="read",
@@ -247,7 +248,7 @@ def test_teardown_during_a_mint_whose_request_died_is_found_by_capability(
         sid = session["session_id"]
         # Two requests reserved their leases; one reached OpenBao, neither came back.
         reached = plant_minting_lease(engine, sid, "vault", VAULT, age_seconds=0)
-        minted = VaultProvider(addr=vault_setup.server.addr, token=vault_setup.broker_token).mint(
+        minted = VaultProvider(OpenBaoClient(addr=vault_setup.server.addr, token=vault_setup.broker_token)).mint(
             Grant(capability_id=reached, session_id=sid, task_id="task", human="alice@example.com",
                   agent="claude-code", resource=VAULT, access="read", tier="read", ttl_seconds=600,
                   options={"policies": ["kv-allowed"]}))

@@ -323,7 +323,7 @@ def _age_leases(broker: Any, seconds: int) -> None:
 @pytest.mark.postgres
 def test_two_replicas_recheck_each_lease_once_and_revoke_only_what_was_lost(postgres_url: str, tmp_path: Path,
                                                                             gh: GitHubStandIn):
-    from broker.permissions.recheck import recheck_once
+    from broker.lifecycle.recheck import recheck_once
 
     gh.set_collaborator("acme", "widgets", "alice-gh", "write")
     gh.set_collaborator("acme", "gadgets", "alice-gh", "write")

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from broker.permissions.base import ALLOW, DENY, UNKNOWN, PermissionQuery
-from broker.permissions.openbao import OpenBaoPermissionSource, openbao_source_policy_hcl
-from broker.providers.vault import VaultProvider
-from broker.providers.vault_acl import is_shared_policy
+from broker.providers.vault.acl import is_shared_policy
+from broker.providers.vault.client import OpenBaoClient
+from broker.providers.vault.source import OpenBaoPermissionSource, openbao_source_policy_hcl
 from tests.support.brokers import STANDARD_TIERS, Api, BrokerSecrets, LiveServer, build_broker
 from tests.support.openbao import OpenBaoServer, VaultSetup
 from tests.support.ports import free_port
@@ -39,7 +39,7 @@ def bao(openbao: OpenBaoServer) -> dict[str, Any]:
 
 @pytest.fixture
 def source(openbao: OpenBaoServer, bao: dict[str, Any]) -> Iterator[OpenBaoPermissionSource]:
-    s = OpenBaoPermissionSource(VaultProvider(addr=openbao.addr, token=bao["token"], timeout=3.0))
+    s = OpenBaoPermissionSource(OpenBaoClient(addr=openbao.addr, token=bao["token"], timeout=3.0))
     yield s
     s.close()
 
@@ -85,12 +85,12 @@ def test_a_disabled_unknown_or_unmapped_entity_is_denied(source, bao):
 
 
 def test_an_openbao_that_cannot_answer_is_unknown_never_allow(openbao, bao):
-    gone = OpenBaoPermissionSource(VaultProvider(addr=f"http://127.0.0.1:{free_port()}", token="s.x" * 8, timeout=1.0))
+    gone = OpenBaoPermissionSource(OpenBaoClient(addr=f"http://127.0.0.1:{free_port()}", token="s.x" * 8, timeout=1.0))
     answer = gone.check(_query(bao["name"], f"reader-{bao['run']}"))
     assert answer.verdict == UNKNOWN and answer.evidence["error"] == "provider-unavailable"
     # A broker token that may not read the identity store: refused, so unknown (not deny, not allow).
     weak = bao["root"].auth.token.create_orphan(policies=["default"], ttl="10m")["auth"]["client_token"]
-    refused = OpenBaoPermissionSource(VaultProvider(addr=openbao.addr, token=weak, timeout=3.0))
+    refused = OpenBaoPermissionSource(OpenBaoClient(addr=openbao.addr, token=weak, timeout=3.0))
     assert refused.check(_query(bao["name"], f"reader-{bao['run']}")).verdict == UNKNOWN
     gone.close()
     refused.close()

@@ -14,7 +14,7 @@ import pytest
 from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget, fingerprint
 from broker.providers.vault import VaultProvider
-from broker.providers.vault_acl import bootstrap_token_role, is_shared_policy, narrowed_policy, shared_policy_name
+from broker.providers.vault.acl import bootstrap_token_role, is_shared_policy, narrowed_policy, shared_policy_name
 from tests.support.databases import admin_dsn
 from tests.support.openbao import OpenBaoServer, VaultDatabase, VaultSetup, configure_vault
 
@@ -280,7 +280,7 @@ def test_approle_logs_in_again_when_its_token_is_revoked(vault_setup: VaultSetup
     p = vault_setup.provider(vault_token=None, vault_role_id=vault_setup.role_id,
                              vault_secret_id=vault_setup.secret_id)
     assert p.health().ok
-    vault_setup.server.client().auth.token.revoke(p._client.token)
+    vault_setup.server.client().auth.token.revoke(p.client.hvac.token)
     minted = p.mint(grant())  # 403 -> own token dead -> login -> retry
     assert minted.credential["token"]
 
@@ -305,10 +305,10 @@ def test_approle_logs_in_again_when_renewal_hits_max_ttl(vault_setup: VaultSetup
     secret_id = root.auth.approle.generate_secret_id("jit-broker-short")["data"]["secret_id"]
     p = vault_setup.provider(vault_token=None, vault_role_id=role_id, vault_secret_id=secret_id)
     p.mint(grant())
-    first = p._client.token
+    first = p.client.hvac.token
     time.sleep(2.2)
     assert p.mint(grant()).credential["token"]
-    assert p._client.token != first
+    assert p.client.hvac.token != first
 
 
 # --- (g) a restart of the backend -------------------------------------------------------------------
@@ -464,7 +464,7 @@ def test_a_steady_state_mint_is_one_openbao_call(provider: VaultProvider, vault_
     """Ceiling cached, policy written: the token create is the only request sent to OpenBao."""
     warm = provider.mint(grant())
     sent: list[str] = []
-    session = provider._client.adapter.session
+    session = provider.client.hvac.adapter.session
     real = session.request
 
     def counting(method: str, url: str, *args: object, **kwargs: object) -> object:

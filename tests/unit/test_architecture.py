@@ -20,6 +20,8 @@ ABOVE = {
                       "broker.providers", "broker.db", "broker.models", "broker.runtime"),
     "broker.providers": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle", "broker.sessions", "broker.leases",
                          "broker.runtime"),
+    "broker.permissions": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle", "broker.sessions",
+                           "broker.leases", "broker.runtime"),
     "broker.leases": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle", "broker.sessions"),
     "broker.sessions": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle"),
     "broker.identity": ("broker.api", "broker.cli", "broker.app", "broker.lifecycle", "broker.sessions", "broker.leases"),

@@ -7,31 +7,25 @@ import json
 import logging
 import math
 import threading
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import boto3
-from botocore.config import Config
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
-    NoCredentialsError,
-    ParamValidationError,
-    PartialCredentialsError,
 )
+from pydantic_settings import BaseSettings
 
-from broker.config import Settings
-from broker.errors import Denied, Forbidden, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.errors import Denied, ProviderError, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.grammar import ResourceGrammar, RuleCheck
+from broker.providers.aws.client import AwsClient, PolicyTooLarge, client_error, error_code, is_role_session, translated
+from broker.providers.aws.grammar import GRAMMAR, own_account_check
 from broker.providers.aws.names import (
     CHAINED_MAX_DURATION,
     CLOCK_GRACE_SECONDS,
     INLINE_POLICY_MAX_CHARS,
     REVOCATION_POLICY_NAME,
-    ROLE_CACHE_SECONDS,
     STS_MIN_DURATION,
     RoleRef,
     _max_duration_option,
@@ -44,6 +38,7 @@ from broker.providers.aws.names import (
     tag_value_for,
 )
 from broker.providers.aws.revocations import RevocationPolicy
+from broker.providers.aws.settings import AwsSettings
 from broker.providers.base import (
     Grant,
     Minted,
@@ -60,105 +55,21 @@ from broker.times import rfc3339
 log = logging.getLogger("broker.providers.aws")
 
 
-# ClientError codes, sorted by whose fault they are. Anything else the backend refused is
-# ProviderRejected; any HTTP 5xx is ProviderUnavailable.
-_UNAVAILABLE = frozenset({
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-    "ServiceUnavailable", "ServiceUnavailableException", "InternalFailure", "InternalError",
-    "RequestTimeout", "RequestTimeoutException", "IDPCommunicationError",
-})
-_MISCONFIGURED = frozenset({
-    "InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException",
-    "IncompleteSignature", "MissingAuthenticationToken", "InvalidAccessKeyId", "ExpiredToken",
-    "ExpiredTokenException", "AuthFailure",
-})
-
-# --- errors at the boundary -------------------------------------------------------------------
-
-
-def _client_error(exc: ClientError, action: str) -> Exception:
-    error = exc.response.get("Error", {})
-    meta = exc.response.get("ResponseMetadata", {})
-    code = str(error.get("Code", "Unknown"))
-    # AWS's messages name ARNs and parameters, never the credentials; clamp them anyway.
-    message = f"AWS {action} failed: {code}: {str(error.get('Message', ''))[:300]}"
-    details = {"aws_error": code, "aws_request_id": meta.get("RequestId", "")}
-    if code in _UNAVAILABLE or int(meta.get("HTTPStatusCode") or 0) >= 500:
-        return ProviderUnavailable(message, **details)
-    if code in _MISCONFIGURED:
-        return ProviderMisconfigured(message + " (the broker's own AWS credentials)", **details)
-    return ProviderRejected(message, **details)
-
-
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    """botocore's errors in, the broker's out; `from None` so no request or response rides along."""
-    try:
-        yield
-    except ClientError as exc:
-        raise _client_error(exc, action) from None
-    except (NoCredentialsError, PartialCredentialsError):
-        raise ProviderMisconfigured(
-            f"AWS {action}: the broker has no AWS credentials (set AWS_* env, a profile, or a role)"
-        ) from None
-    except ParamValidationError as exc:
-        raise ProviderMisconfigured(f"AWS {action}: invalid request: {str(exc)[:300]}") from None
-    except BotoCoreError as exc:  # connection refused, timeouts, closed connections, DNS
-        raise ProviderUnavailable(f"AWS {action}: {type(exc).__name__}: {str(exc)[:300]}") from None
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-class _PolicyTooLarge(Exception):
-    """IAM's LimitExceeded on PutRolePolicy, kept apart so revoke can fall back."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 # --- the provider ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Role:
-    role_id: str
-    max_session_seconds: int
-    fetched: float
-
-
-@dataclass(frozen=True)
-class _Caller:
-    account: str
-    arn: str
-
-
-def _is_role_session(arn: str) -> bool:
-    return ":assumed-role/" in arn
 
 
 class AwsProvider(Provider):
     name: ClassVar[str] = "aws"
     searchable: ClassVar[bool] = True  # the session name is the capability id
 
-    def __init__(self, settings: Settings, *, session: boto3.session.Session | None = None) -> None:
+    grammar: ClassVar[ResourceGrammar] = GRAMMAR
+    settings_model: ClassVar[type[BaseSettings]] = AwsSettings
+
+    def __init__(self, settings: AwsSettings, *, timeout_seconds: float = 10.0,
+                 session: boto3.session.Session | None = None) -> None:
         self._settings = settings
         self._partition = _partition(settings.aws_region)
-        session = session or boto3.session.Session(region_name=settings.aws_region)
-        config = Config(
-            region_name=settings.aws_region,
-            connect_timeout=settings.provider_timeout_seconds,
-            read_timeout=settings.provider_timeout_seconds,
-            # One retry: bounded at twice the timeout. A retried AssumeRole may mint a second
-            # session under the same name; the per-name deny covers both.
-            retries={"mode": "standard", "total_max_attempts": 2},
-        )
-        self._sts = session.client("sts", endpoint_url=settings.aws_endpoint_url, config=config)
-        self._iam = session.client("iam", endpoint_url=settings.aws_endpoint_url, config=config)
-        self._roles: dict[str, _Role] = {}
-        self._caller: _Caller | None = None
+        self.client = AwsClient(settings, timeout_seconds=timeout_seconds, session=session)
         self._guard = threading.Lock()
         self._role_locks: dict[str, threading.Lock] = {}
         self._revoked_on: dict[str, RoleRef] = {}  # roles this process wrote a deny on: prune them
@@ -166,14 +77,29 @@ class AwsProvider(Provider):
 
     @classmethod
     def from_context(cls, ctx: ProviderContext) -> AwsProvider:
-        session = boto3.session.Session(region_name=ctx.settings.aws_region)
+        settings = ctx.settings_for(AwsSettings)
+        session = boto3.session.Session(region_name=settings.aws_region)
         # Refuse at start rather than at the first request: a provider that cannot sign
         # anything is misconfigured, and readiness should not probe AWS to find that out.
         if session.get_credentials() is None:
             raise ProviderMisconfigured(
                 "aws: no AWS credentials found for the broker (environment, shared config, web identity or instance role)"
             )
-        return cls(ctx.settings, session=session)
+        return cls(settings, timeout_seconds=ctx.settings.provider_timeout_seconds, session=session)
+
+    def policy_check(self) -> RuleCheck | None:
+        """Rules must be for the broker's own account: BROKER_AWS_ACCOUNT_ID, else STS (asked now).
+
+        Unknown (STS unreachable at start) leaves the request-time check alone in force, with a warning."""
+        account = self._settings.aws_account_id
+        if account is None:
+            try:
+                account = self.client.account_id()
+            except ProviderError as exc:
+                log.warning("aws: cannot learn the broker's own account at start (%s); set BROKER_AWS_ACCOUNT_ID so "
+                            "policies with rules for other accounts are refused when they load", exc.code)
+                return None
+        return own_account_check(account)
 
     # --- bounds ----------------------------------------------------------------------------
 
@@ -181,8 +107,8 @@ class AwsProvider(Provider):
         """900 s .. the role's MaxSessionDuration, capped at 1 h under role chaining and by `max_duration`."""
         ref = self._ref(resource)
         cap = _max_duration_option(options)
-        most = self._role(ref).max_session_seconds
-        if _is_role_session(self._whoami().arn):
+        most = self.client.role(ref).max_session_seconds
+        if is_role_session(self.client.whoami().arn):
             most = min(most, CHAINED_MAX_DURATION)
         if cap is not None:
             most = min(most, cap)
@@ -220,8 +146,8 @@ class AwsProvider(Provider):
         }
         if policy is not None:
             params["Policy"] = policy
-        with _translated(f"sts:AssumeRole on {ref.arn}"):
-            out = self._sts.assume_role(**params)
+        with translated(f"sts:AssumeRole on {ref.arn}"):
+            out = self.client.sts.assume_role(**params)
 
         creds = out["Credentials"]
         expires = _parse_time(creds["Expiration"])
@@ -279,7 +205,7 @@ class AwsProvider(Provider):
         if expires + timedelta(seconds=CLOCK_GRACE_SECONDS) <= now:  # expired on its own: nothing left to deny
             return Revoked(detail=f"the STS credentials expired at {rfc3339(expires)}; nothing left to deny",
                            valid_until=expires)
-        userid = handle.get("assumed_role_id") or f"{self._role(ref).role_id}:{session_name}"
+        userid = handle.get("assumed_role_id") or f"{self.client.role(ref).role_id}:{session_name}"
         issued_at = _parse_time(handle.get("issued_at")) or now + timedelta(seconds=CLOCK_GRACE_SECONDS)
         exp_s, issued_s = math.ceil(expires.timestamp()), math.ceil(issued_at.timestamp())
 
@@ -297,7 +223,7 @@ class AwsProvider(Provider):
                 policy.collapse()
             try:
                 self._store(ref, policy)
-            except _PolicyTooLarge as exc:
+            except PolicyTooLarge as exc:
                 if collapsed:
                     raise exc.error from None
                 # The role's other inline policies leave less room than this one alone needs.
@@ -341,17 +267,17 @@ class AwsProvider(Provider):
                     removed += gone
             except (ProviderRejected, ProviderUnavailable, ProviderMisconfigured) as exc:
                 log.warning("could not prune revocations on %s: %s", ref.arn, exc.message)
-            except _PolicyTooLarge as exc:
+            except PolicyTooLarge as exc:
                 log.warning("could not prune revocations on %s: %s", ref.arn, exc.error)
         return removed
 
     def _read_revocations(self, ref: RoleRef) -> RevocationPolicy:
         """The policy as IAM has it (other replicas' entries), united with this process's last write."""
-        with _translated(f"iam:GetRolePolicy on {ref.arn}"):
+        with translated(f"iam:GetRolePolicy on {ref.arn}"):
             try:
-                raw = self._iam.get_role_policy(RoleName=ref.name, PolicyName=REVOCATION_POLICY_NAME)["PolicyDocument"]
+                raw = self.client.iam.get_role_policy(RoleName=ref.name, PolicyName=REVOCATION_POLICY_NAME)["PolicyDocument"]
             except ClientError as exc:
-                if _error_code(exc) != "NoSuchEntity":
+                if error_code(exc) != "NoSuchEntity":
                     raise
                 raw = None  # no deny yet (a missing role shows on write)
         policy = RevocationPolicy.parse(json.loads(raw) if isinstance(raw, str) else raw)
@@ -360,25 +286,25 @@ class AwsProvider(Provider):
         return policy
 
     def _store(self, ref: RoleRef, policy: RevocationPolicy) -> None:
-        """Put the policy, or delete it when empty. Raises _PolicyTooLarge on IAM's LimitExceeded."""
+        """Put the policy, or delete it when empty. Raises PolicyTooLarge on IAM's LimitExceeded."""
         action = f"iam:PutRolePolicy on {ref.arn}"
-        with _translated(action):
+        with translated(action):
             try:
                 if policy.is_empty():
                     try:
-                        self._iam.delete_role_policy(RoleName=ref.name, PolicyName=REVOCATION_POLICY_NAME)
+                        self.client.iam.delete_role_policy(RoleName=ref.name, PolicyName=REVOCATION_POLICY_NAME)
                     except ClientError as exc:
-                        if _error_code(exc) != "NoSuchEntity":  # already gone is what we wanted
+                        if error_code(exc) != "NoSuchEntity":  # already gone is what we wanted
                             raise
                 else:
-                    self._iam.put_role_policy(
+                    self.client.iam.put_role_policy(
                         RoleName=ref.name, PolicyName=REVOCATION_POLICY_NAME, PolicyDocument=policy.text()
                     )
                 self._written[ref.arn] = copy.deepcopy(policy)
             except ClientError as exc:
-                if _error_code(exc) == "LimitExceeded":
-                    raise _PolicyTooLarge(_client_error(exc, action)) from None
-                if _error_code(exc) == "NoSuchEntity":
+                if error_code(exc) == "LimitExceeded":
+                    raise PolicyTooLarge(client_error(exc, action)) from None
+                if error_code(exc) == "NoSuchEntity":
                     # Not "revoked on hope": with the role deleted, a resource policy that named
                     # its unique id might still honour the session. Pending until it expires.
                     raise ProviderRejected(
@@ -405,7 +331,7 @@ class AwsProvider(Provider):
             "role_name": ref.name,
             "session_name": session_name,
             "access_key_id": None,
-            "assumed_role_id": f"{self._role(ref).role_id}:{session_name}",
+            "assumed_role_id": f"{self.client.role(ref).role_id}:{session_name}",
             "expires_at": None,
             "issued_at": None,
             "recovered": True,
@@ -414,54 +340,12 @@ class AwsProvider(Provider):
     # --- health ------------------------------------------------------------------------------
 
     def health(self) -> ProviderHealth:
-        try:
-            with _translated("sts:GetCallerIdentity"):
-                out = self._sts.get_caller_identity()
-        except Exception as exc:  # health never raises
-            return ProviderHealth(ok=False, detail=getattr(exc, "message", type(exc).__name__))
-        self._caller = _Caller(account=out["Account"], arn=out["Arn"])
-        return ProviderHealth(ok=True, detail=f"sts reachable as {out['Arn']}")
+        return self.client.health()
 
     # --- lookups -------------------------------------------------------------------------------
 
     def _ref(self, resource: str) -> RoleRef:
         return parse_role_resource(resource, self._partition)
-
-    def account_id(self) -> str:
-        """The account of the broker's own AWS identity (STS GetCallerIdentity, asked once)."""
-        return self._whoami().account
-
-    def _whoami(self) -> _Caller:
-        if self._caller is None:
-            with _translated("sts:GetCallerIdentity"):
-                out = self._sts.get_caller_identity()
-            self._caller = _Caller(account=out["Account"], arn=out["Arn"])
-        return self._caller
-
-    def _role(self, ref: RoleRef) -> _Role:
-        cached = self._roles.get(ref.arn)
-        if cached and time.monotonic() - cached.fetched < ROLE_CACHE_SECONDS:
-            return cached
-        caller = self._whoami()
-        if caller.account != ref.account:
-            # Policies with such rules are refused at load; this is the second lock. A 4xx, and the
-            # broker's own account is not named to the caller.
-            raise Forbidden(
-                f"{ref.arn} is in account {ref.account}, not the account this broker serves: it can only revoke "
-                "(PutRolePolicy) on roles of its own account, so it does not mint there",
-                code="cross-account-role",
-            )
-        with _translated(f"iam:GetRole on {ref.arn}"):
-            role = self._iam.get_role(RoleName=ref.name)["Role"]
-        if role["Arn"] != ref.arn:  # same name, other path: not the role the policy names
-            raise ProviderMisconfigured(f"role {ref.name!r} is {role['Arn']}, not {ref.arn}")
-        found = _Role(
-            role_id=role["RoleId"],
-            max_session_seconds=int(role.get("MaxSessionDuration", 3600)),
-            fetched=time.monotonic(),
-        )
-        self._roles[ref.arn] = found
-        return found
 
     def _role_lock(self, ref: RoleRef) -> threading.Lock:
         with self._guard:

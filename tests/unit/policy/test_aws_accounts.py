@@ -1,4 +1,5 @@
-"""aws rules for another account than the broker's own are refused when the policy loads."""
+"""aws rules for another account than the broker's own are refused when the policy loads (the aws
+provider's grammar and its `policy_check`, applied by the policy generically)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from broker.errors import PolicyError
 from broker.policy import PolicyStore, load_policy_text
+from broker.providers.aws.grammar import own_account_check
 
 POLICY = """\
 version: 1
@@ -29,13 +31,13 @@ def policy_for(account: str) -> str:
 
 
 def test_own_account_loads() -> None:
-    policy = load_policy_text(policy_for(OWN), aws_account=OWN)
+    policy = load_policy_text(policy_for(OWN), checks={"aws": own_account_check(OWN)})
     assert policy.match_resource(f"aws://{OWN}/role/ro") is not None
 
 
 def test_other_account_is_refused_at_its_line() -> None:
     with pytest.raises(PolicyError) as caught:
-        load_policy_text(policy_for(OTHER), aws_account=OWN)
+        load_policy_text(policy_for(OTHER), checks={"aws": own_account_check(OWN)})
     [problem] = caught.value.problems
     assert problem["line"] == 8 and problem["path"] == "resources[1].match"
     assert OTHER in problem["message"] and "own account" in problem["message"]
@@ -56,7 +58,7 @@ def test_without_a_known_account_only_the_form_is_checked() -> None:
 def test_reload_refuses_a_cross_account_rule_and_keeps_the_last_good(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(policy_for(OWN))
-    store = PolicyStore(path, aws_account=OWN)
+    store = PolicyStore(path, checks={"aws": own_account_check(OWN)})
     good = store.current.version
     path.write_text(policy_for(OTHER))
     assert store.reload() is False
@@ -68,6 +70,6 @@ def test_adopting_the_account_checks_the_policy_in_force(tmp_path: Path) -> None
     path.write_text(policy_for(OTHER))
     store = PolicyStore(path)  # account not known yet
     with pytest.raises(PolicyError) as caught:
-        store.adopt_aws_account(OWN)
+        store.adopt_checks({"aws": own_account_check(OWN)})
     assert caught.value.problems[0]["line"] == 8
-    PolicyStore(path).adopt_aws_account(OTHER)  # its own account: fine
+    PolicyStore(path).adopt_checks({"aws": own_account_check(OTHER)})  # its own account: fine

@@ -8,7 +8,7 @@ import pytest
 
 from broker.errors import InvalidRequest, ProviderMisconfigured
 from broker.policy.resources import parse_resource
-from broker.providers.vault_acl import (
+from broker.providers.vault.acl import (
     NARROWED_POLICY_GLOB,
     broker_policy_hcl,
     capability_of_policy,
@@ -85,7 +85,7 @@ def test_the_policy_file_accepts_exactly_the_narrowable_capabilities() -> None:
     import typing
 
     from broker.policy.models import Access
-    from broker.providers.vault_acl import NARROWABLE
+    from broker.providers.vault.acl import NARROWABLE
 
     (item,) = typing.get_args(typing.get_args(Access.model_fields["capabilities"].annotation)[0])
     assert typing.get_args(item) == NARROWABLE

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
 from broker.errors import Denied, ProviderMisconfigured
+from broker.grammar import ResourceGrammar
 from broker.identity.keys import KeyRing
 from broker.providers.base import (
     Grant,
@@ -28,6 +29,7 @@ class NativeProvider(Provider):
     name: ClassVar[str] = "native"
     # Signing is local: the lease service reserves, mints and activates in one transaction.
     mints_locally: ClassVar[bool] = True
+    grammar: ClassVar[ResourceGrammar] = ResourceGrammar("jwt")  # any non-empty run of segments, as written
 
     def __init__(self, keyring: KeyRing, issuer: str, broker_audience: str) -> None:
         self._keyring = keyring

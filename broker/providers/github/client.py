@@ -1,48 +1,20 @@
-"""The github provider: installation access tokens of a GitHub App, narrowed to one repository.
+"""The GitHub App client: App JWTs, installations, narrowed installation tokens, GitHub's errors.
 
-Mint (GitHub's documented flow):
-
-1. sign an App JWT (RS256 with the App's private key; `iat` 60 s in the past, `exp` 9 min
-   ahead so `exp - iat` is exactly GitHub's 10 minute maximum; `iss` the App id), reused until
-   a minute before it expires;
-2. find the installation that covers the repository (`GET /repos/{owner}/{repo}/installation`,
-   remembered per repository for a minute, so an uninstall or reinstall is noticed quickly);
-3. `POST /app/installations/{id}/access_tokens` with `repositories: [<repo>]` and exactly the
-   `permissions` of the policy's access entry. The entry must name them: without them GitHub
-   would hand out everything the installation holds, so a missing entry is a policy error;
-4. check what came back: a token broader than asked (another permission, a higher level,
-   another repository) is revoked at once and the mint fails closed.
-
-Revoke: `DELETE /installation/token`, authenticated with the token itself. GitHub offers no
-other way to revoke an installation token (no accessor, no revoke-by-id), so the lease service
-seals the token with AES-256-GCM (`Minted.revocation_secret`) and hands it back unsealed in
-`RevokeTarget.revocation_secret`. 204 is revoked; 401 means GitHub no longer knows the token
-(revoked before, or past its hour), which is the state we want, so revoking is idempotent.
-
-Limits, stated once:
-
-* A GitHub installation token always lives one hour; GitHub has no shorter TTL. The lease's own
-  `expires_at` (the policy's clamped ttl) is enforced by the broker's sweeper, which revokes
-  the token then; `Minted.expires_at` is GitHub's hour, the defence-in-depth bound.
-* No `find_by_capability`: GitHub cannot list or label installation tokens, so a token cannot
-  be found again by capability id. Crash recovery relies on the sealed token stored on the
-  lease. If the broker dies after GitHub answered and before the lease stored the sealed token,
-  that token was never shown to anyone (the agent receives it only after the lease is written)
-  and dies by itself within the hour; the `minting` lease found at start records it.
-* GitHub grants `metadata: read` to every token with repository access; it is the only
-  permission accepted in a response without having been asked for.
+Shared by the github provider (tokens for agents) and the github permission source (tokens for
+the broker's own reads): one per broker (`PluginContext.shared`), so one JWT, one installation
+cache and one connection pool. Tokens are checked after GitHub answers: one broader than asked
+(another permission, a higher level, another repository) is revoked at once and refused.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import httpx
@@ -50,26 +22,14 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
-from broker.policy.resources import resource_problem as grammar_problem
-from broker.providers.base import (
-    Grant,
-    Minted,
-    Provider,
-    ProviderContext,
-    ProviderHealth,
-    Revoked,
-    RevokeTarget,
-    TtlBounds,
-    fingerprint,
-)
-from broker.times import rfc3339
+from broker.errors import ProviderMisconfigured, ProviderRejected, ProviderUnavailable
+from broker.plugins import PluginHealth
+from broker.providers.base import fingerprint
+from broker.providers.github.settings import GitHubSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("broker.providers.github")
 
 API_VERSION = "2022-11-28"
-# GitHub's installation tokens live one hour, fixed; a lease may end earlier (sweeper revokes).
-TOKEN_LIFETIME_SECONDS = 3600
 # GitHub refuses an App JWT whose `exp` is more than 10 minutes ahead. `iat` is set 60 s in the
 # past against clock drift (GitHub's advice), `exp` 540 s ahead: exp - iat = 600, the maximum.
 JWT_BACKDATE_SECONDS = 60
@@ -82,17 +42,9 @@ INSTALLATION_CACHE_SECONDS = 60.0
 PERMISSION_LEVELS = {"read": 1, "write": 2, "admin": 3}
 IMPLICIT_PERMISSIONS = {"metadata": "read"}  # granted by GitHub to every repository token
 
-# GitHub's naming rules: owners are 1-39 alphanumerics or single hyphens; repositories 1-100
-# of alphanumerics, '.', '-', '_'. Anything else (wildcards, extra path segments) is no repository.
-_OWNER = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
-_REPO = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
-_PERMISSION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
-
-class GitHubProvider(Provider):
-    """Mints GitHub App installation tokens for one repository and the policy's permissions."""
-
-    name: ClassVar[str] = "github"
+class GitHubClient:
+    """Talks to GitHub as the broker's App."""
 
     def __init__(
         self,
@@ -126,9 +78,8 @@ class GitHubProvider(Provider):
             log.warning("BROKER_GITHUB_API_URL is not https (%s): tokens would cross the network in clear", api_url)
 
     @classmethod
-    def from_context(cls, ctx: ProviderContext) -> GitHubProvider:
+    def from_settings(cls, s: GitHubSettings, timeout_seconds: float) -> GitHubClient:
         """Build from settings; refuse at start, naming what to set, if the App is not configured."""
-        s = ctx.settings
         missing = []
         if not s.github_app_id:
             missing.append("BROKER_GITHUB_APP_ID (the App's id or client id, from its settings page)")
@@ -140,81 +91,29 @@ class GitHubProvider(Provider):
             api_url=s.github_api_url,
             app_id=str(s.github_app_id).strip(),
             private_key=_load_private_key(Path(s.github_private_key_file)),
-            timeout_seconds=s.provider_timeout_seconds,
+            timeout_seconds=timeout_seconds,
         )
 
     def close(self) -> None:
         self._http.close()
 
-    # --- Provider protocol ------------------------------------------------------------------
-
-    def ttl_bounds(self, resource: str, options: dict[str, Any]) -> TtlBounds:
-        # GitHub issues one fixed hour; anything shorter is the sweeper revoking at lease expiry.
-        return TtlBounds(min_seconds=1, max_seconds=TOKEN_LIFETIME_SECONDS)
-
-    def mint(self, grant: Grant) -> Minted:
-        owner, repo = parse_resource(grant.resource)
-        installation_id, token, body, permissions, repositories = self._narrowed_token(
-            owner, repo, requested_permissions(grant.options))
-        expires_at = _parse_time(body.get("expires_at"))
-
-        return Minted(
-            credential={
-                "type": "github_token",
-                "token": token,
-                "expires_at": body["expires_at"],
-                "repositories": repositories,
-                "permissions": permissions,
-            },
-            handle={
-                "installation_id": installation_id,
-                "repositories": repositories,
-                "permissions": permissions,
-                "expires_at": body["expires_at"],
-            },
-            expires_at=expires_at,
-            fingerprint=fingerprint(token),
-            revocation_secret=token,
-        )
-
-    def revoke(self, target: RevokeTarget) -> Revoked:
-        token = target.revocation_secret
-        if not token:
-            if target.expires_at <= datetime.now(UTC):
-                # GitHub's hour is over: the token is dead with or without us
-                return Revoked(detail=f"expired at GitHub at {rfc3339(target.expires_at)}; nothing left to revoke",
-                               valid_until=target.expires_at)
-            raise ProviderMisconfigured(
-                "github: this lease holds no sealed token, and GitHub can revoke an installation token "
-                "only when presented with it; it expires by itself at " + rfc3339(target.expires_at)
-            )
-        resp = self._send("DELETE", "/installation/token", "revoke the installation token", bearer=token)
-        if resp.status_code == 204:
-            return Revoked(detail="GitHub confirmed: DELETE /installation/token answered 204")
-        if resp.status_code == 401:
-            # GitHub no longer accepts the token (revoked before, or expired): already gone.
-            return Revoked(detail="GitHub no longer accepts the token (401): revoked before, or expired")
-        self._raise_for(resp, "revoke the installation token", secret=token)
-
-    def health(self) -> ProviderHealth:
+    def health(self) -> PluginHealth:
         try:
             resp = self._send("GET", "/app", "read the App", bearer=self._app_jwt())
             if resp.status_code != 200:
                 self._raise_for(resp, "read the App")
             app = resp.json()
-            return ProviderHealth(ok=True, detail=f"GitHub App {app.get('slug') or app.get('id')} reachable")
+            return PluginHealth(ok=True, detail=f"GitHub App {app.get('slug') or app.get('id')} reachable")
         except Exception as exc:  # health never raises: it reports
-            return ProviderHealth(ok=False, detail=getattr(exc, "message", None) or type(exc).__name__)
-
-    # --- for the broker's own reads (the github permission source) ------------------------------
+            return PluginHealth(ok=False, detail=getattr(exc, "message", None) or type(exc).__name__)
 
     def issue_installation_token(self, owner: str, repo: str, permissions: dict[str, str]) -> tuple[str, datetime]:
         """A token of the App's installation on owner/repo for the broker's own use, never handed
         out; narrowed and checked exactly like a mint. Returns (token, GitHub's expiry)."""
-        _, token, body, _, _ = self._narrowed_token(owner, repo, permissions)
-        return token, _parse_time(body.get("expires_at"))
+        _, token, body, _, _ = self.narrowed_token(owner, repo, permissions)
+        return token, parse_time(body.get("expires_at"))
 
-    def _narrowed_token(self, owner: str, repo: str, asked: dict[str, str]
+    def narrowed_token(self, owner: str, repo: str, asked: dict[str, str]
                         ) -> tuple[int, str, dict[str, Any], dict[str, str], list[str]]:
         """An installation token for exactly (owner/repo, asked), checked against what GitHub
         answered: (installation id, token, GitHub's body, permissions, repositories). A token
@@ -224,7 +123,7 @@ class GitHubProvider(Provider):
         if not isinstance(token, str) or not token:
             raise ProviderRejected("GitHub answered 201 without a token", github_status=201)
         try:
-            _parse_time(body.get("expires_at"))
+            parse_time(body.get("expires_at"))
             permissions, repositories = _check_not_broader(body, owner, repo, asked)
         except _Unacceptable as exc:
             revoked = self._revoke_quietly(token)
@@ -244,9 +143,13 @@ class GitHubProvider(Provider):
         """One GET as the given token; transport failures are ProviderUnavailable."""
         return self._send("GET", path, action, bearer=bearer)
 
-    def raise_for(self, resp: httpx.Response, action: str) -> NoReturn:
+    def raise_for(self, resp: httpx.Response, action: str, *, secret: str | None = None) -> NoReturn:
         """GitHub's unwanted answer as the broker's error (5xx and rate limits: ProviderUnavailable)."""
-        self._raise_for(resp, action)
+        self._raise_for(resp, action, secret=secret)
+
+    def send(self, method: str, path: str, action: str, *, bearer: str) -> httpx.Response:
+        """One request as the given token; transport failures are ProviderUnavailable."""
+        return self._send(method, path, action, bearer=bearer)
 
     def discard_token(self, token: str) -> bool:
         """Revoke a token the broker holds for itself; True when GitHub confirmed."""
@@ -354,37 +257,8 @@ class GitHubProvider(Provider):
         raise ProviderRejected(text, **details)
 
 
+
 # --- pure helpers -----------------------------------------------------------------------------
-
-
-def parse_resource(resource: str) -> tuple[str, str]:
-    """`github://<owner>/<repo>` -> (owner, repo); anything else is not a repository."""
-    scheme, sep, path = resource.partition("://")
-    owner, _, repo = path.partition("/")
-    if (scheme != "github" or not sep or not _OWNER.fullmatch(owner) or not _REPO.fullmatch(repo)
-            or repo in (".", "..") or grammar_problem(resource) is not None):
-        # The grammar's canonical form is what the policy allowed; anything else never reaches GitHub.
-        raise InvalidRequest(f"not a GitHub repository resource: {resource!r} (expected github://<owner>/<repo>)",
-                             code="invalid-resource")
-    return owner, repo
-
-
-def requested_permissions(options: dict[str, Any]) -> dict[str, str]:
-    """The access entry's `permissions`, checked. Required: without it GitHub grants everything."""
-    permissions = options.get("permissions")
-    if not isinstance(permissions, dict) or not permissions:
-        raise ProviderMisconfigured(
-            "github access entries must list `permissions` (e.g. {contents: read}); without them GitHub "
-            "would grant every permission the installation holds"
-        )
-    checked: dict[str, str] = {}
-    for name, level in permissions.items():
-        if not isinstance(name, str) or not _PERMISSION_NAME.match(name) or level not in PERMISSION_LEVELS:
-            raise ProviderMisconfigured(
-                f"github permission {name!r}: {level!r} is not <permission name>: read|write|admin"
-            )
-        checked[name] = level
-    return checked
 
 
 class _Unacceptable(Exception):
@@ -421,7 +295,7 @@ def _check_not_broader(
     return dict(granted), names
 
 
-def _parse_time(value: Any) -> datetime:
+def parse_time(value: Any) -> datetime:
     try:
         parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:

@@ -24,10 +24,13 @@ import re
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from pydantic_settings import BaseSettings
+
 from broker.errors import BrokerError
-from broker.permissions.base import PermissionQuery, SourceAnswer, SourceContext, SourceHealth, judge
-from broker.providers.base import ProviderContext
-from broker.providers.vault import VaultProvider
+from broker.permissions.base import PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth, judge
+from broker.providers.vault.client import OpenBaoClient
+from broker.providers.vault.provider import openbao_client
+from broker.providers.vault.settings import VaultSettings
 
 MAX_GROUPS = 100  # an entity in more groups than this is refused rather than read without end
 _GROUP_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -41,15 +44,17 @@ def openbao_source_policy_hcl(identity_mount: str = "identity") -> str:
     return "".join(f'path "{p}" {{\n  capabilities = ["read"]\n}}\n' for p in paths)
 
 
-class OpenBaoPermissionSource:
+class OpenBaoPermissionSource(PermissionSource):
+    settings_model: ClassVar[type[BaseSettings]] = VaultSettings
     name: ClassVar[str] = "openbao"
 
-    def __init__(self, client: VaultProvider) -> None:
+    def __init__(self, client: OpenBaoClient) -> None:
         self._client = client
 
     @classmethod
     def from_context(cls, ctx: SourceContext) -> OpenBaoPermissionSource:
-        return cls(VaultProvider.from_context(ProviderContext(settings=ctx.settings)))
+        # The vault provider's settings (BROKER_VAULT_*) and, when it runs too, its client.
+        return cls(openbao_client(ctx))
 
     def check(self, query: PermissionQuery) -> SourceAnswer:
         entity_name = query.identity.get("openbao_entity")
@@ -87,8 +92,7 @@ class OpenBaoPermissionSource:
                      entity_id=entity.get("id"), groups=sorted(groups), policies=sorted(policies))
 
     def health(self) -> SourceHealth:
-        status = self._client.health()
-        return SourceHealth(status.ok, status.detail)
+        return self._client.health()
 
     def close(self) -> None:
         self._client.close()

@@ -36,7 +36,7 @@ from broker.periodic import Periodic
 from broker.policy import CompiledPolicy, LivePermission
 from broker.runtime import Broker
 
-log = logging.getLogger("broker.permissions.recheck")
+log = logging.getLogger("broker.lifecycle.recheck")
 
 REASON = "human-permission-lost"
 ACTOR = "broker:permission-recheck"

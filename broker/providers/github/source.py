@@ -3,8 +3,9 @@
 Asks `GET /repos/{owner}/{repo}/collaborators/{username}/permission` (GitHub's "Get repository
 permissions for a user") with an installation token of the broker's GitHub App, narrowed to the
 one repository and `metadata: read` (the permission that endpoint needs). The App JWT and the
-token come from the github provider's own code; the token is the broker's, never handed out,
-kept until five minutes before GitHub's hour ends and revoked when the broker stops.
+token come from the App client the github provider uses too (client.py); the token is the
+broker's, never handed out, kept until five minutes before GitHub's hour ends and revoked when
+the broker stops.
 
 GitHub's answer has `permission` (the legacy base role: admin, write, read, none; maintain
 reads as write, triage as read) and `role_name` (the role really held: admin, maintain, write,
@@ -26,10 +27,13 @@ import time
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from pydantic_settings import BaseSettings
+
 from broker.errors import BrokerError, InvalidRequest
-from broker.permissions.base import PermissionQuery, SourceAnswer, SourceContext, SourceHealth, judge
-from broker.providers.base import ProviderContext
-from broker.providers.github import GitHubProvider, parse_resource
+from broker.permissions.base import PermissionQuery, PermissionSource, SourceAnswer, SourceContext, SourceHealth, judge
+from broker.providers.github.client import GitHubClient
+from broker.providers.github.provider import github_client, parse_resource
+from broker.providers.github.settings import GitHubSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,11 @@ TOKEN_MARGIN_SECONDS = 300
 _LOGIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
 
 
-class GitHubPermissionSource:
+class GitHubPermissionSource(PermissionSource):
+    settings_model: ClassVar[type[BaseSettings]] = GitHubSettings
     name: ClassVar[str] = "github"
 
-    def __init__(self, app: GitHubProvider) -> None:
+    def __init__(self, app: GitHubClient) -> None:
         self._app = app
         self._lock = threading.Lock()
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}  # (owner, repo) -> (token, reuse until, epoch s)
@@ -51,7 +56,8 @@ class GitHubPermissionSource:
     @classmethod
     def from_context(cls, ctx: SourceContext) -> GitHubPermissionSource:
         # The same App settings as the github provider (BROKER_GITHUB_*); refused at start if missing.
-        return cls(GitHubProvider.from_context(ProviderContext(settings=ctx.settings)))
+        # The App client the github provider uses too (BROKER_GITHUB_*); refused at start if missing.
+        return cls(github_client(ctx))
 
     def check(self, query: PermissionQuery) -> SourceAnswer:
         try:
@@ -93,8 +99,7 @@ class GitHubPermissionSource:
                      login=login, login_from=via, repository=f"{owner}/{repo}", permission=permission, role_name=role)
 
     def health(self) -> SourceHealth:
-        status = self._app.health()
-        return SourceHealth(status.ok, status.detail)
+        return self._app.health()
 
     def close(self) -> None:
         with self._lock:
