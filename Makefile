@@ -71,7 +71,7 @@ soak: install-test
 	$(BIN)/python bench/soak.py --write BENCHMARKS.md --json bench/results/soak.json $(SOAK_ARGS)
 
 openapi: install
-	$(BIN)/python -m broker.api.openapi > openapi.yaml
+	$(BIN)/python -m broker.openapi > openapi.yaml
 
 clean:
 	rm -rf $(VENV) .broker .pytest_cache $(OIDC_PROVIDER)/node_modules

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.audit.note import AuditWitness
 from broker.errors import ConfigError
 from broker.identity.oidc import OidcConfig, is_loopback, parse_orchestrator_clients
 from broker.identity.principals import canonical_human, principal_problem
@@ -24,19 +25,6 @@ from broker.identity.workload import TrustedIssuer, parse_trusted_issuers
 ASCII_BLANKS = " \t\r\n"
 RECEIVER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RECEIVER_FIELDS = {"name", "url", "audience"}
-
-
-@dataclass(frozen=True)
-class AuditWitness:
-    """A C2SP tlog-witness the broker submits its checkpoints to (docs/audit.md)."""
-
-    url: str  # the submission prefix: the broker POSTs <url>/add-checkpoint
-    vkey: str  # its cosignature/v1 verifier key, <name>+<hex key id>+<base64 key>
-
-    @property
-    def label(self) -> str:
-        """<name>+<hex key id>: names the witness in tables, metrics, logs and the audit."""
-        return "+".join(self.vkey.split("+", 2)[:2])
 
 
 @dataclass(frozen=True)

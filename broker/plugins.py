@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic_settings import BaseSettings
 
 from broker.errors import BrokerError, ConfigError
-from broker.grammar import ResourceGrammar, RuleCheck
+from broker.grammar import PROVIDERS, ResourceGrammar, RuleCheck
 
 if TYPE_CHECKING:
     from broker.config import Settings
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.plugins")
 
-PROVIDERS = "jit_broker.providers"
 PERMISSION_SOURCES = "jit_broker.permission_sources"
 
 P = TypeVar("P", bound="Plugin")
@@ -148,28 +147,6 @@ def build(group: str, base: type, names: Iterable[str], ctx: PluginContext,
 
 
 _KIND = {PROVIDERS: "provider", PERMISSION_SOURCES: "permission source"}
-_grammars: dict[str, ResourceGrammar] | None = None  # provider name -> grammar
-_grammars_lock = threading.Lock()
-
-
-def grammars() -> dict[str, ResourceGrammar]:
-    """The resource grammar of every installed provider, by provider name (loaded once; see
-    `refresh_grammars`). A provider that cannot even be imported is left out, with a warning."""
-    global _grammars
-    with _grammars_lock:
-        if _grammars is None:
-            found: dict[str, ResourceGrammar] = {}
-            for ep in entry_points(group=PROVIDERS):
-                try:
-                    target = ep.load()
-                except ImportError as exc:
-                    log.warning("provider %s cannot be imported (%s); its resources take the generic grammar",
-                                ep.name, exc)
-                    continue
-                if isinstance(target, type) and issubclass(target, Plugin) and target.grammar is not None:
-                    found[ep.name] = target.grammar
-            _grammars = found
-        return _grammars
 
 
 def installed_settings_models() -> list[type[BaseSettings]]:
@@ -182,11 +159,3 @@ def installed_settings_models() -> list[type[BaseSettings]]:
                     and target.settings_model not in models:
                 models.append(target.settings_model)
     return models
-
-
-def refresh_grammars() -> None:
-    """Forget the grammars read so far: the next parse reads the installed providers again
-    (the broker does this as it starts, so a provider installed since is seen)."""
-    global _grammars
-    with _grammars_lock:
-        _grammars = None

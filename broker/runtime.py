@@ -21,12 +21,13 @@ from sqlalchemy.engine import Engine
 from broker import crypto
 from broker.config import Settings
 from broker.db import make_engine
+from broker.grammar import refresh_grammars
 from broker.identity.keys import KeyRing
 from broker.identity.oidc import OidcVerifier
 from broker.identity.workload import WorkloadVerifier
 from broker.permissions.budget import LiveCheckBudget
 from broker.permissions.registry import LivePermissions, build_sources
-from broker.plugins import PluginContext, refresh_grammars
+from broker.plugins import PluginContext
 from broker.policy import PolicyStore
 from broker.providers.base import Provider
 from broker.providers.registry import build_providers

@@ -23,20 +23,17 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from broker.audit import checkpoint as checkpoints
+from broker.audit.context import AuditContext
 from broker.audit.merkle import Frontier, leaf_hash
 from broker.db import transaction, utcnow
 from broker.models import AuditCheckpoint, AuditTree
 from broker.periodic import Periodic
 from broker.times import rfc3339_precise
-
-if TYPE_CHECKING:
-    from broker.runtime import Broker
 
 log = logging.getLogger("broker.audit.linker")
 
@@ -61,12 +58,12 @@ class LinkRound:
     drained: bool = True  # nothing eligible is left unlinked
 
 
-def origin(broker: Broker) -> str:
+def origin(broker: AuditContext) -> str:
     """The checkpoint's origin line: the broker's issuer without its scheme, and `/audit`."""
     return broker.settings.issuer.split("://", 1)[-1].rstrip("/") + "/audit"
 
 
-def link_once(broker: Broker, *, batch: int | None = None, checkpoint: bool = False,
+def link_once(broker: AuditContext, *, batch: int | None = None, checkpoint: bool = False,
               checkpoint_every: float | None = None) -> LinkRound:
     """One round: link up to `batch` eligible records; sign a checkpoint when the tree grew and
     the last checkpoint is older than `checkpoint_every` seconds, or when `checkpoint` is set."""
@@ -135,7 +132,7 @@ def _eligible(conn: Connection, postgres: bool, watermark: int | None, xmin: int
     return [(int(r[0]), str(r[1])) for r in conn.execute(text(sql + _ORDER), params).all()]
 
 
-def link_all(broker: Broker, *, checkpoint: bool = True, wait: float = 0.0) -> LinkRound:
+def link_all(broker: AuditContext, *, checkpoint: bool = True, wait: float = 0.0) -> LinkRound:
     """Link until nothing eligible is left, then sign a checkpoint. With `wait` (seconds; tests,
     tools), keep going until every record committed before the call is linked: on PostgreSQL a
     transaction still open anywhere on the server holds the watermark back until it ends."""
@@ -154,13 +151,13 @@ def link_all(broker: Broker, *, checkpoint: bool = True, wait: float = 0.0) -> L
             return result
 
 
-def _unlinked_up_to(broker: Broker, top: int) -> int:
+def _unlinked_up_to(broker: AuditContext, top: int) -> int:
     with broker.engine.connect() as conn:
         return int(conn.execute(text(_UNLINKED_ALL.replace("r.seq, r.hash", "count(*)") + " AND r.seq <= :top"),
                                 {"top": top}).scalar_one())
 
 
-def latest_checkpoint(broker: Broker) -> AuditCheckpoint | None:
+def latest_checkpoint(broker: AuditContext) -> AuditCheckpoint | None:
     with transaction(broker.engine) as db:
         return db.get(AuditCheckpoint, _max_size(db.connection()))
 
@@ -169,7 +166,7 @@ def _max_size(conn: Connection) -> int:
     return int(conn.execute(text("SELECT coalesce(max(tree_size), -1) FROM audit_checkpoints")).scalar_one())
 
 
-def linker(broker: Broker) -> Periodic:
+def linker(broker: AuditContext) -> Periodic:
     """The background loop, beside the sweeper: a round every `audit_link_interval_seconds`, and
     within a pass round after round while each found a full batch."""
 

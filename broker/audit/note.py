@@ -205,3 +205,16 @@ def check_quorum(note: str, witnesses: list[Verifier], required: int) -> QuorumR
             continue
         valid.append(label)
     return QuorumResult(len(valid) >= required, valid, problems, required)
+
+
+@dataclass(frozen=True)
+class AuditWitness:
+    """A C2SP tlog-witness the broker submits its checkpoints to (docs/audit.md)."""
+
+    url: str  # the submission prefix: the broker POSTs <url>/add-checkpoint
+    vkey: str  # its cosignature/v1 verifier key, <name>+<hex key id>+<base64 key>
+
+    @property
+    def label(self) -> str:
+        """<name>+<hex key id>: names the witness in tables, metrics, logs and the audit."""
+        return "+".join(self.vkey.split("+", 2)[:2])

@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 from sqlalchemy import text
@@ -41,17 +40,15 @@ from sqlmodel import col, select
 
 from broker.audit import note as notes
 from broker.audit import service as audit
+from broker.audit.context import AuditContext
 from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.linker import latest_checkpoint
 from broker.audit.merkle import consistency_proof
-from broker.config import AuditWitness
+from broker.audit.note import AuditWitness
 from broker.db import transaction, utcnow
 from broker.metrics import WITNESS_REFUSALS, WITNESS_SUBMISSIONS
 from broker.models import AuditCheckpoint, AuditCosignature, AuditWitnessState
 from broker.periodic import Periodic
-
-if TYPE_CHECKING:
-    from broker.runtime import Broker
 
 log = logging.getLogger("broker.audit.witness")
 
@@ -86,7 +83,7 @@ def body(old: int, proof: list[bytes], checkpoint_note: str) -> bytes:
     return ("\n".join(lines) + "\n\n" + checkpoint_note).encode()
 
 
-def submit_newest(broker: Broker, client: httpx.Client | None = None) -> list[Submission]:
+def submit_newest(broker: AuditContext, client: httpx.Client | None = None) -> list[Submission]:
     """One round: the newest checkpoint to every configured witness that has not cosigned it."""
     witnesses = broker.settings.audit_witness_list()
     if not witnesses:
@@ -114,7 +111,7 @@ def submit_newest(broker: Broker, client: httpx.Client | None = None) -> list[Su
                 lock_conn.commit()
 
 
-def submit(broker: Broker, witness: AuditWitness, cp: AuditCheckpoint, client: httpx.Client) -> Submission:
+def submit(broker: AuditContext, witness: AuditWitness, cp: AuditCheckpoint, client: httpx.Client) -> Submission:
     label = witness.label
     with transaction(broker.engine) as db:
         state = db.get(AuditWitnessState, label)
@@ -165,7 +162,7 @@ def submit(broker: Broker, witness: AuditWitness, cp: AuditCheckpoint, client: h
     raise AssertionError("unreachable: the second 409 returns")  # pragma: no cover
 
 
-def _proof(broker: Broker, old: int, size: int) -> list[bytes]:
+def _proof(broker: AuditContext, old: int, size: int) -> list[bytes]:
     if old == 0 or old == size:
         return []
     with transaction(broker.engine) as db:
@@ -185,7 +182,7 @@ def _size(response: httpx.Response) -> int | None:
     return int(line[:-1])
 
 
-def _cosigned(broker: Broker, witness: AuditWitness, verifier: notes.Verifier, cp: AuditCheckpoint,
+def _cosigned(broker: AuditContext, witness: AuditWitness, verifier: notes.Verifier, cp: AuditCheckpoint,
               answer: str) -> Submission:
     label = witness.label
     note_text, _ = notes.split(cp.note)
@@ -223,7 +220,7 @@ def _cosigned(broker: Broker, witness: AuditWitness, verifier: notes.Verifier, c
     return Submission(label, cp.tree_size, "cosigned")
 
 
-def _refused(broker: Broker, witness: AuditWitness, cp: AuditCheckpoint, reason: str, problem: str, *,
+def _refused(broker: AuditContext, witness: AuditWitness, cp: AuditCheckpoint, reason: str, problem: str, *,
              status: int | None = None, witness_size: int | None = None) -> Submission:
     label = witness.label
     now = utcnow()
@@ -251,7 +248,7 @@ def _valid(checkpoint_note: str, line: str, verifier: notes.Verifier) -> bool:
     return True
 
 
-def cosignatures(broker: Broker, cp: AuditCheckpoint) -> list[AuditCosignature]:
+def cosignatures(broker: AuditContext, cp: AuditCheckpoint) -> list[AuditCosignature]:
     """The stored cosignatures of one checkpoint that verify on it, by witnesses configured now
     (a row left for another tree of the same size, or by a witness since removed, is not served)."""
     verifiers = {w.label: notes.parse_vkey(w.vkey) for w in broker.settings.audit_witness_list()}
@@ -263,18 +260,18 @@ def cosignatures(broker: Broker, cp: AuditCheckpoint) -> list[AuditCosignature]:
             for r in rows if r[0] in verifiers and _valid(cp.note, r[2], verifiers[r[0]])]
 
 
-def cosigned_note(broker: Broker, cp: AuditCheckpoint) -> tuple[str, list[AuditCosignature]]:
+def cosigned_note(broker: AuditContext, cp: AuditCheckpoint) -> tuple[str, list[AuditCosignature]]:
     """The checkpoint with its witnesses' cosignature lines after the broker's signature."""
     rows = cosignatures(broker, cp)
     return cp.note + "".join(r.line + "\n" for r in rows), rows
 
 
-def states(broker: Broker) -> list[AuditWitnessState]:
+def states(broker: AuditContext) -> list[AuditWitnessState]:
     with transaction(broker.engine) as db:
         return list(db.exec(select(AuditWitnessState).order_by(col(AuditWitnessState.witness))).all())
 
 
-def witness_loop(broker: Broker) -> Periodic:
+def witness_loop(broker: AuditContext) -> Periodic:
     """The background loop, beside the linker: a round every `audit_witness_interval_seconds`."""
     return Periodic("broker-audit-witness", broker.settings.audit_witness_interval_seconds,
                     lambda: submit_newest(broker), log)

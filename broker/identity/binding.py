@@ -9,7 +9,9 @@ exchange), so no door checks less.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+from sqlalchemy.engine import Engine
 
 from broker.errors import BrokerError, IdentityProviderUnavailable
 from broker.identity.trust_audit import record_refusal
@@ -21,12 +23,22 @@ from broker.identity.workload import (
     WorkloadVerifier,
 )
 from broker.metrics import WORKLOAD_AUTH
-
-if TYPE_CHECKING:
-    from broker.runtime import Broker
+from broker.policy.store import PolicyStore
 
 
-def verify_workload(broker: Broker, token: str, *, role: str, session_id: str | None = None,
+class BindingContext(Protocol):
+    """The broker as workload checks see it (the assembled `Broker` is one), so `identity/` sits
+    below `runtime` (docs/architecture.md)."""
+
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def workload(self) -> WorkloadVerifier: ...
+    @property
+    def policies(self) -> PolicyStore: ...
+
+
+def verify_workload(broker: BindingContext, token: str, *, role: str, session_id: str | None = None,
                     agent: str | None = None) -> WorkloadIdentity:
     """Verify a workload token under the policy in force; audit a refusal (not an outage)."""
     try:
@@ -38,7 +50,7 @@ def verify_workload(broker: Broker, token: str, *, role: str, session_id: str | 
     return identity
 
 
-def refused(broker: Broker, exc: BrokerError, token: str | None, *, role: str, session_id: str | None,
+def refused(broker: BindingContext, exc: BrokerError, token: str | None, *, role: str, session_id: str | None,
             agent: str | None) -> None:
     WORKLOAD_AUTH.labels(role=role, outcome=exc.code, trust_rule="").inc()
     if isinstance(exc, IdentityProviderUnavailable):
@@ -48,7 +60,7 @@ def refused(broker: Broker, exc: BrokerError, token: str | None, *, role: str, s
                    session_id=session_id, agent=agent)
 
 
-def check_session_workload(broker: Broker, *, session_id: str, agent: str, binding: object,
+def check_session_workload(broker: BindingContext, *, session_id: str, agent: str, binding: object,
                            presented: str | None) -> WorkloadIdentity | None:
     """The agent runtime behind a session token's request: required and the bound one when the
     session is bound; verified when sent with an unbound session; None when neither."""

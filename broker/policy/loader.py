@@ -13,8 +13,7 @@ from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from broker.errors import PolicyError
-from broker.grammar import RuleCheck
-from broker.plugins import grammars
+from broker.grammar import RuleCheck, grammars
 from broker.policy import models
 from broker.policy.compiled import CompiledPolicy
 from broker.policy.models import Path as FieldPath

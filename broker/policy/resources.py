@@ -18,8 +18,8 @@ character outside the set above, non-ASCII text (and text that is not NFC), and 
 newline (every match here is anchored at the very end, `\\Z`, never `$`).
 
 Per scheme, on top of that, the scheme's own grammar: each provider package declares the scheme
-it defines (`Provider.grammar`, broker/grammar.py), and this module asks the installed plugins
-for it (broker/plugins.py), so the rules of `github://`, `aws://` ... live in their provider's
+it defines (`Provider.grammar`, broker/grammar.py), and this module asks the installed providers
+for it (`broker.grammar.grammars`), so the rules of `github://`, `aws://` ... live in their provider's
 package (docs/providers/*.md name them). A scheme no installed provider declares takes the
 generic grammar alone: `<scheme>://<segment>[/<segment>...]`, as written.
 
@@ -38,8 +38,7 @@ from functools import lru_cache
 from typing import NamedTuple, TypeVar
 
 from broker.errors import InvalidRequest
-from broker.grammar import ResourceGrammar, ResourceRefused
-from broker.plugins import grammars
+from broker.grammar import ResourceGrammar, ResourceRefused, grammars
 
 T = TypeVar("T")
 

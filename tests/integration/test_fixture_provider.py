@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from broker.errors import ConfigError
-from broker.plugins import refresh_grammars
+from broker.grammar import refresh_grammars
 from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
 
 POLICY = """\

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_openapi_yaml_matches_the_app() -> None:
-    from broker.api.openapi import render
+    from broker.openapi import render
 
-    assert (ROOT / "openapi.yaml").read_text() == render(), "run: python -m broker.api.openapi > openapi.yaml"
+    assert (ROOT / "openapi.yaml").read_text() == render(), "run: python -m broker.openapi > openapi.yaml"
 
 
 def test_production_start_names_every_missing_setting(monkeypatch: pytest.MonkeyPatch) -> None:

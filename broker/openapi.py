@@ -1,4 +1,4 @@
-"""Export the app's OpenAPI document: `python -m broker.api.openapi > openapi.yaml`."""
+"""Export the app's OpenAPI document: `python -m broker.openapi > openapi.yaml`."""
 
 from __future__ import annotations
 
