@@ -1,7 +1,7 @@
 """The tool-call gate: a Claude Code PreToolUse call -> the policy's verdict, an approval when the
 tier needs one, and an audit record for every decision.
 
-The classification is `broker.policy.evaluate.decide_tool_call` (pure). Here: the session (locked,
+The classification is `broker.policy.tool_gate.decide_tool_call` (pure). Here: the session (locked,
 so an approval is opened or used once), approvals bound to the exact call, and the audit. A
 call whose tier needs approval opens an approval like a capability request does (same table,
 `resource` = `tool://<tool name>`, `access` = the tier, `parameters` = the tool input, so the
@@ -30,7 +30,7 @@ from broker.errors import BrokerError, Forbidden, Unauthenticated
 from broker.identity.callers import Caller
 from broker.leases.service import lock_session
 from broker.models import AnySession, Approval
-from broker.policy.evaluate import decide_tool_call
+from broker.policy.tool_gate import decide_tool_call
 from broker.policy.tools import ToolCall, ToolVerdict, describe
 from broker.runtime import Broker
 
