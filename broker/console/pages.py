@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from broker.api.schemas import ApprovalDecide
 from broker.approvals import service as approvals
+from broker.approvals.approvers import session_for_approver
 from broker.approvals.signals import announce_decision
 from broker.audit import service as audit
 from broker.breakglass import service as breakglass
@@ -166,7 +167,7 @@ def timeline_page(request: Request, session_id: str, me: Person) -> Response:
         row = _session_row(broker, me, session)
     except BrokerError as exc:
         # An approver asked to decide on this session's requests reads its timeline, read-only.
-        asked = approvals.session_for_approver(broker, me, session_id) if exc.status == 404 else None
+        asked = session_for_approver(broker, me, session_id) if exc.status == 404 else None
         if asked is None:
             return render_error(request, exc.status, exc.code, exc.message)
         session, row = asked, {"session": asked, "capabilities": [], "read_only": True, "live": None,

@@ -22,6 +22,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from broker.approvals import service as approvals
+from broker.approvals.binding import Binding
 from broker.approvals.limits import ApprovalBudgetExceeded, ApprovalTooLarge
 from broker.audit.events import AgentRef, AuditEvent, DecisionRef, GrantRef, RequestRef
 from broker.audit.service import append
@@ -55,11 +56,11 @@ def hook_output(decision: str, reason: str) -> dict[str, Any]:
                                    "permissionDecisionReason": reason}}
 
 
-def _binding(session_id: str, call: ToolCall, tier: str | None) -> approvals.Binding:
+def _binding(session_id: str, call: ToolCall, tier: str | None) -> Binding:
     # Bound to the tool and its exact input: a changed command needs a new approval.
-    return approvals.Binding(session_id=session_id, resource=f"tool://{call.tool_name}", access=tier or "tool",
-                             ttl_seconds=None, tool=call.tool_name,
-                             parameters={"tool_name": call.tool_name, "tool_input": dict(call.tool_input)})
+    return Binding(session_id=session_id, resource=f"tool://{call.tool_name}", access=tier or "tool",
+                   ttl_seconds=None, tool=call.tool_name,
+                   parameters={"tool_name": call.tool_name, "tool_input": dict(call.tool_input)})
 
 
 def _approval_for(db: Session, session: AnySession, request_hash: str, now: datetime) -> Approval | None:

@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 
 from broker.approvals import grants
 from broker.approvals import service as approvals
-from broker.approvals.service import Binding
+from broker.approvals.binding import Binding
 from broker.audit.events import AuditEvent, DecisionRef, GrantRef
 from broker.audit.service import append
 from broker.breakglass import service as breakglass

@@ -35,7 +35,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from sqlmodel import col, delete, select
 
-from broker.approvals.service import effective_status
+from broker.approvals.binding import effective_status
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import BrokerError
