@@ -15,8 +15,9 @@ from broker.policy.facts import (
     SessionFacts,
     TtlBounds,
 )
+from broker.policy.fields import TIER_ORDER
 from broker.policy.loader import load_policy, load_policy_bytes, load_policy_text
-from broker.policy.models import TIER_ORDER, PolicyDocument
+from broker.policy.models import PolicyDocument
 from broker.policy.resources import canonical_pattern, canonical_resource, glob_matches, parse_resource, validate_pattern
 from broker.policy.store import PolicyStore
 

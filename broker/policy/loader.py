@@ -12,8 +12,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from broker.errors import PolicyError
 from broker.policy import models
+from broker.policy.checks import aws_account_problems, cross_check
 from broker.policy.compiled import CompiledPolicy
-from broker.policy.models import PolicyDocument, aws_account_problems, cross_check
+from broker.policy.fields import Strict
+from broker.policy.models import PolicyDocument
 
 DataPath = tuple[Any, ...]
 Lines = dict[DataPath, tuple[int, int]]  # path -> (line, column), both 1-based
@@ -23,7 +25,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_NODES = 200_000
 # Every key any policy model knows, for "did you mean" on a misspelt one.
 _FIELD_NAMES = sorted(
-    {name for obj in vars(models).values() if isinstance(obj, type) and issubclass(obj, models.Strict)
+    {name for obj in vars(models).values() if isinstance(obj, type) and issubclass(obj, Strict)
      for name in obj.model_fields}
 )
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from broker.policy.compiled import CompiledPolicy
-from broker.policy.models import TIER_ORDER
+from broker.policy.fields import TIER_ORDER
 from broker.policy.tools import CompiledToolRule, ToolCall, ToolVerdict
 
 
