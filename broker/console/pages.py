@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 
-from broker.api.schemas import ApprovalDecide
+from broker.api.schemas.approvals import ApprovalDecide
 from broker.approvals import service as approvals
 from broker.approvals.approvers import session_for_approver
 from broker.approvals.signals import announce_decision

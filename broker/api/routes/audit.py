@@ -9,16 +9,15 @@ from fastapi.responses import Response
 from pydantic import StringConstraints
 
 from broker.api.deps import AdminCaller, AnyCaller, BrokerDep
-from broker.api.schemas import (
-    SESSION_ID_PATTERN,
+from broker.api.schemas.audit import (
     AuditCheckpoint,
     AuditConsistency,
     AuditCosignatureOut,
     AuditPage,
     AuditVerification,
     AuditWitnessStatus,
-    error_responses,
 )
+from broker.api.schemas.common import error_responses
 from broker.audit import checkpoint as checkpoints
 from broker.audit import service as audit
 from broker.audit import witness as witnesses
@@ -27,6 +26,7 @@ from broker.audit.merkle import consistency_proof
 from broker.db import transaction
 from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.access import may_manage
+from broker.ids import SESSION_ID_PATTERN
 from broker.models import SessionRow
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import GrantCreate, GrantView, error_responses
+from broker.api.schemas.approvals import GrantCreate, GrantView
+from broker.api.schemas.common import error_responses
 from broker.approvals import grants
 from broker.leases.facts import bounds_lookup, session_facts
 
