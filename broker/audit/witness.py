@@ -44,6 +44,7 @@ from broker.audit import service as audit
 from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.linker import latest_checkpoint
 from broker.audit.merkle import consistency_proof
+from broker.audit.verification import leaf_hashes
 from broker.config import AuditWitness
 from broker.db import transaction, utcnow
 from broker.metrics import WITNESS_REFUSALS, WITNESS_SUBMISSIONS
@@ -169,7 +170,7 @@ def _proof(broker: Broker, old: int, size: int) -> list[bytes]:
     if old == 0 or old == size:
         return []
     with transaction(broker.engine) as db:
-        leaves = audit.leaf_hashes(db, size)
+        leaves = leaf_hashes(db, size)
     proof = consistency_proof(old, leaves)
     if len(proof) > MAX_PROOF_LINES:
         raise LookupError(f"a proof of {len(proof)} hashes is longer than tlog-witness allows")

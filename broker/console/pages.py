@@ -23,6 +23,7 @@ from broker.approvals import service as approvals
 from broker.approvals.approvers import session_for_approver
 from broker.approvals.signals import announce_decision
 from broker.audit import service as audit
+from broker.audit.verification import check_records
 from broker.breakglass import service as breakglass
 from broker.console import views
 from broker.console.browser import browser_of, check_csrf
@@ -175,7 +176,7 @@ def timeline_page(request: Request, session_id: str, me: Person) -> Response:
                                                            asked.labels or {})}
     with transaction(broker.engine) as db:
         rows = audit.query(db, session_id=session_id, limit=TIMELINE_LIMIT)
-        checks = {c.seq: c for c in audit.check_records(db, rows)}
+        checks = {c.seq: c for c in check_records(db, rows)}
     entries = [views.entry(row, checks.get(row.seq)) for row in rows]
     return render(request, "timeline.html", {
         **row,
