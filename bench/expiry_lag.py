@@ -126,7 +126,7 @@ class Poller:
 
 
 def explain_due_query(dsn: str) -> dict[str, Any]:
-    """The sweeper's query (broker/leases/revocation.py due_for_expiry), as SQL."""
+    """The sweeper's query (broker/leases/due.py due_for_expiry), as SQL."""
     sql = ("SELECT id FROM leases WHERE status = 'active' AND expires_at <= now() "
            "AND (claimed_until IS NULL OR claimed_until <= now()) ORDER BY expires_at LIMIT 500")
     with psycopg.connect(dsn, autocommit=True) as conn:

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from broker.api.answers import answer_for
 from broker.api.deps import get_caller, require_kind
 from broker.api.routes.capabilities import answer
-from broker.api.schemas import CapabilityRequest
+from broker.api.schemas.sessions import CapabilityRequest
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

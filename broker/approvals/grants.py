@@ -6,17 +6,22 @@ the tier's approvers, holding the access themselves, not the delegator unless th
 self-approval, and never a way around `min_approvals` > 1 or a denied tier. Everything else
 about the request (task scope, agent ceiling, budgets, time) is still decided when it comes;
 nothing minted under a grant outlives the grant.
+
+The request is judged as the capability path would judge it; that path's session facts and
+provider bounds are handed in by the caller (the leases package sits above this one).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
 
+from broker.approvals.approvers import approver_live
 from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append
 from broker.breakglass import service as breakglass
@@ -26,9 +31,20 @@ from broker.identity.callers import Caller
 from broker.identity.principals import same_principal
 from broker.models import JitGrant, SessionRow
 from broker.permissions import service as live_permissions
-from broker.policy import RequestFacts, approval_rule, approver_permission, evaluate, named_approver
+from broker.policy import (
+    BoundsLookup,
+    RequestFacts,
+    SessionFacts,
+    approval_rule,
+    approver_permission,
+    evaluate,
+    named_approver,
+)
 from broker.policy.resources import canonical_resource
 from broker.runtime import Broker
+
+# (transaction, the session's locked row) -> what the evaluator is told about the session
+SessionFactsOf = Callable[[Session, SessionRow], SessionFacts]
 
 
 @dataclass(frozen=True)
@@ -49,11 +65,11 @@ def view(grant: JitGrant) -> dict[str, Any]:
     }
 
 
-def create(broker: Broker, caller: Caller, ask: GrantAsk) -> dict[str, Any]:
+def create(broker: Broker, caller: Caller, ask: GrantAsk, *, session_facts: SessionFactsOf,
+           bounds: BoundsLookup) -> dict[str, Any]:
+    """`session_facts` and `bounds`: the capability path's own (`broker.leases.facts`)."""
     if caller.kind != "human":
         raise Forbidden("grants are given by humans the tier names as approvers", code="granter-must-be-human")
-    from broker.approvals.service import approver_live
-    from broker.leases.facts import bounds_lookup, session_facts  # the capability path's own facts
 
     ask = replace(ask, resource=canonical_resource(ask.resource))
     policy = broker.policies.current
@@ -68,7 +84,7 @@ def create(broker: Broker, caller: Caller, ask: GrantAsk) -> dict[str, Any]:
         if session is not None:
             facts = session_facts(db, session)
             decision = evaluate(policy, facts, RequestFacts(ask.resource, ask.access, None, now, approved=True,
-                                                            live=session_live), bounds_lookup(broker))
+                                                            live=session_live), bounds)
             rule_tier = decision.tier
         delegator = session is not None and same_principal(caller.name, session.human)
         rule = approval_rule(policy, rule_tier) if rule_tier else None

@@ -45,6 +45,7 @@ from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.linker import latest_checkpoint
 from broker.audit.merkle import consistency_proof
 from broker.audit.note import AuditWitness
+from broker.audit.verification import leaf_hashes
 from broker.db import transaction, utcnow
 from broker.metrics import WITNESS_REFUSALS, WITNESS_SUBMISSIONS
 from broker.models import AuditCheckpoint, AuditCosignature, AuditWitnessState
@@ -166,7 +167,7 @@ def _proof(broker: AuditContext, old: int, size: int) -> list[bytes]:
     if old == 0 or old == size:
         return []
     with transaction(broker.engine) as db:
-        leaves = audit.leaf_hashes(db, size)
+        leaves = leaf_hashes(db, size)
     proof = consistency_proof(old, leaves)
     if len(proof) > MAX_PROOF_LINES:
         raise LookupError(f"a proof of {len(proof)} hashes is longer than tlog-witness allows")

@@ -38,8 +38,8 @@ from broker.db import transaction, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.identity.callers import Caller
 from broker.models import Approval, ApprovalDecision, BreakGlassReview, SessionRow
+from broker.policy.approvers import named_approver
 from broker.policy.compiled import CompiledPolicy
-from broker.policy.evaluate import named_approver
 from broker.policy.models import BreakGlass
 from broker.runtime import Broker
 from broker.times import rfc3339

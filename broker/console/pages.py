@@ -18,10 +18,12 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 
-from broker.api.schemas import ApprovalDecide
+from broker.api.schemas.approvals import ApprovalDecide
 from broker.approvals import service as approvals
+from broker.approvals.approvers import session_for_approver
 from broker.approvals.signals import announce_decision
 from broker.audit import service as audit
+from broker.audit.verification import check_records
 from broker.breakglass import service as breakglass
 from broker.console import views
 from broker.console.browser import browser_of, check_csrf
@@ -166,7 +168,7 @@ def timeline_page(request: Request, session_id: str, me: Person) -> Response:
         row = _session_row(broker, me, session)
     except BrokerError as exc:
         # An approver asked to decide on this session's requests reads its timeline, read-only.
-        asked = approvals.session_for_approver(broker, me, session_id) if exc.status == 404 else None
+        asked = session_for_approver(broker, me, session_id) if exc.status == 404 else None
         if asked is None:
             return render_error(request, exc.status, exc.code, exc.message)
         session, row = asked, {"session": asked, "capabilities": [], "read_only": True, "live": None,
@@ -174,7 +176,7 @@ def timeline_page(request: Request, session_id: str, me: Person) -> Response:
                                                            asked.labels or {})}
     with transaction(broker.engine) as db:
         rows = audit.query(db, session_id=session_id, limit=TIMELINE_LIMIT)
-        checks = {c.seq: c for c in audit.check_records(db, rows)}
+        checks = {c.seq: c for c in check_records(db, rows)}
     entries = [views.entry(row, checks.get(row.seq)) for row in rows]
     return render(request, "timeline.html", {
         **row,

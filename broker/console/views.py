@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from broker.approvals.summary import binding_code, canonical_parameters, sentence
-from broker.audit.service import RecordCheck
+from broker.audit.verification import RecordCheck
 from broker.config import Settings
 from broker.display import hidden_characters
 from broker.models import AuditRecord

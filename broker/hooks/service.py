@@ -1,7 +1,7 @@
 """The tool-call gate: a Claude Code PreToolUse call -> the policy's verdict, an approval when the
 tier needs one, and an audit record for every decision.
 
-The classification is `broker.policy.evaluate.decide_tool_call` (pure). Here: the session (locked,
+The classification is `broker.policy.tool_gate.decide_tool_call` (pure). Here: the session (locked,
 so an approval is opened or used once), approvals bound to the exact call, and the audit. A
 call whose tier needs approval opens an approval like a capability request does (same table,
 `resource` = `tool://<tool name>`, `access` = the tier, `parameters` = the tool input, so the
@@ -22,6 +22,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from broker.approvals import service as approvals
+from broker.approvals.binding import Binding
 from broker.approvals.limits import ApprovalBudgetExceeded, ApprovalTooLarge
 from broker.audit.events import AgentRef, AuditEvent, DecisionRef, GrantRef, RequestRef
 from broker.audit.service import append
@@ -30,7 +31,7 @@ from broker.errors import BrokerError, Forbidden, Unauthenticated
 from broker.identity.callers import Caller
 from broker.leases.service import lock_session
 from broker.models import AnySession, Approval
-from broker.policy.evaluate import decide_tool_call
+from broker.policy.tool_gate import decide_tool_call
 from broker.policy.tools import ToolCall, ToolVerdict, describe
 from broker.runtime import Broker
 
@@ -55,11 +56,11 @@ def hook_output(decision: str, reason: str) -> dict[str, Any]:
                                    "permissionDecisionReason": reason}}
 
 
-def _binding(session_id: str, call: ToolCall, tier: str | None) -> approvals.Binding:
+def _binding(session_id: str, call: ToolCall, tier: str | None) -> Binding:
     # Bound to the tool and its exact input: a changed command needs a new approval.
-    return approvals.Binding(session_id=session_id, resource=f"tool://{call.tool_name}", access=tier or "tool",
-                             ttl_seconds=None, tool=call.tool_name,
-                             parameters={"tool_name": call.tool_name, "tool_input": dict(call.tool_input)})
+    return Binding(session_id=session_id, resource=f"tool://{call.tool_name}", access=tier or "tool",
+                   ttl_seconds=None, tool=call.tool_name,
+                   parameters={"tool_name": call.tool_name, "tool_input": dict(call.tool_input)})
 
 
 def _approval_for(db: Session, session: AnySession, request_hash: str, now: datetime) -> Approval | None:

@@ -30,15 +30,14 @@ from broker.errors import BrokerError, Conflict, ProviderError
 from broker.identity.callers import Caller
 from broker.leases import idempotency
 from broker.leases.facts import bounds_lookup, unchanging_facts
+from broker.leases.failures import record_failed_mint, revoke_unrecorded
 from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome
 from broker.leases.service import (
     activated,
     grant_for,
     minted_event,
     new_lease,
-    record_failed_mint,
     request_capability,
-    revoke_unrecorded,
 )
 from broker.leases.vocabulary import CapabilityAsk
 from broker.metrics import DECISIONS, MINTS

@@ -16,50 +16,44 @@ A lease without a handle (revoked while minting, or its minting request died) is
 the backend by capability id (`find_by_capability`, where the provider is `searchable`) and revoked
 there; if the backend does not have it, the lease ends `expired` with a reason saying so. Such
 a credential was never handed out: the handle and the response are written in one commit.
+
+Here: the claim, the outcome recorded, the audit. The provider calls are `leases.backend`'s;
+which leases are due for all this, `leases.due`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, or_
 from sqlmodel import Session, col, select
-from sqlmodel.sql.expression import SelectOfScalar
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
 from broker import security_events
 from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append, append_many
-from broker.db import advisory_lock, is_postgres, transaction, utcnow
-from broker.errors import BrokerError, ProviderMisconfigured, ProviderUnavailable
+from broker.db import is_postgres, transaction, utcnow
+from broker.errors import BrokerError
 from broker.leases import receipts
+from broker.leases.backend import Outcome, call_backend, mints_locally, revoke_target
+from broker.leases.due import claimable, mint_abandoned
 from broker.leases.receipts import RevocationReceipt
 from broker.leases.vocabulary import LIVE, LeaseStatus
 from broker.metrics import REVOKE_SECONDS, REVOKES, observe_expiry
 from broker.models import Lease, SessionRow
-from broker.providers.base import Provider, Revoked, RevokeTarget
+from broker.providers.base import Revoked
 from broker.runtime import Broker
 from broker.times import rfc3339
 
 log = logging.getLogger("broker.revocation")
-T = TypeVar("T")
 
 MAX_BACKOFF_SECONDS = 300
 # Backend revocations in flight at once (network-bound), and leases recorded per transaction.
 REVOKE_CONCURRENCY = 8
 RECORD_CHUNK = 200
-# The in-process retry around one backend call: a blip, not an outage (that is next_attempt_at's).
-BLIP_ATTEMPTS = 3
-BLIP_WAIT_INITIAL_SECONDS = 0.1
-BLIP_WAIT_MAX_SECONDS = 1.0
-BLIP_JITTER_SECONDS = 0.1
 
 
 @dataclass
@@ -90,35 +84,6 @@ def backoff_seconds(attempt: int) -> float:
 
 def final_status(reason: str) -> LeaseStatus:
     return LeaseStatus.EXPIRED if reason == "expired" else LeaseStatus.REVOKED
-
-
-def claimable(now: datetime) -> ColumnElement[bool]:
-    """No replica holds the lease, or its claim has lapsed."""
-    return or_(col(Lease.claimed_until).is_(None), col(Lease.claimed_until) <= now)
-
-
-def mint_abandoned(lease: Lease, broker: Broker, now: datetime) -> bool:
-    """A `minting` lease older than a claim: the request that reserved it is presumed dead.
-
-    If it is merely slow, nothing is lost: activation re-reads the lease under its row lock,
-    finds it no longer `minting`, and revokes what it minted instead of handing it out.
-    """
-    return lease.status == LeaseStatus.MINTING and lease.created_at <= now - timedelta(seconds=broker.settings.claim_seconds)
-
-
-def backend_call(fn: Callable[[], T], what: str) -> T:
-    """One backend call, retried briefly when the backend is unavailable (never when it refuses)."""
-    retrying = Retrying(
-        retry=retry_if_exception_type(ProviderUnavailable),
-        stop=stop_after_attempt(BLIP_ATTEMPTS),
-        # 0.1 s, 0.2 s ... plus jitter (spelled out: wait_exponential_jitter renamed its knobs in 9.x)
-        wait=wait_exponential(multiplier=BLIP_WAIT_INITIAL_SECONDS, max=BLIP_WAIT_MAX_SECONDS)
-        + wait_random(0, BLIP_JITTER_SECONDS),
-        reraise=True,
-        before_sleep=lambda state: log.info("%s: backend unavailable (attempt %d), retrying", what,
-                                            state.attempt_number),
-    )
-    return retrying(fn)
 
 
 def _revoke_event(session: SessionRow | None, lease: Lease, type_: str, outcome: str, actor: str,
@@ -211,7 +176,7 @@ def revoke_leases(
             if lease.status == LeaseStatus.MINTING and mint_abandoned(lease, broker, now):
                 # The request that reserved it is gone: look for what it may have minted.
                 why = (lease.revoke_reason or (reason if reason != "retry" else "mint-abandoned"))[:128]
-                if _mints_locally(broker, lease.provider):
+                if mints_locally(broker, lease.provider):
                     # Minted and activated in one transaction: a lease still `minting` issued nothing.
                     summary.receipts[lease.id] = finish_revocation(
                         db, lease, session, why, actor, now, detail={"note": "minting request died"}, batch=events,
@@ -238,10 +203,10 @@ def revoke_leases(
                                             {"note": "revoked while minting", "receipt": receipt.record()}))
                 summary.pending.append(lease.id)
                 summary.receipts[lease.id] = receipt
-            elif _mints_locally(broker, lease.provider):
+            elif mints_locally(broker, lease.provider):
                 with REVOKE_SECONDS.labels(lease.provider).time():  # nothing to call: the row is the credential
                     # The provider only says what the mark amounts to (native: offline verifiers until exp).
-                    result = broker.provider(lease.provider).revoke(_target(lease, lease.handle or {}, None))
+                    result = broker.provider(lease.provider).revoke(revoke_target(lease, lease.handle or {}, None))
                     summary.receipts[lease.id] = finish_revocation(db, lease, session, why, actor, now, batch=events,
                                                                    result=result)
                 security_events.capability_revoked(db, broker, session, lease, reason=why, actor=actor, now=now)
@@ -267,79 +232,14 @@ def _revoke_claimed(broker: Broker, claimed: list[tuple[Lease, SessionRow | None
     summary = RevokeSummary()
     width = min(REVOKE_CONCURRENCY, len(claimed))
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="revoke") as pool:
-        outcomes = list(pool.map(lambda item: _call_backend(broker, item[0]), claimed))
+        outcomes = list(pool.map(lambda item: call_backend(broker, item[0]), claimed))
     for start in range(0, len(claimed), RECORD_CHUNK):
         chunk = list(zip(claimed[start:start + RECORD_CHUNK], outcomes[start:start + RECORD_CHUNK], strict=True))
         summary.merge(_record_outcomes(broker, chunk, actor))
     return summary
 
 
-def _mints_locally(broker: Broker, provider_name: str) -> bool:
-    """Nothing outside the broker to tell (native): the lease status is the revocation."""
-    try:
-        return broker.provider(provider_name).mints_locally
-    except ProviderMisconfigured:
-        return False  # not built: the backend path fails, and the lease stays visible
-
-
-def _natural_expiry(broker: Broker, provider: Provider | None, lease: Lease, searchable: bool) -> datetime:
-    """When a credential we cannot see would die on its own."""
-    known = lease.backend_expires_at or lease.expires_at
-    if searchable or provider is None:
-        return max(known, lease.expires_at)
-    try:  # unsearchable backends (GitHub's fixed hour): their own upper bound from the mint's start
-        bound = provider.ttl_bounds(lease.resource, {}).max_seconds
-    except Exception:
-        return max(known, lease.expires_at)
-    slack = timedelta(seconds=broker.settings.provider_timeout_seconds)
-    return max(known, lease.expires_at, lease.created_at + timedelta(seconds=bound) + slack)
-
-
-def _target(lease: Lease, handle: dict[str, Any], secret: str | None) -> RevokeTarget:
-    return RevokeTarget(
-        capability_id=lease.id, session_id=lease.session_id, resource=lease.resource, access=lease.access,
-        handle=handle, expires_at=lease.backend_expires_at or lease.expires_at, revocation_secret=secret,
-    )
-
-
-def _serialised(broker: Broker, provider: Provider, resource: str) -> AbstractContextManager[None]:
-    """Backends whose revocation is read-modify-write of shared state (AWS: one deny policy per
-    role) name a lock key; replicas take it in turn so no revocation overwrites another."""
-    key = provider.revocation_lock_key(resource)
-    return advisory_lock(broker.engine, key) if key is not None else nullcontext()
-
-
-@dataclass
-class _Outcome:
-    error: Exception | None = None
-    found: dict[str, Any] | None = None  # a handle found at the backend for a handle-less lease
-    missing: tuple[datetime, bool] | None = None  # (natural expiry, searchable): nothing to revoke
-    result: Revoked | None = None  # what the provider said it achieved
-
-
-def _call_backend(broker: Broker, lease: Lease) -> _Outcome:
-    outcome = _Outcome()
-    try:
-        provider = broker.provider(lease.provider)
-        handle = lease.handle or None
-        if handle is None and not lease.sealed_secret:
-            if provider.searchable:
-                found = backend_call(lambda: provider.find_by_capability(lease.id, lease.resource), f"find {lease.id}")
-                outcome.found = dict(found) if found else None
-            if outcome.found is None:
-                outcome.missing = (_natural_expiry(broker, provider, lease, provider.searchable), provider.searchable)
-            handle = outcome.found
-        if handle is not None or lease.sealed_secret:
-            secret = broker.sealer.unseal(lease.sealed_secret, lease.id) if lease.sealed_secret else None
-            target = _target(lease, handle or {}, secret)
-            with _serialised(broker, provider, lease.resource), REVOKE_SECONDS.labels(lease.provider).time():
-                outcome.result = backend_call(lambda: provider.revoke(target), f"revoke {lease.id}")
-    except Exception as exc:  # every failure, translated or not, keeps the lease visible
-        outcome.error = exc
-    return outcome
-
-
-def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow | None, str], _Outcome]],
+def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow | None, str], Outcome]],
                      actor: str) -> RevokeSummary:
     """What the backends said, in one transaction: never marked revoked unless confirmed."""
     summary = RevokeSummary()
@@ -391,70 +291,3 @@ def _record_outcomes(broker: Broker, chunk: list[tuple[tuple[Lease, SessionRow |
         append_many(db, events, now=now)
     return summary
 
-
-def recently_revoked_resources(broker: Broker, provider: str, since: datetime, until: datetime) -> list[str]:
-    """Resources of `provider`'s revoked leases whose credentials expired in [since, until]:
-    where revocation state (AWS deny entries) may be left to prune, even after a restart."""
-    with transaction(broker.engine) as db:
-        return sorted(set(db.exec(
-            select(Lease.resource).where(Lease.status == LeaseStatus.REVOKED, Lease.provider == provider,
-                                         Lease.expires_at >= since, Lease.expires_at <= until)
-        ).all()))
-
-
-def ended_among(broker: Broker, provider: str, capability_ids: Sequence[str]) -> list[str]:
-    """Those of `capability_ids` whose lease of `provider` has ended (revoked, expired, failed):
-    their per-capability backend state may go. Unknown ids are not returned: what this broker
-    did not mint it does not remove."""
-    ended: list[str] = []
-    wanted = sorted(set(capability_ids))
-    for start in range(0, len(wanted), RECORD_CHUNK):
-        chunk = wanted[start:start + RECORD_CHUNK]
-        with transaction(broker.engine) as db:
-            ended += db.exec(select(Lease.id).where(col(Lease.id).in_(chunk), Lease.provider == provider,
-                                                    col(Lease.status).not_in(LIVE))).all()
-    return sorted(ended)
-
-
-def live_handles(broker: Broker, provider: str) -> list[dict[str, Any]]:
-    """The backend handles of `provider`'s live leases (a `minting` lease has none yet)."""
-    with transaction(broker.engine) as db:
-        rows = db.exec(select(Lease.handle).where(Lease.provider == provider, col(Lease.status).in_(LIVE))).all()
-    return [dict(h) for h in rows if h]
-
-
-def _ids(broker: Broker, stmt: SelectOfScalar[str]) -> list[str]:
-    with transaction(broker.engine) as db:
-        return list(db.exec(stmt).all())
-
-
-def due_for_expiry(broker: Broker, now: datetime, limit: int) -> list[str]:
-    return _ids(broker, select(Lease.id)
-                .where(Lease.status == LeaseStatus.ACTIVE, col(Lease.expires_at) <= now, claimable(now))
-                .order_by(col(Lease.expires_at)).limit(limit))
-
-
-def pending_retries(broker: Broker, now: datetime, limit: int) -> list[str]:
-    """revoke_pending leases whose backoff has passed."""
-    return _ids(broker, select(Lease.id)
-                .where(Lease.status == LeaseStatus.REVOKE_PENDING, col(Lease.next_attempt_at) <= now, claimable(now))
-                .order_by(col(Lease.next_attempt_at)).limit(limit))
-
-
-def lapsed_claims(broker: Broker, now: datetime, limit: int) -> list[str]:
-    """Active leases a dead replica had claimed for revocation."""
-    return _ids(broker, select(Lease.id)
-                .where(Lease.status == LeaseStatus.ACTIVE, col(Lease.claimed_until) <= now).limit(limit))
-
-
-def abandoned_mints(broker: Broker, now: datetime, limit: int) -> list[str]:
-    """`minting` leases older than a claim: the request that reserved them is presumed dead."""
-    cutoff = now - timedelta(seconds=broker.settings.claim_seconds)
-    return _ids(broker, select(Lease.id)
-                .where(Lease.status == LeaseStatus.MINTING, col(Lease.created_at) <= cutoff, claimable(now))
-                .order_by(col(Lease.created_at)).limit(limit))
-
-
-def due_for_retry(broker: Broker, now: datetime, limit: int) -> list[str]:
-    """What the sweeper retries every pass: pending revocations, lapsed claims, abandoned mints."""
-    return pending_retries(broker, now, limit) + lapsed_claims(broker, now, limit) + abandoned_mints(broker, now, limit)

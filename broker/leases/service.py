@@ -3,7 +3,7 @@
 The order is what makes crashes safe. The lease row (`minting`) commits before the backend
 is called, so a crash in between leaves a row the reconciler finds. Activation, the audit
 record and the idempotent outcome commit in one transaction; if that fails, the credential
-just minted is revoked at once (fail closed), never handed out unrecorded.
+just minted is revoked at once (fail closed), never handed out unrecorded (`leases.failures`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 
 from broker.approvals import grants
 from broker.approvals import service as approvals
-from broker.approvals.service import Binding
+from broker.approvals.binding import Binding
 from broker.audit.events import AuditEvent, DecisionRef, GrantRef
 from broker.audit.service import append
 from broker.breakglass import service as breakglass
@@ -34,8 +34,8 @@ from broker.errors import (
 from broker.identity.callers import Caller
 from broker.leases import deviation, idempotency, records
 from broker.leases.facts import bounds_lookup, session_facts
+from broker.leases.failures import record_failed_mint, revoke_unrecorded
 from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
-from broker.leases.revocation import finish_revocation
 from broker.leases.vocabulary import CapabilityAsk, LeaseStatus, new_capability_id
 from broker.metrics import DECISIONS, MINTS
 from broker.models import Approval, JitGrant, Lease, NewLease, SessionRow, SessionSnapshot
@@ -49,7 +49,7 @@ from broker.policy import (
     evaluate_with_shadow,
 )
 from broker.policy.resources import canonical_resource
-from broker.providers.base import Grant, Minted, Provider, RevokeTarget
+from broker.providers.base import Grant, Minted
 from broker.runtime import Broker
 from broker.times import rfc3339
 
@@ -359,44 +359,3 @@ def _mint(
     except BaseException:
         revoke_unrecorded(broker, provider, grant, minted)
         raise
-
-
-def record_failed_mint(broker: Broker, session: SessionSnapshot, ask: CapabilityAsk, grant: Grant, provider_name: str,
-                       record: DecisionRef, idem_key: str | None, failure: BrokerError) -> None:
-    """The backend refused or failed: the `minting` lease fails, with its record (and, for a
-    refusal, the key's stored answer)."""
-    with transaction(broker.engine) as db:
-        lease = db.get(Lease, grant.capability_id, with_for_update=True)
-        assert lease is not None
-        lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, failure.code, utcnow()
-        db.add(lease)
-        if failure.status < 500:
-            idempotency.finish(db, broker, idempotency.reload(db, session.id, idem_key), failure)
-        append(db, records.mint_failed_event(session, ask, grant, provider_name, record, failure))
-
-
-def revoke_unrecorded(broker: Broker, provider: Provider, grant: Grant, minted: Minted) -> None:
-    """The credential exists but its activation did not commit: kill it before anyone uses it."""
-    target = RevokeTarget(
-        capability_id=grant.capability_id, session_id=grant.session_id, resource=grant.resource,
-        access=grant.access, handle=minted.handle, expires_at=minted.expires_at,
-        revocation_secret=minted.revocation_secret,
-    )
-    try:
-        result = provider.revoke(target)
-    except Exception:
-        log.exception("revoking an unrecorded credential for %s failed; the reconciler will retry", grant.capability_id)
-        return
-    try:
-        with transaction(broker.engine) as db:
-            lease = db.get(Lease, grant.capability_id, with_for_update=True)
-            if lease is not None and lease.status == LeaseStatus.MINTING:
-                lease.status, lease.status_reason, lease.ended_at = LeaseStatus.FAILED, "activation-failed", utcnow()
-                db.add(lease)
-            elif lease is not None and lease.status == LeaseStatus.REVOKE_PENDING and lease.handle is None:
-                # Revoked (teardown) while minting: now it really is.
-                lease.handle, lease.fingerprint = minted.handle, minted.fingerprint
-                session = db.get(SessionRow, lease.session_id)
-                finish_revocation(db, lease, session, lease.revoke_reason or "revoked", "broker", utcnow(), result=result)
-    except Exception:
-        log.exception("could not mark %s failed; the reconciler will", grant.capability_id)

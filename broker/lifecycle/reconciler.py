@@ -37,15 +37,8 @@ from datetime import datetime, timedelta
 from sqlmodel import col, select
 
 from broker.db import transaction, utcnow
-from broker.leases.revocation import (
-    RevokeSummary,
-    abandoned_mints,
-    claimable,
-    due_for_expiry,
-    ended_among,
-    pending_retries,
-    revoke_leases,
-)
+from broker.leases.due import abandoned_mints, claimable, due_for_expiry, ended_among, pending_retries
+from broker.leases.revocation import RevokeSummary, revoke_leases
 from broker.leases.vocabulary import LeaseStatus
 from broker.metrics import LEFTOVERS, RECONCILED
 from broker.models import Lease, SessionRow

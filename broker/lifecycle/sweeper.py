@@ -14,14 +14,8 @@ from datetime import datetime, timedelta
 
 from broker.breakglass import service as breakglass
 from broker.db import utcnow
-from broker.leases.revocation import (
-    RevokeSummary,
-    due_for_expiry,
-    due_for_retry,
-    live_handles,
-    recently_revoked_resources,
-    revoke_leases,
-)
+from broker.leases.due import due_for_expiry, due_for_retry, live_handles, recently_revoked_resources
+from broker.leases.revocation import RevokeSummary, revoke_leases
 from broker.lifecycle.keys import prune_expired_keys
 from broker.lifecycle.reconciler import Every, reconcile_periodic, release_leftovers
 from broker.metrics import SWEEP_LAST, SWEEP_SECONDS

@@ -1,6 +1,6 @@
 """Authorization code + PKCE for MCP clients: the request, the person's consent, the code, the refresh.
 
-The story, top to bottom (docs/mcp.md draws it):
+The story, top to bottom (docs/mcp.md draws it); steps 1 and 2 are here, 3 and 4 in `tokens`:
 
 1. `GET /v1/oauth/authorize` (`start`): the client is identified (pre-registered or CIMD) and
    its redirect URI checked; until both hold, errors are shown, never redirected (RFC 6749
@@ -24,8 +24,6 @@ token it minted and makes its refresh tokens useless.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from sqlmodel import col, delete, select
 
-from broker.approvals.service import effective_status
+from broker.approvals.binding import effective_status
 from broker.audit.service import append
 from broker.db import transaction, utcnow
 from broker.errors import BrokerError
@@ -43,29 +41,20 @@ from broker.identity.callers import Caller
 from broker.leases.outcomes import PendingApproval
 from broker.leases.revocation import revoke_leases
 from broker.leases.service import request_capability
-from broker.leases.vocabulary import CapabilityAsk
-from broker.models import Approval, Lease, OAuthAuthorization, OAuthRefreshToken, SessionRow
-from broker.oauth.clients import ClientDirectory, OAuthClient
-from broker.oauth.errors import OAuthError, from_broker_error
+from broker.models import Approval, OAuthAuthorization, SessionRow
+from broker.oauth.clients import ClientDirectory
+from broker.oauth.errors import OAuthError
 from broker.oauth.form import one
-from broker.oauth.revoke import find_capability
-from broker.policy import CompiledPolicy, canonical_resource
-from broker.policy.compiled import tier_rank
+from broker.oauth.tokens import capability_ask, end_session
+from broker.oauth.vocabulary import choose_access, client_label, digest, issuer, one_resource
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 from broker.times import rfc3339
 
-AUTHORIZATION_CODE = "authorization_code"
-REFRESH_TOKEN = "refresh_token"
 CONSENT_PATH = "/console/oauth/authorize"
-REFRESH_TOKEN_PREFIX = "jbr_"
 KEEP_ANSWERED = timedelta(hours=1)
 _CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")
-_VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 _AUTHZ_ID = re.compile(r"^az_[0-9a-f]{32}$")
-_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$")  # RFC 6749 section 3.3
-# Scopes a client may add that ask for nothing of the MCP server.
-_IGNORED_SCOPES = frozenset({"offline_access"})
 
 
 class ShownError(OAuthError):
@@ -85,55 +74,6 @@ def _with_query(uri: str, params: dict[str, str | None]) -> str:
     extra = urlencode({k: v for k, v in params.items() if v is not None})
     query = f"{parts.query}&{extra}" if parts.query else extra
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
-
-
-def issuer(broker: Broker) -> str:
-    return broker.settings.issuer.rstrip("/")
-
-
-def access_scopes(options: Any, name: str) -> frozenset[str]:
-    scope = options.get("scope") if hasattr(options, "get") else None
-    return frozenset(str(scope).split()) if scope else frozenset({name})
-
-
-def choose_access(policy: CompiledPolicy, resource: str, scope: str | None) -> tuple[str, str]:
-    """(access name, the scope it grants): the narrowest access of the resource's rule whose
-    scopes (its `scope`, or its name) cover every scope asked for; an access name may be asked
-    for by name. Ties go to the lower tier."""
-    rule = policy.match_resource(resource)
-    if rule is None:
-        raise OAuthError("invalid_target", "the policy knows no MCP server or resource by that name",
-                         code="unknown-resource")
-    asked = frozenset((scope or "").split()) - _IGNORED_SCOPES
-    if not asked:
-        raise OAuthError("invalid_scope", "scope is required: the scopes of the MCP server to use",
-                         code="missing-scope")
-    if len(asked) > 32 or not all(_SCOPE_TOKEN.match(s) for s in asked):
-        raise OAuthError("invalid_scope", "scope is not a list of scope tokens", code="invalid-scope")
-    fits = []
-    for name, access in rule.access.items():
-        granted = access_scopes(access.options, name)
-        if asked <= granted | {name}:
-            fits.append((len(granted), tier_rank(access.tier), name, granted))
-    if not fits:
-        raise OAuthError("invalid_scope", "no access of this MCP server covers that scope", code="unknown-scope")
-    _, _, name, granted = min(fits)
-    return name, " ".join(sorted(granted))
-
-
-def resource_of(value: str) -> str:
-    try:
-        return canonical_resource(value)
-    except BrokerError as exc:
-        raise OAuthError("invalid_target", exc.message, code="invalid-resource") from None
-
-
-def _resource(params: dict[str, list[str]]) -> str:
-    resources = [r for r in params.get("resource", []) if r]
-    if len(resources) != 1:
-        raise OAuthError("invalid_target", "exactly one resource (RFC 8707), the MCP server's URL, is required",
-                         code="one-resource-per-request")
-    return resource_of(resources[0])
 
 
 def start(broker: Broker, clients: ClientDirectory, params: dict[str, list[str]]) -> Redirect:
@@ -172,7 +112,7 @@ def start(broker: Broker, clients: ClientDirectory, params: dict[str, list[str]]
     if not _CHALLENGE.match(challenge):
         return back("invalid_request", "code_challenge must be the base64url SHA-256 of the verifier")
     try:
-        resource = _resource(params)
+        resource = one_resource(params)
         access, granted = choose_access(broker.policies.current, resource, one(params, "scope"))
     except OAuthError as exc:
         return back(exc.error, exc.description)
@@ -236,7 +176,7 @@ def _code_for(broker: Broker, authz_id: str, now: datetime, *, session_id: str |
         row = _load(db, authz_id, lock=True)
         if session_id is not None:
             row.session_id = session_id
-        row.status, row.code_hash, row.approval_id = "approved", _digest(code), approval_id
+        row.status, row.code_hash, row.approval_id = "approved", digest(code), approval_id
         row.expires_at = now + timedelta(seconds=broker.settings.oauth_code_ttl_seconds)
         db.add(row)
     return Redirect(_with_query(row.redirect_uri, {"code": code, "state": row.state, "iss": issuer(broker)}),
@@ -285,7 +225,7 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
                 return _denied(broker, row, "the person denied the request")
     if approved:
         if closed is not None:
-            _end(broker, row.session_id, "authorization-denied")  # nothing will ever be minted in it
+            end_session(broker, row.session_id, "authorization-denied")  # nothing will ever be minted in it
             return closed
         return _code_for(broker, authz_id, now, approval_id=row.approval_id)
     # The session: one task = this client's access to this MCP server for this person.
@@ -308,7 +248,7 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
     # an approval opens for the tier's approvers. Nothing is minted while it waits.
     caller = Caller(kind="agent", name=session.agent, session_id=session.id)
     try:
-        outcome = request_capability(broker, caller, _ask(row.resource, row.access, row.client_id), None)
+        outcome = request_capability(broker, caller, capability_ask(row.resource, row.access, row.client_id), None)
     except BrokerError as exc:
         sessions.end(broker, session.id, reason="authorization-refused", actor="oauth-authorize")
         with transaction(broker.engine) as db:
@@ -328,215 +268,3 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
     expires = outcome.expires_at
     return Waiting(outcome.approval_id, outcome.approvers, rfc3339(expires) if isinstance(expires, datetime)
                    else str(expires))
-
-
-def _ask(resource: str, access: str, client_id: str, approval_id: str | None = None) -> CapabilityAsk:
-    return CapabilityAsk(resource=resource, access=access, purpose=f"MCP client {client_id}"[:1000],
-                         approval_id=approval_id)
-
-
-def client_label(client_id: str) -> str:
-    """The session label naming the client its tokens were issued to (labels are short; ids may not be)."""
-    return client_id if len(client_id) <= 200 else "sha256:" + _digest(client_id)
-
-
-def _digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
-def _s256(verifier: str) -> str:
-    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
-
-
-def _end(broker: Broker, session_id: str | None, reason: str) -> None:
-    if session_id is not None:
-        sessions.end(broker, session_id, reason=reason, actor="oauth-authorize")
-
-
-def _mint(broker: Broker, session: SessionRow | None, resource: str, access: str, client_id: str,
-          approval_id: str | None = None) -> dict[str, Any]:
-    if session is None or session.status != "active":
-        raise OAuthError("invalid_grant", "the session behind this grant has ended", code="session-ended")
-    caller = Caller(kind="agent", name=session.agent, session_id=session.id)
-    try:
-        outcome = request_capability(broker, caller, _ask(resource, access, client_id, approval_id), None)
-    except BrokerError as exc:
-        raise from_broker_error(exc) from None
-    if isinstance(outcome, PendingApproval):
-        raise OAuthError("authorization_pending", "this access waits for a person's approval",
-                         code="approval-required", approval_id=outcome.approval_id)
-    body = outcome.model_dump(mode="json")
-    credential = body["credential"]
-    if credential.get("type") != "jwt":
-        raise OAuthError("invalid_target", "an MCP server's resource must use the native provider",
-                         code="not-an-mcp-resource")
-    return {"access_token": credential["token"], "token_type": "Bearer", "capability_id": body["capability_id"],
-            "expires_at": body["expires_at"]}
-
-
-def mint_for_session(broker: Broker, session_id: str, resource: str, access: str, client_id: str) -> dict[str, Any]:
-    """The one token of a session nothing else will ask through (an ID-JAG's): refused, the session ends."""
-    with transaction(broker.engine) as db:
-        session = db.get(SessionRow, session_id)
-    try:
-        return _mint(broker, session, resource, access, client_id)
-    except OAuthError:
-        _end(broker, session_id, "token-refused")
-        raise
-
-
-def _new_refresh(db: Any, broker: Broker, session: SessionRow, client_id: str, resource: str, access: str,
-                 scope: str, family: str | None = None) -> str:
-    token = REFRESH_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    now = utcnow().replace(microsecond=0)
-    db.exec(delete(OAuthRefreshToken).where(col(OAuthRefreshToken.expires_at) < now))  # their sessions are over
-    db.add(OAuthRefreshToken(token_hash=_digest(token), family=family or "rtf_" + secrets.token_hex(16),
-                             session_id=session.id, client_id=client_id, resource=resource, access=access,
-                             scope=scope, status="active", created_at=now, expires_at=session.expires_at))
-    return token
-
-
-def authenticate_client(clients: ClientDirectory, params: dict[str, list[str]],
-                        basic: tuple[str, str] | None) -> OAuthClient:
-    """RFC 6749 section 2.3: a confidential client proves its secret (basic or post); a public one names itself."""
-    secret = one(params, "client_secret")
-    named = one(params, "client_id")
-    if basic is not None:
-        if secret is not None or (named is not None and named != basic[0]):
-            raise OAuthError("invalid_request", "one client authentication method at a time", code="ambiguous-client")
-        named, secret = basic
-    client = clients.resolve(named)
-    if client.confidential:
-        if secret is None or not client.secret_matches(secret):
-            raise OAuthError("invalid_client", "client authentication failed", code="invalid-client", status=401)
-    elif secret is not None:
-        raise OAuthError("invalid_client", "a public client has no secret", code="invalid-client", status=401)
-    return client
-
-
-def answer(minted: dict[str, Any], scope: str, refresh_token: str | None) -> dict[str, Any]:
-    from broker.oauth.exchange import _expires_in  # one clock rule for every grant
-
-    answer = {"access_token": minted["access_token"], "token_type": minted["token_type"],
-              "expires_in": _expires_in(minted["expires_at"]), "scope": scope}
-    if refresh_token is not None:
-        answer["refresh_token"] = refresh_token
-    return answer
-
-
-def redeem_code(broker: Broker, client: OAuthClient, params: dict[str, list[str]]) -> dict[str, Any]:
-    code = one(params, "code", required=True)
-    verifier = one(params, "code_verifier")
-    assert code is not None
-    now = utcnow()
-    with transaction(broker.engine) as db:
-        row = db.exec(select(OAuthAuthorization).where(OAuthAuthorization.code_hash == _digest(code))
-                      .with_for_update()).first()
-        if row is None:
-            raise OAuthError("invalid_grant", "the code is not valid", code="invalid-code")
-        if row.status == "redeemed":
-            # RFC 6749 section 4.1.2: a code used twice; what it minted is revoked.
-            replayed = row.session_id
-        else:
-            replayed = None
-            if row.status != "approved" or row.expires_at <= now:
-                raise OAuthError("invalid_grant", "the code has expired", code="code-expired")
-            if row.client_id != client.client_id:
-                raise OAuthError("invalid_grant", "the code was issued to another client", code="client-mismatch")
-            # Spent before anything else is checked: a wrong verifier does not leave a code to guess at.
-            row.status = "redeemed"
-            db.add(row)
-    if replayed is not None:
-        _end(broker, replayed, "authorization-code-replayed")
-        raise OAuthError("invalid_grant", "the code was already used; its tokens are revoked", code="code-reused")
-    if one(params, "redirect_uri") != row.redirect_uri:
-        raise OAuthError("invalid_grant", "redirect_uri differs from the authorization request's",
-                         code="redirect-uri-mismatch")
-    if verifier is None:
-        raise OAuthError("invalid_grant", "code_verifier is required (PKCE)", code="missing-code-verifier")
-    if not _VERIFIER.match(verifier) or not secrets.compare_digest(_s256(verifier), row.code_challenge):
-        raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge", code="pkce-mismatch")
-    if params.get("resource") and _resource(params) != row.resource:
-        raise OAuthError("invalid_target", "resource differs from the authorization request's",
-                         code="resource-mismatch")
-    with transaction(broker.engine) as db:
-        session = db.get(SessionRow, row.session_id)
-    try:
-        minted = _mint(broker, session, row.resource, row.access, client.client_id, row.approval_id)
-    except OAuthError:
-        # Refused (the person lost the permission since consenting, a budget...): the code is spent
-        # and nothing else can use its session, so it ends rather than idles to its deadline.
-        _end(broker, row.session_id if session is not None and session.status == "active" else None, "token-refused")
-        raise
-    assert session is not None
-    with transaction(broker.engine) as db:
-        refresh_token = _new_refresh(db, broker, session, client.client_id, row.resource, row.access, row.scope)
-    return answer(minted, row.scope, refresh_token)
-
-
-def refresh(broker: Broker, client: OAuthClient, params: dict[str, list[str]]) -> dict[str, Any]:
-    token = one(params, "refresh_token", required=True)
-    assert token is not None
-    now = utcnow()
-    with transaction(broker.engine) as db:
-        row = db.exec(select(OAuthRefreshToken).where(OAuthRefreshToken.token_hash == _digest(token))
-                      .with_for_update()).first()
-        if row is None or row.client_id != client.client_id:
-            raise OAuthError("invalid_grant", "the refresh token is not valid", code="invalid-refresh-token")
-        reused = row.status == "rotated"
-        if not reused:
-            if row.status != "active" or row.expires_at <= now:
-                raise OAuthError("invalid_grant", "the refresh token is not valid", code="invalid-refresh-token")
-            row.status = "rotated"
-            db.add(row)
-        session = db.get(SessionRow, row.session_id)
-    if reused:
-        # A rotated token came back: someone holds a copy. End the session (RFC 9700 4.14.2).
-        _end(broker, row.session_id, "refresh-token-replayed")
-        raise OAuthError("invalid_grant", "the refresh token was already used; the grant is revoked",
-                         code="refresh-token-reused")
-    if params.get("resource") and _resource(params) != row.resource:
-        raise OAuthError("invalid_target", "a refresh token is good for its own resource only",
-                         code="resource-mismatch")
-    asked = one(params, "scope")
-    if asked is not None and not frozenset(asked.split()) - _IGNORED_SCOPES <= frozenset(row.scope.split()):
-        raise OAuthError("invalid_scope", "a refresh cannot widen the scope; authorize again", code="scope-widening")
-    minted = _mint(broker, session, row.resource, row.access, client.client_id)
-    assert session is not None
-    with transaction(broker.engine) as db:
-        new_token = _new_refresh(db, broker, session, client.client_id, row.resource, row.access, row.scope,
-                                 family=row.family)
-    return answer(minted, row.scope, new_token)
-
-
-def revoke_for_client(broker: Broker, client: OAuthClient, token: str) -> None:
-    """RFC 7009 for a client's own tokens. A refresh token ends its grant, and so its session and
-    every access token minted under it (section 2.1); an access token is revoked alone. A token
-    the broker does not know changes nothing (section 2.2); one issued to another client is refused."""
-    if token.startswith(REFRESH_TOKEN_PREFIX):
-        with transaction(broker.engine) as db:
-            row = db.get(OAuthRefreshToken, _digest(token))
-            if row is None:
-                return
-            if row.client_id != client.client_id:
-                raise _not_yours()
-            for sibling in db.exec(select(OAuthRefreshToken).where(OAuthRefreshToken.family == row.family)).all():
-                sibling.status = "revoked"
-                db.add(sibling)
-            session_id = row.session_id
-        _end(broker, session_id, "refresh-token-revoked")
-        return
-    capability_id = find_capability(broker, token)
-    if capability_id is None:
-        return
-    with transaction(broker.engine) as db:
-        lease = db.get(Lease, capability_id)
-        session = db.get(SessionRow, lease.session_id) if lease is not None else None
-    if session is None or (session.labels or {}).get("oauth_client") != client_label(client.client_id):
-        raise _not_yours()
-    revoke_leases(broker, [capability_id], reason="revoked-by-client", actor=f"oauth-client:{client.client_id}"[:200])
-
-
-def _not_yours() -> OAuthError:
-    return OAuthError("unauthorized_client", "this token was not issued to this client", code="not-your-token",
-                      status=403)

@@ -30,11 +30,12 @@ from broker.config import Settings
 from broker.errors import BrokerError, ConfigError
 from broker.identity.callers import Caller
 from broker.identity.principals import canonical_human
-from broker.oauth import authorize
+from broker.oauth import tokens
 from broker.oauth.clients import OAuthClient
 from broker.oauth.dpop import DatabaseReplayCache
 from broker.oauth.errors import OAuthError
 from broker.oauth.form import one
+from broker.oauth.vocabulary import choose_access, client_label, issuer, resource_of
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 
@@ -124,7 +125,7 @@ def exchange(broker: Broker, verifier: IdJagVerifier, client: OAuthClient, param
                          code="unsupported-grant-type")
     assertion = one(params, "assertion", required=True)
     assert assertion is not None
-    claims = verifier.verify(assertion, audience=authorize.issuer(broker), client_id=client.client_id)
+    claims = verifier.verify(assertion, audience=issuer(broker), client_id=client.client_id)
     # Resource and scope: the assertion's; the request may repeat the resource and narrow the scope.
     granted_resource = claims.get("resource")
     asked_resources = [r for r in params.get("resource", []) if r]
@@ -135,12 +136,12 @@ def exchange(broker: Broker, verifier: IdJagVerifier, client: OAuthClient, param
     if not isinstance(granted_resource, str) or (asked_resources and asked_resources != [granted_resource]):
         raise OAuthError("invalid_target", "the resource must be the one the assertion names",
                          code="resource-mismatch")
-    resource = authorize.resource_of(granted_resource)
+    resource = resource_of(granted_resource)
     granted_scope = claims.get("scope")
     scope = one(params, "scope") or (granted_scope if isinstance(granted_scope, str) else None)
     if isinstance(granted_scope, str) and scope is not None and not set(scope.split()) <= set(granted_scope.split()):
         raise OAuthError("invalid_scope", "the scope asked for is wider than the assertion's", code="scope-widening")
-    access, scope_granted = authorize.choose_access(broker.policies.current, resource, scope)
+    access, scope_granted = choose_access(broker.policies.current, resource, scope)
     principal = claims.get(broker.settings.idjag_principal_claim)
     if not isinstance(principal, str) or not principal:
         raise OAuthError("invalid_grant", f"the assertion has no {broker.settings.idjag_principal_claim} claim",
@@ -157,6 +158,6 @@ def exchange(broker: Broker, verifier: IdJagVerifier, client: OAuthClient, param
         human=human, agent=client.agent, task_id=f"id-jag:{str(claims['jti'])[:100]}",
         scope=[{"resource": resource, "access": [access]}],
         ttl_seconds=min(broker.settings.mcp_session_ttl_seconds, broker.settings.session_max_ttl_seconds),
-        labels={"oauth_client": authorize.client_label(client.client_id), "idp": str(claims["iss"])[:200]}))
-    minted = authorize.mint_for_session(broker, session.id, resource, access, client.client_id)
-    return authorize.answer(minted, scope_granted, None)
+        labels={"oauth_client": client_label(client.client_id), "idp": str(claims["iss"])[:200]}))
+    minted = tokens.mint_for_session(broker, session.id, resource, access, client.client_id)
+    return tokens.answer(minted, scope_granted, None)

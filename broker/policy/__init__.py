@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+from broker.policy.approvers import ApprovalRule, approval_rule, named_approver
 from broker.policy.compiled import CompiledPolicy
-from broker.policy.evaluate import (
-    ApprovalRule,
+from broker.policy.evaluate import approver_permission, default_bounds, evaluate, evaluate_with_shadow, human_permission
+from broker.policy.facts import (
     BoundsLookup,
     Decision,
     LayerVerdict,
@@ -13,16 +14,10 @@ from broker.policy.evaluate import (
     ScopeEntry,
     SessionFacts,
     TtlBounds,
-    approval_rule,
-    approver_permission,
-    default_bounds,
-    evaluate,
-    evaluate_with_shadow,
-    human_permission,
-    named_approver,
 )
+from broker.policy.fields import TIER_ORDER
 from broker.policy.loader import load_policy, load_policy_bytes, load_policy_text
-from broker.policy.models import TIER_ORDER, PolicyDocument
+from broker.policy.models import PolicyDocument
 from broker.policy.resources import canonical_pattern, canonical_resource, glob_matches, parse_resource, validate_pattern
 from broker.policy.store import PolicyStore
 

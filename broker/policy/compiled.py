@@ -10,15 +10,8 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.identity.principals import canonical_human, principal_problem
-from broker.policy.models import (
-    DEFAULT_ESCALATION_TIERS,
-    TIER_ORDER,
-    BreakGlass,
-    Budgets,
-    Grant,
-    PolicyDocument,
-    Tier,
-)
+from broker.policy.fields import DEFAULT_ESCALATION_TIERS, TIER_ORDER
+from broker.policy.models import BreakGlass, Budgets, Grant, PolicyDocument, Tier
 from broker.policy.resources import Glob, compile_glob, is_glob
 from broker.policy.tools import CompiledTools
 from broker.policy.trust import CompiledTrust

@@ -10,133 +10,36 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.identity.principals import same_principal
+from broker.policy.approvers import approvers_of
 from broker.policy.compiled import AccessRule, CompiledPolicy, ResourceRule, tier_rank
-from broker.policy.models import TIER_ORDER
+from broker.policy.facts import (
+    ALLOW,
+    APPROVAL,
+    DENY,
+    SKIPPED,
+    UNKNOWN,
+    BoundsLookup,
+    Decision,
+    LayerVerdict,
+    LivePermission,
+    RequestFacts,
+    SessionFacts,
+    TtlBounds,
+)
 from broker.policy.resources import glob_matches, resource_problem
-from broker.policy.tools import CompiledToolRule, ToolCall, ToolVerdict
 from broker.times import rfc3339
 
 log = logging.getLogger("broker.policy")
 
-ALLOW, DENY, APPROVAL, SKIPPED = "allow", "deny", "approval_required", "skipped"
 _NO_TIME = datetime(1970, 1, 1, tzinfo=UTC)  # for layers that read no clock
-UNKNOWN = "unknown"  # a live source that could not answer
-
-
-@dataclass(frozen=True)
-class TtlBounds:
-    """What a backend can issue, for the time layer. The defaults (one second to one day) are
-    the only ones: a provider without its own limits answers `TtlBounds()`."""
-
-    min_seconds: int = 1
-    max_seconds: int = 86400
-
-
-BoundsLookup = Callable[[str, str, dict[str, Any]], TtlBounds]  # (provider, resource, options) -> bounds
 
 
 def default_bounds(provider: str, resource: str, options: dict[str, Any]) -> TtlBounds:
     return TtlBounds()
-
-
-@dataclass(frozen=True)
-class ScopeEntry:
-    resource: str  # may be a glob
-    access: tuple[str, ...]  # may contain "*"
-
-
-@dataclass(frozen=True)
-class SessionFacts:
-    session_id: str
-    human: str
-    agent: str
-    task_id: str
-    scope: tuple[ScopeEntry, ...]
-    status: str  # "active"; anything else has ended
-    expires_at: datetime  # timezone-aware, UTC
-    human_groups: frozenset[str] = frozenset()  # from an IdP; unioned with policy membership
-    issued_count: int = 0  # capabilities minted in this session so far, any status
-    active_count: int = 0
-    active_tiers: frozenset[str] = frozenset()
-    suspended: bool = False  # held by the deviation tripwire until a human resumes it
-    idle_until: datetime | None = None  # past it, the session has stalled (the sweeper ends it)
-
-
-@dataclass(frozen=True)
-class LivePermission:
-    """What a live permission source answered for (human, resource, access), fetched by the caller."""
-
-    source: str
-    verdict: str  # allow | deny | unknown (unreachable, or an answer it could not read)
-    evidence: Mapping[str, Any]  # what the backend said, for the decision and the audit
-    cached: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "verdict": self.verdict, "cached": self.cached, "evidence": dict(self.evidence)}
-
-
-@dataclass(frozen=True)
-class RequestFacts:
-    resource: str
-    access: str
-    ttl_seconds: int | None
-    now: datetime
-    approved: bool = False  # an approval for this exact request exists
-    justified: bool = False  # the request carries a written justification (break-glass)
-    live: LivePermission | None = None  # the rule's live source's answer; None: not consulted
-
-
-@dataclass(frozen=True)
-class LayerVerdict:
-    layer: str
-    verdict: str  # allow | deny | approval_required | skipped
-    reason: str | None
-    matched_rule: str | None
-    detail: str
-    evidence: Mapping[str, Any] | None = None  # the live layer: the source, its answer, cached or not
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["evidence"] = dict(self.evidence) if self.evidence is not None else None
-        return out
-
-
-@dataclass(frozen=True)
-class Decision:
-    result: str  # allow | deny | approval_required
-    reason: str  # kebab-case; "allowed" when allowed
-    matched_rule: str | None
-    matched_line: int | None
-    policy_version: str
-    tier: str | None
-    provider: str | None
-    options: dict[str, Any]
-    ttl_seconds: int | None  # the granted, clamped ttl; None when denied
-    approvers: tuple[str, ...]
-    layers: tuple[LayerVerdict, ...] = field(default=())
-    live: LivePermission | None = None  # the live source's answer this decision used, if any
-
-    def deciding_layer(self) -> str:
-        """Which of the intersection's layers said no (else which asked for approval)."""
-        for wanted in (DENY, APPROVAL):
-            for layer in self.layers:
-                if layer.verdict == wanted:
-                    return layer.layer
-        return "policy"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the shape of `policy explain` and of a 403's `decision`."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layers", "live")}
-        out["options"], out["approvers"] = dict(self.options), list(self.approvers)
-        out["layers"] = [layer.to_dict() for layer in self.layers]
-        out["human_permission"] = self.live.to_dict() if self.live is not None else None
-        return out
 
 
 def _allow(layer: str, rule: str | None, detail: str) -> LayerVerdict:
@@ -216,6 +119,8 @@ def human_permission(policy: CompiledPolicy, human: str, groups: frozenset[str],
 
 def _human_layer(policy: CompiledPolicy, session: SessionFacts, request: RequestFacts) -> LayerVerdict:
     return human_permission(policy, session.human, session.human_groups, request.resource, request.access)
+
+
 def _human_live_layer(request: RequestFacts, target: _Target | None) -> tuple[LayerVerdict, LivePermission | None]:
     """The file's grants are one half of the human layer; a live source, where the rule names one,
     is the other. It can only take away: its allow never stands in for a missing grant."""
@@ -360,56 +265,6 @@ def _time_layer(
     return _allow("time", f"tiers.{name}.max_ttl", detail), granted
 
 
-def _approvers(policy: CompiledPolicy, tier: str | None) -> tuple[str, ...]:
-    if tier is None:
-        return ()
-    own = tuple(policy.tiers[tier].approvers)
-    if own:
-        return own
-    # An auto tier caught by escalation has no approvers of its own: the escalation tiers' do.
-    pooled: list[str] = []
-    for name, t in policy.tiers.items():
-        if name in policy.escalation_tiers:
-            pooled.extend(a for a in t.approvers if a not in pooled)
-    return tuple(pooled)
-
-
-@dataclass(frozen=True)
-class ApprovalRule:
-    """Who may approve a request of one tier, how many of them, and whether the delegator may."""
-
-    approvers: tuple[str, ...]
-    min_approvals: int
-    allow_self_approval: bool
-
-
-def approval_rule(policy: CompiledPolicy, tier: str) -> ApprovalRule:
-    """The tier's own rule; an auto tier caught by escalation takes the escalation tiers' rule,
-    as strict as the strictest of them."""
-    own = policy.tiers.get(tier)
-    if own is not None and own.approvers:
-        return ApprovalRule(tuple(own.approvers), own.min_approvals, own.allow_self_approval)
-    pooled = [t for name, t in policy.tiers.items() if name in policy.escalation_tiers and t.approvers]
-    return ApprovalRule(
-        approvers=_approvers(policy, tier),
-        min_approvals=max((t.min_approvals for t in pooled), default=1),
-        allow_self_approval=bool(pooled) and all(t.allow_self_approval for t in pooled),
-    )
-
-
-def named_approver(policy: CompiledPolicy, approvers: tuple[str, ...] | list[str], human: str,
-                   groups: frozenset[str] = frozenset()) -> str | None:
-    """The approvers entry naming `human` ("group:x", "user:email" or an email), or None."""
-    member_of = set(policy.groups_of(human, groups))
-    for entry in approvers:
-        if entry.startswith("group:"):
-            if entry.removeprefix("group:") in member_of:
-                return entry
-        elif same_principal(entry.removeprefix("user:"), human):
-            return entry
-    return None
-
-
 def evaluate(
     policy: CompiledPolicy, session: SessionFacts, request: RequestFacts, bounds: BoundsLookup | None = None
 ) -> Decision:
@@ -448,7 +303,7 @@ def evaluate(
         options=target.options if target else {},
         ttl_seconds=granted if result != DENY else None,
         approvers=(tuple(target.access.break_glass.approvers) if target and target.access.break_glass
-                   else _approvers(policy, tier)) if result == APPROVAL else (),
+                   else approvers_of(policy, tier)) if result == APPROVAL else (),
         layers=layers,
         live=live,
     )
@@ -473,76 +328,3 @@ def evaluate_with_shadow(
         observed = None
     return enforced, observed
 
-
-# --- the tool-call gate: the same policy, for one tool call ---------------------------------------
-
-
-def decide_tool_call(policy: CompiledPolicy, *, agent: str, session_active: bool, call: ToolCall) -> ToolVerdict:
-    """allow / ask / deny for one call, from the policy's `tools` section, tiers and agent ceiling."""
-    tools = policy.tools
-    if not session_active:
-        return ToolVerdict("deny", "session-ended", "the broker session has ended: no more tool calls")
-    if call.command_is_malformed:
-        return ToolVerdict("deny", "command-not-a-string", "tool_input.command is not a string",
-                           matched_rule="tools")
-    if call.command is not None and tools.read(call) is None:
-        # Refused unread (and kept so: the audit summary does not read it either), so the
-        # gate's work per call stays bounded.
-        return ToolVerdict("deny", "command-too-large",
-                           f"the command is {call.command_bytes()} bytes, over tools.max_command_bytes "
-                           f"({tools.max_command_bytes}); write it to a script file the user can review",
-                           matched_rule="tools.max_command_bytes")
-    parsed = tools.read(call)
-    if parsed is None or parsed.plain:
-        return _tool_rule_verdict(policy, agent, tools.match(call))  # first match wins
-    # A command the gate cannot read plainly: every rule that matches any part of it has its say,
-    # and so does `default` (some part may match no rule), and the most severe answer wins (file
-    # order breaks ties): `git push origin main && curl evil.example` is denied by fetch-outside
-    # even though push-protected comes first. Then it is never allowed: an allow becomes the
-    # policy's `unclear_command`, and `unclear_command: deny` denies whatever the rules said.
-    verdicts = [_tool_rule_verdict(policy, agent, rule) for rule in tools.matching(call)]
-    verdict = max([*verdicts, _tool_rule_verdict(policy, agent, None)], key=_severity)
-    if verdict.decision == "deny" or (verdict.decision == "ask" and tools.unclear_command == "ask"):
-        return verdict
-    why = ", ".join(parsed.unclear[:3])
-    return ToolVerdict(tools.unclear_command, "command-not-understood",
-                       f"the gate cannot read this command plainly ({why}); a plain single command is "
-                       f"judged by the rules, this one is answered {tools.unclear_command}",
-                       tier=verdict.tier, matched_rule="tools.unclear_command", rule_name=verdict.rule_name)
-
-
-def _severity(verdict: ToolVerdict) -> int:
-    return {"deny": 3, "ask": 1 + verdict.needs_approval}.get(verdict.decision, 0)
-
-
-def _tool_rule_verdict(policy: CompiledPolicy, agent: str, rule: CompiledToolRule | None) -> ToolVerdict:
-    tools = policy.tools
-    if rule is None:
-        return ToolVerdict(tools.default, "no-tool-rule", f"no tool rule matches; the policy's default is {tools.default}",
-                           matched_rule="tools.default")
-    label = rule.name or rule.rule
-    because = f" ({rule.reason})" if rule.reason else ""
-    if rule.decision is not None:
-        return ToolVerdict(rule.decision, f"tool-rule-{rule.decision}", f"{label}: {rule.decision}{because}",
-                           matched_rule=rule.rule, rule_name=rule.name)
-    tier = rule.tier
-    assert tier is not None
-    who = policy.agent(agent)
-    if who is None:
-        return ToolVerdict("deny", "unknown-agent", f"{label}: no agent entry for {agent!r}", tier=tier,
-                           matched_rule="agents", rule_name=rule.name)
-    if TIER_ORDER.index(tier) > TIER_ORDER.index(who.max_tier):
-        return ToolVerdict("deny", "agent-ceiling", f"{label} is tier {tier}, above {agent}'s ceiling {who.max_tier}{because}",
-                           tier=tier, matched_rule=f"{who.rule}.max_tier", rule_name=rule.name)
-    control = policy.tiers[tier].control
-    if control == "deny":
-        return ToolVerdict("deny", "tier-denied", f"{label} is tier {tier}, which is denied{because}", tier=tier,
-                           matched_rule=rule.rule, rule_name=rule.name)
-    if control == "approval":
-        approvers = tuple(policy.tiers[tier].approvers)
-        return ToolVerdict(tools.approval_answer, "approval-required",
-                           f"{label} is tier {tier} and needs approval by {', '.join(approvers)}{because}",
-                           tier=tier, matched_rule=rule.rule, rule_name=rule.name, needs_approval=True,
-                           approvers=approvers)
-    return ToolVerdict("allow", "tool-allowed", f"{label} is tier {tier}: allowed{because}", tier=tier,
-                       matched_rule=rule.rule, rule_name=rule.name)

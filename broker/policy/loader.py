@@ -15,9 +15,11 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from broker.errors import PolicyError
 from broker.grammar import RuleCheck, grammars
 from broker.policy import models
+from broker.policy.checks import Path as FieldPath
+from broker.policy.checks import cross_check
 from broker.policy.compiled import CompiledPolicy
-from broker.policy.models import Path as FieldPath
-from broker.policy.models import PolicyDocument, cross_check
+from broker.policy.fields import Strict
+from broker.policy.models import PolicyDocument
 
 DataPath = tuple[Any, ...]
 Lines = dict[DataPath, tuple[int, int]]  # path -> (line, column), both 1-based
@@ -27,7 +29,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_NODES = 200_000
 # Every key any policy model knows, for "did you mean" on a misspelt one.
 _FIELD_NAMES = sorted(
-    {name for obj in vars(models).values() if isinstance(obj, type) and issubclass(obj, models.Strict)
+    {name for obj in vars(models).values() if isinstance(obj, type) and issubclass(obj, Strict)
      for name in obj.model_fields}
 )
 

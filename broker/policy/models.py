@@ -1,110 +1,29 @@
 """The policy file as typed models: what a valid policy says, before it is compiled."""
-
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    JsonValue,
-    StringConstraints,
-    WithJsonSchema,
-    field_validator,
-    model_validator,
+from pydantic import ConfigDict, Field, JsonValue, StringConstraints, field_validator, model_validator
+
+from broker.policy.fields import (
+    DEFAULT_ESCALATION_TIERS,
+    AccessName,
+    AgentName,
+    Approver,
+    Duration,
+    Email,
+    GrantedAccess,
+    GroupName,
+    HookDecision,
+    HostPattern,
+    ProviderName,
+    Regex,
+    ResourcePattern,
+    RuleName,
+    Strict,
+    TierName,
 )
-
-from broker.identity.principals import canonical_human, group_problem, principal_problem
-from broker.policy.resources import canonical_pattern, pattern_problem
-from broker.policy.trust import TrustRule, trust_problems
-
-TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
-# Risk order, lowest first: an agent's max_tier admits every tier at or before it.
-TIER_ORDER: tuple[str, ...] = ("read", "write", "review", "merge_deploy", "secret", "destructive")
-DEFAULT_ESCALATION_TIERS: tuple[TierName, ...] = ("merge_deploy", "secret")
-
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-DURATION_PATTERN = _DURATION.pattern
-_UNIT_SECONDS = (86400, 3600, 60, 1)
-
-
-def parse_duration(value: Any) -> Any:
-    """90, "90s", "30m", "1h", "1h30m", "1d" -> seconds. Anything else is left for the int check."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like 90s, 30m, 1h30m")
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isdigit():
-            seconds = int(text)
-        else:
-            found = _DURATION.match(text)
-            if not text or found is None:
-                raise ValueError(f"invalid duration {value!r}: use seconds or a string like 90s, 30m, 1h30m")
-            seconds = sum(int(n) * unit for n, unit in zip(found.groups(), _UNIT_SECONDS, strict=True) if n)
-        value = seconds
-    if isinstance(value, int) and value <= 0:
-        raise ValueError("a duration must be at least 1 second")
-    return value
-
-
-Duration = Annotated[
-    int,
-    BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": 1},
-                {"type": "string", "pattern": DURATION_PATTERN, "minLength": 2},
-            ],
-            "description": "Seconds, or a duration string such as 90s, 30m, 1h, 1h30m.",
-        }
-    ),
-]
-
-
-
-def _check_principal(value: str) -> str:
-    """A human named by the policy must already fit the canonical form: it is refused, never changed."""
-    problem = principal_problem(value)
-    if problem is not None:
-        raise ValueError(f"{value!r} is not a principal in the broker's canonical form: {problem}")
-    return value
-
-
-def _check_group(value: str) -> str:
-    problem = group_problem(value)
-    if problem is not None:
-        raise ValueError(f"{value!r} is not a group name: {problem}")
-    return value
-
-
-def _check_approver(value: str) -> str:
-    if value.startswith("group:"):
-        _check_group(value.removeprefix("group:"))
-    else:
-        _check_principal(value.removeprefix("user:"))
-    return value
-
-
-Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320), AfterValidator(_check_principal)]
-GroupName = Annotated[str, StringConstraints(pattern=r"^\S+$", max_length=256), AfterValidator(_check_group)]
-AgentName = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")]
-ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
-AccessName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
-GrantedAccess = Annotated[str, StringConstraints(pattern=r"^(\*|[a-z][a-z0-9_-]{0,63})$")]
-# "group:<name>", "user:<email>" or a bare email.
-Approver = Annotated[str, StringConstraints(pattern=r"^(group:\S+|user:[^@\s]+@[^@\s]+|[^@\s:]+@[^@\s]+)$"),
-                     AfterValidator(_check_approver)]
-
-
-class Strict(BaseModel):
-    # forbid: a misspelt key is an error, never a silently ignored rule.
-    # strict: "1" is not 1 and "yes" is not true; a policy says exactly what it means.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+from broker.policy.trust import TrustRule
 
 
 class Tier(Strict):
@@ -115,28 +34,6 @@ class Tier(Strict):
     allow_self_approval: bool = False
     # Distinct approvers whose approval a request of this tier needs (four eyes: 2).
     min_approvals: int = Field(default=1, ge=1, le=10)
-
-
-def _check_pattern(value: str) -> str:
-    """Refuse a malformed pattern; keep the canonical form (see broker.policy.resources)."""
-    problem = pattern_problem(value)
-    if problem is not None:
-        raise ValueError(f"resource pattern {problem}")
-    return canonical_pattern(value)
-
-
-ResourcePattern = Annotated[
-    str,
-    BeforeValidator(_check_pattern),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "pattern": r"^[a-z][a-z0-9+.-]{0,31}://[A-Za-z0-9._~@+=,:*-]+(/[A-Za-z0-9._~@+=,:*-]+)*$",
-            "maxLength": 512,
-            "description": '"<scheme>://<glob>": * matches within one path segment, ** across segments.',
-        }
-    ),
-]
 
 
 BREAK_GLASS_MAX_TTL = 900  # DESIGN.md section 4: a break-glass capability lives at most 15 minutes
@@ -321,32 +218,6 @@ class Deviation(Strict):
     action: Literal["suspend", "end"] = "suspend"
 
 
-HookDecision = Literal["allow", "ask", "deny"]
-
-
-def _check_regex(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"invalid regular expression: {exc}") from None
-    return value
-
-
-Regex = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=1024),
-    AfterValidator(_check_regex),
-    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 1024,
-                    "description": "A Python regular expression."}),
-]
-# "github.com", "*.githubusercontent.com" (subdomains only), "registry.npmjs.org:443".
-_HOST_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
-HostPattern = Annotated[
-    str, StringConstraints(pattern=rf"^(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*(:\d{{1,5}})?$", max_length=260)
-]
-RuleName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
-
-
 class ToolRule(Strict):
     """One rule of the tool-call gate: which calls it matches, and the tier (or decision) they get.
 
@@ -407,66 +278,3 @@ class PolicyDocument(Strict):
     tools: Tools | None = None
     # Machine callers (workload tokens) and what they act as; first match wins. See policy/trust.py.
     trust: list[TrustRule] = Field(default_factory=list)
-
-
-Path = tuple[str | int, ...]
-
-
-def cross_check(doc: PolicyDocument) -> list[tuple[Path, str]]:
-    """Problems no single field can see: references between sections, rules that can never apply."""
-    problems: list[tuple[Path, str]] = []
-    for name, tier in doc.tiers.items():
-        if tier.control != "deny" and tier.max_ttl is None:
-            problems.append((("tiers", name, "max_ttl"), f"tier {name!r} needs max_ttl unless its control is deny"))
-        if tier.control == "approval" and not tier.approvers:
-            # Nobody could ever approve: every request of this tier would hang until it expires.
-            problems.append((("tiers", name, "approvers"), f"tier {name!r} requires approval but names no approvers"))
-        if tier.min_approvals > 1 and tier.control != "approval":
-            problems.append((("tiers", name, "min_approvals"),
-                             f"tier {name!r} sets min_approvals but its control is {tier.control}, not approval"))
-        users = [a for a in tier.approvers if not a.startswith("group:")]
-        if tier.control == "approval" and users and not any(a.startswith("group:") for a in tier.approvers) \
-                and len(users) < tier.min_approvals:
-            problems.append((("tiers", name, "min_approvals"),
-                             f"tier {name!r} needs {tier.min_approvals} approvals but names only {len(users)} approver(s)"))
-    seen_match: dict[str, int] = {}
-    for i, rule in enumerate(doc.resources):
-        if rule.match in seen_match:
-            problems.append(
-                (("resources", i, "match"), f"duplicate match {rule.match!r}: resources[{seen_match[rule.match]}] always wins")
-            )
-        seen_match.setdefault(rule.match, i)
-        for access_name, access in rule.access.items():
-            if access.tier not in doc.tiers:
-                problems.append(
-                    (("resources", i, "access", access_name, "tier"), f"tier {access.tier!r} is not defined in tiers")
-                )
-        live = rule.human_permission
-        if live is not None:
-            for access_name in live.require:
-                if access_name not in rule.access:
-                    problems.append((("resources", i, "human_permission", "require", access_name),
-                                     f"{access_name!r} is not an access of this rule"))
-            for access_name in rule.access:
-                if access_name not in live.require:
-                    # An unmapped access could never be checked: say so at load, not at request.
-                    problems.append((("resources", i, "human_permission", "require"),
-                                     f"access {access_name!r} has no entry: say which answers of {live.source} allow it"))
-            for access_name, answers in live.require.items():
-                if not answers:
-                    problems.append((("resources", i, "human_permission", "require", access_name),
-                                     "an empty list would deny this access always; remove the access instead"))
-    seen_human: dict[str, str] = {}
-    for email in doc.humans:
-        # Two spellings with one canonical form (ASCII case) would be one person.
-        key = canonical_human(email)
-        if key in seen_human:
-            problems.append((("humans", email), f"{email!r} repeats {seen_human[key]!r} (principals ignore ASCII case)"))
-        seen_human.setdefault(key, email)
-    for i, tool_rule in enumerate(doc.tools.rules if doc.tools else []):
-        if tool_rule.tier is not None and tool_rule.tier not in doc.tiers:
-            problems.append((("tools", "rules", i, "tier"), f"tier {tool_rule.tier!r} is not defined in tiers"))
-    problems.extend(trust_problems(doc.trust))
-    # humans.X.groups may name a group with no `groups` entry: membership alone matters for
-    # approvers such as "group:security", so that is not an error.
-    return problems

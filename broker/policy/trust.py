@@ -79,7 +79,7 @@ RESERVED_CLAIMS = frozenset({"iss", "aud", "sub", "exp", "nbf", "iat"})
 class TrustRule(BaseModel):
     """One trust rule (policy `trust:` section): a workload token that meets it acts as `role`."""
 
-    # As every policy model (`models.Strict`): a misspelt key is an error, "1" is not 1.
+    # As every policy model (`fields.Strict`): a misspelt key is an error, "1" is not 1.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     name: TrustRuleName  # named in every audit record the caller causes

@@ -16,6 +16,7 @@ import pytest
 from sqlmodel import select
 
 from broker.approvals import service as approvals
+from broker.approvals.binding import Binding
 from broker.approvals.limits import ApprovalTooLarge
 from broker.db import transaction, utcnow
 from broker.models import Approval, OutboxMessage, SessionRow
@@ -123,7 +124,7 @@ def test_the_one_place_every_approval_is_created_refuses_the_same(bounded: Api, 
     api = bounded
     session = api.new_session()
     now = utcnow()
-    binding = approvals.Binding(session["session_id"], "jwt://payments-api", "deploy", 300, "deploy-cli",
+    binding = Binding(session["session_id"], "jwt://payments-api", "deploy", 300, "deploy-cli",
                                 DIRECT[case])
     with pytest.raises(ApprovalTooLarge) as refused, transaction(api.broker.engine) as db:
         row = db.get(SessionRow, session["session_id"])
@@ -136,7 +137,7 @@ def test_the_one_place_every_approval_is_created_refuses_the_same(bounded: Api, 
     with pytest.raises(ApprovalTooLarge), transaction(api.broker.engine) as db:
         row = db.get(SessionRow, session["session_id"])
         assert row is not None
-        approvals.open_request(db, api.broker, row, approvals.Binding(session["session_id"], "jwt://payments-api",
+        approvals.open_request(db, api.broker, row, Binding(session["session_id"], "jwt://payments-api",
                                                                       "deploy", 300, "t" * 300, None),
                                tier="merge_deploy", reason="approval-required", approvers=["group:maintainers"],
                                granted_ttl=300, purpose="p", now=now)

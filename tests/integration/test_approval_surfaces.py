@@ -21,7 +21,7 @@ import pytest
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from broker.approvals.service import Binding
+from broker.approvals.binding import Binding
 from broker.audit.chain import canonical_json
 from broker.cli.main import app as cli_app
 from broker.db import transaction

@@ -8,7 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from broker.audit.linker import link_all
-from broker.audit.service import verify
+from broker.audit.verification import verify
 from broker.db import transaction
 from tests.support.brokers import Api
 

@@ -10,7 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from broker.audit.events import AgentRef, AuditEvent, RequestRef
-from broker.audit.service import append_many, verify
+from broker.audit.service import append_many
+from broker.audit.verification import verify
 from broker.db import make_engine, transaction
 from tests.support.brokers import BrokerSecrets
 from tests.support.processes import BrokerProcess, migrate

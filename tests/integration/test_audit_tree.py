@@ -20,7 +20,8 @@ from broker.audit import checkpoint as checkpoints
 from broker.audit.chain import GENESIS, canonical_json, chain_hash
 from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.audit.linker import link_all, link_once
-from broker.audit.service import append, append_many, verify
+from broker.audit.service import append, append_many
+from broker.audit.verification import verify
 from broker.db import transaction
 from tests.support.brokers import Api
 from tests.support.processes import BROKER_CLI

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from broker.audit import checkpoint as checkpoints
 from broker.audit import note as notes
-from broker.audit import service as audit_service
+from broker.audit import verification
 from broker.audit import witness as cosigning
 from broker.audit.linker import link_all, origin
 from broker.audit.merkle import consistency_proof
@@ -317,7 +317,7 @@ def test_the_test_witness_keeps_to_the_spec(witnessed: Witnessed) -> None:
     restarted = TestWitness(w.name, w.state_file, key=w.key)
     restarted.trust(origin(api.broker), _broker_vkey(api))
     with transaction(api.broker.engine) as db:
-        leaves = audit_service.leaf_hashes(db, big["tree_size"])
+        leaves = verification.leaf_hashes(db, big["tree_size"])
     proof = consistency_proof(small["tree_size"], leaves)
     flipped = [bytes([proof[0][0] ^ 1]) + proof[0][1:], *proof[1:]]
     other_origin = big["note"].replace(origin(api.broker), "another.example/log", 1)

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import text
 
 from broker.audit.linker import link_all
-from broker.audit.service import verify
+from broker.audit.verification import verify
 from broker.cli.agent import AgentClient
 from broker.cli.client import call as cli_call
 from broker.db import transaction

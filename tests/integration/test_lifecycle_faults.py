@@ -31,7 +31,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from broker.audit.service import query, verify
+from broker.audit.service import query
+from broker.audit.verification import verify
 from broker.config import Settings
 from broker.db import make_engine, transaction, utcnow
 from broker.identity.webhooks import sign

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from broker.audit.linker import link_all
-from broker.audit.service import verify
+from broker.audit.verification import verify
 from broker.db import transaction
 from tests.support.brokers import STANDARD_TIERS, BrokerSecrets, LiveServer, build_broker
 from tests.support.openbao import OpenBaoServer, configure_vault

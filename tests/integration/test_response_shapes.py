@@ -22,24 +22,11 @@ from pydantic import TypeAdapter
 from broker.api.routes.identity import LoginConfig, WhoAmI
 from broker.api.routes.revocations import RevocationResponse
 from broker.api.routes.ssf import PollOut, SsfConfiguration, StatusOut, StreamOut
-from broker.api.schemas import (
-    ApprovalView,
-    AuditCheckpoint,
-    AuditConsistency,
-    AuditPage,
-    AuditVerification,
-    Explanation,
-    GrantView,
-    Jwks,
-    Liveness,
-    PreToolUseOutput,
-    Readiness,
-    ReviewView,
-    SessionCreated,
-    SessionEnded,
-    SessionHeartbeat,
-    SessionView,
-)
+from broker.api.schemas.approvals import ApprovalView, GrantView, ReviewView
+from broker.api.schemas.audit import AuditCheckpoint, AuditConsistency, AuditPage, AuditVerification
+from broker.api.schemas.common import Jwks, Liveness, Readiness
+from broker.api.schemas.hooks import PreToolUseOutput
+from broker.api.schemas.sessions import Explanation, SessionCreated, SessionEnded, SessionHeartbeat, SessionView
 from broker.app import create_app
 from broker.audit.linker import link_all
 from broker.db import transaction, utcnow

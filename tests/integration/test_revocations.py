@@ -16,7 +16,8 @@ import pytest
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from broker.audit.service import query, verify
+from broker.audit.service import query
+from broker.audit.verification import verify
 from broker.cli.main import app as cli
 from broker.config import Settings
 from broker.db import transaction

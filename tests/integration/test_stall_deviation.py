@@ -19,7 +19,8 @@ import pytest
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from broker.audit.service import query, verify
+from broker.audit.service import query
+from broker.audit.verification import verify
 from broker.cli.main import app as cli
 from broker.db import transaction, utcnow
 from broker.lifecycle.sweeper import sweep_once

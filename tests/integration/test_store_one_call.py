@@ -17,7 +17,7 @@ from psycopg import AsyncConnection, pq
 from sqlalchemy import event, text
 
 from broker.app import create_app
-from broker.audit.service import verify
+from broker.audit.verification import verify
 from broker.db import transaction
 from broker.runtime import Broker
 from broker.store.postgres import PostgresStore

@@ -19,7 +19,8 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import select
 
-from broker.audit.service import query, verify
+from broker.audit.service import query
+from broker.audit.verification import verify
 from broker.db import transaction, utcnow
 from broker.identity.webhooks import sign
 from broker.models import AuditRecord, Lease, SessionRow, WebhookDelivery

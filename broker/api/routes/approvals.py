@@ -9,7 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import ApprovalDecide, ApprovalView, error_responses
+from broker.api.schemas.approvals import ApprovalDecide, ApprovalView
+from broker.api.schemas.common import error_responses
 from broker.approvals import service
 from broker.approvals.signals import ApprovalSignals, announce_decision
 

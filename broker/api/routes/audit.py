@@ -9,24 +9,25 @@ from fastapi.responses import Response
 from pydantic import StringConstraints
 
 from broker.api.deps import AdminCaller, AnyCaller, BrokerDep
-from broker.api.schemas import (
-    SESSION_ID_PATTERN,
+from broker.api.schemas.audit import (
     AuditCheckpoint,
     AuditConsistency,
     AuditCosignatureOut,
     AuditPage,
     AuditVerification,
     AuditWitnessStatus,
-    error_responses,
 )
+from broker.api.schemas.common import error_responses
 from broker.audit import checkpoint as checkpoints
 from broker.audit import service as audit
+from broker.audit import verification
 from broker.audit import witness as witnesses
 from broker.audit.linker import latest_checkpoint
 from broker.audit.merkle import consistency_proof
 from broker.db import transaction
 from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.access import may_manage
+from broker.ids import SESSION_ID_PATTERN
 from broker.models import SessionRow
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -67,7 +68,7 @@ def read_audit(
 def verify_audit(broker: BrokerDep, caller: AdminCaller) -> AuditVerification:
     keys = {k.kid: k.public for k in broker.keyring.published()}
     with transaction(broker.engine) as db:
-        return AuditVerification.model_validate(audit.verify(db, keys).to_dict())
+        return AuditVerification.model_validate(verification.verify(db, keys).to_dict())
 
 
 @router.get("/checkpoint", response_model=AuditCheckpoint, responses=ERRORS)
@@ -106,7 +107,7 @@ def read_consistency(
         raise InvalidRequest("first must not be larger than second", code="invalid-tree-size")
     with transaction(broker.engine) as db:
         try:
-            leaves = audit.leaf_hashes(db, second)
+            leaves = verification.leaf_hashes(db, second)
         except LookupError as exc:
             raise NotFound(str(exc), code="tree-size-not-found") from exc
     return AuditConsistency(first=first, second=second, proof=[h.hex() for h in consistency_proof(first, leaves)])

@@ -7,8 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep
-from broker.api.schemas import SESSION_ID_PATTERN, CapabilityRequest, error_responses
+from broker.api.schemas.common import error_responses
+from broker.api.schemas.sessions import CapabilityRequest
 from broker.identity.callers import Caller
+from broker.ids import SESSION_ID_PATTERN
 from broker.leases import queries
 from broker.leases.on_loop import request_capability_async
 from broker.leases.outcomes import CapabilityIssued, CapabilityRevoked, CapabilityView, PendingApproval

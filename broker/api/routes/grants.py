@@ -5,8 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import GrantCreate, GrantView, error_responses
+from broker.api.schemas.approvals import GrantCreate, GrantView
+from broker.api.schemas.common import error_responses
 from broker.approvals import grants
+from broker.leases.facts import bounds_lookup, session_facts
 
 router = APIRouter(prefix="/v1/grants", tags=["approvals"])
 ERRORS = error_responses(400, 401, 403, 404, 422)
@@ -17,5 +19,5 @@ def create_grant(body: GrantCreate, broker: BrokerDep, caller: AnyCaller) -> Gra
     """Bounded by the granter's own permissions and the tier's approvers; each use mints one capability."""
     grant = grants.create(broker, caller, grants.GrantAsk(
         session_id=body.session_id, resource=body.resource, access=body.access, ttl_seconds=body.ttl_seconds,
-        uses=body.uses, reason=body.reason))
+        uses=body.uses, reason=body.reason), session_facts=session_facts, bounds=bounds_lookup(broker))
     return GrantView.model_validate(grant)

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from broker.api.deps import BrokerDep
-from broker.api.schemas import Liveness, Readiness
+from broker.api.schemas.common import Liveness, Readiness
 from broker.metrics import REGISTRY
 from broker.permissions.base import SourceHealth
 from broker.providers.base import ProviderHealth

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from broker.api.deps import AgentCaller, BrokerDep
-from broker.api.schemas import PreToolUseInput, PreToolUseOutput, error_responses
+from broker.api.schemas.common import error_responses
+from broker.api.schemas.hooks import PreToolUseInput, PreToolUseOutput
 from broker.hooks.service import HookInput, pre_tool_use
 
 router = APIRouter(prefix="/v1/hooks", tags=["hooks"])

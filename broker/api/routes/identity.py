@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import error_responses
+from broker.api.schemas.common import error_responses
 
 router = APIRouter(prefix="/v1", tags=["identity"])
 

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.api.deps import BrokerDep, get_caller
 from broker.errors import BrokerError, Unauthenticated
 from broker.identity.callers import Caller
-from broker.oauth import authorize, exchange, form, idjag, metadata
+from broker.oauth import exchange, form, idjag, metadata, tokens
 from broker.oauth.errors import OAuthError, from_broker_error
 from broker.oauth.models import AuthorizationServerMetadata, ProtectedResourceMetadata, Revoked, TokenResponse
 from broker.oauth.revoke import TOKEN_TYPE_HINTS, revoke_token
@@ -60,8 +60,8 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
         "type": "object",
         "required": ["grant_type"],
         "properties": {
-            "grant_type": {"type": "string", "enum": [exchange.GRANT_TYPE, authorize.AUTHORIZATION_CODE,
-                                                      authorize.REFRESH_TOKEN, idjag.GRANT_TYPE]},
+            "grant_type": {"type": "string", "enum": [exchange.GRANT_TYPE, tokens.AUTHORIZATION_CODE,
+                                                      tokens.REFRESH_TOKEN, idjag.GRANT_TYPE]},
             "assertion": _STR,
             "subject_token": _STR,
             "subject_token_type": {"type": "string", "enum": list(exchange.SUBJECT_TOKEN_TYPES)},
@@ -93,7 +93,7 @@ async def token(
         params = form.parse(await request.body(), request.headers.get("content-type", ""),
                             repeatable=frozenset({"resource"}))
         grant_type = form.one(params, "grant_type", required=True)
-        if grant_type in (authorize.AUTHORIZATION_CODE, authorize.REFRESH_TOKEN, idjag.GRANT_TYPE):
+        if grant_type in (tokens.AUTHORIZATION_CODE, tokens.REFRESH_TOKEN, idjag.GRANT_TYPE):
             answer = await run_in_threadpool(_authorization_grant, request, broker, params, grant_type)
         else:
             answer = await run_in_threadpool(exchange.exchange, request, broker, params, idempotency_key)
@@ -135,12 +135,12 @@ def _basic(request: Request) -> tuple[str, str] | None:
 
 def _authorization_grant(request: Request, broker: BrokerDep, params: dict[str, list[str]],
                          grant_type: str) -> dict[str, Any]:
-    client = authorize.authenticate_client(request.app.state.oauth_clients, params, _basic(request))
-    if grant_type == authorize.AUTHORIZATION_CODE:
-        return authorize.redeem_code(broker, client, params)
+    client = tokens.authenticate_client(request.app.state.oauth_clients, params, _basic(request))
+    if grant_type == tokens.AUTHORIZATION_CODE:
+        return tokens.redeem_code(broker, client, params)
     if grant_type == idjag.GRANT_TYPE:
         return idjag.exchange(broker, request.app.state.idjag, client, params)
-    return authorize.refresh(broker, client, params)
+    return tokens.refresh(broker, client, params)
 
 
 @router.post(
@@ -191,13 +191,13 @@ async def revoke(
             # to revoke; for an access token, a client_id the broker does not know (authlib sends one
             # with `none`) falls back to the holder's right below.
             try:
-                client = authorize.authenticate_client(request.app.state.oauth_clients, params, None)
+                client = tokens.authenticate_client(request.app.state.oauth_clients, params, None)
             except OAuthError:
-                if token_value.startswith(authorize.REFRESH_TOKEN_PREFIX):
+                if token_value.startswith(tokens.REFRESH_TOKEN_PREFIX):
                     raise
                 client = None
             if client is not None:
-                await run_in_threadpool(authorize.revoke_for_client, broker, client, token_value)
+                await run_in_threadpool(tokens.revoke_for_client, broker, client, token_value)
                 response.headers.update(NO_STORE)
                 return Revoked()
         # With a Bearer caller: as DELETE on the capability. Without: holding the token is the right.

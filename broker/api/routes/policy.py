@@ -8,7 +8,8 @@ from datetime import timedelta
 from fastapi import APIRouter
 
 from broker.api.deps import BrokerDep, HumanCaller
-from broker.api.schemas import ExplainRequest, Explanation, error_responses
+from broker.api.schemas.common import error_responses
+from broker.api.schemas.sessions import ExplainRequest, Explanation
 from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.access import may_manage

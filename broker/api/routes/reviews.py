@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from broker.api.deps import BrokerDep, HumanCaller
-from broker.api.schemas import ReviewClose, ReviewView, error_responses
+from broker.api.schemas.approvals import ReviewClose, ReviewView
+from broker.api.schemas.common import error_responses
 from broker.breakglass import service
 
 router = APIRouter(prefix="/v1/reviews", tags=["approvals"])

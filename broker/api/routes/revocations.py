@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, StringConstraints
 
 from broker.api.deps import AnyCaller, BrokerDep
-from broker.api.schemas import RECEIPTS_DESCRIPTION, AgentName, Principal, SessionId, Strict, error_responses
+from broker.api.schemas.common import RECEIPTS_DESCRIPTION, AgentName, Principal, SessionId, Strict, error_responses
 from broker.leases.receipts import RevocationReceipt
 from broker.lifecycle.killswitch import RevocationFilter, revoke_matching
 

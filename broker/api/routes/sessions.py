@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from broker.api.deps import AgentCaller, AnyCaller, BrokerDep, OrchestratorCaller
-from broker.api.schemas import (
+from broker.api.schemas.common import error_responses
+from broker.api.schemas.sessions import (
     SessionCreate,
     SessionCreated,
     SessionEnd,
@@ -15,7 +16,6 @@ from broker.api.schemas import (
     SessionHeartbeat,
     SessionResume,
     SessionView,
-    error_responses,
 )
 from broker.sessions import deviation, liveness, service
 from broker.sessions.service import SessionAsk

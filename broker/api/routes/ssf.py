@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api.deps import BrokerDep
-from broker.api.schemas import error_responses
+from broker.api.schemas.common import error_responses
 from broker.errors import InvalidRequest, Unauthenticated
 from broker.identity.callers import bearer
 from broker.identity.oidc import is_loopback

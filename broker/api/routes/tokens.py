@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import BrokerDep
-from broker.api.schemas import Jwks, error_responses
+from broker.api.schemas.common import Jwks, error_responses
 from broker.errors import InvalidRequest
 from broker.leases.outcomes import Introspection
 from broker.leases.queries import introspect

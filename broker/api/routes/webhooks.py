@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import get_caller
-from broker.api.schemas import error_responses
+from broker.api.schemas.common import error_responses
 from broker.errors import BrokerError, Forbidden
 from broker.identity import webhooks as signatures
 from broker.metrics import WEBHOOKS

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.audit import service as audit
+from broker.audit import verification
 from broker.audit.events import AgentRef, AuditEvent, RequestRef
 from broker.config import Settings
 from broker.console.browser import Browser, check_csrf
@@ -86,11 +87,11 @@ def test_a_sessions_records_are_checked_where_they_sit_in_the_chain(tmp_path: Pa
     with transaction(engine) as db:
         mine = audit.query(db, session_id="ses_a")
         assert [r.seq for r in mine] == [1, 3, 5]
-        assert all(c.ok for c in audit.check_records(db, mine))
+        assert all(c.ok for c in verification.check_records(db, mine))
 
         tampered = [AuditRecord(**{**r.model_dump(), "record": r.record.replace("jwt://svc/2", "jwt://svc/9")})
                     if r.seq == 3 else r for r in mine]
-        checks = {c.seq: c for c in audit.check_records(db, tampered)}
+        checks = {c.seq: c for c in verification.check_records(db, tampered)}
         assert checks[3].problem == "the hash does not match the record's content" and checks[1].ok and checks[5].ok
 
         # A record rewritten with a fresh hash no longer links to its neighbours.
@@ -98,12 +99,12 @@ def test_a_sessions_records_are_checked_where_they_sit_in_the_chain(tmp_path: Pa
 
         body = mine[1].record.replace("jwt://svc/2", "jwt://svc/9")
         rehashed = AuditRecord(**{**mine[1].model_dump(), "record": body, "hash": chain_hash(mine[1].prev_hash, body)})
-        (check,) = audit.check_records(db, [rehashed])
+        (check,) = verification.check_records(db, [rehashed])
         assert check.problem == "record 5 does not name this record's hash"  # the session's next record
 
         # The newest record must be where the chain's head is.
         last = audit.query(db, session_id="ses_b")[-1]
-        assert last.seq == 6 and audit.check_records(db, [last])[0].ok
+        assert last.seq == 6 and verification.check_records(db, [last])[0].ok
         ahead = AuditRecord(**{**mine[0].model_dump(), "seq": 7, "prev_hash": last.hash})
-        assert not audit.check_records(db, [ahead])[0].ok
+        assert not verification.check_records(db, [ahead])[0].ok
     engine.dispose()

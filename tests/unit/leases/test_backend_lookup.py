@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import pytest
 
 from broker.errors import ProviderRejected, ProviderUnavailable
-from broker.leases import revocation
-from broker.leases.revocation import _natural_expiry, backend_call
+from broker.leases import backend
+from broker.leases.backend import _natural_expiry, backend_call
 from broker.models import Lease
 from broker.providers.base import Grant, Minted, Provider, ProviderContext, RevokeTarget, TtlBounds
 
@@ -63,8 +63,8 @@ def test_natural_expiry(row: Lease, searchable: bool, expected: datetime) -> Non
 
 
 def test_backend_call_retries_blips_but_not_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(revocation, "BLIP_WAIT_INITIAL_SECONDS", 0.001)
-    monkeypatch.setattr(revocation, "BLIP_JITTER_SECONDS", 0.001)
+    monkeypatch.setattr(backend, "BLIP_WAIT_INITIAL_SECONDS", 0.001)
+    monkeypatch.setattr(backend, "BLIP_JITTER_SECONDS", 0.001)
     attempts: list[int] = []
 
     def flaky() -> str:
@@ -83,7 +83,7 @@ def test_backend_call_retries_blips_but_not_refusals(monkeypatch: pytest.MonkeyP
 
     with pytest.raises(ProviderUnavailable):
         backend_call(down, "t")
-    assert len(attempts) == revocation.BLIP_ATTEMPTS  # then the persisted backoff takes over
+    assert len(attempts) == backend.BLIP_ATTEMPTS  # then the persisted backoff takes over
 
     attempts.clear()
 

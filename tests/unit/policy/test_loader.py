@@ -8,7 +8,7 @@ import pytest
 
 from broker.errors import InvalidRequest, PolicyError
 from broker.policy import EXAMPLE_POLICY_PATH, load_policy, load_policy_text, parse_resource
-from broker.policy.models import parse_duration
+from broker.policy.fields import parse_duration
 
 GOOD = """\
 version: 1

@@ -9,7 +9,8 @@ import pytest
 
 from broker.errors import PolicyError
 from broker.policy import PolicyStore
-from broker.policy.evaluate import human_permission, named_approver
+from broker.policy.approvers import named_approver
+from broker.policy.evaluate import human_permission
 from broker.policy.loader import load_policy_text
 from tests.unit.identity.test_principals import LOOKALIKES_OF_KATE
 

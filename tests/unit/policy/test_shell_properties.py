@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.policy import EXAMPLE_POLICY_PATH, load_policy
-from broker.policy.evaluate import decide_tool_call
 from broker.policy.shell import parse_command
+from broker.policy.tool_gate import decide_tool_call
 from broker.policy.tools import ToolCall
 
 EXAMPLE = load_policy(EXAMPLE_POLICY_PATH)

@@ -13,8 +13,8 @@ import pytest
 
 from broker.policy import EXAMPLE_POLICY_PATH, CompiledPolicy, load_policy, load_policy_text
 from broker.policy import tools as tools_module
-from broker.policy.evaluate import decide_tool_call
 from broker.policy.shell import ParsedCommand, parse_command
+from broker.policy.tool_gate import decide_tool_call
 from broker.policy.tools import ToolCall, ToolVerdict, describe
 
 EXAMPLE_TEXT = EXAMPLE_POLICY_PATH.read_text()

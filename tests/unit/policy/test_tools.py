@@ -6,7 +6,7 @@ import pytest
 
 from broker.errors import PolicyError
 from broker.policy import EXAMPLE_POLICY_PATH, load_policy, load_policy_text
-from broker.policy.evaluate import decide_tool_call
+from broker.policy.tool_gate import decide_tool_call
 from broker.policy.tools import ToolCall, describe, host_allowed, simple_commands, url_hosts
 from tests.support.brokers import TEST_POLICY
 
