@@ -19,8 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from broker.audit.note import AuditWitness
 from broker.errors import ConfigError
 from broker.identity.oidc import OidcConfig, is_loopback, parse_orchestrator_clients
-from broker.identity.principals import canonical_human, principal_problem
 from broker.identity.workload import TrustedIssuer, parse_trusted_issuers
+from broker.principals import canonical_human, principal_problem
 
 ASCII_BLANKS = " \t\r\n"
 RECEIVER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -333,7 +333,7 @@ class Settings(BaseSettings):
         return issuers
 
     def human_token_hashes(self) -> dict[str, str]:
-        """sha256 hex -> the canonical principal (broker.identity.principals) of a local human."""
+        """sha256 hex -> the canonical principal (broker.principals) of a local human."""
         out: dict[str, str] = {}
         # Only ASCII blanks around entries are layout; any other character is part of the name
         # and must pass the canonical form (a NBSP is refused, never trimmed).

@@ -73,7 +73,7 @@ class InvalidRequest(BrokerError, status=400, code="invalid-request"):
 
 
 class InvalidPrincipal(InvalidRequest, code="invalid-principal"):
-    """A human principal with no canonical form (see broker.identity.principals); never changed to fit."""
+    """A human principal with no canonical form (see broker.principals); never changed to fit."""
 
 
 class Unauthenticated(BrokerError, status=401, code="invalid-token"):

@@ -16,7 +16,6 @@ from broker.breakglass import service as breakglass
 from broker.db import transaction
 from broker.errors import BrokerError, Forbidden
 from broker.identity.callers import Caller
-from broker.identity.principals import same_principal
 from broker.models import Approval, SessionRow
 from broker.permissions.service import needs_live_answer
 from broker.policy import (
@@ -27,6 +26,7 @@ from broker.policy import (
     human_permission,
     named_approver,
 )
+from broker.principals import same_principal
 from broker.runtime import Broker
 
 

@@ -28,7 +28,6 @@ from broker.breakglass import service as breakglass
 from broker.db import transaction, utcnow
 from broker.errors import Denied, Forbidden, NotFound
 from broker.identity.callers import Caller
-from broker.identity.principals import same_principal
 from broker.models import JitGrant, SessionRow
 from broker.permissions import service as live_permissions
 from broker.policy import (
@@ -41,6 +40,7 @@ from broker.policy import (
     named_approver,
 )
 from broker.policy.resources import canonical_resource
+from broker.principals import same_principal
 from broker.runtime import Broker
 
 # (transaction, the session's locked row) -> what the evaluator is told about the session

@@ -15,12 +15,12 @@ from sqlmodel import and_, func, or_
 
 from broker.errors import Forbidden
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human, same_principal
 from broker.models import SessionRow
+from broker.principals import canonical_human, same_principal
 
 
 def human_is(principal: str) -> Any:
-    """WHERE the session's human is `principal` in the canonical form (broker.identity.principals).
+    """WHERE the session's human is `principal` in the canonical form (broker.principals).
 
     Sessions store the canonical form; rows from before that may differ in ASCII case only, so a
     row also matches when its lower- *and* upper-cased forms equal the canonical one's: a

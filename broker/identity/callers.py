@@ -15,7 +15,7 @@ from typing import Literal
 
 from broker.errors import Unauthenticated
 from broker.identity.keys import KeyRing
-from broker.identity.principals import canonical_human
+from broker.principals import canonical_human
 
 CallerKind = Literal["agent", "orchestrator", "admin", "human"]
 
@@ -27,7 +27,7 @@ class Caller:
     session_id: str | None = None  # agents only
     # Humans only: groups from the IdP's claim, joined with the policy's own membership
     # (`CompiledPolicy.groups_of(name, groups)`). A human's name is their canonical principal
-    # (broker.identity.principals).
+    # (broker.principals).
     groups: frozenset[str] = frozenset()
 
     @property

@@ -32,7 +32,7 @@ from broker.errors import ConfigError, IdentityProviderUnavailable, Unauthentica
 from broker.identity.callers import Caller
 from broker.identity.claims import MALFORMED_VALUE_ERRORS, time_claim_problem
 from broker.identity.keys import jwt_options
-from broker.identity.principals import canonical_human, group_problem, principal_problem
+from broker.principals import canonical_human, group_problem, principal_problem
 
 log = logging.getLogger("broker.identity")
 

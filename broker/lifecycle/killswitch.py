@@ -26,11 +26,11 @@ from broker.db import transaction
 from broker.errors import InvalidRequest
 from broker.identity.access import human_is, managed_by
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human
 from broker.leases.revocation import RevokeSummary, revoke_leases
 from broker.leases.vocabulary import LIVE
 from broker.models import Lease, SessionRow
 from broker.policy.resources import glob_matches, is_glob, validate_pattern
+from broker.principals import canonical_human
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 

@@ -29,13 +29,13 @@ import jwt
 from broker.config import Settings
 from broker.errors import BrokerError, ConfigError
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human
 from broker.oauth import tokens
 from broker.oauth.clients import OAuthClient
 from broker.oauth.dpop import DatabaseReplayCache
 from broker.oauth.errors import OAuthError
 from broker.oauth.form import one
 from broker.oauth.vocabulary import choose_access, client_label, issuer, resource_of
+from broker.principals import canonical_human
 from broker.runtime import Broker
 from broker.sessions import service as sessions
 

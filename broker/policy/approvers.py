@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.identity.principals import same_principal
 from broker.policy.compiled import CompiledPolicy
+from broker.principals import same_principal
 
 
 def approvers_of(policy: CompiledPolicy, tier: str | None) -> tuple[str, ...]:

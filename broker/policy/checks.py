@@ -4,9 +4,9 @@ between sections, rules that can never apply.
 
 from __future__ import annotations
 
-from broker.identity.principals import canonical_human
 from broker.policy.models import PolicyDocument
 from broker.policy.trust import trust_problems
+from broker.principals import canonical_human
 
 Path = tuple[str | int, ...]
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from broker.identity.principals import canonical_human, principal_problem
 from broker.policy.fields import DEFAULT_ESCALATION_TIERS, TIER_ORDER
 from broker.policy.models import BreakGlass, Budgets, Grant, PolicyDocument, Tier
 from broker.policy.resources import Glob, compile_glob, is_glob
 from broker.policy.tools import CompiledTools
 from broker.policy.trust import CompiledTrust
+from broker.principals import canonical_human, principal_problem
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class CompiledPolicy:
         self.resources: tuple[ResourceRule, ...] = tuple(rules)
         self._matcher = ResourceMatcher(self.resources)
 
-        # Humans are keyed by their canonical form (broker.identity.principals), the one way
+        # Humans are keyed by their canonical form (broker.principals), the one way
         # principals are compared; the models refused any name without one.
         self._human_keys: dict[str, str] = {canonical_human(email): email for email in document.humans}
         self.human_identities: Mapping[str, Mapping[str, str]] = MappingProxyType(

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, StringConstraints, WithJsonSchema
 
-from broker.identity.principals import group_problem, principal_problem
 from broker.policy.resources import canonical_pattern, pattern_problem
+from broker.principals import group_problem, principal_problem
 
 TierName = Literal["read", "write", "review", "merge_deploy", "secret", "destructive"]
 # Risk order, lowest first: an agent's max_tier admits every tier at or before it.

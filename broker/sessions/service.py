@@ -16,12 +16,12 @@ from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity import spiffe
 from broker.identity.access import managed_by, may_manage
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human
 from broker.ids import is_session_id
 from broker.leases.teardown import end, session_event
 from broker.leases.vocabulary import LIVE
 from broker.models import Lease, SessionRow
 from broker.policy import validate_pattern
+from broker.principals import canonical_human
 from broker.runtime import Broker
 from broker.sessions.idle import CLAIM as IDLE_CLAIM
 from broker.sessions.idle import idle_timeout_for

@@ -14,12 +14,12 @@ from broker.db import transaction, utcnow
 from broker.errors import Forbidden, InvalidRequest, NotFound
 from broker.identity.access import may_manage
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human, same_principal
 from broker.leases.facts import bounds_lookup, session_facts
 from broker.leases.service import decide
 from broker.models import SessionRow
 from broker.policy import RequestFacts, ScopeEntry, SessionFacts, evaluate_with_shadow
 from broker.policy.resources import canonical_pattern, canonical_resource
+from broker.principals import canonical_human, same_principal
 from broker.times import rfc3339
 
 router = APIRouter(prefix="/v1/policy", tags=["policy"])

@@ -16,7 +16,7 @@ RESOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[!-~]{1,480}$"
 Resource = Annotated[str, StringConstraints(pattern=RESOURCE_PATTERN, max_length=512)]
 AccessName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$|^\*$")]
 AgentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-# Length only here: the canonical form (broker.identity.principals) is checked by the service,
+# Length only here: the canonical form (broker.principals) is checked by the service,
 # so every principal that does not fit gets one answer, 400 invalid-principal.
 Principal = Annotated[str, StringConstraints(min_length=1, max_length=320)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]

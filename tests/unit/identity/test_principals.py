@@ -13,8 +13,8 @@ from sqlmodel import Session, SQLModel, select
 from broker.errors import InvalidPrincipal
 from broker.identity.access import human_is
 from broker.identity.callers import Caller
-from broker.identity.principals import canonical_human, group_problem, principal_problem, same_principal
 from broker.models import SessionRow
+from broker.principals import canonical_human, group_problem, principal_problem, same_principal
 from broker.sessions.service import may_manage
 
 KATE = "kate@example.com"
