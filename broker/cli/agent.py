@@ -117,7 +117,8 @@ class AgentClient:
             response = self.call("POST", "/v1/capabilities", json=body, headers={"Idempotency-Key": key + "-approved"})
         if response.status_code != 201:
             raise _error(response, f"{resource} ({access})")
-        return response.json()
+        granted: dict[str, Any] = response.json()
+        return granted
 
     def _approved(self, approval_id: str, wait_seconds: float) -> bool:
         deadline = time.monotonic() + wait_seconds
@@ -137,13 +138,15 @@ class AgentClient:
         response = self.call("DELETE", f"/v1/capabilities/{capability_id}")
         if response.status_code != 200:
             raise _error(response, capability_id)
-        return response.json()
+        revoked: dict[str, Any] = response.json()
+        return revoked
 
     def capabilities(self, status: str | None = "active") -> list[dict[str, Any]]:
         response = self.call("GET", "/v1/capabilities", params={"status": status, "limit": 1000} if status else None)
         if response.status_code != 200:
             raise _error(response, "listing capabilities")
-        return response.json()
+        listed: list[dict[str, Any]] = response.json()
+        return listed
 
 
 def _say(line: str) -> None:

@@ -114,7 +114,7 @@ def _discover(issuer: str) -> dict[str, Any]:
     try:
         response = httpx.get(url, timeout=HTTP_TIMEOUT)
         response.raise_for_status()
-        doc = response.json()
+        doc: dict[str, Any] = response.json()
     except (httpx.HTTPError, ValueError) as exc:
         typer.echo(f"error: cannot read the identity provider's discovery document at {url}: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -211,7 +211,8 @@ def _broker_login_config(broker: str) -> dict[str, Any]:
         raise typer.Exit(2) from exc
     if response.status_code != 200:
         return {}
-    return response.json()
+    config: dict[str, Any] = response.json()
+    return config
 
 
 def _whoami(broker: str, access_token: str) -> httpx.Response:
