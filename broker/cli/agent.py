@@ -20,12 +20,12 @@ import httpx
 from broker.cli import retry
 from broker.cli.target import broker_url
 
-SESSION_TOKEN_ENV = "BROKER_SESSION_TOKEN"
+SESSION_TOKEN_ENV = "BROKER_SESSION_TOKEN"  # noqa: S105  # an environment variable's name, not a secret
 # The agent runtime's own workload token, for sessions bound to it (docs/workload-identity.md):
 # a file (re-read on every call, since the platform rotates it: a projected service-account
 # token, a JWT-SVID written by a SPIFFE helper) or the token itself.
-WORKLOAD_TOKEN_FILE_ENV = "BROKER_WORKLOAD_TOKEN_FILE"
-WORKLOAD_TOKEN_ENV = "BROKER_WORKLOAD_TOKEN"
+WORKLOAD_TOKEN_FILE_ENV = "BROKER_WORKLOAD_TOKEN_FILE"  # noqa: S105  # an environment variable's name, not a secret
+WORKLOAD_TOKEN_ENV = "BROKER_WORKLOAD_TOKEN"  # noqa: S105  # an environment variable's name, not a secret
 WORKLOAD_HEADER = "X-Workload-Token"
 # How long a helper waits for a human to decide an approval before giving up (0: do not wait).
 APPROVAL_WAIT_ENV = "BROKER_APPROVAL_WAIT"

@@ -342,7 +342,7 @@ def _revoke(entry: dict[str, Any]) -> None:
         return
     try:
         with _oauth_client(entry["client_id"], entry.get("client_secret")) as client:
-            response = client.revoke_token(endpoint, token=token, token_type_hint="refresh_token")
+            response = client.revoke_token(endpoint, token=token, token_type_hint="refresh_token")  # noqa: S106  # RFC 7009's hint naming the token's kind
         if response.status_code != 200:
             typer.echo(f"warning: the identity provider did not revoke the refresh token (HTTP {response.status_code})",
                        err=True)

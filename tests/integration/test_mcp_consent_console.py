@@ -14,7 +14,7 @@ from broker.db import transaction
 from broker.models import Lease
 from tests.integration.test_mcp_authorization import ALICE, CLIENT_ID
 from tests.integration.test_mcp_authorization_refusals import MCP, World, _authorize, _pkce
-from tests.integration.test_mcp_authorization_refusals import world as world
+from tests.integration.test_mcp_authorization_refusals import world as world  # the fixture
 from tests.support.console import ConsoleBrowser, csrf_of
 
 REFRESH = re.compile(r'<meta http-equiv="refresh" content="0; url=([^"]+)">')
