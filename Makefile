@@ -49,7 +49,8 @@ $(OIDC_PROVIDER)/node_modules/.package-lock.json: $(OIDC_PROVIDER)/package-lock.
 
 oidc-provider: $(OIDC_PROVIDER)/node_modules/.package-lock.json
 
-## ruff (style, imports, bugbear) and mypy over the package: part of CI.
+## ruff (style, imports, bugbear, simplify, security, complexity...: the set in pyproject.toml) and
+## mypy --strict over the package: part of CI.
 lint: install-test
 	$(BIN)/ruff check broker tests bench
 	$(BIN)/mypy

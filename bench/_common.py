@@ -91,7 +91,7 @@ class Cleanup:
             what, action = self._actions.pop()
             try:
                 action()
-            except Exception as exc:  # keep cleaning whatever fails
+            except Exception as exc:  # noqa: BLE001  # keep cleaning whatever fails
                 log(f"cleanup of {what} failed: {exc!r}")
 
     def __enter__(self) -> Cleanup:
@@ -321,7 +321,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted sequence."""
     if not sorted_values:
         return float("nan")
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
     return sorted_values[k]
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psycopg  # noqa: E402
+import psycopg
 from _common import (
     BrokerProcess,
     Cleanup,
@@ -44,7 +44,7 @@ from _common import (
     libpq_url,
     log,
     median,
-    reported,  # noqa: E402
+    reported,
     temp_dir,
 )
 
@@ -189,45 +189,44 @@ def main() -> int:
     report = Report("expiry_lag", args.quick)
     report.results["settings"] = {k: getattr(args, k) for k in
                                   ("active", "expiring", "window", "lead", "intervals", "runs", "poll")}
-    with Cleanup() as cleanup:
-        with reported(report):
-            work = temp_dir(cleanup, "jitb-bench-expiry-")
-            db_url = create_pg_database(cleanup)
-            dsn = libpq_url(db_url)
-            broker = BrokerProcess(cleanup, work, db_url)
-            broker.migrate()
-            t = time.perf_counter()
-            sessions = seed(dsn, args.active - args.expiring)
-            log(f"seeded {args.active - args.expiring} active leases in {time.perf_counter() - t:.1f}s")
-            report.results["due_query_explain"] = explain_due_query(dsn)
-            runs: dict[str, list[dict[str, Any]]] = {f"{i:g}": [] for i in args.intervals}
-            for r in range(args.runs):
-                for interval in args.intervals:  # interleaved
-                    res = one_run(broker, dsn, sessions, interval, f"{r}_{interval:g}".replace(".", "p"), args)
-                    lag = res["lag_ended_at_minus_expires_at"]
-                    log(f"run {r + 1}/{args.runs} interval {interval:g}s: lag p50 {lag.get('p50_ms')} ms, "
-                        f"p99 {lag.get('p99_ms')} ms, max {lag.get('max_ms')} ms; statuses {res['statuses_after']}")
-                    runs[f"{interval:g}"].append(res)
-            summary: dict[str, Any] = {}
-            for interval, rs in runs.items():
-                def med(field: str, key: str, rs: list[dict[str, Any]] = rs) -> float:
-                    return median([x[field][key] for x in rs if x[field]])
-                p99 = med("lag_ended_at_minus_expires_at", "p99_ms")
-                summary[f"interval_{interval}s"] = {
-                    "median_of_runs": {
-                        "lag_p50_ms": med("lag_ended_at_minus_expires_at", "p50_ms"), "lag_p99_ms": p99,
-                        "lag_max_ms": med("lag_ended_at_minus_expires_at", "max_ms"),
-                        "visible_lag_p50_ms": med("visible_lag_poller", "p50_ms"),
-                        "visible_lag_p99_ms": med("visible_lag_poller", "p99_ms"),
-                        "visible_lag_max_ms": med("visible_lag_poller", "max_ms")},
-                    "worst_max_ms_over_runs": max(x["lag_ended_at_minus_expires_at"].get("max_ms", 0) for x in rs),
-                    "target_p99_ms": TARGET_P99_S * 1000, "met": p99 <= TARGET_P99_S * 1000
-                    and all(x["not_ended"] == 0 for x in rs),
-                    "runs": rs}
-            report.results["expiry_lag"] = summary
-            with psycopg.connect(dsn) as conn:
-                report.results["active_leases_at_end"] = conn.execute(
-                    "SELECT count(*) FROM leases WHERE status = 'active'").fetchone()[0]  # type: ignore[index]
+    with Cleanup() as cleanup, reported(report):
+        work = temp_dir(cleanup, "jitb-bench-expiry-")
+        db_url = create_pg_database(cleanup)
+        dsn = libpq_url(db_url)
+        broker = BrokerProcess(cleanup, work, db_url)
+        broker.migrate()
+        t = time.perf_counter()
+        sessions = seed(dsn, args.active - args.expiring)
+        log(f"seeded {args.active - args.expiring} active leases in {time.perf_counter() - t:.1f}s")
+        report.results["due_query_explain"] = explain_due_query(dsn)
+        runs: dict[str, list[dict[str, Any]]] = {f"{i:g}": [] for i in args.intervals}
+        for r in range(args.runs):
+            for interval in args.intervals:  # interleaved
+                res = one_run(broker, dsn, sessions, interval, f"{r}_{interval:g}".replace(".", "p"), args)
+                lag = res["lag_ended_at_minus_expires_at"]
+                log(f"run {r + 1}/{args.runs} interval {interval:g}s: lag p50 {lag.get('p50_ms')} ms, "
+                    f"p99 {lag.get('p99_ms')} ms, max {lag.get('max_ms')} ms; statuses {res['statuses_after']}")
+                runs[f"{interval:g}"].append(res)
+        summary: dict[str, Any] = {}
+        for interval, rs in runs.items():
+            def med(field: str, key: str, rs: list[dict[str, Any]] = rs) -> float:
+                return median([x[field][key] for x in rs if x[field]])
+            p99 = med("lag_ended_at_minus_expires_at", "p99_ms")
+            summary[f"interval_{interval}s"] = {
+                "median_of_runs": {
+                    "lag_p50_ms": med("lag_ended_at_minus_expires_at", "p50_ms"), "lag_p99_ms": p99,
+                    "lag_max_ms": med("lag_ended_at_minus_expires_at", "max_ms"),
+                    "visible_lag_p50_ms": med("visible_lag_poller", "p50_ms"),
+                    "visible_lag_p99_ms": med("visible_lag_poller", "p99_ms"),
+                    "visible_lag_max_ms": med("visible_lag_poller", "max_ms")},
+                "worst_max_ms_over_runs": max(x["lag_ended_at_minus_expires_at"].get("max_ms", 0) for x in rs),
+                "target_p99_ms": TARGET_P99_S * 1000, "met": p99 <= TARGET_P99_S * 1000
+                and all(x["not_ended"] == 0 for x in rs),
+                "runs": rs}
+        report.results["expiry_lag"] = summary
+        with psycopg.connect(dsn) as conn:
+            report.results["active_leases_at_end"] = conn.execute(
+                "SELECT count(*) FROM leases WHERE status = 'active'").fetchone()[0]  # type: ignore[index]
     report.emit()
     return 0
 

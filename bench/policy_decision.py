@@ -23,9 +23,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.policy import RequestFacts, ScopeEntry, SessionFacts, load_policy_text  # noqa: E402
-from broker.policy.evaluate import evaluate  # noqa: E402
-from broker.policy.resources import compile_glob, is_glob  # noqa: E402
+from broker.policy import RequestFacts, ScopeEntry, SessionFacts, load_policy_text
+from broker.policy.evaluate import evaluate
+from broker.policy.resources import compile_glob, is_glob
 
 SERVICES = 50
 
@@ -53,7 +53,7 @@ def policy_text(rules: int, humans: int) -> tuple[str, list[str], list[str]]:
 
 
 def measure(rules: int = 1000, humans: int = 1000, decisions: int = 20000) -> dict[str, Any]:
-    text, targets, emails = policy_text(rules, humans)
+    text, targets, _emails = policy_text(rules, humans)
     policy = load_policy_text(text)
     now = datetime.now(UTC)
     rng = random.Random(7)

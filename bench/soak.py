@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psycopg  # noqa: E402
-from _common import (  # noqa: E402
+import psycopg
+from _common import (
     REPO,
     BrokerProcess,
     Cleanup,
@@ -44,7 +44,7 @@ from _common import (  # noqa: E402
     reported,
     temp_dir,
 )
-from suite import write_tokens, wrk  # noqa: E402
+from suite import write_tokens, wrk
 
 BEGIN, END = "<!-- make soak: begin -->", "<!-- make soak: end -->"
 TABLES = ("leases", "audit_records", "audit_leaves", "idempotency_keys", "sessions", "session_live_deltas", "outbox")

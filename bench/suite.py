@@ -45,8 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psycopg  # noqa: E402
-from _common import (  # noqa: E402
+import psycopg
+from _common import (
     REPO,
     BrokerProcess,
     Cleanup,
@@ -105,7 +105,7 @@ def wrk(url: str, tokens: Path, *, connections: int, seconds: float, body: dict[
             + r["timeout"], "late_sends": r["late"], "seconds": round(seconds_run, 2),
             "per_s": round(good / seconds_run, 1), "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
             "p99_ms": r["p99_us"] / 1000, "max_ms": r["max_us"] / 1000, "connections": connections,
-            "command": " ".join(cmd[:-1] + ["URL"])}
+            "command": " ".join([*cmd[:-1], "URL"])}
 
 
 def measured(server_cpu: Callable[[], float], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -147,7 +147,7 @@ class LinkWindow:
     def _run(self) -> None:
         try:
             self._poll()
-        except Exception as exc:  # reported, not swallowed: the summary would read as "nothing seen"
+        except Exception as exc:  # noqa: BLE001  # reported, not swallowed: the summary would read as "nothing seen"
             self.error = repr(exc)
             log(f"link window poller failed: {exc!r}")
 
@@ -197,7 +197,7 @@ def lock_waits(summary: dict[str, Any]) -> dict[str, Any]:
             continue
         if "[Lock:tuple]" not in key and "[Lock:transactionid]" not in key:
             others[key] = avg
-        elif "FROM sessions" in key and "FOR UPDATE" in key.upper() or "sessions.id" in key:
+        elif ("FROM sessions" in key and "FOR UPDATE" in key.upper()) or "sessions.id" in key:
             session_row += avg
         else:
             other += avg

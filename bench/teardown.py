@@ -30,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
-import psycopg  # noqa: E402
+import httpx
+import psycopg
 from _common import (
     REPO,
     BrokerProcess,
@@ -44,7 +44,7 @@ from _common import (
     libpq_url,
     log,
     median,
-    reported,  # noqa: E402
+    reported,
     temp_dir,
 )
 
@@ -58,10 +58,10 @@ def vault_available() -> str | None:
         if not (REPO / path).exists():
             return f"{path} does not exist"
     try:
-        from tests.support.openbao import bao_binary  # noqa: F401
+        from tests.support.openbao import bao_binary
 
         bao_binary()
-    except BaseException as exc:  # pytest.fail raises a BaseException subclass
+    except BaseException as exc:  # noqa: BLE001  # pytest.fail raises a BaseException subclass
         return f"no bao binary: {exc}"
     return None
 
@@ -125,7 +125,7 @@ def one_run(broker: BrokerProcess, db_url: str, provider: str, n: int, vault_cli
                 alive += 1
             except hx.InvalidRequest:  # revoked: OpenBao answers 400 "invalid accessor"
                 pass
-            except Exception:
+            except Exception:  # noqa: BLE001  # any other answer counts the token as unknown, not alive
                 unknown += 1
         result["vault_tokens_sampled"] = len(sample)
         result["vault_tokens_still_alive"] = alive + unknown
@@ -182,61 +182,60 @@ def main() -> int:
         args.capabilities, args.runs = 100, 1
     report = Report("teardown", args.quick)
     report.results["settings"] = {"capabilities": args.capabilities, "runs": args.runs}
-    with Cleanup() as cleanup:
-        with reported(report):
-            work = temp_dir(cleanup, "jitb-bench-teardown-")
-            providers = ["native"]
-            extra_env: dict[str, str] = {}
-            vault_client = None
-            why_not = "--no-vault" if args.no_vault else vault_available()
-            if why_not is None:
-                from tests.support.openbao import OpenBaoServer, configure_vault
+    with Cleanup() as cleanup, reported(report):
+        work = temp_dir(cleanup, "jitb-bench-teardown-")
+        providers = ["native"]
+        extra_env: dict[str, str] = {}
+        vault_client = None
+        why_not = "--no-vault" if args.no_vault else vault_available()
+        if why_not is None:
+            from tests.support.openbao import OpenBaoServer, configure_vault
 
-                (work / "bao").mkdir()
-                bao = OpenBaoServer(work / "bao")
-                cleanup.push("openbao server", bao.stop)
-                bao.start()
-                setup = configure_vault(bao)
-                vault_client = bao.client()
-                extra_env = {"BROKER_VAULT_ADDR": bao.addr, "BROKER_VAULT_TOKEN": setup.broker_token,
-                             "BROKER_VAULT_TOKEN_ROLE": setup.token_role}
-                providers.append("vault")
-                log(f"OpenBao dev server at {bao.addr}")
-            else:
-                report.results["vault_skipped"] = why_not
-                log(f"vault runs skipped: {why_not}")
-            db_url = create_pg_database(cleanup)
-            (work / "broker").mkdir()
-            broker = BrokerProcess(cleanup, work / "broker", db_url, policy=bench_policy(vault="vault" in providers),
-                                   extra_env=extra_env)
-            broker.migrate()
-            broker.start()
-            for provider in providers:  # warm-up: pools, prepared statements, the vault login
-                one_run(broker, db_url, provider, 20, None)
-            runs: dict[str, list[dict[str, Any]]] = {p: [] for p in providers}
-            for i in range(args.runs):
-                for provider in providers:
-                    r = one_run(broker, db_url, provider, args.capabilities,
-                                vault_client if provider == "vault" else None)
-                    log(f"run {i + 1}/{args.runs} {provider}: {args.capabilities} revoked in {r['seconds']} s "
-                        f"(all revoked: {r['all_revoked']})")
-                    runs[provider].append(r)
-            summary: dict[str, Any] = {}
-            for provider, rs in runs.items():
-                med = median([r["seconds"] for r in rs])
-                summary[provider] = {
-                    "median_seconds": round(med, 3), "per_run_seconds": [r["seconds"] for r in rs],
-                    "median_revocations_per_second": round(args.capabilities / med, 1),
-                    "target_seconds_for_1000": TARGETS[provider],
-                    "met": args.capabilities == 1000 and med <= TARGETS[provider],
-                    "all_revoked_every_run": all(r["all_revoked"] for r in rs), "runs": rs}
-            if "vault" in summary:
-                summary["ratio_vault_over_native"] = round(summary["vault"]["median_seconds"]
-                                                           / summary["native"]["median_seconds"], 2)
-            report.results["teardown"] = summary
-            if vault_client is not None and not args.no_backend_floor:
-                log("OpenBao alone: revoking tokens by accessor, sequential and 8 in flight")
-                report.results["vault_backend_floor"] = backend_floor(vault_client, "jit-broker", args.capabilities)
+            (work / "bao").mkdir()
+            bao = OpenBaoServer(work / "bao")
+            cleanup.push("openbao server", bao.stop)
+            bao.start()
+            setup = configure_vault(bao)
+            vault_client = bao.client()
+            extra_env = {"BROKER_VAULT_ADDR": bao.addr, "BROKER_VAULT_TOKEN": setup.broker_token,
+                         "BROKER_VAULT_TOKEN_ROLE": setup.token_role}
+            providers.append("vault")
+            log(f"OpenBao dev server at {bao.addr}")
+        else:
+            report.results["vault_skipped"] = why_not
+            log(f"vault runs skipped: {why_not}")
+        db_url = create_pg_database(cleanup)
+        (work / "broker").mkdir()
+        broker = BrokerProcess(cleanup, work / "broker", db_url, policy=bench_policy(vault="vault" in providers),
+                               extra_env=extra_env)
+        broker.migrate()
+        broker.start()
+        for provider in providers:  # warm-up: pools, prepared statements, the vault login
+            one_run(broker, db_url, provider, 20, None)
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in providers}
+        for i in range(args.runs):
+            for provider in providers:
+                r = one_run(broker, db_url, provider, args.capabilities,
+                            vault_client if provider == "vault" else None)
+                log(f"run {i + 1}/{args.runs} {provider}: {args.capabilities} revoked in {r['seconds']} s "
+                    f"(all revoked: {r['all_revoked']})")
+                runs[provider].append(r)
+        summary: dict[str, Any] = {}
+        for provider, rs in runs.items():
+            med = median([r["seconds"] for r in rs])
+            summary[provider] = {
+                "median_seconds": round(med, 3), "per_run_seconds": [r["seconds"] for r in rs],
+                "median_revocations_per_second": round(args.capabilities / med, 1),
+                "target_seconds_for_1000": TARGETS[provider],
+                "met": args.capabilities == 1000 and med <= TARGETS[provider],
+                "all_revoked_every_run": all(r["all_revoked"] for r in rs), "runs": rs}
+        if "vault" in summary:
+            summary["ratio_vault_over_native"] = round(summary["vault"]["median_seconds"]
+                                                       / summary["native"]["median_seconds"], 2)
+        report.results["teardown"] = summary
+        if vault_client is not None and not args.no_backend_floor:
+            log("OpenBao alone: revoking tokens by accessor, sequential and 8 in flight")
+            report.results["vault_backend_floor"] = backend_floor(vault_client, "jit-broker", args.capabilities)
     report.emit()
     return 0
 

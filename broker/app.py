@@ -10,12 +10,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from prometheus_client.core import GaugeMetricFamily
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from broker import __version__, security_events
 from broker import outbox as outbox_core
@@ -50,7 +46,6 @@ from broker.audit.witness import witness_loop as audit_witness_loop
 from broker.config import Settings
 from broker.console import app as console
 from broker.db import transaction
-from broker.errors import BrokerError
 from broker.identity.callers import ApiKeys
 from broker.identity.ratelimit import RateLimiter
 from broker.lifecycle.recheck import permission_rechecker
@@ -60,7 +55,6 @@ from broker.logs import RequestIdMiddleware, configure_logging
 from broker.metrics import REGISTRY, DatabaseCollector
 from broker.oauth.clients import ClientDirectory
 from broker.oauth.idjag import IdJagVerifier
-from broker.outages import FAMILIES as OUTAGE_FAMILIES
 from broker.periodic import Periodic
 from broker.runtime import Broker
 from broker.ssf import streams as ssf_streams
@@ -72,20 +66,6 @@ log = logging.getLogger("broker")
 OUTBOX_SENDERS: dict[str, outbox_core.Sender] = {approval_outbox.KIND: approval_outbox.deliver,
                                                  security_events.KIND: security_events.deliver,
                                                  ssf_streams.KIND: ssf_streams.deliver}
-
-_STATUS_CODES = {400: "invalid-request", 401: "invalid-token", 403: "forbidden", 404: "not-found",
-                 405: "method-not-allowed", 409: "conflict", 413: "payload-too-large", 415: "unsupported-media-type"}
-
-
-def _allowed_methods(request: Request) -> str:
-    """Every method some route serves at this path (Starlette's own 405 names only the first route's)."""
-    allowed = []
-    for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"):
-        scope = {**request.scope, "method": method}
-        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
-            allowed.append(method)
-    return ", ".join(allowed)
-
 
 def record_policy_loaded(broker: Broker, trigger: str) -> bool:
     """Audit `policy.loaded` when the policy in force (enforced and shadow versions) differs
@@ -194,7 +174,7 @@ async def _start_loops(broker: Broker, names: frozenset[str]) -> list[Periodic]:
         if loop.catch_up is not None:
             try:
                 await asyncio.to_thread(loop.catch_up, broker)
-            except Exception:  # noqa: BLE001  # the loop's passes run the same queries: delayed, not lost
+            except Exception:  # the loop's passes run the same queries: delayed, not lost
                 log.exception("%s: catching up at start failed; its loop will carry on", loop.name)
         periodic.start()
         started.append(periodic)
@@ -247,45 +227,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     if broker is not None:  # tests that build the broker themselves can use the app at once
         _wire(app, broker)
 
-    @app.exception_handler(BrokerError)
-    async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
-        return answers.broker_error(request, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse({"error": {"code": "invalid-json", "message": "the body is not valid JSON"}}, 400)
-        # Input values are not echoed back: they may be someone's secret pasted in the wrong field.
-        problems = [{"loc": list(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
-        return JSONResponse(
-            {"error": {"code": "validation-failed", "message": "the request does not match the schema", "problems": problems}},
-            status_code=422,
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, "http-error")
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:  # RFC 9110: a 405 names what the resource does allow
-            headers["Allow"] = _allowed_methods(request)
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                            headers=headers or None)
-
-    async def outage_error(request: Request, exc: Exception) -> JSONResponse:
-        """A driver's or SDK's error that reached the app: 503 when it is an outage, else a bug."""
-        answer = answers.outage_error(request, exc)
-        if answer is None:
-            raise exc  # to `unexpected`: logged with its traceback, answered 500
-        return answer
-
-    for family in OUTAGE_FAMILIES:  # handled inside the app, so the connection is answered and kept
-        app.add_exception_handler(family, outage_error)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return answers.unexpected_error(request, exc)
-
+    for family, handler in answers.HANDLERS:
+        app.add_exception_handler(family, handler)
     app.state.approval_signals = ApprovalSignals()
     for router in ROUTERS:
         app.include_router(router)

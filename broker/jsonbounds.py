@@ -65,33 +65,46 @@ def check(value: Any, limits: JsonLimits) -> None:
         if isinstance(node, dict | list) and depth > limits.max_depth:
             raise JsonBoundsError("json-too-deep", f"nested deeper than {limits.max_depth} levels", path)
         if isinstance(node, dict):
-            if len(node) > limits.max_keys:
-                raise JsonBoundsError("json-too-many-keys", f"an object with more than {limits.max_keys} keys", path)
-            for key, child in node.items():
-                if not isinstance(key, str):
-                    raise JsonBoundsError("invalid-json", "object keys must be strings", path)
-                problem = _string_problem(key, limits, "a key")
-                if problem:
-                    raise JsonBoundsError(*problem, path)
-                stack.append((child, depth + 1, f"{path}.{key[:64]}"))
+            stack.extend(_object_children(node, depth, path, limits))
         elif isinstance(node, list):
             if len(node) > limits.max_array:
                 raise JsonBoundsError("json-array-too-long", f"an array longer than {limits.max_array} items", path)
             stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(node))
-        elif isinstance(node, str):
-            problem = _string_problem(node, limits, "a string")
-            if problem:
-                raise JsonBoundsError(*problem, path)
-        elif isinstance(node, bool) or node is None:
-            continue
-        elif isinstance(node, int):
-            if abs(node) > limits.max_int:
-                raise JsonBoundsError("json-number-out-of-range", f"an integer beyond +-{limits.max_int}", path)
-        elif isinstance(node, float):
-            if not math.isfinite(node):
-                raise JsonBoundsError("json-number-out-of-range", "NaN and infinite numbers are not JSON", path)
         else:
-            raise JsonBoundsError("invalid-json", f"not a JSON value: {type(node).__name__}", path)
+            _check_scalar(node, limits, path)
+
+
+def _object_children(node: dict[Any, Any], depth: int, path: str, limits: JsonLimits) -> list[tuple[Any, int, str]]:
+    """An object's values to check next, once its key count and every key are within `limits`."""
+    if len(node) > limits.max_keys:
+        raise JsonBoundsError("json-too-many-keys", f"an object with more than {limits.max_keys} keys", path)
+    children: list[tuple[Any, int, str]] = []
+    for key, child in node.items():
+        if not isinstance(key, str):
+            raise JsonBoundsError("invalid-json", "object keys must be strings", path)
+        problem = _string_problem(key, limits, "a key")
+        if problem:
+            raise JsonBoundsError(*problem, path)
+        children.append((child, depth + 1, f"{path}.{key[:64]}"))
+    return children
+
+
+def _check_scalar(node: Any, limits: JsonLimits, path: str) -> None:
+    """Raise JsonBoundsError for a string, number, boolean or null outside `limits` (or no JSON value at all)."""
+    if isinstance(node, str):
+        problem = _string_problem(node, limits, "a string")
+        if problem:
+            raise JsonBoundsError(*problem, path)
+    elif isinstance(node, bool) or node is None:
+        return
+    elif isinstance(node, int):
+        if abs(node) > limits.max_int:
+            raise JsonBoundsError("json-number-out-of-range", f"an integer beyond +-{limits.max_int}", path)
+    elif isinstance(node, float):
+        if not math.isfinite(node):
+            raise JsonBoundsError("json-number-out-of-range", "NaN and infinite numbers are not JSON", path)
+    else:
+        raise JsonBoundsError("invalid-json", f"not a JSON value: {type(node).__name__}", path)
 
 
 def check_parameters(value: Any) -> None:

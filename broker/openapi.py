@@ -10,7 +10,8 @@ from broker.app import create_app
 
 
 def render() -> str:
-    return yaml.safe_dump(create_app().openapi(), sort_keys=True, allow_unicode=True)
+    # safe_dump with no stream returns the document as a str (the stubs type it as Any).
+    return str(yaml.safe_dump(create_app().openapi(), sort_keys=True, allow_unicode=True))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class Periodic:
             token = REQUEST_ID.set(f"{self.name}_{secrets.token_hex(6)}")  # ties a pass's log lines together
             try:
                 self._work()
-            except Exception:  # one bad pass must not end the loop
+            except Exception:  # noqa: BLE001  # one bad pass must not end the loop (logged with its traceback)
                 self._log.exception("%s pass failed; next pass in %.1fs", self.name, self._interval)
             finally:
                 REQUEST_ID.reset(token)

@@ -104,7 +104,7 @@ class Plugin(ABC):
 
     def close(self) -> None:
         """Release connections at shutdown."""
-        return None
+        return
 
 
 class Unconfigured:

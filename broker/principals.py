@@ -94,7 +94,7 @@ def canonical_human(principal: object) -> str:
     problem = principal_problem(principal)
     if problem is not None:
         raise InvalidPrincipal(problem)
-    assert isinstance(principal, str)
+    assert isinstance(principal, str)  # noqa: S101  # type narrowing only: principal_problem refused non-strings
     return principal.translate(_ASCII_UPPER)
 
 

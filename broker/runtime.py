@@ -115,8 +115,8 @@ class Broker:
             log.warning(EMBEDDED_WARNING, settings.state_dir.resolve())
         settings.check_for_production()
         refresh_grammars()  # resource grammars of the providers installed now
-        assert settings.policy_file is not None and settings.signing_key_dir is not None
-        assert settings.encryption_key is not None
+        assert settings.policy_file is not None and settings.signing_key_dir is not None  # noqa: S101  # type narrowing: Settings fills them in its validator
+        assert settings.encryption_key is not None  # noqa: S101  # type narrowing: Settings fills it in its validator
         policies = PolicyStore(settings.policy_file, settings.shadow_policy_file)
         keyring = KeyRing.load(
             settings.signing_key_dir,

@@ -83,6 +83,39 @@ async def _refuse(send: Send, status: int, code: str, message: str, *, close: bo
     await response({"type": "http"}, nothing, send)
 
 
+async def _read_body(receive: Receive, send: Send, limit: int) -> bytes | None:
+    """The whole body, or None when it was refused as too large or the client went away."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None  # nobody left to answer
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            REFUSED_BODY_BYTES.observe(size)
+            await _refuse(send, 413, "payload-too-large", f"body exceeds {limit} bytes", close=True)
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _body_problem(body: bytes, headers: dict[bytes, bytes]) -> tuple[str, str] | None:
+    """(code, message) of a 400 for a JSON body past its bounds or a text body with a NUL; else None."""
+    if body and _is_json(headers.get(b"content-type", b"").decode("latin-1")):
+        try:
+            jsonbounds.loads_bounded(body, jsonbounds.BODY_LIMITS)
+        except jsonbounds.JsonBoundsError as exc:
+            return exc.code, f"the JSON body has {exc.message} (at {exc.path})"
+        except ValueError:
+            pass  # not JSON at all: the route answers invalid-json as it always has
+    elif b"\x00" in body or b"%00" in body:  # forms and other text
+        return "nul-byte", "the body contains a NUL character"
+    return None
+
+
 class RequestGuard:
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -102,33 +135,13 @@ class RequestGuard:
             REFUSED_BODY_BYTES.observe(0)
             await _refuse(send, 413, "payload-too-large", f"body exceeds {limit} bytes", close=True)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # nobody left to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                REFUSED_BODY_BYTES.observe(size)
-                await _refuse(send, 413, "payload-too-large", f"body exceeds {limit} bytes", close=True)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if body and _is_json(headers.get(b"content-type", b"").decode("latin-1")):
-            try:
-                jsonbounds.loads_bounded(body, jsonbounds.BODY_LIMITS)
-            except jsonbounds.JsonBoundsError as exc:
-                status = 400
-                await _refuse(send, status, exc.code, f"the JSON body has {exc.message} (at {exc.path})")
-                return
-            except ValueError:
-                pass  # not JSON at all: the route answers invalid-json as it always has
-        elif b"\x00" in body or b"%00" in body:  # forms and other text
-            await _refuse(send, 400, "nul-byte", "the body contains a NUL character")
+        body = await _read_body(receive, send, limit)
+        if body is None:
+            return
+        refusal = _body_problem(body, headers)
+        if refusal is not None:
+            code, message = refusal
+            await _refuse(send, 400, code, message)
             return
 
         replayed = False

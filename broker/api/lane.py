@@ -55,7 +55,7 @@ class CapabilityLane:
         try:
             caller = require_kind(await get_caller(request, authorization), ("agent",))
             response = await answer(scope["app"].state.broker, caller, taken[0], key)
-        except Exception as exc:  # what the app's exception handlers would answer
+        except Exception as exc:  # noqa: BLE001  # what the app's exception handlers would answer
             response = answer_for(request, exc)
         await response(scope, receive, send)
 

@@ -92,7 +92,8 @@ def create(broker: Broker, caller: Caller, ask: GrantAsk, *, session_facts: Sess
         if session is None or (not delegator and entry is None):
             # Neither their session nor a tier that names them: the id is not confirmed to exist.
             raise NotFound("no such session", code="session-not-found")
-        assert rule is not None and rule_tier is not None and decision is not None
+        if rule is None or rule_tier is None or decision is None:
+            raise RuntimeError("a grant reached past the approver check without its session's decision and rule")
         if decision.result == "deny":
             raise Denied(f"this capability would be denied anyway ({decision.reason}); a grant cannot change that",
                          code=decision.reason, decision=decision.to_dict())

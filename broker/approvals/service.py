@@ -169,7 +169,7 @@ def decide(broker: Broker, caller: Caller, approval_id: str, decision: str, reas
            *, shown_hash: str | None = None) -> dict[str, Any]:
     """Approve or deny. One transaction: the vote, the status, the audit record, the outbox.
     `shown_hash`: the request hash the person's screen showed; another one decides nothing."""
-    assert decision in ("approve", "deny")
+    assert decision in ("approve", "deny")  # noqa: S101  # the route's schema admits only these two
     if caller.kind != "human":
         raise Forbidden("only humans decide approvals (the local admin is not a person the policy names)",
                         code="approver-must-be-human")

@@ -63,7 +63,7 @@ class VerifyResult:
     bad_checkpoint: int | None = None  # the tree size of a checkpoint the log does not match
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return dict(self.__dict__)
 
 
 def _column_mismatch(link: StoredLink, body: dict[str, Any]) -> str | None:

@@ -134,7 +134,7 @@ class RecordTemplate:
 
 def record_template(event: AuditEvent, *, now: datetime | None = None) -> RecordTemplate:
     """`event` as a session chain's next record will hold it, but for its position and seq."""
-    assert event.agent.session_id, "a template is for a session's chain"
+    assert event.agent.session_id, "a template is for a session's chain"  # noqa: S101  # callers pass session events only
     chain = chain_of(event.agent.session_id, 0)
     marker = uuid.uuid4().hex  # stands in for the two numbers; never inside a record otherwise
     body = _body(event, 0, now or utcnow())

@@ -44,7 +44,7 @@ def _link(r: AuditRecord) -> StoredLink:
                       r.prev_hash, r.hash, r.chain_id, r.chain_pos)
 
 
-def verify(db: Session, keys: Mapping[str, Ed25519PublicKey] | None = None) -> VerifyResult:
+def verify(db: Session, keys: Mapping[str, Ed25519PublicKey] | None = None) -> VerifyResult:  # noqa: C901  # one pass that stops at the first break of chains, tree or checkpoints; split, the stop conditions scatter
     """Every chain record by record, every chain's tip, the Merkle tree the linker built, and every
     stored checkpoint's root (and, given the broker's public keys, its signature). Stops at the
     first problem and names the record (seq, event id) or the checkpoint (its tree size)."""
@@ -162,7 +162,7 @@ class RecordCheck:
     problem: str | None = None
 
 
-def check_records(db: Session, records: list[AuditRecord]) -> list[RecordCheck]:
+def check_records(db: Session, records: list[AuditRecord]) -> list[RecordCheck]:  # noqa: C901  # the record-by-record checks a reader compares side by side
     """Check a few records (a session's) where they sit in their chain: each record's hash
     recomputes from its prev_hash and canonical body, its prev_hash is the hash of the record
     before it in the chain, and the record after it names its hash (or the chain's tip is this

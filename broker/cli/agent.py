@@ -20,12 +20,12 @@ import httpx
 from broker.cli import retry
 from broker.cli.target import broker_url
 
-SESSION_TOKEN_ENV = "BROKER_SESSION_TOKEN"
+SESSION_TOKEN_ENV = "BROKER_SESSION_TOKEN"  # noqa: S105  # an environment variable's name, not a secret
 # The agent runtime's own workload token, for sessions bound to it (docs/workload-identity.md):
 # a file (re-read on every call, since the platform rotates it: a projected service-account
 # token, a JWT-SVID written by a SPIFFE helper) or the token itself.
-WORKLOAD_TOKEN_FILE_ENV = "BROKER_WORKLOAD_TOKEN_FILE"
-WORKLOAD_TOKEN_ENV = "BROKER_WORKLOAD_TOKEN"
+WORKLOAD_TOKEN_FILE_ENV = "BROKER_WORKLOAD_TOKEN_FILE"  # noqa: S105  # an environment variable's name, not a secret
+WORKLOAD_TOKEN_ENV = "BROKER_WORKLOAD_TOKEN"  # noqa: S105  # an environment variable's name, not a secret
 WORKLOAD_HEADER = "X-Workload-Token"
 # How long a helper waits for a human to decide an approval before giving up (0: do not wait).
 APPROVAL_WAIT_ENV = "BROKER_APPROVAL_WAIT"
@@ -117,7 +117,8 @@ class AgentClient:
             response = self.call("POST", "/v1/capabilities", json=body, headers={"Idempotency-Key": key + "-approved"})
         if response.status_code != 201:
             raise _error(response, f"{resource} ({access})")
-        return response.json()
+        granted: dict[str, Any] = response.json()
+        return granted
 
     def _approved(self, approval_id: str, wait_seconds: float) -> bool:
         deadline = time.monotonic() + wait_seconds
@@ -137,13 +138,15 @@ class AgentClient:
         response = self.call("DELETE", f"/v1/capabilities/{capability_id}")
         if response.status_code != 200:
             raise _error(response, capability_id)
-        return response.json()
+        revoked: dict[str, Any] = response.json()
+        return revoked
 
     def capabilities(self, status: str | None = "active") -> list[dict[str, Any]]:
         response = self.call("GET", "/v1/capabilities", params={"status": status, "limit": 1000} if status else None)
         if response.status_code != 200:
             raise _error(response, "listing capabilities")
-        return response.json()
+        listed: list[dict[str, Any]] = response.json()
+        return listed
 
 
 def _say(line: str) -> None:

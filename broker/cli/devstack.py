@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TOKEN_ROLE = "jit-broker"
+TOKEN_ROLE = "jit-broker"  # noqa: S105  # the OpenBao token role's name, not a secret
 DEMO_POLICY = "kv-demo-read"
 DEMO_POLICY_HCL = 'path "secret/data/demo" {\n  capabilities = ["read"]\n}\n'
 
@@ -99,7 +99,7 @@ def start_openbao(state_dir: Path, binary: str, timeout: float = 30.0) -> DevOpe
     log_path = state_dir / "openbao.log"
     env = {k: v for k, v in os.environ.items() if k not in ("BAO_TOKEN", "VAULT_TOKEN")}
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: S603  # argv list, no shell: the bao binary we located
             [binary, "server", "-dev", f"-dev-root-token-id={root}", f"-dev-listen-address=127.0.0.1:{port}",
              "-dev-no-store-token"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**env, "HOME": str(state_dir)},

@@ -339,7 +339,7 @@ def exec_command(
                     env[key] = value
             if not forwarder.pending:
                 try:
-                    child = subprocess.Popen(command, env=env)
+                    child = subprocess.Popen(command, env=env)  # noqa: S603  # the user's own command as an argv list, no shell: running it is the point
                 except FileNotFoundError:
                     _warn(f"{command[0]}: command not found")
                     status = 127

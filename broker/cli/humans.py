@@ -257,7 +257,7 @@ def grant(
     if missing:
         typer.echo(f"error: missing {', '.join(missing)} (or give a pending approval id)", err=True)
         raise typer.Exit(EXIT_USAGE)
-    assert ttl is not None
+    assert ttl is not None  # noqa: S101  # type narrowing only: a missing --ttl exited just above
     body = {"session_id": session, "resource": resource, "access": access, "ttl_seconds": parse_ttl(ttl),
             "uses": uses, "reason": reason}
     g = _call("POST", "/v1/grants", json_body={k: v for k, v in body.items() if v is not None})

@@ -114,7 +114,7 @@ def _discover(issuer: str) -> dict[str, Any]:
     try:
         response = httpx.get(url, timeout=HTTP_TIMEOUT)
         response.raise_for_status()
-        doc = response.json()
+        doc: dict[str, Any] = response.json()
     except (httpx.HTTPError, ValueError) as exc:
         typer.echo(f"error: cannot read the identity provider's discovery document at {url}: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -211,7 +211,8 @@ def _broker_login_config(broker: str) -> dict[str, Any]:
         raise typer.Exit(2) from exc
     if response.status_code != 200:
         return {}
-    return response.json()
+    config: dict[str, Any] = response.json()
+    return config
 
 
 def _whoami(broker: str, access_token: str) -> httpx.Response:
@@ -341,7 +342,7 @@ def _revoke(entry: dict[str, Any]) -> None:
         return
     try:
         with _oauth_client(entry["client_id"], entry.get("client_secret")) as client:
-            response = client.revoke_token(endpoint, token=token, token_type_hint="refresh_token")
+            response = client.revoke_token(endpoint, token=token, token_type_hint="refresh_token")  # noqa: S106  # RFC 7009's hint naming the token's kind
         if response.status_code != 200:
             typer.echo(f"warning: the identity provider did not revoke the refresh token (HTTP {response.status_code})",
                        err=True)

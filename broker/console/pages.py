@@ -58,7 +58,7 @@ Person = Annotated[Caller, Depends(signed_in)]
 
 
 def sign_in_redirect(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, SignInRequired)
+    assert isinstance(exc, SignInRequired)  # noqa: S101  # type narrowing only: the handler is registered for it
     return RedirectResponse("/console/signin?next=" + quote(exc.next_path, safe="/"), status_code=303)
 
 

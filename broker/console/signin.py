@@ -73,7 +73,7 @@ def _oauth(request: Request) -> OAuth | None:
 
 
 @router.get("/signin")
-def signin_page(request: Request, next: str | None = None) -> Response:  # noqa: A002 - the query parameter's name
+def signin_page(request: Request, next: str | None = None) -> Response:  # `next`: the query parameter's name
     broker: Broker = request.app.state.broker
     browser = browser_of(request)
     if browser.signed_in:
@@ -86,7 +86,7 @@ def signin_page(request: Request, next: str | None = None) -> Response:  # noqa:
 
 
 @router.get("/signin/oidc")
-async def signin_oidc(request: Request, next: str | None = None) -> Response:  # noqa: A002
+async def signin_oidc(request: Request, next: str | None = None) -> Response:
     oauth = _oauth(request)
     if oauth is None:
         return render_error(request, 404, "no-idp-sign-in", "This broker has no IdP sign-in for the console "
@@ -102,7 +102,7 @@ async def signin_oidc(request: Request, next: str | None = None) -> Response:  #
     try:
         client = oauth.create_client(CLIENT_NAME)
         response: Response = await client.authorize_redirect(request, redirect_uri, **extra)
-    except Exception as exc:  # discovery failed: the IdP is down or misnamed
+    except Exception as exc:  # noqa: BLE001  # discovery failed (down, misnamed, bad JSON): answered as a 503 page
         log.warning("console sign-in could not reach the IdP: %s", exc.__class__.__name__)
         return render_error(request, 503, "idp-unavailable", "The identity provider cannot be reached; try again shortly.")
     return response
@@ -121,7 +121,7 @@ async def signin_callback(request: Request) -> Response:
     except OAuthError as exc:
         log.info("console sign-in refused: %s", exc.error)
         return render_error(request, 401, "sign-in-failed", f"The identity provider did not sign you in ({exc.error}).")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  # fail closed: any other token-endpoint failure is no sign-in
         log.warning("console sign-in failed at the token endpoint: %s", exc.__class__.__name__)
         return render_error(request, 401, "sign-in-failed", "The sign-in could not be completed; start again.")
     caller = await run_in_threadpool(_person, broker, token)
@@ -137,7 +137,8 @@ def _person(broker: Broker, token: dict[str, Any]) -> Caller | BrokerError:
     """The person behind the tokens, by the API's own verifier: the access token if it is one
     for the broker, else the ID token (IdPs whose access tokens are opaque, where the console's
     client id is the broker's audience)."""
-    assert broker.oidc is not None
+    if broker.oidc is None:
+        raise RuntimeError("console sign-in reached without an OIDC verifier configured")
     problem: BrokerError = Unauthenticated("the IdP returned no token for the broker's audience")
     for kind in ("access_token", "id_token"):
         value = token.get(kind)
@@ -156,7 +157,7 @@ def _person(broker: Broker, token: dict[str, Any]) -> Caller | BrokerError:
 
 @router.post("/signin/token")
 def signin_token(request: Request, csrf_token: Annotated[str, Form()] = "", token: Annotated[str, Form()] = "",
-                 next: Annotated[str, Form()] = "") -> Response:  # noqa: A002
+                 next: Annotated[str, Form()] = "") -> Response:
     broker: Broker = request.app.state.broker
     browser = browser_of(request)
     if not check_csrf(browser, csrf_token):

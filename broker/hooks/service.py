@@ -108,7 +108,7 @@ def pre_tool_use(broker: Broker, caller: Caller, hook: HookInput) -> dict[str, A
                 if approval is None:
                     # No approval was opened. Answered as a deny (200), never as an error status:
                     # Claude Code lets a call through when an http hook fails.
-                    assert refused is not None
+                    assert refused is not None  # noqa: S101  # type narrowing only: no approval means it was refused
                     decision, outcome = "deny", "denied"
                     refusal_code = refused.code  # approval-too-large or approval-budget-exceeded
                     message = f"{verdict.message}, but no approval was opened ({refusal_code}): {refused.message}"

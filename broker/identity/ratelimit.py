@@ -34,7 +34,7 @@ class RateLimited(BrokerError):
 
 
 class _Bucket:
-    __slots__ = ("tokens", "stamp", "limit")
+    __slots__ = ("limit", "stamp", "tokens")
 
     def __init__(self, limit: RateLimit, now: float) -> None:
         self.limit, self.tokens, self.stamp = limit, float(limit.requests), now

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import jwt
+from jwt import PyJWK
 
 from broker.errors import ConfigError, Forbidden, IdentityProviderUnavailable, Unauthenticated
 from broker.identity import spiffe
@@ -285,6 +286,30 @@ class WorkloadVerifier:
             raise TokenLifetimeTooLong(f"the token lives {int(exp - start)} s; workload tokens are accepted up to "
                                        f"{self.max_lifetime_seconds} s (BROKER_WORKLOAD_MAX_TOKEN_LIFETIME_SECONDS)")
 
+    @staticmethod
+    def _signing_key(keys: _IssuerKeys, header: dict[str, Any]) -> tuple[str, PyJWK]:
+        """The pinned algorithm and published key the token's header names, or a refusal."""
+        alg, kid, typ = header.get("alg"), header.get("kid"), header.get("typ")
+        # The server pins the algorithm; the token's header only says which of the pinned ones.
+        if not isinstance(alg, str) or alg not in keys.trusted.algorithms:
+            raise AlgorithmNotAllowed(f"algorithm {_shown(alg)} is not pinned for {keys.trusted.issuer} "
+                                      f"(allowed: {', '.join(sorted(keys.trusted.algorithms))})")
+        if not isinstance(kid, str) or not kid or len(kid) > 256:
+            raise Unauthenticated("workload token names no signing key (kid)")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCEPTED_TYPES):
+            raise Unauthenticated("workload token type not accepted here")
+        if "crit" in header:
+            raise Unauthenticated("workload token has critical header extensions the broker does not understand")
+        try:
+            key = keys.jwks.key(kid)
+        except IdentityProviderUnavailable:
+            raise
+        except Unauthenticated:
+            raise UnknownSigningKey(f"key {_shown(kid)} is not published by {keys.trusted.issuer}") from None
+        if key.algorithm_name != alg:
+            raise AlgorithmNotAllowed("the token's algorithm is not the one its signing key is published for")
+        return alg, key
+
     def verify(self, token: str, *, role: str, trust: CompiledTrust) -> WorkloadIdentity:
         if len(token) > MAX_TOKEN:
             raise Unauthenticated("workload token too long")
@@ -306,25 +331,7 @@ class WorkloadVerifier:
         audiences = trust.audiences(keys.trusted.issuer, role)
         if not audiences:
             raise NoMatchingTrustRule(f"no trust rule lets {role} callers in from {keys.trusted.issuer}")
-        alg, kid, typ = header.get("alg"), header.get("kid"), header.get("typ")
-        # The server pins the algorithm; the token's header only says which of the pinned ones.
-        if not isinstance(alg, str) or alg not in keys.trusted.algorithms:
-            raise AlgorithmNotAllowed(f"algorithm {_shown(alg)} is not pinned for {keys.trusted.issuer} "
-                                      f"(allowed: {', '.join(sorted(keys.trusted.algorithms))})")
-        if not isinstance(kid, str) or not kid or len(kid) > 256:
-            raise Unauthenticated("workload token names no signing key (kid)")
-        if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCEPTED_TYPES):
-            raise Unauthenticated("workload token type not accepted here")
-        if "crit" in header:
-            raise Unauthenticated("workload token has critical header extensions the broker does not understand")
-        try:
-            key = keys.jwks.key(kid)
-        except IdentityProviderUnavailable:
-            raise
-        except Unauthenticated:
-            raise UnknownSigningKey(f"key {_shown(kid)} is not published by {keys.trusted.issuer}") from None
-        if key.algorithm_name != alg:
-            raise AlgorithmNotAllowed("the token's algorithm is not the one its signing key is published for")
+        alg, key = self._signing_key(keys, header)
         spiffe_token = keys.trusted.is_spiffe
         try:
             claims = jwt.decode(

@@ -62,7 +62,7 @@ def _natural_expiry(broker: Broker, provider: Provider | None, lease: Lease, sea
         return max(known, lease.expires_at)
     try:  # unsearchable backends (GitHub's fixed hour): their own upper bound from the mint's start
         bound = provider.ttl_bounds(lease.resource, {}).max_seconds
-    except Exception:
+    except Exception:  # noqa: BLE001  # a bound is advice: without it the mint's own expiry stands
         return max(known, lease.expires_at)
     slack = timedelta(seconds=broker.settings.provider_timeout_seconds)
     return max(known, lease.expires_at, lease.created_at + timedelta(seconds=bound) + slack)
@@ -107,6 +107,6 @@ def call_backend(broker: Broker, lease: Lease) -> Outcome:
             target = revoke_target(lease, handle or {}, secret)
             with _serialised(broker, provider, lease.resource), REVOKE_SECONDS.labels(lease.provider).time():
                 outcome.result = backend_call(lambda: provider.revoke(target), f"revoke {lease.id}")
-    except Exception as exc:  # every failure, translated or not, keeps the lease visible
+    except Exception as exc:  # noqa: BLE001  # every failure, translated or not, keeps the lease visible
         outcome.error = exc
     return outcome

@@ -80,7 +80,7 @@ _FOLD = ("WITH d AS (DELETE FROM session_live_deltas WHERE session_id = :s RETUR
 _SQLITE_FOLD = text("UPDATE sessions SET live_count = live_count + "
                     "(SELECT coalesce(sum(delta), 0) FROM session_live_deltas WHERE session_id = :s) WHERE id = :s")
 _SQLITE_CLEAR = text("DELETE FROM session_live_deltas WHERE session_id = :s")
-_LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "
+_LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "  # noqa: S608  # composed from module constants only; values are bound parameters
               f"({_LIVE_STATUSES}))")
 
 

@@ -187,7 +187,8 @@ def finish(db: Session, broker: Broker, ticket: Ticket | None,
 def finished_row(broker: Broker, ticket: Ticket, outcome: CapabilityOutcome | BrokerError) -> dict[str, Any]:
     """`INSERT`'s parameters: a new key's row with its outcome, for a caller that writes it in
     its own statement, in the same transaction as the outcome (as `finish` would)."""
-    assert not ticket.stored, "a held key is finished with finish()"
+    if ticket.stored:
+        raise RuntimeError("a held key is finished with finish()")
     status, sealed = _sealed(broker, ticket, outcome)
     return _row(ticket, "done", status, sealed)
 

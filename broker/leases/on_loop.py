@@ -120,7 +120,7 @@ async def _on_loop(broker: Broker, caller: Caller, ask: CapabilityAsk, key: str 
     # path would (activated and recorded, failed, or revoked), not leave it to the reconciler.
     with anyio.CancelScope(shield=True):
         issued = await _mint_and_activate(broker, store, session, ask, decision, provider, lease, grant, ticket)
-    return issued
+    return issued  # noqa: RET504  # after the shielded scope: a scope may swallow a cancellation, mypy says
 
 
 async def _mint_and_activate(broker: Broker, store: Store, session: SessionSnapshot, ask: CapabilityAsk,

@@ -79,7 +79,7 @@ class RevokeSummary:
 def backoff_seconds(attempt: int) -> float:
     """Exponential with full jitter (1, 2, 4 ... capped), so replicas do not retry in step."""
     ceiling = min(MAX_BACKOFF_SECONDS, 2 ** max(0, attempt - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311  # retry jitter, not a secret
 
 
 def final_status(reason: str) -> LeaseStatus:

@@ -154,7 +154,7 @@ def request_capability(
         try:
             return _decide_and_mint(broker, session_id, ask, idempotency_key)
         except idempotency.InProgress:
-            assert idempotency_key is not None
+            assert idempotency_key is not None  # noqa: S101  # InProgress is raised only for a keyed request
             replay = idempotency.wait_for(broker, session_id, idempotency_key)
             if replay is not None:
                 return replay
@@ -169,7 +169,7 @@ def request_capability(
             raise
 
 
-def _decide_and_mint(
+def _decide_and_mint(  # noqa: C901  # the full path's decide-record-mint order in one place, as docs/lifecycle.md tells it
     broker: Broker, session_id: str, ask: CapabilityAsk, idem_key: str | None
 ) -> CapabilityOutcome:
     now = utcnow()
@@ -211,7 +211,7 @@ def _decide_and_mint(
         elif decision.result == "approval_required":
             return _pending(db, broker, session, ask, decision, record, ticket, now)
         else:
-            assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
+            assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None  # noqa: S101  # an allow decision carries them (policy/evaluate.py)
             provider = broker.provider(decision.provider)
             lease = new_lease(session, ask, decision, now)
             if approval is not None:
@@ -248,7 +248,7 @@ def _decide_and_mint(
 
 def new_lease(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, now: datetime) -> NewLease:
     """The lease an allowed decision reserves: `minting` until its credential exists."""
-    assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None
+    assert decision.ttl_seconds is not None and decision.provider is not None and decision.tier is not None  # noqa: S101  # an allow decision carries them (policy/evaluate.py)
     return NewLease(
         id=new_capability_id(), session_id=session.id, resource=ask.resource, access=ask.access,
         tier=decision.tier, provider=decision.provider, status=LeaseStatus.MINTING,
@@ -260,7 +260,7 @@ def new_lease(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, 
 def grant_for(session: SessionSnapshot, ask: CapabilityAsk, decision: Decision, lease: NewLease,
            confirmation_jkt: str | None) -> Grant:
     """What the provider is asked to mint for `lease`."""
-    assert decision.tier is not None and decision.ttl_seconds is not None
+    assert decision.tier is not None and decision.ttl_seconds is not None  # noqa: S101  # an allow decision carries them (policy/evaluate.py)
     return Grant(
         capability_id=lease.id, session_id=session.id, task_id=session.task_id, human=session.human,
         agent=session.agent, resource=ask.resource, access=ask.access, tier=decision.tier,
@@ -344,13 +344,13 @@ def _mint(
         log.exception("provider %s raised an untranslated error", provider_name)
         failure = ProviderError(f"provider {provider_name} failed: {exc.__class__.__name__}")
     if failure is not None or minted is None:
-        assert failure is not None
+        assert failure is not None  # noqa: S101  # type narrowing: one of the two is set
         record_failed_mint(broker, session, ask, grant, provider_name, record, idem_key, failure)
         raise failure
     try:
         with transaction(broker.engine) as db:
             lease = db.get(Lease, grant.capability_id, with_for_update=True)
-            assert lease is not None
+            assert lease is not None  # noqa: S101  # the lease was reserved before the mint
             if lease.status != LeaseStatus.MINTING:
                 # Torn down while we were minting: what we hold must die now.
                 raise Conflict("the session ended while the capability was being minted", code="session-ended")

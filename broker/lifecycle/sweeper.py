@@ -59,7 +59,7 @@ def collect_shared(broker: Broker) -> int:
     for name, provider in sorted(broker.providers.items()):
         try:
             removed += provider.collect_shared(live_handles(broker, name))
-        except Exception as exc:  # one backend's trouble must not stop the sweep; the next pass retries
+        except Exception as exc:  # noqa: BLE001  # one backend's trouble must not stop the sweep; the next pass retries
             log.warning("collecting unused shared state of provider %s failed: %s", name,
                         getattr(exc, "message", type(exc).__name__))
     if removed:

@@ -135,7 +135,7 @@ def _load(db: Any, authz_id: str, *, lock: bool = False) -> OAuthAuthorization:
         raise OAuthError("invalid_request", "no such authorization request", code="authorization-not-found",
                          status=404)
     stmt = select(OAuthAuthorization).where(OAuthAuthorization.id == authz_id)
-    row = db.exec(stmt.with_for_update() if lock else stmt).first()
+    row: OAuthAuthorization | None = db.exec(stmt.with_for_update() if lock else stmt).first()
     if row is None:
         raise OAuthError("invalid_request", "no such authorization request", code="authorization-not-found",
                          status=404)
@@ -210,7 +210,7 @@ def decide(broker: Broker, person: Caller, authz_id: str, approve: bool) -> Redi
                 closed = _denied(broker, row, "the person denied the request" if not approve
                                  else f"the approval was {status}")
             elif status != "approved":
-                assert approval is not None
+                assert approval is not None  # noqa: S101  # type narrowing: a status other than missing has its approval
                 return Waiting(approval.id, list(approval.approvers or []), rfc3339(approval.expires_at))
             approved = True
         elif row.status != "pending" or row.expires_at <= now:

@@ -30,11 +30,11 @@ from broker.runtime import Broker
 from broker.sessions import liveness
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
-TT_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+TT_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105  # an RFC 8693 token type URI, not a secret
 TT_JWT = "urn:ietf:params:oauth:token-type:jwt"
 # Broker-defined token types (RFC 8693 section 3 allows URIs of one's own) for what is not one bearer string.
 TT_AWS = "urn:jit-broker:token-type:aws-sts"
-TT_VAULT_SECRET = "urn:jit-broker:token-type:vault-secret"
+TT_VAULT_SECRET = "urn:jit-broker:token-type:vault-secret"  # noqa: S105  # a token type URI, not a secret
 SUBJECT_TOKEN_TYPES = (TT_JWT, TT_ACCESS_TOKEN)
 DETAILS_TYPE = "jit-broker-capability"
 DEFAULT_PURPOSE = "oauth token exchange"
@@ -137,7 +137,6 @@ def parse_ask(params: dict[str, list[str]]) -> tuple[str, CapabilityAsk, bool]:
         raise OAuthError("unsupported_grant_type", f"the only grant type is {GRANT_TYPE}",
                          code="unsupported-grant-type")
     subject = one(params, "subject_token", required=True)
-    assert subject is not None
     subject_type = one(params, "subject_token_type", required=True)
     if subject_type not in SUBJECT_TOKEN_TYPES:
         raise OAuthError("invalid_request", "subject_token_type must be " + " or ".join(SUBJECT_TOKEN_TYPES),
@@ -225,7 +224,7 @@ def exchange(request: Request, broker: Broker, params: dict[str, list[str]],
     body = outcome.model_dump(mode="json")
     access_token, issued_type, token_type, extra = _issued(body["credential"])
     if body["credential"].get("token_type") == "DPoP":
-        token_type = "DPoP"  # RFC 9449 section 5: the token is bound to the proof's key
+        token_type = "DPoP"  # RFC 9449 section 5: the token is bound to the proof's key  # noqa: S105  # the OAuth token_type name, not a secret
     detail = {"type": DETAILS_TYPE, "resource": body["resource"], "access": body["access"],
               "capability_id": body["capability_id"], "tier": body["tier"], "provider": body["provider"],
               "expires_at": body["expires_at"], "purpose": ask.purpose}

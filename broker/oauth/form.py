@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
 from urllib.parse import parse_qs
 
 from broker.oauth.errors import OAuthError
@@ -28,7 +29,14 @@ def parse(raw: bytes, content_type: str, *, repeatable: frozenset[str] = frozens
     return params
 
 
+@overload
+def one(params: dict[str, list[str]], name: str, *, required: Literal[True]) -> str: ...
+@overload
+def one(params: dict[str, list[str]], name: str, *, required: bool = False) -> str | None: ...
+
+
 def one(params: dict[str, list[str]], name: str, *, required: bool = False) -> str | None:
+    """The parameter's one value; a missing or empty one is None, or refused when `required`."""
     values = params.get(name)
     if not values or values[0] == "":
         if required:

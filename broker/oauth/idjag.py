@@ -124,7 +124,6 @@ def exchange(broker: Broker, verifier: IdJagVerifier, client: OAuthClient, param
         raise OAuthError("unsupported_grant_type", "this broker trusts no IdP for ID-JAGs",
                          code="unsupported-grant-type")
     assertion = one(params, "assertion", required=True)
-    assert assertion is not None
     claims = verifier.verify(assertion, audience=issuer(broker), client_id=client.client_id)
     # Resource and scope: the assertion's; the request may repeat the resource and narrow the scope.
     granted_resource = claims.get("resource")

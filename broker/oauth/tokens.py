@@ -31,8 +31,8 @@ from broker.runtime import Broker
 from broker.sessions import service as sessions
 
 AUTHORIZATION_CODE = "authorization_code"
-REFRESH_TOKEN = "refresh_token"
-REFRESH_TOKEN_PREFIX = "jbr_"
+REFRESH_TOKEN = "refresh_token"  # noqa: S105  # an OAuth grant type's name, not a secret
+REFRESH_TOKEN_PREFIX = "jbr_"  # noqa: S105  # a token's public prefix, not a secret
 _VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 
 
@@ -124,7 +124,6 @@ def answer(minted: dict[str, Any], scope: str, refresh_token: str | None) -> dic
 def redeem_code(broker: Broker, client: OAuthClient, params: dict[str, list[str]]) -> dict[str, Any]:
     code = one(params, "code", required=True)
     verifier = one(params, "code_verifier")
-    assert code is not None
     now = utcnow()
     with transaction(broker.engine) as db:
         row = db.exec(select(OAuthAuthorization).where(OAuthAuthorization.code_hash == digest(code))
@@ -165,7 +164,7 @@ def redeem_code(broker: Broker, client: OAuthClient, params: dict[str, list[str]
         # and nothing else can use its session, so it ends rather than idles to its deadline.
         end_session(broker, row.session_id if session is not None and session.status == "active" else None, "token-refused")
         raise
-    assert session is not None
+    assert session is not None  # noqa: S101  # type narrowing: the refusal above raised when it was None
     with transaction(broker.engine) as db:
         refresh_token = _new_refresh(db, broker, session, client.client_id, row.resource, row.access, row.scope)
     return answer(minted, row.scope, refresh_token)
@@ -173,7 +172,6 @@ def redeem_code(broker: Broker, client: OAuthClient, params: dict[str, list[str]
 
 def refresh(broker: Broker, client: OAuthClient, params: dict[str, list[str]]) -> dict[str, Any]:
     token = one(params, "refresh_token", required=True)
-    assert token is not None
     now = utcnow()
     with transaction(broker.engine) as db:
         row = db.exec(select(OAuthRefreshToken).where(OAuthRefreshToken.token_hash == digest(token))
@@ -199,7 +197,7 @@ def refresh(broker: Broker, client: OAuthClient, params: dict[str, list[str]]) -
     if asked is not None and not frozenset(asked.split()) - IGNORED_SCOPES <= frozenset(row.scope.split()):
         raise OAuthError("invalid_scope", "a refresh cannot widen the scope; authorize again", code="scope-widening")
     minted = _mint(broker, session, row.resource, row.access, client.client_id)
-    assert session is not None
+    assert session is not None  # noqa: S101  # type narrowing: checked above
     with transaction(broker.engine) as db:
         new_token = _new_refresh(db, broker, session, client.client_id, row.resource, row.access, row.scope,
                                  family=row.family)

@@ -99,7 +99,7 @@ def _key(source: str, q: PermissionQuery) -> tuple[Any, ...]:
 def _ask(source: PermissionSource, name: str, query: PermissionQuery) -> SourceAnswer:
     try:
         answer = source.check(query)
-    except Exception as exc:  # a source that raises has not said yes: fail closed
+    except Exception as exc:  # noqa: BLE001  # a source that raises has not said yes: fail closed
         log.warning("permission source %s failed for %s on %s: %s", name, query.human, query.resource,
                     type(exc).__name__)
         message = getattr(exc, "message", None) or type(exc).__name__

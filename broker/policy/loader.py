@@ -78,8 +78,8 @@ class _LineMapper:
         ancestors = ancestors | {id(node)}
         if isinstance(node, SequenceNode):
             for i, item in enumerate(node.value):
-                self._record(path + (i,), _position(item), explicit)
-                self.walk(item, path + (i,), ancestors, explicit)
+                self._record((*path, i), _position(item), explicit)
+                self.walk(item, (*path, i), ancestors, explicit)
         elif isinstance(node, MappingNode):
             self._walk_mapping(node, path, ancestors, explicit)
 
@@ -97,12 +97,12 @@ class _LineMapper:
             line, column = _position(key_node)
             if key in first_seen:
                 self.problems.append(
-                    _problem(line, column, path + (key,), f"duplicate key {key!r} (first at line {first_seen[key]})")
+                    _problem(line, column, (*path, key), f"duplicate key {key!r} (first at line {first_seen[key]})")
                 )
                 continue
             first_seen[key] = line
-            self._record(path + (key,), (line, column), explicit)
-            self.walk(value_node, path + (key,), ancestors, explicit)
+            self._record((*path, key), (line, column), explicit)
+            self.walk(value_node, (*path, key), ancestors, explicit)
         # "<<: *defaults" keys are overridden by explicit ones, so they may repeat them.
         for value_node in merged:
             sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]

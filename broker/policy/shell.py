@@ -174,104 +174,117 @@ class _Scanner:
             if _suspicious(c) or (c == "\\" and _suspicious(nxt)):  # an escaped one is no better
                 self.flag("control or invisible character")
             if state == "s":
-                if c == "'":
-                    state = "u"
-                else:
-                    self.add(c, quoted=True)
-                i += 1
-                continue
-            if state == "d":
-                if c == '"':
-                    state = "u"
-                    i += 1
-                elif c == "\\":
-                    if nxt == "\n":
-                        self.flag("backslash-newline")
-                    if nxt and nxt in '$`"\\\n':
-                        self.add(nxt if nxt != "\n" else "", quoted=True)
-                        i += 2
-                    else:
-                        self.add(c, quoted=True)
-                        i += 1
-                elif c == "$":
-                    state, i = self.dollar(i, "d")
-                elif c == "`":
-                    state, i = self.backtick(i, "d")
-                else:
-                    if c == "!":
-                        self.flag("`!` (history expansion)")
-                    self.add(c, quoted=True)
-                    i += 1
-                continue
-            # unquoted
-            plain = _ORDINARY.match(text, i)
-            if plain is not None:  # a run of characters with no meaning to the shell, taken at once
-                run = plain.group()
-                self.add(run)
-                self.steps += len(run) - 1
-                i += len(run)
-                continue
-            if c in " \t":
-                self.end_word()
-                i += 1
-            elif c in "\n\r":
-                self.flag("several lines")
-                self.end_segment()
-                i += 1
-            elif c == "\\":
-                if nxt == "\n":
-                    self.flag("backslash-newline")
-                    i += 2
-                elif nxt:
-                    self.add(nxt, quoted=True)
-                    i += 2
-                else:
-                    self.flag("backslash at the end")
-                    self.add(c)
-                    i += 1
-            elif c == "'":
-                self.add("", quoted=True)
-                state = "s"
-                i += 1
-            elif c == '"':
-                self.add("", quoted=True)
-                state = "d"
-                i += 1
-            elif c == "$":
-                state, i = self.dollar(i, "u")
-            elif c == "`":
-                state, i = self.backtick(i, "u")
-            elif c == "(":
-                self.end_word()
-                self.open_frame(")", "u", "", "subshell or grouping `( )`")
-                i += 1
-            elif c == ")":
-                if len(self.frames) > 1 and self.top.closer == ")":
-                    state = self.close_frame()
-                else:
-                    self.flag("unbalanced `)`")
-                    self.end_segment()
-                i += 1
-            elif c in ";&|":
-                op = c + nxt if nxt in ";&|>" and nxt else c
-                self.flag({"&": "background `&`", "&>": "redirection `&>`"}.get(op, f"compound command `{op}`"))
-                self.end_segment()
-                i += len(op)
-            elif c in "<>":
-                i = self.redirection(i)
+                state, i = self.in_single_quotes(i, c)
+            elif state == "d":
+                state, i = self.in_double_quotes(i, c, nxt)
             else:
-                if c == "#" and self.top.word is None:
-                    self.flag("comment `#`")
-                elif c == "!":
-                    self.flag("`!` (history expansion or negation)")
-                elif c in "{}":
-                    self.flag("braces `{ }`")
-                elif c in "*?[":
-                    self.flag("glob `*?[`")
-                elif c == "~" and self.top.word is None and nxt not in ("/", " ", "\t", ""):
-                    self.flag("`~user` expansion")
-                self.add(c)
-                i += 1
+                state, i = self.unquoted(i, c, nxt)
+        return self.finish(state)
+
+    def in_single_quotes(self, i: int, c: str) -> tuple[str, int]:
+        """`c` at `i` inside '...': literal up to the closing quote. Returns (state, next index)."""
+        if c == "'":
+            return "u", i + 1
+        self.add(c, quoted=True)
+        return "s", i + 1
+
+    def in_double_quotes(self, i: int, c: str, nxt: str) -> tuple[str, int]:
+        """`c` at `i` inside "...": escapes, expansions, history. Returns (state, next index)."""
+        if c == '"':
+            return "u", i + 1
+        if c == "\\":
+            if nxt == "\n":
+                self.flag("backslash-newline")
+            if nxt and nxt in '$`"\\\n':
+                self.add(nxt if nxt != "\n" else "", quoted=True)
+                return "d", i + 2
+            self.add(c, quoted=True)
+            return "d", i + 1
+        if c == "$":
+            return self.dollar(i, "d")
+        if c == "`":
+            return self.backtick(i, "d")
+        if c == "!":
+            self.flag("`!` (history expansion)")
+        self.add(c, quoted=True)
+        return "d", i + 1
+
+    def unquoted(self, i: int, c: str, nxt: str) -> tuple[str, int]:
+        """`c` at `i` outside quotes: words, operators, frames. Returns (state, next index)."""
+        plain = _ORDINARY.match(self.text, i)
+        if plain is not None:  # a run of characters with no meaning to the shell, taken at once
+            run = plain.group()
+            self.add(run)
+            self.steps += len(run) - 1
+            return "u", i + len(run)
+        if c in " \t":
+            self.end_word()
+            return "u", i + 1
+        if c in "\n\r":
+            self.flag("several lines")
+            self.end_segment()
+            return "u", i + 1
+        if c == "\\":
+            return "u", self.backslash(i, c, nxt)
+        if c in "'\"":
+            self.add("", quoted=True)
+            return ("s" if c == "'" else "d"), i + 1
+        if c == "$":
+            return self.dollar(i, "u")
+        if c == "`":
+            return self.backtick(i, "u")
+        if c == "(":
+            self.end_word()
+            self.open_frame(")", "u", "", "subshell or grouping `( )`")
+            return "u", i + 1
+        if c == ")":
+            return self.close_paren(), i + 1
+        if c in ";&|":
+            op = c + nxt if nxt in ";&|>" and nxt else c
+            self.flag({"&": "background `&`", "&>": "redirection `&>`"}.get(op, f"compound command `{op}`"))
+            self.end_segment()
+            return "u", i + len(op)
+        if c in "<>":
+            return "u", self.redirection(i)
+        self.flag_literal(c, nxt)
+        self.add(c)
+        return "u", i + 1
+
+    def backslash(self, i: int, c: str, nxt: str) -> int:
+        """An unquoted backslash at `i`; returns the next index."""
+        if nxt == "\n":
+            self.flag("backslash-newline")
+            return i + 2
+        if nxt:
+            self.add(nxt, quoted=True)
+            return i + 2
+        self.flag("backslash at the end")
+        self.add(c)
+        return i + 1
+
+    def close_paren(self) -> str:
+        """An unquoted `)`: closes the innermost `(` frame (the state it resumes), or is unbalanced."""
+        if len(self.frames) > 1 and self.top.closer == ")":
+            return self.close_frame()
+        self.flag("unbalanced `)`")
+        self.end_segment()
+        return "u"
+
+    def flag_literal(self, c: str, nxt: str) -> None:
+        """Flag an unquoted character taken literally that the shell would still read something into."""
+        if c == "#" and self.top.word is None:
+            self.flag("comment `#`")
+        elif c == "!":
+            self.flag("`!` (history expansion or negation)")
+        elif c in "{}":
+            self.flag("braces `{ }`")
+        elif c in "*?[":
+            self.flag("glob `*?[`")
+        elif c == "~" and self.top.word is None and nxt not in ("/", " ", "\t", ""):
+            self.flag("`~user` expansion")
+
+    def finish(self, state: str) -> ParsedCommand:
+        """The end of the text: flag what was left open, close it, and the command as parsed."""
         if state != "u":
             self.flag("unterminated quote")
         if len(self.frames) > 1:
@@ -281,7 +294,7 @@ class _Scanner:
         self.end_segment()
         if len(self.segments) > MAX_MATCHED:
             self.flag(f"more than {MAX_MATCHED} simple commands")
-        if "/dev/tcp/" in text or "/dev/udp/" in text:
+        if "/dev/tcp/" in self.text or "/dev/udp/" in self.text:
             self.flag("/dev/tcp or /dev/udp")
         return ParsedCommand(self.text, tuple(self.segments), tuple(self.unclear), self.steps)
 

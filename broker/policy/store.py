@@ -53,7 +53,7 @@ class PolicyStore:
 
     @property
     def current(self) -> CompiledPolicy:
-        assert self._current is not None  # set in __init__ or from_text
+        assert self._current is not None  # noqa: S101  # type narrowing only: set in __init__ or from_text
         return self._current
 
     @property

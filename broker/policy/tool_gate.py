@@ -58,7 +58,7 @@ def _tool_rule_verdict(policy: CompiledPolicy, agent: str, rule: CompiledToolRul
         return ToolVerdict(rule.decision, f"tool-rule-{rule.decision}", f"{label}: {rule.decision}{because}",
                            matched_rule=rule.rule, rule_name=rule.name)
     tier = rule.tier
-    assert tier is not None
+    assert tier is not None  # noqa: S101  # type narrowing: rules without a tier were handled above
     who = policy.agent(agent)
     if who is None:
         return ToolVerdict("deny", "unknown-agent", f"{label}: no agent entry for {agent!r}", tier=tier,

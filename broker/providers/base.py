@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from broker.plugins import Plugin, PluginContext, PluginHealth
-from broker.policy.evaluate import TtlBounds
+from broker.policy.facts import TtlBounds
 
 # One build context and one health for every plugin; the provider contract uses these names.
 ProviderContext = PluginContext
@@ -158,7 +158,7 @@ class Provider(Plugin):
     def release(self, capability_id: str) -> None:
         """Remove what `leftover_capabilities` reported for an ended capability; gone already is
         success, a failure raises (and is retried on the next pass)."""
-        return None
+        return
 
     def collect_shared(self, live_handles: Iterable[dict[str, Any]]) -> int:
         """Remove backend state shared between capabilities (Vault: narrowed policies named by
@@ -168,7 +168,7 @@ class Provider(Plugin):
 
     def policy_reloaded(self) -> None:
         """The broker's policy was (re)loaded: drop what was cached about what its rules grant."""
-        return None
+        return
 
 
 __all__ = ["Grant", "Minted", "Provider", "ProviderContext", "ProviderHealth", "RevokeTarget", "Revoked", "TtlBounds",

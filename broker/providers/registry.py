@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from broker.errors import ProviderMisconfigured
-from broker.plugins import PROVIDERS, PluginContext, Unconfigured, build
+from broker.grammar import PROVIDERS
+from broker.plugins import PluginContext, Unconfigured, build
 from broker.providers.base import Grant, Minted, Provider, RevokeTarget
 
 

@@ -112,7 +112,8 @@ def heartbeat(broker: Broker, caller: Caller, session_id: str) -> SessionRow:
         _THROTTLE.due(session_id, 0, time.monotonic())  # the write just made counts for this replica
     with transaction(broker.engine) as db:
         fresh = db.get(SessionRow, session_id)
-        assert fresh is not None
+        if fresh is None:
+            raise RuntimeError(f"session {session_id} vanished while it was being touched")
         return fresh
 
 

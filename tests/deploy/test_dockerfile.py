@@ -93,7 +93,7 @@ def test_final_stage_has_no_build_tools(stages: list[Stage]) -> None:
         assert not BUILD_TOOLS.search(run), f"build tool in the final stage: {run}"
         assert "pip install" not in run and "pip wheel" not in run
     # only the built venv comes from the build stage: no wheels, no sources, no compilers
-    assert [c for c in final.all("COPY")] == ["--from=build /opt/venv /opt/venv"]
+    assert list(final.all("COPY")) == ["--from=build /opt/venv /opt/venv"]
 
 
 def test_entrypoint_healthcheck_and_environment(stages: list[Stage]) -> None:

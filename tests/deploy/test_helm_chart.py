@@ -274,9 +274,9 @@ def test_security_event_receivers_reach_the_broker_as_it_reads_them(chart: Any) 
 
 
 def test_required_provider_settings_are_named(chart: Any) -> None:
-    with pytest.raises(helm.HelmError, match="providers.vault.addr is required"):
+    with pytest.raises(helm.HelmError, match=r"providers\.vault\.addr is required"):
         render(chart, {"providers": {"vault": {"enabled": True}}})
-    with pytest.raises(helm.HelmError, match="providers.github.appId is required"):
+    with pytest.raises(helm.HelmError, match=r"providers\.github\.appId is required"):
         render(chart, {"providers": {"github": {"enabled": True}}})
 
 

@@ -92,7 +92,7 @@ TABLE: list[tuple[tuple[str, ...], int, str]] = [
      USAGE, "resource=access1,access2"),
     (("policy", "explain", "--resource", "jwt://payments-api", "--access", "read", "--ttl", "10x"),
      USAGE, "not a duration"),
-    (("policy", "explain", "--resource", "jwt://payments-api", "--access", "read", "--ttl", "١٠m"),
+    (("policy", "explain", "--resource", "jwt://payments-api", "--access", "read", "--ttl", "١٠m"),  # noqa: RUF001  # Arabic-Indic digits, deliberately
      USAGE, "not a duration"),
     (("grant", "--session", UNKNOWN_SESSION, "--resource", "jwt://payments-api", "--access", "read",
       "--ttl", "0s"), USAGE, "between 1s"),

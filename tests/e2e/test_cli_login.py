@@ -113,7 +113,7 @@ def test_login_token_is_sent_to_its_own_broker_only(oidc_provider: OidcProvider,
 
     # Another broker URL (a listener that records what it is sent): the CLI has no sign-in for it.
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             seen.append(self.headers.get("Authorization"))
             self.send_response(401)
             self.send_header("content-type", "application/json")

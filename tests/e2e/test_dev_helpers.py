@@ -43,7 +43,8 @@ def test_dev_starts_openbao_and_the_printed_helpers_work(tmp_path: Path) -> None
             session, _ = provision(http, orch, human="dev@example.com", task_id="try-bao", resource="vault://secret/data/demo")
         example = next(line.strip() for line in printed.splitlines() if "vault://secret/data/demo" in line and "exec" in line)
         agent_env = {**env, "BROKER_URL": url, "BROKER_SESSION_TOKEN": session["session_token"]}
-        ran = subprocess.run(example, shell=True, env=agent_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        ran = subprocess.run(  # noqa: S602  # the printed example line, run in a shell as a user pastes it
+            example, shell=True, env=agent_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert "hello from OpenBao, through jit-broker" in ran.stdout
         caps = httpx.get(url + "/v1/capabilities", params={"session_id": session["session_id"]},

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_mcp_authorization import ALICE, CLIENT_ID, Person, Storage, World, _call_tool, _registered
-from tests.integration.test_mcp_authorization import world as world  # noqa: F401 - the fixture
+from tests.integration.test_mcp_authorization import world as world  # the fixture
 from tests.support.browser import CHROMIUM_ARGS, chromium_path
 
 

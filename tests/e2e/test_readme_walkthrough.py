@@ -215,9 +215,8 @@ def test_docs_links_stay_inside_the_repository_and_resolve(page: Path) -> None:
             broken.append(target)
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
             broken.append(f"{target} (no such heading)")
-    for anchor in re.findall(r"\]\(#([^)\s]+)\)", prose):
-        if anchor not in anchors(page):
-            broken.append(f"#{anchor} (no such heading)")
+    broken.extend(f"#{anchor} (no such heading)" for anchor in re.findall(r"\]\(#([^)\s]+)\)", prose)
+                  if anchor not in anchors(page))
     assert broken == [], f"{page.name}: links to nothing: {broken}"
 
 

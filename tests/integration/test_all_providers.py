@@ -64,8 +64,8 @@ def _dump(api: Api) -> str:
     out = []
     with api.broker.engine.connect() as conn:
         for table in SQLModel.metadata.sorted_tables:
-            for row in conn.execute(text(f'SELECT * FROM "{table.name}"')):
-                out.append(json.dumps([str(v) for v in row]))
+            rows = conn.execute(text(f'SELECT * FROM "{table.name}"'))
+            out.extend(json.dumps([str(v) for v in row]) for row in rows)
     return "\n".join(out)
 
 

@@ -64,7 +64,7 @@ def test_every_event_type_has_the_same_fields(api: Api) -> None:
         assert rec["policy_decision"] is None or set(rec["policy_decision"]) == DECISION, rec["type"]
         assert rec["jit_grant"] is None or set(rec["jit_grant"]) == GRANT, rec["type"]
         assert isinstance(rec["detail"], dict), rec["type"]
-        assert isinstance(rec["actor"], str) and ":" in rec["actor"] or rec["actor"] == "broker", rec
+        assert (isinstance(rec["actor"], str) and ":" in rec["actor"]) or rec["actor"] == "broker", rec
     by_type = {rec["type"]: rec for rec in records}
     assert by_type["capability.minted"]["actor"] == "agent:claude-code"
     assert by_type["capability.denied"]["actor"] == "agent:claude-code"

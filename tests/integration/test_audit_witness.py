@@ -105,7 +105,7 @@ def test_each_checkpoint_is_cosigned_with_a_proof_the_witness_checks_and_served_
             held = w.state()[origin(api.broker)]
             assert held["size"] == body["tree_size"]
             assert bytes.fromhex(body["root_hash"]) == base64.b64decode(held["root"])
-        text_, signatures = notes.split(body["note"])
+        _text, signatures = notes.split(body["note"])
         assert [s.name for s in signatures] == [body["key_name"], *sorted(w.name for w in ws)]
         assert sorted(c["witness"] for c in body["cosignatures"]) == sorted(_label(w) for w in ws)
         verifiers = [notes.parse_vkey(w.vkey) for w in ws]

@@ -234,10 +234,10 @@ def test_every_caller_gets_the_expected_status(env: Env, case: Case) -> None:
             assert (error["code"] if isinstance(error, dict) else error and r.json()["code"]), r.text
             # A refusal changed nothing: no cross-session read, revoke or approval slipped through.
             assert env.state(world) == ("active", "active", "pending"), (caller, case.name)
-        elif case.sees is not None and case.visible_to is not None:
-            if case.sees(world, r) != (caller in case.visible_to):
-                mismatches.append(f"{caller}: {'sees' if caller not in case.visible_to else 'misses'} "
-                                  f"the world's row in {case.name}")
+        elif (case.sees is not None and case.visible_to is not None
+              and case.sees(world, r) != (caller in case.visible_to)):
+            mismatches.append(f"{caller}: {'sees' if caller not in case.visible_to else 'misses'} "
+                              f"the world's row in {case.name}")
     assert not mismatches, "\n".join(mismatches)
 
 

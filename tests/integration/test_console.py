@@ -107,7 +107,7 @@ def test_security_headers_on_every_console_answer(humans_api: Api) -> None:
 
 
 def test_cookie_is_secure_outside_loopback(tmp_path: Path, database_url: str) -> None:
-    broker, secrets_ = open_broker(tmp_path, database_url, public_url="https://broker.example.com")
+    broker, _secrets = open_broker(tmp_path, database_url, public_url="https://broker.example.com")
     with TestClient(create_app(broker=broker, background=False), base_url="https://broker.example.com") as client:
         r = client.get("/console/signin")
         cookie = r.headers["set-cookie"]

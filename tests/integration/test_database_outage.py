@@ -255,7 +255,7 @@ def test_the_helper_and_the_cli_wait_out_a_restart_and_say_what_for(
                     got["answer"] = helper.request_capability("jwt://svc/orders", "read", purpose="outage", tool="test")
                 else:
                     got["answer"] = cli_call("GET", f"/v1/sessions/{session['session_id']}")
-            except BaseException as exc:  # typer.Exit included: reported below
+            except BaseException as exc:  # noqa: BLE001  # typer.Exit included: the thread reports whatever it got below
                 got["error"] = exc
 
         own_postgres.throwaway.halt("fast")

@@ -46,7 +46,7 @@ def test_it_asks_the_documented_endpoint_with_a_narrow_installation_token_of_its
     assert answer.evidence["role_name"] == "maintain" and answer.evidence["permission"] == "write"
     asked = gh.requests("GET", "/collaborators/alice-gh/permission")
     assert len(asked) == 1 and asked[0].auth == "token"
-    issued = [t for t in gh.tokens.values()]
+    issued = list(gh.tokens.values())
     assert len(issued) == 1
     assert issued[0].permissions == {"metadata": "read"} and issued[0].repositories == ["widgets"]
     assert asked[0].bearer_sha256 is not None

@@ -42,7 +42,7 @@ class Documents(ThreadingHTTPServer):
         docs = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 docs.hits[self.path] = docs.hits.get(self.path, 0) + 1
                 if self.path in docs.redirects:
                     self.send_response(302)

@@ -14,7 +14,7 @@ from broker.db import transaction
 from broker.models import Lease
 from tests.integration.test_mcp_authorization import ALICE, CLIENT_ID
 from tests.integration.test_mcp_authorization_refusals import MCP, World, _authorize, _pkce
-from tests.integration.test_mcp_authorization_refusals import world as world  # noqa: F401 - the fixture
+from tests.integration.test_mcp_authorization_refusals import world as world  # the fixture
 from tests.support.console import ConsoleBrowser, csrf_of
 
 REFRESH = re.compile(r'<meta http-equiv="refresh" content="0; url=([^"]+)">')
@@ -59,7 +59,7 @@ def test_the_person_signs_in_sees_the_ask_and_approves_in_the_console(world: Wor
 
 
 @pytest.mark.parametrize("name", ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>',
-                                  "{{ 7*7 }}", "Ａｐｐ &amp; co"])
+                                  "{{ 7*7 }}", "Ａｐｐ &amp; co"])  # noqa: RUF001  # fullwidth letters, deliberately
 def test_a_client_name_from_a_metadata_document_is_shown_as_text(world: World, name: str) -> None:
     url = world.docs.serve("/named/client.json", b"")
     world.docs.serve("/named/client.json", {"client_id": url, "client_name": name, "redirect_uris": [world.redirect_uri]})

@@ -188,7 +188,7 @@ def test_a_session_a_kill_switch_and_an_explain_never_name_a_lookalike(oidc_prov
     before = broker.client.get("/v1/sessions", headers=broker.admin).json()
     kate = broker.as_(forged(oidc_provider, value="Kate@Example.com"))
     outcomes = {}
-    for name in CORPUS + [" ", "kate@@example.com"]:
+    for name in [*CORPUS, " ", "kate@@example.com"]:
         provision = broker.client.post("/v1/sessions", headers=broker.orchestrator, json={
             "human": name, "agent": "claude-code", "task_id": "t", "ttl_seconds": 600,
             "scope": [{"resource": "jwt://payments-api", "access": ["read"]}]})

@@ -223,7 +223,7 @@ def test_orchestrator_with_only_a_workload_token_provisions_and_ends_by_task(mac
     assert ended and all(r["detail"]["workload"] == orchestrator for r in ended)
     revoked = [r for r in records if r["type"].startswith("capability.revo")]
     assert revoked and all(r["detail"]["workload"] == orchestrator for r in revoked), revoked
-    received = [r for r in m.records(types=["webhook.received"])]
+    received = list(m.records(types=["webhook.received"]))
     assert received[-1]["actor"] == "orchestrator:gha-acme" and received[-1]["detail"]["proof"] == "bearer"
     assert received[-1]["detail"]["workload"] == orchestrator
 

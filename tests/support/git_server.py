@@ -93,7 +93,7 @@ def _git(args: list[str], env: dict[str, str]) -> None:
     subprocess.run([GIT, *args], env=env, check=True, capture_output=True)
 
 
-def _handler(server: GitServer) -> type[BaseHTTPRequestHandler]:
+def _handler(server: GitServer) -> type[BaseHTTPRequestHandler]:  # noqa: C901  # sums the small methods of the class it defines
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -132,7 +132,8 @@ def _handler(server: GitServer) -> type[BaseHTTPRequestHandler]:
             repo_path, _, rest = url.path.lstrip("/").partition(".git/")
             service = (parse_qs(url.query).get("service") or [rest])[0]
             if service not in ("git-upload-pack", "git-receive-pack") or repo_path.count("/") != 1:
-                return self._answer(404, b"not found\n")
+                self._answer(404, b"not found\n")
+                return
 
             user, token = None, None
             scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
@@ -145,11 +146,11 @@ def _handler(server: GitServer) -> type[BaseHTTPRequestHandler]:
                 status = server.standin.authorize_git(token, owner, repo, push=service == "git-receive-pack")
             server.log.append(GitRequest(self.command, repo_path, service, user, status))
             if status == 401:
-                return self._answer(401, b"Authentication failed\n", {"WWW-Authenticate": 'Basic realm="GitHub"'})
-            if status != 200:
-                message = b"Repository not found.\n" if status == 404 else b"Permission denied.\n"
-                return self._answer(status, message)
-            self._backend(url.path, url.query, body, user or "")
+                self._answer(401, b"Authentication failed\n", {"WWW-Authenticate": 'Basic realm="GitHub"'})
+            elif status != 200:
+                self._answer(status, b"Repository not found.\n" if status == 404 else b"Permission denied.\n")
+            else:
+                self._backend(url.path, url.query, body, user or "")
 
         def _backend(self, path: str, query: str, body: bytes, user: str) -> None:
             env = {

@@ -359,51 +359,9 @@ class GitHubStandIn:
         unknown = set(body) - {"repositories", "repository_ids", "permissions"}
         if unknown:
             raise GitHubError(422, f"Invalid request.\n\n{sorted(unknown)[0]} is not a permitted key.")
-        invalid_repos = GitHubError(
-            422,
-            "There is at least one repository that does not exist or is not accessible to the parent installation.",
-            f"{DOCS}/apps/apps#create-an-installation-access-token-for-an-app",
-        )
-
-        names: list[str] = []
-        if "repositories" in body:
-            if not isinstance(body["repositories"], list) or not all(isinstance(r, str) for r in body["repositories"]):
-                raise GitHubError(422, "Invalid request.\n\nFor 'properties/repositories', is not an array of strings.")
-            for requested in body["repositories"]:  # names only: "acme/widgets" is no repository name
-                match = next((n for n in inst.repositories if n.lower() == requested.lower()), None)
-                if match is None:
-                    raise invalid_repos
-                names.append(match)
-        if "repository_ids" in body:
-            by_id = {rid: n for n, rid in inst.repositories.items()}
-            ids = body["repository_ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                raise GitHubError(422, "Invalid request.\n\nFor 'properties/repository_ids', is not an array of integers.")
-            for rid in ids:
-                if rid not in by_id:
-                    raise invalid_repos
-                names.append(by_id[rid])
-        if len(names) > 500:
-            raise GitHubError(422, "Invalid request.\n\nToo many repositories (at most 500).")
+        names = self._token_repositories(inst, body)
         narrowed_repos = "repositories" in body or "repository_ids" in body
-        names = list(dict.fromkeys(names)) if narrowed_repos else list(inst.repositories)
-
-        if "permissions" in body:
-            asked = body["permissions"]
-            if not isinstance(asked, dict):
-                raise GitHubError(422, "Invalid request.\n\nFor 'properties/permissions', is not an object.")
-            for perm, level in asked.items():
-                if perm not in KNOWN_PERMISSIONS or level not in LEVELS:
-                    raise GitHubError(422, f"Invalid request.\n\n{perm!r}: {level!r} is not a valid permission.")
-                held = inst.permissions.get(perm)
-                if held is None or LEVELS[held] < LEVELS[level]:
-                    raise GitHubError(
-                        422, "The permissions requested are not granted to this installation.",
-                        f"{DOCS}/apps/apps#create-an-installation-access-token-for-an-app",
-                    )
-            permissions = dict(asked)
-        else:
-            permissions = dict(inst.permissions)  # GitHub: no permissions asked, all granted
+        permissions = self._token_permissions(inst, body)
 
         broaden, self.broaden_next_token = self.broaden_next_token, None
         if broaden is not None:  # fault injection: a GitHub that grants more than asked
@@ -427,6 +385,57 @@ class GitHubStandIn:
         if narrowed_repos or broaden is not None:  # GitHub lists repositories when they were narrowed
             answer["repositories"] = [self.repo_json(inst, n) for n in names if n in inst.repositories]
         return answer
+
+    @staticmethod
+    def _token_repositories(inst: Installation, body: dict[str, Any]) -> list[str]:
+        """The repositories a token request narrows to (all the installation's when it names none)."""
+        invalid_repos = GitHubError(
+            422,
+            "There is at least one repository that does not exist or is not accessible to the parent installation.",
+            f"{DOCS}/apps/apps#create-an-installation-access-token-for-an-app",
+        )
+        names: list[str] = []
+        if "repositories" in body:
+            if not isinstance(body["repositories"], list) or not all(isinstance(r, str) for r in body["repositories"]):
+                raise GitHubError(422, "Invalid request.\n\nFor 'properties/repositories', is not an array of strings.")
+            for requested in body["repositories"]:  # names only: "acme/widgets" is no repository name
+                match = next((n for n in inst.repositories if n.lower() == requested.lower()), None)
+                if match is None:
+                    raise invalid_repos
+                names.append(match)
+        if "repository_ids" in body:
+            by_id = {rid: n for n, rid in inst.repositories.items()}
+            ids = body["repository_ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise GitHubError(422, "Invalid request.\n\nFor 'properties/repository_ids', is not an array of integers.")
+            for rid in ids:
+                if rid not in by_id:
+                    raise invalid_repos
+                names.append(by_id[rid])
+        if len(names) > 500:
+            raise GitHubError(422, "Invalid request.\n\nToo many repositories (at most 500).")
+        if "repositories" in body or "repository_ids" in body:
+            return list(dict.fromkeys(names))
+        return list(inst.repositories)
+
+    @staticmethod
+    def _token_permissions(inst: Installation, body: dict[str, Any]) -> dict[str, str]:
+        """The permissions a token request asks for, each held by the installation (all of them when it asks none)."""
+        if "permissions" in body:
+            asked = body["permissions"]
+            if not isinstance(asked, dict):
+                raise GitHubError(422, "Invalid request.\n\nFor 'properties/permissions', is not an object.")
+            for perm, level in asked.items():
+                if perm not in KNOWN_PERMISSIONS or level not in LEVELS:
+                    raise GitHubError(422, f"Invalid request.\n\n{perm!r}: {level!r} is not a valid permission.")
+                held = inst.permissions.get(perm)
+                if held is None or LEVELS[held] < LEVELS[level]:
+                    raise GitHubError(
+                        422, "The permissions requested are not granted to this installation.",
+                        f"{DOCS}/apps/apps#create-an-installation-access-token-for-an-app",
+                    )
+            return dict(asked)
+        return dict(inst.permissions)  # GitHub: no permissions asked, all granted
 
     def repo_for_token(self, authorization: str | None, owner: str, repo: str, need: str | None) -> tuple[Installation, str]:
         """GitHub's answers to an installation token on a repository: 401, then 404, then 403."""
@@ -459,7 +468,7 @@ class GitHubStandIn:
 # --- the ASGI app ------------------------------------------------------------------------------
 
 
-def build_app(standin: GitHubStandIn) -> _Gate:
+def build_app(standin: GitHubStandIn) -> _Gate:  # noqa: C901  # sums the small route handlers it defines
     router = APIRouter()
 
     @router.get("/app")
@@ -566,7 +575,8 @@ class _Gate:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         method, path = scope["method"], scope["path"]
         chunks: list[bytes] = []
@@ -586,8 +596,9 @@ class _Gate:
         self._count(scope, method)
         early = self._refuse(method, path, headers)
         if early is not None:
-            return await early(scope, recv, snd)
-        await self.app(scope, recv, snd)
+            await early(scope, recv, snd)
+        else:
+            await self.app(scope, recv, snd)
 
     def _refuse(self, method: str, path: str, headers: dict[str, str]) -> JSONResponse | None:
         if not headers.get("user-agent"):
@@ -661,7 +672,7 @@ _ENDPOINTS = [
 
 
 def _blob_sha(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()  # git's object id
 
 
 def _content_json(owner: str, repo: str, path: str, data: bytes) -> dict[str, Any]:

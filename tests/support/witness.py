@@ -123,43 +123,8 @@ class TestWitness:
     # --- the protocol -----------------------------------------------------------------------
 
     def add_checkpoint(self, body: bytes) -> str:
-        try:
-            text = body.decode()
-        except UnicodeDecodeError as exc:
-            raise WitnessError(400, "not UTF-8") from exc
-        head, sep, checkpoint = text.partition("\n\n")
-        if not sep:
-            raise WitnessError(400, "no empty line before the checkpoint")
-        lines = head.split("\n")
-        if not lines[0].startswith("old ") or not lines[0][4:].isdigit() or \
-                (lines[0][4] == "0" and len(lines[0]) > 5):
-            raise WitnessError(400, "bad old size line")
-        old = int(lines[0][4:])
-        if len(lines) - 1 > 63:
-            raise WitnessError(400, "too many proof lines")
-        try:
-            proof = [base64.b64decode(line, validate=True) for line in lines[1:]]
-        except ValueError as exc:
-            raise WitnessError(400, "a proof line is not base64") from exc
-        if any(len(h) != 32 for h in proof):
-            raise WitnessError(400, "a proof hash is not 32 bytes")
-        note_text, sep, sigs = checkpoint.partition("\n\n")
-        if not sep or not sigs.endswith("\n"):
-            raise WitnessError(400, "the checkpoint is not a signed note")
-        note_text += "\n"
-        body_lines = note_text[:-1].split("\n")
-        if len(body_lines) < 3:
-            raise WitnessError(400, "the checkpoint has no origin, size and root")
-        origin, size_text, root_text = body_lines[:3]
-        if not size_text.isdigit() or (size_text[0] == "0" and size_text != "0"):
-            raise WitnessError(400, "bad tree size")
-        size = int(size_text)
-        try:
-            root = base64.b64decode(root_text, validate=True)
-        except ValueError as exc:
-            raise WitnessError(400, "bad root hash") from exc
-        if len(root) != 32:
-            raise WitnessError(400, "bad root hash")
+        old, proof, checkpoint = self._parse_request(body)
+        note_text, sigs, origin, size, root = self._parse_checkpoint(checkpoint)
         keys = self.logs.get(origin)
         if keys is None:
             raise WitnessError(404, f"unknown origin {origin!r}")
@@ -185,6 +150,53 @@ class TestWitness:
             state[origin] = {"size": size, "root": base64.b64encode(root).decode()}
             self._save(state)
         return self.cosign(note_text) + "\n"
+
+    @staticmethod
+    def _parse_request(body: bytes) -> tuple[int, list[bytes], str]:
+        """The old size line and the proof lines before the empty line; the checkpoint after it."""
+        try:
+            text = body.decode()
+        except UnicodeDecodeError as exc:
+            raise WitnessError(400, "not UTF-8") from exc
+        head, sep, checkpoint = text.partition("\n\n")
+        if not sep:
+            raise WitnessError(400, "no empty line before the checkpoint")
+        lines = head.split("\n")
+        if not lines[0].startswith("old ") or not lines[0][4:].isdigit() or \
+                (lines[0][4] == "0" and len(lines[0]) > 5):
+            raise WitnessError(400, "bad old size line")
+        old = int(lines[0][4:])
+        if len(lines) - 1 > 63:
+            raise WitnessError(400, "too many proof lines")
+        try:
+            proof = [base64.b64decode(line, validate=True) for line in lines[1:]]
+        except ValueError as exc:
+            raise WitnessError(400, "a proof line is not base64") from exc
+        if any(len(h) != 32 for h in proof):
+            raise WitnessError(400, "a proof hash is not 32 bytes")
+        return old, proof, checkpoint
+
+    @staticmethod
+    def _parse_checkpoint(checkpoint: str) -> tuple[str, str, str, int, bytes]:
+        """A signed note: its text, its signature lines, and the origin, size and root it states."""
+        note_text, sep, sigs = checkpoint.partition("\n\n")
+        if not sep or not sigs.endswith("\n"):
+            raise WitnessError(400, "the checkpoint is not a signed note")
+        note_text += "\n"
+        body_lines = note_text[:-1].split("\n")
+        if len(body_lines) < 3:
+            raise WitnessError(400, "the checkpoint has no origin, size and root")
+        origin, size_text, root_text = body_lines[:3]
+        if not size_text.isdigit() or (size_text[0] == "0" and size_text != "0"):
+            raise WitnessError(400, "bad tree size")
+        size = int(size_text)
+        try:
+            root = base64.b64decode(root_text, validate=True)
+        except ValueError as exc:
+            raise WitnessError(400, "bad root hash") from exc
+        if len(root) != 32:
+            raise WitnessError(400, "bad root hash")
+        return note_text, sigs, origin, size, root
 
     def cosign(self, note_text: str, timestamp: int | None = None) -> str:
         t = int(time.time()) if timestamp is None else timestamp
@@ -223,7 +235,7 @@ class TestWitness:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 data = self.rfile.read(min(length, 1 << 20))
                 if self.path != "/add-checkpoint":

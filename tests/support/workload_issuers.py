@@ -84,7 +84,7 @@ class LoopbackIssuer:
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 with issuer._lock:
                     issuer.requests[self.path] += 1
                 body = issuer._answer(self.path)
@@ -244,7 +244,7 @@ class SpiffeTrustDomain:
         self.endpoint_reads = 0
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 domain.endpoint_reads += 1
                 data = domain.bundle_path.read_bytes()
                 self.send_response(200)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Annotated
 
@@ -44,10 +45,8 @@ async def get_approval(
     with _signals(request).listen(approval_id) as decided:
         body = await asyncio.to_thread(service.get, broker, caller, approval_id)
         while body["status"] == "pending" and (left := deadline - time.monotonic()) > 0:
-            try:
+            with contextlib.suppress(TimeoutError):  # on a timeout, re-read: another replica may have decided
                 await asyncio.wait_for(decided.wait(), timeout=min(left, recheck))
-            except TimeoutError:
-                pass  # re-read: another replica may have decided
             decided.clear()
             body = await asyncio.to_thread(service.get, broker, caller, approval_id)
     response.headers["Cache-Control"] = "no-store"

@@ -175,7 +175,6 @@ async def revoke(
                     broker, error=None if exc.code == "missing-credentials" else "invalid_token")}) from None
         params = form.parse(await request.body(), request.headers.get("content-type", ""))
         token_value = form.one(params, "token", required=True)
-        assert token_value is not None
         if len(token_value) > 8192:
             raise OAuthError("invalid_request", "token is too long", code="invalid-parameter")
         if len(form.one(params, "client_id") or "") > 2048:

@@ -149,17 +149,17 @@ class SetError(_Strict):
 class PollIn(_Strict):
     """RFC 8936 section 2.4 (its member names are camelCase)."""
 
-    maxEvents: int = Field(default=100, ge=0, le=1000)  # noqa: N815 (RFC 8936's name)
-    returnImmediately: bool = True  # noqa: N815 (RFC 8936's name); the broker never holds a poll open
+    maxEvents: int = Field(default=100, ge=0, le=1000)  # RFC 8936's name
+    returnImmediately: bool = True  # RFC 8936's name; the broker never holds a poll open
     ack: list[Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]{1,64}$")]] = Field(default_factory=list,
                                                                                           max_length=1000)
-    setErrs: dict[Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]{1,64}$")], SetError] = Field(  # noqa: N815
+    setErrs: dict[Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]{1,64}$")], SetError] = Field(
         default_factory=dict, max_length=1000)
 
 
 class PollOut(BaseModel):
     sets: dict[str, str]
-    moreAvailable: bool  # noqa: N815 (RFC 8936's name)
+    moreAvailable: bool  # RFC 8936's name
 
 
 class SsfConfiguration(BaseModel):

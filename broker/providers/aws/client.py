@@ -129,7 +129,7 @@ class AwsClient:
         try:
             with translated("sts:GetCallerIdentity"):
                 out = self.sts.get_caller_identity()
-        except Exception as exc:  # health never raises
+        except Exception as exc:  # noqa: BLE001  # health never raises
             return PluginHealth(ok=False, detail=getattr(exc, "message", type(exc).__name__))
         self._caller = Caller(account=out["Account"], arn=out["Arn"])
         return PluginHealth(ok=True, detail=f"sts reachable as {out['Arn']}")

@@ -161,6 +161,6 @@ def _parse_time(value: Any) -> datetime | None:
 
 def _partition(region: str) -> str:
     try:
-        return botocore.session.get_session().get_partition_for_region(region)
-    except Exception:  # an unknown (new or private) region: the commercial partition is the best guess
+        return str(botocore.session.get_session().get_partition_for_region(region))
+    except Exception:  # noqa: BLE001  # an unknown (new or private) region: the commercial partition is the best guess
         return "aws"

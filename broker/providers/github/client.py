@@ -104,7 +104,7 @@ class GitHubClient:
                 self._raise_for(resp, "read the App")
             app = resp.json()
             return PluginHealth(ok=True, detail=f"GitHub App {app.get('slug') or app.get('id')} reachable")
-        except Exception as exc:  # health never raises: it reports
+        except Exception as exc:  # noqa: BLE001  # health never raises: it reports
             return PluginHealth(ok=False, detail=getattr(exc, "message", None) or type(exc).__name__)
 
     def issue_installation_token(self, owner: str, repo: str, permissions: dict[str, str]) -> tuple[str, datetime]:

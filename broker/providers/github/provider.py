@@ -122,7 +122,7 @@ class GitHubProvider(Provider):
             revocation_secret=token,
         )
 
-    def revoke(self, target: RevokeTarget) -> Revoked:
+    def revoke(self, target: RevokeTarget) -> Revoked:  # noqa: RET503  # client.raise_for never returns (NoReturn)
         token = target.revocation_secret
         if not token:
             if target.expires_at <= datetime.now(UTC):

@@ -26,7 +26,7 @@ import hvac
 
 from broker.errors import InvalidRequest, ProviderMisconfigured
 
-TOKEN_MOUNT = "token"
+TOKEN_MOUNT = "token"  # noqa: S105  # the token auth mount's name, not a secret
 DEFAULT_MAX_TTL_SECONDS = 86400  # the role's token_explicit_max_ttl when it cannot be read
 
 # The narrowed policy of a capability is this prefix + the capability id ("cap_<hex>").
@@ -108,13 +108,13 @@ def bootstrap_token_role(client: hvac.Client, role: str, allowed_policies: Itera
         disallowed_policies=["root"],  # a second lock: the role can never hand out root
         orphan=True,  # survives the broker's own token; revoked only by accessor or TTL
         renewable=False,  # the grant's TTL is final
-        token_type="service",  # batch tokens have no accessor and cannot be revoked
+        token_type="service",  # noqa: S106  # batch tokens have no accessor and cannot be revoked
         token_no_default_policy=True,  # exactly the access's policies, nothing implicit
         token_explicit_max_ttl=int(explicit_max_ttl_seconds),  # ceiling whatever the broker asks
     )
 
 
-def broker_policy_hcl(token_role: str = "jit-broker", dynamic_paths: Iterable[str] = ("database/creds/*",),
+def broker_policy_hcl(token_role: str = "jit-broker", dynamic_paths: Iterable[str] = ("database/creds/*",),  # noqa: S107  # a token role's name, not a secret
                       mount_point: str = TOKEN_MOUNT) -> str:
     """The broker's own least-privilege policy (install as `jit-broker-self`)."""
     rules = [

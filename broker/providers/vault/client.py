@@ -106,13 +106,14 @@ class OpenBaoClient:
             ttl = int(me.get("ttl") or 0)
             return PluginHealth(True, f"vault {status.get('version', '?')}; broker token ttl "
                                         f"{'none' if ttl == 0 else f'{ttl}s'}")
-        except Exception as exc:  # health never raises: it reports
+        except Exception as exc:  # noqa: BLE001  # health never raises: it reports
             return PluginHealth(False, _scrub(str(getattr(exc, "message", None) or type(exc).__name__),
                                                 self.known_secrets()))
 
     def read(self, path: str) -> dict[str, Any] | None:
         """GET <path> with the broker's own token (None where nothing is there)."""
-        return self.call(f"read {path}", lambda c: c.read(path))
+        answer: dict[str, Any] | None = self.call(f"read {path}", lambda c: c.read(path))
+        return answer
 
     def call(self, op: str, fn: Callable[[hvac.Client], T]) -> T:
         """Run one Vault call with a fresh-enough broker token; translate every error."""
@@ -127,7 +128,7 @@ class OpenBaoClient:
                 return fn(self.hvac)  # a 403 created nothing, so one retry is safe
         except (ProviderRejected, ProviderUnavailable, ProviderMisconfigured):
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # any SDK error becomes the broker's error (fail closed)
             raise self._translate(op, exc) from None  # the cause may carry response bodies
 
     def _ensure_auth(self) -> None:

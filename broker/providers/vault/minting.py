@@ -49,7 +49,7 @@ def _now() -> datetime:
 class TokenMinting:
     """The minting half of the vault provider (its base class)."""
 
-    def __init__(self, client: OpenBaoClient, *, token_role: str = "jit-broker") -> None:
+    def __init__(self, client: OpenBaoClient, *, token_role: str = "jit-broker") -> None:  # noqa: S107  # a token role's name, not a secret
         if not token_role:
             raise ProviderMisconfigured("vault: set BROKER_VAULT_TOKEN_ROLE")
         self.client = client
@@ -230,7 +230,7 @@ class TokenMinting:
     def _revoke_quietly(self, accessor: str) -> None:
         try:
             self.client.call("revoke token", lambda c: c.auth.token.revoke_accessor(accessor, mount_point=TOKEN_MOUNT))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # best effort after a failed activation; logged, the TTL bounds it
             log.error("vault: could not revoke a token just minted (accessor %s): %s", accessor, exc)
 
     def _delete_policy_quietly(self, name: str) -> None:
@@ -238,14 +238,14 @@ class TokenMinting:
         so a failed delete only leaves a name behind, which `leftover_capabilities` finds."""
         try:
             self.client.call("delete narrowed policy", lambda c: c.sys.delete_acl_policy(name))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # best effort; the sweeper's collector removes it later
             log.warning("vault: narrowed policy %s is left behind (%s); the sweeper removes it once its lease has ended",
                         name, getattr(exc, "code", type(exc).__name__))
 
     def _revoke_lease_quietly(self, lease_id: str) -> None:
         try:
             self.client.call("revoke lease", lambda c: c.sys.revoke_lease(lease_id))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # best effort after a failed activation; logged, the TTL bounds it
             log.error("vault: could not revoke a lease just read (%s): %s", lease_id, exc)
 
 

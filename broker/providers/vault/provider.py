@@ -116,7 +116,7 @@ class VaultProvider(TokenMinting, Provider):
                                                                                           mount_point=TOKEN_MOUNT))
                     data = role["data"]
                     self._role_max_ttl = int(data.get("token_explicit_max_ttl") or data.get("explicit_max_ttl") or 0)
-                except Exception as exc:  # a bound is advice; the role still caps at mint time
+                except Exception as exc:  # noqa: BLE001  # a bound is advice; the role still caps at mint time
                     self._role_read_failed_at = time.monotonic()
                     log.warning("vault: cannot read token role %s: %s", self.token_role, exc)
             if self._role_max_ttl:

@@ -54,7 +54,7 @@ def test_parse_accepts(header: str, timestamp: int, signatures: tuple[str, ...])
         "t=1.5,v1=abc",  # fraction
         "t=1e9,v1=abc",  # exponent
         "t=,v1=abc",
-        "t=１２３,v1=abc",  # non-ASCII digits
+        "t=１２３,v1=abc",  # noqa: RUF001  # non-ASCII (fullwidth) digits, deliberately
         f"t={NOW},v1abc",  # no "="
         f"t={NOW},=abc",
         f"t={NOW}," + ",".join(["v1=aa"] * 17),  # too many signatures

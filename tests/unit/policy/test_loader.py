@@ -144,8 +144,7 @@ def test_anchors_and_merge_keys_keep_lines():
 
 def test_alias_bomb_is_refused():
     lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    for i in range(1, 9):
-        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    lines.extend(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9))
     assert "too many nodes" in only(problems_of("\n".join(lines) + "\n"))["message"]
 
 

@@ -18,8 +18,8 @@ from broker.policy.tools import ToolCall
 EXAMPLE = load_policy(EXAMPLE_POLICY_PATH)
 # Shell-significant characters, a few words and some hostile Unicode, mixed freely.
 SHELLISH = st.lists(
-    st.sampled_from(list(" \t\n\\'\"$`()<>;&|#!{}*?[]~=-/.:@%^,") + ["a", "b", "ls", "curl", "cat", ".env",
-                                                                        "\u202e", "\u200b", "\u00a0", "\x00"]),
+    st.sampled_from([*" \t\n\\'\"$`()<>;&|#!{}*?[]~=-/.:@%^,", "a", "b", "ls", "curl", "cat", ".env",
+                     "\u202e", "\u200b", "\u00a0", "\x00"]),
     max_size=40,
 ).map("".join)
 # Mostly quoting: where a reader most easily disagrees with the shell about the words.
