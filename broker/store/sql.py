@@ -40,7 +40,7 @@ _COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("issued_in"
 _ISSUE = _COUNT_ISSUED.add_cte(_NEW_LEASE.cte("new_lease"))
 _ISSUE_KEYED = _ISSUE.add_cte(INSERT_KEY.cte("idempotency_key"))
 
-_LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "
+_LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "  # noqa: S608  # composed from module constants only; values are bound parameters
               f"({', '.join(repr(s) for s in LIVE_STATUSES)}))")
 # The session's deltas are deleted and added to its count in the statement that reads it. A
 # delta of a transaction still running is not visible, and neither is its lease's new status: it

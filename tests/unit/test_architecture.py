@@ -144,11 +144,10 @@ def dialect_questions(source: str) -> list[int]:
     or `is_postgres`."""
     found = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Attribute) and (
-                node.attr in ("dialect", "is_postgres")
-                or node.attr == "name" and isinstance(node.value, ast.Name) and node.value.id == "dialect"):
-            found.add(node.lineno)
-        elif isinstance(node, ast.Name) and node.id == "is_postgres":
+        asks = (isinstance(node, ast.Name) and node.id == "is_postgres") or (isinstance(node, ast.Attribute) and (
+            node.attr in ("dialect", "is_postgres")
+            or (node.attr == "name" and isinstance(node.value, ast.Name) and node.value.id == "dialect")))
+        if asks:
             found.add(node.lineno)
     return sorted(found)
 
@@ -164,7 +163,7 @@ def test_the_dialect_check_finds_a_branch() -> None:
 
 
 def test_only_the_dialect_modules_branch_on_the_database() -> None:
-    assert DIALECT_MODULES <= MODULES.keys()
+    assert MODULES.keys() >= DIALECT_MODULES
     scattered = {name: lines for name, path in sorted(MODULES.items()) if name not in DIALECT_MODULES
                  if (lines := dialect_questions(path.read_text()))}
     assert scattered == {}, f"dialect branches outside {sorted(DIALECT_MODULES)} (module: lines)"

@@ -11,7 +11,7 @@ from broker.store.sql import LIVE_STATUSES, PostgresSql, SqliteSql, sql_for
 
 
 def test_live_statuses_are_the_leases_vocabulary() -> None:
-    assert LIVE_STATUSES == tuple(str(status) for status in LIVE)
+    assert tuple(str(status) for status in LIVE) == LIVE_STATUSES
 
 
 @pytest.mark.parametrize(("url", "sql", "audit"), [
