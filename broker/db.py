@@ -2,8 +2,10 @@
 
 SQLite (the embedded default) runs in WAL mode and takes its write lock at BEGIN
 (`BEGIN IMMEDIATE`), so two writers never deadlock upgrading a read lock. PostgreSQL is the
-production store; row claims there use `FOR UPDATE SKIP LOCKED` (see `leases/revocation.py`),
-and `advisory_lock` serialises work on shared backend state across replicas.
+production store; row claims there use `FOR UPDATE SKIP LOCKED` (see `leases/revocation.py`;
+SQLAlchemy leaves the clause out on SQLite), and `advisory_lock` serialises work on shared
+backend state across replicas. What else differs by database lives in `store/sql.py` and
+`audit/sql.py`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Protocol
 import httpx
 from sqlmodel import Session, col, or_, select
 
-from broker.db import is_postgres, transaction, utcnow
+from broker.db import transaction, utcnow
 from broker.metrics import OUTBOX_DELIVERIES
 from broker.models import OutboxMessage
 from broker.periodic import Periodic
@@ -78,9 +78,8 @@ def claim_due(broker: Broker, now: datetime, limit: int, kinds: Collection[str])
                    or_(col(OutboxMessage.claimed_until).is_(None), col(OutboxMessage.claimed_until) <= now))
             .order_by(col(OutboxMessage.next_attempt_at))
             .limit(limit)
+            .with_for_update(skip_locked=True)
         )
-        if is_postgres(broker.engine):
-            stmt = stmt.with_for_update(skip_locked=True)
         rows = list(db.exec(stmt).all())
         for row in rows:
             row.claimed_by, row.claimed_until = broker.replica_id, until

@@ -9,18 +9,17 @@ path can skip them; a refusal stores nothing (no approval, no notification).
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, col, func, select
 
 from broker import jsonbounds
-from broker.db import is_postgres
 from broker.errors import BudgetExceeded, InvalidRequest
 from broker.metrics import APPROVALS_REFUSED
 from broker.models import Approval, SessionRow
 from broker.policy import CompiledPolicy
+from broker.store.sql import sql_for
 
 # Characters, as the capability request's schema bounds them (the gate's tool name is <= 256).
 MAX_TEXT = {"purpose": 1000, "tool": 256, "resource": 512, "access": 64}
@@ -52,15 +51,6 @@ def check_request(texts: dict[str, str | None], parameters: dict[str, Any] | Non
                                    path=exc.path) from None
 
 
-def _lock_approver(db: Session, entry: str) -> None:
-    # Counting across sessions needs its own lock (the session lock covers one session). SQLite
-    # runs one writer at a time (BEGIN IMMEDIATE) already; PostgreSQL takes a transaction-level
-    # advisory lock per approver entry, in sorted order, held until commit.
-    if is_postgres(db.get_bind()):  # type: ignore[arg-type]  # an Engine or a Connection, both have .dialect
-        number = int.from_bytes(hashlib.sha256(f"approver:{entry}".encode()).digest()[:8], "big", signed=True)
-        db.connection().exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (number,))
-
-
 def _live(stmt: Any, now: datetime) -> Any:
     """Pending and counting: not past its time, its session still running."""
     return (stmt.join(SessionRow, col(SessionRow.id) == col(Approval.session_id))
@@ -83,8 +73,11 @@ def check_budget(db: Session, policy: CompiledPolicy, session_id: str, approvers
     entries = sorted(set(approvers))
     if not entries:
         return
+    # Counting across sessions needs its own lock (the session lock covers one session).
+    conn = db.connection()
+    sql = sql_for(conn)
     for entry in entries:
-        _lock_approver(db, entry)
+        sql.lock_approver(conn, entry)
     per_approver = policy.max_pending_approvals_per_approver
     counts = dict.fromkeys(entries, 0)
     # Only the approver lists are read; their number is bounded by this very budget.

@@ -30,24 +30,13 @@ from sqlalchemy.engine import Connection
 from broker.audit import checkpoint as checkpoints
 from broker.audit.context import AuditContext
 from broker.audit.merkle import Frontier, leaf_hash
+from broker.audit.sql import audit_sql, unlinked_count_up_to
 from broker.db import transaction, utcnow
 from broker.models import AuditCheckpoint, AuditTree
 from broker.periodic import Periodic
 from broker.times import rfc3339_precise
 
 log = logging.getLogger("broker.audit.linker")
-
-_LOCK_KEY = 0x6A69_7461_7564  # "jitaud": the advisory lock every replica's linker tries
-
-_PG_XMIN = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-_PG_TRY_LOCK = text(f"SELECT pg_try_advisory_xact_lock({_LOCK_KEY})")
-_UNLINKED_ALL = ("SELECT r.seq, r.hash FROM audit_records r WHERE NOT EXISTS "
-                 "(SELECT 1 FROM audit_leaves l WHERE l.seq = r.seq)")
-_PG_ELIGIBLE = " AND (r.txid IS NULL OR r.txid < :xmin)"
-_PG_SINCE = " AND r.txid >= :watermark"  # records from before 0007 (txid NULL) all went in the first drained round
-_SQLITE_SINCE = " AND r.seq > :watermark"
-_ORDER = " ORDER BY r.seq LIMIT :n"
-
 
 @dataclass
 class LinkRound:
@@ -72,14 +61,12 @@ def link_once(broker: AuditContext, *, batch: int | None = None, checkpoint: boo
     every = settings.audit_checkpoint_interval_seconds if checkpoint_every is None else checkpoint_every
     with transaction(broker.engine) as db:
         conn = db.connection()
-        postgres = conn.dialect.name == "postgresql"
-        xmin = None
-        if postgres:
-            xmin = conn.execute(_PG_XMIN).scalar_one()  # first: before this transaction has an xid
-            if not conn.execute(_PG_TRY_LOCK).scalar_one():
-                return LinkRound(skipped=True, drained=False)
+        sql = audit_sql(conn)
+        horizon = sql.link_horizon(conn)
+        if not sql.try_link_lock(conn):
+            return LinkRound(skipped=True, drained=False)
         tree = db.get(AuditTree, 1) or AuditTree(id=1, size=0, frontier=[], watermark=None)
-        rows = _eligible(conn, postgres, tree.watermark, xmin, batch)
+        rows = sql.unlinked(conn, tree.watermark, horizon, batch)
         frontier = Frontier(tree.size, [bytes.fromhex(h) for h in tree.frontier])
         leaves = []
         for seq, record_hash in rows:
@@ -90,7 +77,7 @@ def link_once(broker: AuditContext, *, batch: int | None = None, checkpoint: boo
         drained = len(rows) < batch
         watermark = tree.watermark
         if drained:
-            watermark = xmin if postgres else (rows[-1][0] if rows else tree.watermark)
+            watermark = sql.drained_watermark(horizon, rows, tree.watermark)
         result = LinkRound(linked=len(leaves), tree_size=frontier.size, drained=drained)
         if leaves or watermark != tree.watermark or db.get(AuditTree, 1) is None:
             tree.size, tree.frontier, tree.watermark = frontier.size, [h.hex() for h in frontier.hashes], watermark
@@ -116,22 +103,6 @@ def _epoch(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
-def _eligible(conn: Connection, postgres: bool, watermark: int | None, xmin: int | None,
-              batch: int) -> list[tuple[int, str]]:
-    sql = _UNLINKED_ALL
-    params: dict[str, object] = {"n": batch}
-    if postgres:
-        sql += _PG_ELIGIBLE
-        params["xmin"] = xmin
-        if watermark is not None:
-            sql += _PG_SINCE
-            params["watermark"] = watermark
-    elif watermark is not None:
-        sql += _SQLITE_SINCE
-        params["watermark"] = watermark
-    return [(int(r[0]), str(r[1])) for r in conn.execute(text(sql + _ORDER), params).all()]
-
-
 def link_all(broker: AuditContext, *, checkpoint: bool = True, wait: float = 0.0) -> LinkRound:
     """Link until nothing eligible is left, then sign a checkpoint. With `wait` (seconds; tests,
     tools), keep going until every record committed before the call is linked: on PostgreSQL a
@@ -153,8 +124,7 @@ def link_all(broker: AuditContext, *, checkpoint: bool = True, wait: float = 0.0
 
 def _unlinked_up_to(broker: AuditContext, top: int) -> int:
     with broker.engine.connect() as conn:
-        return int(conn.execute(text(_UNLINKED_ALL.replace("r.seq, r.hash", "count(*)") + " AND r.seq <= :top"),
-                                {"top": top}).scalar_one())
+        return unlinked_count_up_to(conn, top)
 
 
 def latest_checkpoint(broker: AuditContext) -> AuditCheckpoint | None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -32,9 +31,10 @@ from broker.audit.chain import (
     chain_hash,
 )
 from broker.audit.events import AuditEvent
+from broker.audit.sql import audit_sql
 from broker.db import utcnow
 from broker.errors import AuditWriteFailed
-from broker.models import AuditChain, AuditHead, AuditRecord
+from broker.models import AuditHead, AuditRecord
 from broker.times import rfc3339_precise
 
 log = logging.getLogger("broker.audit")
@@ -67,25 +67,8 @@ def append_many(db: Session, events: list[AuditEvent], *, now: datetime | None =
     try:
         db.flush()
         conn = db.connection()
-        postgres = conn.dialect.name == "postgresql"
-        tips: dict[str, tuple[int, str]] = {}  # chain -> (records before these, tip hash)
-        seqs: list[int] = []
-        txid = None
-        for c in sorted(counts):
-            n = counts[c]
-            if postgres and len(events) == 1:
-                length, head, seq, txid = conn.execute(_ADVANCE_ONE, {"c": c, "n": n, "g": GENESIS}).one()
-                seqs = [seq]
-            else:
-                length, head = conn.execute(_ADVANCE, {"c": c, "n": n, "g": GENESIS}).one()
-            tips[c] = (length - n, head)
-        if not seqs:
-            if postgres:
-                rows = conn.execute(_NEXT_SEQS, {"n": len(events)}).all()
-                seqs, txid = sorted(r[0] for r in rows), rows[0][1]
-            else:
-                top = conn.execute(_MAX_SEQ).scalar_one()
-                seqs = list(range(top + 1, top + 1 + len(events)))
+        sql = audit_sql(conn)
+        tips, seqs, txid = sql.take_tips(conn, counts)
         records = []
         for event, c, seq in zip(events, chains, seqs, strict=True):
             before, prev_hash = tips[c]
@@ -100,12 +83,7 @@ def append_many(db: Session, events: list[AuditEvent], *, now: datetime | None =
                 "chain_id": c, "chain_pos": before + 1, "txid": txid,
             })
             tips[c] = (before + 1, digest)
-        if postgres and len(events) == 1:
-            conn.execute(_RECORD_AND_TIP, {**{"r_" + k: v for k, v in records[0].items()},
-                                           "c": chains[0], "h": tips[chains[0]][1]})
-        else:
-            conn.execute(_RECORDS.insert(), records)
-            conn.execute(_SET_TIP, [{"c": c, "h": tip[1]} for c, tip in tips.items()])
+        sql.write(conn, records, {c: tip[1] for c, tip in tips.items()})
     except SQLAlchemyError as exc:
         log.error("audit append failed: %s", exc.__class__.__name__)
         raise AuditWriteFailed("the audit record could not be written; the request was not carried out") from exc
@@ -150,40 +128,21 @@ def append_template(db: Session, template: RecordTemplate) -> None:
     """`append` for a template (the SQLite store; PostgreSQL does this in migration 0013's
     function): take the chain's tip, write the record and the new tip."""
     conn = db.connection()
-    length, prev_hash = conn.execute(_ADVANCE, {"c": template.chain_id, "n": 1, "g": GENESIS}).one()
-    seq = conn.execute(_MAX_SEQ).scalar_one() + 1
-    record = template.record(length, seq)
+    sql = audit_sql(conn)
+    tips, [seq], txid = sql.take_tips(conn, {template.chain_id: 1})
+    before, prev_hash = tips[template.chain_id]
+    record = template.record(before + 1, seq)
     digest = chain_hash(prev_hash, record)
-    conn.execute(_RECORDS.insert(), [{
+    sql.write(conn, [{
         "seq": seq, "event_id": template.event_id, "timestamp": template.timestamp, "type": template.type,
         "session_id": template.session_id, "human_principal": template.human_principal, "outcome": template.outcome,
         "record": record, "prev_hash": prev_hash, "hash": digest, "chain_id": template.chain_id,
-        "chain_pos": length, "txid": None,
-    }])
-    conn.execute(_SET_TIP, [{"c": template.chain_id, "h": digest}])
+        "chain_pos": before + 1, "txid": txid,
+    }], {template.chain_id: digest})
 
 
 def _body(event: AuditEvent, seq: int, now: datetime) -> dict[str, Any]:
     return {"event_id": str(uuid.uuid4()), "seq": seq, "timestamp": rfc3339_precise(now), **event.fields()}
-
-
-# Takes the chain's tip row lock (creating the row for a new chain) and reads the tip in one
-# round trip; the head is unchanged by it, so RETURNING yields the previous record's hash.
-_UPSERT = ("INSERT INTO audit_chains (chain_id, length, head) VALUES (:c, :n, :g) ON CONFLICT (chain_id) "
-           "DO UPDATE SET length = audit_chains.length + :n RETURNING length, head")
-_ADVANCE = text(_UPSERT)
-_ADVANCE_ONE = text(_UPSERT + ", nextval('audit_seq'), pg_current_xact_id()::text::bigint")
-_NEXT_SEQS = text("SELECT nextval('audit_seq'), pg_current_xact_id()::text::bigint FROM generate_series(1, :n)")
-_MAX_SEQ = text("SELECT coalesce(max(seq), 0) FROM audit_records")
-_SET_TIP = text("UPDATE audit_chains SET head = :h WHERE chain_id = :c")
-_RECORDS = AuditRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
-_CHAINS = AuditChain.__table__  # type: ignore[attr-defined]
-# PostgreSQL, one record: the record and its chain's new tip in one statement (a data-modifying
-# CTE). The record's parameters are `r_<column>`: a parameter named like a column of the UPDATE
-# would be taken for a value to SET.
-_RECORD_AND_TIP = (update(_CHAINS).where(_CHAINS.c.chain_id == bindparam("c")).values(head=bindparam("h"))
-                   .add_cte(insert(_RECORDS).values({c: bindparam("r_" + c.key, type_=c.type) for c in _RECORDS.columns})
-                            .cte("record")))
 
 
 def ensure_head(db: Session) -> None:

@@ -45,6 +45,7 @@ from broker.audit.events import AuditEvent, RequestRef
 from broker.audit.linker import latest_checkpoint
 from broker.audit.merkle import consistency_proof
 from broker.audit.note import AuditWitness
+from broker.audit.sql import audit_sql
 from broker.audit.verification import leaf_hashes
 from broker.db import transaction, utcnow
 from broker.metrics import WITNESS_REFUSALS, WITNESS_SUBMISSIONS
@@ -89,27 +90,20 @@ def submit_newest(broker: AuditContext, client: httpx.Client | None = None) -> l
     witnesses = broker.settings.audit_witness_list()
     if not witnesses:
         return []
-    with broker.engine.connect() as lock_conn:
-        if lock_conn.dialect.name == "postgresql":
-            if not lock_conn.execute(text(f"SELECT pg_try_advisory_lock({_LOCK_KEY})")).scalar_one():
-                return []
-            lock_conn.commit()
+    with audit_sql(broker.engine).one_replica(broker.engine, _LOCK_KEY) as ours:
+        if not ours:
+            return []
+        cp = latest_checkpoint(broker)
+        if cp is None:
+            return []
+        own = client is None
+        client = client or httpx.Client(timeout=broker.settings.audit_witness_timeout_seconds,
+                                        follow_redirects=False)
         try:
-            cp = latest_checkpoint(broker)
-            if cp is None:
-                return []
-            own = client is None
-            client = client or httpx.Client(timeout=broker.settings.audit_witness_timeout_seconds,
-                                            follow_redirects=False)
-            try:
-                return [submit(broker, w, cp, client) for w in witnesses]
-            finally:
-                if own:
-                    client.close()
+            return [submit(broker, w, cp, client) for w in witnesses]
         finally:
-            if lock_conn.dialect.name == "postgresql":
-                lock_conn.execute(text(f"SELECT pg_advisory_unlock({_LOCK_KEY})"))
-                lock_conn.commit()
+            if own:
+                client.close()
 
 
 def submit(broker: AuditContext, witness: AuditWitness, cp: AuditCheckpoint, client: httpx.Client) -> Submission:

@@ -3,11 +3,9 @@ dry run (`policy explain`) and a grant's check alike."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import TextClause, text
 from sqlmodel import Session, col, select
 
 from broker.leases.vocabulary import LIVE
@@ -15,6 +13,7 @@ from broker.models import AnySession, Lease
 from broker.policy import BoundsLookup, ScopeEntry, SessionFacts, TtlBounds
 from broker.policy.compiled import CompiledPolicy
 from broker.runtime import Broker
+from broker.store.sql import sql_for
 
 
 def session_facts(db: Session, session: AnySession, policies: Sequence[CompiledPolicy | None] | None = None) -> SessionFacts:
@@ -31,18 +30,8 @@ def session_facts(db: Session, session: AnySession, policies: Sequence[CompiledP
     else:
         judged = [p for p in policies if p is not None]
         escalation = sorted(set().union(*(p.escalation_tiers for p in judged)))
-        params: dict[str, Any] = {"s": session.id}
-        params.update({f"t{i}": tier for i, tier in enumerate(escalation)})
         conn = db.connection()
-        if conn.dialect.name == "postgresql":
-            # One round trip: fold the deltas, read the count, one EXISTS per escalation tier.
-            row = conn.execute(_facts_statement(len(escalation)), params).one()
-        else:  # SQLite: writers are serialised, so three statements see one state
-            conn.execute(_SQLITE_FOLD, params)
-            conn.execute(_SQLITE_CLEAR, params)
-            row = conn.execute(_sqlite_facts_statement(len(escalation)), params).one()
-        active_count = int(row[0])
-        active_tiers = frozenset(tier for tier, held in zip(escalation, row[1:], strict=True) if held)
+        active_count, active_tiers = sql_for(conn).live_facts(conn, session.id, escalation)
     return SessionFacts(
         session_id=session.id,
         human=session.human,
@@ -68,33 +57,6 @@ def unchanging_facts(session: AnySession) -> SessionFacts:
         scope=tuple(ScopeEntry(s["resource"], tuple(s["access"])) for s in session.scope),
         status="active", expires_at=session.expires_at,
     )
-
-
-_LIVE_STATUSES = ", ".join(f"'{status}'" for status in LIVE)
-# The session's deltas are deleted and added to its count in the statement that reads it. A
-# delta of a transaction still running is not visible, and neither is its lease's new status: it
-# is folded by a later request.
-_FOLD = ("WITH d AS (DELETE FROM session_live_deltas WHERE session_id = :s RETURNING delta), "
-         "u AS (UPDATE sessions SET live_count = live_count + (SELECT coalesce(sum(delta), 0) FROM d) "
-         "WHERE id = :s RETURNING live_count) ")
-_SQLITE_FOLD = text("UPDATE sessions SET live_count = live_count + "
-                    "(SELECT coalesce(sum(delta), 0) FROM session_live_deltas WHERE session_id = :s) WHERE id = :s")
-_SQLITE_CLEAR = text("DELETE FROM session_live_deltas WHERE session_id = :s")
-_LIVE_TIER = ("EXISTS (SELECT 1 FROM leases WHERE session_id = :s AND tier = :t{i} AND status IN "  # noqa: S608  # composed from module constants only; values are bound parameters
-              f"({_LIVE_STATUSES}))")
-
-
-@functools.lru_cache(maxsize=64)
-def _facts_statement(tiers: int) -> TextClause:
-    """Built once per shape (the policies change it only on reload), not on every request."""
-    columns = ["(SELECT live_count FROM u)"] + [_LIVE_TIER.format(i=i) for i in range(tiers)]
-    return text(_FOLD + "SELECT " + ", ".join(columns))
-
-
-@functools.lru_cache(maxsize=64)
-def _sqlite_facts_statement(tiers: int) -> TextClause:
-    columns = ["(SELECT live_count FROM sessions WHERE id = :s)"] + [_LIVE_TIER.format(i=i) for i in range(tiers)]
-    return text("SELECT " + ", ".join(columns))
 
 
 def bounds_lookup(broker: Broker) -> BoundsLookup:

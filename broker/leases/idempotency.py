@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlmodel import Session
 
 from broker.db import transaction
@@ -24,6 +24,7 @@ from broker.errors import BrokerError, Conflict, InvalidRequest
 from broker.leases.outcomes import CapabilityIssued, CapabilityOutcome, PendingApproval
 from broker.models import IdempotencyRecord
 from broker.runtime import Broker
+from broker.store.sql import INSERT_KEY
 
 WAIT_SECONDS = 15.0
 MAX_KEY_LENGTH = 255
@@ -54,9 +55,6 @@ _GET = select(_KEYS.c.request_hash, _KEYS.c.state, _KEYS.c.response_status, _KEY
               _KEYS.c.expires_at).where(_THIS_KEY)
 _DELETE = delete(_KEYS).where(_THIS_KEY)
 _ABANDON = _DELETE.where(_KEYS.c.state == "in_progress")
-# Its parameters are `key_<column>`, so the row can also ride as a CTE in a statement that
-# writes other rows (a new lease and its outcome: leases/service.py).
-INSERT = insert(_KEYS).values({c: bindparam("key_" + c.key, type_=c.type) for c in _KEYS.columns})
 _STORE = update(_KEYS).where(_THIS_KEY).values(state=bindparam("state"), response_status=bindparam("status"),
                                               sealed_response=bindparam("sealed"))
 
@@ -118,7 +116,7 @@ def new_ticket(broker: Broker, session_id: str, key: str, request_hash: str, now
 
 
 def held_row(ticket: Ticket) -> dict[str, Any]:
-    """`INSERT`'s parameters for a key held `in_progress` while a remote backend mints."""
+    """`INSERT_KEY`'s parameters for a key held `in_progress` while a remote backend mints."""
     return _row(ticket, "in_progress")
 
 
@@ -140,7 +138,7 @@ def _row(ticket: Ticket, state: str, status: int | None = None, sealed: str | No
 
 def hold(db: Session, ticket: Ticket) -> None:
     """The outcome comes in a later transaction: twins wait on this in_progress row."""
-    db.connection().execute(INSERT, _row(ticket, "in_progress"))
+    db.connection().execute(INSERT_KEY, _row(ticket, "in_progress"))
     ticket.stored = True
 
 
@@ -180,12 +178,12 @@ def finish(db: Session, broker: Broker, ticket: Ticket | None,
         db.connection().execute(_STORE, {"s": ticket.session_id, "k": ticket.key, "state": "done", "status": status,
                                          "sealed": sealed})
     else:
-        db.connection().execute(INSERT, finished_row(broker, ticket, outcome))
+        db.connection().execute(INSERT_KEY, finished_row(broker, ticket, outcome))
         ticket.stored = True
 
 
 def finished_row(broker: Broker, ticket: Ticket, outcome: CapabilityOutcome | BrokerError) -> dict[str, Any]:
-    """`INSERT`'s parameters: a new key's row with its outcome, for a caller that writes it in
+    """`INSERT_KEY`'s parameters: a new key's row with its outcome, for a caller that writes it in
     its own statement, in the same transaction as the outcome (as `finish` would)."""
     if ticket.stored:
         raise RuntimeError("a held key is finished with finish()")

@@ -35,7 +35,7 @@ from sqlmodel import Session, col, select
 from broker import security_events
 from broker.audit.events import AgentRef, AuditEvent, GrantRef, RequestRef
 from broker.audit.service import append, append_many
-from broker.db import is_postgres, transaction, utcnow
+from broker.db import transaction, utcnow
 from broker.errors import BrokerError
 from broker.leases import receipts
 from broker.leases.backend import Outcome, call_backend, mints_locally, revoke_target
@@ -164,8 +164,8 @@ def revoke_leases(
             select(Lease)
             .where(col(Lease.id).in_(list(lease_ids)), col(Lease.status).in_(LIVE), claimable(now))
             .order_by(col(Lease.id))  # one lock order everywhere: no deadlocks between replicas
+            .with_for_update(skip_locked=True)
         )
-        stmt = stmt.with_for_update(skip_locked=True) if is_postgres(broker.engine) else stmt
         leases = list(db.exec(stmt).all())
         sessions = _sessions(db, leases)
         found = {lease.id for lease in leases}

@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam
 from sqlmodel import Session, select
 
 from broker.approvals import grants
@@ -51,42 +51,21 @@ from broker.policy import (
 from broker.policy.resources import canonical_resource
 from broker.providers.base import Grant, Minted
 from broker.runtime import Broker
+from broker.store.sql import sql_for
 from broker.times import rfc3339
 
 log = logging.getLogger("broker.leases")
 
-# Core statements where the ORM's unit of work would cost more CPU than the row it writes,
-# built once so their compiled form is cached. A new lease (a NewLease, not an ORM object) is
-# inserted once, complete, and the session's issued counter goes up with it, and for a lease
-# minted here its idempotent outcome too: on PostgreSQL in one statement (data-modifying CTEs),
-# one round trip. The lease's parameters are `lease_<column>`: a parameter named like a column
-# of the UPDATE would be taken for a value to SET.
-_LEASES = Lease.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
-_SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]
+_SESSIONS = SessionRow.__table__  # type: ignore[attr-defined]  # SQLModel sets __table__ at class creation
 _LOCK_SESSION = (select(*(_SESSIONS.c[f.name] for f in fields(SessionSnapshot)))
                  .where(_SESSIONS.c.id == bindparam("s")).with_for_update())
-_NEW_LEASE = insert(_LEASES).values({_LEASES.c[f.name]: bindparam("lease_" + f.name, type_=_LEASES.c[f.name].type)
-                                     for f in fields(NewLease)})
-_COUNT_ISSUED = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("issued_in"))
-                 .values(issued_count=_SESSIONS.c.issued_count + 1))
-_ISSUE = _COUNT_ISSUED.add_cte(_NEW_LEASE.cte("new_lease"))
-_ISSUE_KEYED = _ISSUE.add_cte(idempotency.INSERT.cte("idempotency_key"))
 
 
 def _issue(db: Session, lease: NewLease, key_row: dict[str, Any] | None = None) -> None:
     """Insert `lease` and count it against its session's issued budget (failed mints count too);
     `key_row`: the idempotency key's row (`idempotency.finished_row`), written with them."""
     conn = db.connection()
-    values = {"lease_" + name: value for name, value in vars(lease).items()}
-    if conn.dialect.name == "postgresql":
-        conn.execute(_ISSUE if key_row is None else _ISSUE_KEYED,
-                     {**values, "issued_in": lease.session_id, **(key_row or {})})
-        return
-    # SQLite has no data-modifying CTEs.
-    conn.execute(_NEW_LEASE, values)
-    conn.execute(_COUNT_ISSUED, {"issued_in": lease.session_id})
-    if key_row is not None:
-        conn.execute(idempotency.INSERT, key_row)
+    sql_for(conn).insert_lease(conn, lease, key_row)
 
 
 def binding(ask: CapabilityAsk, session_id: str) -> Binding:

@@ -29,7 +29,7 @@ from sqlmodel import col, select
 
 from broker.audit.events import AgentRef, AuditEvent, DecisionRef, GrantRef, RequestRef
 from broker.audit.service import append_many
-from broker.db import is_postgres, transaction, utcnow
+from broker.db import transaction, utcnow
 from broker.leases.revocation import revoke_leases
 from broker.models import Lease, SessionRow
 from broker.periodic import Periodic
@@ -103,9 +103,8 @@ def _claim_due(broker: Broker, policy: CompiledPolicy, now: datetime, limit: int
                    or_(col(Lease.claimed_until).is_(None), col(Lease.claimed_until) <= now))
             .order_by(Lease.id)
             .limit(limit)
+            .with_for_update(skip_locked=True, of=Lease)
         )
-        if is_postgres(broker.engine):
-            stmt = stmt.with_for_update(skip_locked=True, of=Lease)
         rows = db.exec(stmt).all()
         out = []
         for lease, session in rows:

@@ -61,7 +61,7 @@ class Lease(SQLModel, table=True):
 class NewLease:
     """A lease as a request creates it, before its row exists: the columns it sets, in a plain
     dataclass (building the ORM object would cost more CPU than the INSERT that writes it). The
-    columns it leaves out take their defaults. `leases/service.py` inserts it with Core SQL."""
+    columns it leaves out take their defaults. `store/sql.py` inserts it with Core SQL."""
 
     id: str
     session_id: str

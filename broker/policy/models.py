@@ -36,7 +36,7 @@ class Tier(Strict):
     min_approvals: int = Field(default=1, ge=1, le=10)
 
 
-BREAK_GLASS_MAX_TTL = 900  # DESIGN.md section 4: a break-glass capability lives at most 15 minutes
+BREAK_GLASS_MAX_TTL = 900  # a break-glass capability lives at most 15 minutes (docs/approvals.md)
 
 
 class BreakGlass(Strict):

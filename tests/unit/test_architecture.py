@@ -131,3 +131,39 @@ def test_the_floor_check_finds_a_back_arrow() -> None:
 
 def test_no_import_runs_up_a_floor() -> None:
     assert back_arrows(GRAPH, FLOOR) == []
+
+
+# The modules that may ask which database they run on: the engine (db.py), the choice of the
+# request path's store, and the two dialect modules. A branch on the dialect anywhere else fails
+# here: give `store/sql.py` (or, on the audit floor, `audit/sql.py`) a method and call it.
+DIALECT_MODULES = {"broker.db", "broker.store", "broker.store.sql", "broker.audit.sql"}
+
+
+def dialect_questions(source: str) -> list[int]:
+    """The lines that ask for the database's dialect: `.dialect` read off anything, `dialect.name`,
+    or `is_postgres`."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        asks = (isinstance(node, ast.Name) and node.id == "is_postgres") or (isinstance(node, ast.Attribute) and (
+            node.attr in ("dialect", "is_postgres")
+            or (node.attr == "name" and isinstance(node.value, ast.Name) and node.value.id == "dialect")))
+        if asks:
+            found.add(node.lineno)
+    return sorted(found)
+
+
+def test_the_dialect_check_finds_a_branch() -> None:
+    source = ("postgres = conn.dialect.name == 'postgresql'\n"
+              "rows = 1\n"
+              "if is_postgres(engine):\n"
+              "    pass\n"
+              "def bind(value, dialect):\n"
+              "    return dialect.name\n")
+    assert dialect_questions(source) == [1, 3, 6]
+
+
+def test_only_the_dialect_modules_branch_on_the_database() -> None:
+    assert MODULES.keys() >= DIALECT_MODULES
+    scattered = {name: lines for name, path in sorted(MODULES.items()) if name not in DIALECT_MODULES
+                 if (lines := dialect_questions(path.read_text()))}
+    assert scattered == {}, f"dialect branches outside {sorted(DIALECT_MODULES)} (module: lines)"
