@@ -1,10 +1,16 @@
 """OpenBao sealed, then stopped, while agents mint and revoke Vault capabilities: the broker
 answers 503 provider-unavailable with Retry-After (never 500), each Idempotency-Key gets one
 capability, nothing revoked is reported revoked before OpenBao confirms it, and once OpenBao is
-back every revoked capability's token is gone and the audit verifies."""
+back every revoked capability's token is refused by OpenBao and the audit verifies.
+
+A revocation that a seal or a shutdown cuts off can leave its token *tainted* at OpenBao
+(`num_uses: -1`, revocation pending): refused on every use, its accessor still listed until the
+token's own expiry. The broker may call such a capability revoked only by asking OpenBao, and its
+receipt says so; the test holds every token it was handed and proves each revoked one refused."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -56,12 +62,22 @@ def wait_until(predicate: Callable[[], bool], within: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def accessor_alive(root: hvac.Client, accessor: str) -> bool:
+def accessor_state(root: hvac.Client, accessor: str) -> str:
+    """"gone", "tainted" (OpenBao has its revocation pending: refused, removed at expiry) or "live"."""
     try:
-        root.auth.token.lookup_accessor(accessor)
-        return True
+        data = root.auth.token.lookup_accessor(accessor)["data"]
     except (hx.InvalidRequest, hx.Forbidden):
-        return False  # "invalid accessor": revoked or expired
+        return "gone"  # "invalid accessor": revoked or expired
+    return "tainted" if data["num_uses"] < 0 else "live"
+
+
+def token_refused(bao: OpenBaoServer, token: str) -> bool:
+    """The credential itself, used as its holder would: OpenBao refuses it."""
+    try:
+        bao.client(token).auth.token.lookup_self()
+        return False
+    except hx.Forbidden:
+        return True
 
 
 def test_openbao_sealed_and_stopped_under_mints_and_revocations(  # noqa: C901  # one outage story, phase by phase
@@ -77,6 +93,7 @@ def test_openbao_sealed_and_stopped_under_mints_and_revocations(  # noqa: C901  
     unexpected: list[str] = []
     answers: dict[str, set[str]] = defaultdict(set)
     revoked: dict[str, str] = {}  # capability id -> the status its DELETE answered
+    tokens: dict[str, str] = {}  # capability id -> the Vault token it was answered with
     stop = threading.Event()
 
     with LiveServer(broker, sweeper=True) as server, httpx.Client(base_url=server.base_url, timeout=30) as setup_client:
@@ -110,6 +127,7 @@ def test_openbao_sealed_and_stopped_under_mints_and_revocations(  # noqa: C901  
                             cap = r.json()["capability_id"]
                             with lock:
                                 answers[key].add(cap)
+                                tokens[cap] = r.json()["credential"]["token"]
                         elif r.status_code != 503:
                             return
                         else:
@@ -132,6 +150,7 @@ def test_openbao_sealed_and_stopped_under_mints_and_revocations(  # noqa: C901  
                                                             "purpose": "held"}, headers=bearer(session["session_token"]))
             assert r.status_code == 201, r.text
             held.append(r.json()["capability_id"])
+            tokens[held[-1]] = r.json()["credential"]["token"]
             answers[f"held-{len(held)}"].add(held[-1])
 
         def revoke_held(n: int) -> None:
@@ -199,14 +218,23 @@ def test_openbao_sealed_and_stopped_under_mints_and_revocations(  # noqa: C901  
             for cap in revoked:
                 view = client.get(f"/v1/capabilities/{cap}", headers=bearer(session["session_token"]))
                 assert view.status_code == 200 and view.json()["status"] == "revoked"
-        alive = [cap for cap, accessor in _accessors(engine, set(revoked)).items() if accessor_alive(root, accessor)]
-        assert not alive, alive
+        # The guarantee itself: every revoked capability's token, used as its holder would, is refused.
+        usable = [cap for cap in revoked if not token_refused(bao, tokens[cap])]
+        assert not usable, usable
+        # And OpenBao's own record agrees: the accessor is gone, or its token's revocation is
+        # pending there (a cut-off revocation), which the capability's receipt then says.
+        states = {cap: accessor_state(root, accessor) for cap, accessor in _accessors(engine, set(revoked)).items()}
+        assert "live" not in states.values(), states
+        tainted = {cap for cap, state in states.items() if state == "tainted"}
+        said = _revoked_receipts(engine, tainted)
+        assert all("revocation is pending" in said[cap] for cap in tainted), said
 
         link_all(broker, checkpoint=False, wait=30)
         with transaction(engine) as db:
             result = verify(db)
         assert result.ok and result.unlinked == 0, result
-        print(f"openbao outage: {dict(statuses)}, {len(answered)} minted, {len(revoke_pending)} revocations pending")
+        print(f"openbao outage: {dict(statuses)}, {len(answered)} minted, {len(revoke_pending)} revocations pending, "
+              f"{len(tainted)} tokens left tainted by a cut-off revocation")
 
 
 def _accessors(engine: Any, ids: set[str]) -> dict[str, str]:
@@ -220,3 +248,16 @@ def _accessors(engine: Any, ids: set[str]) -> dict[str, str]:
             assert lease is not None and lease.handle, cap
             out[cap] = lease.handle["accessor"]
         return out
+
+
+def _revoked_receipts(engine: Any, ids: set[str]) -> dict[str, str]:
+    """capability id -> what its `capability.revoked` record's receipt says the backend confirmed."""
+    out: dict[str, str] = {}
+    with engine.connect() as conn:
+        for cap in ids:
+            records = conn.execute(text("SELECT record FROM audit_records WHERE type = 'capability.revoked' "
+                                        "AND record LIKE :cap"), {"cap": f"%{cap}%"}).scalars().all()
+            assert len(records) == 1, (cap, records)
+            out[cap] = json.loads(records[0])["detail"]["receipt"]["detail"]
+    return out
+

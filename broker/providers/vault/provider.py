@@ -57,7 +57,7 @@ from urllib.parse import quote, unquote
 
 from pydantic_settings import BaseSettings
 
-from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected
+from broker.errors import InvalidRequest, ProviderMisconfigured, ProviderRejected, ProviderUnavailable
 from broker.grammar import ResourceGrammar
 from broker.policy.resources import parse_resource
 from broker.providers.base import (
@@ -143,7 +143,7 @@ class VaultProvider(TokenMinting, Provider):
             except ProviderRejected as exc:
                 if not _gone(exc, "invalid accessor"):
                     raise
-                detail = "OpenBao/Vault no longer knows the token's accessor: revoked before, or expired"
+                detail = self._confirm_token_gone(accessor)
             # A known but already revoked accessor answers 200 "No token found": also success.
             policy = target.handle.get("policy")
             # A shared policy stays for the capabilities that carry it (`collect_shared` removes it
@@ -165,6 +165,33 @@ class VaultProvider(TokenMinting, Provider):
                 return Revoked(detail="OpenBao/Vault no longer knows the lease: revoked before, or expired")
             return Revoked(detail="OpenBao/Vault confirmed: sys/leases/revoke succeeded (the secret's backend revoked it)")
         raise ProviderMisconfigured(f"vault: unknown handle kind {kind!r}")
+
+    def _confirm_token_gone(self, accessor: str) -> str:
+        """revoke-accessor refused with "token not found": ask what OpenBao still holds under the accessor.
+
+        OpenBao answers so both when nothing is left and when the token is *tainted*: a revocation
+        that a seal or a shutdown cut off marked it `num_uses: -1` (revocation pending) and never
+        finished, and revoke-accessor will not finish it. A tainted token is refused on every use
+        (OpenBao authenticates with the untainted lookup), but its entry and accessor stay until
+        its own expiry, when OpenBao's expiration manager removes it. Anything else here is no
+        confirmation: the lease stays pending and is retried (fail closed).
+        """
+        try:
+            info = self.client.call("confirm revocation", functools.partial(lookup_accessor, accessor=accessor))
+        except ProviderRejected as exc:
+            if _gone(exc, "invalid accessor"):
+                return "OpenBao/Vault no longer knows the token's accessor: revoked before, or expired"
+            if "bad token" in exc.message.lower():  # an accessor left behind with no token entry under it
+                return "OpenBao/Vault holds no token under the accessor: revoked before, or never created"
+            raise
+        data = (info or {}).get("data") or {}
+        uses = data.get("num_uses")
+        if isinstance(uses, int) and uses < 0:
+            return ("OpenBao/Vault refuses the token: its revocation is pending there (num_uses -1, left by a "
+                    "revocation cut off by a seal or shutdown); OpenBao deletes its entry at the token's expiry, "
+                    f"{data.get('expire_time') or 'unknown'}")
+        raise ProviderUnavailable("vault revoke token: OpenBao answered \"token not found\" but still holds a "
+                                  "token under the accessor; not confirmed, retried")
 
     def health(self) -> ProviderHealth:
         return self.client.health()
