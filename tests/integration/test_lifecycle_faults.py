@@ -163,7 +163,8 @@ def test_kill_9_then_restart_after_expiry_finishes_every_lease(
     try:
         with broker.client() as client:
             session = new_session(client, s)
-            caps = [request_cap(client, session, "jwt://svc/ledger" if i % 2 else VAULT, ttl=3) for i in range(50)]
+            # ttl 8: long enough that the 50 mints are all still alive when checked below on a loaded machine
+            caps = [request_cap(client, session, "jwt://svc/ledger" if i % 2 else VAULT, ttl=8) for i in range(50)]
             torn = new_session(client, s, task_id="torn-down")
             long_lived = [request_cap(client, torn, VAULT, ttl=600), request_cap(client, torn, "jwt://svc/x", ttl=600)]
         vault_caps = [c for c in caps if c["provider"] == "vault"]
