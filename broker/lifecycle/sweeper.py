@@ -38,6 +38,13 @@ PRUNE_INTERVAL_SECONDS = 60.0  # deny entries outlive their credential by minute
 # credential a backend issues (STS: 12 h), so a restart does not forget a role.
 PRUNE_LOOKBACK = timedelta(days=1)
 _PRUNES = Every()
+# A pass revokes at most this many batches of expired leases, then does the rest of its work
+# (deadlines, retries, the reconciler, expired Idempotency-Keys) and ends; the next pass starts
+# at once when this one ran past the interval (periodic.py). Unbounded, a backlog that grows
+# faster than the sweeper drains it (the soak, on a busy machine) made one pass last as long as
+# the backlog: every receipt of it held in memory until the pass ended (RSS +26 MB at 16,500)
+# and the other work starved (not one expired Idempotency-Key deleted in four minutes).
+MAX_EXPIRY_BATCHES_PER_PASS = 4
 
 
 def prune_revocations(broker: Broker, now: datetime) -> int:
@@ -82,7 +89,7 @@ def sweep_once(broker: Broker, *, now: datetime | None = None) -> RevokeSummary:
         total.merge(summary)
     # Stall (broker/sessions/liveness.py): sessions silent past their idle timeout end as if torn down.
     total.merge(liveness.end_stalled(broker, now, batch))
-    while True:
+    for _ in range(MAX_EXPIRY_BATCHES_PER_PASS):
         due = due_for_expiry(broker, now, batch)
         if not due:
             break
