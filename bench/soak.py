@@ -201,8 +201,9 @@ def run(args: argparse.Namespace, report: Report) -> None:
         if args.probe:
             warm = windows[summary["warmup_windows"] - 1]["probe"]
             end = windows[-1]["probe"]
-            summary["probe"] = {k: [warm[k], end[k]] for k in warm if k not in ("t", "types")}
+            summary["probe"] = {k: [warm[k], end[k]] for k in warm if k not in ("t", "types", "caches")}
             summary["probe"]["types_top_growth"] = type_growth(warm["types"], end["types"])
+            summary["probe"]["caches"] = {k: [warm["caches"].get(k), v] for k, v in end["caches"].items()}
             log(f"soak: probe after warm-up -> end: {json.dumps(summary['probe'], indent=1)}")
         if args.tracemalloc and traced_base is not None:
             summary["tracemalloc_top_growth"] = heap_diff(traced_base, snapshot(broker, snapshots, "end"),

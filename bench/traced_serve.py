@@ -98,14 +98,40 @@ def _pymalloc() -> dict[str, int]:
     return out
 
 
+def _caches(objects: list[Any]) -> dict[str, Any]:
+    """Bounded caches that churn (misses keep growing while full) keep allocating entries that
+    outlive the requests around them: the pattern that fragments an allocator. functools'
+    lru_caches (hits, misses, size), psycopg's prepared-statement bookkeeping, SQLAlchemy's
+    compiled-statement caches."""
+    out: dict[str, Any] = {}
+    prepared = [0, 0]
+    for o in objects:
+        kind = type(o)
+        if kind.__name__ == "_lru_cache_wrapper":
+            info = o.cache_info()
+            if info.misses > 100:
+                name = f"{getattr(o, '__module__', '?')}.{getattr(o, '__qualname__', '?')}"
+                out[f"lru {name}"] = [info.hits, info.misses, info.currsize, info.maxsize]
+        elif kind.__name__ == "PrepareManager":
+            prepared[0] += len(o._counts)
+            prepared[1] += len(o._names)
+        elif kind.__name__ == "LRUCache" and kind.__module__.startswith("sqlalchemy"):
+            out[f"sqlalchemy LRUCache {id(o):x}"] = [len(o), o.capacity]
+    out["psycopg prepare counts, prepared"] = prepared
+    return out
+
+
 def _probe(_signum: int, _frame: Any) -> None:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     kb = {k: int(status[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile") if k in status}
-    by_type = collections.Counter(type(o).__name__ for o in gc.get_objects())
+    objects = gc.get_objects()
+    by_type = collections.Counter(type(o).__name__ for o in objects)
+    caches = _caches(objects)
+    del objects
     record = {"t": time.time(), **kb, **_malloc(), **_pymalloc(), "py_blocks": sys.getallocatedblocks(),
               "gc_objects": sum(by_type.values()), "threads": threading.active_count(),
               "traced_kb": tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else None,
-              "types": dict(by_type.most_common(60))}
+              "caches": caches, "types": dict(by_type.most_common(60))}
     with (Path(os.environ["SOAK_SNAPSHOT_DIR"]) / "probe.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
 
