@@ -3,7 +3,7 @@ expiring them, and the broker's resources sampled until the target is reached.
 
     .venv/bin/python bench/soak.py [--capabilities 500000] [--sessions 64] [--connections 16]
                                    [--window 30] [--ttl 5] [--tracemalloc] [--tracemalloc-frames 1]
-                                   [--probe] [--server-env K=V ...] [--write BENCHMARKS.md]
+                                   [--probe] [--server-env K=V ...] [--max-seconds 0] [--write BENCHMARKS.md]
 
 One `broker-cli serve` on PostgreSQL (a fresh database), with the sweeper every second and keys
 kept 60 s (the smallest Idempotency-Key lifetime). wrk (bench/wrk/capabilities.lua) sends
@@ -19,7 +19,8 @@ the end: the top growth by source line (by traceback with `--tracemalloc-frames`
 printed and written to the report. With `--probe` the server is asked after each window where its
 memory is (bench/traced_serve.py: malloc's bytes in use and free, Python's blocks, objects by
 type), and the types whose count grew most after warm-up are reported. `--server-env K=V` adds to
-the server's environment (e.g. MALLOC_ARENA_MAX=2), for A/B runs.
+the server's environment (e.g. MALLOC_ARENA_MAX=2), for A/B runs. `--max-seconds`, or SIGUSR2 to
+the soak, ends it after the window under way; the report says how far short of the target it was.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ def snapshot(broker: BrokerProcess, directory: Path, name: str, within: float = 
     return target
 
 
+def _stop_requested() -> list[int]:
+    """SIGUSR2 to the soak itself: end after the window under way and report what was reached."""
+    flag: list[int] = []
+    signal.signal(signal.SIGUSR2, lambda *_: flag.append(1))
+    return flag
+
+
 def probe(broker: BrokerProcess, directory: Path, within: float = 60) -> dict[str, Any]:
     """SIGUSR2 to the instrumented server, then wait for the line it appends to probe.jsonl."""
     assert broker.proc is not None
@@ -183,7 +191,11 @@ def run(args: argparse.Namespace, report: Report) -> None:
         issued = 0
         started = time.monotonic()
         traced_base: Path | None = None
+        stop = _stop_requested()
         while issued < args.capabilities:
+            if stop or (args.max_seconds and time.monotonic() - started >= args.max_seconds):
+                log(f"soak: stopped short of {args.capabilities:,} at {issued:,} (time limit or SIGUSR2)")
+                break
             result = wrk(broker.base_url, tokens, connections=args.connections, seconds=args.window, body=body)
             issued += result["requests"] - result["non_2xx"]
             assert broker.proc is not None
@@ -208,7 +220,8 @@ def run(args: argparse.Namespace, report: Report) -> None:
         if args.tracemalloc and traced_base is not None:
             summary["tracemalloc_top_growth"] = heap_diff(traced_base, snapshot(broker, snapshots, "end"),
                                                           frames=args.tracemalloc_frames)
-        report.results.update({"capabilities": issued, "sessions": args.sessions, "connections": args.connections,
+        report.results.update({"capabilities": issued, "target": args.capabilities, "sessions": args.sessions,
+                               "connections": args.connections,
                                "window_seconds": args.window, "ttl_seconds": args.ttl, "windows": windows,
                                "summary": summary})
 
@@ -223,7 +236,9 @@ def markdown(report: Report) -> str:
     lines = [BEGIN, "",
              f"Run {report.started}: {r['capabilities']:,} native capabilities over {r['sessions']} sessions, "
              f"{r['connections']} connections, ttl {r['ttl_seconds']} s (the sweeper expires them), "
-             f"windows of {r['window_seconds']} s. Command: `{report.command}`.", "",
+             f"windows of {r['window_seconds']} s. Command: `{report.command}`."
+             + (f" Stopped short of the target ({r['target']:,}): time limit or stop signal."
+                if r["capabilities"] < r.get("target", 0) else ""), "",
              f"PostgreSQL autovacuum: {r['windows'][0].get('autovacuum')} (table sizes are bytes on disk; with "
              "autovacuum off nothing reclaims deleted rows, so a pruned table's bytes still grow while its rows level off).",
              "",
@@ -261,6 +276,8 @@ def main() -> int:
     ap.add_argument("--capabilities", type=int, default=500_000, help="stop once this many were issued")
     ap.add_argument("--sessions", type=int, default=64)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--max-seconds", type=float, default=0,
+                    help="end after the window that passes this many seconds, short of the target if need be (0: none)")
     ap.add_argument("--window", type=float, default=30.0, help="seconds of load between samples")
     ap.add_argument("--ttl", type=int, default=5, help="each capability's ttl_seconds: the sweeper expires it")
     ap.add_argument("--tracemalloc", action="store_true", help="diff heap snapshots (after warm-up, end)")
