@@ -260,16 +260,32 @@ def _push_row(db: Session, stream: SsfStream, body: str, now: datetime) -> None:
                url=stream.endpoint_url or "", body=body, receiver=stream.id, now=now)
 
 
+_STREAMS = "broker.ssf.live_streams"
+
+
+def _live_streams(db: Session) -> list[SsfStream]:
+    """The enabled and paused streams, read once per transaction: a sweeper pass revokes a batch of
+    leases in one, and each revocation fans out (a stream created meanwhile hears from the next).
+    Without autoflush: reading streams is no reason to send each revoked lease's UPDATE on its own."""
+    streams: list[SsfStream] | None = db.info.get(_STREAMS)
+    if streams is None:
+        with db.no_autoflush:
+            streams = list(db.exec(select(SsfStream).where(col(SsfStream.status).in_(("enabled", "paused")))).all())
+        db.info[_STREAMS] = streams
+    return streams
+
+
 def fan_out(db: Session, broker: Broker, uri: str, event: dict[str, Any], subject: dict[str, Any], txn: str,
             now: datetime) -> int:
     """In the caller's transaction: one SET for each stream that wants this event about this subject."""
-    streams = db.exec(select(SsfStream).where(col(SsfStream.status).in_(("enabled", "paused")))).all()
-    wanted = [s for s in streams if uri in s.events_delivered]
+    wanted = [s for s in _live_streams(db) if uri in s.events_delivered]
     if not wanted:
         return 0
     keys = _simple_subjects(subject)
     with_subjects: dict[str, set[str]] = {}
-    for row in db.exec(select(SsfSubject).where(col(SsfSubject.stream_id).in_([s.id for s in wanted]))).all():
+    with db.no_autoflush:  # the caller's pending writes are not what this reads
+        rows = db.exec(select(SsfSubject).where(col(SsfSubject.stream_id).in_([s.id for s in wanted]))).all()
+    for row in rows:
         with_subjects.setdefault(row.stream_id, set()).add(row.subject_key)
     sent = 0
     for stream in wanted:
