@@ -10,16 +10,17 @@ matter are the same; where the lane is expected to answer, it did (counted).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from broker.api import lane
-from tests.support.brokers import Api
+from tests.support.brokers import Api, BrokerSecrets, LiveServer, build_broker
+from tests.support.databases import PgDatabases
 from tests.support.hostile_text import ONE_PER_CLASS
-
-pytestmark = pytest.mark.usefixtures("api")
 
 GOOD = {"resource": "jwt://payments-api", "access": "read", "purpose": "lane", "ttl_seconds": 60}
 JSON = "application/json"
@@ -77,6 +78,17 @@ for kind, code in ONE_PER_CLASS:  # hostile text where an agent writes free text
     if code >= 0x20 and code != 0x7F:  # an HTTP client refuses controls in a header; the rest go as UTF-8
         CASES.append((f"key-{kind}", [("Content-Type", JSON), ("Idempotency-Key", f"k{char}".encode().decode("latin-1"))],
                       _body(), True))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_databases: PgDatabases) -> Iterator[Api]:
+    """One broker per database for the whole corpus: each case runs in sessions of its own."""
+    directory: Path = tmp_path_factory.mktemp("lane")
+    url = f"sqlite:///{directory}/broker.db" if request.param == "sqlite" else pg_databases.create()
+    secrets_ = BrokerSecrets()
+    broker = build_broker(directory, url, secrets_)
+    with LiveServer(broker) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+        yield Api(server.base_url, secrets_, broker, client)
 
 
 def _send(api: Api, name: str, headers: list[tuple[str, str]] | None, body: bytes) -> httpx.Response:
