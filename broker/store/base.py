@@ -81,6 +81,9 @@ class Store(Protocol):
     async def activate(self, activation: Activation) -> ActivateResult:
         """The lease active (if still `minting`), the key's outcome, the record: one transaction."""
 
+    async def ping(self) -> None:
+        """Raise if the request path cannot reach its database now (readiness asks this)."""
+
     async def close(self) -> None: ...
 
 

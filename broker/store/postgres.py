@@ -43,6 +43,18 @@ def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
 
 
+# How long a request waits for one of the pool's connections before it is answered 503
+# `database-unavailable` (psycopg's default is 30 s: an outage would hang every caller that long).
+WAIT_SECONDS = 5.0
+# psycopg's pool retries a failed connect with doubling delays and no ceiling (1, 2, 4, 8 s...):
+# after a minute's outage its next try could be 30 s after the database is back, with readiness
+# long green. Each retry chain gives up after a second instead, and the next request (or
+# readiness probe) starts a fresh attempt at once: the request path is back within about a second.
+RECONNECT_SECONDS = 1.0
+# Readiness waits no longer than this for a connection of the request path's pool.
+PING_SECONDS = 2.0
+
+
 class PostgresStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
@@ -55,12 +67,17 @@ class PostgresStore:
         conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         # prepare_threshold 0: every statement is prepared on its first use on a connection.
         pool = AsyncConnectionPool(conninfo, min_size=min(2, size), max_size=size, open=False, configure=configure,
-                                   kwargs={"autocommit": True, "prepare_threshold": 0}, name="broker-request-path")
+                                   kwargs={"autocommit": True, "prepare_threshold": 0}, name="broker-request-path",
+                                   timeout=WAIT_SECONDS, reconnect_timeout=RECONNECT_SECONDS)
         await pool.open(wait=False)
         return cls(pool)
 
     async def close(self) -> None:
         await self._pool.close()
+
+    async def ping(self) -> None:
+        async with self._pool.connection(timeout=PING_SECONDS) as conn:
+            await conn.execute("SELECT 1")
 
     async def session(self, session_id: str) -> SessionSnapshot | None:
         async with self._pool.connection() as conn:

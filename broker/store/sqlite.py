@@ -59,6 +59,9 @@ class SQLiteStore:
     async def close(self) -> None:
         return None
 
+    async def ping(self) -> None:
+        return None  # the same engine as readiness's own database check: nothing more to ask
+
     async def session(self, session_id: str) -> SessionSnapshot | None:
         return await anyio.to_thread.run_sync(self._session, session_id)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +34,8 @@ def readyz(broker: BrokerDep, response: Response) -> Readiness:
     try:
         with broker.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+        if broker.store is not None:  # the request path's own pool (on PostgreSQL, psycopg's async pool)
+            anyio.from_thread.run(broker.store.ping)
         checks["database"] = {"ok": True}
     except Exception as exc:  # noqa: BLE001  # whatever the database raises, the answer is "not ready"
         checks["database"] = {"ok": False, "detail": exc.__class__.__name__}
