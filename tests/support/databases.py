@@ -244,17 +244,51 @@ def libpq_url(sqlalchemy_url: str) -> str:
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+def _migrated_engine_free(url: str) -> None:
+    """Migrate `url` to head on an engine of its own, closed after: nothing stays connected."""
+    from broker.db import make_engine
+    from broker.migrate import upgrade
+
+    engine = make_engine(url, pool_size=1)
+    try:
+        upgrade(url, engine)
+    finally:
+        engine.dispose()
+
+
 class PgDatabases:
-    """Creates databases with random names and drops them all at the end of the run."""
+    """Creates databases with random names and drops them all at the end of the run.
+
+    `create(migrated=True)` copies a template this process migrated once (`CREATE DATABASE ...
+    TEMPLATE`, about 20 ms) instead of running every migration again (about 170 ms): the broker's
+    own `upgrade` then finds nothing to do. Migrations from an empty database are still run, by
+    the template itself and by every `create()` without it."""
 
     def __init__(self) -> None:
         self.created: list[str] = []
+        self._template: str | None = None
+        self._lock = threading.Lock()
 
-    def create(self, prefix: str = "jitb") -> str:
+    def create(self, prefix: str = "jitb", *, migrated: bool = False) -> str:
         server = require_postgres()
-        name = create_database(server, prefix)
+        if not migrated:
+            name = create_database(server, prefix)
+        else:
+            template = self._migrated_template(server)
+            name = f"{prefix}_{secrets.token_hex(6)}"
+            with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         self.created.append(name)
         return server.url(name)
+
+    def _migrated_template(self, server: PgServer) -> str:
+        with self._lock:
+            if self._template is None:
+                name = create_database(server, "jitb_template")
+                self.created.append(name)
+                _migrated_engine_free(server.url(name))
+                self._template = name
+            return self._template
 
     def drop_all(self) -> None:
         server = postgres_server()
@@ -272,14 +306,35 @@ def pg_databases() -> Iterator[PgDatabases]:
     dbs.drop_all()
 
 
+class SqliteTemplate:
+    """A SQLite file this process migrated once, copied for each test that wants a migrated one."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "template.db"
+        _migrated_engine_free(f"sqlite:///{self.path}")  # its WAL folded back in as the engine closed
+
+    def copy(self, directory: Path) -> str:
+        target = directory / "broker.db"
+        shutil.copyfile(self.path, target)
+        return f"sqlite:///{target}"
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> SqliteTemplate:
+    return SqliteTemplate(tmp_path_factory.mktemp("sqlite-template"))
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_databases: PgDatabases) -> str:
-    """Every test that uses this runs once per database."""
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_databases: PgDatabases,
+                 sqlite_template: SqliteTemplate) -> str:
+    """Every test that uses this runs once per database, already migrated to head (a copy of a
+    template migrated once per worker: the broker's own `upgrade` then has nothing to do)."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('db')}/broker.db"
-    return pg_databases.create()
+        return sqlite_template.copy(tmp_path_factory.mktemp("db"))
+    return pg_databases.create(migrated=True)
 
 
 @pytest.fixture
 def postgres_url(pg_databases: PgDatabases) -> str:
-    return pg_databases.create()
+    """A PostgreSQL database migrated to head (see `database_url`)."""
+    return pg_databases.create(migrated=True)
