@@ -18,7 +18,7 @@ from sqlalchemy import event, text
 
 from broker.app import create_app
 from broker.audit.verification import verify
-from broker.db import transaction
+from broker.db import make_engine, transaction
 from broker.runtime import Broker
 from broker.store.postgres import PostgresStore
 from tests.integration.test_least_privilege import API_KEY
@@ -122,6 +122,68 @@ def test_postgres_native_capability_is_one_round_trip(postgres_url: str, tmp_pat
         assert db.execute(text("SELECT issued_count FROM sessions")).scalar_one() == 7
         assert verify(db).ok
     broker.engine.dispose()
+
+
+_COUNT_WRITES = """
+CREATE TABLE test_row_writes (tbl text, op text);
+CREATE FUNCTION test_count_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO test_row_writes VALUES (TG_TABLE_NAME, TG_OP); RETURN NULL; END $$;
+CREATE TRIGGER test_count_sessions AFTER INSERT OR UPDATE ON sessions
+    FOR EACH ROW EXECUTE FUNCTION test_count_write();
+CREATE TRIGGER test_count_chains AFTER INSERT OR UPDATE ON audit_chains
+    FOR EACH ROW EXECUTE FUNCTION test_count_write();
+"""
+
+
+def test_postgres_native_capability_writes_each_hot_row_once(postgres_url: str, tmp_path: Path) -> None:
+    """Migration 0015: a capability writes its session's row once (live and issued counts
+    together) and its chain's tip once (length and head together): every extra write of these
+    rows is a dead version PostgreSQL must skip until a vacuum. Counted by a trigger the test adds."""
+    secrets_ = BrokerSecrets()
+    broker = build_broker(tmp_path, postgres_url, secrets_)
+    with broker.engine.begin() as conn:
+        conn.exec_driver_sql(_COUNT_WRITES)
+    budgeted = copy.copy(broker.policies.current)
+    budgeted.max_active_per_session = 50  # a live budget: each capability's fold decides
+    broker.policies._current = budgeted  # as a reload would
+    with TestClient(create_app(broker=broker, background=False)) as client:
+        session = _session(client, secrets_)
+        assert _ask(client, session, key="warm-up").status_code == 201  # the chain's first records
+        with broker.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM test_row_writes")
+        for i in range(6):
+            assert _ask(client, session, f"jwt://svc/w{i}", key=None if i % 2 else f"w-{i}").status_code == 201
+        with broker.engine.begin() as conn:
+            writes = conn.execute(text("SELECT tbl, op, count(*) FROM test_row_writes GROUP BY tbl, op")).all()
+            live, issued = conn.execute(text("SELECT live_count, issued_count FROM sessions")).one()
+        assert sorted(tuple(w) for w in writes) == [("audit_chains", "UPDATE", 6), ("sessions", "UPDATE", 6)]
+        # The counts stay right: each capability folds the one before it (the lease's +1 delta).
+        assert (live, issued) == (7 - 1, 7)
+        with transaction(broker.engine) as db:
+            assert verify(db).ok
+    broker.engine.dispose()
+
+
+def test_migration_0015_downgrades_to_0013s_functions_and_back(postgres_url: str) -> None:
+    from alembic import command
+
+    from broker.migrate import alembic_config, upgrade
+
+    def reserve_source() -> str:
+        engine = make_engine(postgres_url, pool_size=1)
+        try:
+            with engine.begin() as conn:
+                return str(conn.execute(text("SELECT prosrc FROM pg_proc WHERE proname = 'broker_reserve_capability'")
+                                        ).scalar_one())
+        finally:
+            engine.dispose()
+
+    upgrade(postgres_url)
+    assert "d_rows" in reserve_source()
+    command.downgrade(alembic_config(postgres_url), "0014")
+    assert "d_rows" not in reserve_source() and "RETURNING live_count INTO s_live" in reserve_source()
+    upgrade(postgres_url)
+    assert "d_rows" in reserve_source()
 
 
 def test_postgres_vault_capability_is_two_round_trips_around_the_backend(
