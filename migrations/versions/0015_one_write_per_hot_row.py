@@ -13,6 +13,11 @@ locks and updates the same one. Here each is written once per capability:
   head together); a chain's first record still takes 0013's upsert, which two first appends
   racing for a new chain need.
 
+And the escalation check runs only when the lease's tier is in an escalation chain: 0013's
+`cardinality(p_escalation) > 0 AND EXISTS (...)` is `NULL AND ...` without one, which PostgreSQL
+must still evaluate, so every capability read the leases table from end to end (a cost that grew
+with every lease ever issued: `bench/suite.py`'s rate fell round by round).
+
 The checks, their order, the answers and the record's bytes are 0013's
 (`broker/store/base.py:refusal_of` keeps the same order for the SQLite store).
 
@@ -60,12 +65,19 @@ BEGIN
     WITH d AS (DELETE FROM session_live_deltas WHERE session_id = p_session RETURNING delta)
     SELECT coalesce(sum(delta), 0), count(*) INTO d_sum, d_rows FROM d;
     s_live := s_live + d_sum;
-    IF (p_max_active IS NOT NULL AND s_live >= p_max_active) OR (cardinality(p_escalation) > 0 AND EXISTS (
-            SELECT 1 FROM leases WHERE session_id = p_session AND tier = ANY(p_escalation)
-            AND status IN {_LIVE})) THEN
+    IF p_max_active IS NOT NULL AND s_live >= p_max_active THEN
         IF d_rows > 0 THEN UPDATE sessions SET live_count = s_live WHERE id = p_session; END IF;
-        IF p_max_active IS NOT NULL AND s_live >= p_max_active THEN RETURN 'budget-exceeded'; END IF;
-        RETURN 'escalation';
+        RETURN 'budget-exceeded';
+    END IF;
+    -- Only when the lease's tier is in an escalation chain. (0013 wrote `cardinality(p_escalation)
+    -- > 0 AND EXISTS (...)`: with no chain that is NULL AND ..., which SQL must still evaluate,
+    -- so every capability scanned the leases table.)
+    IF coalesce(cardinality(p_escalation), 0) > 0 THEN
+        IF EXISTS (SELECT 1 FROM leases WHERE session_id = p_session AND tier = ANY(p_escalation)
+                   AND status IN {_LIVE}) THEN
+            IF d_rows > 0 THEN UPDATE sessions SET live_count = s_live WHERE id = p_session; END IF;
+            RETURN 'escalation';
+        END IF;
     END IF;
     INSERT INTO leases SELECT * FROM jsonb_populate_record(NULL::leases, p_lease);
     UPDATE sessions SET live_count = s_live, issued_count = s_issued + 1 WHERE id = p_session;

@@ -6,6 +6,7 @@ or a used key make the call write nothing, and the full path answers as it alway
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,6 +163,41 @@ def test_postgres_native_capability_writes_each_hot_row_once(postgres_url: str, 
         with transaction(broker.engine) as db:
             assert verify(db).ok
     broker.engine.dispose()
+
+
+def test_postgres_reservation_reads_no_lease_unless_the_tier_escalates(postgres_url: str, tmp_path: Path) -> None:
+    """Migration 0015: without an escalation chain for the lease's tier, reserving reads nothing
+    of the leases table (0013's `NULL AND EXISTS (...)` scanned it whole on every capability).
+    Counted by PostgreSQL's own per-transaction scan counter, in a transaction rolled back."""
+    import psycopg
+
+    secrets_ = BrokerSecrets()
+    broker = build_broker(tmp_path, postgres_url, secrets_)
+    with TestClient(create_app(broker=broker, background=False)) as client:
+        session = _session(client, secrets_)
+        assert _ask(client, session).status_code == 201
+    broker.engine.dispose()
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        row = conn.execute("SELECT to_jsonb(l) FROM leases l").fetchone()
+        assert row is not None
+        # Sequential scans of the table and index scans of each of its indexes.
+        scans = ("SELECT pg_stat_get_xact_numscans('leases'::regclass) + (SELECT coalesce(sum("
+                 "pg_stat_get_xact_numscans(indexrelid)), 0) FROM pg_index WHERE indrelid = 'leases'::regclass)")
+
+        def reserve(lease_id: str, escalation: list[str] | None) -> tuple[str, int]:
+            lease = dict(row[0], id=lease_id)
+            before = conn.execute(scans).fetchone()
+            said = conn.execute("SELECT broker_reserve_capability(%s, NULL, NULL, %s::text[], %s::jsonb, NULL)",
+                                (session["session_id"], escalation, json.dumps(lease))).fetchone()
+            after = conn.execute(scans).fetchone()
+            assert before is not None and after is not None and said is not None
+            return str(said[0]), int(after[0]) - int(before[0])
+
+        assert reserve("cap_scan_none", None) == ("reserved", 0)
+        assert reserve("cap_scan_empty", []) == ("reserved", 0)
+        answer, scanned = reserve("cap_scan_chain", ["merge", "read"])  # the tier is "read": checked
+        assert answer == "escalation" and scanned >= 1
+        conn.rollback()
 
 
 def test_migration_0015_downgrades_to_0013s_functions_and_back(postgres_url: str) -> None:
