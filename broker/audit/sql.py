@@ -41,6 +41,10 @@ _RECORD_AND_TIP = (update(_CHAINS).where(_CHAINS.c.chain_id == bindparam("c")).v
 _LINK_LOCK = 0x6A69_7461_7564  # "jitaud": the advisory lock every replica's linker tries
 _UNLINKED = ("SELECT r.seq, r.hash FROM audit_records r WHERE NOT EXISTS "
              "(SELECT 1 FROM audit_leaves l WHERE l.seq = r.seq)")
+# PostgreSQL: the same, with the leaf looked up per record by its unique index. As an anti-join
+# the planner read audit_leaves whole on every linker pass (a cost growing with the tree, three
+# times a second); OFFSET 0 keeps the subquery from being turned into that join.
+_UNLINKED_PG = _UNLINKED.replace("l.seq = r.seq)", "l.seq = r.seq OFFSET 0)")
 _ORDER = " ORDER BY r.seq LIMIT :n"
 _PG_XMIN = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
 _PG_ELIGIBLE = " AND (r.txid IS NULL OR r.txid < :xmin)"
@@ -132,7 +136,8 @@ class PostgresAuditSql(AuditSql):
         if watermark is not None:
             sql += _PG_SINCE
             params["watermark"] = watermark
-        return self._unlinked(conn, sql, params)
+        rows = conn.execute(text(_UNLINKED_PG + sql + _ORDER), params).all()
+        return [(int(r[0]), str(r[1])) for r in rows]
 
     def drained_watermark(self, horizon: int | None, rows: list[tuple[int, str]], previous: int | None) -> int | None:
         return horizon
