@@ -9,6 +9,8 @@ import re
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from sqlalchemy import func
+from sqlmodel import select
 
 from broker.db import transaction
 from broker.models import Lease
@@ -87,4 +89,4 @@ def test_denying_in_the_console_sends_access_denied_and_mints_nothing(world: Wor
         query = parse_qs(urlsplit(html.unescape(found.group(1))).query)
         assert query["error"] == ["access_denied"] and "code" not in query
     with transaction(world.api.broker.engine) as db:
-        assert db.query(Lease).count() == 0
+        assert db.exec(select(func.count()).select_from(Lease)).one() == 0
