@@ -261,8 +261,8 @@ class PgDatabases:
 
     `create(migrated=True)` copies a template this process migrated once (`CREATE DATABASE ...
     TEMPLATE`, about 20 ms) instead of running every migration again (about 170 ms): the broker's
-    own `upgrade` then finds nothing to do. Migrations from an empty database are still run, by
-    the template itself and by every `create()` without it."""
+    own `upgrade` then finds nothing to do. Every migration from an empty database still runs
+    once per worker, for the template; `create()` without it gives an empty database."""
 
     def __init__(self) -> None:
         self.created: list[str] = []
